@@ -1,0 +1,67 @@
+"""Shared pieces of the benchmark scripts: job definitions, the environment record, and RESULTS.md rows."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import pathlib
+import subprocess
+
+import jax
+import numpy as np
+
+BENCHMARKS_DIR = pathlib.Path(__file__).resolve().parent
+CONFIGS_DIR = BENCHMARKS_DIR / "configs"
+RESULTS_FILE = BENCHMARKS_DIR / "RESULTS.md"
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    name: str
+    model_config: str  # a directory holding config.json
+    num_prompts: int
+    input_len: int
+    output_len: int
+
+
+JOBS = {
+    "J8": Job("J8", str(CONFIGS_DIR / "llama-3.1-8b"), 256, 512, 256),
+    "J1": Job("J1", str(CONFIGS_DIR / "llama-3.2-1b"), 256, 512, 256),
+}
+
+
+def git_commit() -> str:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=BENCHMARKS_DIR, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=BENCHMARKS_DIR, capture_output=True, text=True)
+        return commit + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment() -> dict:
+    device = jax.devices()[0]
+    return {
+        "device": f"{device.platform}:{getattr(device, 'device_kind', '?')} x{jax.device_count()}",
+        "jax": jax.__version__,
+        "commit": git_commit(),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def random_prompts(num_prompts: int, input_len: int, vocab_size: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab_size, size=(num_prompts, input_len))
+    return [{"prompt_token_ids": row.tolist()} for row in ids]
+
+
+def print_record(record: dict) -> None:
+    print("JSON " + json.dumps(record, sort_keys=True))
+
+
+def append_result_row(line: str) -> None:
+    with open(RESULTS_FILE, "a") as f:
+        f.write(line.rstrip() + "\n")

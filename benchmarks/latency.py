@@ -1,0 +1,101 @@
+"""Latency (job L8): time to first token and inter-token latency percentiles at batch 1 and batch 32.
+
+    PYTHONPATH=. python3 benchmarks/latency.py                  # Llama-3.1-8B shape, dummy weights, on the GPU
+    python benchmarks/latency.py --smoke                         # tiny CPU run
+
+Drives LLMEngine step by step and stamps each request's tokens as they come back to the host. The engine build
+(which compiles every bucket) and one untimed warm-up round stay out of the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from benchmarks.common import CONFIGS_DIR, append_result_row, environment, print_record, random_prompts
+from jaxllm import LLMEngine, SamplingParams
+
+SMOKE_CONFIG = "tests/fixtures/models/llama"
+
+
+def run_batch(engine: LLMEngine, prompts: list[dict], output_len: int, tag: str) -> tuple[list[float], list[float]]:
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    submit = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"{tag}-{i}", prompt, params)
+    stamps: dict[str, list[float]] = {}
+    seen: dict[str, int] = {}
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        now = time.perf_counter()
+        for out in outputs:
+            count = len(out.outputs[0].token_ids) if out.outputs else 0
+            if count > seen.get(out.request_id, 0):
+                stamps.setdefault(out.request_id, []).append(now)
+                seen[out.request_id] = count
+    ttft = [s[0] - submit for s in stamps.values()]
+    itl = [b - a for s in stamps.values() for a, b in zip(s, s[1:], strict=False)]
+    return ttft, itl
+
+
+def percentiles(values: list[float]) -> dict:
+    arr = np.asarray(values) * 1e3
+    return {f"p{q}": float(np.percentile(arr, q)) for q in (50, 90, 99)} if len(arr) else {}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(CONFIGS_DIR / "llama-3.1-8b"))
+    p.add_argument("--batch-sizes", default="1,32")
+    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--record", action="store_true")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.model, args.input_len, args.output_len, args.dtype, args.batch_sizes = (
+            SMOKE_CONFIG,
+            16,
+            4,
+            "float32",
+            "1,2",
+        )
+    engine = LLMEngine.from_engine_args(
+        model=args.model,
+        load_format="dummy",
+        dtype=args.dtype,
+        skip_tokenizer_init=True,
+        max_num_seqs=64,
+        max_num_batched_tokens=64 if args.smoke else 8192,
+        max_model_len=256 if args.smoke else 2048,
+        enable_prefix_caching=False,
+    )
+    vocab = engine.model_config.vocab_size
+    run_batch(engine, random_prompts(2, args.input_len, vocab, seed=99), 4, "warmup")
+    record = {"job": "L8" if not args.smoke else "smoke", **environment(), "model": args.model, "batches": {}}
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        ttft, itl = run_batch(
+            engine, random_prompts(batch, args.input_len, vocab, seed=batch), args.output_len, f"b{batch}"
+        )
+        record["batches"][batch] = {"ttft_ms": percentiles(ttft), "itl_ms": percentiles(itl)}
+        t, i = record["batches"][batch]["ttft_ms"], record["batches"][batch]["itl_ms"]
+        print(
+            f"batch {batch}: TTFT p50 {t['p50']:.1f} ms p99 {t['p99']:.1f} ms | ITL p50 {i['p50']:.2f} ms "
+            f"p90 {i['p90']:.2f} ms p99 {i['p99']:.2f} ms"
+        )
+        if args.record:
+            append_result_row(
+                f"| {record['date']} | latency {record['job']} batch {batch} | {record['device']} | "
+                f"jax {record['jax']} | "
+                f"{record['commit']} | TTFT p50 {t['p50']:.1f} ms; ITL p50 {i['p50']:.2f} / p90 {i['p90']:.2f} / "
+                f"p99 {i['p99']:.2f} ms |"
+            )
+    print_record(record)
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Offline throughput: a reference job of shared/BENCHMARKS.md (J8, J1) or any shape and lengths.
+
+    PYTHONPATH=. python3 benchmarks/throughput.py --job J8            # on the GPU machine
+    python benchmarks/throughput.py --smoke                            # tiny CPU run (used by the tests)
+
+Builds the engine (which compiles every bucket: that is the untimed warm-up), submits all requests at once and times
+``LLM.generate`` from submit to the last output. Prints the job, device, jax version and commit, vLLM's line
+``Throughput: X requests/s, Y total tokens/s, Z output tokens/s``, and a JSON record; ``--record`` appends a row to
+benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from benchmarks.common import JOBS, Job, append_result_row, environment, print_record, random_prompts
+from jaxllm import LLM, SamplingParams
+
+SMOKE_CONFIG = "tests/fixtures/models/llama"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--job", choices=sorted(JOBS), help="a reference job")
+    p.add_argument("--model", help="a directory with config.json (weights are random: load_format=dummy)")
+    p.add_argument("--num-prompts", type=int)
+    p.add_argument("--input-len", type=int)
+    p.add_argument("--output-len", type=int)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--smoke", action="store_true", help="tiny model and job, for a CPU check")
+    p.add_argument("--record", action="store_true", help="append a row to benchmarks/RESULTS.md")
+    return p.parse_args(argv)
+
+
+def resolve_job(args) -> Job:
+    if args.smoke:
+        base = Job("smoke", SMOKE_CONFIG, 8, 24, 8)
+    elif args.job:
+        base = JOBS[args.job]
+    else:
+        base = Job("custom", args.model, 256, 512, 256)
+    return Job(
+        base.name,
+        args.model or base.model_config,
+        args.num_prompts or base.num_prompts,
+        args.input_len or base.input_len,
+        args.output_len or base.output_len,
+    )
+
+
+def run(args) -> dict:
+    job = resolve_job(args)
+    start = time.perf_counter()
+    llm = LLM(
+        model=job.model_config,
+        load_format="dummy",
+        dtype="float32" if args.smoke else args.dtype,
+        skip_tokenizer_init=True,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=64 if args.smoke else args.max_num_batched_tokens,
+        max_model_len=min(args.max_model_len, 256) if args.smoke else args.max_model_len,
+        block_size=args.block_size,
+    )
+    startup_s = time.perf_counter() - start
+    vocab_size = llm.llm_engine.model_config.vocab_size
+    prompts = random_prompts(job.num_prompts, job.input_len, vocab_size)
+    params = SamplingParams(temperature=0.0, max_tokens=job.output_len, ignore_eos=True)
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    num_output = sum(len(o.outputs[0].token_ids) for o in outputs)
+    num_input = sum(len(o.prompt_token_ids) for o in outputs)
+    return {
+        "job": job.name,
+        "model_config": job.model_config,
+        **environment(),
+        "num_prompts": job.num_prompts,
+        "input_len": job.input_len,
+        "output_len": job.output_len,
+        "elapsed_s": elapsed,
+        "startup_s": startup_s,
+        "compile_s": llm.llm_engine.compile_seconds,
+        "requests_per_s": len(outputs) / elapsed,
+        "total_tokens_per_s": (num_input + num_output) / elapsed,
+        "output_tokens_per_s": num_output / elapsed,
+        "num_output_tokens": num_output,
+        "num_preemptions": llm.llm_engine.scheduler.num_preemptions,
+        "engine": {
+            "max_num_seqs": args.max_num_seqs,
+            "max_num_batched_tokens": args.max_num_batched_tokens,
+            "block_size": args.block_size,
+            "dtype": args.dtype,
+        },
+        "architecture": llm.llm_engine.model_config.architecture,
+    }
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    record = run(args)
+    print(f"job {record['job']} on {record['device']}, jax {record['jax']}, commit {record['commit']}")
+    print(
+        f"Throughput: {record['requests_per_s']:.2f} requests/s, {record['total_tokens_per_s']:.2f} total tokens/s, "
+        f"{record['output_tokens_per_s']:.2f} output tokens/s"
+    )
+    print_record(record)
+    if args.record:
+        append_result_row(
+            f"| {record['date']} | throughput {record['job']} | {record['device']} | jax {record['jax']} | "
+            f"{record['commit']} | {record['output_tokens_per_s']:.0f} output tok/s, "
+            f"{record['total_tokens_per_s']:.0f} total tok/s ({record['elapsed_s']:.1f} s; compile "
+            f"{record['compile_s']:.0f} s) |"
+        )
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""EngineConfig: every user-facing engine option, validated once; and the values the engine derives from it.
+
+``EngineConfig`` is frozen and holds what the user asked for (vLLM's ``LLM(...)`` keyword names). Derived values
+(resolved dtype, max_model_len, token budget, buckets, number of KV blocks) live in ``ResolvedConfig``, built by the
+engine after the model config and the device memory are known. Imports neither jax nor flax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+DEFAULT_BLOCK_SIZE = 16
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30  # KV budget on CPU, where there is no device memory to measure
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+
+
+def _positive_int(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    seed: int = 0
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    block_size: int = DEFAULT_BLOCK_SIZE
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    load_format: str = "auto"
+    skip_tokenizer_init: bool = False
+    attention_impl: str | None = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        _positive_int("max_num_seqs", self.max_num_seqs)
+        _positive_int("max_model_len", self.max_model_len, allow_none=True)
+        _positive_int("max_num_batched_tokens", self.max_num_batched_tokens, allow_none=True)
+        _positive_int("block_size", self.block_size)
+        _positive_int("num_gpu_blocks_override", self.num_gpu_blocks_override, allow_none=True)
+        _positive_int("kv_cache_memory_bytes", self.kv_cache_memory_bytes, allow_none=True)
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+            _positive_int(name, getattr(self, name))
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.model is not None and not isinstance(self.model, str):
+            raise TypeError(f"model must be a path string or None, got {type(self.model).__name__}")
+
+
+def power_of_two_buckets(smallest: int, largest: int) -> tuple[int, ...]:
+    """Powers of two from ``smallest`` up to ``largest``, with ``largest`` itself as the last bucket."""
+    buckets, size = [], smallest
+    while size < largest:
+        buckets.append(size)
+        size *= 2
+    buckets.append(largest)
+    return tuple(buckets)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedConfig:
+    """What the engine runs with, derived from EngineConfig + model + device."""
+
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    block_size: int
+    num_blocks: int  # including the reserved null block 0
+    token_buckets: tuple[int, ...]
+
+    @property
+    def max_blocks_per_request(self) -> int:
+        return -(-self.max_model_len // self.block_size)
+
+    def request_rows_for(self, num_tokens_bucket: int) -> int:
+        """Requests per step bucket: each request has at least one token, so never more rows than tokens."""
+        return min(self.max_num_seqs, num_tokens_bucket)

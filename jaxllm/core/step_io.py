@@ -1,0 +1,66 @@
+"""The only things that cross between the scheduler and the model runner.
+
+``SchedulerOutput`` says which requests run this step and how many of their tokens; ``ModelRunnerOutput`` carries
+back the sampled tokens. Plain Python: imports neither jax nor flax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxllm.request import Request
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduledRequest:
+    """One request's share of a step: tokens ``[num_computed_tokens, num_computed_tokens + num_scheduled_tokens)``.
+
+    ``request.block_ids`` already covers every scheduled token. ``request.num_computed_tokens`` is NOT yet advanced
+    (the scheduler advances it in ``update_from_output``), so it equals ``num_computed_tokens`` here.
+    """
+
+    request: Request
+    num_computed_tokens: int
+    num_scheduled_tokens: int
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def samples_token(self) -> bool:
+        """True when this step reaches the end of the request's known tokens, so its last token yields a sample."""
+        return self.num_computed_tokens + self.num_scheduled_tokens == self.request.num_tokens
+
+    @property
+    def token_ids(self) -> list[int]:
+        start = self.num_computed_tokens
+        return self.request.all_token_ids[start : start + self.num_scheduled_tokens]
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]
+    num_scheduled_tokens: int
+    preempted_request_ids: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclasses.dataclass(frozen=True)
+class SampledLogprobs:
+    """Logprob of the sampled token and the top-k alternatives (k = SamplingParams.logprobs)."""
+
+    sampled_logprob: float
+    top_token_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRunnerOutput:
+    """Sampled token per request id, only for requests whose ``ScheduledRequest.samples_token`` was True."""
+
+    sampled_token_ids: dict[str, int]
+    logprobs: dict[str, SampledLogprobs] = dataclasses.field(default_factory=dict)

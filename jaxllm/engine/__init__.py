@@ -1,0 +1,1 @@
+"""The engine: LLMEngine (add_request / step) and how it is assembled from an EngineConfig."""

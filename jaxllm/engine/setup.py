@@ -1,0 +1,109 @@
+"""Assembling an engine: load the model, resolve limits and buckets, size the KV cache from device memory.
+
+Owns the derived values (``ResolvedConfig``) and the start-up log a user reads to see what the engine will do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+
+from jaxllm.config import EngineConfig, ResolvedConfig, power_of_two_buckets
+from jaxllm.loading.model_loader import abstract_model, init_dummy_weights, load_weights, resolve_dtype
+from jaxllm.loading.model_source import ModelSource
+from jaxllm.models import ModelConfig, get_model_class
+from jaxllm.runner.kv_cache import device_memory_budget, kv_bytes_per_block
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+SMALLEST_TOKEN_BUCKET = 16
+
+
+def load_model(config: EngineConfig, source: ModelSource, model_config: ModelConfig, placement=None):
+    model_cls = get_model_class(model_config.architecture)
+    dtype = resolve_dtype(config.dtype, model_config.checkpoint_dtype)
+    kwargs = {} if placement is None else {"placement": placement}
+    if config.load_format == "dummy":
+        return init_dummy_weights(
+            model_cls, model_config, dtype, seed=config.seed, attention_impl=config.attention_impl, **kwargs
+        )
+    abstract = abstract_model(model_cls, model_config, dtype, config.attention_impl)
+    return load_weights(abstract, source.tensors(), **kwargs)
+
+
+def resolve_limits(config: EngineConfig, model_config: ModelConfig, num_blocks: int) -> ResolvedConfig:
+    max_model_len = config.max_model_len or model_config.max_position_embeddings
+    if max_model_len > model_config.max_position_embeddings:
+        raise ValueError(
+            f"max_model_len={max_model_len} exceeds the model's max_position_embeddings "
+            f"({model_config.max_position_embeddings})"
+        )
+    budget = config.max_num_batched_tokens
+    if budget is None:
+        budget = DEFAULT_MAX_NUM_BATCHED_TOKENS if config.enable_chunked_prefill else max_model_len
+    if not config.enable_chunked_prefill and budget < max_model_len:
+        logger.warning("chunked prefill is off: prompts longer than max_num_batched_tokens=%d are rejected", budget)
+    return ResolvedConfig(
+        max_model_len=max_model_len,
+        max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=budget,
+        block_size=config.block_size,
+        num_blocks=num_blocks,
+        token_buckets=power_of_two_buckets(min(SMALLEST_TOKEN_BUCKET, budget), budget),
+    )
+
+
+def num_kv_blocks(config: EngineConfig, model_config: ModelConfig, kv_dtype) -> int:
+    """Blocks the KV budget holds, plus the reserved null block 0."""
+    if config.num_gpu_blocks_override is not None:
+        return config.num_gpu_blocks_override + 1
+    per_block = kv_bytes_per_block(model_config, config.block_size, kv_dtype)
+    per_block //= max(1, config.tensor_parallel_size * config.pipeline_parallel_size)
+    budget = device_memory_budget(config.gpu_memory_utilization, config.kv_cache_memory_bytes)
+    num_blocks = budget // per_block
+    if num_blocks < 2:
+        raise ValueError(f"KV cache budget of {budget} bytes holds no block of {per_block} bytes")
+    return int(num_blocks)
+
+
+def log_kv_cache(resolved: ResolvedConfig, model_config: ModelConfig, kv_dtype) -> None:
+    usable_tokens = (resolved.num_blocks - 1) * resolved.block_size
+    per_block = kv_bytes_per_block(model_config, resolved.block_size, kv_dtype)
+    logger.info(
+        "KV cache: %d blocks of %d tokens (%.2f GiB, %s) on %s; %d tokens, maximum concurrency %.1fx at "
+        "max_model_len=%d",
+        resolved.num_blocks - 1,
+        resolved.block_size,
+        resolved.num_blocks * per_block / 2**30,
+        jax.numpy.dtype(kv_dtype).name,
+        jax.default_backend(),
+        usable_tokens,
+        usable_tokens / resolved.max_model_len,
+        resolved.max_model_len,
+    )
+
+
+def with_num_blocks(resolved: ResolvedConfig, num_blocks: int) -> ResolvedConfig:
+    return dataclasses.replace(resolved, num_blocks=num_blocks)
+
+
+def enable_compilation_cache() -> str | None:
+    """Turns on JAX's persistent compilation cache (like vLLM's compile cache), so a second start skips XLA compiles.
+
+    Uses ``$JAXLLM_CACHE_DIR`` (default ``~/.cache/jaxllm/xla``) unless the user already configured a cache directory;
+    ``JAXLLM_CACHE_DIR=""`` turns it off.
+    """
+    import os
+
+    if jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    path = os.environ.get("JAXLLM_CACHE_DIR", os.path.expanduser("~/.cache/jaxllm/xla"))
+    if not path:
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path

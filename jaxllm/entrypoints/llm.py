@@ -1,0 +1,148 @@
+"""LLM: vLLM's offline API (``generate``, ``chat``, ``get_tokenizer``) over an LLMEngine.
+
+Owns turning a batch of prompts into requests, driving the engine to completion with a tqdm progress bar, and
+returning outputs in input order. A bad prompt or parameter raises before anything runs, and any request of the
+batch already queued is aborted, so the engine stays clean for the next call.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+from tqdm.auto import tqdm
+
+from jaxllm.config import EngineConfig
+from jaxllm.engine.llm_engine import LLMEngine
+from jaxllm.engine.prompts import as_prompt_list
+from jaxllm.outputs import RequestOutput
+from jaxllm.sampling_params import SamplingParams, expand_sampling_params
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str | None = None,
+        tokenizer: str | None = None,
+        dtype: str = "auto",
+        seed: int = 0,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        block_size: int = EngineConfig.block_size,
+        gpu_memory_utilization: float = 0.9,
+        num_gpu_blocks_override: int | None = None,
+        enable_prefix_caching: bool = True,
+        enable_chunked_prefill: bool = True,
+        load_format: str = "auto",
+        skip_tokenizer_init: bool = False,
+        **kwargs,
+    ) -> None:
+        config = EngineConfig(
+            model=model,
+            tokenizer=tokenizer,
+            dtype=dtype,
+            seed=seed,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            block_size=block_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            num_gpu_blocks_override=num_gpu_blocks_override,
+            enable_prefix_caching=enable_prefix_caching,
+            enable_chunked_prefill=enable_chunked_prefill,
+            load_format=load_format,
+            skip_tokenizer_init=skip_tokenizer_init,
+            **kwargs,
+        )
+        self.llm_engine = LLMEngine(config)
+        self._request_counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.get_tokenizer()
+
+    def generate(
+        self,
+        prompts,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        prompt_list = as_prompt_list(prompts)
+        params = expand_sampling_params(sampling_params, len(prompt_list))
+        request_ids = self._add_requests(prompt_list, params)
+        return self._run_engine(request_ids, use_tqdm)
+
+    def chat(
+        self,
+        messages,
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"} dicts) or a list of conversations."""
+        tokenizer = self.get_tokenizer()
+        if tokenizer is None:
+            raise ValueError("chat needs a tokenizer; it is unavailable with skip_tokenizer_init=True")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [
+            {
+                "prompt_token_ids": list(
+                    tokenizer.apply_chat_template(
+                        conversation,
+                        chat_template=chat_template,
+                        add_generation_prompt=add_generation_prompt,
+                        tokenize=True,
+                        return_dict=False,
+                    )
+                )
+            }
+            for conversation in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _add_requests(self, prompts: list, params: list[SamplingParams]) -> list[str]:
+        request_ids: list[str] = []
+        try:
+            for prompt, sampling_params in zip(prompts, params, strict=True):
+                request_id = str(next(self._request_counter))
+                self.llm_engine.add_request(request_id, prompt, sampling_params)
+                request_ids.append(request_id)
+        except Exception:
+            self.llm_engine.abort_request(request_ids)
+            raise
+        return request_ids
+
+    def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        progress = _Progress(len(request_ids), use_tqdm)
+        while self.llm_engine.has_unfinished_requests():
+            for output in self.llm_engine.step():
+                if output.finished:
+                    finished[output.request_id] = output
+                    progress.update(output)
+        progress.close()
+        return [finished[request_id] for request_id in request_ids]
+
+
+class _Progress:
+    """vLLM-style bar: finished prompts with estimated input and output tokens/s."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = tqdm(total=total, desc="Processed prompts", dynamic_ncols=True, disable=not enabled)
+        self.start = time.perf_counter()
+        self.input_tokens = 0
+        self.output_tokens = 0
+
+    def update(self, output: RequestOutput) -> None:
+        self.input_tokens += len(output.prompt_token_ids or [])
+        self.output_tokens += sum(len(c.token_ids) for c in output.outputs)
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        input_rate, output_rate = self.input_tokens / elapsed, self.output_tokens / elapsed
+        self.bar.set_postfix_str(
+            f"est. speed input: {input_rate:.2f} toks/s, output: {output_rate:.2f} toks/s", refresh=False
+        )
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,1 @@
+"""Checkpoint loading: GGUF files (weights, config, tokenizer) and the location of the default model."""

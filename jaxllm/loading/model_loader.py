@@ -1,0 +1,115 @@
+"""Building a model's weights: from checkpoint tensors (HF safetensors or GGUF) or as random ``dummy`` weights.
+
+Owns the mapping from Hugging Face tensor names to NNX parameter paths, shape checking with errors that name the
+tensor and both shapes, dtype casting, and placing each tensor straight onto its device(s) (a sharding per
+parameter when a mesh is used), one tensor at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxllm.models.config import ModelConfig
+from jaxllm.models.decoder import DecoderForCausalLM
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "bf16": "bfloat16", "half": "float16", "fp16": "float16"}
+
+# Given a parameter path and its abstract variable, the sharding to place it with (None: default device).
+Placement = Callable[[tuple, nnx.Variable], jax.sharding.Sharding | None]
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def resolve_dtype(dtype, checkpoint_dtype: str):
+    """``"auto"`` -> the checkpoint's dtype; otherwise one of float32/bfloat16/float16."""
+    if not isinstance(dtype, str):
+        dtype = jnp.dtype(dtype).name
+    name = checkpoint_dtype if dtype == "auto" else dtype
+    name = _DTYPE_ALIASES.get(name, name).replace("torch.", "")
+    if name not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; choose 'auto' or one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def abstract_model(model_cls, config: ModelConfig, dtype, attention_impl=None) -> DecoderForCausalLM:
+    return nnx.eval_shape(lambda: model_cls(config, dtype=dtype, rngs=nnx.Rngs(0), attention_impl=attention_impl))
+
+
+def hf_name_to_path(name: str) -> tuple[tuple, bool]:
+    """HF tensor name -> (NNX parameter path, whether the tensor is a torch Linear weight to transpose)."""
+    path = tuple(int(p) if p.isdigit() else p for p in name.split("."))
+    owner, leaf = path[-2] if len(path) > 1 else "", path[-1]
+    if leaf == "weight" and owner == "embed_tokens":
+        return path[:-1] + ("embedding",), False
+    if leaf == "weight" and (str(owner).endswith("_proj") or owner == "lm_head"):
+        return path[:-1] + ("kernel",), True
+    return path, False
+
+
+def _default_placement(path, variable) -> None:
+    return None
+
+
+def load_weights(
+    abstract: DecoderForCausalLM,
+    tensors: Iterable[tuple[str, np.ndarray]],
+    *,
+    placement: Placement = _default_placement,
+) -> DecoderForCausalLM:
+    """Fills an abstract model from ``(hf_name, array)`` pairs; every parameter must arrive exactly once."""
+    graphdef, state = nnx.split(abstract)
+    flat = dict(nnx.to_flat_state(state))
+    loaded: set[tuple] = set()
+    tied = abstract.config.tie_word_embeddings
+    for name, array in tensors:
+        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue
+        path, transpose = hf_name_to_path(name)
+        if path not in flat:
+            raise ValueError(f"unexpected tensor {name!r} (shape {tuple(array.shape)}) in checkpoint")
+        variable = flat[path]
+        expected = tuple(variable.get_value().shape)
+        got = tuple(array.shape[::-1]) if transpose else tuple(array.shape)
+        if got != expected:
+            raise ValueError(
+                f"tensor {name!r} has shape {tuple(array.shape)}, model expects {expected}"
+                + (" (transposed)" if transpose else "")
+            )
+        value = np.asarray(array).T if transpose else np.asarray(array)
+        dtype = variable.get_value().dtype
+        variable.set_value(jax.device_put(value.astype(dtype), placement(path, variable)))
+        loaded.add(path)
+    missing = [".".join(map(str, p)) for p in flat if p not in loaded]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def init_dummy_weights(
+    model_cls,
+    config: ModelConfig,
+    dtype,
+    *,
+    seed: int = 0,
+    attention_impl=None,
+    placement: Placement = _default_placement,
+) -> DecoderForCausalLM:
+    """Random weights from a config alone (``load_format="dummy"``), created directly in their final placement."""
+    abstract = abstract_model(model_cls, config, dtype, attention_impl)
+    graphdef, abstract_state = nnx.split(abstract)
+    flat = nnx.to_flat_state(abstract_state)
+    shardings = nnx.from_flat_state([(path, placement(path, var)) for path, var in flat])
+
+    def init():
+        model = model_cls(config, dtype=dtype, rngs=nnx.Rngs(seed), attention_impl=attention_impl)
+        return nnx.state(model)
+
+    has_shardings = any(s is not None for _, s in nnx.to_flat_state(shardings))
+    state = jax.jit(init, out_shardings=shardings if has_shardings else None)()
+    return nnx.merge(graphdef, state)

@@ -1,0 +1,144 @@
+"""ModelConfig: the architecture facts a model needs, read from a Hugging Face ``config.json`` dict.
+
+Owns parsing and validating HF config fields (both ``rope_scaling`` + ``rope_theta`` and transformers 5's
+``rope_parameters`` spellings). Frozen; imports neither jax nor flax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(f"unsupported rope type {self.rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}")
+        if self.factor <= 0:
+            raise ValueError(f"rope scaling factor must be positive, got {self.factor}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope: RopeConfig
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    hidden_act: str = "silu"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    checkpoint_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"config field {name} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads "
+                f"({self.num_kv_heads})"
+            )
+        if self.hidden_act not in ("silu", "swish"):
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; only silu (SwiGLU) is supported")
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any]) -> ModelConfig:
+        try:
+            return cls._from_hf_config(hf)
+        except KeyError as missing:
+            raise ValueError(f"config.json lacks the field {missing.args[0]!r}") from None
+
+    @classmethod
+    def _from_hf_config(cls, hf: dict[str, Any]) -> ModelConfig:
+        architectures = hf.get("architectures") or []
+        if not architectures:
+            raise ValueError("config.json has no 'architectures' entry; cannot tell which model to build")
+        num_heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
+        return cls(
+            architecture=architectures[0],
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            rope=_parse_rope(hf),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=bool(hf.get("attention_bias", False)) or architectures[0] == "Qwen2ForCausalLM",
+            qk_norm=architectures[0] == "Qwen3ForCausalLM",
+            sliding_window=_parse_sliding_window(hf),
+            hidden_act=hf.get("hidden_act", "silu"),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=_as_id_tuple(hf.get("eos_token_id")),
+            checkpoint_dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32"),
+        )
+
+
+def _as_id_tuple(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def _parse_rope(hf: dict[str, Any]) -> RopeConfig:
+    # transformers 5 writes rope_parameters (holding rope_theta); older configs write rope_scaling + rope_theta.
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    return RopeConfig(
+        theta=theta,
+        rope_type=rope_type,
+        factor=float(params.get("factor", 1.0)),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=params.get(
+            "original_max_position_embeddings", hf.get("max_position_embeddings")
+        ),
+    )
+
+
+def _parse_sliding_window(hf: dict[str, Any]) -> int | None:
+    window = hf.get("sliding_window")
+    if window is None:
+        return None
+    # Qwen2/Qwen3 configs carry a sliding_window value but only apply it when use_sliding_window is true.
+    if "use_sliding_window" in hf and not hf["use_sliding_window"]:
+        return None
+    return int(window)

@@ -1,0 +1,138 @@
+"""The decoder-only transformer shared by the Llama family (Llama, Mistral, Qwen2, Qwen3).
+
+Owns the NNX module tree, named as in Hugging Face checkpoints (``model.layers.{i}.self_attn.q_proj``...), and the
+forward pass over a ragged step batch: embed -> N x (attention over the paged KV cache, SwiGLU MLP) -> norm, and
+``compute_logits`` for the rows that are sampled. Family differences are config flags (q/k/v bias, q/k norm,
+sliding window, tied embeddings). The KV cache is an explicit argument and result, never module state.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from jaxllm.models.attention_metadata import AttentionMetadata
+from jaxllm.models.config import ModelConfig
+from jaxllm.models.layers import Embed, Linear, RMSNorm, SwiGLUMLP
+from jaxllm.models.rope import apply_rope, rope_cos_sin
+from pallas_kernels import ragged_paged_attention, update_kv_cache
+
+KVCache = list[tuple[jax.Array, jax.Array]]  # per layer (k, v), each [P, L, K, H]
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, attention_impl: str | None = None):
+        c = config
+        bias = c.attention_bias
+        self.q_proj = Linear(
+            c.hidden_size,
+            c.num_heads * c.head_dim,
+            axes=("embed", "q_heads"),
+            dtype=dtype,
+            rngs=rngs,
+            use_bias=bias,
+        )
+        self.k_proj = Linear(
+            c.hidden_size,
+            c.num_kv_heads * c.head_dim,
+            axes=("embed", "kv_heads"),
+            dtype=dtype,
+            rngs=rngs,
+            use_bias=bias,
+        )
+        self.v_proj = Linear(
+            c.hidden_size,
+            c.num_kv_heads * c.head_dim,
+            axes=("embed", "kv_heads"),
+            dtype=dtype,
+            rngs=rngs,
+            use_bias=bias,
+        )
+        self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, axes=("q_heads", "embed"), dtype=dtype, rngs=rngs)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, dtype=dtype, rngs=rngs)
+            self.k_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, dtype=dtype, rngs=rngs)
+        else:
+            self.q_norm = self.k_norm = None
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.sliding_window = c.sliding_window
+        self.attention_impl = attention_impl
+
+    def __call__(self, x, kv: tuple[jax.Array, jax.Array], md: AttentionMetadata, cos, sin):
+        num_tokens = x.shape[0]
+        q = self.q_proj(x).reshape(num_tokens, self.num_heads, self.head_dim)  # [T, N, H]
+        k = self.k_proj(x).reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, H]
+        v = self.v_proj(x).reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, H]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_cache, v_cache = update_kv_cache(kv[0], kv[1], k, v, md.slot_mapping)
+        out = ragged_paged_attention(
+            q,
+            k_cache,
+            v_cache,
+            md.block_tables,
+            md.seq_lens,
+            md.query_start_loc,
+            sm_scale=self.head_dim**-0.5,
+            sliding_window=self.sliding_window,
+            impl=self.attention_impl,
+        )  # [T, N, H]
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim)), (k_cache, v_cache)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, attention_impl: str | None = None):
+        c = config
+        self.input_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype, rngs=rngs)
+        self.self_attn = Attention(c, dtype=dtype, rngs=rngs, attention_impl=attention_impl)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype, rngs=rngs)
+        self.mlp = SwiGLUMLP(c.hidden_size, c.intermediate_size, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, kv, md: AttentionMetadata, cos, sin):
+        attn_out, kv = self.self_attn(self.input_layernorm(x), kv, md, cos, sin)
+        x = x + attn_out
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class DecoderModel(nnx.Module):
+    """The ``model.*`` part of a HF checkpoint: embeddings, layers, final norm."""
+
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, attention_impl: str | None = None):
+        c = config
+        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List(
+            [DecoderLayer(c, dtype=dtype, rngs=rngs, attention_impl=attention_impl) for _ in range(c.num_layers)]
+        )
+        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype, rngs=rngs)
+
+
+class DecoderForCausalLM(nnx.Module):
+    """A Llama-family causal LM. ``__call__`` runs the step's tokens; ``compute_logits`` the sampled rows."""
+
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, attention_impl: str | None = None):
+        self.config = config
+        self.model = DecoderModel(config, dtype=dtype, rngs=rngs, attention_impl=attention_impl)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Linear(
+                config.hidden_size, config.vocab_size, axes=("embed", "vocab"), dtype=dtype, rngs=rngs
+            )
+
+    def __call__(self, input_ids: jax.Array, kv_caches: KVCache, md: AttentionMetadata):
+        """``input_ids [T]`` -> final hidden states ``[T, D]`` and the updated KV cache."""
+        cos, sin = rope_cos_sin(self.config.rope, self.config.head_dim, md.positions, md.context_lens)
+        x = self.model.embed_tokens(input_ids)  # [T, D]
+        new_caches = []
+        for layer, kv in zip(self.model.layers, kv_caches, strict=True):
+            x, kv = layer(x, kv, md, cos, sin)
+            new_caches.append(kv)
+        return self.model.norm(x), new_caches
+
+    def compute_logits(self, hidden: jax.Array) -> jax.Array:
+        """``hidden [S, D]`` -> float32 logits ``[S, V]``."""
+        if self.lm_head is None:
+            return self.model.embed_tokens.attend(hidden)
+        kernel = self.lm_head.kernel.get_value()
+        return jax.numpy.dot(hidden.astype(kernel.dtype), kernel, preferred_element_type=jax.numpy.float32)

@@ -1,0 +1,1 @@
+"""Device side of the engine: KV cache allocation, packing a step batch, and the jitted step function."""

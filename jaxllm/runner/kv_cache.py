@@ -1,0 +1,53 @@
+"""The paged KV cache: its size from the memory budget, and its allocation.
+
+Per layer, K and V blocks ``[P, L, K, H]`` in one pytree (a list of ``(k, v)`` pairs), allocated once and donated into
+every step. On GPU/TPU the budget is ``gpu_memory_utilization`` of the device memory minus what weights and a measured
+activation peak already use; on CPU, where nothing can be measured, ``kv_cache_memory_bytes`` (default 1 GiB).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.config import DEFAULT_CPU_KV_CACHE_BYTES
+from jaxllm.models.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+def kv_bytes_per_block(model_config: ModelConfig, block_size: int, dtype) -> int:
+    per_layer = 2 * block_size * model_config.num_kv_heads * model_config.head_dim * jnp.dtype(dtype).itemsize
+    return per_layer * model_config.num_layers
+
+
+def device_memory_budget(gpu_memory_utilization: float, kv_cache_memory_bytes: int | None) -> int:
+    """Bytes the KV cache may take: an explicit budget, else the free share of accelerator memory."""
+    if kv_cache_memory_bytes is not None:
+        return kv_cache_memory_bytes
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if not stats or "bytes_limit" not in stats:
+        return DEFAULT_CPU_KV_CACHE_BYTES
+    usable = int(stats["bytes_limit"] * gpu_memory_utilization)
+    in_use = int(stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0)))
+    budget = usable - in_use
+    if budget <= 0:
+        raise ValueError(
+            f"no memory left for the KV cache: {in_use / 2**30:.2f} GiB in use (weights + activation peak) of "
+            f"{usable / 2**30:.2f} GiB allowed by gpu_memory_utilization={gpu_memory_utilization}"
+        )
+    return budget
+
+
+def allocate_kv_cache(
+    model_config: ModelConfig, num_blocks: int, block_size: int, dtype, sharding=None
+) -> list[tuple[jax.Array, jax.Array]]:
+    shape = (num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)  # [P, L, K, H]
+
+    def zeros():
+        return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(model_config.num_layers)]
+
+    return jax.jit(zeros, out_shardings=sharding)()

@@ -1,0 +1,159 @@
+"""ModelRunner: executes one SchedulerOutput on the device and returns the sampled tokens.
+
+Owns the model parameters (split from the NNX module), the KV cache (donated into every step so XLA updates it in
+place), the jitted step function (model -> logits at each request's last scheduled token -> sampling) and warm-up
+over every token bucket. Per step the host packs numpy arrays, does one device_put, one dispatch and one
+device->host copy of the sampled ids (+ logprobs when asked).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxllm.config import ResolvedConfig
+from jaxllm.core.step_io import ModelRunnerOutput, SampledLogprobs, SchedulerOutput
+from jaxllm.models.attention_metadata import AttentionMetadata
+from jaxllm.runner.kv_cache import allocate_kv_cache
+from jaxllm.runner.step_batch import StepBatch, pack_step_batch
+from jaxllm.sampling import SamplingMetadata, build_sampling_metadata, sample
+
+logger = logging.getLogger(__name__)
+
+
+def _model_step(graphdef, params, kv_caches, batch: dict, sampling_metadata: SamplingMetadata, step_key):
+    model = nnx.merge(graphdef, params)
+    md = AttentionMetadata(
+        positions=batch["positions"],
+        slot_mapping=batch["slot_mapping"],
+        context_lens=batch["context_lens"],
+        block_tables=batch["block_tables"],
+        seq_lens=batch["seq_lens"],
+        query_start_loc=batch["query_start_loc"],
+    )
+    hidden, kv_caches = model(batch["input_ids"], kv_caches, md)  # [T, D]
+    logits = model.compute_logits(hidden[batch["logits_indices"]])  # [S, V] float32, only sampled rows
+    return sample(logits, sampling_metadata, step_key), kv_caches
+
+
+class ModelRunner:
+    def __init__(
+        self, model, config: ResolvedConfig, kv_dtype, *, seed: int = 0, kv_sharding=None, batch_sharding=None
+    ):
+        self.config = config
+        self.model_config = model.config
+        self.graphdef, self.params = nnx.split(model)
+        self.kv_dtype = kv_dtype
+        self.kv_sharding = kv_sharding
+        self.batch_sharding = batch_sharding
+        self.kv_caches = allocate_kv_cache(
+            self.model_config, config.num_blocks, config.block_size, kv_dtype, kv_sharding
+        )
+        self.base_key = jax.random.key(seed)
+        self.num_steps = 0
+        self.num_traces = 0  # incremented only when XLA traces a new step program
+        self._jitted_step = jax.jit(self._traced_step, donate_argnums=(1,))
+
+    def _traced_step(self, params, kv_caches, batch, sampling_metadata, step_index):
+        self.num_traces += 1
+        step_key = jax.random.fold_in(self.base_key, step_index)
+        return _model_step(self.graphdef, params, kv_caches, batch, sampling_metadata, step_key)
+
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        batch = pack_step_batch(scheduler_output, self.config)
+        requests = [s.request for s in scheduler_output.scheduled]
+        sampling_metadata = build_sampling_metadata(requests, batch.seq_lens.shape[0])
+        result = self._run(batch, sampling_metadata)
+        return self._to_output(scheduler_output, result)
+
+    def _run(self, batch: StepBatch, sampling_metadata: SamplingMetadata):
+        arrays = {
+            name: getattr(batch, name)
+            for name in (
+                "input_ids",
+                "positions",
+                "slot_mapping",
+                "context_lens",
+                "block_tables",
+                "seq_lens",
+                "query_start_loc",
+                "logits_indices",
+            )
+        }
+        arrays = jax.device_put(arrays, self.batch_sharding)
+        result, self.kv_caches = self._jitted_step(
+            self.params, self.kv_caches, arrays, sampling_metadata, jnp.int32(self.num_steps)
+        )
+        self.num_steps += 1
+        return result
+
+    def _to_output(self, scheduler_output: SchedulerOutput, result) -> ModelRunnerOutput:
+        wants_logprobs = any(s.request.sampling_params.logprobs is not None for s in scheduler_output.scheduled)
+        host = jax.device_get(result if wants_logprobs else result.token_ids)
+        token_ids = (host.token_ids if wants_logprobs else host).tolist()
+        sampled, logprobs = {}, {}
+        for row, s in enumerate(scheduler_output.scheduled):
+            if not s.samples_token:
+                continue
+            sampled[s.request_id] = token_ids[row]
+            num_top = s.request.sampling_params.logprobs
+            if num_top is not None:
+                logprobs[s.request_id] = SampledLogprobs(
+                    sampled_logprob=float(host.sampled_logprob[row]),
+                    top_token_ids=host.top_token_ids[row, :num_top].tolist(),
+                    top_logprobs=host.top_logprobs[row, :num_top].tolist(),
+                )
+        return ModelRunnerOutput(sampled_token_ids=sampled, logprobs=logprobs)
+
+    def profile_largest_bucket(self) -> None:
+        """Runs the largest token bucket once so the device's peak memory includes a step's activations."""
+        bucket = self.config.token_buckets[-1]
+        self._run_padding_step(bucket)
+
+    def resize_kv_cache(self, config: ResolvedConfig) -> None:
+        self.config = config
+        self.kv_caches = None  # free the old cache before allocating the new one
+        self.kv_caches = allocate_kv_cache(
+            self.model_config, config.num_blocks, config.block_size, self.kv_dtype, self.kv_sharding
+        )
+
+    def _run_padding_step(self, bucket: int) -> None:
+        rows = self.config.request_rows_for(bucket)
+        batch = empty_step_batch(bucket, rows, self.config.max_blocks_per_request)
+        jax.block_until_ready(self._run(batch, build_sampling_metadata([], rows)))
+
+    def warm_up(self) -> float:
+        """Compiles the step for every token bucket with padding-only batches; returns seconds spent."""
+        start = time.perf_counter()
+        for bucket in self.config.token_buckets:
+            self._run_padding_step(bucket)
+        elapsed = time.perf_counter() - start
+        logger.info("compiled %d step programs in %.1f s", len(self.config.token_buckets), elapsed)
+        return elapsed
+
+
+@functools.cache
+def _zeros(shape) -> np.ndarray:
+    return np.zeros(shape, np.int32)
+
+
+def empty_step_batch(num_tokens: int, num_rows: int, max_blocks: int) -> StepBatch:
+    """A batch of padding only: every token writes into the null block, every row has seq_len 0."""
+    return StepBatch(
+        input_ids=_zeros((num_tokens,)),
+        positions=_zeros((num_tokens,)),
+        slot_mapping=_zeros((num_tokens,)),
+        context_lens=_zeros((num_tokens,)),
+        block_tables=_zeros((num_rows, max_blocks)),
+        seq_lens=_zeros((num_rows,)),
+        query_start_loc=_zeros((num_rows + 1,)),
+        logits_indices=_zeros((num_rows,)),
+        num_requests=0,
+        num_tokens=0,
+    )

@@ -1,0 +1,89 @@
+"""Packing a SchedulerOutput into a padded, static-shape StepBatch (host numpy; one device_put per step).
+
+All scheduled tokens of all requests are flattened onto one token axis ``[T]`` padded up to a token bucket; the
+per-request arrays ``[S]`` are padded to the bucket's request rows. Padding tokens write their K/V into the reserved
+null block 0 and padding rows have ``seq_len`` 0, so they never touch a real request.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+
+import numpy as np
+
+from jaxllm.config import ResolvedConfig
+from jaxllm.core.step_io import SchedulerOutput
+
+
+@dataclasses.dataclass
+class StepBatch:
+    input_ids: np.ndarray  # [T] int32
+    positions: np.ndarray  # [T] int32
+    slot_mapping: np.ndarray  # [T] int32
+    context_lens: np.ndarray  # [T] int32
+    block_tables: np.ndarray  # [S, M] int32
+    seq_lens: np.ndarray  # [S] int32
+    query_start_loc: np.ndarray  # [S+1] int32
+    logits_indices: np.ndarray  # [S] int32, last scheduled token of each request
+    num_requests: int  # real rows (the rest is padding)
+    num_tokens: int  # real tokens
+
+    @property
+    def token_bucket(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def token_bucket_for(config: ResolvedConfig, num_tokens: int) -> int:
+    index = bisect.bisect_left(config.token_buckets, num_tokens)
+    if index == len(config.token_buckets):
+        raise ValueError(f"{num_tokens} scheduled tokens exceed the largest bucket {config.token_buckets[-1]}")
+    return config.token_buckets[index]
+
+
+def pack_step_batch(scheduler_output: SchedulerOutput, config: ResolvedConfig) -> StepBatch:
+    scheduled = scheduler_output.scheduled
+    num_requests, block_size = len(scheduled), config.block_size
+    num_tokens = sum(s.num_scheduled_tokens for s in scheduled)
+    token_bucket = token_bucket_for(config, num_tokens)
+    rows = config.request_rows_for(token_bucket)
+
+    counts = np.fromiter((s.num_scheduled_tokens for s in scheduled), np.int32, num_requests)
+    starts = np.fromiter((s.num_computed_tokens for s in scheduled), np.int32, num_requests)
+    query_start_loc = np.full(rows + 1, num_tokens, np.int32)
+    query_start_loc[0] = 0
+    np.cumsum(counts, out=query_start_loc[1 : num_requests + 1])
+    seq_lens = np.zeros(rows, np.int32)
+    seq_lens[:num_requests] = starts + counts
+
+    block_tables = np.zeros((rows, config.max_blocks_per_request), np.int32)
+    for row, s in enumerate(scheduled):
+        block_ids = s.request.block_ids
+        block_tables[row, : len(block_ids)] = block_ids
+
+    input_ids = np.zeros(token_bucket, np.int32)
+    input_ids[:num_tokens] = [t for s in scheduled for t in s.token_ids]
+    request_of_token = np.repeat(np.arange(num_requests, dtype=np.int32), counts)  # [T real]
+    positions = np.zeros(token_bucket, np.int32)
+    positions[:num_tokens] = (
+        np.arange(num_tokens, dtype=np.int32) - query_start_loc[request_of_token] + starts[request_of_token]
+    )
+    slot_mapping = np.zeros(token_bucket, np.int32)  # padding -> null block 0
+    blocks = block_tables[request_of_token, positions[:num_tokens] // block_size]
+    slot_mapping[:num_tokens] = blocks * block_size + positions[:num_tokens] % block_size
+    context_lens = np.zeros(token_bucket, np.int32)
+    context_lens[:num_tokens] = seq_lens[request_of_token]
+    logits_indices = np.zeros(rows, np.int32)
+    logits_indices[:num_requests] = query_start_loc[1 : num_requests + 1] - 1
+    return StepBatch(
+        input_ids=input_ids,
+        positions=positions,
+        slot_mapping=slot_mapping,
+        context_lens=context_lens,
+        block_tables=block_tables,
+        seq_lens=seq_lens,
+        query_start_loc=query_start_loc,
+        logits_indices=logits_indices,
+        num_requests=num_requests,
+        num_tokens=num_tokens,
+    )

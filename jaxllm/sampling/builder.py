@@ -1,0 +1,198 @@
+"""Host-side, numpy-only construction of SamplingMetadata for one engine step.
+
+Owns the translation Request -> per-row arrays and the caches that keep it cheap: the parameter columns are rebuilt
+only when the step's rows hold different requests than the previous step's (steady decoding reuses them), and each
+penalised request keeps its token history as a growing numpy buffer that takes only the new output tokens per step.
+Imports neither jax nor flax at run time; the runner device_puts the result in one call.
+A request's ``sampling_params`` must not be mutated while it runs (the cache is keyed on request identity).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import numpy as np
+
+from jaxllm.request import Request
+from jaxllm.sampling.metadata import (
+    GREEDY_TEMPERATURE_EPS,
+    SamplingMetadata,
+    bucket_history_width,
+    bucket_num_logprobs,
+    bucket_suppressed_width,
+)
+
+_INT32_MAX = 2**31 - 1
+# Padding value of each float column, in _FLOAT_FIELDS order. Padding rows are greedy (temperature 0).
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+_FLOAT_PADDING = (0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ParamColumns:
+    """Everything about a row layout that does not change while the same requests occupy the same rows."""
+
+    arrays: dict[str, np.ndarray]  # SamplingMetadata field name -> [S] array
+    flags: dict[str, bool | int]  # the static SamplingMetadata flags
+    min_tokens_rows: list[tuple[int, int, np.ndarray]]  # (row, min_tokens, ids to suppress until then)
+    penalty_rows: list[int]
+
+
+def _pad(values: np.ndarray, num_rows: int, fill, dtype) -> np.ndarray:
+    out = np.full(num_rows, fill, dtype)
+    out[: len(values)] = values
+    return out
+
+
+def _suppressible_ids(request: Request) -> np.ndarray:
+    params = request.sampling_params
+    eos = [] if params.ignore_eos else sorted(request.eos_token_ids)
+    return np.asarray(eos + list(params.stop_token_ids), np.int32)
+
+
+def _build_param_columns(requests: list[Request], num_rows: int) -> _ParamColumns:
+    params = [r.sampling_params for r in requests]
+    floats = np.array([[getattr(p, f) for f in _FLOAT_FIELDS] for p in params], np.float64).reshape(-1, 6)
+    arrays = {
+        f: _pad(floats[:, i], num_rows, pad, np.float32)
+        for i, (f, pad) in enumerate(zip(_FLOAT_FIELDS, _FLOAT_PADDING, strict=True))
+    }
+    top_k = np.clip(np.array([p.top_k for p in params], np.int64), 0, _INT32_MAX)  # -1 (off) -> 0
+    arrays["top_k"] = _pad(top_k, num_rows, 0, np.int32)
+    arrays["seeded"] = _pad(np.array([p.seed is not None for p in params], bool), num_rows, False, bool)
+    seeds = [0 if p.seed is None else p.seed & 0xFFFFFFFF for p in params]
+    arrays["seed"] = _pad(np.array(seeds, np.uint32), num_rows, 0, np.uint32)
+    arrays["sample_index"] = _pad(np.array([r.sample_index for r in requests], np.int32), num_rows, 0, np.int32)
+
+    sampled = arrays["temperature"] >= GREEDY_TEMPERATURE_EPS
+    filtered = sampled & ((arrays["top_k"] > 0) | (arrays["top_p"] < 1.0))
+    requested_logprobs = [p.logprobs for p in params if p.logprobs is not None]
+    flags = {
+        "all_greedy": not sampled.any(),
+        "any_top_k_top_p": bool(filtered.any()),
+        "any_penalties": any(p.uses_penalties for p in params),
+        "max_num_logprobs": bucket_num_logprobs(max(requested_logprobs) if requested_logprobs else None),
+    }
+    min_tokens_rows = [
+        (row, r.sampling_params.min_tokens, _suppressible_ids(r))
+        for row, r in enumerate(requests)
+        if r.sampling_params.min_tokens > 0
+    ]
+    penalty_rows = [row for row, p in enumerate(params) if p.uses_penalties]
+    return _ParamColumns(arrays, flags, min_tokens_rows, penalty_rows)
+
+
+class _TokenHistory:
+    """One request's prompt ids and a growing buffer of its output ids, topped up with only the new tokens."""
+
+    __slots__ = ("request", "prompt", "output", "num_output")
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.prompt = np.asarray(request.prompt_token_ids, np.int32)
+        self.output = np.empty(max(16, 2 * request.num_output_tokens), np.int32)
+        self.num_output = 0
+
+    def sync(self) -> None:
+        total = self.request.num_output_tokens
+        if total < self.num_output:  # the request's outputs were rewritten: start over
+            self.num_output = 0
+        if total == self.num_output:
+            return
+        if total > len(self.output):
+            grown = np.empty(2 * total, np.int32)
+            grown[: self.num_output] = self.output[: self.num_output]
+            self.output = grown
+        start = len(self.prompt) + self.num_output
+        self.output[self.num_output : total] = self.request.all_token_ids[start:]
+        self.num_output = total
+
+
+def _stack_rows(rows: list[int], seqs: list[np.ndarray], num_rows: int) -> np.ndarray:
+    """[S, W] int32, -1 padded, with seqs[j] in row rows[j]; W bucketed from the longest seq."""
+    out = np.full((num_rows, bucket_history_width(max(map(len, seqs)))), -1, np.int32)
+    for row, seq in zip(rows, seqs, strict=True):
+        out[row, : len(seq)] = seq
+    return out
+
+
+class SamplingMetadataBuilder:
+    """Builds SamplingMetadata each step, reusing what did not change since the previous step."""
+
+    def __init__(self) -> None:
+        self._requests: list[Request] = []
+        self._num_rows = -1
+        self._columns: _ParamColumns | None = None
+        self._histories: dict[str, _TokenHistory] = {}
+
+    def build(self, requests: list[Request], num_rows: int) -> SamplingMetadata:
+        """Row i samples for ``requests[i]``; rows ``len(requests)..num_rows-1`` are greedy padding."""
+        if num_rows < len(requests):
+            raise ValueError(f"num_rows={num_rows} is smaller than the number of requests ({len(requests)})")
+        columns = self._param_columns(requests, num_rows)
+        n = len(requests)
+        positions = np.fromiter((r.num_output_tokens for r in requests), np.int32, n)
+        prompt_ids, output_ids = self._token_histories(requests, columns, num_rows)
+        return SamplingMetadata(
+            **columns.arrays,
+            output_position=_pad(positions, num_rows, 0, np.int32),
+            suppressed_token_ids=self._suppressed_ids(requests, columns, num_rows),
+            prompt_token_ids=prompt_ids,
+            output_token_ids=output_ids,
+            **columns.flags,
+        )
+
+    def _param_columns(self, requests: list[Request], num_rows: int) -> _ParamColumns:
+        same_rows = (
+            self._columns is not None
+            and num_rows == self._num_rows
+            and len(requests) == len(self._requests)
+            and all(map(operator.is_, requests, self._requests))
+        )
+        if not same_rows:
+            self._columns = _build_param_columns(requests, num_rows)
+            self._requests, self._num_rows = list(requests), num_rows
+        return self._columns
+
+    @staticmethod
+    def _suppressed_ids(requests: list[Request], columns: _ParamColumns, num_rows: int) -> np.ndarray:
+        active = [
+            (row, ids)
+            for row, min_tokens, ids in columns.min_tokens_rows
+            if requests[row].num_output_tokens < min_tokens and len(ids)
+        ]
+        out = np.full(
+            (num_rows, bucket_suppressed_width(max((len(ids) for _, ids in active), default=0))), -1, np.int32
+        )
+        for row, ids in active:
+            out[row, : len(ids)] = ids
+        return out
+
+    def _token_histories(
+        self, requests: list[Request], columns: _ParamColumns, num_rows: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """prompt_token_ids [S, Lp] and output_token_ids [S, Lo], filled only on rows that use penalties."""
+        if not columns.flags["any_penalties"]:
+            self._histories = {}
+            empty = np.full((num_rows, 0), -1, np.int32)
+            return empty, empty
+        histories = {}
+        for row in columns.penalty_rows:
+            request = requests[row]
+            history = self._histories.get(request.request_id)
+            if history is None or history.request is not request:
+                history = _TokenHistory(request)
+            history.sync()
+            histories[request.request_id] = history
+        self._histories = histories  # requests absent this step are dropped
+        rows = columns.penalty_rows
+        chosen = [histories[requests[row].request_id] for row in rows]
+        prompt_ids = _stack_rows(rows, [h.prompt for h in chosen], num_rows)
+        output_ids = _stack_rows(rows, [h.output[: h.num_output] for h in chosen], num_rows)
+        return prompt_ids, output_ids
+
+
+def build_sampling_metadata(requests: list[Request], num_rows: int) -> SamplingMetadata:
+    """One-off build without caches; an engine keeps one SamplingMetadataBuilder and calls its ``build``."""
+    return SamplingMetadataBuilder().build(requests, num_rows)

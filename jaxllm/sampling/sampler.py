@@ -1,0 +1,102 @@
+"""On-device sampling inside the jitted step: one token per row from logits [S, V], plus raw logprobs.
+
+Order as in vLLM: penalties -> suppressed tokens (EOS/stop ids before min_tokens) -> greedy rows take the argmax ->
+temperature -> top-k -> top-p -> min-p -> Gumbel-max sampling with each row's key. Stages a batch does not use are cut
+at trace time by SamplingMetadata's static flags (no vocab sort unless a sampled row uses top-k/top-p; no noise when
+every row is greedy). Logprobs are the model's raw log-softmax before any processing (vLLM v1's default).
+
+Keys: a seeded row uses ``seeded_request_key(seed, sample_index, output_position)``, which depends on nothing else, so
+it samples the same tokens whatever batch or row it lands in; an unseeded row uses ``fold_in(step_key, row)``.
+Pure and jittable; no host syncs.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.sampling.logits_processors import apply_min_p, apply_penalties, apply_top_k_top_p, suppress_tokens
+from jaxllm.sampling.metadata import GREEDY_TEMPERATURE_EPS, SamplingMetadata
+
+
+class SamplerOutput(NamedTuple):
+    token_ids: jax.Array  # [S] i32
+    sampled_logprob: jax.Array  # [S] f32 raw logprob of token_ids; zeros when max_num_logprobs == 0
+    top_token_ids: jax.Array  # [S, k] i32, k = min(max_num_logprobs, V), most likely first
+    top_logprobs: jax.Array  # [S, k] f32
+
+
+def seeded_request_key(seed: jax.Array, sample_index: jax.Array, output_position: jax.Array) -> jax.Array:
+    """Raw uint32 PRNG key for one seeded request's next token: fold_in(fold_in(PRNGKey(seed), index), position)."""
+    key = jax.random.PRNGKey(seed)
+    return jax.random.fold_in(jax.random.fold_in(key, sample_index), output_position)
+
+
+def row_keys(md: SamplingMetadata, step_key: jax.Array) -> jax.Array:
+    """Raw PRNG key per row [S, 2]: the seeded key on seeded rows, fold_in(step_key, row) elsewhere."""
+    if jnp.issubdtype(step_key.dtype, jax.dtypes.prng_key):
+        step_key = jax.random.key_data(step_key)
+    rows = jnp.arange(md.num_rows)
+    unseeded = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(step_key, rows)  # [S, 2]
+    seeded = jax.vmap(seeded_request_key)(md.seed, md.sample_index, md.output_position)  # [S, 2]
+    return jnp.where(md.seeded[:, None], seeded, unseeded)
+
+
+def _gumbel_argmax(logits: jax.Array, keys: jax.Array) -> jax.Array:
+    """One categorical draw per row from softmax(logits): argmax(logits + Gumbel noise from the row's own key)."""
+    vocab_size = logits.shape[-1]
+    noise = jax.vmap(lambda key: jax.random.gumbel(key, (vocab_size,), jnp.float32))(keys)  # [S, V]
+    return jnp.argmax(logits + noise, axis=-1).astype(jnp.int32)
+
+
+def process_logits(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
+    """Penalties then suppressed tokens: the logits greedy rows take the argmax of. [S, V] -> [S, V]."""
+    if md.any_penalties:
+        logits = apply_penalties(
+            logits,
+            md.prompt_token_ids,
+            md.output_token_ids,
+            md.presence_penalty,
+            md.frequency_penalty,
+            md.repetition_penalty,
+        )
+    return suppress_tokens(logits, md.suppressed_token_ids)
+
+
+def sampling_logits(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
+    """Processed logits -> the logits a sampled row draws from: temperature, top-k, top-p, min-p. [S, V]."""
+    is_greedy = md.temperature < GREEDY_TEMPERATURE_EPS
+    logits = logits / jnp.where(is_greedy, 1.0, md.temperature)[:, None]
+    if md.any_top_k_top_p:
+        logits = apply_top_k_top_p(logits, md.top_k, md.top_p)
+    return apply_min_p(logits, md.min_p)
+
+
+def sample(logits: jax.Array, md: SamplingMetadata, step_key: jax.Array) -> SamplerOutput:
+    """logits [S, V] -> one token per row (and logprobs when md.max_num_logprobs > 0). Jittable; md is an argument."""
+    if logits.ndim != 2 or logits.shape[0] != md.num_rows:
+        raise ValueError(f"logits must be [S={md.num_rows}, V], got shape {logits.shape}")
+    logits = logits.astype(jnp.float32)
+    processed = process_logits(logits, md)
+    token_ids = jnp.argmax(processed, axis=-1).astype(jnp.int32)  # [S] greedy choice
+    if not md.all_greedy:
+        sampled = _gumbel_argmax(sampling_logits(processed, md), row_keys(md, step_key))
+        token_ids = jnp.where(md.temperature < GREEDY_TEMPERATURE_EPS, token_ids, sampled)
+    return _with_logprobs(logits, token_ids, md.max_num_logprobs)
+
+
+def _with_logprobs(raw_logits: jax.Array, token_ids: jax.Array, max_num_logprobs: int) -> SamplerOutput:
+    num_rows, vocab_size = raw_logits.shape
+    if max_num_logprobs == 0:
+        return SamplerOutput(
+            token_ids,
+            jnp.zeros((num_rows,), jnp.float32),
+            jnp.zeros((num_rows, 0), jnp.int32),
+            jnp.zeros((num_rows, 0), jnp.float32),
+        )
+    logprobs = jax.nn.log_softmax(raw_logits, axis=-1)  # [S, V]
+    sampled_logprob = jnp.take_along_axis(logprobs, token_ids[:, None], axis=-1)[:, 0]  # [S]
+    top_logprobs, top_token_ids = jax.lax.top_k(logprobs, min(max_num_logprobs, vocab_size))  # [S, k]
+    return SamplerOutput(token_ids, sampled_logprob, top_token_ids.astype(jnp.int32), top_logprobs)

@@ -1,0 +1,8 @@
+"""Quantized matmul: ``x @ W`` for int8, int4 and fp8 weights (``jaxllm.quantization``).
+
+Public entry point ``quantized_matmul``; backends are chosen with ``impl=`` or, by default, by platform.
+"""
+
+from pallas_kernels.quantized_matmul.op import IMPLS, default_impl, quantized_matmul
+
+__all__ = ["IMPLS", "default_impl", "quantized_matmul"]

@@ -1,0 +1,74 @@
+"""The public quantized matmul op: validates shapes and dtypes and dispatches to a backend.
+
+``quantized_matmul(x [M, K], qw) -> [M, N]`` computes ``x @ W`` for a ``QuantizedWeight`` ``qw`` of a ``W [K, N]``
+(layouts and scheme semantics in ``jaxllm.quantization.schemes``: int8 and int4 are weight-only, fp8 also quantizes
+the activations per token).
+
+Backends (``impl=``): ``"reference"`` (dequantize, f32 matmul; any platform), ``"xla"`` (the product left to XLA in
+the activation dtype; fp8 as a dot of two float8_e4m3fn operands, which XLA hands to cuBLASLt on Hopper),
+``"pallas_gpu"`` (Pallas Triton kernels in ``triton_gpu``), ``"pallas_tpu"`` (Pallas Mosaic kernels in
+``mosaic_tpu``), and ``"pallas_gpu_interpret"`` / ``"pallas_tpu_interpret"`` (the same kernel bodies interpreted on
+CPU). By default: GPU -> ``pallas_gpu`` for int8/int4 and ``xla`` for fp8; TPU -> ``pallas_tpu`` for int8/int4 and
+``xla`` for fp8; CPU -> ``reference``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.quantization.schemes import QuantizedWeight, validate_quantized_weight
+from pallas_kernels.quantized_matmul import reference
+
+IMPLS = ("reference", "xla", "pallas_gpu", "pallas_gpu_interpret", "pallas_tpu", "pallas_tpu_interpret")
+ACTIVATION_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def default_impl(method: str, platform: str | None = None) -> str:
+    """The backend ``quantized_matmul`` uses for ``method`` on ``platform`` (default: JAX's default backend)."""
+    platform = platform or jax.default_backend()
+    if platform in ("gpu", "tpu"):
+        return "xla" if method == "fp8" else f"pallas_{platform}"
+    return "reference"
+
+
+def _validate(x, qw: QuantizedWeight, out_dtype) -> None:
+    validate_quantized_weight(qw)
+    if getattr(x, "ndim", None) != 2:
+        raise ValueError(f"x must be [M, K], got shape {getattr(x, 'shape', None)}")
+    if jnp.dtype(x.dtype).name not in ACTIVATION_DTYPES:
+        raise TypeError(f"x must have dtype in {ACTIVATION_DTYPES}, got {x.dtype}")
+    if jnp.dtype(out_dtype).name not in ACTIVATION_DTYPES:
+        raise TypeError(f"out_dtype must be one of {ACTIVATION_DTYPES}, got {out_dtype}")
+    if x.shape[0] < 1:
+        raise ValueError(f"x has no rows: shape {x.shape}")
+    if x.shape[1] != qw.num_inputs:
+        raise ValueError(f"x has K={x.shape[1]} columns but the weight has shape [K, N] = {list(qw.shape)}")
+
+
+def _backend(impl: str):
+    if impl == "reference":
+        return reference.quantized_matmul_reference
+    if impl == "xla":
+        return reference.quantized_matmul_xla
+    interpret = impl.endswith("_interpret")
+    if impl.startswith("pallas_gpu"):
+        from pallas_kernels.quantized_matmul import triton_gpu
+
+        return functools.partial(triton_gpu.quantized_matmul_triton, interpret=interpret)
+    from pallas_kernels.quantized_matmul import mosaic_tpu
+
+    return functools.partial(mosaic_tpu.quantized_matmul_tpu, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "out_dtype"))
+def quantized_matmul(x: jax.Array, qw: QuantizedWeight, *, impl: str | None = None, out_dtype=None) -> jax.Array:
+    """``x [M, K] @ W [K, N]`` for the quantized ``qw``; returns ``[M, N]`` in ``out_dtype`` (default: x's dtype)."""
+    out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
+    _validate(x, qw, out_dtype)
+    impl = impl or default_impl(qw.method)
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; choose one of {IMPLS}")
+    return _backend(impl)(x, qw, out_dtype=out_dtype)

@@ -1,0 +1,245 @@
+"""Pallas GPU (Triton lowering) kernels of the quantized matmul: dequantize in the kernel, multiply on the tensor
+cores in the activation dtype (bf16/f16; f32 at full precision) with f32 accumulation.
+
+Grid ``(M tiles, N tiles, K splits)``. A program owns a ``[block_m, block_n]`` output tile and walks its share of K:
+int8 and fp8 ``block_k`` rows per step, int4 one quantization group per step (the low nibbles against the first half
+of the group's activations, the high nibbles against the second half: see ``jaxllm.quantization.schemes``). Each
+weight byte is read by one program per M tile, so decode (``M <= 16``, one M tile) reads the weight once; when the
+N tiles alone cannot fill the GPU the K axis is split across programs and the f32 partial tiles are summed after the
+launch. Prefill shapes tile M as well and run at the tensor cores' pace.
+
+Scales are applied to the f32 accumulator, never to the weights: per output channel once at the end (int8, fp8), per
+group to each group's partial product (int4). The weights' integer codes are exact in bf16, so the only rounding
+before accumulation is that of the activations' own dtype.
+
+The Triton lowering neither clips edge blocks nor pads them, so every load and store is masked to ``M`` and ``N``;
+interpret mode (``interpret=True``, CPU) pads edge blocks with NaN. A masked-off row of x or column of the weight only
+reaches output rows or columns that the store drops, so the fp8 loads need no fill value (Triton cannot cast an
+integer fill to fp8).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jaxllm.quantization.schemes import INT4_OFFSET, QuantizedWeight, quantize_activations_fp8
+
+_NN = (((1,), (0,)), ((), ()))  # [BM, K] x [K, BN]
+_NT = (((1,), (1,)), ((), ()))  # [BM, K] x [BN, K]
+MIN_DOT_DIM = 16  # Triton's smallest tensor-core tile edge
+
+
+def _is_power_of_two(value: int) -> bool:
+    return value >= 1 and not value & (value - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Tuning parameters of one launch."""
+
+    block_m: int  # activation rows per program, a power of two >= 16
+    block_n: int  # output columns per program, a power of two >= 16
+    block_k: int  # int8/fp8: K rows per step, a power of two >= 16 (int4 steps one group)
+    num_k_splits: int = 1  # programs sharing one output tile along K (f32 partials summed afterwards)
+    num_warps: int = 4
+    num_stages: int = 3
+    fp8_dot: bool = False  # fp8: multiply the fp8 tiles directly (sm89+ fp8 MMA) instead of upcasting them to bf16
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_k"):
+            value = getattr(self, name)
+            if value < MIN_DOT_DIM or not _is_power_of_two(value):
+                raise ValueError(f"{name} must be a power of two >= {MIN_DOT_DIM}, got {value}")
+        if self.num_k_splits < 1:
+            raise ValueError(f"num_k_splits must be >= 1, got {self.num_k_splits}")
+        if not _is_power_of_two(self.num_warps):
+            raise ValueError(f"num_warps must be a power of two, got {self.num_warps}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+    """Static facts every kernel body needs."""
+
+    num_rows: int  # M
+    num_cols: int  # N
+    steps_per_split: int  # K steps each program walks
+    step_k: int  # K rows per step
+    precision: lax.Precision
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _tile_masks(cfg: KernelConfig, geo: _Geometry):
+    rows = pl.program_id(0) * cfg.block_m + jnp.arange(cfg.block_m, dtype=jnp.int32)  # [BM]
+    cols = pl.program_id(1) * cfg.block_n + jnp.arange(cfg.block_n, dtype=jnp.int32)  # [BN]
+    return rows < geo.num_rows, cols < geo.num_cols
+
+
+def _dot(a, b, geo: _Geometry, dimension_numbers=_NN):
+    return lax.dot_general(
+        a, b, dimension_numbers, precision=geo.precision, preferred_element_type=jnp.float32
+    )  # [BM, BN]
+
+
+def _store(out_ref, tile, row_ok, col_ok):
+    plgpu.store(out_ref, tile.astype(out_ref.dtype), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _int8_kernel(x_ref, w_ref, s_ref, out_ref, *, cfg: KernelConfig, geo: _Geometry):
+    # x_ref [BM, K/splits] activations; w_ref [K/splits, BN] int8; s_ref [BN] f32; out_ref [BM, BN]
+    row_ok, col_ok = _tile_masks(cfg, geo)
+
+    def step(i, acc):
+        k0 = pl.multiple_of(i * geo.step_k, geo.step_k)
+        x = plgpu.load(x_ref.at[:, pl.ds(k0, geo.step_k)], mask=row_ok[:, None], other=0)  # [BM, BK]
+        w = plgpu.load(w_ref.at[pl.ds(k0, geo.step_k), :], mask=col_ok[None, :], other=0)  # [BK, BN]
+        return acc + _dot(x, w.astype(x.dtype), geo)
+
+    acc = lax.fori_loop(0, geo.steps_per_split, step, jnp.zeros((cfg.block_m, cfg.block_n), jnp.float32))
+    scales = plgpu.load(s_ref, mask=col_ok, other=0)  # [BN]
+    _store(out_ref, acc * scales[None, :], row_ok, col_ok)
+
+
+def _int4_kernel(x_ref, w_ref, s_ref, out_ref, *, cfg: KernelConfig, geo: _Geometry):
+    # x_ref [BM, K/splits] activations; w_ref [K/2/splits, BN] uint8 (packed groups); s_ref [K/g/splits, BN] f32
+    row_ok, col_ok = _tile_masks(cfg, geo)
+    half = geo.step_k // 2  # g/2: rows of one nibble half of a group
+
+    def step(i, acc):
+        k0 = pl.multiple_of(i * geo.step_k, geo.step_k)
+        packed = plgpu.load(w_ref.at[pl.ds(i * half, half), :], mask=col_ok[None, :], other=0)  # [g/2, BN]
+        x_low = plgpu.load(x_ref.at[:, pl.ds(k0, half)], mask=row_ok[:, None], other=0)  # [BM, g/2]
+        x_high = plgpu.load(x_ref.at[:, pl.ds(k0 + half, half)], mask=row_ok[:, None], other=0)  # [BM, g/2]
+        low = (packed & 0xF).astype(x_low.dtype) - INT4_OFFSET  # [g/2, BN], exact integers -8..7
+        high = (packed >> 4).astype(x_low.dtype) - INT4_OFFSET
+        partial = _dot(x_low, low, geo) + _dot(x_high, high, geo)  # [BM, BN]
+        scales = plgpu.load(s_ref.at[pl.ds(i, 1), :], mask=col_ok[None, :], other=0)  # [1, BN]
+        return acc + partial * scales
+
+    acc = lax.fori_loop(0, geo.steps_per_split, step, jnp.zeros((cfg.block_m, cfg.block_n), jnp.float32))
+    _store(out_ref, acc, row_ok, col_ok)
+
+
+def _fp8_kernel(x_ref, xs_ref, w_ref, s_ref, out_ref, *, cfg: KernelConfig, geo: _Geometry):
+    # x_ref [BM, K/splits] e4m3; xs_ref [BM] f32; w_ref [BN, K/splits] e4m3; s_ref [BN] f32; out_ref [BM, BN]
+    row_ok, col_ok = _tile_masks(cfg, geo)
+
+    def step(i, acc):
+        k0 = pl.multiple_of(i * geo.step_k, geo.step_k)
+        x = plgpu.load(x_ref.at[:, pl.ds(k0, geo.step_k)], mask=row_ok[:, None])  # [BM, BK]
+        w = plgpu.load(w_ref.at[:, pl.ds(k0, geo.step_k)], mask=col_ok[:, None])  # [BN, BK]
+        if not cfg.fp8_dot:  # e4m3 values are exact in bf16
+            x, w = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+        return acc + _dot(x, w, geo, _NT)
+
+    acc = lax.fori_loop(0, geo.steps_per_split, step, jnp.zeros((cfg.block_m, cfg.block_n), jnp.float32))
+    x_scales = plgpu.load(xs_ref, mask=row_ok, other=0)  # [BM]
+    w_scales = plgpu.load(s_ref, mask=col_ok, other=0)  # [BN]
+    _store(out_ref, acc * x_scales[:, None] * w_scales[None, :], row_ok, col_ok)
+
+
+def step_k(method: str, cfg: KernelConfig, group_size: int | None) -> int:
+    """K rows one inner step consumes."""
+    return group_size if method == "int4" else cfg.block_k
+
+
+def default_config(num_rows: int, k: int, n: int, method: str, group_size=None, num_cores: int = 132):
+    """A config for ``[M=num_rows, K] x [K, N]`` on a GPU with ``num_cores`` SMs (starting points, to be tuned)."""
+    if num_rows <= 16:  # decode: memory-bound, narrow tiles and long K steps so many programs stream the weight
+        block_m, block_n, block_k, num_warps, num_stages = 16, 64, 256, 4, 4
+    elif num_rows <= 64:
+        block_m, block_n, block_k, num_warps, num_stages = _next_power_of_two(num_rows), 64, 128, 4, 4
+    else:  # prefill: compute-bound tiles
+        block_m, block_n, block_k, num_warps, num_stages = 128, 128, 64, 8, 3
+    while block_k > MIN_DOT_DIM and k % block_k:
+        block_k //= 2
+    cfg = KernelConfig(block_m, block_n, block_k, 1, num_warps, num_stages)
+    steps = k // step_k(method, cfg, group_size)
+    tiles = _cdiv(num_rows, block_m) * _cdiv(n, block_n)
+    splits = 1
+    while tiles * splits < 2 * num_cores and steps % (2 * splits) == 0 and steps // (2 * splits) >= 4:
+        splits *= 2
+    return dataclasses.replace(cfg, num_k_splits=splits)
+
+
+def check_config(cfg: KernelConfig, method: str, k: int, group_size: int | None) -> None:
+    """ValueError unless ``cfg`` tiles K exactly for this weight."""
+    step = step_k(method, cfg, group_size)
+    if method == "int4" and (group_size // 2 < MIN_DOT_DIM or not _is_power_of_two(group_size)):
+        raise ValueError(f"the Pallas GPU int4 kernel needs group_size a power of two >= 32, got {group_size}")
+    if k % (step * cfg.num_k_splits):
+        raise ValueError(f"K={k} is not a multiple of step {step} x num_k_splits {cfg.num_k_splits} ({cfg})")
+
+
+def _operands_and_specs(x, qw: QuantizedWeight, cfg: KernelConfig, k_split: int):
+    """Kernel inputs and their BlockSpecs on the grid (M tile i, N tile j, K split s)."""
+    bm, bn = cfg.block_m, cfg.block_n
+    x_spec = pl.BlockSpec((bm, k_split), lambda i, j, s: (i, s))
+    column_scale_spec = pl.BlockSpec((bn,), lambda i, j, s: (j,))
+    if qw.method == "int8":
+        w_spec = pl.BlockSpec((k_split, bn), lambda i, j, s: (s, j))
+        return (x, qw.values, qw.scales), [x_spec, w_spec, column_scale_spec], _int8_kernel
+    if qw.method == "int4":
+        w_spec = pl.BlockSpec((k_split // 2, bn), lambda i, j, s: (s, j))
+        s_spec = pl.BlockSpec((k_split // qw.group_size, bn), lambda i, j, s: (s, j))
+        return (x, qw.values, qw.scales), [x_spec, w_spec, s_spec], _int4_kernel
+    x_values, x_scales = quantize_activations_fp8(x)  # [M, K], [M]
+    w_spec = pl.BlockSpec((bn, k_split), lambda i, j, s: (j, s))
+    row_scale_spec = pl.BlockSpec((bm,), lambda i, j, s: (i,))
+    specs = [x_spec, row_scale_spec, w_spec, column_scale_spec]
+    return (x_values, x_scales, qw.values, qw.scales), specs, _fp8_kernel
+
+
+def quantized_matmul_triton(
+    x: jax.Array,  # [M, K] bf16 | f16 | f32
+    qw: QuantizedWeight,
+    *,
+    out_dtype,
+    config: KernelConfig | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """``x @ W`` for a quantized ``W [K, N]``; returns ``[M, N]`` in ``out_dtype``. ``config`` defaults to
+    ``default_config`` for these shapes."""
+    m, k = x.shape
+    n = qw.num_outputs
+    cores = 132 if interpret else int(getattr(jax.devices()[0], "core_count", 0) or 132)
+    cfg = config or default_config(m, k, n, qw.method, qw.group_size, cores)
+    check_config(cfg, qw.method, k, qw.group_size)
+    splits = cfg.num_k_splits
+    k_split = k // splits
+    operands, in_specs, kernel = _operands_and_specs(x, qw, cfg, k_split)
+    step = step_k(qw.method, cfg, qw.group_size)
+    precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else lax.Precision.DEFAULT
+    geo = _Geometry(m, n, k_split // step, step, precision)
+    if splits == 1:
+        out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
+        out_spec = pl.BlockSpec((cfg.block_m, cfg.block_n), lambda i, j, s: (i, j))
+    else:
+        out_shape = jax.ShapeDtypeStruct((splits, m, n), jnp.float32)
+        out_spec = pl.BlockSpec((None, cfg.block_m, cfg.block_n), lambda i, j, s: (s, i, j))
+    out = pl.pallas_call(
+        functools.partial(kernel, cfg=cfg, geo=geo),
+        grid=(_cdiv(m, cfg.block_m), _cdiv(n, cfg.block_n), splits),
+        in_specs=in_specs,
+        out_specs=out_spec,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name=f"quantized_matmul_{qw.method}_m{cfg.block_m}_n{cfg.block_n}_k{step}_s{splits}",
+    )(*operands)
+    if splits > 1:
+        out = jnp.sum(out, axis=0).astype(out_dtype)  # [M, N]
+    return out

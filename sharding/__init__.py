@@ -1,0 +1,30 @@
+"""jaxllm's mapping of tensor and pipeline parallelism onto a ``jax.sharding.Mesh`` (axes data, pipe, tensor)."""
+
+from sharding.attention import shard_mapped_attention
+from sharding.data_parallel import DataParallelEngine
+from sharding.distributed import initialize_distributed
+from sharding.engine import ShardedEngine
+from sharding.mesh import make_mesh, replica_meshes, stage_meshes
+from sharding.model_sharding import build_sharded_model, expand_kv_heads, shard_model
+from sharding.pipeline import PipelinedModel
+from sharding.rules import LOGICAL_AXIS_RULES, kv_cache_sharding, logical_to_spec, param_placement
+from sharding.runner import PipelineRunner
+
+__all__ = [
+    "LOGICAL_AXIS_RULES",
+    "DataParallelEngine",
+    "PipelineRunner",
+    "PipelinedModel",
+    "ShardedEngine",
+    "build_sharded_model",
+    "expand_kv_heads",
+    "initialize_distributed",
+    "kv_cache_sharding",
+    "logical_to_spec",
+    "make_mesh",
+    "param_placement",
+    "replica_meshes",
+    "shard_mapped_attention",
+    "shard_model",
+    "stage_meshes",
+]

@@ -1,0 +1,147 @@
+"""PipelinedModel: a sharded model run as P host-driven stages (MPMD), each a jitted program on its own sub-mesh.
+
+Owns the stage programs, each stage's slice of the KV cache (donated into every call, so XLA updates it in place)
+and dispatching microbatches through the stages. Stage ``s`` of microbatch ``m`` is dispatched right after stage
+``s-1`` of it, and every call returns at once (JAX dispatch is asynchronous), so while stage 1 runs microbatch 0,
+stage 0 already runs microbatch 1; activations move between sub-meshes with ``jax.device_put``. With P = 1 this is
+the whole model in one program: tensor parallelism alone runs the same code.
+
+Inside a stage, tensor parallelism is GSPMD: the parameters arrive as NamedShardings from ``sharding.rules``, the
+program's in/out shardings are pinned, and the residual stream is constrained to be replicated between layers.
+The host side never blocks here; callers fetch what they need from the returned device arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from jaxllm.models.attention_metadata import AttentionMetadata
+from jaxllm.runner.step_batch import StepBatch
+from sharding.mesh import stage_meshes
+from sharding.rules import check_single_replica, kv_cache_sharding, replicated, state_shardings
+from sharding.stages import StageModule, stage_forward, stage_layer_ranges
+
+METADATA_FIELDS = ("positions", "slot_mapping", "context_lens", "block_tables", "seq_lens", "query_start_loc")
+HeadFn = Callable[[jax.Array, object], object]  # (logits [S, V] float32, head_args) -> results, on the last stage
+
+
+def greedy_head(logits: jax.Array, head_args) -> dict:
+    return {"token_ids": jnp.argmax(logits, axis=-1).astype(jnp.int32)}  # [S]
+
+
+def _zero_caches(shape, dtype, num_layers: int) -> list:
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(num_layers)]
+
+
+@dataclasses.dataclass
+class Stage:
+    mesh: Mesh
+    layers: range
+    graphdef: nnx.GraphDef
+    state: nnx.State
+    program: Callable
+    kv_caches: list | None = None
+
+
+def _copy_tied_embedding(state, mesh: Mesh):
+    """The tied embedding table lives on stage 0; the last stage gets its own copy (new Variables, same layout)."""
+    flat = []
+    for path, variable in nnx.to_flat_state(state):
+        if path[0] == "tied_embedding":
+            value = variable.get_value()
+            variable = variable.replace(jax.device_put(value, NamedSharding(mesh, value.sharding.spec)))
+        flat.append((path, variable))
+    return nnx.from_flat_state(flat)
+
+
+def _check_placed(state, mesh: Mesh, stage: int) -> None:
+    devices = set(mesh.devices.flat)
+    for path, value in nnx.to_flat_state(state):
+        placed_on = set(value.get_value().sharding.device_set)
+        if not placed_on <= devices:
+            raise ValueError(
+                f"parameter {'.'.join(map(str, path))} is on {sorted(d.id for d in placed_on)}, not on stage {stage}'s "
+                f"devices {sorted(d.id for d in devices)}: place the model with sharding.shard_model first"
+            )
+
+
+class PipelinedModel:
+    """A model placed by ``sharding.rules.param_placement`` on one replica's mesh, run stage by stage."""
+
+    def __init__(self, model, mesh: Mesh, *, head_fn: HeadFn = greedy_head):
+        check_single_replica(mesh)
+        self.config = model.config
+        self.head_fn = head_fn
+        self.num_traces = 0  # incremented only when a stage program is traced (compiled) anew
+        meshes = stage_meshes(mesh)
+        ranges = stage_layer_ranges(self.config.num_layers, len(meshes))
+        self.stages = [self._build_stage(model, meshes, ranges, s) for s in range(len(meshes))]
+
+    def _build_stage(self, model, meshes, ranges, index: int) -> Stage:
+        is_first, is_last = index == 0, index == len(meshes) - 1
+        module = StageModule(model, ranges[index], is_first=is_first, is_last=is_last)
+        graphdef, state = nnx.split(module)
+        mesh = meshes[index]
+        if module.tied_embedding is not None and not is_first:
+            state = _copy_tied_embedding(state, mesh)
+        _check_placed(state, mesh, index)
+        program = self._compile(graphdef, state, mesh, is_last)
+        return Stage(mesh, ranges[index], graphdef, state, program)
+
+    def _compile(self, graphdef, state, mesh: Mesh, is_last: bool):
+        head_fn = self.head_fn
+
+        def program(state, kv_caches, inputs, metadata: dict, logits_indices, head_args):
+            self.num_traces += 1
+            stage = nnx.merge(graphdef, state)
+            md = AttentionMetadata(**metadata)
+            out, kv_caches = stage_forward(stage, mesh, inputs, kv_caches, md, logits_indices)
+            return (head_fn(out, head_args) if is_last else out), kv_caches
+
+        rep, kv = replicated(mesh), kv_cache_sharding(mesh)
+        return jax.jit(
+            program,
+            donate_argnums=(1,),
+            in_shardings=(state_shardings(state), kv, rep, rep, rep, rep),
+            out_shardings=(rep, kv),
+        )
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype) -> None:
+        """Zeroed ``[P, L, K, H]`` K and V for every layer, each stage's layers on its own sub-mesh."""
+        shape = (num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim)
+        for stage in self.stages:
+            stage.kv_caches = None  # free the old cache first
+            zeros = functools.partial(_zero_caches, shape, dtype, len(stage.layers))
+            stage.kv_caches = jax.jit(zeros, out_shardings=kv_cache_sharding(stage.mesh))()
+
+    def run(self, batches: Sequence[StepBatch], head_args: Sequence | None = None) -> list:
+        """Dispatches every (micro)batch through every stage; returns the head's results per batch (on device)."""
+        if self.stages[0].kv_caches is None:
+            raise ValueError("no KV cache: call allocate_kv_cache first")
+        head_args = [None] * len(batches) if head_args is None else head_args
+        results = []
+        for batch, args in zip(batches, head_args, strict=True):
+            x = batch.input_ids
+            for stage in self.stages:
+                x = self._run_stage(stage, x, batch, args)
+            results.append(x)
+        return results
+
+    def _run_stage(self, stage: Stage, inputs, batch: StepBatch, head_args):
+        metadata = {name: getattr(batch, name) for name in METADATA_FIELDS}
+        inputs, metadata, logits_indices, head_args = jax.device_put(
+            (inputs, metadata, batch.logits_indices, head_args), replicated(stage.mesh)
+        )
+        out, stage.kv_caches = stage.program(stage.state, stage.kv_caches, inputs, metadata, logits_indices, head_args)
+        return out

@@ -1,0 +1,118 @@
+"""Bad input gets a clear ValueError/TypeError naming the value, and the engine then serves other requests."""
+
+import pytest
+
+from jaxllm import LLM, SamplingParams
+from tests.engine.conftest import make_llm, random_token_prompts
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    return make_llm(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(llm):
+    prompts = random_token_prompts(3, [5, 9, 30], seed=11)
+    return prompts, [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+
+
+def still_serves(llm, reference):
+    prompts, expected = reference
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == expected
+    assert not llm.llm_engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize(
+    "bad_prompt, error, fragment",
+    [
+        ({"prompt_token_ids": []}, ValueError, "empty"),
+        ({"prompt_token_ids": [1, 2, 999]}, ValueError, "999"),
+        ({"prompt_token_ids": [1, -4]}, ValueError, "-4"),
+        ({"prompt_token_ids": [1] * 300}, ValueError, "300"),
+        ({"prompt_token_ids": "abc"}, TypeError, "str"),
+        (42, TypeError, "int"),
+        ("text without a tokenizer", ValueError, "tokenizer"),
+    ],
+)
+def test_bad_prompt_in_a_batch_is_rejected_and_engine_recovers(llm, reference, bad_prompt, error, fragment):
+    good = random_token_prompts(2, [4, 7], seed=5)
+    with pytest.raises(error) as info:
+        llm.generate([good[0], bad_prompt, good[1]], GREEDY, use_tqdm=False)
+    assert fragment in str(info.value)
+    still_serves(llm, reference)
+
+
+@pytest.mark.parametrize(
+    "field, value, fragment",
+    [
+        ("temperature", -0.5, "temperature"),
+        ("top_p", 0.0, "top_p"),
+        ("top_p", 1.5, "top_p"),
+        ("top_k", -3, "top_k"),
+        ("min_p", 1.2, "min_p"),
+        ("max_tokens", 0, "max_tokens"),
+        ("min_tokens", -1, "min_tokens"),
+        ("n", 0, "n"),
+        ("presence_penalty", 3.0, "presence_penalty"),
+        ("frequency_penalty", -2.5, "frequency_penalty"),
+        ("repetition_penalty", 0.0, "repetition_penalty"),
+        ("logprobs", -1, "logprobs"),
+        ("stop", [""], "stop"),
+        ("stop_token_ids", [-2], "stop_token_ids"),
+    ],
+)
+def test_invalid_sampling_params_name_field_and_value(field, value, fragment):
+    with pytest.raises(ValueError) as info:
+        SamplingParams(**{field: value})
+    message = str(info.value)
+    assert fragment in message and str(value) in message
+
+
+def test_min_tokens_above_max_tokens_rejected():
+    with pytest.raises(ValueError) as info:
+        SamplingParams(min_tokens=9, max_tokens=3)
+    assert "9" in str(info.value) and "3" in str(info.value)
+
+
+def test_non_numeric_sampling_field_is_type_error():
+    with pytest.raises(TypeError) as info:
+        SamplingParams(temperature="hot")
+    assert "hot" in str(info.value)
+
+
+def test_prompt_plus_max_tokens_over_max_model_len(llm, reference):
+    with pytest.raises(ValueError) as info:
+        llm.generate({"prompt_token_ids": [3] * 200}, SamplingParams(max_tokens=100), use_tqdm=False)
+    assert "256" in str(info.value)
+    still_serves(llm, reference)
+
+
+def test_wrong_number_of_sampling_params(llm, reference):
+    with pytest.raises(ValueError) as info:
+        llm.generate(random_token_prompts(2, [3, 4]), [GREEDY] * 3, use_tqdm=False)
+    assert "3" in str(info.value) and "2" in str(info.value)
+    still_serves(llm, reference)
+
+
+def test_missing_model_path_names_it(tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(ValueError) as info:
+        LLM(model=missing)
+    assert missing in str(info.value)
+
+
+def test_unsupported_architecture_names_it_and_lists_supported(tmp_path):
+    (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "vocab_size": 10}')
+    with pytest.raises(ValueError) as info:
+        LLM(model=str(tmp_path), load_format="dummy", skip_tokenizer_init=True)
+    message = str(info.value)
+    assert "GPT2LMHeadModel" in message and "LlamaForCausalLM" in message and "Qwen3ForCausalLM" in message
+
+
+def test_invalid_engine_option_names_it(tiny_model_dir):
+    with pytest.raises(ValueError) as info:
+        make_llm(tiny_model_dir, gpu_memory_utilization=1.5)
+    assert "gpu_memory_utilization" in str(info.value) and "1.5" in str(info.value)

@@ -1,0 +1,63 @@
+"""End to end through LLM.generate: greedy generations equal transformers' greedy ``generate`` (fixtures)."""
+
+import pathlib
+
+import numpy as np
+import pytest
+
+from jaxllm import LLM, SamplingParams
+from tests.models.test_parity import TINY_MODELS, expected, fixture_prompts
+
+FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures"
+
+
+def engine_for(model, **kwargs):
+    options = dict(dtype="float32", max_model_len=256, max_num_batched_tokens=64, num_gpu_blocks_override=64)
+    options.update(kwargs)
+    return LLM(model=model, **options)
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_tiny_model_greedy_matches_transformers(name):
+    data = expected(name)
+    llm = engine_for(str(FIXTURES / "models" / name), skip_tokenizer_init=True)
+    prompts = [{"prompt_token_ids": p} for p in fixture_prompts(data)]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    got = np.array([o.outputs[0].token_ids for o in outputs])
+    assert np.array_equal(got, data["greedy_token_ids"]), f"{name}: {got} != {data['greedy_token_ids']}"
+
+
+def test_text_prompts_with_a_local_tokenizer_match_transformers():
+    data = expected("llama")
+    llm = engine_for(str(FIXTURES / "models" / "llama"))
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, skip_special_tokens=False)
+    outputs = llm.generate(list(data["text_prompts"]), params, use_tqdm=False)
+    for i, output in enumerate(outputs):
+        assert output.prompt_token_ids == data["text_prompt_token_ids"][i, : data["text_prompt_lens"][i]].tolist()
+        assert output.outputs[0].token_ids == data["text_greedy_token_ids"][i].tolist()
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return LLM(max_model_len=512, max_num_batched_tokens=64, num_gpu_blocks_override=64)
+
+
+def test_smollm2_default_model_greedy_text_matches_transformers(smollm2):
+    data = expected("smollm2_gguf")
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    outputs = smollm2.generate(list(data["text_prompts"]), params, use_tqdm=False)
+    for i, output in enumerate(outputs):
+        assert output.outputs[0].token_ids == data["text_greedy_token_ids"][i].tolist()
+        assert output.outputs[0].text == str(data["text_greedy_text"][i])
+
+
+def test_smollm2_chat_answers_paris(smollm2):
+    data = expected("smollm2_gguf")
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    output = smollm2.chat(messages, SamplingParams(temperature=0.0, max_tokens=24), use_tqdm=False)[0]
+    assert output.prompt_token_ids == data["chat_prompt_token_ids"].tolist()
+    assert "Paris" in output.outputs[0].text
+    assert output.outputs[0].finish_reason == "stop"  # stops at <|im_end|> from the GGUF's EOS
+    expected_ids = data["chat_greedy_token_ids"].tolist()
+    assert output.outputs[0].token_ids == expected_ids[: len(output.outputs[0].token_ids)]

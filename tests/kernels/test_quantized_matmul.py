@@ -1,0 +1,178 @@
+"""Quantized matmul: the Pallas GPU kernels (interpret mode on CPU, compiled on the GPU machine), the Pallas TPU
+kernels (interpret mode), the xla backend and the reference, each against a float64 product computed here from the
+stored bytes (weights decoded by numpy, fp8 activations quantized by ml_dtypes).
+
+Shapes are shared between tests so that each kernel variant compiles once per session: K=512 and N=200 (N is no
+multiple of any tile width, so edge tiles are exercised); int4 uses groups of 64 unless a test says otherwise.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jaxllm.quantization import METHODS, QuantizedWeight, quantize_weight
+from pallas_kernels.quantized_matmul import default_impl, mosaic_tpu, quantized_matmul, triton_gpu
+from pallas_kernels.tolerances import assert_close
+
+ON_GPU = jax.default_backend() == "gpu"
+GPU_KERNEL = [
+    pytest.param("pallas_gpu_interpret", id="interpret", marks=pytest.mark.skipif(ON_GPU, reason="runs compiled")),
+    pytest.param("pallas_gpu", id="gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="no GPU")]),
+]
+K, N, GROUP = 512, 200, 64
+FP8_MAX = 448.0
+
+
+def random_weight(seed, k=K, n=N) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((k, n)) * rng.uniform(0.5, 2.0, (1, n)) / np.sqrt(k)
+    return w.astype(np.float32)
+
+
+def make_case(seed, m, method, dtype=jnp.bfloat16, group_size=GROUP, k=K, n=N):
+    """Random activations ``[m, k]`` (a few large entries, as real activations have) and a quantized weight."""
+    rng = np.random.default_rng(seed + 1000)
+    x = rng.standard_normal((m, k)) * np.where(rng.random((m, k)) < 0.01, 20.0, 1.0)
+    qw = quantize_weight(jnp.asarray(random_weight(seed, k, n)), method, group_size)
+    return jnp.asarray(x, dtype), qw
+
+
+def decoded_weight(qw: QuantizedWeight) -> np.ndarray:
+    """``W [K, N]`` in float64 from the stored bytes, following the layout documented in the schemes module."""
+    values, scales = np.asarray(qw.values), np.asarray(qw.scales, np.float64)
+    if qw.method == "int8":
+        return values.astype(np.float64) * scales[None, :]
+    if qw.method == "fp8":
+        return values.astype(np.float64).T * scales[None, :]
+    half = qw.group_size // 2
+    packed = values.reshape(-1, half, values.shape[1]).astype(np.int64)  # [K/g, g/2, N]
+    codes = np.concatenate([(packed & 0xF) - 8, (packed >> 4) - 8], axis=1)  # [K/g, g, N]
+    return (codes * scales[:, None, :]).reshape(qw.shape)
+
+
+def naive_product(x, qw: QuantizedWeight) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    if qw.method == "fp8":  # per-token scales (compared in f32 as the op computes them), e4m3 by ml_dtypes
+        scales = np.abs(x).max(axis=1) * np.float32(1 / FP8_MAX)
+        scales = np.where(scales > 0, scales, np.float32(1.0))
+        x_fp8 = np.clip(x / scales[:, None], -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+        x = x_fp8.astype(np.float64) * scales[:, None]
+    return x.astype(np.float64) @ decoded_weight(qw)
+
+
+def check(out, x, qw, dtype, what="output"):
+    assert out.dtype == dtype, f"{what}: dtype {out.dtype} != {dtype}"
+    assert_close(out, naive_product(x, qw), dtype, what)
+
+
+@pytest.mark.parametrize("impl", [pytest.param("reference", id="reference"), *GPU_KERNEL])
+@pytest.mark.parametrize("m", [1, 3, 16, 64, 200])
+@pytest.mark.parametrize("method", METHODS)
+def test_matches_naive_product(impl, m, method):
+    x, qw = make_case(m, m, method)
+    out = quantized_matmul(x, qw, impl=impl, out_dtype=jnp.float32)
+    check(out, x, qw, jnp.float32, f"{impl} {method} M={m}")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.float32])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("impl", GPU_KERNEL)
+def test_kernel_activation_dtypes(impl, method, dtype):
+    x, qw = make_case(7, 24, method, dtype)
+    check(quantized_matmul(x, qw, impl=impl, out_dtype=jnp.float32), x, qw, jnp.float32, f"{method} x {dtype}")
+
+
+@pytest.mark.parametrize("impl", GPU_KERNEL)
+def test_kernel_default_out_dtype_and_group_128(impl):
+    x, qw = make_case(8, 40, "int4", group_size=128)
+    check(quantized_matmul(x, qw, impl=impl), x, qw, jnp.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        triton_gpu.KernelConfig(block_m=16, block_n=32, block_k=32, num_k_splits=4),
+        triton_gpu.KernelConfig(block_m=32, block_n=16, block_k=64, num_k_splits=2, fp8_dot=True),
+    ],
+    ids=["split4", "split2"],
+)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("impl", GPU_KERNEL)
+def test_kernel_explicit_tilings(impl, method, config):
+    x, qw = make_case(9, 40, method)
+    kernel = jax.jit(
+        lambda x, qw: triton_gpu.quantized_matmul_triton(
+            x, qw, out_dtype=jnp.float32, config=config, interpret=impl.endswith("_interpret")
+        )
+    )
+    check(kernel(x, qw), x, qw, jnp.float32, f"{method} {config}")
+
+
+@pytest.mark.parametrize("config", [None, mosaic_tpu.TpuConfig(block_m=16, block_n=N, block_k=128)], ids=["default", "tiled"])
+@pytest.mark.parametrize("method", METHODS)
+def test_tpu_kernel_interpret(method, config):
+    x, qw = make_case(10, 40, method)
+    kernel = jax.jit(
+        lambda x, qw: mosaic_tpu.quantized_matmul_tpu(x, qw, out_dtype=jnp.float32, config=config, interpret=True)
+    )
+    check(kernel(x, qw), x, qw, jnp.float32, f"tpu {method} {config}")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_xla_backend_in_bfloat16(method):
+    x, qw = make_case(11, 16, method)
+    check(quantized_matmul(x, qw, impl="xla"), x, qw, jnp.bfloat16, f"xla {method}")
+
+
+def test_default_impl_by_platform():
+    assert [default_impl(m, "gpu") for m in METHODS] == ["pallas_gpu", "pallas_gpu", "xla"]
+    assert [default_impl(m, "tpu") for m in METHODS] == ["pallas_tpu", "pallas_tpu", "xla"]
+    assert [default_impl(m, "cpu") for m in METHODS] == ["reference"] * 3
+
+
+def test_op_rejects_bad_inputs():
+    x, qw = make_case(12, 4, "int8")
+    cases = [
+        (ValueError, lambda: quantized_matmul(x[:, :-1], qw), "K=511"),
+        (ValueError, lambda: quantized_matmul(x[0], qw), "(512,)"),
+        (TypeError, lambda: quantized_matmul(x.astype(jnp.int32), qw), "int32"),
+        (TypeError, lambda: quantized_matmul(x, qw, out_dtype=jnp.int8), "int8"),
+        (ValueError, lambda: quantized_matmul(x, qw, impl="cuda"), "'cuda'"),
+        (TypeError, lambda: quantized_matmul(x, qw.values), "QuantizedWeight"),
+    ]
+    for error_type, call, fragment in cases:
+        with pytest.raises(error_type) as error:
+            call()
+        assert fragment in str(error.value)
+
+
+def test_kernels_reject_tilings_that_do_not_divide_k():
+    x, qw = make_case(13, 4, "int4", k=480, group_size=48)  # g/2 = 24 is no tensor-core tile edge
+    with pytest.raises(ValueError) as error:
+        quantized_matmul(x, qw, impl="pallas_gpu_interpret")
+    assert "group_size a power of two >= 32, got 48" in str(error.value)
+    x, qw = make_case(13, 4, "int8", k=40)
+    with pytest.raises(ValueError) as error:
+        quantized_matmul(x, qw, impl="pallas_gpu_interpret")
+    assert "K=40" in str(error.value)
+    with pytest.raises(ValueError) as error:
+        mosaic_tpu.check_config(mosaic_tpu.TpuConfig(16, 100, 512), 40, 512, 200, None)
+    assert "block_n=100" in str(error.value)
+
+
+LLAMA_8B_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="no GPU")
+@pytest.mark.parametrize("m", [1, 256])
+@pytest.mark.parametrize("k, n", LLAMA_8B_SHAPES)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("impl", ["pallas_gpu", "xla"])
+def test_llama_shapes_on_gpu(impl, method, k, n, m):
+    x, qw = make_case(14, m, method, k=k, n=n, group_size=128)
+    check(quantized_matmul(x, qw, impl=impl), x, qw, jnp.bfloat16, f"{impl} {method} [{m}, {k}] x [{k}, {n}]")

@@ -1,0 +1,236 @@
+"""Ragged paged attention: the Pallas GPU kernel (interpret mode on CPU, compiled on the GPU machine) and the jnp
+reference, each against a naive float64 attention written here, on random ragged batches.
+
+Static shapes are shared between scenarios so that each kernel variant compiles once per session.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention, reference, tile_plan, triton_gpu
+from pallas_kernels.tolerances import assert_close
+
+ON_GPU = jax.default_backend() == "gpu"
+KERNEL_IMPLS = [
+    pytest.param("pallas_gpu_interpret", id="interpret", marks=pytest.mark.skipif(ON_GPU, reason="runs compiled")),
+    pytest.param("pallas_gpu", id="gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="no GPU")]),
+]
+
+# (query_lens, seq_lens) of the real requests; lengths 1, L-1, L, L+1 (L = 16) and a 2k+ context.
+SCENARIOS = {
+    "mixed": ([1, 15, 16, 17, 1, 5], [1, 15, 32, 17, 2100, 2053]),
+    "decode": ([1] * 8, [1, 15, 16, 17, 33, 2100, 700, 64]),
+    "prefill": ([1, 15, 16, 17, 9], [1, 15, 16, 17, 9]),
+    "chunked_prefill": ([20, 33, 1], [60, 2080, 40]),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    num_heads: int = 8
+    num_kv_heads: int = 2
+    head_dim: int = 64
+    num_tokens: int = 64  # T, padded
+    num_requests: int = 8  # S, padded
+    block_size: int = 16
+    num_blocks: int = 320
+    max_blocks: int = 136
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    q: jax.Array  # [T, N, H]
+    k_cache: jax.Array  # [P, L, K, H]
+    v_cache: jax.Array  # [P, L, K, H]
+    block_tables: jax.Array  # [S, max_blocks]
+    seq_lens: jax.Array  # [S]
+    query_start_loc: jax.Array  # [S+1]
+    num_real_tokens: int
+
+    @property
+    def args(self):
+        return self.q, self.k_cache, self.v_cache, self.block_tables, self.seq_lens, self.query_start_loc
+
+
+def make_batch(seed, query_lens, seq_lens, geo: Geometry, dtype, poison_unused=False) -> Batch:
+    """Random batch; blocks come from a shuffled pool (block 0 is the null block) and unused table entries hold
+    random block ids. ``poison_unused`` fills every cache row that holds no real position with NaN."""
+    rng = np.random.default_rng(seed)
+    num_real = len(query_lens)
+    query_start_loc = np.zeros(geo.num_requests + 1, np.int32)
+    query_start_loc[1 : num_real + 1] = np.cumsum(query_lens)
+    query_start_loc[num_real + 1 :] = query_start_loc[num_real]  # padding requests own no tokens
+    lens = np.zeros(geo.num_requests, np.int32)
+    lens[:num_real] = seq_lens
+    tables = rng.integers(0, geo.num_blocks, (geo.num_requests, geo.max_blocks)).astype(np.int32)
+    pool = iter(rng.permutation(np.arange(1, geo.num_blocks)))
+    holds_position = np.zeros((geo.num_blocks, geo.block_size), bool)
+    for request, length in enumerate(lens):
+        for column in range(-(-length // geo.block_size)):
+            tables[request, column] = next(pool)
+            rows = min(geo.block_size, length - column * geo.block_size)
+            holds_position[tables[request, column], :rows] = True
+    cache_shape = (geo.num_blocks, geo.block_size, geo.num_kv_heads, geo.head_dim)
+    k_cache, v_cache = rng.standard_normal(cache_shape), rng.standard_normal(cache_shape)
+    if poison_unused:
+        k_cache[~holds_position], v_cache[~holds_position] = np.nan, np.nan
+    q = 3.0 * rng.standard_normal((geo.num_tokens, geo.num_heads, geo.head_dim))  # peaky softmax: errors show
+    return Batch(
+        *(jnp.asarray(x, dtype) for x in (q, k_cache, v_cache)),
+        jnp.asarray(tables),
+        jnp.asarray(lens),
+        jnp.asarray(query_start_loc),
+        int(query_start_loc[-1]),
+    )
+
+
+def naive_attention(batch: Batch, sm_scale, sliding_window=None, soft_cap=None) -> np.ndarray:
+    """Dense float64 attention, one request at a time, over K/V gathered through the block table."""
+    q, k_cache, v_cache = (np.asarray(x, np.float64) for x in batch.args[:3])
+    tables, lens, starts = (np.asarray(x) for x in batch.args[3:])
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    group = q.shape[1] // num_kv_heads
+    out = np.zeros(q.shape)
+    for request, length in enumerate(lens):
+        start, end = starts[request], starts[request + 1]
+        if end == start:
+            continue
+        blocks = tables[request, : -(-length // block_size)]
+        keys = np.repeat(k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:length], group, axis=1)  # [s, N, H]
+        values = np.repeat(v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:length], group, axis=1)
+        position = length - (end - np.arange(start, end))  # [t]
+        scores = np.einsum("tnh,snh->nts", q[start:end], keys) * sm_scale
+        if soft_cap is not None:
+            scores = soft_cap * np.tanh(scores / soft_cap)
+        visible = np.arange(length)[None, :] <= position[:, None]  # [t, s]
+        if sliding_window is not None:
+            visible &= np.arange(length)[None, :] > position[:, None] - sliding_window
+        scores = np.where(visible[None], scores, -np.inf)
+        probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        out[start:end] = np.einsum("nts,snh->tnh", probs, values)
+    return out
+
+
+def check_against_naive(out, batch: Batch, dtype, **options) -> None:
+    real = batch.num_real_tokens
+    assert np.all(np.isfinite(np.asarray(out[real:], np.float32))), "padding rows must stay finite"
+    assert_close(out[:real], naive_attention(batch, **options)[:real], dtype)
+
+
+jitted_reference = jax.jit(
+    reference.ragged_paged_attention_reference, static_argnames=("sm_scale", "sliding_window", "soft_cap")
+)
+jitted_tile_plan = jax.jit(
+    tile_plan.build_tile_plan, static_argnames=("tile_tokens", "num_slots", "min_query_len", "max_query_len")
+)
+
+
+@functools.cache
+def _kernel_with_configs(short_config, long_config, interpret, **options):
+    return jax.jit(
+        functools.partial(
+            triton_gpu.ragged_paged_attention_triton,
+            short_config=short_config,
+            long_config=long_config,
+            interpret=interpret,
+            **options,
+        )
+    )
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_kernel_matches_naive_and_reference_f32(impl, scenario):
+    geo = Geometry()
+    batch = make_batch(1, *SCENARIOS[scenario], geo, jnp.float32)
+    options = dict(sm_scale=geo.head_dim**-0.5)
+    out = ragged_paged_attention(*batch.args, impl=impl, **options)
+    check_against_naive(out, batch, jnp.float32, **options)
+    ref = jitted_reference(*batch.args, **options)
+    check_against_naive(ref, batch, jnp.float32, **options)
+    assert_close(out[: batch.num_real_tokens], ref[: batch.num_real_tokens], jnp.float32, "kernel vs reference")
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+@pytest.mark.parametrize(
+    "num_heads, num_kv_heads, head_dim, dtype",
+    [(4, 4, 128, jnp.float32), (8, 2, 128, jnp.bfloat16), (8, 1, 256, jnp.bfloat16)],
+    ids=["gqa1-h128-f32", "gqa4-h128-bf16", "mqa8-h256-bf16"],
+)
+def test_gqa_ratios_head_dims_and_dtypes(impl, num_heads, num_kv_heads, head_dim, dtype):
+    geo = Geometry(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    batch = make_batch(2, *SCENARIOS["mixed"], geo, dtype)
+    options = dict(sm_scale=head_dim**-0.5)
+    out = ragged_paged_attention(*batch.args, impl=impl, **options)
+    check_against_naive(out, batch, dtype, **options)
+    ref = jitted_reference(*batch.args, **options)
+    check_against_naive(ref, batch, dtype, **options)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_sliding_window_with_soft_cap(impl):
+    geo = Geometry()
+    batch = make_batch(3, *SCENARIOS["mixed"], geo, jnp.float32)
+    options = dict(sm_scale=geo.head_dim**-0.5, sliding_window=24, soft_cap=2.0)
+    out = ragged_paged_attention(*batch.args, impl=impl, **options)
+    check_against_naive(out, batch, jnp.float32, **options)
+    ref = jitted_reference(*batch.args, **options)
+    check_against_naive(ref, batch, jnp.float32, **options)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_kernel_never_reads_unused_cache_rows(impl):
+    """Rows past each request's length, the null block and stray table entries hold NaN: none may leak in."""
+    geo = Geometry()
+    batch = make_batch(4, *SCENARIOS["mixed"], geo, jnp.float32, poison_unused=True)
+    options = dict(sm_scale=geo.head_dim**-0.5)
+    out = ragged_paged_attention(*batch.args, impl=impl, **options)
+    check_against_naive(out, batch, jnp.float32, **options)
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_unsplit_short_launch_and_small_tiles(impl):
+    """Non-default configs: no KV split, 16-row long tiles, 16-token KV steps."""
+    geo = Geometry()
+    batch = make_batch(5, *SCENARIOS["chunked_prefill"], geo, jnp.float32)
+    options = dict(sm_scale=geo.head_dim**-0.5)
+    short = triton_gpu.KernelConfig(block_rows=16, block_kv=16, num_kv_splits=1)
+    long = triton_gpu.KernelConfig(block_rows=32, block_kv=16)
+    out = _kernel_with_configs(short, long, impl.endswith("interpret"), **options)(*batch.args)
+    check_against_naive(out, batch, jnp.float32, **options)
+
+
+def test_tile_plan_covers_each_eligible_token_once():
+    query_start_loc = jnp.asarray([0, 1, 6, 6, 30, 31], jnp.int32)  # lengths 1, 5, 0, 24, 1
+    plan = jitted_tile_plan(query_start_loc, tile_tokens=4, num_slots=12, min_query_len=2)
+    covered = []
+    for request, first, count in zip(*(np.asarray(x) for x in plan)):
+        covered += [(int(request), token) for token in range(first, first + count)]
+    expected = [(1, t) for t in range(1, 6)] + [(3, t) for t in range(6, 30)]
+    assert sorted(covered) == expected
+    assert np.sum(np.asarray(plan.num_tokens) > 0) == 2 + 6
+    assert tile_plan.max_tile_slots(31, 5, 4, 2, None) >= 8
+
+
+def test_op_rejects_bad_arguments():
+    batch = make_batch(6, *SCENARIOS["decode"], Geometry(), jnp.float32)
+    with pytest.raises(ValueError) as error:
+        ragged_paged_attention(*batch.args, sm_scale=0.1, impl="cuda_magic")
+    assert "cuda_magic" in str(error.value)
+    with pytest.raises(ValueError) as error:
+        ragged_paged_attention(batch.q[:, :3], *batch.args[1:], sm_scale=0.1)
+    assert "multiple of kv heads" in str(error.value)
+    with pytest.raises(ValueError) as error:
+        ragged_paged_attention(*batch.args, sm_scale=0.1, sliding_window=0)
+    assert "sliding_window" in str(error.value)
+    with pytest.raises(ValueError) as error:
+        triton_gpu.KernelConfig(block_rows=24, block_kv=64)
+    assert "block_rows" in str(error.value)

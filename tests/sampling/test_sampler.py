@@ -1,0 +1,363 @@
+"""sample() and its logits processors against independent numpy references, and sampled distributions against the
+exact target distribution by Pearson's chi-square test (20k draws of one row in a single call)."""
+
+import jax
+import numpy as np
+import pytest
+from scipy.stats import chi2
+
+from jaxllm.sampling import SamplingMetadata, sample, seeded_request_key
+from jaxllm.sampling.logits_processors import apply_min_p, apply_top_k_top_p
+from jaxllm.sampling.sampler import process_logits
+
+F32_TOL = dict(rtol=1e-6, atol=1e-5)  # float32 elementwise ops and length-V reductions
+NUM_DRAWS = 20_000
+CHI2_FALSE_ALARM = 1e-6  # probability that a correct sampler fails a distribution check
+
+sample_jit = jax.jit(sample)
+
+
+def make_metadata(num_rows, *, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, presence=0.0, frequency=0.0,
+                  repetition=1.0, seeded=False, seed=0, sample_index=0, output_position=0, suppressed=None,
+                  prompt=None, output=None, max_num_logprobs=0):  # fmt: skip
+    """SamplingMetadata straight from per-row values (scalars broadcast); flags follow the values."""
+
+    def column(value, dtype):
+        return np.broadcast_to(np.asarray(value, dtype), (num_rows,)).copy()
+
+    temperature, top_k, top_p = column(temperature, np.float32), column(top_k, np.int32), column(top_p, np.float32)
+    sampled = temperature >= 1e-5
+    empty = np.full((num_rows, 0), -1, np.int32)
+    return SamplingMetadata(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=column(min_p, np.float32),
+        presence_penalty=column(presence, np.float32),
+        frequency_penalty=column(frequency, np.float32),
+        repetition_penalty=column(repetition, np.float32),
+        seeded=column(seeded, bool),
+        seed=column(seed, np.uint32),
+        sample_index=column(sample_index, np.int32),
+        output_position=column(output_position, np.int32),
+        suppressed_token_ids=empty if suppressed is None else np.asarray(suppressed, np.int32),
+        prompt_token_ids=empty if prompt is None else np.asarray(prompt, np.int32),
+        output_token_ids=empty if output is None else np.asarray(output, np.int32),
+        all_greedy=not sampled.any(),
+        any_top_k_top_p=bool((sampled & ((top_k > 0) | (top_p < 1))).any()),
+        any_penalties=prompt is not None,
+        max_num_logprobs=max_num_logprobs,
+    )
+
+
+def random_logits(rng, shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+# ---- numpy references ----
+
+
+def ref_softmax(x):
+    x = np.asarray(x, np.float64)
+    finite = np.isfinite(x)
+    e = np.where(finite, np.exp(x - x[finite].max()), 0.0)
+    return e / e.sum()
+
+
+def ref_log_softmax(x):
+    x = np.asarray(x, np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def ref_kept_tokens(logits, top_k=0, top_p=1.0, min_p=0.0):
+    """Boolean [V] of the tokens top-k, then top-p on the renormalised rest, then min-p leave (vLLM's order)."""
+    order = np.argsort(-np.asarray(logits, np.float64), kind="stable")
+    keep = np.zeros(len(logits), bool)
+    k = len(logits) if top_k <= 0 else min(top_k, len(logits))
+    candidates = order[:k]
+    probs = ref_softmax(np.asarray(logits, np.float64)[candidates])
+    mass_before = np.concatenate([[0.0], np.cumsum(probs)[:-1]])
+    in_top_p = (mass_before < top_p) | (top_p >= 1.0)
+    in_min_p = probs >= min_p * probs.max()
+    keep[candidates[in_top_p & in_min_p]] = True
+    return keep
+
+
+def ref_target_probs(logits, temperature, **filters):
+    scaled = np.asarray(logits, np.float64) / temperature
+    kept = ref_kept_tokens(scaled, **filters)
+    return ref_softmax(np.where(kept, scaled, -np.inf))
+
+
+def ref_penalties(logits, prompt, output, presence, frequency, repetition):
+    out = np.asarray(logits, np.float64).copy()
+    num_rows, vocab_size = out.shape
+    for s in range(num_rows):
+        counts = np.zeros(vocab_size)
+        for t in output[s]:
+            if t >= 0:
+                counts[t] += 1
+        seen = counts > 0
+        for t in prompt[s]:
+            if t >= 0:
+                seen[t] = True
+        row = out[s]
+        row[seen] = np.where(row[seen] > 0, row[seen] / repetition[s], row[seen] * repetition[s])
+        row -= frequency[s] * counts + presence[s] * (counts > 0)
+    return out
+
+
+def chi_square(tokens, probs):
+    """Pearson's statistic of the token counts against probs (bins expecting < 5 draws merged) and its dof."""
+    counts = np.bincount(tokens, minlength=len(probs))
+    expected = probs * len(tokens)
+    big = expected >= 5
+    small = (probs > 0) & ~big
+    observed = np.append(counts[big], counts[small].sum()) if small.any() else counts[big]
+    expected = np.append(expected[big], expected[small].sum()) if small.any() else expected[big]
+    return float(((observed - expected) ** 2 / expected).sum()), len(observed) - 1
+
+
+def assert_drawn_from(tokens, probs):
+    tokens = np.asarray(tokens)
+    assert not np.isin(tokens, np.flatnonzero(probs == 0)).any(), "a token of probability 0 was sampled"
+    stat, dof = chi_square(tokens, probs)
+    bound = chi2.ppf(1 - CHI2_FALSE_ALARM, dof)
+    assert stat < bound, f"chi-square {stat:.1f} >= {bound:.1f} (dof {dof})"
+
+
+def draw_many(logits_row, **params):
+    """NUM_DRAWS unseeded samples of one row of logits, in one call."""
+    logits = np.broadcast_to(logits_row, (NUM_DRAWS, len(logits_row)))
+    out = sample_jit(logits, make_metadata(NUM_DRAWS, **params), jax.random.key(1234))
+    return np.asarray(out.token_ids)
+
+
+# ---- tests ----
+
+
+def test_greedy_rows_take_the_argmax_even_next_to_sampled_rows():
+    rng = np.random.default_rng(0)
+    logits = random_logits(rng, (8, 1000))
+    temperature = np.array([0, 0, 1.0, 0, 0.7, 0, 0, 1e-6], np.float32)
+    out = sample_jit(logits, make_metadata(8, temperature=temperature), jax.random.key(0))
+    greedy = temperature < 1e-5
+    np.testing.assert_array_equal(np.asarray(out.token_ids)[greedy], logits.argmax(-1)[greedy])
+    all_greedy = sample_jit(logits, make_metadata(8), jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(all_greedy.token_ids), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_temperature_samples_follow_softmax_of_scaled_logits(seeded):
+    logits = random_logits(np.random.default_rng(1), 24)
+    seeds = np.arange(NUM_DRAWS) if seeded else 0
+    tokens = draw_many(logits, temperature=0.6, seeded=seeded, seed=seeds)
+    assert_drawn_from(tokens, ref_target_probs(logits, 0.6))
+    # The check has power: the same draws fail against the unscaled softmax.
+    stat, dof = chi_square(tokens, ref_softmax(logits))
+    assert stat > chi2.ppf(1 - CHI2_FALSE_ALARM, dof)
+
+
+def test_top_k_samples_only_the_top_k_renormalised():
+    logits = random_logits(np.random.default_rng(2), 32)
+    tokens = draw_many(logits, temperature=1.3, top_k=5)
+    probs = ref_target_probs(logits, 1.3, top_k=5)
+    assert set(np.unique(tokens)) == set(np.argsort(-logits)[:5])
+    assert_drawn_from(tokens, probs)
+
+
+def test_top_p_samples_the_smallest_prefix_reaching_p():
+    logits = random_logits(np.random.default_rng(3), 32)
+    cumulative = np.cumsum(np.sort(ref_softmax(logits / 0.9))[::-1])
+    top_p = float((cumulative[5] + cumulative[6]) / 2)  # reaches p with 7 tokens, away from any boundary
+    probs = ref_target_probs(logits, 0.9, top_p=top_p)
+    assert (probs > 0).sum() == 7
+    assert_drawn_from(draw_many(logits, temperature=0.9, top_p=top_p), probs)
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_top_probability():
+    logits = random_logits(np.random.default_rng(4), 32, scale=1.5)
+    probs = ref_target_probs(logits, 1.0, min_p=0.1)
+    assert 2 < (probs > 0).sum() < 32
+    assert_drawn_from(draw_many(logits, temperature=1.0, min_p=0.1), probs)
+
+
+def test_top_k_then_top_p_then_min_p_combined():
+    logits = random_logits(np.random.default_rng(5), 64, scale=1.5)
+    scaled = logits / 1.4
+    top10 = np.sort(ref_softmax(np.sort(scaled)[::-1][:10]))[::-1]
+    top_p = float((np.cumsum(top10)[6] + np.cumsum(top10)[7]) / 2)  # 8 of the top 10
+    min_p = float((top10[6] + top10[7]) / 2 / top10[0])  # then min-p cuts the 8th
+    probs = ref_target_probs(logits, 1.4, top_k=10, top_p=top_p, min_p=min_p)
+    assert (probs > 0).sum() == 7
+    assert_drawn_from(draw_many(logits, temperature=1.4, top_k=10, top_p=top_p, min_p=min_p), probs)
+
+
+def test_filter_masks_match_reference_row_by_row():
+    rng = np.random.default_rng(6)
+    num_rows, vocab_size = 16, 96
+    logits = random_logits(rng, (num_rows, vocab_size), scale=2.0)
+    top_k = rng.choice([0, 1, 3, 17, 95, 96, 500], num_rows).astype(np.int32)
+    top_p = np.ones(num_rows, np.float32)
+    for s in range(0, num_rows, 2):  # half the rows also use top-p, cut midway between cumulative masses
+        k = vocab_size if top_k[s] == 0 else min(top_k[s], vocab_size)
+        c = np.cumsum(np.sort(ref_softmax(np.sort(logits[s])[::-1][:k]))[::-1])
+        m = rng.integers(0, len(c) - 1) if len(c) > 1 else 0
+        top_p[s] = (c[m] + c[m + 1]) / 2 if len(c) > 1 else 0.5
+    min_p = np.where(np.arange(num_rows) % 3 == 0, 0.05, 0.0).astype(np.float32)
+    filtered = np.asarray(apply_min_p(apply_top_k_top_p(logits, top_k, top_p), min_p))
+    for s in range(num_rows):
+        kept = ref_kept_tokens(logits[s], top_k[s], top_p[s], min_p[s])
+        np.testing.assert_array_equal(np.isfinite(filtered[s]), kept, err_msg=f"row {s}")
+        np.testing.assert_array_equal(filtered[s][kept], logits[s][kept])  # kept logits untouched
+
+
+def test_filters_switched_off_leave_logits_bit_identical():
+    logits = random_logits(np.random.default_rng(7), (4, 4096), scale=3.0)
+    zeros = np.zeros(4, np.float32)
+    out = apply_min_p(apply_top_k_top_p(logits, np.array([0, 0, 4096, 9999], np.int32), zeros + 1), zeros)
+    np.testing.assert_array_equal(np.asarray(out), logits)
+
+
+def test_penalties_match_reference():
+    rng = np.random.default_rng(8)
+    num_rows, vocab_size = 6, 50
+    logits = random_logits(rng, (num_rows, vocab_size), scale=3.0)
+    prompt = np.full((num_rows, 64), -1, np.int32)
+    output = np.full((num_rows, 64), -1, np.int32)
+    for s in range(num_rows):
+        prompt[s, : 5 + 3 * s] = rng.integers(0, vocab_size, 5 + 3 * s)
+        output[s, : 4 * s] = rng.integers(0, 12, 4 * s)  # few distinct ids: repeats give counts > 1
+    presence = rng.uniform(-2, 2, num_rows).astype(np.float32)
+    frequency = rng.uniform(-2, 2, num_rows).astype(np.float32)
+    repetition = rng.uniform(0.5, 2.0, num_rows).astype(np.float32)
+    md = make_metadata(num_rows, presence=presence, frequency=frequency, repetition=repetition, prompt=prompt,
+                       output=output)  # fmt: skip
+    expected = ref_penalties(logits, prompt, output, presence, frequency, repetition)
+    np.testing.assert_allclose(np.asarray(jax.jit(process_logits)(logits, md)), expected, **F32_TOL)
+    tokens = sample_jit(logits, md, jax.random.key(0)).token_ids
+    np.testing.assert_array_equal(np.asarray(tokens), expected.argmax(-1))
+    assert (expected.argmax(-1) != logits.argmax(-1)).any(), "penalties should change some greedy choice"
+
+
+def test_suppressed_tokens_are_never_sampled():
+    rng = np.random.default_rng(9)
+    logits_row = random_logits(rng, 40)
+    suppressed = np.argsort(-logits_row)[[0, 1, 5, 20]]  # includes the two most likely tokens
+    rows = np.full((NUM_DRAWS, 8), -1, np.int32)
+    rows[:, :4] = suppressed
+    logits = np.broadcast_to(logits_row, (NUM_DRAWS, 40))
+    temperature = np.where(np.arange(NUM_DRAWS) % 2 == 0, 1.5, 0.0)
+    out = sample_jit(logits, make_metadata(NUM_DRAWS, temperature=temperature, suppressed=rows), jax.random.key(3))
+    tokens = np.asarray(out.token_ids)
+    allowed = logits_row.copy()
+    allowed[suppressed] = -np.inf
+    np.testing.assert_array_equal(tokens[1::2], allowed.argmax())
+    assert_drawn_from(tokens[::2], ref_target_probs(allowed, 1.5))
+
+
+def seeded_batch(rng, logits_rows, seeds, rows, num_rows, *, busy_neighbours):
+    """A batch of num_rows with the seeded requests at `rows`; the other rows are unseeded (top-k and penalties
+    switched on when busy_neighbours, so the batch compiles a different program)."""
+    vocab_size = logits_rows.shape[1]
+    logits = random_logits(rng, (num_rows, vocab_size))
+    logits[rows] = logits_rows
+    seeded = np.zeros(num_rows, bool)
+    seeded[rows] = True
+    seed = np.zeros(num_rows, np.uint32)
+    seed[rows] = seeds
+    top_k = np.where(seeded | (not busy_neighbours), 0, 7)
+    prompt = output = None
+    if busy_neighbours:
+        prompt = np.where(seeded[:, None], -1, rng.integers(0, vocab_size, (num_rows, 64))).astype(np.int32)
+        output = np.full((num_rows, 64), -1, np.int32)
+    md = make_metadata(num_rows, temperature=1.0, top_k=top_k, seeded=seeded, seed=seed, output_position=3,
+                       prompt=prompt, output=output, repetition=np.where(seeded, 1.0, 1.3))  # fmt: skip
+    return logits, md
+
+
+def test_seeded_rows_sample_the_same_tokens_in_any_batch_and_row():
+    rng = np.random.default_rng(10)
+    vocab_size, num_seeded = 512, 64
+    logits_rows = random_logits(rng, (num_seeded, vocab_size), scale=0.5)
+    seeds = rng.integers(0, 2**32, num_seeded, dtype=np.uint64).astype(np.uint32)
+    logits_a, md_a = seeded_batch(rng, logits_rows, seeds, np.arange(num_seeded), 64, busy_neighbours=False)
+    rows_b = rng.permutation(128)[:num_seeded]
+    logits_b, md_b = seeded_batch(rng, logits_rows, seeds, rows_b, 128, busy_neighbours=True)
+    assert md_b.any_top_k_top_p and md_b.any_penalties and not md_a.any_top_k_top_p
+    tokens_a = np.asarray(sample_jit(logits_a, md_a, jax.random.key(1)).token_ids)
+    tokens_b = np.asarray(sample_jit(logits_b, md_b, jax.random.key(2)).token_ids)
+    np.testing.assert_array_equal(tokens_a, tokens_b[rows_b])
+    assert len(np.unique(tokens_a)) > num_seeded // 2  # real draws, not a constant
+
+
+def test_seeded_stream_moves_with_sample_index_and_output_position():
+    rng = np.random.default_rng(11)
+    num_rows, vocab_size = 64, 4096
+    logits = random_logits(rng, (num_rows, vocab_size), scale=0.1)  # near flat: a repeat has chance ~1/4096
+    seeds = rng.integers(0, 2**31, num_rows)
+
+    def draw(**kw):
+        md = make_metadata(num_rows, temperature=1.0, seeded=True, seed=seeds, **kw)
+        return np.asarray(sample_jit(logits, md, jax.random.key(0)).token_ids)
+
+    base = draw(sample_index=0, output_position=5)
+    np.testing.assert_array_equal(draw(sample_index=0, output_position=5), base)
+    assert (draw(sample_index=1, output_position=5) == base).sum() <= 2
+    assert (draw(sample_index=0, output_position=6) == base).sum() <= 2
+    expected_key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(7), 2), 9)
+    np.testing.assert_array_equal(seeded_request_key(np.uint32(7), 2, 9), expected_key)
+
+
+def test_unseeded_rows_change_with_the_step_key_and_raw_keys_work():
+    rng = np.random.default_rng(12)
+    logits = random_logits(rng, (64, 4096), scale=0.1)
+    md = make_metadata(64, temperature=1.0)
+    first = np.asarray(sample_jit(logits, md, jax.random.key(5)).token_ids)
+    raw = np.asarray(sample_jit(logits, md, jax.random.PRNGKey(5)).token_ids)
+    np.testing.assert_array_equal(first, raw)
+    assert (np.asarray(sample_jit(logits, md, jax.random.key(6)).token_ids) == first).sum() <= 2
+
+
+def test_logprobs_are_the_raw_log_softmax():
+    rng = np.random.default_rng(13)
+    num_rows, vocab_size = 8, 300
+    logits = random_logits(rng, (num_rows, vocab_size), scale=2.0)
+    prompt = rng.integers(0, vocab_size, (num_rows, 64)).astype(np.int32)
+    md = make_metadata(num_rows, temperature=0.8, top_k=20, repetition=1.5, prompt=prompt,
+                       output=np.full((num_rows, 64), -1, np.int32), max_num_logprobs=5)  # fmt: skip
+    out = sample_jit(logits, md, jax.random.key(0))
+    expected = ref_log_softmax(logits)
+    tokens = np.asarray(out.token_ids)
+    np.testing.assert_allclose(np.asarray(out.sampled_logprob), expected[np.arange(num_rows), tokens], **F32_TOL)
+    top_ids = np.argsort(-expected, axis=-1)[:, :5]
+    np.testing.assert_array_equal(np.asarray(out.top_token_ids), top_ids)
+    np.testing.assert_allclose(np.asarray(out.top_logprobs), np.take_along_axis(expected, top_ids, -1), **F32_TOL)
+    no_logprobs = sample_jit(logits, md.replace(max_num_logprobs=0), jax.random.key(0))
+    assert no_logprobs.top_token_ids.shape == (num_rows, 0) and no_logprobs.top_logprobs.shape == (num_rows, 0)
+    np.testing.assert_array_equal(np.asarray(no_logprobs.token_ids), tokens)
+
+
+def test_values_change_without_retracing_and_flags_change_with_one():
+    traces = []
+
+    def traced_sample(logits, md, key):
+        traces.append(md.num_rows)
+        return sample(logits, md, key)
+
+    step = jax.jit(traced_sample)
+    rng = np.random.default_rng(14)
+    logits = random_logits(rng, (16, 64))
+    for temperature, seed in [(0.5, 1), (1.5, 2), (0.9, 3)]:
+        step(logits, make_metadata(16, temperature=temperature, top_k=4, seeded=True, seed=seed), jax.random.key(0))
+    assert len(traces) == 1
+    step(logits, make_metadata(16, temperature=0.5), jax.random.key(0))  # no top-k: another program
+    assert len(traces) == 2
+
+
+def test_logits_of_the_wrong_shape_raise():
+    md = make_metadata(4)
+    with pytest.raises(ValueError) as e:
+        sample(np.ones((3, 10), np.float32), md, jax.random.key(0))
+    assert "(3, 10)" in str(e.value) and "S=4" in str(e.value)

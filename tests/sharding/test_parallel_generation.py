@@ -1,0 +1,91 @@
+"""Tensor, pipeline and data parallelism produce one device's greedy tokens and logits on a mixed job.
+
+The job (``helpers.mixed_prompts``) mixes prompt lengths 1..21 under a 16-token budget, so long prompts are prefilled
+in chunks across steps while others decode. Each mesh runs it through the real scheduler; the reference runs the
+model's own forward on one device. f32 logits of every step must match tightly; greedy ids exactly.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sharding import DataParallelEngine, ShardedEngine, make_mesh, shard_model
+from sharding.engine import generate
+from sharding.runner import PipelineRunner
+from tests.sharding.helpers import GREEDY, RecordingRunner, logits_head, resolved_config
+
+pytestmark = [
+    pytest.mark.multidevice,
+    pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices"),
+]
+
+LOGITS_TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}  # float32; sharded sums only reorder additions
+
+
+def run_on_mesh(model, prompts, tensor: int, pipe: int, num_microbatches: int | None = None):
+    mesh = make_mesh(tensor_parallel_size=tensor, pipeline_parallel_size=pipe)
+    config = resolved_config()
+    runner = PipelineRunner(
+        shard_model(model, mesh), mesh, config, jnp.float32, head_fn=logits_head, num_microbatches=num_microbatches
+    )
+    recording = RecordingRunner(runner)
+    outputs = generate(ShardedEngine(recording, config), prompts, GREEDY)
+    return outputs, recording
+
+
+def assert_matches(reference, outputs, recording) -> None:
+    assert outputs == reference.outputs
+    assert len(recording.step_logits) == len(reference.step_logits)
+    for step, (got, want) in enumerate(zip(recording.step_logits, reference.step_logits, strict=True)):
+        assert got.keys() == want.keys(), step
+        for request_id in want:
+            np.testing.assert_allclose(got[request_id], want[request_id], **LOGITS_TOLERANCE, err_msg=f"step {step}")
+
+
+def test_reference_job_mixes_chunked_prefill_and_decode(reference):
+    """The job really exercises chunked prefill: some step schedules a prompt's middle chunk."""
+    assert max(len(p) for p in reference.prompts.values()) > 16
+    assert all(len(tokens) == GREEDY.max_tokens for tokens in reference.outputs.values())
+    assert len({tuple(t) for t in reference.outputs.values()}) == len(reference.outputs)
+
+
+@pytest.mark.parametrize("tensor", [2, 4, 8])
+def test_tensor_parallel(reference, tensor):
+    outputs, recording = run_on_mesh(reference.model, reference.prompts, tensor, 1)
+    assert_matches(reference, outputs, recording)
+    assert recording.runner.num_traces == 1  # one bucket, one stage: compiled once, never again
+
+
+@pytest.mark.parametrize(("tensor", "pipe"), [(1, 2), (1, 4), (2, 2), (2, 4)])
+def test_pipeline_parallel(reference, tensor, pipe):
+    outputs, recording = run_on_mesh(reference.model, reference.prompts, tensor, pipe)
+    assert_matches(reference, outputs, recording)
+    assert recording.runner.num_traces == pipe  # each stage compiled once; microbatches reuse the bucket
+
+
+def test_fewer_kv_heads_than_tensor_devices_with_tied_embeddings(reference_few_kv_heads):
+    """2 KV heads at T=4 (each replicated twice) and a tied lm_head on the last of 2 stages."""
+    reference = reference_few_kv_heads
+    outputs, recording = run_on_mesh(reference.model, reference.prompts, 4, 2)
+    assert_matches(reference, outputs, recording)
+    last_stage = recording.runner.pipeline.stages[-1]
+    assert last_stage.kv_caches[0][0].shape[2] == 4  # the cache holds the expanded 4 KV heads, one per device
+
+
+def test_data_parallel_replicas_share_the_queue(reference):
+    mesh = make_mesh(tensor_parallel_size=2, data_parallel_size=2)
+    config = resolved_config()
+
+    def make_replica(replica_mesh, index):
+        return ShardedEngine.from_model(shard_model(reference.model, replica_mesh), replica_mesh, config, jnp.float32)
+
+    engine = DataParallelEngine.build(mesh, make_replica)
+    try:
+        outputs = generate(engine, reference.prompts, GREEDY)
+    finally:
+        engine.close()
+    assert outputs == reference.outputs
+    devices = [{d.id for d in r.runner.pipeline.stages[0].mesh.devices.flat} for r in engine.replicas]
+    assert devices == [{0, 1}, {2, 3}]
+    assert [r.scheduler.num_finished_requests for r in engine.replicas] == [3, 2]  # 5 requests, round-robin fill
