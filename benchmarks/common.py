@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 import pathlib
 import subprocess
 
@@ -32,6 +33,9 @@ JOBS = {
 
 
 def git_commit() -> str:
+    """The checkout's commit; ``$JAXLLM_COMMIT`` where the tree was copied without .git (the GPU machine)."""
+    if os.environ.get("JAXLLM_COMMIT"):
+        return os.environ["JAXLLM_COMMIT"]
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=BENCHMARKS_DIR, capture_output=True, text=True, check=True

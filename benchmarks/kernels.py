@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python3 benchmarks/kernels.py                   # the GPU run (H100: ceilings in BENCHMARKS.md)
     PYTHONPATH=. python3 benchmarks/kernels.py --sweep           # also time kernel configs and block sizes
-    python benchmarks/kernels.py --smoke                         # tiny sizes, interpret mode, on CPU
+    PYTHONPATH=. python benchmarks/kernels.py --smoke            # tiny sizes, interpret mode, on CPU
 
 Decode: S requests x C cached tokens, one query token each, 32 query / 8 KV heads, head dim 128, bf16; achieved
 bandwidth = K/V bytes the attention must read / time, beside JAX's bundled Triton ``paged_attention``. Prefill:
@@ -115,6 +115,35 @@ def ours(batch, impl, **configs):
     return fn, args
 
 
+def tile_plans_only(batch, impl):
+    """The op's per-step bookkeeping alone (tile plans and the zeroed output): shared by every layer of a step."""
+    del impl
+    num_tokens, num_heads, head_dim = batch["q"].shape
+    group = num_heads // batch["k_cache"].shape[2]
+    short, long = triton_gpu.default_configs(
+        num_tokens, batch["seq_lens"].shape[0], num_heads, num_heads // group, head_dim
+    )
+
+    def plans(query_start_loc, q):
+        shapes = dict(num_tokens=num_tokens, num_requests=query_start_loc.shape[0] - 1)
+        short_tokens, long_tokens = short.block_rows // group, long.block_rows // group
+        first = triton_gpu.plan_lib.build_tile_plan(
+            query_start_loc,
+            tile_tokens=short_tokens,
+            max_query_len=short_tokens,
+            num_slots=triton_gpu.plan_lib.max_tile_slots(*shapes.values(), short_tokens, 1, short_tokens),
+        )
+        second = triton_gpu.plan_lib.build_tile_plan(
+            query_start_loc,
+            tile_tokens=long_tokens,
+            min_query_len=short_tokens + 1,
+            num_slots=triton_gpu.plan_lib.max_tile_slots(*shapes.values(), long_tokens, short_tokens + 1, None),
+        )
+        return first, second, jnp.zeros_like(q)
+
+    return jax.jit(plans), [batch["query_start_loc"], batch["q"]]
+
+
 def bundled_paged_attention(batch, interpret):
     """JAX's bundled Triton decode kernel; it wants ``[K, P, L, H]`` pages (converted outside the timing)."""
     with warnings.catch_warnings():
@@ -143,14 +172,17 @@ def record(rows, case, impl, seconds, batch, note=""):
     row["kv_tb_per_s"] = row["kv_bytes"] / seconds / 1e12
     row["tflop_per_s"] = causal_flops(batch) / seconds / 1e12
     rows.append(row)
-    print(f"  {case:28s} {impl:34s} {row['time_us']:10.1f} us  {row['kv_tb_per_s']:6.2f} TB/s  "
-          f"{row['tflop_per_s']:7.1f} TFLOP/s {note}", flush=True)
+    print(
+        f"  {case:28s} {impl:34s} {row['time_us']:10.1f} us  {row['kv_tb_per_s']:6.2f} TB/s  "
+        f"{row['tflop_per_s']:7.1f} TFLOP/s {note}",
+        flush=True,
+    )
 
 
-def attempt(rows, case, impl, build, batch, note=""):
-    """Time one implementation; a failure is logged and recorded, never fatal to the run."""
+def attempt(rows, case, impl, batch, build, *build_args, note="", **build_kwargs):
+    """Time ``build(batch, ...)``'s function; a failure is logged and recorded, never fatal to the run."""
     try:
-        fn, args = build()
+        fn, args = build(batch, *build_args, **build_kwargs)
         record(rows, case, impl, median_seconds(fn, *args), batch, note)
     except Exception as error:  # noqa: BLE001 - keep benchmarking the other cases
         traceback.print_exc()
@@ -161,19 +193,19 @@ def run_decode(rows, sizes, geo, impl, interpret, with_reference):
     for num_requests, context in sizes:
         case = f"decode {num_requests}x{context}"
         batch = make_batch(0, [1] * num_requests, [context] * num_requests, **geo)
-        attempt(rows, case, impl, lambda: ours(batch, impl), batch)
-        attempt(rows, case, "jax bundled paged_attention", lambda: bundled_paged_attention(batch, interpret), batch)
+        attempt(rows, case, impl, batch, ours, impl)
+        attempt(rows, case, "jax bundled paged_attention", batch, bundled_paged_attention, interpret)
         if with_reference:
-            attempt(rows, case, "reference", lambda: ours(batch, "reference"), batch)
-        del batch
+            attempt(rows, case, "reference", batch, ours, "reference")
+            attempt(rows, case, "(tile plans + zeroed output only)", batch, tile_plans_only, impl)
 
 
 def run_prefill(rows, num_requests, length, geo, impl, on_gpu):
     case = f"prefill {num_requests}x{length} causal"
     batch = make_batch(1, [length] * num_requests, [length] * num_requests, **geo)
-    attempt(rows, case, impl, lambda: ours(batch, impl), batch)
+    attempt(rows, case, impl, batch, ours, impl)
     if on_gpu:
-        attempt(rows, case, "cudnn dot_product_attention", lambda: cudnn_prefill(batch, num_requests), batch)
+        attempt(rows, case, "cudnn dot_product_attention", batch, cudnn_prefill, num_requests)
 
 
 def run_mixed(rows, num_decodes, context, chunk, geo, impl, with_reference):
@@ -181,40 +213,39 @@ def run_mixed(rows, num_decodes, context, chunk, geo, impl, with_reference):
     query_lens = [1] * num_decodes + [chunk]
     seq_lens = [context] * num_decodes + [2 * chunk]  # the chunk continues a cached prefix of equal length
     batch = make_batch(2, query_lens, seq_lens, **geo)
-    attempt(rows, case, impl, lambda: ours(batch, impl), batch)
+    attempt(rows, case, impl, batch, ours, impl)
     if with_reference:
-        attempt(rows, case, "reference", lambda: ours(batch, "reference"), batch)
+        attempt(rows, case, "reference", batch, ours, "reference")
+
+
+DECODE_SWEEP = [  # (block_kv, num_kv_splits, num_warps, num_stages) of the short-query launch
+    (128, 1, 4, 3), (128, 2, 4, 3), (64, 1, 4, 3), (128, 1, 4, 4), (256, 1, 8, 3),
+]  # fmt: skip
+PREFILL_SWEEP = [  # (block_rows, block_kv, num_warps, num_stages) of the long-query launch
+    (128, 64, 4, 4), (128, 64, 4, 2), (128, 128, 4, 2), (256, 64, 8, 3), (256, 64, 8, 2), (256, 128, 8, 2),
+    (128, 32, 4, 4),
+]  # fmt: skip
 
 
 def run_sweep(rows, geo):
     """Kernel configs for decode and prefill, and cache block sizes, on the GPU."""
     config = triton_gpu.KernelConfig
-    for num_requests, context in ((32, 4096), (256, 4096)):
+    for num_requests, context in ((32, 2048), (8, 8192)):
         batch = make_batch(0, [1] * num_requests, [context] * num_requests, **geo)
-        for block_kv, splits, warps, stages in [
-            (64, 1, 4, 3), (64, 2, 4, 3), (64, 4, 4, 3), (64, 8, 4, 3), (128, 4, 4, 3), (128, 1, 4, 3),
-            (32, 4, 4, 3), (64, 4, 4, 5), (64, 4, 2, 3), (128, 4, 8, 3), (64, 1, 4, 5), (128, 2, 4, 4),
-        ]:
+        case = f"sweep decode {num_requests}x{context}"
+        for block_kv, splits, warps, stages in DECODE_SWEEP:
             short = config(16, block_kv, splits, warps, stages)
             note = f"short={block_kv}/s{splits}/w{warps}/st{stages}"
-            attempt(rows, f"sweep decode {num_requests}x{context}", "pallas_gpu", lambda: ours(batch, None, short_config=short), batch, note)
-        del batch
+            attempt(rows, case, "pallas_gpu", batch, ours, None, note=note, short_config=short)
     batch = make_batch(1, [4096] * 4, [4096] * 4, **geo)
-    for rows_, block_kv, warps, stages in [
-        (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
-        (128, 64, 8, 2), (128, 64, 8, 4),
-    ]:
-        long = config(rows_, block_kv, 1, warps, stages)
-        note = f"long={rows_}/{block_kv}/w{warps}/st{stages}"
-        attempt(rows, "sweep prefill 4x4096", "pallas_gpu", lambda: ours(batch, None, long_config=long), batch, note)
-    del batch
-    for block_size in (16, 32, 64):
+    for block_rows, block_kv, warps, stages in PREFILL_SWEEP:
+        long = config(block_rows, block_kv, 1, warps, stages)
+        note = f"long={block_rows}/{block_kv}/w{warps}/st{stages}"
+        attempt(rows, "sweep prefill 4x4096", "pallas_gpu", batch, ours, None, note=note, long_config=long)
+    for block_size in (32,):
         sized = dict(geo, block_size=block_size)
-        batch = make_batch(0, [1] * 32, [4096] * 32, **sized)
-        attempt(rows, "sweep decode 32x4096", "pallas_gpu", lambda: ours(batch, "pallas_gpu"), batch, f"L={block_size}")
         batch = make_batch(1, [4096] * 4, [4096] * 4, **sized)
-        attempt(rows, "sweep prefill 4x4096", "pallas_gpu", lambda: ours(batch, "pallas_gpu"), batch, f"L={block_size}")
-        del batch
+        attempt(rows, "sweep prefill 4x4096", "pallas_gpu", batch, ours, "pallas_gpu", note=f"L={block_size}")
 
 
 def summary(rows):
@@ -225,8 +256,10 @@ def summary(rows):
             print(f"{row['case']:30s} {row['impl']:34s} FAILED: {row['error'][:80]}")
             continue
         share = 100 * row["kv_tb_per_s"] * 1e12 / COPY_CEILING
-        print(f"{row['case']:30s} {row['impl']:34s} {row['time_us']:10.1f} {row['kv_tb_per_s']:6.2f} {share:6.1f} "
-              f"{row['tflop_per_s']:8.1f}  {row.get('note', '')}")
+        print(
+            f"{row['case']:30s} {row['impl']:34s} {row['time_us']:10.1f} {row['kv_tb_per_s']:6.2f} {share:6.1f} "
+            f"{row['tflop_per_s']:8.1f}  {row.get('note', '')}"
+        )
 
 
 def main():

@@ -75,10 +75,11 @@ def _check_placed(state, mesh: Mesh, stage: int) -> None:
 class PipelinedModel:
     """A model placed by ``sharding.rules.param_placement`` on one replica's mesh, run stage by stage."""
 
-    def __init__(self, model, mesh: Mesh, *, head_fn: HeadFn = greedy_head):
+    def __init__(self, model, mesh: Mesh, *, head_fn: HeadFn = greedy_head, compiler_options: dict | None = None):
         check_single_replica(mesh)
         self.config = model.config
         self.head_fn = head_fn
+        self.compiler_options = compiler_options  # XLA options for every stage program (jax.jit's own argument)
         self.num_traces = 0  # incremented only when a stage program is traced (compiled) anew
         meshes = stage_meshes(mesh)
         ranges = stage_layer_ranges(self.config.num_layers, len(meshes))
@@ -111,6 +112,7 @@ class PipelinedModel:
             donate_argnums=(1,),
             in_shardings=(state_shardings(state), kv, rep, rep, rep, rep),
             out_shardings=(rep, kv),
+            compiler_options=self.compiler_options,
         )
 
     @property
@@ -138,10 +140,23 @@ class PipelinedModel:
             results.append(x)
         return results
 
-    def _run_stage(self, stage: Stage, inputs, batch: StepBatch, head_args):
+    def _stage_args(self, stage: Stage, inputs, batch: StepBatch, head_args) -> tuple:
         metadata = {name: getattr(batch, name) for name in METADATA_FIELDS}
         inputs, metadata, logits_indices, head_args = jax.device_put(
             (inputs, metadata, batch.logits_indices, head_args), replicated(stage.mesh)
         )
-        out, stage.kv_caches = stage.program(stage.state, stage.kv_caches, inputs, metadata, logits_indices, head_args)
+        return stage.state, stage.kv_caches, inputs, metadata, logits_indices, head_args
+
+    def _run_stage(self, stage: Stage, inputs, batch: StepBatch, head_args):
+        out, stage.kv_caches = stage.program(*self._stage_args(stage, inputs, batch, head_args))
         return out
+
+    def lower_stage(self, index: int, batch: StepBatch, head_args=None) -> jax.stages.Lowered:
+        """Stage ``index``'s program lowered for ``batch``'s bucket (``.compile().as_text()`` shows its collectives)."""
+        stage = self.stages[index]
+        args = list(self._stage_args(stage, batch.input_ids, batch, head_args))
+        if index > 0:  # a later stage takes hidden states [T, D], not token ids
+            dtype = self.stages[0].state["embed_tokens"]["embedding"].get_value().dtype
+            shape = (batch.input_ids.shape[0], self.config.hidden_size)
+            args[2] = jax.ShapeDtypeStruct(shape, dtype, sharding=replicated(stage.mesh))
+        return stage.program.lower(*args)

@@ -57,9 +57,10 @@ class PipelineRunner:
         num_microbatches: int | None = None,
         head_fn: HeadFn = greedy_head,
         build_head_args: BuildHeadArgs | None = None,
+        compiler_options: dict | None = None,
     ):
         self.config = config
-        self.pipeline = PipelinedModel(model, mesh, head_fn=head_fn)
+        self.pipeline = PipelinedModel(model, mesh, head_fn=head_fn, compiler_options=compiler_options)
         self.num_microbatches = num_microbatches or self.pipeline.num_stages
         if self.num_microbatches < 1:
             raise ValueError(f"num_microbatches must be at least 1, got {self.num_microbatches}")

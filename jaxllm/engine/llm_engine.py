@@ -67,7 +67,7 @@ class LLMEngine:
         return cls(EngineConfig(**kwargs))
 
     def _build_runner(self, model) -> tuple[ModelRunner, object]:
-        """Sizes the KV cache: on an accelerator after a profile run of the largest bucket has set the peak."""
+        """Sizes the KV cache: on an accelerator from memory free after weights, less the largest step's temporaries."""
         config, model_config = self.config, self.model_config
         measure = (
             jax.default_backend() != "cpu"
@@ -82,8 +82,12 @@ class LLMEngine:
             return ModelRunner(model, resolved, self.kv_dtype, seed=config.seed), resolved
         probe = setup.resolve_limits(config, model_config, num_blocks=2)
         runner = ModelRunner(model, probe, self.kv_dtype, seed=config.seed)
-        runner.profile_largest_bucket()
-        resolved = setup.with_num_blocks(probe, setup.num_kv_blocks(config, model_config, self.kv_dtype))
+        small = probe.max_blocks_per_request + 1
+        temp_small, temp_large = runner.step_temp_bytes(small), runner.step_temp_bytes(2 * small)
+        temp_per_block = max(0, temp_large - temp_small) / small
+        step_temp_fixed = max(0, temp_small - temp_per_block * small)
+        num_blocks = setup.num_kv_blocks(config, model_config, self.kv_dtype, step_temp_fixed, temp_per_block)
+        resolved = setup.with_num_blocks(probe, num_blocks)
         runner.resize_kv_cache(resolved)
         setup.log_kv_cache(resolved, model_config, self.kv_dtype)
         return runner, resolved
@@ -97,8 +101,13 @@ class LLMEngine:
         prompt,
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
+        stream: bool = True,
     ) -> None:
-        """Validates and queues a request (n > 1 becomes n sibling requests sharing the prompt's cached blocks)."""
+        """Validates and queues a request (n > 1 becomes n sibling requests sharing the prompt's cached blocks).
+
+        With ``stream`` (vLLM's engine default) ``step()`` returns the request's cumulative output whenever it gains
+        tokens; without it, only once it finishes (what ``LLM.generate`` uses: no per-step detokenization).
+        """
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -108,7 +117,7 @@ class LLMEngine:
         children = make_child_requests(request_id, tokenized.token_ids, params, self.eos_token_ids, arrival_time)
         for child in children:
             self.scheduler.validate_request(child)  # raises before anything is queued
-        self.output_processor.add_request(request_id, tokenized.text, children)
+        self.output_processor.add_request(request_id, tokenized.text, children, stream=stream)
         for child in children:
             self.scheduler.add_request(child)
 

@@ -56,17 +56,27 @@ def resolve_limits(config: EngineConfig, model_config: ModelConfig, num_blocks: 
     )
 
 
-def num_kv_blocks(config: EngineConfig, model_config: ModelConfig, kv_dtype) -> int:
-    """Blocks the KV budget holds, plus the reserved null block 0."""
+def num_kv_blocks(
+    config: EngineConfig,
+    model_config: ModelConfig,
+    kv_dtype,
+    step_temp_bytes: float = 0,
+    temp_bytes_per_block: float = 0,
+) -> int:
+    """Blocks the KV budget holds, plus the reserved null block 0.
+
+    ``step_temp_bytes`` and ``temp_bytes_per_block`` are the largest step's temporary memory (fixed part, and the part
+    that grows with the cache), measured by compiling it; they are taken out of the budget first.
+    """
     if config.num_gpu_blocks_override is not None:
         return config.num_gpu_blocks_override + 1
     per_block = kv_bytes_per_block(model_config, config.block_size, kv_dtype)
     per_block //= max(1, config.tensor_parallel_size * config.pipeline_parallel_size)
-    budget = device_memory_budget(config.gpu_memory_utilization, config.kv_cache_memory_bytes)
-    num_blocks = budget // per_block
+    budget = device_memory_budget(config.gpu_memory_utilization, config.kv_cache_memory_bytes) - step_temp_bytes
+    num_blocks = int(budget // (per_block + temp_bytes_per_block))
     if num_blocks < 2:
-        raise ValueError(f"KV cache budget of {budget} bytes holds no block of {per_block} bytes")
-    return int(num_blocks)
+        raise ValueError(f"KV cache budget of {budget:.0f} bytes holds no block of {per_block} bytes")
+    return num_blocks
 
 
 def log_kv_cache(resolved: ResolvedConfig, model_config: ModelConfig, kv_dtype) -> None:

@@ -106,7 +106,7 @@ class LLM:
         try:
             for prompt, sampling_params in zip(prompts, params, strict=True):
                 request_id = str(next(self._request_counter))
-                self.llm_engine.add_request(request_id, prompt, sampling_params)
+                self.llm_engine.add_request(request_id, prompt, sampling_params, stream=False)
                 request_ids.append(request_id)
         except Exception:
             self.llm_engine.abort_request(request_ids)

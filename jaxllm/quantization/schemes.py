@@ -23,8 +23,9 @@ fp8 values are stored ``[N, K]`` (contracting dimension minor on both operands) 
 that layout; stored ``[K, N]``, XLA would transpose the whole weight on every call. At matmul time activations get a
 dynamic per-token scale (``quantize_activations_fp8``) and the product of two fp8 operands accumulates in f32.
 
-Scales are float32, ``amax * (1 / qmax)`` (a multiply, as XLA would rewrite a division by a constant anyway, so
-the scales are the same on every backend and reproducible in numpy). Quantizing runs in jnp at load time, one weight at a time. This module imports no kernels.
+Scales are float32, ``amax * (1 / qmax)`` (a multiply: XLA rewrites a division by a constant into one anyway, so
+written out the scales are the same on every backend and reproducible in numpy). Quantizing runs in jnp at load time,
+one weight at a time. This module imports no kernels.
 """
 
 from __future__ import annotations
@@ -115,7 +116,9 @@ def _validate_request(w, method, group_size) -> None:
     if not isinstance(group_size, numbers.Integral) or group_size < 2 or group_size % 2:
         raise ValueError(f"int4 group_size must be a positive even int, got {group_size!r}")
     if k % group_size:
-        raise ValueError(f"int4 needs K (the weight's first dimension) = {k} to be a multiple of group_size {group_size}")
+        raise ValueError(
+            f"int4 needs K (the weight's first dimension) = {k} to be a multiple of group_size {group_size}"
+        )
 
 
 def _safe(scale):
@@ -176,6 +179,7 @@ def unpack_int4(values, group_size: int):
     return jnp.concatenate([low, high], axis=1).reshape(2 * half_k, n).astype(jnp.int8)  # [K, N]
 
 
+@functools.partial(jax.jit, static_argnames="dtype")
 def dequantize_weight(qw: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
     """The weight ``[K, N]`` that ``qw`` represents, computed in f32 and returned as ``dtype``."""
     validate_quantized_weight(qw)
@@ -190,6 +194,7 @@ def dequantize_weight(qw: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
     return w.astype(dtype)
 
 
+@jax.jit
 def quantize_activations_fp8(x):
     """Dynamic per-token fp8 quantization of ``x [M, K]``: ``(values float8_e4m3fn [M, K], scales f32 [M])`` with
     ``x[m, k] ~= values[m, k] * scales[m]``."""

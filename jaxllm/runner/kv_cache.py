@@ -1,8 +1,9 @@
 """The paged KV cache: its size from the memory budget, and its allocation.
 
 Per layer, K and V blocks ``[P, L, K, H]`` in one pytree (a list of ``(k, v)`` pairs), allocated once and donated into
-every step. On GPU/TPU the budget is ``gpu_memory_utilization`` of the device memory minus what weights and a measured
-activation peak already use; on CPU, where nothing can be measured, ``kv_cache_memory_bytes`` (default 1 GiB).
+every step. On GPU/TPU the budget is ``gpu_memory_utilization`` of the device memory minus what the weights use and the
+largest step's temporaries (measured by compiling it); on CPU, where nothing can be measured,
+``kv_cache_memory_bytes`` (default 1 GiB).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def device_memory_budget(gpu_memory_utilization: float, kv_cache_memory_bytes: i
     if not stats or "bytes_limit" not in stats:
         return DEFAULT_CPU_KV_CACHE_BYTES
     usable = int(stats["bytes_limit"] * gpu_memory_utilization)
-    in_use = int(stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0)))
+    in_use = int(stats.get("bytes_in_use", 0))  # the weights (and nothing transient: called between steps)
     budget = usable - in_use
     if budget <= 0:
         raise ValueError(
@@ -47,7 +48,15 @@ def allocate_kv_cache(
 ) -> list[tuple[jax.Array, jax.Array]]:
     shape = (num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)  # [P, L, K, H]
 
-    def zeros():
-        return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(model_config.num_layers)]
+    # One call per array, filled from a runtime scalar: a constant output (or one buffer shared by several outputs)
+    # could not be donated, and each step would then allocate a fresh copy of the cache.
+    make_filled = jax.jit(lambda fill: jnp.full(shape, fill, dtype), out_shardings=_first_sharding(sharding))
+    fill = jnp.zeros((), dtype)
+    return [(make_filled(fill), make_filled(fill)) for _ in range(model_config.num_layers)]
 
-    return jax.jit(zeros, out_shardings=sharding)()
+
+def _first_sharding(sharding):
+    """The sharding of one cache array, given None, one sharding, or a per-layer pytree of them."""
+    if sharding is None or isinstance(sharding, jax.sharding.Sharding):
+        return sharding
+    return jax.tree.leaves(sharding, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))[0]

@@ -72,7 +72,7 @@ class ModelRunner:
         result = self._run(batch, sampling_metadata)
         return self._to_output(scheduler_output, result)
 
-    def _run(self, batch: StepBatch, sampling_metadata: SamplingMetadata):
+    def _batch_arrays(self, batch: StepBatch) -> dict:
         arrays = {
             name: getattr(batch, name)
             for name in (
@@ -86,7 +86,10 @@ class ModelRunner:
                 "logits_indices",
             )
         }
-        arrays = jax.device_put(arrays, self.batch_sharding)
+        return jax.device_put(arrays, self.batch_sharding)
+
+    def _run(self, batch: StepBatch, sampling_metadata: SamplingMetadata):
+        arrays = self._batch_arrays(batch)
         result, self.kv_caches = self._jitted_step(
             self.params, self.kv_caches, arrays, sampling_metadata, jnp.int32(self.num_steps)
         )
@@ -111,10 +114,21 @@ class ModelRunner:
                 )
         return ModelRunnerOutput(sampled_token_ids=sampled, logprobs=logprobs)
 
-    def profile_largest_bucket(self) -> None:
-        """Runs the largest token bucket once so the device's peak memory includes a step's activations."""
+    def step_temp_bytes(self, num_blocks: int) -> int:
+        """XLA's temporary memory for the largest bucket's step with a KV cache of ``num_blocks`` (compiled, not run).
+
+        Compiling at two cache sizes shows whether any temporary scales with the cache (a copy of one layer's cache,
+        say), which a run with a tiny cache would hide.
+        """
         bucket = self.config.token_buckets[-1]
-        self._run_padding_step(bucket)
+        rows = self.config.request_rows_for(bucket)
+        batch = empty_step_batch(bucket, rows, self.config.max_blocks_per_request)
+        shape = (num_blocks, self.config.block_size, self.model_config.num_kv_heads, self.model_config.head_dim)
+        kv = [(jax.ShapeDtypeStruct(shape, self.kv_dtype),) * 2 for _ in range(self.model_config.num_layers)]
+        compiled = self._jitted_step.lower(
+            self.params, kv, self._batch_arrays(batch), build_sampling_metadata([], rows), jnp.int32(0)
+        ).compile()
+        return int(compiled.memory_analysis().temp_size_in_bytes)
 
     def resize_kv_cache(self, config: ResolvedConfig) -> None:
         self.config = config

@@ -6,7 +6,7 @@ at trace time by SamplingMetadata's static flags (no vocab sort unless a sampled
 every row is greedy). Logprobs are the model's raw log-softmax before any processing (vLLM v1's default).
 
 Keys: a seeded row uses ``seeded_request_key(seed, sample_index, output_position)``, which depends on nothing else, so
-it samples the same tokens whatever batch or row it lands in; an unseeded row uses ``fold_in(step_key, row)``.
+it samples the same tokens whatever batch or row it lands in; an unseeded row's key comes from ``step_key`` and its row.
 Pure and jittable; no host syncs.
 """
 
@@ -35,13 +35,19 @@ def seeded_request_key(seed: jax.Array, sample_index: jax.Array, output_position
 
 
 def row_keys(md: SamplingMetadata, step_key: jax.Array) -> jax.Array:
-    """Raw PRNG key per row [S, 2]: the seeded key on seeded rows, fold_in(step_key, row) elsewhere."""
+    """Raw PRNG key per row [S, 2]: seeded rows get ``seeded_request_key``; the others
+    fold_in(fold_in(step_key, row), 0).
+
+    Both are two fold_ins from a base key, so one loop body holds the only threefry hash XLA has to compile.
+    """
     if jnp.issubdtype(step_key.dtype, jax.dtypes.prng_key):
         step_key = jax.random.key_data(step_key)
     rows = jnp.arange(md.num_rows)
-    unseeded = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(step_key, rows)  # [S, 2]
-    seeded = jax.vmap(seeded_request_key)(md.seed, md.sample_index, md.output_position)  # [S, 2]
-    return jnp.where(md.seeded[:, None], seeded, unseeded)
+    base = jnp.where(md.seeded[:, None], jax.vmap(jax.random.PRNGKey)(md.seed), step_key[None, :])  # [S, 2]
+    folds = jnp.stack(
+        [jnp.where(md.seeded, md.sample_index, rows), jnp.where(md.seeded, md.output_position, 0)]
+    )  # [2, S]
+    return jax.lax.fori_loop(0, 2, lambda i, keys: jax.vmap(jax.random.fold_in)(keys, folds[i]), base)
 
 
 def _gumbel_argmax(logits: jax.Array, keys: jax.Array) -> jax.Array:

@@ -47,7 +47,9 @@ def _sublanes(dtype) -> int:
 
 def _validate(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc) -> None:
     if q.ndim != 3 or k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"need q [T, N, H] and k/v caches [P, L, K, H]; got {q.shape}, {k_cache.shape}, {v_cache.shape}")
+        raise ValueError(
+            f"need q [T, N, H] and k/v caches [P, L, K, H]; got {q.shape}, {k_cache.shape}, {v_cache.shape}"
+        )
     if k_cache.dtype != v_cache.dtype:
         raise TypeError(f"k_cache and v_cache dtypes differ: {k_cache.dtype} vs {v_cache.dtype}")
     num_heads, head_dim = q.shape[1:]

@@ -107,7 +107,10 @@ def _attend_kv_step(q, k, v, m_prev, l_prev, acc_ref, *, shape: LaunchShape, vis
     l_next = l_prev * correction + jnp.sum(probs, axis=1, keepdims=True)
     v = jnp.where(kv_row_valid, v, jnp.zeros_like(v))  # rows past the request may hold anything, NaN included
     pv = lax.dot_general(
-        probs.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
+        probs.astype(v.dtype),
+        v,
+        (((1,), (0,)), ((), ())),
+        precision=lax.Precision.HIGHEST,
         preferred_element_type=jnp.float32,
     )  # [rows, H]
     acc_ref[...] = acc_ref[...] * correction + pv

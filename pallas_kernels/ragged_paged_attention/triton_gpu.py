@@ -28,6 +28,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.ragged_paged_attention import tile_plan as plan_lib
 
 _LOG2E = math.log2(math.e)
+_EXACT = lax.Precision.HIGHEST  # float32 inputs multiply in IEEE float32, never TF32; bf16 is unaffected
 _INIT_MAX = -1e30  # finite start of the running max; masked scores are -inf, so exp2 turns them into exact zeros
 
 
@@ -89,7 +90,7 @@ def _rows(ref, rows):
 
 def _scaled_scores(q, k, geo: _Geometry):
     """``[M, BKV]`` float32 scores in base-2 units, with the optional soft cap."""
-    scores = plgpu.dot(q, k, trans_b=True)  # [M, BKV]
+    scores = plgpu.dot(q, k, trans_b=True, precision=_EXACT)  # [M, BKV]
     if geo.soft_cap is None:
         return scores * (geo.sm_scale * _LOG2E)
     capped = geo.soft_cap * jnp.tanh(scores * (geo.sm_scale / geo.soft_cap))
@@ -127,7 +128,7 @@ def _kv_step(step, carry, *, tile: _Tile, refs, cfg: KernelConfig, geo: _Geometr
     probs = jnp.exp2(scores - new_max[:, None])  # [M, BKV]
     row_sum = row_sum * correction + jnp.sum(probs, axis=1)
     v = plgpu.load(_rows(v_ref, kv_rows), mask=row_mask, other=other)  # [BKV, H]
-    acc = acc * correction[:, None] + plgpu.dot(probs.astype(v.dtype), v)
+    acc = acc * correction[:, None] + plgpu.dot(probs.astype(v.dtype), v, precision=_EXACT)
     return acc, new_max, row_sum
 
 
@@ -258,24 +259,28 @@ def _next_power_of_two(n: int) -> int:
 
 
 def default_configs(
-    num_tokens: int, num_requests: int, num_heads: int, num_kv_heads: int, head_dim: int, num_cores: int = 132
+    num_tokens: int,
+    num_requests: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    itemsize: int = 2,
+    num_cores: int = 132,
 ) -> tuple[KernelConfig, KernelConfig]:
     """(short-query config, long-query config) for these static shapes on a GPU with ``num_cores`` SMs."""
     group_rows = _next_power_of_two(num_heads // num_kv_heads)
-    wide_head = head_dim > 128
-    splits = 1
+    wide_head = head_dim * itemsize > 256  # rows over 256 bytes: halve the tiles to fit registers and smem
+    splits = 1  # split the KV axis of short queries only while the (request, KV head) programs underfill the GPU
     partial_bytes = num_tokens * num_heads * head_dim * 4
-    while (
-        num_requests * num_kv_heads * splits < 4 * num_cores and splits < 16 and 2 * splits * partial_bytes <= 2**26
-    ):
+    while num_requests * num_kv_heads * splits < num_cores and splits < 16 and 2 * splits * partial_bytes <= 2**26:
         splits *= 2
     short = KernelConfig(
-        block_rows=max(16, group_rows), block_kv=32 if wide_head else 64, num_kv_splits=splits, num_warps=4
+        block_rows=max(16, group_rows), block_kv=64 if wide_head else 128, num_kv_splits=splits, num_warps=4
     )
     long = KernelConfig(
         block_rows=max(64 if wide_head else 128, group_rows),
         block_kv=32 if wide_head else 64,
-        num_warps=4 if wide_head else 8,
+        num_warps=8 if wide_head else 4,
         num_stages=2 if wide_head else 3,
     )
     return short, long
@@ -307,7 +312,13 @@ def ragged_paged_attention_triton(
     num_requests, max_blocks = block_tables.shape
     group = num_heads // num_kv_heads
     short_default, long_default = default_configs(
-        num_tokens, num_requests, num_heads, num_kv_heads, head_dim, 132 if interpret else _num_cores()
+        num_tokens,
+        num_requests,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        k_cache.dtype.itemsize,
+        132 if interpret else _num_cores(),
     )
     short_cfg, long_cfg = short_config or short_default, long_config or long_default
     if min(short_cfg.block_rows, long_cfg.block_rows) < group or long_cfg.block_rows < short_cfg.block_rows:

@@ -8,6 +8,8 @@ multiple of any tile width, so edge tiles are exercised); int4 uses groups of 64
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -69,17 +71,26 @@ def check(out, x, qw, dtype, what="output"):
     assert_close(out, naive_product(x, qw), dtype, what)
 
 
+ROWS = [1, 3, 16, 64, 200]  # decode sizes, one full 64-row tile, and a prefill size with a partial 128-row tile
+
+
+@functools.cache
+def products_over_rows(impl):
+    """One jitted call running ``impl`` on several activation matrices: one compilation for all of ``ROWS``."""
+    return jax.jit(lambda xs, qw: [quantized_matmul(x, qw, impl=impl, out_dtype=jnp.float32) for x in xs])
+
+
 @pytest.mark.parametrize("impl", [pytest.param("reference", id="reference"), *GPU_KERNEL])
-@pytest.mark.parametrize("m", [1, 3, 16, 64, 200])
 @pytest.mark.parametrize("method", METHODS)
-def test_matches_naive_product(impl, m, method):
-    x, qw = make_case(m, m, method)
-    out = quantized_matmul(x, qw, impl=impl, out_dtype=jnp.float32)
-    check(out, x, qw, jnp.float32, f"{impl} {method} M={m}")
+def test_matches_naive_product_for_decode_and_prefill_rows(impl, method):
+    cases = [make_case(m, m, method) for m in ROWS]
+    qw = cases[0][1]
+    xs = [x for x, _ in cases]
+    for m, x, out in zip(ROWS, xs, products_over_rows(impl)(xs, qw), strict=True):
+        check(out, x, qw, jnp.float32, f"{impl} {method} M={m}")
 
 
-@pytest.mark.parametrize("dtype", [jnp.float16, jnp.float32])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method, dtype", [("int8", jnp.float32), ("int4", jnp.float16)])
 @pytest.mark.parametrize("impl", GPU_KERNEL)
 def test_kernel_activation_dtypes(impl, method, dtype):
     x, qw = make_case(7, 24, method, dtype)
@@ -93,14 +104,14 @@ def test_kernel_default_out_dtype_and_group_128(impl):
 
 
 @pytest.mark.parametrize(
-    "config",
+    "method, config",
     [
-        triton_gpu.KernelConfig(block_m=16, block_n=32, block_k=32, num_k_splits=4),
-        triton_gpu.KernelConfig(block_m=32, block_n=16, block_k=64, num_k_splits=2, fp8_dot=True),
+        ("int8", triton_gpu.KernelConfig(block_m=16, block_n=32, block_k=32, num_k_splits=4)),
+        ("int4", triton_gpu.KernelConfig(block_m=32, block_n=16, block_k=16, num_k_splits=2)),
+        ("fp8", triton_gpu.KernelConfig(block_m=16, block_n=64, block_k=64, num_k_splits=4, fp8_dot=True)),
     ],
-    ids=["split4", "split2"],
+    ids=["int8-split4", "int4-split2", "fp8-split4-fp8dot"],
 )
-@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("impl", GPU_KERNEL)
 def test_kernel_explicit_tilings(impl, method, config):
     x, qw = make_case(9, 40, method)
@@ -112,10 +123,10 @@ def test_kernel_explicit_tilings(impl, method, config):
     check(kernel(x, qw), x, qw, jnp.float32, f"{method} {config}")
 
 
-@pytest.mark.parametrize("config", [None, mosaic_tpu.TpuConfig(block_m=16, block_n=N, block_k=128)], ids=["default", "tiled"])
 @pytest.mark.parametrize("method", METHODS)
-def test_tpu_kernel_interpret(method, config):
+def test_tpu_kernel_interpret(method):
     x, qw = make_case(10, 40, method)
+    config = mosaic_tpu.TpuConfig(block_m=16, block_n=N, block_k=128)  # 3 M tiles (the last partial), 4 K steps
     kernel = jax.jit(
         lambda x, qw: mosaic_tpu.quantized_matmul_tpu(x, qw, out_dtype=jnp.float32, config=config, interpret=True)
     )
@@ -165,14 +176,14 @@ def test_kernels_reject_tilings_that_do_not_divide_k():
 
 
 LLAMA_8B_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
+GPU_DEFAULTS = [("pallas_gpu", "int8"), ("pallas_gpu", "int4"), ("pallas_gpu", "fp8"), ("xla", "fp8")]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="no GPU")
 @pytest.mark.parametrize("m", [1, 256])
 @pytest.mark.parametrize("k, n", LLAMA_8B_SHAPES)
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("impl", ["pallas_gpu", "xla"])
+@pytest.mark.parametrize("impl, method", GPU_DEFAULTS)
 def test_llama_shapes_on_gpu(impl, method, k, n, m):
     x, qw = make_case(14, m, method, k=k, n=n, group_size=128)
     check(quantized_matmul(x, qw, impl=impl), x, qw, jnp.bfloat16, f"{impl} {method} [{m}, {k}] x [{k}, {n}]")

@@ -212,7 +212,7 @@ def test_tile_plan_covers_each_eligible_token_once():
     query_start_loc = jnp.asarray([0, 1, 6, 6, 30, 31], jnp.int32)  # lengths 1, 5, 0, 24, 1
     plan = jitted_tile_plan(query_start_loc, tile_tokens=4, num_slots=12, min_query_len=2)
     covered = []
-    for request, first, count in zip(*(np.asarray(x) for x in plan)):
+    for request, first, count in zip(*(np.asarray(x) for x in plan), strict=True):
         covered += [(int(request), token) for token in range(first, first + count)]
     expected = [(1, t) for t in range(1, 6)] + [(3, t) for t in range(6, 30)]
     assert sorted(covered) == expected

@@ -43,9 +43,12 @@ def test_logits_match_transformers(name):
     model = load_model(str(FIXTURES / "models" / name))
     data = expected(name)
     offsets = data["logit_offsets"]
+    # Dynamic NTK (as transformers defines it) rescales by the length of each forward pass, so it is compared on
+    # whole prompts; every other variant is also run in chunks of 7 tokens.
+    chunkable = model.config.rope.rope_type != "dynamic"
     for i, prompt in enumerate(fixture_prompts(data)):
         reference = data["logits"][offsets[i] : offsets[i + 1]]
-        got = prompt_logits(model, prompt, block_size=4, chunk_size=7 if i % 2 else None, seed=i)
+        got = prompt_logits(model, prompt, block_size=4, chunk_size=7 if i % 2 and chunkable else None, seed=i)
         error = np.abs(got - reference).max()
         assert error < MAX_ABS_ERROR_F32, f"{name} prompt {i}: max abs error {error:.2e}"
 

@@ -8,13 +8,18 @@ from scipy.stats import chi2
 
 from jaxllm.sampling import SamplingMetadata, sample, seeded_request_key
 from jaxllm.sampling.logits_processors import apply_min_p, apply_top_k_top_p
-from jaxllm.sampling.sampler import process_logits
+from jaxllm.sampling.sampler import process_logits, row_keys
 
 F32_TOL = dict(rtol=1e-6, atol=1e-5)  # float32 elementwise ops and length-V reductions
 NUM_DRAWS = 20_000
 CHI2_FALSE_ALARM = 1e-6  # probability that a correct sampler fails a distribution check
 
+# Tests share a few shapes so that they share compiled programs (compiling dominates this file's run time).
 sample_jit = jax.jit(sample)
+filters_jit = jax.jit(lambda logits, top_k, top_p, min_p: apply_min_p(apply_top_k_top_p(logits, top_k, top_p), min_p))
+row_keys_jit = jax.jit(row_keys)
+DRAW_VOCAB = 32  # distribution tests: NUM_DRAWS rows of one [DRAW_VOCAB] row of logits
+WIDE_ROWS, WIDE_VOCAB = 64, 4096  # stream tests: a repeat of a near-flat draw has chance ~1/4096
 
 
 def make_metadata(num_rows, *, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, presence=0.0, frequency=0.0,
@@ -127,30 +132,32 @@ def assert_drawn_from(tokens, probs):
     assert stat < bound, f"chi-square {stat:.1f} >= {bound:.1f} (dof {dof})"
 
 
-def draw_many(logits_row, **params):
-    """NUM_DRAWS unseeded samples of one row of logits, in one call."""
-    logits = np.broadcast_to(logits_row, (NUM_DRAWS, len(logits_row)))
-    out = sample_jit(logits, make_metadata(NUM_DRAWS, **params), jax.random.key(1234))
-    return np.asarray(out.token_ids)
+def draw_many(logits_row, suppressed_ids=(), **params):
+    """NUM_DRAWS samples of one row of logits in one call (suppressed ids always [S, 8], so programs are shared)."""
+    suppressed = np.full((NUM_DRAWS, 8), -1, np.int32)
+    suppressed[:, : len(suppressed_ids)] = suppressed_ids
+    logits = np.broadcast_to(logits_row, (NUM_DRAWS, DRAW_VOCAB))
+    md = make_metadata(NUM_DRAWS, suppressed=suppressed, **params)
+    return np.asarray(sample_jit(logits, md, jax.random.key(1234)).token_ids)
 
 
-# ---- tests ----
+# ---- greedy and distributions ----
 
 
 def test_greedy_rows_take_the_argmax_even_next_to_sampled_rows():
     rng = np.random.default_rng(0)
-    logits = random_logits(rng, (8, 1000))
-    temperature = np.array([0, 0, 1.0, 0, 0.7, 0, 0, 1e-6], np.float32)
-    out = sample_jit(logits, make_metadata(8, temperature=temperature), jax.random.key(0))
+    logits = random_logits(rng, (WIDE_ROWS, WIDE_VOCAB))
+    temperature = rng.choice(np.float32([0.0, 1e-6, 0.7, 1.0]), WIDE_ROWS)
+    out = sample_jit(logits, make_metadata(WIDE_ROWS, temperature=temperature), jax.random.key(0))
     greedy = temperature < 1e-5
     np.testing.assert_array_equal(np.asarray(out.token_ids)[greedy], logits.argmax(-1)[greedy])
-    all_greedy = sample_jit(logits, make_metadata(8), jax.random.key(0))
+    all_greedy = sample_jit(logits, make_metadata(WIDE_ROWS), jax.random.key(0))
     np.testing.assert_array_equal(np.asarray(all_greedy.token_ids), logits.argmax(-1))
 
 
 @pytest.mark.parametrize("seeded", [False, True])
 def test_temperature_samples_follow_softmax_of_scaled_logits(seeded):
-    logits = random_logits(np.random.default_rng(1), 24)
+    logits = random_logits(np.random.default_rng(1), DRAW_VOCAB)
     seeds = np.arange(NUM_DRAWS) if seeded else 0
     tokens = draw_many(logits, temperature=0.6, seeded=seeded, seed=seeds)
     assert_drawn_from(tokens, ref_target_probs(logits, 0.6))
@@ -160,7 +167,7 @@ def test_temperature_samples_follow_softmax_of_scaled_logits(seeded):
 
 
 def test_top_k_samples_only_the_top_k_renormalised():
-    logits = random_logits(np.random.default_rng(2), 32)
+    logits = random_logits(np.random.default_rng(2), DRAW_VOCAB)
     tokens = draw_many(logits, temperature=1.3, top_k=5)
     probs = ref_target_probs(logits, 1.3, top_k=5)
     assert set(np.unique(tokens)) == set(np.argsort(-logits)[:5])
@@ -168,7 +175,7 @@ def test_top_k_samples_only_the_top_k_renormalised():
 
 
 def test_top_p_samples_the_smallest_prefix_reaching_p():
-    logits = random_logits(np.random.default_rng(3), 32)
+    logits = random_logits(np.random.default_rng(3), DRAW_VOCAB)
     cumulative = np.cumsum(np.sort(ref_softmax(logits / 0.9))[::-1])
     top_p = float((cumulative[5] + cumulative[6]) / 2)  # reaches p with 7 tokens, away from any boundary
     probs = ref_target_probs(logits, 0.9, top_p=top_p)
@@ -177,14 +184,14 @@ def test_top_p_samples_the_smallest_prefix_reaching_p():
 
 
 def test_min_p_drops_tokens_below_a_fraction_of_the_top_probability():
-    logits = random_logits(np.random.default_rng(4), 32, scale=1.5)
+    logits = random_logits(np.random.default_rng(4), DRAW_VOCAB, scale=1.5)
     probs = ref_target_probs(logits, 1.0, min_p=0.1)
-    assert 2 < (probs > 0).sum() < 32
+    assert 2 < (probs > 0).sum() < DRAW_VOCAB
     assert_drawn_from(draw_many(logits, temperature=1.0, min_p=0.1), probs)
 
 
 def test_top_k_then_top_p_then_min_p_combined():
-    logits = random_logits(np.random.default_rng(5), 64, scale=1.5)
+    logits = random_logits(np.random.default_rng(5), DRAW_VOCAB, scale=1.5)
     scaled = logits / 1.4
     top10 = np.sort(ref_softmax(np.sort(scaled)[::-1][:10]))[::-1]
     top_p = float((np.cumsum(top10)[6] + np.cumsum(top10)[7]) / 2)  # 8 of the top 10
@@ -194,19 +201,32 @@ def test_top_k_then_top_p_then_min_p_combined():
     assert_drawn_from(draw_many(logits, temperature=1.4, top_k=10, top_p=top_p, min_p=min_p), probs)
 
 
+def test_suppressed_tokens_are_never_sampled():
+    logits = random_logits(np.random.default_rng(9), DRAW_VOCAB)
+    suppressed = np.argsort(-logits)[[0, 1, 5, 20]]  # includes the two most likely tokens
+    temperature = np.where(np.arange(NUM_DRAWS) % 2 == 0, 1.5, 0.0)
+    tokens = draw_many(logits, suppressed_ids=suppressed, temperature=temperature)
+    allowed = np.where(np.isin(np.arange(DRAW_VOCAB), suppressed), -np.inf, logits)
+    np.testing.assert_array_equal(tokens[1::2], allowed.argmax())
+    assert_drawn_from(tokens[::2], ref_target_probs(allowed, 1.5))
+
+
+# ---- filters and penalties against references ----
+
+
 def test_filter_masks_match_reference_row_by_row():
     rng = np.random.default_rng(6)
-    num_rows, vocab_size = 16, 96
+    num_rows, vocab_size = 16, 1024
     logits = random_logits(rng, (num_rows, vocab_size), scale=2.0)
-    top_k = rng.choice([0, 1, 3, 17, 95, 96, 500], num_rows).astype(np.int32)
+    top_k = rng.choice([0, 1, 3, 17, 1023, 1024, 5000], num_rows).astype(np.int32)
     top_p = np.ones(num_rows, np.float32)
     for s in range(0, num_rows, 2):  # half the rows also use top-p, cut midway between cumulative masses
         k = vocab_size if top_k[s] == 0 else min(top_k[s], vocab_size)
         c = np.cumsum(np.sort(ref_softmax(np.sort(logits[s])[::-1][:k]))[::-1])
-        m = rng.integers(0, len(c) - 1) if len(c) > 1 else 0
+        m = rng.integers(0, min(len(c) - 1, 40)) if len(c) > 1 else 0
         top_p[s] = (c[m] + c[m + 1]) / 2 if len(c) > 1 else 0.5
     min_p = np.where(np.arange(num_rows) % 3 == 0, 0.05, 0.0).astype(np.float32)
-    filtered = np.asarray(apply_min_p(apply_top_k_top_p(logits, top_k, top_p), min_p))
+    filtered = np.asarray(filters_jit(logits, top_k, top_p, min_p))
     for s in range(num_rows):
         kept = ref_kept_tokens(logits[s], top_k[s], top_p[s], min_p[s])
         np.testing.assert_array_equal(np.isfinite(filtered[s]), kept, err_msg=f"row {s}")
@@ -214,54 +234,60 @@ def test_filter_masks_match_reference_row_by_row():
 
 
 def test_filters_switched_off_leave_logits_bit_identical():
-    logits = random_logits(np.random.default_rng(7), (4, 4096), scale=3.0)
-    zeros = np.zeros(4, np.float32)
-    out = apply_min_p(apply_top_k_top_p(logits, np.array([0, 0, 4096, 9999], np.int32), zeros + 1), zeros)
+    logits = random_logits(np.random.default_rng(7), (16, 1024), scale=3.0)
+    top_k = np.array([0, 1024, 9999] * 5 + [0], np.int32)
+    out = filters_jit(logits, top_k, np.ones(16, np.float32), np.zeros(16, np.float32))
     np.testing.assert_array_equal(np.asarray(out), logits)
 
 
-def test_penalties_match_reference():
-    rng = np.random.default_rng(8)
-    num_rows, vocab_size = 6, 50
+def penalty_case(rng, num_rows=6, vocab_size=50):
     logits = random_logits(rng, (num_rows, vocab_size), scale=3.0)
     prompt = np.full((num_rows, 64), -1, np.int32)
     output = np.full((num_rows, 64), -1, np.int32)
     for s in range(num_rows):
         prompt[s, : 5 + 3 * s] = rng.integers(0, vocab_size, 5 + 3 * s)
         output[s, : 4 * s] = rng.integers(0, 12, 4 * s)  # few distinct ids: repeats give counts > 1
-    presence = rng.uniform(-2, 2, num_rows).astype(np.float32)
-    frequency = rng.uniform(-2, 2, num_rows).astype(np.float32)
-    repetition = rng.uniform(0.5, 2.0, num_rows).astype(np.float32)
-    md = make_metadata(num_rows, presence=presence, frequency=frequency, repetition=repetition, prompt=prompt,
-                       output=output)  # fmt: skip
-    expected = ref_penalties(logits, prompt, output, presence, frequency, repetition)
+    penalties = dict(
+        presence=rng.uniform(-2, 2, num_rows).astype(np.float32),
+        frequency=rng.uniform(-2, 2, num_rows).astype(np.float32),
+        repetition=rng.uniform(0.5, 2.0, num_rows).astype(np.float32),
+    )
+    return logits, prompt, output, penalties
+
+
+def test_penalties_match_reference():
+    logits, prompt, output, penalties = penalty_case(np.random.default_rng(8))
+    md = make_metadata(len(logits), prompt=prompt, output=output, **penalties)
+    expected = ref_penalties(logits, prompt, output, *penalties.values())
     np.testing.assert_allclose(np.asarray(jax.jit(process_logits)(logits, md)), expected, **F32_TOL)
     tokens = sample_jit(logits, md, jax.random.key(0)).token_ids
     np.testing.assert_array_equal(np.asarray(tokens), expected.argmax(-1))
     assert (expected.argmax(-1) != logits.argmax(-1)).any(), "penalties should change some greedy choice"
 
 
-def test_suppressed_tokens_are_never_sampled():
-    rng = np.random.default_rng(9)
-    logits_row = random_logits(rng, 40)
-    suppressed = np.argsort(-logits_row)[[0, 1, 5, 20]]  # includes the two most likely tokens
-    rows = np.full((NUM_DRAWS, 8), -1, np.int32)
-    rows[:, :4] = suppressed
-    logits = np.broadcast_to(logits_row, (NUM_DRAWS, 40))
-    temperature = np.where(np.arange(NUM_DRAWS) % 2 == 0, 1.5, 0.0)
-    out = sample_jit(logits, make_metadata(NUM_DRAWS, temperature=temperature, suppressed=rows), jax.random.key(3))
+def test_logprobs_are_the_raw_log_softmax_not_the_processed_one():
+    logits, prompt, output, penalties = penalty_case(np.random.default_rng(13))
+    md = make_metadata(len(logits), prompt=prompt, output=output, max_num_logprobs=5, **penalties)
+    out = sample_jit(logits, md, jax.random.key(0))
+    expected = ref_log_softmax(logits)
     tokens = np.asarray(out.token_ids)
-    allowed = logits_row.copy()
-    allowed[suppressed] = -np.inf
-    np.testing.assert_array_equal(tokens[1::2], allowed.argmax())
-    assert_drawn_from(tokens[::2], ref_target_probs(allowed, 1.5))
+    assert (tokens != logits.argmax(-1)).any()  # penalties moved the choice, not the logprobs
+    np.testing.assert_allclose(np.asarray(out.sampled_logprob), expected[np.arange(len(logits)), tokens], **F32_TOL)
+    top_ids = np.argsort(-expected, axis=-1)[:, :5]
+    np.testing.assert_array_equal(np.asarray(out.top_token_ids), top_ids)
+    np.testing.assert_allclose(np.asarray(out.top_logprobs), np.take_along_axis(expected, top_ids, -1), **F32_TOL)
+    no_logprobs = sample_jit(logits, md.replace(max_num_logprobs=0), jax.random.key(0))
+    assert no_logprobs.top_token_ids.shape == (len(logits), 0) and no_logprobs.top_logprobs.shape == (len(logits), 0)
+    np.testing.assert_array_equal(np.asarray(no_logprobs.token_ids), tokens)
+
+
+# ---- keys and seeds ----
 
 
 def seeded_batch(rng, logits_rows, seeds, rows, num_rows, *, busy_neighbours):
     """A batch of num_rows with the seeded requests at `rows`; the other rows are unseeded (top-k and penalties
     switched on when busy_neighbours, so the batch compiles a different program)."""
-    vocab_size = logits_rows.shape[1]
-    logits = random_logits(rng, (num_rows, vocab_size))
+    logits = random_logits(rng, (num_rows, WIDE_VOCAB))
     logits[rows] = logits_rows
     seeded = np.zeros(num_rows, bool)
     seeded[rows] = True
@@ -270,7 +296,7 @@ def seeded_batch(rng, logits_rows, seeds, rows, num_rows, *, busy_neighbours):
     top_k = np.where(seeded | (not busy_neighbours), 0, 7)
     prompt = output = None
     if busy_neighbours:
-        prompt = np.where(seeded[:, None], -1, rng.integers(0, vocab_size, (num_rows, 64))).astype(np.int32)
+        prompt = np.where(seeded[:, None], -1, rng.integers(0, WIDE_VOCAB, (num_rows, 64))).astype(np.int32)
         output = np.full((num_rows, 64), -1, np.int32)
     md = make_metadata(num_rows, temperature=1.0, top_k=top_k, seeded=seeded, seed=seed, output_position=3,
                        prompt=prompt, output=output, repetition=np.where(seeded, 1.0, 1.3))  # fmt: skip
@@ -279,64 +305,56 @@ def seeded_batch(rng, logits_rows, seeds, rows, num_rows, *, busy_neighbours):
 
 def test_seeded_rows_sample_the_same_tokens_in_any_batch_and_row():
     rng = np.random.default_rng(10)
-    vocab_size, num_seeded = 512, 64
-    logits_rows = random_logits(rng, (num_seeded, vocab_size), scale=0.5)
-    seeds = rng.integers(0, 2**32, num_seeded, dtype=np.uint64).astype(np.uint32)
-    logits_a, md_a = seeded_batch(rng, logits_rows, seeds, np.arange(num_seeded), 64, busy_neighbours=False)
-    rows_b = rng.permutation(128)[:num_seeded]
-    logits_b, md_b = seeded_batch(rng, logits_rows, seeds, rows_b, 128, busy_neighbours=True)
+    logits_rows = random_logits(rng, (WIDE_ROWS, WIDE_VOCAB), scale=0.5)
+    seeds = rng.integers(0, 2**32, WIDE_ROWS, dtype=np.uint64).astype(np.uint32)
+    logits_a, md_a = seeded_batch(rng, logits_rows, seeds, np.arange(WIDE_ROWS), WIDE_ROWS, busy_neighbours=False)
+    rows_b = rng.permutation(2 * WIDE_ROWS)[:WIDE_ROWS]
+    logits_b, md_b = seeded_batch(rng, logits_rows, seeds, rows_b, 2 * WIDE_ROWS, busy_neighbours=True)
     assert md_b.any_top_k_top_p and md_b.any_penalties and not md_a.any_top_k_top_p
     tokens_a = np.asarray(sample_jit(logits_a, md_a, jax.random.key(1)).token_ids)
     tokens_b = np.asarray(sample_jit(logits_b, md_b, jax.random.key(2)).token_ids)
     np.testing.assert_array_equal(tokens_a, tokens_b[rows_b])
-    assert len(np.unique(tokens_a)) > num_seeded // 2  # real draws, not a constant
+    assert len(np.unique(tokens_a)) > WIDE_ROWS // 2  # real draws, not a constant
 
 
 def test_seeded_stream_moves_with_sample_index_and_output_position():
     rng = np.random.default_rng(11)
-    num_rows, vocab_size = 64, 4096
-    logits = random_logits(rng, (num_rows, vocab_size), scale=0.1)  # near flat: a repeat has chance ~1/4096
-    seeds = rng.integers(0, 2**31, num_rows)
+    logits = random_logits(rng, (WIDE_ROWS, WIDE_VOCAB), scale=0.1)  # near flat
+    seeds = rng.integers(0, 2**31, WIDE_ROWS)
 
     def draw(**kw):
-        md = make_metadata(num_rows, temperature=1.0, seeded=True, seed=seeds, **kw)
+        md = make_metadata(WIDE_ROWS, temperature=1.0, seeded=True, seed=seeds, **kw)
         return np.asarray(sample_jit(logits, md, jax.random.key(0)).token_ids)
 
     base = draw(sample_index=0, output_position=5)
     np.testing.assert_array_equal(draw(sample_index=0, output_position=5), base)
     assert (draw(sample_index=1, output_position=5) == base).sum() <= 2
     assert (draw(sample_index=0, output_position=6) == base).sum() <= 2
-    expected_key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(7), 2), 9)
-    np.testing.assert_array_equal(seeded_request_key(np.uint32(7), 2, 9), expected_key)
 
 
-def test_unseeded_rows_change_with_the_step_key_and_raw_keys_work():
-    rng = np.random.default_rng(12)
-    logits = random_logits(rng, (64, 4096), scale=0.1)
-    md = make_metadata(64, temperature=1.0)
+def test_unseeded_rows_change_with_the_step_key():
+    logits = random_logits(np.random.default_rng(12), (WIDE_ROWS, WIDE_VOCAB), scale=0.1)
+    md = make_metadata(WIDE_ROWS, temperature=1.0)
     first = np.asarray(sample_jit(logits, md, jax.random.key(5)).token_ids)
-    raw = np.asarray(sample_jit(logits, md, jax.random.PRNGKey(5)).token_ids)
-    np.testing.assert_array_equal(first, raw)
+    np.testing.assert_array_equal(np.asarray(sample_jit(logits, md, jax.random.key(5)).token_ids), first)
     assert (np.asarray(sample_jit(logits, md, jax.random.key(6)).token_ids) == first).sum() <= 2
 
 
-def test_logprobs_are_the_raw_log_softmax():
-    rng = np.random.default_rng(13)
-    num_rows, vocab_size = 8, 300
-    logits = random_logits(rng, (num_rows, vocab_size), scale=2.0)
-    prompt = rng.integers(0, vocab_size, (num_rows, 64)).astype(np.int32)
-    md = make_metadata(num_rows, temperature=0.8, top_k=20, repetition=1.5, prompt=prompt,
-                       output=np.full((num_rows, 64), -1, np.int32), max_num_logprobs=5)  # fmt: skip
-    out = sample_jit(logits, md, jax.random.key(0))
-    expected = ref_log_softmax(logits)
-    tokens = np.asarray(out.token_ids)
-    np.testing.assert_allclose(np.asarray(out.sampled_logprob), expected[np.arange(num_rows), tokens], **F32_TOL)
-    top_ids = np.argsort(-expected, axis=-1)[:, :5]
-    np.testing.assert_array_equal(np.asarray(out.top_token_ids), top_ids)
-    np.testing.assert_allclose(np.asarray(out.top_logprobs), np.take_along_axis(expected, top_ids, -1), **F32_TOL)
-    no_logprobs = sample_jit(logits, md.replace(max_num_logprobs=0), jax.random.key(0))
-    assert no_logprobs.top_token_ids.shape == (num_rows, 0) and no_logprobs.top_logprobs.shape == (num_rows, 0)
-    np.testing.assert_array_equal(np.asarray(no_logprobs.token_ids), tokens)
+def test_row_keys_follow_the_seeded_formula_and_accept_raw_step_keys():
+    seeds = np.uint32([7, 2**32 - 1, 7, 0, 0, 0])  # rows 0-3 seeded, rows 4-5 not
+    indices, positions = np.int32([2, 0, 3, 1, 0, 0]), np.int32([9, 4, 9, 0, 0, 0])
+    md = make_metadata(6, seeded=[True] * 4 + [False] * 2, seed=seeds, sample_index=indices, output_position=positions)
+    typed = np.asarray(row_keys_jit(md, jax.random.key(5)))
+    np.testing.assert_array_equal(np.asarray(row_keys_jit(md, jax.random.PRNGKey(5))), typed)
+    for row in range(4):
+        formula = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seeds[row]), indices[row]), positions[row])
+        np.testing.assert_array_equal(typed[row], formula)
+        np.testing.assert_array_equal(seeded_request_key(seeds[row], indices[row], positions[row]), formula)
+    assert len({tuple(k) for k in typed}) == 6
+    assert not (np.asarray(row_keys_jit(md, jax.random.key(6)))[4:] == typed[4:]).all()
+
+
+# ---- tracing and errors ----
 
 
 def test_values_change_without_retracing_and_flags_change_with_one():
@@ -348,11 +366,13 @@ def test_values_change_without_retracing_and_flags_change_with_one():
 
     step = jax.jit(traced_sample)
     rng = np.random.default_rng(14)
-    logits = random_logits(rng, (16, 64))
-    for temperature, seed in [(0.5, 1), (1.5, 2), (0.9, 3)]:
-        step(logits, make_metadata(16, temperature=temperature, top_k=4, seeded=True, seed=seed), jax.random.key(0))
+    logits, prompt, output, _ = penalty_case(rng)
+    for repetition, seed, position in [(0.5, 1, 0), (1.5, 2, 7), (0.9, 3, 9)]:
+        md = make_metadata(6, repetition=repetition, seeded=True, seed=seed, output_position=position,
+                           prompt=rng.permutation(prompt), output=output)  # fmt: skip
+        step(logits, md, jax.random.key(0))
     assert len(traces) == 1
-    step(logits, make_metadata(16, temperature=0.5), jax.random.key(0))  # no top-k: another program
+    step(logits, make_metadata(6), jax.random.key(0))  # no penalties: another program
     assert len(traces) == 2
 
 

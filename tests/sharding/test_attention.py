@@ -1,6 +1,7 @@
 """shard_mapped_attention: the attention op run per tensor shard equals it run whole, alone and inside the model."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding
@@ -9,6 +10,7 @@ import jaxllm.models.decoder
 from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference
 from sharding import make_mesh, shard_mapped_attention
 from sharding.attention import CACHE_SPEC, QUERY_SPEC
+from tests.sharding.helpers import FAST_COMPILE
 
 pytestmark = [
     pytest.mark.multidevice,
@@ -48,11 +50,10 @@ def test_per_shard_attention_equals_whole(tensor, num_heads, num_kv_heads):
     attention = shard_mapped_attention(mesh, recording_reference)
     q_dev = jax.device_put(q, NamedSharding(mesh, QUERY_SPEC))
     k_dev, v_dev = jax.device_put((k_cache, v_cache), NamedSharding(mesh, CACHE_SPEC))
-    run = jax.jit(lambda *args: attention(*args, sm_scale=0.3, sliding_window=None))
+    run = jax.jit(lambda *args: attention(*args, sm_scale=0.3, sliding_window=None), compiler_options=FAST_COMPILE)
     got = run(q_dev, k_dev, v_dev, block_tables, seq_lens, query_start_loc)
-    want = ragged_paged_attention_reference(
-        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, sm_scale=0.3
-    )
+    inputs = (q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
+    want = ragged_paged_attention_reference(*map(jnp.asarray, inputs), sm_scale=0.3)
     np.testing.assert_allclose(np.asarray(got)[:num_real], np.asarray(want)[:num_real], rtol=1e-6, atol=1e-6)
     assert got.sharding.spec == QUERY_SPEC
     per_shard = (q.shape[0], num_heads // tensor, q.shape[2])
@@ -82,4 +83,3 @@ def test_model_with_shard_mapped_attention_matches_one_device(reference, monkeyp
     outputs, recording = run_on_mesh(reference.model, reference.prompts, 4, 1)
     assert_matches(reference, outputs, recording)
     assert calls and all(shape[1] == reference.model.config.num_heads // 4 for shape in calls)
-

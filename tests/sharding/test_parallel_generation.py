@@ -5,6 +5,8 @@ in chunks across steps while others decode. Each mesh runs it through the real s
 model's own forward on one device. f32 logits of every step must match tightly; greedy ids exactly.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,8 +14,8 @@ import pytest
 
 from sharding import DataParallelEngine, ShardedEngine, make_mesh, shard_model
 from sharding.engine import generate
-from sharding.runner import PipelineRunner
-from tests.sharding.helpers import GREEDY, RecordingRunner, logits_head, resolved_config
+from sharding.runner import PipelineRunner, padding_batch
+from tests.sharding.helpers import FAST_COMPILE, GREEDY, RecordingRunner, logits_head, resolved_config
 
 pytestmark = [
     pytest.mark.multidevice,
@@ -27,7 +29,13 @@ def run_on_mesh(model, prompts, tensor: int, pipe: int, num_microbatches: int | 
     mesh = make_mesh(tensor_parallel_size=tensor, pipeline_parallel_size=pipe)
     config = resolved_config()
     runner = PipelineRunner(
-        shard_model(model, mesh), mesh, config, jnp.float32, head_fn=logits_head, num_microbatches=num_microbatches
+        shard_model(model, mesh),
+        mesh,
+        config,
+        jnp.float32,
+        head_fn=logits_head,
+        num_microbatches=num_microbatches,
+        compiler_options=FAST_COMPILE,
     )
     recording = RecordingRunner(runner)
     outputs = generate(ShardedEngine(recording, config), prompts, GREEDY)
@@ -55,6 +63,24 @@ def test_tensor_parallel(reference, tensor):
     outputs, recording = run_on_mesh(reference.model, reference.prompts, tensor, 1)
     assert_matches(reference, outputs, recording)
     assert recording.runner.num_traces == 1  # one bucket, one stage: compiled once, never again
+    assert_megatron_collectives(recording.runner, reference.model.config)
+
+
+def assert_megatron_collectives(runner, model_config) -> None:
+    """Per layer one all-reduce after o_proj and one after down_proj, plus one for the vocab-split embedding lookup;
+    otherwise only all-gathers of per-request rows [S, ...] (logits, argmax partials): the KV cache and the weights
+    never move."""
+    bucket = runner.config.token_buckets[0]
+    rows = runner.config.request_rows_for(bucket)
+    batch = padding_batch(bucket, rows, runner.config.max_blocks_per_request)
+    hlo = runner.pipeline.lower_stage(0, batch).compile().as_text()  # cached: the program already ran
+    collectives = re.findall(
+        r"= (\w+)\[([\d,]*)\]\S* (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)\(", hlo
+    )
+    all_reduces = [(dtype, shape) for dtype, shape, kind in collectives if kind == "all-reduce"]
+    assert all_reduces == [("f32", f"{bucket},{model_config.hidden_size}")] * (2 * model_config.num_layers + 1)
+    others = [(shape, kind) for _, shape, kind in collectives if kind != "all-reduce"]
+    assert others and all(kind == "all-gather" and shape.split(",")[0] == str(rows) for shape, kind in others)
 
 
 @pytest.mark.parametrize(("tensor", "pipe"), [(1, 2), (1, 4), (2, 2), (2, 4)])
@@ -78,7 +104,9 @@ def test_data_parallel_replicas_share_the_queue(reference):
     config = resolved_config()
 
     def make_replica(replica_mesh, index):
-        return ShardedEngine.from_model(shard_model(reference.model, replica_mesh), replica_mesh, config, jnp.float32)
+        model = shard_model(reference.model, replica_mesh)
+        runner_kwargs = {"compiler_options": FAST_COMPILE}
+        return ShardedEngine.from_model(model, replica_mesh, config, jnp.float32, runner_kwargs=runner_kwargs)
 
     engine = DataParallelEngine.build(mesh, make_replica)
     try:

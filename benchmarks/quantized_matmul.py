@@ -1,0 +1,220 @@
+"""Quantized matmul benchmark: int8 / int4 / fp8 weights against a bf16 XLA matmul on the Llama-3.1-8B layer shapes.
+
+    PYTHONPATH=. python3 benchmarks/quantized_matmul.py                 # the GPU run
+    PYTHONPATH=. python3 benchmarks/quantized_matmul.py --sweep         # also time a few Pallas GPU kernel configs
+    PYTHONPATH=. python3 benchmarks/quantized_matmul.py --smoke         # tiny sizes, interpret mode, on CPU
+
+Shapes ``[M, K] x [K, N]`` with (K, N) in {(4096, 6144) fused qkv, (4096, 4096) o, (4096, 28672) fused gate_up,
+(14336, 4096) down} and M in {1, 16, 64, 256, 4096}; bf16 activations and outputs. Each timed call multiplies the
+same activations by several copies of the weight (together > 256 MB, so the 50 MB L2 cannot hold them) and the time
+per product is reported: weight-read bandwidth (values + scales bytes / time) for M <= 64, TFLOP/s (2MKN / time)
+for every M, and the speed-up over the bf16 matmul. Times are medians over repeats after an untimed warm-up;
+weights and activations are random normal (fixed seeds). Every backend's output is checked against the reference
+op before it is timed. Prints a table and a JSON record (device, jax version, commit, rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.common import environment, print_record
+from jaxllm.quantization import METHODS, quantize_weight
+from pallas_kernels.quantized_matmul import quantized_matmul, triton_gpu
+
+LLAMA_8B_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
+BATCH_ROWS = [1, 16, 64, 256, 4096]
+SMOKE_SHAPES = [(256, 384)]
+SMOKE_ROWS = [1, 16]
+L2_DEFEAT_BYTES = 256 * 2**20
+SWEEP_CONFIGS = {  # (block_m, block_n, block_k, num_k_splits, num_warps, num_stages); block_m follows M below 16
+    "decode": [
+        (16, n, k, s, 4, st)
+        for n, k, s, st in [
+            (32, 256, 1, 4),
+            (64, 256, 2, 4),
+            (64, 512, 4, 3),
+            (128, 128, 4, 4),
+            (32, 128, 8, 4),
+            (64, 128, 1, 5),
+        ]
+    ],
+    "prefill": [
+        (128, 128, 64, 1, 8, 3),
+        (128, 128, 32, 1, 4, 4),
+        (64, 128, 64, 1, 4, 3),
+        (128, 256, 64, 1, 8, 3),
+        (64, 64, 64, 1, 4, 4),
+        (256, 128, 64, 1, 8, 3),
+    ],
+}
+
+
+@dataclasses.dataclass
+class Case:
+    k: int
+    n: int
+    m: int
+    method: str  # "bf16" for the baseline
+    impl: str
+    note: str = ""
+
+
+def median_seconds(fn, *args, target_seconds=0.05, repeats=7) -> float:
+    """Median over ``repeats`` of the mean time of back-to-back calls; warm-up (and compile) untimed."""
+    jax.block_until_ready(fn(*args))
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    calls = max(3, min(1000, int(target_seconds / max(time.perf_counter() - start, 1e-6))))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - start) / calls)
+    return float(np.median(samples))
+
+
+def bf16_matmul(x, w):
+    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def over_copies(product):
+    """One jitted call multiplying ``x`` by every weight copy (distinct operands, so XLA keeps every product)."""
+    return jax.jit(lambda x, weights: [product(x, w) for w in weights])
+
+
+def make_weights(k, n, method, num_copies, seed=0):
+    weights = []
+    for copy in range(num_copies):
+        w = jax.random.normal(jax.random.key(seed + copy), (k, n), jnp.bfloat16) * (k**-0.5)
+        weights.append(w if method == "bf16" else quantize_weight(w, method))
+        del w
+    return weights
+
+
+def weight_bytes(weight) -> int:
+    return weight.nbytes if hasattr(weight, "method") else weight.size * weight.dtype.itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    methods: list
+    impls: list
+    num_copies: int
+    sweep: bool
+    repeats: int
+
+
+def time_case(case: Case, x, weights, product, reference_out, settings: Settings) -> dict:
+    row = dataclasses.asdict(case)
+    try:
+        fn = over_copies(product)
+        out = fn(x, weights)[0].astype(jnp.float32)
+        expected = reference_out.astype(jnp.float32)
+        err = jnp.linalg.norm(out - expected) / jnp.linalg.norm(expected)
+        seconds = median_seconds(fn, x, weights, repeats=settings.repeats) / len(weights)
+    except Exception as exc:  # a failing backend must not hide the others' numbers
+        return dict(row, error=f"{type(exc).__name__}: {exc}")
+    flops = 2.0 * case.m * case.k * case.n
+    row.update(time_us=seconds * 1e6, relative_error=float(err), tflop_per_s=flops / seconds / 1e12)
+    if case.m <= 64:
+        row["weight_gb_per_s"] = weight_bytes(weights[0]) / seconds / 1e9
+    return row
+
+
+def sweep_products(m, k, method):
+    """(note, product) for each sweep config that tiles this K (int4 with the default group of 128)."""
+    for block_m, block_n, block_k, splits, warps, stages in SWEEP_CONFIGS["decode" if m <= 16 else "prefill"]:
+        cfg = triton_gpu.KernelConfig(block_m, block_n, min(block_k, k), splits, warps, stages)
+        try:
+            triton_gpu.check_config(cfg, method, k, 128 if method == "int4" else None)
+        except ValueError:
+            continue
+        note = f"cfg m{block_m} n{block_n} k{block_k} s{splits} w{warps} st{stages}"
+        yield note, functools.partial(triton_gpu.quantized_matmul_triton, out_dtype=jnp.bfloat16, config=cfg)
+
+
+def run_method(rows, k, n, m, method, weights, settings: Settings):
+    x = jax.random.normal(jax.random.key(100 + m), (m, k), jnp.bfloat16)
+    if method == "bf16":
+        rows.append(
+            time_case(Case(k, n, m, "bf16", "xla"), x, weights, bf16_matmul, bf16_matmul(x, weights[0]), settings)
+        )
+        return
+    reference_out = quantized_matmul(x, weights[0], impl="reference")
+    for impl in settings.impls:
+        product = functools.partial(quantized_matmul, impl=impl)
+        rows.append(time_case(Case(k, n, m, method, impl), x, weights, product, reference_out, settings))
+    for note, product in sweep_products(m, k, method) if settings.sweep else ():
+        rows.append(time_case(Case(k, n, m, method, "pallas_gpu", note), x, weights, product, reference_out, settings))
+
+
+def run_shape(rows, k, n, batch_rows, settings: Settings):
+    for method in ("bf16", *settings.methods):
+        weights = make_weights(k, n, method, settings.num_copies)
+        for m in batch_rows:
+            run_method(rows, k, n, m, method, weights, settings)
+        del weights
+
+
+def print_table(rows):
+    baseline = {(r["k"], r["n"], r["m"]): r["time_us"] for r in rows if r["method"] == "bf16" and "time_us" in r}
+    print(
+        f"\n{'K x N':>12s} {'M':>5s} {'method':6s} {'impl':22s} {'time us':>9s} {'GB/s':>7s} {'TFLOP/s':>8s} "
+        f"{'vs bf16':>7s} {'rel err':>8s}  note"
+    )
+    for r in rows:
+        head = f"{r['k']:>5d}x{r['n']:<6d} {r['m']:5d} {r['method']:6s} {r['impl']:22s}"
+        if "error" in r:
+            print(f"{head} FAILED: {r['error'][:100]}")
+            continue
+        speedup = baseline.get((r["k"], r["n"], r["m"]), float("nan")) / r["time_us"]
+        gbps = f"{r['weight_gb_per_s']:7.0f}" if "weight_gb_per_s" in r else f"{'':7s}"
+        print(
+            f"{head} {r['time_us']:9.1f} {gbps} {r['tflop_per_s']:8.2f} {speedup:7.2f} {r['relative_error']:8.1e}  "
+            f"{r['note']}"
+        )
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes in interpret mode (CPU)")
+    p.add_argument("--sweep", action="store_true", help="also time a few Pallas GPU kernel configs (GPU)")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--impls", default=None, help="comma-separated impls (default: pallas_gpu,xla; smoke: interpret)")
+    p.add_argument("--rows", default=None, help="comma-separated M values")
+    p.add_argument("--json", default=None, help="also write the JSON record to this path")
+    args = p.parse_args(argv)
+    if args.impls:
+        impls = args.impls.split(",")
+    else:
+        impls = ["pallas_gpu_interpret", "xla"] if args.smoke else ["pallas_gpu", "xla"]
+    shapes = SMOKE_SHAPES if args.smoke else LLAMA_8B_SHAPES
+    batch_rows = [int(m) for m in args.rows.split(",")] if args.rows else (SMOKE_ROWS if args.smoke else BATCH_ROWS)
+    rows = []
+    for k, n in shapes:
+        num_copies = 1 if args.smoke else max(2, min(16, -(-L2_DEFEAT_BYTES // (k * n))))  # int8 bytes per copy
+        settings = Settings(
+            args.methods.split(","), impls, num_copies, args.sweep and not args.smoke, 3 if args.smoke else 7
+        )
+        run_shape(rows, k, n, batch_rows, settings)
+    print_table(rows)
+    record = dict(environment(), benchmark="quantized_matmul", smoke=args.smoke, rows=rows)
+    print_record(record)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1, sort_keys=True)
+    return record
+
+
+if __name__ == "__main__":
+    main()
