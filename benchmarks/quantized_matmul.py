@@ -6,11 +6,11 @@
 
 Shapes ``[M, K] x [K, N]`` with (K, N) in {(4096, 6144) fused qkv, (4096, 4096) o, (4096, 28672) fused gate_up,
 (14336, 4096) down} and M in {1, 16, 64, 256, 4096}; bf16 activations and outputs. Each timed call multiplies the
-same activations by several copies of the weight (together > 256 MB, so the 50 MB L2 cannot hold them) and the time
-per product is reported: weight-read bandwidth (values + scales bytes / time) for M <= 64, TFLOP/s (2MKN / time)
-for every M, and the speed-up over the bf16 matmul. Times are medians over repeats after an untimed warm-up;
-weights and activations are random normal (fixed seeds). Every backend's output is checked against the reference
-op before it is timed. Prints a table and a JSON record (device, jax version, commit, rows).
+same activations by several copies of the weight (>= 128 MB together even for int4, so the 50 MB L2 cannot hold
+them) and the time per product is reported: weight-read bandwidth (values + scales bytes / time) for M <= 64,
+TFLOP/s (2MKN / time) for every M, and the speed-up over the bf16 matmul. Times are medians over repeats after an
+untimed warm-up; weights and activations are random normal (fixed seeds). Each backend's output is compared with the
+reference op (relative norm error column). Prints a table and a JSON record (device, jax version, commit, rows).
 """
 
 from __future__ import annotations

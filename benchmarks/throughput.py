@@ -32,6 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--attention-impl", help="ragged paged attention backend (default: the platform's)")
     p.add_argument("--smoke", action="store_true", help="tiny model and job, for a CPU check")
     p.add_argument("--record", action="store_true", help="append a row to benchmarks/RESULTS.md")
     return p.parse_args(argv)
@@ -65,6 +67,8 @@ def run(args) -> dict:
         max_num_batched_tokens=64 if args.smoke else args.max_num_batched_tokens,
         max_model_len=min(args.max_model_len, 256) if args.smoke else args.max_model_len,
         block_size=args.block_size,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        attention_impl=args.attention_impl,
     )
     startup_s = time.perf_counter() - start
     vocab_size = llm.llm_engine.model_config.vocab_size
@@ -95,6 +99,9 @@ def run(args) -> dict:
             "max_num_batched_tokens": args.max_num_batched_tokens,
             "block_size": args.block_size,
             "dtype": args.dtype,
+            "attention_impl": args.attention_impl or "default",
+            "gpu_memory_utilization": args.gpu_memory_utilization,
+            "num_kv_blocks": llm.llm_engine.resolved.num_blocks,
         },
         "architecture": llm.llm_engine.model_config.architecture,
     }
@@ -111,7 +118,8 @@ def main(argv=None) -> dict:
     print_record(record)
     if args.record:
         append_result_row(
-            f"| {record['date']} | throughput {record['job']} | {record['device']} | jax {record['jax']} | "
+            f"| {record['date']} | throughput {record['job']} ({record['engine']['attention_impl']} attention) | "
+            f"{record['device']} | jax {record['jax']} | "
             f"{record['commit']} | {record['output_tokens_per_s']:.0f} output tok/s, "
             f"{record['total_tokens_per_s']:.0f} total tok/s ({record['elapsed_s']:.1f} s; compile "
             f"{record['compile_s']:.0f} s) |"

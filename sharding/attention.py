@@ -14,7 +14,8 @@ import jax
 from jax.sharding import Mesh, PartitionSpec
 
 from pallas_kernels import ragged_paged_attention
-from sharding.mesh import TENSOR_AXIS, axis_size
+from sharding.mesh import TENSOR_AXIS, axis_size, stage_meshes
+from sharding.stages import stage_layer_ranges
 
 QUERY_SPEC = PartitionSpec(None, TENSOR_AXIS, None)  # q and out [T, N, H]: split over query heads
 CACHE_SPEC = PartitionSpec(None, None, TENSOR_AXIS, None)  # k/v cache [P, L, K, H]: split over KV heads
@@ -46,3 +47,22 @@ def shard_mapped_attention(mesh: Mesh, fn: Callable = ragged_paged_attention) ->
         return mapped(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
 
     return attention
+
+
+def install_shard_mapped_attention(model, mesh: Mesh, fn: Callable = ragged_paged_attention) -> None:
+    """Routes each layer's attention through ``shard_mapped_attention`` over its own pipeline stage's sub-mesh.
+
+    Needs the decoder's ``Attention.attention_fn`` hook (proposed in issue 6's report); call it on the sharded model
+    before handing it to ``PipelinedModel``.
+    """
+    meshes = stage_meshes(mesh)
+    for stage, layers in enumerate(stage_layer_ranges(model.config.num_layers, len(meshes))):
+        attention = shard_mapped_attention(meshes[stage], fn)
+        for index in layers:
+            module = model.model.layers[index].self_attn
+            if not hasattr(module, "attention_fn"):
+                raise TypeError(
+                    f"{type(module).__name__} has no attention_fn attribute: the decoder calls its attention op "
+                    "directly, so it cannot be swapped for a shard-mapped one"
+                )
+            module.attention_fn = attention

@@ -10,6 +10,7 @@ the KV cache allocated from it has ``T`` heads. Only k/v_proj are rebuilt; every
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable
 
 import jax
@@ -21,6 +22,7 @@ from jax.sharding import Mesh
 from jaxllm.loading.model_loader import abstract_model, load_weights
 from sharding.mesh import TENSOR_AXIS, axis_size
 from sharding.rules import kv_head_replicas, param_placement
+from sharding.stages import stage_layer_ranges
 
 _KV_PROJECTIONS = ("k_proj", "v_proj")
 
@@ -42,6 +44,14 @@ def _repeat_heads(value: jax.Array, num_kv_heads: int, replicas: int) -> jax.Arr
     return jnp.repeat(heads, replicas, axis=-2).reshape(*value.shape[:-1], num_kv_heads * replicas * head_dim)
 
 
+@functools.cache
+def _repeat_heads_program(num_kv_heads: int, replicas: int, sharding):
+    """One jitted repeat per (heads, replicas, target sharding): every layer of a stage reuses it."""
+    return jax.jit(
+        functools.partial(_repeat_heads, num_kv_heads=num_kv_heads, replicas=replicas), out_shardings=sharding
+    )
+
+
 def expand_kv_heads(model, mesh: Mesh):
     """The equivalent model with ``T`` KV heads when ``K < T`` (``model`` itself when ``K % T == 0``)."""
     config = model.config
@@ -57,10 +67,7 @@ def expand_kv_heads(model, mesh: Mesh):
     for path, variable in nnx.to_flat_state(abstract_state):
         value = old[path].get_value()
         if _is_kv_projection(path):
-            repeat = jax.jit(
-                lambda v: _repeat_heads(v, config.num_kv_heads, replicas), out_shardings=placement(path, variable)
-            )
-            value = repeat(value)
+            value = _repeat_heads_program(config.num_kv_heads, replicas, placement(path, variable))(value)
         variable.set_value(value)
         flat.append((path, variable))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
@@ -123,3 +130,12 @@ def build_sharded_model(
         abstract = abstract_model(model_cls, model_config, dtype, attention_impl)
         model = load_weights(abstract, tensors, placement=placement)
     return expand_kv_heads(model, mesh)
+
+
+def kv_bytes_per_block_per_device(model_config, block_size: int, dtype, tensor_size: int, pipe_size: int) -> int:
+    """KV bytes one block costs the most loaded device: its stage's layers, its share of the (expanded) KV heads."""
+    num_kv_heads = model_config.num_kv_heads * kv_head_replicas(model_config.num_kv_heads, tensor_size)
+    heads_per_device = num_kv_heads // tensor_size
+    layers_per_stage = max(len(r) for r in stage_layer_ranges(model_config.num_layers, pipe_size))
+    itemsize = jnp.dtype(dtype).itemsize
+    return 2 * layers_per_stage * block_size * heads_per_device * model_config.head_dim * itemsize

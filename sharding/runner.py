@@ -1,10 +1,11 @@
 """PipelineRunner: the model runner's seam (``execute(SchedulerOutput) -> ModelRunnerOutput``) on a replica mesh.
 
 Owns packing the step (``jaxllm.runner.step_batch``), splitting it into microbatches, running them through a
-``PipelinedModel`` and the one device->host copy of the results. Sampling is the head function run on the last stage:
-greedy by default; pass ``head_fn`` and ``build_head_args`` (per microbatch, from its scheduled requests) to plug in
-the engine's sampler. Results of a step are also kept in ``last_results`` (host numpy, one row per scheduled
-request), so tests can read logits through a head that returns them.
+``PipelinedModel`` and the one device->host copy of the results. Sampling is the head function run on the last
+stage: by default jaxllm's sampler (``jaxllm.sampling.sample``, with per-microbatch SamplingMetadata and the step key
+``fold_in(key(seed), step)`` as ``ModelRunner`` uses), so the runner is a drop-in for ``ModelRunner`` on a mesh;
+tests pass a head returning logits. A head returns a dict with at least ``token_ids [S]`` (and the SamplerOutput
+logprob fields when asked). Results of a step are kept in ``last_results`` (host numpy, one row per request).
 """
 
 from __future__ import annotations
@@ -18,15 +19,45 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxllm.config import ResolvedConfig
-from jaxllm.core.step_io import ModelRunnerOutput, SchedulerOutput
+from jaxllm.core.step_io import ModelRunnerOutput, SampledLogprobs, SchedulerOutput
 from jaxllm.runner.step_batch import StepBatch, pack_step_batch
+from jaxllm.sampling import SamplingMetadataBuilder, sample
 from sharding.microbatch import Microbatch, split_step_batch
-from sharding.pipeline import HeadFn, PipelinedModel, greedy_head
+from sharding.pipeline import HeadFn, PipelinedModel
 
 logger = logging.getLogger(__name__)
 
-# (scheduled requests of one microbatch, its padded row count) -> that microbatch's head_args pytree
-BuildHeadArgs = Callable[[list, int], object]
+# (requests of one microbatch, its padded row count, microbatch index, step index) -> its head_args pytree
+BuildHeadArgs = Callable[[list, int, int, int], object]
+
+
+def sampler_head(logits, head_args) -> dict:
+    """jaxllm's sampler on the last stage; ``head_args`` is ``(SamplingMetadata, step key)``."""
+    metadata, step_key = head_args
+    return sample(logits, metadata, step_key)._asdict()
+
+
+class SamplerHeadArgs:
+    """Builds ``sampler_head``'s arguments: one cached metadata builder per microbatch slot, one key per step.
+
+    Everything stays host numpy (the key as its raw uint32 data), so the pipeline's one ``device_put`` can place it
+    on a last stage that spans several processes.
+    """
+
+    def __init__(self, seed: int = 0):
+        self.base_key = jax.random.key(seed)
+        self.builders: dict[int, SamplingMetadataBuilder] = {}
+        self._step_key: tuple[int, np.ndarray] | None = None
+
+    def step_key(self, step: int) -> np.ndarray:
+        if self._step_key is None or self._step_key[0] != step:
+            key = jax.random.key_data(jax.random.fold_in(self.base_key, step))  # as ModelRunner's step key
+            self._step_key = (step, np.asarray(key))
+        return self._step_key[1]
+
+    def __call__(self, requests: list, num_rows: int, microbatch: int, step: int):
+        builder = self.builders.setdefault(microbatch, SamplingMetadataBuilder())
+        return builder.build(requests, num_rows), self.step_key(step)
 
 
 def padding_batch(num_tokens: int, num_rows: int, max_blocks: int) -> StepBatch:
@@ -55,7 +86,8 @@ class PipelineRunner:
         kv_dtype,
         *,
         num_microbatches: int | None = None,
-        head_fn: HeadFn = greedy_head,
+        seed: int = 0,
+        head_fn: HeadFn = sampler_head,
         build_head_args: BuildHeadArgs | None = None,
         compiler_options: dict | None = None,
     ):
@@ -64,7 +96,8 @@ class PipelineRunner:
         self.num_microbatches = num_microbatches or self.pipeline.num_stages
         if self.num_microbatches < 1:
             raise ValueError(f"num_microbatches must be at least 1, got {self.num_microbatches}")
-        self.build_head_args = build_head_args or (lambda requests, rows: None)
+        self.build_head_args = build_head_args or SamplerHeadArgs(seed)
+        self.num_steps = 0
         self.kv_dtype = kv_dtype
         self.pipeline.allocate_kv_cache(config.num_blocks, config.block_size, kv_dtype)
         self.last_results: dict[str, np.ndarray] | None = None
@@ -75,27 +108,37 @@ class PipelineRunner:
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         scheduled = scheduler_output.scheduled
-        microbatches = split_step_batch(
-            pack_step_batch(scheduler_output, self.config), self.num_microbatches, self.config
-        )
-        head_args = [self._head_args(mb, scheduled) for mb in microbatches]
-        results = jax.device_get(self.pipeline.run([mb.batch for mb in microbatches], head_args))
-        self.last_results = _gather_rows(results, microbatches)
-        token_ids = self.last_results["token_ids"].tolist()
-        sampled = {s.request_id: token_ids[row] for row, s in enumerate(scheduled) if s.samples_token}
-        return ModelRunnerOutput(sampled_token_ids=sampled)
+        batch = pack_step_batch(scheduler_output, self.config)
+        microbatches = split_step_batch(batch, self.num_microbatches, self.config)
+        head_args = [self._head_args(index, mb, scheduled) for index, mb in enumerate(microbatches)]
+        results = self.pipeline.run([mb.batch for mb in microbatches], head_args)
+        self.num_steps += 1
+        self.last_results = _gather_rows(jax.device_get(results), microbatches)
+        return _to_output(scheduled, self.last_results)
 
-    def _head_args(self, microbatch: Microbatch, scheduled: list):
+    def _head_args(self, index: int, microbatch: Microbatch, scheduled: list):
         requests = [s.request for s in scheduled[microbatch.first_request :][: microbatch.batch.num_requests]]
-        return self.build_head_args(requests, microbatch.batch.seq_lens.shape[0])
+        return self.build_head_args(requests, microbatch.batch.seq_lens.shape[0], index, self.num_steps)
+
+    def resize_kv_cache(self, config: ResolvedConfig) -> None:
+        self.config = config
+        self.pipeline.allocate_kv_cache(config.num_blocks, config.block_size, self.kv_dtype)
+
+    def profile_largest_bucket(self) -> None:
+        """Runs the largest bucket once so each device's peak memory includes a step's activations."""
+        bucket = self.config.token_buckets[-1]
+        self._run_padding(bucket)
+
+    def _run_padding(self, bucket: int) -> None:
+        rows = self.config.request_rows_for(bucket)
+        batch = padding_batch(bucket, rows, self.config.max_blocks_per_request)
+        jax.block_until_ready(self.pipeline.run([batch], [self.build_head_args([], rows, 0, 0)]))
 
     def warm_up(self) -> float:
         """Compiles every stage for every token bucket with padding-only batches; returns seconds spent."""
         start = time.perf_counter()
         for bucket in self.config.token_buckets:
-            rows = self.config.request_rows_for(bucket)
-            batch = padding_batch(bucket, rows, self.config.max_blocks_per_request)
-            jax.block_until_ready(self.pipeline.run([batch], [self.build_head_args([], rows)]))
+            self._run_padding(bucket)
         elapsed = time.perf_counter() - start
         logger.info(
             "compiled %d buckets x %d stages in %.1f s",
@@ -115,3 +158,20 @@ def _gather_rows(results: list[dict], microbatches: list[Microbatch]) -> dict[st
         )
         for key in keys
     }
+
+
+def _to_output(scheduled: list, results: dict[str, np.ndarray]) -> ModelRunnerOutput:
+    token_ids = results["token_ids"].tolist()
+    sampled, logprobs = {}, {}
+    for row, s in enumerate(scheduled):
+        if not s.samples_token:
+            continue
+        sampled[s.request_id] = token_ids[row]
+        num_top = s.request.sampling_params.logprobs
+        if num_top is not None and "top_logprobs" in results:
+            logprobs[s.request_id] = SampledLogprobs(
+                sampled_logprob=float(results["sampled_logprob"][row]),
+                top_token_ids=results["top_token_ids"][row, :num_top].tolist(),
+                top_logprobs=results["top_logprobs"][row, :num_top].tolist(),
+            )
+    return ModelRunnerOutput(sampled_token_ids=sampled, logprobs=logprobs)

@@ -35,11 +35,13 @@ def load_model(config: EngineConfig, source: ModelSource, model_config: ModelCon
 
 
 def resolve_limits(config: EngineConfig, model_config: ModelConfig, num_blocks: int) -> ResolvedConfig:
-    max_model_len = config.max_model_len or model_config.max_position_embeddings
-    if max_model_len > model_config.max_position_embeddings:
+    supported = model_config.derived_max_model_len
+    max_model_len = config.max_model_len or supported
+    if max_model_len > supported:
         raise ValueError(
-            f"max_model_len={max_model_len} exceeds the model's max_position_embeddings "
-            f"({model_config.max_position_embeddings})"
+            f"max_model_len={max_model_len} exceeds the longest sequence the model supports ({supported}: "
+            f"max_position_embeddings={model_config.max_position_embeddings}, rope {model_config.rope.rope_type} "
+            f"factor {model_config.rope.factor})"
         )
     budget = config.max_num_batched_tokens
     if budget is None:

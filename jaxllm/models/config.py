@@ -72,6 +72,14 @@ class ModelConfig:
         if self.hidden_act not in ("silu", "swish"):
             raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; only silu (SwiGLU) is supported")
 
+    @property
+    def derived_max_model_len(self) -> int:
+        """The longest sequence the model supports: linear and dynamic RoPE scaling stretch the trained context by
+        their factor (as vLLM derives it); llama3 scaling already states the extended length."""
+        if self.rope.rope_type in ("linear", "dynamic"):
+            return int(self.max_position_embeddings * self.rope.factor)
+        return self.max_position_embeddings
+
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> ModelConfig:
         try:

@@ -88,6 +88,9 @@ def validate_quantized_weight(qw) -> None:
     """Raise TypeError/ValueError unless ``qw`` is a consistent ``QuantizedWeight``."""
     if not isinstance(qw, QuantizedWeight):
         raise TypeError(f"expected a QuantizedWeight, got {type(qw).__name__}")
+    group = qw.group_size
+    if qw.method == "int4" and (not isinstance(group, int) or group < 2 or group % 2 or qw.shape[0] % group):
+        raise ValueError(f"int4 weight of shape {qw.shape} has an unusable group_size {qw.group_size!r}")
     (values_shape, values_dtype), (scales_shape, scales_dtype) = expected_layout(qw.method, qw.shape, qw.group_size)
     if qw.values.shape != values_shape or qw.values.dtype != values_dtype:
         raise ValueError(

@@ -125,6 +125,7 @@ class SamplingMetadataBuilder:
         self._num_rows = -1
         self._columns: _ParamColumns | None = None
         self._histories: dict[str, _TokenHistory] = {}
+        self._prompt_ids: tuple[_ParamColumns | None, np.ndarray | None] = (None, None)  # prompts fixed per layout
 
     def build(self, requests: list[Request], num_rows: int) -> SamplingMetadata:
         """Row i samples for ``requests[i]``; rows ``len(requests)..num_rows-1`` are greedy padding."""
@@ -188,7 +189,10 @@ class SamplingMetadataBuilder:
         self._histories = histories  # requests absent this step are dropped
         rows = columns.penalty_rows
         chosen = [histories[requests[row].request_id] for row in rows]
-        prompt_ids = _stack_rows(rows, [h.prompt for h in chosen], num_rows)
+        cached_for, prompt_ids = self._prompt_ids
+        if cached_for is not columns:
+            prompt_ids = _stack_rows(rows, [h.prompt for h in chosen], num_rows)
+            self._prompt_ids = (columns, prompt_ids)
         output_ids = _stack_rows(rows, [h.output[: h.num_output] for h in chosen], num_rows)
         return prompt_ids, output_ids
 

@@ -169,8 +169,13 @@ def default_config(num_rows: int, k: int, n: int, method: str, group_size=None, 
     cfg = KernelConfig(block_m, block_n, block_k, 1, num_warps, num_stages)
     steps = k // step_k(method, cfg, group_size)
     tiles = _cdiv(num_rows, block_m) * _cdiv(n, block_n)
-    splits = 1
-    while tiles * splits < 2 * num_cores and steps % (2 * splits) == 0 and steps // (2 * splits) >= 4:
+    splits = 1  # double while the GPU is short of programs, each split keeps >= 4 steps, and the f32 partials
+    while (  # (8 bytes per output element and split, written and read) stay under half the int8 weight bytes
+        tiles * splits < 2 * num_cores
+        and steps % (2 * splits) == 0
+        and steps // (2 * splits) >= 4
+        and 2 * splits * num_rows * 16 <= k
+    ):
         splits *= 2
     return dataclasses.replace(cfg, num_k_splits=splits)
 

@@ -92,28 +92,26 @@ def _visible(shape: LaunchShape, num_cols: int, first_position, num_tokens, firs
     return visible
 
 
+def _matmul(a, b, contract_b: int):
+    """``a [rows, X] @ b`` contracting ``b``'s axis ``contract_b``, accumulated in float32 (exact f32 for f32)."""
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    dims = (((1,), (contract_b,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
 def _attend_kv_step(q, k, v, m_prev, l_prev, acc_ref, *, shape: LaunchShape, visible, kv_row_valid):
     """One online-softmax update of ``m, l [rows, 1]`` and ``acc_ref [rows, H]`` with ``k, v [C, H]``."""
-    scores = lax.dot_general(
-        q, k, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32
-    )  # [rows, C]
-    scores = scores * shape.sm_scale
+    scores = _matmul(q, k, contract_b=1) * shape.sm_scale  # [rows, C]
     if shape.soft_cap is not None:
         scores = shape.soft_cap * jnp.tanh(scores / shape.soft_cap)
-    scores = jnp.where(visible, scores, _MASK_VALUE)
+    scores = jnp.where(visible, scores, _MASK_VALUE)  # also drops scores of NaN K rows
     m_next = jnp.maximum(m_prev, jnp.max(scores, axis=1, keepdims=True))  # [rows, 1]
     probs = jnp.where(visible, jnp.exp(scores - m_next), 0.0)  # [rows, C]
     correction = jnp.exp(m_prev - m_next)  # [rows, 1]
     l_next = l_prev * correction + jnp.sum(probs, axis=1, keepdims=True)
-    v = jnp.where(kv_row_valid, v, jnp.zeros_like(v))  # rows past the request may hold anything, NaN included
-    pv = lax.dot_general(
-        probs.astype(v.dtype),
-        v,
-        (((1,), (0,)), ((), ())),
-        precision=lax.Precision.HIGHEST,
-        preferred_element_type=jnp.float32,
-    )  # [rows, H]
-    acc_ref[...] = acc_ref[...] * correction + pv
+    # V rows past the tile's last position may hold anything (NaN included) and 0 * NaN = NaN: zero them.
+    v = jnp.where(kv_row_valid, v.astype(jnp.float32), 0.0).astype(v.dtype)  # [C, H]
+    acc_ref[...] = acc_ref[...] * correction + _matmul(probs.astype(v.dtype), v, contract_b=0)
     return m_next, l_next
 
 

@@ -60,6 +60,7 @@ class _Geometry:
     block_size: int
     max_blocks: int  # columns of the block table
     num_query_rows: int  # T * N
+    num_requests: int  # S
     sm_scale: float
     sliding_window: int | None
     soft_cap: float | None
@@ -167,19 +168,43 @@ def _step_ranges(pos_first, count, split, cfg: KernelConfig, geo: _Geometry, sin
     return _StepRanges(kv_lo, kv_hi, full_lo, full_hi, loops)
 
 
-def _attention_kernel(*refs, cfg: KernelConfig, geo: _Geometry, single_loop: bool):
-    tile_request_ref, tile_first_ref, tile_count_ref = refs[:3]  # [R] each
-    seq_lens_ref, query_end_ref, tables_ref = refs[3:6]  # [S], [S], [S*max_blocks]
-    q_ref, k_ref, v_ref = refs[6:9]  # [T*N, H], [P*L*K, H], [P*L*K, H]
+class _TileRule(NamedTuple):
+    """Which requests a launch covers and how it cuts them into tiles (static)."""
+
+    tile_tokens: int
+    min_query_len: int
+    max_query_len: int  # inclusive; a large number for "no limit"
+
+
+def _find_tile(query_start_loc_ref, slot, rule: _TileRule, geo: _Geometry):
+    """(request, first token, token count) of tile slot ``slot``, count 0 for an empty slot. Every program derives
+    the batch's tile list from ``query_start_loc`` itself (one vector load and a cumsum), so a launch needs no
+    plan built by separate XLA ops. A request's tiles are numbered last (longest causal) first."""
+    request = jnp.arange(_next_power_of_two(geo.num_requests), dtype=jnp.int32)  # [S'] padded to a power of two
+    is_request = request < geo.num_requests
+    starts = plgpu.load(query_start_loc_ref.at[request], mask=is_request, other=0)  # [S']
+    lengths = plgpu.load(query_start_loc_ref.at[request + 1], mask=is_request, other=0) - starts
+    eligible = is_request & (lengths >= rule.min_query_len) & (lengths <= rule.max_query_len)
+    tiles = jnp.where(eligible, lax.div(lengths + rule.tile_tokens - 1, rule.tile_tokens), 0)  # [S']
+    tile_end = jnp.cumsum(tiles)  # [S'] inclusive
+    owns = (tile_end - tiles <= slot) & (slot < tile_end)  # [S'] one-hot, or all False for an empty slot
+    pick = lambda values: jnp.sum(jnp.where(owns, values, 0))
+    num_tiles = pick(tiles)
+    tile_index = pick(tile_end) - 1 - slot  # reversed order within the request
+    count = jnp.minimum(rule.tile_tokens, pick(lengths) - tile_index * rule.tile_tokens)
+    return pick(request), pick(starts) + tile_index * rule.tile_tokens, jnp.where(num_tiles > 0, count, 0)
+
+
+def _attention_kernel(*refs, cfg: KernelConfig, geo: _Geometry, rule: _TileRule, single_loop: bool):
+    query_start_loc_ref, seq_lens_ref, tables_ref = refs[:3]  # [S+1], [S], [S*max_blocks]
+    q_ref, k_ref, v_ref = refs[3:6]  # [T*N, H], [P*L*K, H], [P*L*K, H]
     out_refs = refs[-2:] if cfg.num_kv_splits > 1 else refs[-1:]  # see _store_tile
     slot, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)  # read outside pl.when
-    count = tile_count_ref[slot]
+    request, first, count = _find_tile(query_start_loc_ref, slot, rule, geo)
 
     @pl.when(count > 0)
     def _():
-        request = tile_request_ref[slot]
-        first = tile_first_ref[slot]
-        pos_first = seq_lens_ref[request] - query_end_ref[request] + first
+        pos_first = seq_lens_ref[request] - query_start_loc_ref[request + 1] + first
         row = jnp.arange(cfg.block_rows, dtype=jnp.int32)  # [M]
         token_offset = lax.div(row, geo.group)
         row_valid = token_offset < count  # [M]
@@ -225,12 +250,12 @@ def _store_tile(out_refs, carry, q_rows, row_valid, split, cfg: KernelConfig, ge
     plgpu.store(lse_ref.at[rows], lse, mask=row_valid)
 
 
-def _launch(plan: plan_lib.TilePlan, metadata, q_rows, k_rows, v_rows, init_out, cfg, geo, interpret):
-    """One pallas_call over ``plan``; writes into ``init_out`` (aliased) unless the launch splits the KV axis."""
+def _launch(rule: _TileRule, num_slots, metadata, q_rows, k_rows, v_rows, init_out, cfg, geo, interpret):
+    """One pallas_call over ``num_slots`` tile slots of ``rule``; writes into ``init_out`` (aliased) unless the
+    launch splits the KV axis, in which case it returns f32 partial rows and their log-sum-exp."""
     num_kv_splits = cfg.num_kv_splits
-    grid = (plan.request.shape[0], geo.num_kv_heads, num_kv_splits)
     head_dim = q_rows.shape[1]
-    operands = [*plan, *metadata, q_rows, k_rows, v_rows]
+    operands = [*metadata, q_rows, k_rows, v_rows]
     if num_kv_splits == 1:
         out_shape = jax.ShapeDtypeStruct(q_rows.shape, q_rows.dtype)
         operands.append(init_out)
@@ -241,9 +266,10 @@ def _launch(plan: plan_lib.TilePlan, metadata, q_rows, k_rows, v_rows, init_out,
             jax.ShapeDtypeStruct((num_kv_splits * geo.num_query_rows,), jnp.float32),
         )
         aliases = {}
+    kernel = functools.partial(_attention_kernel, cfg=cfg, geo=geo, rule=rule, single_loop=interpret)
     return pl.pallas_call(
-        functools.partial(_attention_kernel, cfg=cfg, geo=geo, single_loop=interpret),
-        grid=grid,
+        kernel,
+        grid=(num_slots, geo.num_kv_heads, num_kv_splits),
         in_specs=[pl.no_block_spec] * len(operands),
         out_specs=pl.no_block_spec if num_kv_splits == 1 else (pl.no_block_spec, pl.no_block_spec),
         out_shape=out_shape,
@@ -269,7 +295,7 @@ def default_configs(
 ) -> tuple[KernelConfig, KernelConfig]:
     """(short-query config, long-query config) for these static shapes on a GPU with ``num_cores`` SMs."""
     group_rows = _next_power_of_two(num_heads // num_kv_heads)
-    wide_head = head_dim * itemsize > 256  # rows over 256 bytes: halve the tiles to fit registers and smem
+    wide_head = head_dim * itemsize > 256 or itemsize > 2  # big rows or f32 math: smaller tiles fit registers
     splits = 1  # split the KV axis of short queries only while the (request, KV head) programs underfill the GPU
     partial_bytes = num_tokens * num_heads * head_dim * 4
     while num_requests * num_kv_heads * splits < num_cores and splits < 16 and 2 * splits * partial_bytes <= 2**26:
@@ -278,10 +304,10 @@ def default_configs(
         block_rows=max(16, group_rows), block_kv=64 if wide_head else 128, num_kv_splits=splits, num_warps=4
     )
     long = KernelConfig(
-        block_rows=max(64 if wide_head else 128, group_rows),
+        block_rows=max(64 if wide_head else 256, group_rows),
         block_kv=32 if wide_head else 64,
-        num_warps=8 if wide_head else 4,
-        num_stages=2 if wide_head else 3,
+        num_warps=8,
+        num_stages=2,
     )
     return short, long
 
@@ -326,25 +352,22 @@ def ragged_paged_attention_triton(
     if long_cfg.num_kv_splits != 1:
         raise ValueError(f"the long-query launch does not split the KV axis, got {long_cfg}")
     geo = _Geometry(
-        num_heads, num_kv_heads, block_size, max_blocks, num_tokens * num_heads, sm_scale, sliding_window, soft_cap
-    )
+        num_heads, num_kv_heads, block_size, max_blocks, num_tokens * num_heads, num_requests, sm_scale,
+        sliding_window, soft_cap,
+    )  # fmt: skip
     query_start_loc = query_start_loc.astype(jnp.int32)
-    metadata = (seq_lens.astype(jnp.int32), query_start_loc[1:], block_tables.reshape(-1).astype(jnp.int32))
+    metadata = (query_start_loc, seq_lens.astype(jnp.int32), block_tables.reshape(-1).astype(jnp.int32))
     q_rows = q.reshape(num_tokens * num_heads, head_dim)
     kv_shape = (num_blocks * block_size * num_kv_heads, head_dim)
     tensors = (q_rows, k_cache.reshape(kv_shape), v_cache.reshape(kv_shape))
     short_tokens = short_cfg.block_rows // group
-    short_plan = plan_lib.build_tile_plan(
-        query_start_loc,
-        tile_tokens=short_tokens,
-        num_slots=plan_lib.max_tile_slots(num_tokens, num_requests, short_tokens, 1, short_tokens),
-        max_query_len=short_tokens,
-    )
+    short_rule = _TileRule(short_tokens, 1, short_tokens)
+    short_slots = plan_lib.max_tile_slots(num_tokens, num_requests, short_tokens, 1, short_tokens)
     out = jnp.zeros_like(q_rows)  # padding tokens keep these zeros
     if short_cfg.num_kv_splits == 1:
-        out = _launch(short_plan, metadata, *tensors, out, short_cfg, geo, interpret)
+        out = _launch(short_rule, short_slots, metadata, *tensors, out, short_cfg, geo, interpret)
     else:
-        partial, lse = _launch(short_plan, metadata, *tensors, None, short_cfg, geo, interpret)
+        partial, lse = _launch(short_rule, short_slots, metadata, *tensors, None, short_cfg, geo, interpret)
         splits = short_cfg.num_kv_splits
         merged = plan_lib.merge_kv_splits(partial.reshape(splits, -1, head_dim), lse.reshape(splits, -1))
         is_short = plan_lib.tokens_in_query_range(query_start_loc, num_tokens, 1, short_tokens)  # [T]
@@ -352,11 +375,7 @@ def ragged_paged_attention_triton(
         out = jnp.where(is_short[:, None, None], merged, 0.0).astype(q.dtype).reshape(q_rows.shape)
     if num_tokens > short_tokens:
         long_tokens = long_cfg.block_rows // group
-        long_plan = plan_lib.build_tile_plan(
-            query_start_loc,
-            tile_tokens=long_tokens,
-            num_slots=plan_lib.max_tile_slots(num_tokens, num_requests, long_tokens, short_tokens + 1, None),
-            min_query_len=short_tokens + 1,
-        )
-        out = _launch(long_plan, metadata, *tensors, out, long_cfg, geo, interpret)
+        long_rule = _TileRule(long_tokens, short_tokens + 1, num_tokens)
+        long_slots = plan_lib.max_tile_slots(num_tokens, num_requests, long_tokens, short_tokens + 1, None)
+        out = _launch(long_rule, long_slots, metadata, *tensors, out, long_cfg, geo, interpret)
     return out.reshape(num_tokens, num_heads, head_dim)

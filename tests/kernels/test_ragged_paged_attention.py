@@ -125,9 +125,17 @@ def check_against_naive(out, batch: Batch, dtype, **options) -> None:
     assert_close(out[:real], naive_attention(batch, **options)[:real], dtype)
 
 
-jitted_reference = jax.jit(
+_jitted_reference = jax.jit(
     reference.ragged_paged_attention_reference, static_argnames=("sm_scale", "sliding_window", "soft_cap")
 )
+
+
+def jitted_reference(*args, **options):
+    """reference.py at full float32 matmul precision (XLA on GPU would otherwise multiply float32 in TF32)."""
+    with jax.default_matmul_precision("highest"):
+        return _jitted_reference(*args, **options)
+
+
 jitted_tile_plan = jax.jit(
     tile_plan.build_tile_plan, static_argnames=("tile_tokens", "num_slots", "min_query_len", "max_query_len")
 )

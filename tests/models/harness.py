@@ -35,10 +35,12 @@ def prompt_logits(model, token_ids, *, block_size: int = 4, chunk_size: int | No
             seq_lens=jnp.asarray([end], jnp.int32),
             query_start_loc=jnp.asarray([0, end - start], jnp.int32),
         )
-        hidden, kv = _forward(model, jnp.asarray(token_ids[start:end], jnp.int32), kv, md)
-        logits.append(np.asarray(model.compute_logits(hidden), np.float32))
+        logits_chunk, kv = _forward_logits(model, jnp.asarray(token_ids[start:end], jnp.int32), kv, md)
+        logits.append(np.asarray(logits_chunk, np.float32))
     return np.concatenate(logits)
 
 
-def _forward(model, input_ids, kv, md):
-    return jax.jit(lambda m, i, k, d: m(i, k, d))(model, input_ids, kv, md)
+@jax.jit
+def _forward_logits(model, input_ids, kv, md):
+    hidden, kv = model(input_ids, kv, md)
+    return model.compute_logits(hidden), kv

@@ -1,5 +1,7 @@
 """shard_mapped_attention: the attention op run per tensor shard equals it run whole, alone and inside the model."""
 
+from types import SimpleNamespace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +11,8 @@ from jax.sharding import NamedSharding
 import jaxllm.models.decoder
 from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference
 from sharding import make_mesh, shard_mapped_attention
-from sharding.attention import CACHE_SPEC, QUERY_SPEC
-from tests.sharding.helpers import FAST_COMPILE
+from sharding.attention import CACHE_SPEC, QUERY_SPEC, install_shard_mapped_attention
+from tests.sharding.helpers import FAST_COMPILE, tiny_model
 
 pytestmark = [
     pytest.mark.multidevice,
@@ -79,7 +81,23 @@ def test_model_with_shard_mapped_attention_matches_one_device(reference, monkeyp
         calls.append(args[0].shape)
         return ragged_paged_attention_reference(*args, **kwargs)
 
-    monkeypatch.setattr(jaxllm.models.decoder, "ragged_paged_attention", shard_mapped_attention(mesh, reference_impl))
-    outputs, recording = run_on_mesh(reference.model, reference.prompts, 4, 1)
+    if hasattr(reference.model.model.layers[0].self_attn, "attention_fn"):  # the decoder has the hook
+
+        def prepare(model, mesh):
+            install_shard_mapped_attention(model, mesh, reference_impl)
+            return model
+    else:  # until then: swap the op the decoder module calls
+        patched = shard_mapped_attention(mesh, reference_impl)
+        monkeypatch.setattr(jaxllm.models.decoder, "ragged_paged_attention", patched)
+        prepare = None
+    outputs, recording = run_on_mesh(reference.model, reference.prompts, 4, 1, prepare=prepare)
     assert_matches(reference, outputs, recording)
     assert calls and all(shape[1] == reference.model.config.num_heads // 4 for shape in calls)
+
+
+def test_install_needs_the_decoder_hook():
+    layer = SimpleNamespace(self_attn=object())  # an attention module without the attention_fn attribute
+    model = SimpleNamespace(config=tiny_model().config, model=SimpleNamespace(layers=[layer] * 4))
+    with pytest.raises(TypeError) as e:
+        install_shard_mapped_attention(model, make_mesh(tensor_parallel_size=2))
+    assert "attention_fn" in str(e.value)

@@ -15,7 +15,14 @@ import pytest
 from sharding import DataParallelEngine, ShardedEngine, make_mesh, shard_model
 from sharding.engine import generate
 from sharding.runner import PipelineRunner, padding_batch
-from tests.sharding.helpers import FAST_COMPILE, GREEDY, RecordingRunner, logits_head, resolved_config
+from tests.sharding.helpers import (
+    FAST_COMPILE,
+    GREEDY,
+    RecordingRunner,
+    logits_head,
+    no_head_args,
+    resolved_config,
+)
 
 pytestmark = [
     pytest.mark.multidevice,
@@ -25,15 +32,20 @@ pytestmark = [
 LOGITS_TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}  # float32; sharded sums only reorder additions
 
 
-def run_on_mesh(model, prompts, tensor: int, pipe: int, num_microbatches: int | None = None):
+def run_on_mesh(model, prompts, tensor: int, pipe: int, num_microbatches: int | None = None, prepare=None):
+    """Greedy run of ``prompts`` on a (tensor x pipe) mesh; ``prepare(sharded_model, mesh)`` may adjust the model."""
     mesh = make_mesh(tensor_parallel_size=tensor, pipeline_parallel_size=pipe)
     config = resolved_config()
+    sharded = shard_model(model, mesh)
+    if prepare is not None:
+        sharded = prepare(sharded, mesh)
     runner = PipelineRunner(
-        shard_model(model, mesh),
+        sharded,
         mesh,
         config,
         jnp.float32,
         head_fn=logits_head,
+        build_head_args=no_head_args,
         num_microbatches=num_microbatches,
         compiler_options=FAST_COMPILE,
     )

@@ -7,9 +7,9 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxllm.loading.model_loader import init_dummy_weights
 from jaxllm.models import ModelConfig, get_model_class
 from sharding import build_sharded_model, logical_to_spec, make_mesh, param_placement, shard_model
+from sharding.model_sharding import init_dummy_weights_by_device_set, kv_bytes_per_block_per_device
 from sharding.pipeline import PipelinedModel
 from sharding.stages import stage_layer_ranges, stage_of_path
 from tests.sharding.helpers import random_hf_tensors, tiny_hf_config, tiny_model
@@ -86,6 +86,20 @@ def test_kv_cache_split_over_kv_heads_on_each_stage():
                 assert cache.sharding.spec == P(None, None, "tensor", None)
                 assert {d.id for d in cache.sharding.device_set} == {2 * stage_index, 2 * stage_index + 1}
                 assert all(s.data.shape == (6, 4, 2, 8) for s in cache.addressable_shards)
+    per_device: dict[int, int] = {}
+    for stage in pipeline.stages:
+        for cache in jax.tree.leaves(stage.kv_caches):
+            for shard in cache.addressable_shards:
+                per_device[shard.device.id] = per_device.get(shard.device.id, 0) + shard.data.nbytes
+    assert set(per_device.values()) == {2 * 2 * 6 * 4 * 2 * 8 * 4}  # K, V x 2 layers x [6, 4, 2 heads, 8] f32
+    assert kv_bytes_per_block_per_device(pipeline.config, 4, jnp.float32, 2, 2) == per_device[0] // 6
+
+
+def test_kv_bytes_per_device_counts_expanded_heads_and_the_largest_stage():
+    config = _model_config(num_hidden_layers=5, num_key_value_heads=2)
+    # T=4 > K=2: one (replicated) KV head per device; P=2: the first stage has 3 of the 5 layers
+    assert kv_bytes_per_block_per_device(config, 16, jnp.bfloat16, 4, 2) == 2 * 3 * 16 * 1 * 8 * 2
+    assert kv_bytes_per_block_per_device(config, 16, jnp.float32, 1, 1) == 2 * 5 * 16 * 2 * 8 * 4
 
 
 def test_fewer_kv_heads_than_tensor_devices_replicates_each_head():
@@ -154,14 +168,55 @@ def test_loaded_weights_land_in_their_shards():
     _assert_same_placed_values(loaded, shard_model(model, mesh))
 
 
-def test_dummy_weights_by_stage_equal_the_one_device_init():
-    config = _model_config(num_hidden_layers=2)
-    model_cls = get_model_class(config.architecture)
+class _Weights(nnx.Module):
+    """Deterministic stand-in parameters (no RNG program to compile): iota values offset per parameter."""
+
+    def __init__(self, name: str, shape: tuple, axes: tuple, offset: int):
+        size = int(np.prod(shape))
+        setattr(
+            self,
+            name,
+            nnx.Param(jnp.arange(offset, offset + size, dtype=jnp.float32).reshape(shape), logical_axes=axes),
+        )
+
+
+class _Layer(nnx.Module):
+    def __init__(self, index: int):
+        self.mlp = _Weights("kernel", (64, 128), ("embed", "mlp"), 1000 * index)
+
+
+class _Inner(nnx.Module):
+    def __init__(self, config):
+        self.embed_tokens = _Weights("embedding", (256, 64), ("vocab", "embed"), -7)
+        self.layers = nnx.List([_Layer(i) for i in range(config.num_layers)])
+        self.norm = _Weights("weight", (64,), ("norm",), 5)
+
+
+class _StandInModel(nnx.Module):
+    """The parameter paths of a decoder model (``model.layers.i...``, ``lm_head``), none of its layers."""
+
+    def __init__(self, config, *, dtype, rngs, attention_impl=None):
+        self.model = _Inner(config)
+        self.lm_head = _Weights("kernel", (64, 256), ("embed", "vocab"), 3)
+
+
+def test_dummy_weights_on_several_device_sets_equal_one_device():
+    config = _model_config()
     mesh = make_mesh(tensor_parallel_size=2, pipeline_parallel_size=2)
-    with jax.default_prng_impl("rbg"):  # its programs compile far faster on CPU than threefry's
-        one_device = init_dummy_weights(model_cls, config, jnp.float32, seed=3)
-        dummy = build_sharded_model(model_cls, config, jnp.float32, mesh, seed=3)
-    _assert_same_placed_values(dummy, shard_model(one_device, mesh))
+    placement = param_placement(mesh, config)
+    built = init_dummy_weights_by_device_set(_StandInModel, config, jnp.float32, placement, 0, None)
+    one_device = _StandInModel(config, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    expected = {path: v.get_value() for path, v in nnx.to_flat_state(nnx.state(one_device))}
+    for path, variable in nnx.to_flat_state(nnx.state(built)):
+        array = variable.get_value()
+        assert array.sharding == placement(path, variable), path
+        np.testing.assert_array_equal(np.asarray(array), np.asarray(expected[path]))
+    stages = {
+        path[2]: {d.id for d in v.get_value().sharding.device_set}
+        for path, v in nnx.to_flat_state(nnx.state(built))
+        if path[1] == "layers"
+    }
+    assert stages == {0: {0, 1}, 1: {0, 1}, 2: {2, 3}, 3: {2, 3}}
 
 
 def _assert_same_placed_values(model, expected_model):

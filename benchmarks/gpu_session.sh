@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One GPU-machine session: the GPU tests and the benchmarks, logs and JSON under $OUT (default ./gpu-out).
+#   bash benchmarks/gpu_session.sh tests kernels j8 j1 l8 qmm    # any subset, in this order
+# Run from the repository root; JAXLLM_COMMIT names the commit when the tree is not a git checkout.
+set -uo pipefail
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 JAXLLM_CACHE_DIR=${JAXLLM_CACHE_DIR:-/tmp/jaxllm-xla}
+nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv | tee "$OUT/gpu.txt"
+for stage in "$@"; do
+  echo "=== $stage $(date +%T)"
+  case $stage in
+    tests) python3 -m pytest -m gpu -q -s tests 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "gpu parity|passed|failed|Error" ;;
+    kernels) python3 benchmarks/kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" ;;
+    j8) python3 benchmarks/throughput.py --job J8 --record 2>&1 | tee "$OUT/j8.log" | grep -Ev "^\{" ;;
+    j8ref) python3 benchmarks/throughput.py --job J8 --attention-impl reference --record 2>&1 | tee "$OUT/j8ref.log" | grep -Ev "^\{" ;;
+    j1) python3 benchmarks/throughput.py --job J1 --record 2>&1 | tee "$OUT/j1.log" | grep -Ev "^\{" ;;
+    l8) python3 benchmarks/latency.py --record 2>&1 | tee "$OUT/l8.log" ;;
+    qmm) python3 benchmarks/quantized_matmul.py --json "$OUT/qmm.json" 2>&1 | tee "$OUT/qmm.log" ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done
+cp benchmarks/RESULTS.md "$OUT/RESULTS.md" 2>/dev/null || true

@@ -1,0 +1,58 @@
+"""PipelineRunner with jaxllm's own sampler against jaxllm's ModelRunner on one device.
+
+Seeded random sampling (temperature, top-p) with logprobs: a seeded request's key depends only on its seed and
+output position, so the tokens must be the same although the pipeline splits each step into microbatches (which
+moves requests to other rows) and tensor parallelism reorders the logits' sums.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm.runner.model_runner import ModelRunner
+from jaxllm.sampling_params import SamplingParams
+from sharding import ShardedEngine, make_mesh, shard_model
+from tests.sharding.helpers import FAST_COMPILE, mixed_prompts, resolved_config, tiny_model
+
+pytestmark = [
+    pytest.mark.multidevice,
+    pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices"),
+]
+
+
+def run(engine, prompts: dict[str, list[int]]):
+    for i, (request_id, token_ids) in enumerate(prompts.items()):
+        params = SamplingParams(temperature=0.8, top_p=0.9, seed=100 + i, max_tokens=4, logprobs=3, ignore_eos=True)
+        engine.add_request(request_id, token_ids, params)
+    tokens = {request_id: [] for request_id in prompts}
+    logprobs = {request_id: [] for request_id in prompts}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            tokens[output.request_id].extend(output.new_token_ids)
+            logprobs[output.request_id].extend(output.new_logprobs)
+    return tokens, logprobs
+
+
+def test_seeded_sampling_and_logprobs_match_model_runner():
+    model, config = tiny_model(), resolved_config()
+    prompts = mixed_prompts(model.config.vocab_size, seed=5)
+    want_tokens, want_logprobs = run(ShardedEngine(ModelRunner(model, config, jnp.float32, seed=7), config), prompts)
+    mesh = make_mesh(tensor_parallel_size=2, pipeline_parallel_size=2)
+    runner_kwargs = {"seed": 7, "compiler_options": FAST_COMPILE}
+    engine = ShardedEngine.from_model(shard_model(model, mesh), mesh, config, jnp.float32, runner_kwargs=runner_kwargs)
+    got_tokens, got_logprobs = run(engine, prompts)
+    assert got_tokens == want_tokens
+    assert engine.runner.pipeline.num_stages == 2 and engine.runner.num_microbatches == 2
+    for request_id, steps in want_logprobs.items():
+        for got, want in zip(got_logprobs[request_id], steps, strict=True):
+            assert got.top_token_ids == want.top_token_ids
+            np.testing.assert_allclose(got.sampled_logprob, want.sampled_logprob, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(got.top_logprobs, want.top_logprobs, rtol=1e-5, atol=1e-5)
+    # really sampled: some drawn token is not the most likely one
+    drawn_and_top = [
+        (token, step.top_token_ids[0])
+        for request_id, tokens in want_tokens.items()
+        for token, step in zip(tokens, want_logprobs[request_id], strict=True)
+    ]
+    assert any(token != top for token, top in drawn_and_top)
