@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU-machine session: the GPU tests and the benchmarks, logs and JSON under $OUT (default ./gpu-out).
-#   bash benchmarks/gpu_session.sh tests kernels j8 j1 l8 qmm    # any subset, in this order
+#   bash benchmarks/gpu_session.sh tests kernels j8 j8ref j1 l8 profile compare_hf qmm    # any subset, in this order
 # Run from the repository root; JAXLLM_COMMIT names the commit when the tree is not a git checkout.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
@@ -14,8 +14,11 @@ for stage in "$@"; do
     kernels) python3 benchmarks/kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" ;;
     j8) python3 benchmarks/throughput.py --job J8 --record 2>&1 | tee "$OUT/j8.log" | grep -Ev "^\{" ;;
     j8ref) python3 benchmarks/throughput.py --job J8 --attention-impl reference --record 2>&1 | tee "$OUT/j8ref.log" | grep -Ev "^\{" ;;
-    j1) python3 benchmarks/throughput.py --job J1 --record 2>&1 | tee "$OUT/j1.log" | grep -Ev "^\{" ;;
+    j1) python3 benchmarks/throughput.py --job J1 --gpu-memory-utilization ${J1_GPU_MEMORY_UTILIZATION:-0.8} --record 2>&1 | tee "$OUT/j1.log" | grep -Ev "^\{" ;;
     l8) python3 benchmarks/latency.py --record 2>&1 | tee "$OUT/l8.log" ;;
+    profile) python3 benchmarks/profile_step.py --job J8 --out /tmp/j8-trace 2>&1 | tee "$OUT/profile.log" | grep -Ev "^JSON"
+             cp "$(find /tmp/j8-trace -name "*.trace.json.gz" | tail -1)" "$OUT/j8_decode.trace.json.gz" ;;
+    compare_hf) python3 benchmarks/compare_hf.py --job J8 --record 2>&1 | tee "$OUT/compare_hf.log" | grep -Ev "^JSON" ;;
     qmm) python3 benchmarks/quantized_matmul.py --json "$OUT/qmm.json" 2>&1 | tee "$OUT/qmm.log" ;;
     *) echo "unknown stage $stage" ;;
   esac

@@ -19,3 +19,32 @@ def test_roofline_j8_floor_matches_shared_benchmarks():
     result = roofline.main(["--job", "J8"])
     # shared/BENCHMARKS.md: about 5.9 s, at most ~11,100 output tok/s on an H100
     assert 5.0 < result["floor_s"] < 6.5
+
+
+def test_profile_step_smoke_traces_decode_steps(tmp_path):
+    from benchmarks import profile_step
+
+    record = profile_step.main(["--smoke", "--steps", "2", "--out", str(tmp_path)])
+    assert record["num_running"] == 8 and record["step_wall_ms"] > 0
+    assert record["trace"].endswith(".trace.json.gz")
+
+
+def test_profile_step_split_counts_each_instant_of_overlapping_streams_once():
+    from benchmarks.profile_step import busy_time_us, classify
+
+    events = [{"ts": 0, "dur": 10}, {"ts": 5, "dur": 10}, {"ts": 30, "dur": 5}]
+    assert busy_time_us(events) == 20
+    assert classify("ragged_paged_attention_kernel") == "attention"
+    assert classify("sm90_xmma_gemm_bf16bf16") == "matmul"
+    assert classify("loop_add_fusion") == "other"
+
+
+def test_compare_hf_smoke_reports_ratios():
+    import pytest
+
+    pytest.importorskip("torch")
+    from benchmarks import compare_hf
+
+    record = compare_hf.main(["--smoke"])
+    assert set(record["ratios"]) == {"continuous_batching", "static_batches_of_4"}
+    assert all(ratio > 0 for ratio in record["ratios"].values())

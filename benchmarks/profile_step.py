@@ -1,0 +1,145 @@
+"""A ``jax.profiler`` trace of decode steps of a job, summarized as a time split of one step.
+
+    PYTHONPATH=. python3 benchmarks/profile_step.py --job J8 --out $OUT/trace     # on the GPU machine
+    python benchmarks/profile_step.py --smoke --out /tmp/trace                     # tiny CPU run
+
+Submits the job's requests to an ``LLMEngine``, steps until every prompt is prefilled (all rows decode), then traces
+``--steps`` steps. The Perfetto trace (``*.trace.json.gz``) is read back and each device op is put in a class by its
+name: attention (the Pallas kernel or the reference), matmuls (cuBLAS / XLA gemm and dot fusions), sampling (sort,
+top-k, argmax, reduce over the vocabulary) or other. The host gap is the step's wall time minus device-busy time
+(the union of device op intervals). Also prints the wall time of untraced steps (the profiler's own cost stays out).
+On CPU the trace has no device threads, so only the wall time is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import pathlib
+import re
+import time
+
+import jax
+
+from benchmarks.common import JOBS, Job, environment, print_record, random_prompts
+from jaxllm import LLMEngine, SamplingParams
+
+SMOKE_JOB = Job("smoke", "tests/fixtures/models/llama", 8, 24, 16)
+
+OP_CLASSES = (  # first match wins; names as XLA, Triton and cuBLAS print them
+    ("attention", re.compile(r"ragged|paged|attention|_attn|triton_kernel|pallas", re.I)),
+    ("matmul", re.compile(r"gemm|cublas|cutlass|\bdot|dot[._]|matmul|sm90_xmma|wgmma", re.I)),
+    ("sampling", re.compile(r"sort|top_?k|argmax|gumbel|reduce.*vocab|softmax", re.I)),
+)
+
+
+def classify(name: str) -> str:
+    return next((label for label, pattern in OP_CLASSES if pattern.search(name)), "other")
+
+
+def device_events(trace: dict) -> list[dict]:
+    """Complete events on device threads (GPU streams / TPU cores); none on CPU, whose trace has no device."""
+    names = {}
+    for event in trace.get("traceEvents", []):
+        if event.get("ph") == "M" and event.get("name") == "process_name":
+            names[event["pid"]] = event["args"]["name"]
+    device_pids = {pid for pid, name in names.items() if re.search(r"/device:(GPU|TPU)", name)}
+    return [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e and e["pid"] in device_pids]
+
+
+def busy_time_us(events: list[dict]) -> float:
+    """Length of the union of the events' intervals (streams overlap)."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted((e["ts"], e["ts"] + e["dur"]) for e in events):
+        if stop <= end:
+            continue
+        total += stop - max(start, end)
+        end = stop
+    return total
+
+
+def summarize(trace_dir: pathlib.Path, num_steps: int, wall_s: float) -> dict:
+    paths = sorted(trace_dir.rglob("*.trace.json.gz"))
+    if not paths:
+        raise FileNotFoundError(f"no *.trace.json.gz under {trace_dir}")
+    with gzip.open(paths[-1]) as f:
+        events = device_events(json.load(f))
+    split = {}
+    for event in events:
+        label = classify(event.get("name", ""))
+        split[label] = split.get(label, 0.0) + event["dur"]
+    step_us = wall_s * 1e6 / num_steps
+    busy_us = busy_time_us(events) / num_steps
+    per_step = {label: us / num_steps for label, us in sorted(split.items())}
+    return {
+        "trace": str(paths[-1]),
+        "step_wall_ms": step_us / 1e3,
+        "device_busy_ms": busy_us / 1e3,
+        "host_gap_ms": max(0.0, step_us - busy_us) / 1e3,
+        "device_ms_by_class": {label: us / 1e3 for label, us in per_step.items()},
+        "num_device_events": len(events),
+    }
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--job", choices=sorted(JOBS), default="J8")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--out", default="/tmp/jaxllm-trace")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args(argv)
+    job = SMOKE_JOB if args.smoke else JOBS[args.job]
+    engine = LLMEngine.from_engine_args(
+        model=job.model_config,
+        load_format="dummy",
+        dtype="float32" if args.smoke else args.dtype,
+        skip_tokenizer_init=True,
+        max_num_seqs=max(job.num_prompts, 1),
+        max_num_batched_tokens=64 if args.smoke else args.max_num_batched_tokens,
+        max_model_len=256 if args.smoke else 2048,
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=job.output_len, ignore_eos=True)
+    for i, prompt in enumerate(random_prompts(job.num_prompts, job.input_len, engine.model_config.vocab_size)):
+        engine.add_request(f"r{i}", prompt, params, stream=False)
+    scheduler = engine.scheduler
+
+    def all_decoding() -> bool:
+        return not scheduler.waiting and all(r.num_computed_tokens >= r.num_prompt_tokens for r in scheduler.running)
+
+    while not all_decoding():
+        engine.step()
+    engine.step()  # one plain decode step, untraced
+    wall_s = []
+    for _ in range(args.steps):  # untraced: host time per step
+        start = time.perf_counter()
+        engine.step()
+        wall_s.append(time.perf_counter() - start)
+    out = pathlib.Path(args.out)
+    with jax.profiler.trace(str(out), create_perfetto_trace=True):
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        traced_wall_s = time.perf_counter() - start
+    record = {
+        "job": job.name,
+        **environment(),
+        "num_running": len(scheduler.running),
+        "untraced_step_ms": sorted(w * 1e3 for w in wall_s),
+        **summarize(out, args.steps, traced_wall_s),
+    }
+    print(f"job {record['job']} on {record['device']}, jax {record['jax']}, commit {record['commit']}")
+    print(
+        f"decode step with {record['num_running']} requests: {record['step_wall_ms']:.2f} ms wall (traced), device "
+        f"busy {record['device_busy_ms']:.2f} ms, host gap {record['host_gap_ms']:.2f} ms"
+    )
+    for label, ms in record["device_ms_by_class"].items():
+        print(f"  {label:10s} {ms:8.2f} ms")
+    print_record(record)
+    return record
+
+
+if __name__ == "__main__":
+    main()
