@@ -3,8 +3,9 @@
     PYTHONPATH=. python3 benchmarks/mesh_scaling.py --model benchmarks/configs/llama-3.2-1b   # on the GPU machine
     PYTHONPATH=. python3 benchmarks/mesh_scaling.py --smoke        # tiny shape on 8 fake CPU devices
 
-For each mesh ``TxPxD`` (tensor x pipe x data) it builds D engine replicas (``sharding.ShardedEngine`` behind a
-``DataParallelEngine``), compiles every bucket (untimed warm-up), then times the whole job submitted at once (greedy,
+For each mesh ``TxPxD`` (tensor x pipe x data) it builds ``LLM(tensor_parallel_size=T, pipeline_parallel_size=P,
+data_parallel_size=D, load_format="dummy")`` with a KV cache that holds the whole job (no preemption), which compiles
+every bucket (the untimed warm-up), then times ``LLM.generate`` on the whole job submitted at once (greedy,
 ignore_eos). The table gives output tokens/s, the largest per-device parameter and KV-cache bytes, the scaling
 efficiency ``throughput / (devices x throughput on 1x1x1)`` (when 1x1x1 is in the sweep), the pipeline's theoretical
 bubble ``(P-1)/(M+P-1)`` and a measured one: ``1 - sum of stage busy times / (P x pipelined wall time)`` for M
@@ -24,20 +25,16 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import pathlib  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from benchmarks.common import environment, print_record, random_prompts  # noqa: E402
-from jaxllm.config import ResolvedConfig, power_of_two_buckets  # noqa: E402
-from jaxllm.loading.model_loader import resolve_dtype  # noqa: E402
-from jaxllm.models import ModelConfig, get_model_class  # noqa: E402
-from jaxllm.sampling_params import SamplingParams  # noqa: E402
-from sharding import DataParallelEngine, ShardedEngine, build_sharded_model, make_mesh  # noqa: E402
-from sharding.engine import generate  # noqa: E402
+from jaxllm import LLM, SamplingParams  # noqa: E402
+from sharding import DataParallelEngine  # noqa: E402
 from sharding.microbatch import bubble_fraction  # noqa: E402
-from sharding.runner import padding_batch  # noqa: E402
+from sharding.runner import PipelineRunner, padding_batch  # noqa: E402
 
 SMOKE_HF_CONFIG = {
     "architectures": ["LlamaForCausalLM"],
@@ -57,9 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a directory with config.json (weights are random)")
     p.add_argument("--meshes", help="comma-separated TxPxD, e.g. 1x1x1,2x1x1,1x2x1 (default: all that fit)")
-    p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--input-len", type=int, default=512)
-    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--num-prompts", type=int, help="default 64 (--smoke: 8)")
+    p.add_argument("--input-len", type=int, help="default 512 (--smoke: 24)")
+    p.add_argument("--output-len", type=int, help="default 128 (--smoke: 8)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -69,10 +66,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.smoke:
         args.meshes = args.meshes or SMOKE_MESHES
-        args.num_prompts, args.input_len, args.output_len = 8, 24, 8
         args.dtype, args.max_num_seqs, args.max_num_batched_tokens, args.block_size = "float32", 8, 64, 4
     elif not args.model:
         p.error("give --model DIR (a config.json) or --smoke")
+    job = (8, 24, 8) if args.smoke else (64, 512, 128)
+    args.num_prompts = args.num_prompts or job[0]
+    args.input_len = args.input_len or job[1]
+    args.output_len = args.output_len or job[2]
     return args
 
 
@@ -92,41 +92,46 @@ def parse_meshes(text: str | None) -> list[tuple[int, int, int]]:
     return [(1, 1, 1)] + [s for s in shapes if s != (1, 1, 1)]
 
 
-def resolved_config(args, model_config: ModelConfig, num_replicas: int) -> ResolvedConfig:
-    max_model_len = args.input_len + args.output_len
+def num_kv_blocks(args, num_replicas: int) -> int:
+    """Blocks per replica for its share of the job at full length (the job never preempts)."""
     requests_per_replica = min(args.max_num_seqs, -(-args.num_prompts // num_replicas))
-    num_blocks = requests_per_replica * -(-max_model_len // args.block_size) + 1  # the job never preempts
-    budget = args.max_num_batched_tokens
-    return ResolvedConfig(
-        max_model_len=max_model_len,
+    return requests_per_replica * -(-(args.input_len + args.output_len) // args.block_size)
+
+
+def build_llm(args, model_dir: str, shape: tuple[int, int, int]) -> LLM:
+    tensor, pipe, data = shape
+    llm = LLM(
+        model=model_dir,
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        dtype=args.dtype,
+        tensor_parallel_size=tensor,
+        pipeline_parallel_size=pipe,
+        data_parallel_size=data,
+        max_model_len=args.input_len + args.output_len,
         max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=budget,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size,
-        num_blocks=num_blocks,
-        token_buckets=power_of_two_buckets(min(16, budget), budget),
+        num_gpu_blocks_override=num_kv_blocks(args, data),
     )
+    if args.num_microbatches:
+        for runner in replica_runners(llm):
+            if isinstance(runner, PipelineRunner):
+                runner.num_microbatches = args.num_microbatches
+    return llm
 
 
-def build_replica(args, model_config, replica_mesh, config: ResolvedConfig, dtype) -> ShardedEngine:
-    model_cls = get_model_class(model_config.architecture)
-    tensors = random_tensors(model_config) if args.smoke else None  # CPU: skip compiling a jax RNG program
-    model = build_sharded_model(model_cls, model_config, dtype, replica_mesh, tensors=tensors, seed=0)
-    runner_kwargs = {"num_microbatches": args.num_microbatches}
-    return ShardedEngine.from_model(model, replica_mesh, config, dtype, runner_kwargs=runner_kwargs)
+def replica_runners(llm: LLM) -> list:
+    core = llm.llm_engine.core
+    return [r.runner for r in core.replicas] if isinstance(core, DataParallelEngine) else [core.runner]
 
 
-def random_tensors(model_config: ModelConfig):
-    from flax import nnx
-
-    from jaxllm.loading.model_loader import abstract_model
-
-    rng = np.random.default_rng(0)
-    abstract = abstract_model(get_model_class(model_config.architecture), model_config, np.float32)
-    for path, variable in nnx.to_flat_state(nnx.state(abstract)):
-        shape, leaf = variable.get_value().shape, path[-1]
-        value = rng.normal(0.0, 0.05, shape[::-1] if leaf == "kernel" else shape).astype(np.float32)
-        name = ".".join(map(str, path[:-1] + ("weight" if leaf in ("kernel", "embedding") else leaf,)))
-        yield name, value + (1.0 if str(path[-2]).endswith("norm") else 0.0)
+def runner_arrays(runner) -> tuple[list, list]:
+    """(parameters, KV cache) arrays of a ``PipelineRunner`` (every stage) or a one-device ``ModelRunner``."""
+    if isinstance(runner, PipelineRunner):
+        stages = runner.pipeline.stages
+        return [s.state for s in stages], [s.kv_caches for s in stages]
+    return [runner.params], [runner.kv_caches]
 
 
 def bytes_per_device(arrays) -> int:
@@ -138,62 +143,61 @@ def bytes_per_device(arrays) -> int:
     return max(per_device.values(), default=0)
 
 
-def measured_bubble(engine: ShardedEngine) -> float | None:
+def measured_bubble(runner) -> float | None:
     """1 - (sum of stage busy times) / (P x wall time of the pipelined run), on padding microbatches."""
-    pipeline, config = engine.runner.pipeline, engine.config
-    if pipeline.num_stages == 1:
+    if not isinstance(runner, PipelineRunner) or runner.pipeline.num_stages == 1:
         return None
+    pipeline, config = runner.pipeline, runner.config
     bucket = config.token_buckets[-1]
-    batch = padding_batch(bucket, config.request_rows_for(bucket), config.max_blocks_per_request)
-    batches = [batch] * engine.runner.num_microbatches
-    jax.block_until_ready(pipeline.run(batches))  # warm (compiled already; fills caches)
+    rows = config.request_rows_for(bucket)
+    batches = [padding_batch(bucket, rows, config.max_blocks_per_request)] * runner.num_microbatches
+    head_args = [runner.build_head_args([], rows, index, 0) for index in range(len(batches))]
+    jax.block_until_ready(pipeline.run(batches, head_args))  # warm (compiled already; fills caches)
     start = time.perf_counter()
-    jax.block_until_ready(pipeline.run(batches))
+    jax.block_until_ready(pipeline.run(batches, head_args))
     wall = time.perf_counter() - start
     busy = 0.0
-    for batch in batches:
+    for batch, args in zip(batches, head_args, strict=True):
         inputs = batch.input_ids
         for stage in pipeline.stages:
             start = time.perf_counter()
-            inputs = jax.block_until_ready(pipeline._run_stage(stage, inputs, batch, None))
+            inputs = jax.block_until_ready(pipeline._run_stage(stage, inputs, batch, args))
             busy += time.perf_counter() - start
     return max(0.0, 1.0 - busy / (pipeline.num_stages * wall))
 
 
-def run_mesh(args, model_config, shape: tuple[int, int, int], prompts: list[dict]) -> dict:
+def run_mesh(args, model_dir: str, shape: tuple[int, int, int], prompts: list[dict]) -> dict:
     tensor, pipe, data = shape
-    mesh = make_mesh(tensor, pipe, data)
-    dtype = resolve_dtype(args.dtype, model_config.checkpoint_dtype)
-    config = resolved_config(args, model_config, data)
     start = time.perf_counter()
-    engine = DataParallelEngine.build(mesh, lambda m, i: build_replica(args, model_config, m, config, dtype))
-    compile_s = sum(replica.runner.warm_up() for replica in engine.replicas)
+    llm = build_llm(args, model_dir, shape)
     build_s = time.perf_counter() - start
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
     start = time.perf_counter()
-    outputs = generate(engine, {f"p{i}": p["prompt_token_ids"] for i, p in enumerate(prompts)}, params)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
-    first = engine.replicas[0]
-    num_microbatches = first.runner.num_microbatches
-    row = {
+    runners = replica_runners(llm)
+    arrays = [runner_arrays(runner) for runner in runners]
+    num_microbatches = getattr(runners[0], "num_microbatches", 1)
+    return {
         "mesh": f"{tensor}x{pipe}x{data}",
         "num_devices": tensor * pipe * data,
         "elapsed_s": elapsed,
         "build_s": build_s,
-        "compile_s": compile_s,
-        "output_tokens_per_s": sum(len(t) for t in outputs.values()) / elapsed,
-        "param_bytes_per_device": bytes_per_device(
-            [s.state for r in engine.replicas for s in r.runner.pipeline.stages]
-        ),
-        "kv_bytes_per_device": bytes_per_device(
-            [s.kv_caches for r in engine.replicas for s in r.runner.pipeline.stages]
-        ),
+        "compile_s": llm.llm_engine.compile_seconds,
+        "output_tokens_per_s": sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed,
+        "param_bytes_per_device": bytes_per_device([params for params, _ in arrays]),
+        "kv_bytes_per_device": bytes_per_device([kv for _, kv in arrays]),
+        "num_kv_blocks": llm.llm_engine.resolved.num_blocks,
+        "num_preemptions": sum(r.scheduler.num_preemptions for r in _cores(llm)),
         "num_microbatches": num_microbatches,
         "bubble_theoretical": bubble_fraction(pipe, num_microbatches),
-        "bubble_measured": measured_bubble(first),
+        "bubble_measured": measured_bubble(runners[0]),
     }
-    engine.close()
-    return row
+
+
+def _cores(llm: LLM) -> list:
+    core = llm.llm_engine.core
+    return core.replicas if isinstance(core, DataParallelEngine) else [core]
 
 
 def add_efficiency(rows: list[dict]) -> None:
@@ -222,13 +226,14 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.smoke:
-        hf_config = SMOKE_HF_CONFIG
-    else:
-        hf_config = json.loads((pathlib.Path(args.model) / "config.json").read_text())
-    model_config = ModelConfig.from_hf_config(hf_config)
-    prompts = random_prompts(args.num_prompts, args.input_len, model_config.vocab_size)
-    rows = [run_mesh(args, model_config, shape, prompts) for shape in parse_meshes(args.meshes)]
+    with tempfile.TemporaryDirectory() as smoke_dir:
+        model_dir = args.model
+        if args.smoke:  # a config.json alone: the weights are dummy
+            model_dir = smoke_dir
+            (pathlib.Path(smoke_dir) / "config.json").write_text(json.dumps(SMOKE_HF_CONFIG))
+        vocab_size = json.loads((pathlib.Path(model_dir) / "config.json").read_text())["vocab_size"]
+        prompts = random_prompts(args.num_prompts, args.input_len, vocab_size)
+        rows = [run_mesh(args, model_dir, shape, prompts) for shape in parse_meshes(args.meshes)]
     add_efficiency(rows)
     print_table(rows)
     record = {

@@ -12,6 +12,8 @@ import dataclasses
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30  # KV budget on CPU, where there is no device memory to measure
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+QUANTIZATIONS = (None, "int8", "int4", "fp8")  # as jaxllm.quantization.config.QUANTIZATION_NAMES
+KV_CACHE_DTYPES = ("auto",)
 
 
 def _positive_int(name: str, value, allow_none: bool = False) -> None:
@@ -62,6 +64,15 @@ class EngineConfig:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.quantization is not None and self.tensor_parallel_size * self.pipeline_parallel_size > 1:
+            raise ValueError(
+                f"quantization={self.quantization!r} with tensor_parallel_size={self.tensor_parallel_size}, "
+                f"pipeline_parallel_size={self.pipeline_parallel_size} is not supported yet"
+            )
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported yet; choose {KV_CACHE_DTYPES}")
         if self.model is not None and not isinstance(self.model, str):
             raise TypeError(f"model must be a path string or None, got {type(self.model).__name__}")
 

@@ -4,6 +4,7 @@ from sharding.attention import shard_mapped_attention
 from sharding.data_parallel import DataParallelEngine
 from sharding.distributed import initialize_distributed
 from sharding.engine import ShardedEngine
+from sharding.engine_runners import build_mesh_runners, engine_mesh
 from sharding.mesh import make_mesh, replica_meshes, stage_meshes
 from sharding.model_sharding import build_sharded_model, expand_kv_heads, shard_model
 from sharding.pipeline import PipelinedModel
@@ -16,7 +17,9 @@ __all__ = [
     "PipelineRunner",
     "PipelinedModel",
     "ShardedEngine",
+    "build_mesh_runners",
     "build_sharded_model",
+    "engine_mesh",
     "expand_kv_heads",
     "initialize_distributed",
     "kv_cache_sharding",

@@ -9,7 +9,8 @@ thread, so one replica's device time overlaps the others' (JAX releases the GIL 
 
 Replicas are any objects with the engine-core interface: ``add_request(request_id, prompt, params)``, ``step() ->
 list of outputs with .request_id and .finished``, ``has_unfinished_requests()``, ``get_num_unfinished_requests()``
-and ``abort_request(ids)``; ``ShardedEngine`` and ``jaxllm``'s ``LLMEngine`` both have it.
+and ``abort_request(ids)`` (and ``finish_requests(ids, status)`` for ``finish_requests``); ``jaxllm``'s
+``EngineCore`` and ``ShardedEngine`` have it. ``LLMEngine`` serves ``data_parallel_size > 1`` this way.
 """
 
 from __future__ import annotations
@@ -58,13 +59,25 @@ class DataParallelEngine:
         return index
 
     def abort_request(self, request_ids) -> None:
+        for replica, mine in self._route(request_ids):
+            replica.abort_request(mine)
+
+    def finish_requests(self, request_ids, status) -> None:
+        """Finishes requests from outside a step (a stop string); replicas need ``finish_requests(ids, status)``."""
+        for replica, mine in self._route(request_ids):
+            replica.finish_requests(mine, status)
+
+    def _route(self, request_ids) -> list[tuple[object, list[str]]]:
+        """(replica, its ids among ``request_ids``) for every replica holding some; they stop being tracked."""
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        routed = []
         for index, replica in enumerate(self.replicas):
             mine = [rid for rid in ids if self.replica_of.get(rid) == index]
             if mine:
-                replica.abort_request(mine)
+                routed.append((replica, mine))
                 for rid in mine:
                     del self.replica_of[rid]
+        return routed
 
     def has_unfinished_requests(self) -> bool:
         return any(replica.has_unfinished_requests() for replica in self.replicas)

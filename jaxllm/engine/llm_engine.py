@@ -1,8 +1,10 @@
 """LLMEngine: vLLM's step-wise engine API (``add_request``, ``step``, ``abort_request``, ...).
 
-Owns assembling the parts (model, model runner, scheduler, output processor) and the step loop
-schedule -> execute -> update. Bad input is rejected in ``add_request`` before any state changes, so a rejected request
-never affects the others.
+Owns assembling the parts (model, model runner(s), engine core(s), output processor) and the step loop
+schedule -> execute -> update (in ``EngineCore``; one per data-parallel replica behind ``sharding.DataParallelEngine``),
+then detokenize. With ``tensor_parallel_size`` / ``pipeline_parallel_size`` / ``data_parallel_size`` the runners come
+from ``sharding.engine_runners`` on a device mesh. Bad input is rejected in ``add_request`` before any state changes,
+so a rejected request never affects the others.
 """
 
 from __future__ import annotations
@@ -14,10 +16,8 @@ from collections.abc import Iterable
 import jax
 
 from jaxllm.config import EngineConfig
-from jaxllm.core.block_manager import BlockManager
-from jaxllm.core.scheduler import Scheduler
-from jaxllm.core.scheduler_config import SchedulerConfig
 from jaxllm.engine import setup
+from jaxllm.engine.engine_core import EngineCore
 from jaxllm.engine.prompts import tokenize_prompt
 from jaxllm.loading.model_loader import resolve_dtype
 from jaxllm.loading.model_source import resolve_model_source
@@ -27,6 +27,8 @@ from jaxllm.outputs import RequestOutput
 from jaxllm.request import RequestStatus
 from jaxllm.runner.model_runner import ModelRunner
 from jaxllm.sampling_params import SamplingParams
+from sharding.data_parallel import DataParallelEngine
+from sharding.engine_runners import build_mesh_runners, engine_mesh
 
 logger = logging.getLogger(__name__)
 
@@ -40,31 +42,38 @@ class LLMEngine:
         self.model_config = ModelConfig.from_hf_config(source.hf_config)
         self.tokenizer = None if config.skip_tokenizer_init else source.load_tokenizer()
         self.eos_token_ids = _eos_token_ids(self.model_config, source.generation_config, self.tokenizer)
+        self.kv_dtype = resolve_dtype(config.dtype, self.model_config.checkpoint_dtype)
         start = time.perf_counter()
-        model = setup.load_model(config, source, self.model_config)
+        runners, self.resolved = self._build_runners(source)
         logger.info(
             "loaded %s (%s) in %.1f s", source.name, self.model_config.architecture, time.perf_counter() - start
         )
-        self.kv_dtype = resolve_dtype(config.dtype, self.model_config.checkpoint_dtype)
-        self.runner, self.resolved = self._build_runner(model)
-        self.compile_seconds = self.runner.warm_up()
-        self.scheduler = Scheduler(
-            SchedulerConfig(
-                max_num_seqs=self.resolved.max_num_seqs,
-                max_num_batched_tokens=self.resolved.max_num_batched_tokens,
-                max_model_len=self.resolved.max_model_len,
-                block_size=self.resolved.block_size,
-                num_blocks=self.resolved.num_blocks,
+        self.compile_seconds = sum(runner.warm_up() for runner in runners)
+        cores = [
+            EngineCore(
+                runner,
+                self.resolved,
                 enable_chunked_prefill=config.enable_chunked_prefill,
                 enable_prefix_caching=config.enable_prefix_caching,
-            ),
-            BlockManager(self.resolved.num_blocks, self.resolved.block_size, config.enable_prefix_caching),
-        )
+            )
+            for runner in runners
+        ]
+        # One queue: a data-parallel engine hands each request to its least-loaded replica.
+        self.core = cores[0] if len(cores) == 1 else DataParallelEngine(cores)
+        self.runner, self.scheduler = cores[0].runner, cores[0].scheduler  # replica 0's (the only one unless D > 1)
         self.output_processor = OutputProcessor(self.tokenizer)
 
     @classmethod
     def from_engine_args(cls, **kwargs) -> LLMEngine:
         return cls(EngineConfig(**kwargs))
+
+    def _build_runners(self, source) -> tuple[list, object]:
+        """One runner per data-parallel replica: a ``ModelRunner`` on one device, ``PipelineRunner``s on a mesh."""
+        mesh = engine_mesh(self.config)  # ValueError when T x P x D does not divide the devices
+        if mesh is None:
+            runner, resolved = self._build_runner(setup.load_model(self.config, source, self.model_config))
+            return [runner], resolved
+        return build_mesh_runners(self.config, source, self.model_config, self.kv_dtype, mesh)
 
     def _build_runner(self, model) -> tuple[ModelRunner, object]:
         """Sizes the KV cache: on an accelerator from memory free after weights, less the largest step's temporaries."""
@@ -116,31 +125,29 @@ class LLMEngine:
         tokenized = tokenize_prompt(prompt, self.tokenizer, self.model_config.vocab_size)
         children = make_child_requests(request_id, tokenized.token_ids, params, self.eos_token_ids, arrival_time)
         for child in children:
-            self.scheduler.validate_request(child)  # raises before anything is queued
+            self.scheduler.validate_request(child)  # raises before anything is queued (replicas share limits)
         self.output_processor.add_request(request_id, tokenized.text, children, stream=stream)
         for child in children:
-            self.scheduler.add_request(child)
+            self.core.add_request(child.request_id, child)
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         child_ids = self.output_processor.abort_requests(ids)
-        self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
+        self.core.abort_request(child_ids)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.core.has_unfinished_requests()
 
     def get_num_unfinished_requests(self) -> int:
-        return self.scheduler.get_num_unfinished_requests()
+        return self.core.get_num_unfinished_requests()
 
     def step(self) -> list[RequestOutput]:
-        scheduler_output = self.scheduler.schedule()
-        if scheduler_output.is_empty:
+        core_outputs = self.core.step()  # schedule -> execute -> update, on every replica with work
+        if not core_outputs:
             return []
-        runner_output = self.runner.execute(scheduler_output)
-        core_outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
         processed = self.output_processor.process_outputs(core_outputs)
         if processed.stopped_request_ids:
-            self.scheduler.finish_requests(processed.stopped_request_ids, RequestStatus.FINISHED_STOPPED)
+            self.core.finish_requests(processed.stopped_request_ids, RequestStatus.FINISHED_STOPPED)
         return processed.request_outputs
 
 

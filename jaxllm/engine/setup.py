@@ -14,6 +14,7 @@ from jaxllm.config import EngineConfig, ResolvedConfig, power_of_two_buckets
 from jaxllm.loading.model_loader import abstract_model, init_dummy_weights, load_weights, resolve_dtype
 from jaxllm.loading.model_source import ModelSource
 from jaxllm.models import ModelConfig, get_model_class
+from jaxllm.quantization.config import resolve_quantization
 from jaxllm.runner.kv_cache import device_memory_budget, kv_bytes_per_block
 
 logger = logging.getLogger(__name__)
@@ -23,14 +24,22 @@ SMALLEST_TOKEN_BUCKET = 16
 
 
 def load_model(config: EngineConfig, source: ModelSource, model_config: ModelConfig, placement=None):
+    """The model with its weights, its linear layers quantized as each tensor loads when ``config.quantization``."""
     model_cls = get_model_class(model_config.architecture)
     dtype = resolve_dtype(config.dtype, model_config.checkpoint_dtype)
+    quantization = resolve_quantization(config.quantization)
     kwargs = {} if placement is None else {"placement": placement}
     if config.load_format == "dummy":
         return init_dummy_weights(
-            model_cls, model_config, dtype, seed=config.seed, attention_impl=config.attention_impl, **kwargs
+            model_cls,
+            model_config,
+            dtype,
+            seed=config.seed,
+            attention_impl=config.attention_impl,
+            quantization=quantization,
+            **kwargs,
         )
-    abstract = abstract_model(model_cls, model_config, dtype, config.attention_impl)
+    abstract = abstract_model(model_cls, model_config, dtype, config.attention_impl, quantization)
     return load_weights(abstract, source.tensors(), **kwargs)
 
 
@@ -64,16 +73,17 @@ def num_kv_blocks(
     kv_dtype,
     step_temp_bytes: float = 0,
     temp_bytes_per_block: float = 0,
+    bytes_per_block: int | None = None,
 ) -> int:
     """Blocks the KV budget holds, plus the reserved null block 0.
 
     ``step_temp_bytes`` and ``temp_bytes_per_block`` are the largest step's temporary memory (fixed part, and the part
-    that grows with the cache), measured by compiling it; they are taken out of the budget first.
+    that grows with the cache), measured by compiling it; they are taken out of the budget first. ``bytes_per_block``
+    is what one block costs a device (default: the whole model's; on a mesh, the most loaded device's share).
     """
     if config.num_gpu_blocks_override is not None:
         return config.num_gpu_blocks_override + 1
-    per_block = kv_bytes_per_block(model_config, config.block_size, kv_dtype)
-    per_block //= max(1, config.tensor_parallel_size * config.pipeline_parallel_size)
+    per_block = bytes_per_block or kv_bytes_per_block(model_config, config.block_size, kv_dtype)
     budget = device_memory_budget(config.gpu_memory_utilization, config.kv_cache_memory_bytes) - step_temp_bytes
     num_blocks = int(budget // (per_block + temp_bytes_per_block))
     if num_blocks < 2:

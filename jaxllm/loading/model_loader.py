@@ -2,7 +2,9 @@
 
 Owns the mapping from Hugging Face tensor names to NNX parameter paths, shape checking with errors that name the
 tensor and both shapes, dtype casting, and placing each tensor straight onto its device(s) (a sharding per
-parameter when a mesh is used), one tensor at a time.
+parameter when a mesh is used), one tensor at a time. A quantized model (``QuantizedLinear`` layers) gets each linear
+weight quantized as it arrives, so no full-precision copy of the whole model ever exists; its dummy weights are the
+quantized dummy weights of the same model unquantized.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from flax import nnx
 
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.decoder import DecoderForCausalLM
+from jaxllm.models.layers import QuantizedLinear
+from jaxllm.quantization.config import DEFAULT_INT4_GROUP_SIZE, QuantizationConfig
+from jaxllm.quantization.schemes import quantize_weight
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "bf16": "bfloat16", "half": "float16", "fp16": "float16"}
@@ -38,8 +43,13 @@ def resolve_dtype(dtype, checkpoint_dtype: str):
     return DTYPES[name]
 
 
-def abstract_model(model_cls, config: ModelConfig, dtype, attention_impl=None) -> DecoderForCausalLM:
-    return nnx.eval_shape(lambda: model_cls(config, dtype=dtype, rngs=nnx.Rngs(0), attention_impl=attention_impl))
+def abstract_model(
+    model_cls, config: ModelConfig, dtype, attention_impl=None, quantization: QuantizationConfig | None = None
+) -> DecoderForCausalLM:
+    kwargs = {} if quantization is None else {"quantization": quantization}
+    return nnx.eval_shape(
+        lambda: model_cls(config, dtype=dtype, rngs=nnx.Rngs(0), attention_impl=attention_impl, **kwargs)
+    )
 
 
 def hf_name_to_path(name: str) -> tuple[tuple, bool]:
@@ -72,6 +82,14 @@ def load_weights(
         if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
         path, transpose = hf_name_to_path(name)
+        linear = _quantized_linear_at(abstract, flat, path)
+        if linear is not None:
+            got = tuple(array.shape[::-1]) if transpose else tuple(array.shape)
+            if got != linear.shape:
+                raise ValueError(f"tensor {name!r} has shape {tuple(array.shape)}, model expects {linear.shape}")
+            value = np.asarray(array).T if transpose else np.asarray(array)
+            loaded.update(_set_quantized(flat, path[:-1], linear, value, placement))
+            continue
         if path not in flat:
             raise ValueError(f"unexpected tensor {name!r} (shape {tuple(array.shape)}) in checkpoint")
         variable = flat[path]
@@ -101,17 +119,32 @@ def init_dummy_weights(
     seed: int = 0,
     attention_impl=None,
     placement: Placement = _default_placement,
+    quantization: QuantizationConfig | None = None,
 ) -> DecoderForCausalLM:
     """Random weights from a config alone (``load_format="dummy"``), each created directly in its final placement.
 
     One small jitted draw per parameter (cached by shape), not one program for the whole model: an 8B model's single
-    init program takes minutes to compile. Norm weights are drawn around 1, everything else around 0.
+    init program takes minutes to compile. Norm weights are drawn around 1, everything else around 0. With
+    ``quantization``, each linear kernel is drawn as the unquantized model's (same key), then quantized.
     """
-    abstract = abstract_model(model_cls, config, dtype, attention_impl)
+    if quantization is not None:
+        reference = nnx.split(abstract_model(model_cls, config, dtype, attention_impl))[1]
+        unquantized_index = {path: i for i, (path, _) in enumerate(nnx.to_flat_state(reference))}
+    abstract = abstract_model(model_cls, config, dtype, attention_impl, quantization)
     graphdef, abstract_state = nnx.split(abstract)
     flat = nnx.to_flat_state(abstract_state)
+    by_path = dict(flat)
     key = jax.random.key(seed)
     for index, (path, variable) in enumerate(flat):
+        if quantization is not None:
+            index = unquantized_index[path[:-1] + ("kernel",) if path[-1] in ("values", "scales") else path]
+        if path[-1] == "scales":
+            continue  # filled with its values
+        if path[-1] == "values":
+            linear = _quantized_linear_at(abstract, by_path, path[:-1] + ("kernel",))
+            kernel = _random_param(linear.shape, dtype, None, False)(jax.random.fold_in(key, index))
+            _set_quantized(by_path, path[:-1], linear, kernel, placement)
+            continue
         value = variable.get_value()
         is_norm_weight = path[-1] == "weight"
         variable.set_value(
@@ -120,6 +153,25 @@ def init_dummy_weights(
             )
         )
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _quantized_linear_at(model, flat, kernel_path: tuple) -> QuantizedLinear | None:
+    """The ``QuantizedLinear`` whose kernel a checkpoint tensor at ``kernel_path`` is, if any."""
+    if kernel_path[-1] != "kernel" or kernel_path[:-1] + ("values",) not in flat:
+        return None
+    module = model
+    for key in kernel_path[:-1]:
+        module = module[key] if isinstance(key, int) else getattr(module, key)
+    return module if isinstance(module, QuantizedLinear) else None
+
+
+def _set_quantized(flat, module_path: tuple, linear: QuantizedLinear, kernel, placement: Placement) -> list[tuple]:
+    """Quantizes one ``kernel [K, N]`` into ``linear``'s ``values`` and ``scales``; returns the paths it filled."""
+    qw = quantize_weight(jnp.asarray(kernel), linear.method, linear.group_size or DEFAULT_INT4_GROUP_SIZE)
+    paths = [module_path + ("values",), module_path + ("scales",)]
+    for path, array in zip(paths, (qw.values, qw.scales), strict=True):
+        flat[path].set_value(jax.device_put(array, placement(path, flat[path])))
+    return paths
 
 
 @functools.cache

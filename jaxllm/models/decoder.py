@@ -8,12 +8,14 @@ sliding window, tied embeddings). The KV cache is an explicit argument and resul
 
 from __future__ import annotations
 
+import functools
+
 import jax
 from flax import nnx
 
 from jaxllm.models.attention_metadata import AttentionMetadata
 from jaxllm.models.config import ModelConfig
-from jaxllm.models.layers import Embed, Linear, RMSNorm, SwiGLUMLP
+from jaxllm.models.layers import Embed, Linear, RMSNorm, SwiGLUMLP, make_linear
 from jaxllm.models.rope import apply_rope, rope_cos_sin
 from pallas_kernels import ragged_paged_attention, update_kv_cache
 
@@ -21,34 +23,14 @@ KVCache = list[tuple[jax.Array, jax.Array]]  # per layer (k, v), each [P, L, K, 
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, attention_impl: str | None = None):
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, attention_impl=None, quantization=None):
         c = config
-        bias = c.attention_bias
-        self.q_proj = Linear(
-            c.hidden_size,
-            c.num_heads * c.head_dim,
-            axes=("embed", "q_heads"),
-            dtype=dtype,
-            rngs=rngs,
-            use_bias=bias,
-        )
-        self.k_proj = Linear(
-            c.hidden_size,
-            c.num_kv_heads * c.head_dim,
-            axes=("embed", "kv_heads"),
-            dtype=dtype,
-            rngs=rngs,
-            use_bias=bias,
-        )
-        self.v_proj = Linear(
-            c.hidden_size,
-            c.num_kv_heads * c.head_dim,
-            axes=("embed", "kv_heads"),
-            dtype=dtype,
-            rngs=rngs,
-            use_bias=bias,
-        )
-        self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, axes=("q_heads", "embed"), dtype=dtype, rngs=rngs)
+        linear = functools.partial(make_linear, dtype=dtype, rngs=rngs, quantization=quantization)
+        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.q_proj = linear(c.hidden_size, q_size, axes=("embed", "q_heads"), use_bias=c.attention_bias)
+        self.k_proj = linear(c.hidden_size, kv_size, axes=("embed", "kv_heads"), use_bias=c.attention_bias)
+        self.v_proj = linear(c.hidden_size, kv_size, axes=("embed", "kv_heads"), use_bias=c.attention_bias)
+        self.o_proj = linear(q_size, c.hidden_size, axes=("q_heads", "embed"))
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, dtype=dtype, rngs=rngs)
             self.k_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, dtype=dtype, rngs=rngs)
@@ -82,12 +64,12 @@ class Attention(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, attention_impl: str | None = None):
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, attention_impl=None, quantization=None):
         c = config
         self.input_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype, rngs=rngs)
-        self.self_attn = Attention(c, dtype=dtype, rngs=rngs, attention_impl=attention_impl)
+        self.self_attn = Attention(c, dtype=dtype, rngs=rngs, attention_impl=attention_impl, quantization=quantization)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype, rngs=rngs)
-        self.mlp = SwiGLUMLP(c.hidden_size, c.intermediate_size, dtype=dtype, rngs=rngs)
+        self.mlp = SwiGLUMLP(c.hidden_size, c.intermediate_size, dtype=dtype, rngs=rngs, quantization=quantization)
 
     def __call__(self, x, kv, md: AttentionMetadata, cos, sin):
         attn_out, kv = self.self_attn(self.input_layernorm(x), kv, md, cos, sin)
@@ -98,21 +80,29 @@ class DecoderLayer(nnx.Module):
 class DecoderModel(nnx.Module):
     """The ``model.*`` part of a HF checkpoint: embeddings, layers, final norm."""
 
-    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, attention_impl: str | None = None):
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, attention_impl=None, quantization=None):
         c = config
         self.embed_tokens = Embed(c.vocab_size, c.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List(
-            [DecoderLayer(c, dtype=dtype, rngs=rngs, attention_impl=attention_impl) for _ in range(c.num_layers)]
+        layer = functools.partial(
+            DecoderLayer, c, dtype=dtype, rngs=rngs, attention_impl=attention_impl, quantization=quantization
         )
+        self.layers = nnx.List([layer() for _ in range(c.num_layers)])
         self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype, rngs=rngs)
 
 
 class DecoderForCausalLM(nnx.Module):
-    """A Llama-family causal LM. ``__call__`` runs the step's tokens; ``compute_logits`` the sampled rows."""
+    """A Llama-family causal LM. ``__call__`` runs the step's tokens; ``compute_logits`` the sampled rows.
 
-    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, attention_impl: str | None = None):
+    ``quantization`` (a ``QuantizationConfig``) makes the decoder layers' linear layers ``QuantizedLinear``s;
+    embeddings and lm_head keep ``dtype``.
+    """
+
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, attention_impl=None, quantization=None):
         self.config = config
-        self.model = DecoderModel(config, dtype=dtype, rngs=rngs, attention_impl=attention_impl)
+        self.quantization = quantization
+        self.model = DecoderModel(
+            config, dtype=dtype, rngs=rngs, attention_impl=attention_impl, quantization=quantization
+        )
         if config.tie_word_embeddings:
             self.lm_head = None
         else:

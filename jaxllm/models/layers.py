@@ -1,13 +1,22 @@
-"""Shared NNX layers of the Llama family: Linear, Embed, RMSNorm and the SwiGLU MLP.
+"""Shared NNX layers of the Llama family: Linear (and its quantized twin), Embed, RMSNorm and the SwiGLU MLP.
 
 Every parameter carries ``logical_axes`` metadata; ``sharding/`` maps those names onto mesh axes.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from jaxllm.quantization.config import QuantizationConfig
+from jaxllm.quantization.schemes import QuantizedWeight, expected_layout
+from pallas_kernels.quantized_matmul import default_impl, quantized_matmul
+
+_GPU_KERNEL_MIN_K_STEP = 16  # the Pallas GPU kernel's smallest K tile
+_GPU_KERNEL_MIN_INT4_GROUP = 32
 
 _INIT_STDDEV = 0.02
 
@@ -29,6 +38,54 @@ class Linear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias.get_value().astype(jnp.float32)
         return y.astype(kernel.dtype)
+
+
+class QuantizedLinear(nnx.Module):
+    """``Linear`` with a quantized kernel: ``values`` and ``scales`` as in ``jaxllm.quantization.schemes`` (filled by
+    the loader, which quantizes each checkpoint tensor as it arrives); the bias stays in the model dtype."""
+
+    def __init__(self, in_features, out_features, *, axes, dtype, quantization: QuantizationConfig, use_bias=False):
+        quantization.check_in_features(in_features, out_features)
+        self.method = quantization.method
+        self.group_size = quantization.group_size if self.method == "int4" else None
+        self.shape = (in_features, out_features)
+        self.matmul_impl = matmul_impl(self.method, in_features, self.group_size)
+        (values_shape, values_dtype), (scales_shape, _) = expected_layout(self.method, self.shape, self.group_size)
+        values_axes = axes[::-1] if self.method == "fp8" else axes  # fp8 values are stored [N, K]
+        scales_axes = axes if self.method == "int4" else axes[1:]
+        self.values = nnx.Param(jnp.zeros(values_shape, values_dtype), logical_axes=values_axes)
+        self.scales = nnx.Param(jnp.ones(scales_shape, jnp.float32), logical_axes=scales_axes)
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype), logical_axes=axes[1:]) if use_bias else None
+
+    def quantized_weight(self) -> QuantizedWeight:
+        values, scales = self.values.get_value(), self.scales.get_value()
+        return QuantizedWeight(values, scales, self.method, self.group_size, self.shape)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        rows = x.reshape(-1, x.shape[-1])  # [M, K]
+        y = quantized_matmul(rows, self.quantized_weight(), impl=self.matmul_impl, out_dtype=jnp.float32)  # [M, N]
+        if self.bias is not None:
+            y = y + self.bias.get_value().astype(jnp.float32)
+        return y.astype(x.dtype).reshape(*x.shape[:-1], self.shape[1])
+
+
+def matmul_impl(method: str, in_features: int, group_size: int | None) -> str:
+    """The platform's ``quantized_matmul`` backend, or ``"xla"`` where the Pallas GPU kernel cannot tile K."""
+    impl = default_impl(method)
+    group = group_size or _GPU_KERNEL_MIN_INT4_GROUP
+    bad_int4_group = method == "int4" and (group < _GPU_KERNEL_MIN_INT4_GROUP or group & (group - 1))
+    if impl == "pallas_gpu" and (in_features % _GPU_KERNEL_MIN_K_STEP or bad_int4_group):
+        return "xla"
+    return impl
+
+
+def make_linear(in_features, out_features, *, axes, dtype, rngs, use_bias=False, quantization=None):
+    """A ``Linear``, or a ``QuantizedLinear`` when ``quantization`` (a ``QuantizationConfig``) is given."""
+    if quantization is None:
+        return Linear(in_features, out_features, axes=axes, dtype=dtype, rngs=rngs, use_bias=use_bias)
+    return QuantizedLinear(
+        in_features, out_features, axes=axes, dtype=dtype, quantization=quantization, use_bias=use_bias
+    )
 
 
 class Embed(nnx.Module):
@@ -59,10 +116,11 @@ class RMSNorm(nnx.Module):
 
 
 class SwiGLUMLP(nnx.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, *, dtype, rngs: nnx.Rngs):
-        self.gate_proj = Linear(hidden_size, intermediate_size, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
-        self.up_proj = Linear(hidden_size, intermediate_size, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
-        self.down_proj = Linear(intermediate_size, hidden_size, axes=("mlp", "embed"), dtype=dtype, rngs=rngs)
+    def __init__(self, hidden_size: int, intermediate_size: int, *, dtype, rngs: nnx.Rngs, quantization=None):
+        linear = functools.partial(make_linear, dtype=dtype, rngs=rngs, quantization=quantization)
+        self.gate_proj = linear(hidden_size, intermediate_size, axes=("embed", "mlp"))
+        self.up_proj = linear(hidden_size, intermediate_size, axes=("embed", "mlp"))
+        self.down_proj = linear(intermediate_size, hidden_size, axes=("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

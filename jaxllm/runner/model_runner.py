@@ -1,9 +1,11 @@
 """ModelRunner: executes one SchedulerOutput on the device and returns the sampled tokens.
 
 Owns the model parameters (split from the NNX module), the KV cache (donated into every step so XLA updates it in
-place), the jitted step function (model -> logits at each request's last scheduled token -> sampling) and warm-up
-over every token bucket. Per step the host packs numpy arrays, does one device_put, one dispatch and one
-device->host copy of the sampled ids (+ logprobs when asked).
+place), the two jitted programs of a step and their warm-up. The forward program (model -> logits at each request's
+last scheduled token) is compiled per token bucket; the sampler program per request-row count and sampling variant
+(greedy, random, random with top-k/top-p; penalties and logprob widths compile on first use, a sampler-sized
+compile). Keeping them apart means a new sampling mix never recompiles the model. Per step the host packs numpy
+arrays, does one device_put, two dispatches and one device->host copy of the sampled ids (+ logprobs when asked).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from jaxllm.sampling import SamplingMetadata, build_sampling_metadata, sample
 logger = logging.getLogger(__name__)
 
 
-def _model_step(graphdef, params, kv_caches, batch: dict, sampling_metadata: SamplingMetadata, step_key):
+def _model_forward(graphdef, params, kv_caches, batch: dict):
+    """Logits ``[S, V]`` (float32) at each request row's sampled position, and the updated KV cache."""
     model = nnx.merge(graphdef, params)
     md = AttentionMetadata(
         positions=batch["positions"],
@@ -38,8 +41,17 @@ def _model_step(graphdef, params, kv_caches, batch: dict, sampling_metadata: Sam
         query_start_loc=batch["query_start_loc"],
     )
     hidden, kv_caches = model(batch["input_ids"], kv_caches, md)  # [T, D]
-    logits = model.compute_logits(hidden[batch["logits_indices"]])  # [S, V] float32, only sampled rows
-    return sample(logits, sampling_metadata, step_key), kv_caches
+    return model.compute_logits(hidden[batch["logits_indices"]]), kv_caches  # [S, V], only sampled rows
+
+
+def sampler_variants(num_rows: int) -> list[SamplingMetadata]:
+    """Padding-only metadata of the sampler programs compiled at warm-up: greedy, random, random + top-k/top-p."""
+    greedy = build_sampling_metadata([], num_rows)
+    return [
+        greedy,
+        greedy.replace(all_greedy=False),
+        greedy.replace(all_greedy=False, any_top_k_top_p=True),
+    ]
 
 
 class ModelRunner:
@@ -57,13 +69,18 @@ class ModelRunner:
         )
         self.base_key = jax.random.key(seed)
         self.num_steps = 0
-        self.num_traces = 0  # incremented only when XLA traces a new step program
-        self._jitted_step = jax.jit(self._traced_step, donate_argnums=(1,))
+        self.num_traces = 0  # incremented only when XLA traces a new forward program
+        self.num_sampler_traces = 0  # likewise for sampler programs
+        self._jitted_forward = jax.jit(self._traced_forward, donate_argnums=(1,))
+        self._jitted_sample = jax.jit(self._traced_sample)
 
-    def _traced_step(self, params, kv_caches, batch, sampling_metadata, step_index):
+    def _traced_forward(self, params, kv_caches, batch):
         self.num_traces += 1
-        step_key = jax.random.fold_in(self.base_key, step_index)
-        return _model_step(self.graphdef, params, kv_caches, batch, sampling_metadata, step_key)
+        return _model_forward(self.graphdef, params, kv_caches, batch)
+
+    def _traced_sample(self, logits, sampling_metadata, step_index):
+        self.num_sampler_traces += 1
+        return sample(logits, sampling_metadata, jax.random.fold_in(self.base_key, step_index))
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         batch = pack_step_batch(scheduler_output, self.config)
@@ -89,10 +106,8 @@ class ModelRunner:
         return jax.device_put(arrays, self.batch_sharding)
 
     def _run(self, batch: StepBatch, sampling_metadata: SamplingMetadata):
-        arrays = self._batch_arrays(batch)
-        result, self.kv_caches = self._jitted_step(
-            self.params, self.kv_caches, arrays, sampling_metadata, jnp.int32(self.num_steps)
-        )
+        logits, self.kv_caches = self._jitted_forward(self.params, self.kv_caches, self._batch_arrays(batch))
+        result = self._jitted_sample(logits, sampling_metadata, jnp.int32(self.num_steps))
         self.num_steps += 1
         return result
 
@@ -115,7 +130,9 @@ class ModelRunner:
         return ModelRunnerOutput(sampled_token_ids=sampled, logprobs=logprobs)
 
     def step_temp_bytes(self, num_blocks: int) -> int:
-        """XLA's temporary memory for the largest bucket's step with a KV cache of ``num_blocks`` (compiled, not run).
+        """XLA's temporary memory for the largest bucket's step with a KV cache of ``num_blocks`` (compiled, not run):
+        the larger of the forward program's temporaries and the sampler's (its logits input plus the vocabulary sort
+        of top-k/top-p), since the two run one after the other.
 
         Compiling at two cache sizes shows whether any temporary scales with the cache (a copy of one layer's cache,
         say), which a run with a tiny cache would hide.
@@ -125,10 +142,11 @@ class ModelRunner:
         batch = empty_step_batch(bucket, rows, self.config.max_blocks_per_request)
         shape = (num_blocks, self.config.block_size, self.model_config.num_kv_heads, self.model_config.head_dim)
         kv = [(jax.ShapeDtypeStruct(shape, self.kv_dtype),) * 2 for _ in range(self.model_config.num_layers)]
-        compiled = self._jitted_step.lower(
-            self.params, kv, self._batch_arrays(batch), build_sampling_metadata([], rows), jnp.int32(0)
-        ).compile()
-        return int(compiled.memory_analysis().temp_size_in_bytes)
+        forward = self._jitted_forward.lower(self.params, kv, self._batch_arrays(batch)).compile()
+        logits = jax.ShapeDtypeStruct((rows, self.model_config.vocab_size), jnp.float32)
+        sampler = self._jitted_sample.lower(logits, sampler_variants(rows)[-1], jnp.int32(0)).compile()
+        sampler_bytes = sampler.memory_analysis().temp_size_in_bytes + rows * self.model_config.vocab_size * 4
+        return int(max(forward.memory_analysis().temp_size_in_bytes, sampler_bytes))
 
     def resize_kv_cache(self, config: ResolvedConfig) -> None:
         self.config = config
@@ -140,15 +158,23 @@ class ModelRunner:
     def _run_padding_step(self, bucket: int) -> None:
         rows = self.config.request_rows_for(bucket)
         batch = empty_step_batch(bucket, rows, self.config.max_blocks_per_request)
-        jax.block_until_ready(self._run(batch, build_sampling_metadata([], rows)))
+        logits, self.kv_caches = self._jitted_forward(self.params, self.kv_caches, self._batch_arrays(batch))
+        for metadata in sampler_variants(rows):
+            jax.block_until_ready(self._jitted_sample(logits, metadata, jnp.int32(0)))
 
     def warm_up(self) -> float:
-        """Compiles the step for every token bucket with padding-only batches; returns seconds spent."""
+        """Compiles the forward program of every token bucket and the common sampler programs of each row count, on
+        padding-only batches; returns seconds spent."""
         start = time.perf_counter()
         for bucket in self.config.token_buckets:
             self._run_padding_step(bucket)
         elapsed = time.perf_counter() - start
-        logger.info("compiled %d step programs in %.1f s", len(self.config.token_buckets), elapsed)
+        logger.info(
+            "compiled %d forward and %d sampler programs in %.1f s",
+            self.num_traces,
+            self.num_sampler_traces,
+            elapsed,
+        )
         return elapsed
 
 

@@ -63,8 +63,20 @@ def test_preemption_loses_no_request(tiny_model_dir, prompts, alone):
 def test_no_recompilation_after_warm_up(tiny_model_dir, prompts):
     fresh = make_llm(tiny_model_dir)
     runner = fresh.llm_engine.runner
-    traces_after_warm_up = runner.num_traces
-    assert traces_after_warm_up == len(fresh.llm_engine.resolved.token_buckets)
+    forward_traces = runner.num_traces
+    sampler_traces = runner.num_sampler_traces
+    assert forward_traces == len(fresh.llm_engine.resolved.token_buckets)
     fresh.generate(prompts, GREEDY, use_tqdm=False)
     fresh.generate(prompts[:3], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True), use_tqdm=False)
-    assert runner.num_traces == traces_after_warm_up
+    # A mix of greedy, random and top-k / top-p / min-p requests in the same batches: nothing new compiles.
+    mixed = [
+        GREEDY,
+        SamplingParams(temperature=0.8, max_tokens=12, ignore_eos=True, seed=1),
+        SamplingParams(temperature=0.7, top_p=0.9, top_k=20, min_p=0.05, max_tokens=12, ignore_eos=True),
+    ]
+    fresh.generate(prompts, [mixed[i % 3] for i in range(len(prompts))], use_tqdm=False)
+    assert (runner.num_traces, runner.num_sampler_traces) == (forward_traces, sampler_traces)
+    # Penalties and logprobs compile sampler programs on first use, never the model again.
+    penalised = SamplingParams(temperature=0.8, repetition_penalty=1.2, logprobs=3, max_tokens=12, ignore_eos=True)
+    fresh.generate(prompts[:4], penalised, use_tqdm=False)
+    assert runner.num_traces == forward_traces and runner.num_sampler_traces > sampler_traces

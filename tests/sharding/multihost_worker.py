@@ -1,7 +1,9 @@
-"""One process of the two-process test: joins the job, runs the tiny model at TP=4 over both hosts, prints tokens.
+"""One process of the two-process tests: joins the job, runs a tiny model at TP=4 over both hosts, prints tokens.
 
 Run by ``test_distributed.py`` (never collected: the name does not start with ``test_``). Usage:
-    python -m tests.sharding.multihost_worker COORDINATOR_ADDRESS NUM_PROCESSES PROCESS_ID
+    python -m tests.sharding.multihost_worker COORDINATOR_ADDRESS NUM_PROCESSES PROCESS_ID [engine|llm]
+``engine`` drives ``sharding.ShardedEngine`` directly; ``llm`` goes through the public
+``LLM(model=<fixture dir>, tensor_parallel_size=4)``, as a user's multi-host script does.
 Each process must see 2 CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=2). The last stdout line is
 ``TOKENS <json>``: greedy output ids per request.
 """
@@ -13,9 +15,38 @@ import sys
 
 from sharding.distributed import describe_processes, initialize_distributed, shutdown_distributed
 
+LLM_PROMPTS = [list(range(1, n)) for n in (5, 20, 33)]  # 33 tokens: chunked under the 16-token budget
 
-def main(coordinator_address: str, num_processes: int, process_id: int) -> None:
+
+def llm_options() -> dict:
+    return dict(
+        model="tests/fixtures/models/llama",
+        dtype="float32",
+        skip_tokenizer_init=True,
+        max_model_len=128,
+        max_num_batched_tokens=16,
+        num_gpu_blocks_override=64,
+    )
+
+
+def llm_tokens(llm) -> list[list[int]]:
+    from jaxllm import SamplingParams
+
+    prompts = [{"prompt_token_ids": p} for p in LLM_PROMPTS]
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def main(coordinator_address: str, num_processes: int, process_id: int, mode: str = "engine") -> None:
     initialize_distributed(coordinator_address, num_processes, process_id, initialization_timeout=120)
+    if mode == "llm":
+        from jaxllm import LLM
+
+        print(describe_processes(), flush=True)
+        tokens = llm_tokens(LLM(**llm_options(), tensor_parallel_size=4))
+        print("TOKENS " + json.dumps(tokens), flush=True)
+        shutdown_distributed()
+        return
     import jax.numpy as jnp  # after joining: nothing may touch a device before initialize
 
     from jaxllm.models import ModelConfig, get_model_class
@@ -46,4 +77,4 @@ def main(coordinator_address: str, num_processes: int, process_id: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:5])

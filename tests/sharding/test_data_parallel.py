@@ -22,6 +22,7 @@ class CountingReplica:
         self.length = length
         self.remaining: dict[str, int] = {}
         self.aborted: list[str] = []
+        self.stopped: list[str] = []
         self.step_threads: set[str] = set()
 
     def add_request(self, request_id, prompt, params=None):
@@ -30,8 +31,11 @@ class CountingReplica:
         self.remaining[request_id] = self.length
 
     def abort_request(self, request_ids):
+        self.finish_requests(request_ids, "aborted")
+
+    def finish_requests(self, request_ids, status):
         for request_id in request_ids:
-            self.aborted.append(request_id)
+            (self.aborted if status == "aborted" else self.stopped).append(request_id)
             del self.remaining[request_id]
 
     def has_unfinished_requests(self):
@@ -92,6 +96,16 @@ def test_abort_reaches_the_owning_replica_only():
     engine.abort_request(["r1", "r2", "unknown"])
     assert replicas[0].aborted == ["r2"] and replicas[1].aborted == ["r1"]
     assert sorted(engine.replica_of) == ["r0", "r3"]
+
+
+def test_finish_from_outside_a_step_reaches_the_owning_replica_with_its_status():
+    replicas = [CountingReplica(), CountingReplica()]
+    engine = DataParallelEngine(replicas, threaded=False)
+    for i in range(3):
+        engine.add_request(f"r{i}", [1])
+    engine.finish_requests(["r1", "r2"], "stopped")  # a stop string, seen by the detokenizer after the step
+    assert replicas[0].stopped == ["r2"] and replicas[1].stopped == ["r1"] and not replicas[0].aborted
+    assert sorted(engine.replica_of) == ["r0"]
 
 
 def test_rejected_request_changes_nothing_and_ids_are_unique():

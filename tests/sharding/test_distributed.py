@@ -1,4 +1,5 @@
-"""Two processes on this machine (loopback, gloo CPU collectives) run TP=4 over both and match one device's tokens."""
+"""Two processes on this machine (loopback, gloo CPU collectives) run TP=4 over both and match one device's tokens:
+through ``sharding.ShardedEngine`` and through the public ``LLM(..., tensor_parallel_size=4)``."""
 
 import json
 import os
@@ -22,14 +23,14 @@ def free_loopback_port() -> int:
         return s.getsockname()[1]
 
 
-def start_worker(address: str, process_id: int) -> subprocess.Popen:
+def start_worker(address: str, process_id: int, mode: str = "engine") -> subprocess.Popen:
     env = dict(os.environ)
     env.update(
         XLA_FLAGS="--xla_force_host_platform_device_count=2",
         JAX_PLATFORMS="cpu",
         PYTHONPATH=str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
     )
-    command = [sys.executable, "-m", "tests.sharding.multihost_worker", address, "2", str(process_id)]
+    command = [sys.executable, "-m", "tests.sharding.multihost_worker", address, "2", str(process_id), mode]
     return subprocess.Popen(
         command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -41,12 +42,9 @@ def tokens_from(output: str) -> dict:
     return json.loads(lines[-1].removeprefix("TOKENS "))
 
 
-@pytest.mark.slow
-@pytest.mark.multidevice
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the two-process test uses fake CPU devices")
-def test_two_processes_match_one_device(reference):
+def run_two_processes(mode: str) -> list[str]:
     address = f"127.0.0.1:{free_loopback_port()}"
-    workers = [start_worker(address, process_id) for process_id in range(2)]
+    workers = [start_worker(address, process_id, mode) for process_id in range(2)]
     try:
         outputs = [worker.communicate(timeout=PROCESS_TIMEOUT_S)[0] for worker in workers]
     finally:
@@ -57,7 +55,29 @@ def test_two_processes_match_one_device(reference):
     for worker, output in zip(workers, outputs, strict=True):
         assert worker.returncode == 0, output[-4000:]
         assert "2 local of 4 cpu devices" in output
+    return outputs
+
+
+def two_process_test(test):
+    """Marks of a test that starts two worker processes on fake CPU devices."""
+    test = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the two-process test uses fake CPU devices")(test)
+    return pytest.mark.slow(pytest.mark.multidevice(test))
+
+
+@two_process_test
+def test_two_processes_match_one_device(reference):
+    for output in run_two_processes("engine"):
         assert tokens_from(output) == reference.outputs
+
+
+@two_process_test
+def test_two_process_llm_matches_one_process_llm():
+    from jaxllm import LLM
+    from tests.sharding.multihost_worker import llm_options, llm_tokens
+
+    expected = llm_tokens(LLM(**llm_options()))  # one device, this process
+    for output in run_two_processes("llm"):
+        assert tokens_from(output) == expected
 
 
 @pytest.mark.parametrize(

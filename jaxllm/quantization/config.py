@@ -1,0 +1,45 @@
+"""``QuantizationConfig``: which scheme a model's linear layers use, resolved from ``LLM(quantization=...)``.
+
+Owns the user-facing names and the int4 group size; the schemes themselves live in ``schemes``. Imports no jax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+QUANTIZATION_NAMES = (None, "int8", "int4", "fp8")
+DEFAULT_INT4_GROUP_SIZE = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizationConfig:
+    """Weight quantization of the decoder's linear layers (q/k/v/o, gate/up/down); embeddings and lm_head stay in
+    the model dtype. ``group_size`` is used by int4 only."""
+
+    method: str
+    group_size: int = DEFAULT_INT4_GROUP_SIZE
+
+    def __post_init__(self) -> None:
+        if self.method not in QUANTIZATION_NAMES[1:]:
+            raise ValueError(f"unknown quantization {self.method!r}; choose one of {QUANTIZATION_NAMES}")
+        group = self.group_size
+        if isinstance(group, bool) or not isinstance(group, int) or group < 2 or group % 2:
+            raise ValueError(f"int4 group_size must be a positive even int, got {group!r}")
+
+    def check_in_features(self, in_features: int, out_features: int) -> None:
+        """ValueError unless a ``[in_features, out_features]`` linear layer can use this scheme."""
+        if self.method == "int4" and in_features % self.group_size:
+            raise ValueError(
+                f"int4 quantization with group_size {self.group_size} needs every linear layer's in_features to be a "
+                f"multiple of {self.group_size}; this model has a layer of in_features={in_features} "
+                f"(out_features={out_features})"
+            )
+
+
+def resolve_quantization(name: str | None) -> QuantizationConfig | None:
+    """``LLM(quantization=name)`` -> its config (None: no quantization); ValueError naming an unknown ``name``."""
+    if name is None:
+        return None
+    if name not in QUANTIZATION_NAMES:
+        raise ValueError(f"unknown quantization {name!r}; choose one of {QUANTIZATION_NAMES}")
+    return QuantizationConfig(name)

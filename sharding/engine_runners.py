@@ -1,0 +1,109 @@
+"""LLMEngine's runners on a device mesh, from ``LLM(tensor_parallel_size=T, pipeline_parallel_size=P,
+data_parallel_size=D)``: the mesh, each replica's weights loaded straight into their shards, KV cache sized for the
+most loaded device, and one ``PipelineRunner`` per data-parallel replica.
+
+Owns the device-count rule: ``T x P x D`` must divide the number of devices (the first ``T x P x D`` are used, as
+``sharding.make_mesh`` does), else a ValueError naming the sizes. Must not touch the one-device path (``ModelRunner``,
+built by ``jaxllm.engine.llm_engine``). KV budget: on CPU, or with ``num_gpu_blocks_override`` /
+``kv_cache_memory_bytes``, ``jaxllm.engine.setup.num_kv_blocks`` with the per-device block cost; on an accelerator,
+``gpu_memory_utilization`` of the device with the least memory left after the weights and one run of the largest
+bucket (the memory peak), as vLLM profiles it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+from jax.sharding import Mesh
+
+from jaxllm.config import EngineConfig, ResolvedConfig
+from jaxllm.engine import setup
+from jaxllm.loading.model_source import ModelSource
+from jaxllm.models import ModelConfig
+from sharding.mesh import describe, make_mesh, replica_meshes
+from sharding.model_sharding import expand_kv_heads, kv_bytes_per_block_per_device
+from sharding.rules import param_placement
+from sharding.runner import PipelineRunner
+
+logger = logging.getLogger(__name__)
+
+
+def engine_mesh(config: EngineConfig) -> Mesh | None:
+    """The ``(data, pipe, tensor)`` mesh the options ask for; None for one device (no parallelism asked)."""
+    tensor, pipe, data = config.tensor_parallel_size, config.pipeline_parallel_size, config.data_parallel_size
+    num_needed = tensor * pipe * data
+    if num_needed == 1:
+        return None
+    devices = jax.devices()
+    if len(devices) % num_needed:
+        raise ValueError(
+            f"tensor_parallel_size={tensor} x pipeline_parallel_size={pipe} x data_parallel_size={data} = "
+            f"{num_needed} devices does not divide the {len(devices)} available {devices[0].platform} device(s)"
+        )
+    return make_mesh(tensor, pipe, data)
+
+
+def load_replica_model(config: EngineConfig, source: ModelSource, model_config: ModelConfig, replica_mesh: Mesh):
+    """One replica's model, every parameter created (dummy) or loaded straight onto its stage's shards."""
+    placement = param_placement(replica_mesh, model_config)
+    model = setup.load_model(config, source, model_config, placement=placement)
+    return expand_kv_heads(model, replica_mesh)
+
+
+def build_mesh_runners(
+    config: EngineConfig, source: ModelSource, model_config: ModelConfig, kv_dtype, mesh: Mesh
+) -> tuple[list[PipelineRunner], ResolvedConfig]:
+    """One ``PipelineRunner`` per data-parallel replica of ``mesh``, all with one KV cache size; and that config."""
+    per_block = kv_bytes_per_block_per_device(
+        model_config, config.block_size, kv_dtype, config.tensor_parallel_size, config.pipeline_parallel_size
+    )
+    measure = (
+        jax.default_backend() != "cpu"
+        and config.num_gpu_blocks_override is None
+        and config.kv_cache_memory_bytes is None
+    )
+    if measure:
+        resolved = setup.resolve_limits(config, model_config, num_blocks=2)
+    else:
+        num_blocks = setup.num_kv_blocks(config, model_config, kv_dtype, bytes_per_block=per_block)
+        resolved = setup.resolve_limits(config, model_config, num_blocks)
+    runners = []
+    for index, replica_mesh in enumerate(replica_meshes(mesh)):
+        model = load_replica_model(config, source, model_config, replica_mesh)
+        runners.append(PipelineRunner(model, replica_mesh, resolved, kv_dtype, seed=config.seed + index))
+    if measure:
+        for runner in runners:
+            runner.profile_largest_bucket()
+        resolved = setup.with_num_blocks(resolved, _measured_num_blocks(config, mesh, per_block))
+        for runner in runners:
+            runner.resize_kv_cache(resolved)
+    logger.info(
+        "mesh %s: KV cache %d blocks of %d tokens per replica, %.3f GiB on the most loaded device",
+        describe(mesh),
+        resolved.num_blocks - 1,
+        resolved.block_size,
+        resolved.num_blocks * per_block / 2**30,
+    )
+    return runners, resolved
+
+
+def _measured_num_blocks(config: EngineConfig, mesh: Mesh, bytes_per_block: int) -> int:
+    """Blocks that fit the device with the least memory left under ``gpu_memory_utilization`` after the peak."""
+    local = [device for device in mesh.devices.flat if device.process_index == jax.process_index()]
+    budget = min(_free_bytes(device, config.gpu_memory_utilization) for device in local)
+    num_blocks = budget // bytes_per_block
+    if num_blocks < 2:
+        raise ValueError(
+            f"KV cache budget of {budget} bytes on the most loaded device holds no block of {bytes_per_block} bytes "
+            f"(gpu_memory_utilization={config.gpu_memory_utilization})"
+        )
+    return int(num_blocks)
+
+
+def _free_bytes(device, gpu_memory_utilization: float) -> int:
+    stats = device.memory_stats() or {}
+    if "bytes_limit" not in stats:
+        raise ValueError(f"{device} reports no memory limit: set kv_cache_memory_bytes or num_gpu_blocks_override")
+    peak = stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0))
+    return int(stats["bytes_limit"] * gpu_memory_utilization) - int(peak)

@@ -1,0 +1,152 @@
+"""``LLM(tensor_parallel_size=T, pipeline_parallel_size=P, data_parallel_size=D)`` through the public API.
+
+Greedy tokens on every mesh equal the one-device ``LLM``'s on a job of mixed prompt lengths under a 16-token budget
+(the long prompts are prefilled in chunks while others decode), for the fixture Llama (4 heads, 2 KV heads, 3 layers:
+stages of 2 and 1 layers) and an MQA model (1 KV head, replicated to T heads). Weights come from the checkpoint
+straight into their shards, or as dummy weights equal to the one-device ones.
+"""
+
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from jaxllm import LLM, SamplingParams
+from sharding import DataParallelEngine
+from sharding.runner import PipelineRunner
+
+pytestmark = [
+    pytest.mark.multidevice,
+    pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices"),
+]
+
+MODELS = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "models"
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+BLOCK_SIZE, HEAD_DIM = 4, 16
+
+
+def make_llm(name: str, **options) -> LLM:
+    defaults = dict(
+        dtype="float32",
+        max_model_len=64,
+        max_num_batched_tokens=16,
+        block_size=BLOCK_SIZE,
+        num_gpu_blocks_override=64,
+        skip_tokenizer_init=True,
+    )
+    return LLM(model=str(MODELS / name), **{**defaults, **options})
+
+
+def prompts() -> list[dict]:
+    rng = np.random.default_rng(0)
+    return [{"prompt_token_ids": rng.integers(0, 512, n).tolist()} for n in (3, 9, 21, 14, 1, 33)]
+
+
+def generate(llm: LLM) -> list[list[int]]:
+    return [output.outputs[0].token_ids for output in llm.generate(prompts(), GREEDY, use_tqdm=False)]
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    cache = {}
+
+    def outputs(name: str, **options) -> list[list[int]]:
+        key = (name, tuple(sorted(options.items())))
+        if key not in cache:
+            cache[key] = generate(make_llm(name, **options))
+        return cache[key]
+
+    return outputs
+
+
+@pytest.mark.parametrize(
+    "name, tensor, pipe",
+    [("llama", 2, 1), ("llama", 1, 2), ("llama", 2, 2), ("llama_mqa", 2, 1), ("llama_mqa", 2, 2)],
+)
+def test_tensor_and_pipeline_parallel_match_one_device(one_device, name, tensor, pipe):
+    llm = make_llm(name, tensor_parallel_size=tensor, pipeline_parallel_size=pipe)
+    engine = llm.llm_engine
+    runner = engine.runner
+    assert isinstance(runner, PipelineRunner) and runner.pipeline.num_stages == pipe
+    assert runner.pipeline.config.num_kv_heads % tensor == 0  # MQA: its one KV head replicated to T heads
+    traces_after_warm_up = runner.num_traces
+    assert traces_after_warm_up == len(engine.resolved.token_buckets) * pipe
+    assert generate(llm) == one_device(name)
+    assert runner.num_traces == traces_after_warm_up  # no recompiles
+    assert engine.scheduler.num_preemptions == 0
+
+
+def test_preemption_on_a_mesh_matches_one_device(one_device):
+    # 12 blocks of 4 tokens hold the longest request (33 + 6 tokens) but not the whole job: requests get preempted
+    # and recomputed, on the mesh exactly as on one device.
+    llm = make_llm("llama", tensor_parallel_size=2, pipeline_parallel_size=2, num_gpu_blocks_override=12)
+    assert generate(llm) == one_device("llama", num_gpu_blocks_override=12) == one_device("llama")
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+
+
+def test_dummy_weights_on_a_mesh_equal_one_device_dummy_weights(one_device):
+    llm = make_llm("llama", load_format="dummy", tensor_parallel_size=2, pipeline_parallel_size=2)
+    assert generate(llm) == one_device("llama", load_format="dummy")
+
+
+def test_data_parallel_replicas_share_one_queue(one_device):
+    llm = make_llm("llama", tensor_parallel_size=2, data_parallel_size=2)
+    engine = llm.llm_engine
+    assert isinstance(engine.core, DataParallelEngine) and engine.core.num_replicas == 2
+    assert generate(llm) == one_device("llama")
+    assert all(replica.runner.num_steps > 0 for replica in engine.core.replicas)  # both replicas served requests
+    assert not engine.has_unfinished_requests() and engine.core.replica_of == {}
+
+
+def test_kv_cache_is_sized_for_the_most_loaded_device():
+    budget = 1 << 20
+    llm = make_llm(
+        "llama",
+        tensor_parallel_size=2,
+        pipeline_parallel_size=2,
+        num_gpu_blocks_override=None,
+        kv_cache_memory_bytes=budget,
+    )
+    # stage 0 holds 2 of the 3 layers; each device 1 of the 2 KV heads; K and V; float32
+    per_block = 2 * 2 * BLOCK_SIZE * 1 * HEAD_DIM * 4
+    assert llm.llm_engine.resolved.num_blocks == budget // per_block
+
+
+@pytest.mark.parametrize(
+    "options", [{"tensor_parallel_size": 3}, {"pipeline_parallel_size": 2, "data_parallel_size": 8}]
+)
+def test_parallel_sizes_that_do_not_divide_the_devices_are_rejected(options):
+    with pytest.raises(ValueError) as error:
+        make_llm("llama", **options)
+    message = str(error.value)
+    assert all(f"{name}={value}" in message for name, value in options.items())
+    assert "8 available" in message
+
+
+def test_stop_strings_and_aborts_reach_the_owning_replica():
+    """A stop string is seen after the step, by the detokenizer: the replica holding the request must finish it."""
+    text_prompts = ["The capital of France is", "One, two, three,", "Hello", "def main():"]
+    free = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    one_device = make_llm("llama", skip_tokenizer_init=False).generate(text_prompts, free, use_tqdm=False)
+    texts = [output.outputs[0].text for output in one_device]
+    stops = [text[len(text) // 2 :][:3] for text in texts]  # a piece from the middle of each generation
+    assert all(stops)
+    engine = make_llm("llama", skip_tokenizer_init=False, data_parallel_size=2).llm_engine
+    for i, (prompt, stop) in enumerate(zip(text_prompts, stops, strict=True)):
+        params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, stop=[stop])
+        engine.add_request(f"r{i}", prompt, params, stream=False)
+    finished = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            finished[output.request_id] = output.outputs[0]
+            # finished in its replica at once: it takes no further step there
+            assert all(output.request_id not in replica.scheduler.requests for replica in engine.core.replicas)
+    for i, (text, stop) in enumerate(zip(texts, stops, strict=True)):
+        assert finished[f"r{i}"].finish_reason == "stop" and finished[f"r{i}"].text == text[: text.index(stop)]
+    assert engine.core.replica_of == {}
+    engine.add_request("a", text_prompts[0], free)
+    engine.add_request("b", text_prompts[1], free)
+    engine.step()
+    engine.abort_request("a")
+    assert engine.get_num_unfinished_requests() == 1 and list(engine.core.replica_of) == ["b"]
