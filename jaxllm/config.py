@@ -45,6 +45,8 @@ class EngineConfig:
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
     quantization: str | None = None
+    quantization_group_size: int = 128  # int4 only: input rows that share one scale
+    quantized_weights_path: str | None = None  # orbax directory: restored if present, else written after quantizing
     kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
@@ -54,7 +56,7 @@ class EngineConfig:
         _positive_int("block_size", self.block_size)
         _positive_int("num_gpu_blocks_override", self.num_gpu_blocks_override, allow_none=True)
         _positive_int("kv_cache_memory_bytes", self.kv_cache_memory_bytes, allow_none=True)
-        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "quantization_group_size"):
             _positive_int(name, getattr(self, name))
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
@@ -70,6 +72,13 @@ class EngineConfig:
             raise ValueError(
                 f"quantization={self.quantization!r} with tensor_parallel_size={self.tensor_parallel_size}, "
                 f"pipeline_parallel_size={self.pipeline_parallel_size} is not supported yet"
+            )
+        if self.quantized_weights_path is not None and (
+            self.quantization is None or not isinstance(self.quantized_weights_path, str)
+        ):
+            raise ValueError(
+                f"quantized_weights_path={self.quantized_weights_path!r} needs a str path and quantization set "
+                f"(quantization={self.quantization!r})"
             )
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported yet; choose {KV_CACHE_DTYPES}")

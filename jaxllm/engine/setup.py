@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 import jax
 
@@ -14,6 +15,7 @@ from jaxllm.config import EngineConfig, ResolvedConfig, power_of_two_buckets
 from jaxllm.loading.model_loader import abstract_model, init_dummy_weights, load_weights, resolve_dtype
 from jaxllm.loading.model_source import ModelSource
 from jaxllm.models import ModelConfig, get_model_class
+from jaxllm.quantization.checkpoint import restore_quantized, save_quantized
 from jaxllm.quantization.config import resolve_quantization
 from jaxllm.runner.kv_cache import device_memory_budget, kv_bytes_per_block
 
@@ -27,7 +29,7 @@ def load_model(config: EngineConfig, source: ModelSource, model_config: ModelCon
     """The model with its weights, its linear layers quantized as each tensor loads when ``config.quantization``."""
     model_cls = get_model_class(model_config.architecture)
     dtype = resolve_dtype(config.dtype, model_config.checkpoint_dtype)
-    quantization = resolve_quantization(config.quantization)
+    quantization = resolve_quantization(config.quantization, config.quantization_group_size)
     kwargs = {} if placement is None else {"placement": placement}
     if config.load_format == "dummy":
         return init_dummy_weights(
@@ -40,7 +42,15 @@ def load_model(config: EngineConfig, source: ModelSource, model_config: ModelCon
             **kwargs,
         )
     abstract = abstract_model(model_cls, model_config, dtype, config.attention_impl, quantization)
-    return load_weights(abstract, source.tensors(), **kwargs)
+    saved = config.quantized_weights_path
+    if quantization is not None and saved is not None and os.path.exists(saved):
+        logger.info("restoring %s weights from %s (no re-quantizing)", quantization.method, saved)
+        return restore_quantized(abstract, saved, quantization, placement)
+    model = load_weights(abstract, source.tensors(), **kwargs)
+    if quantization is not None and saved is not None:
+        save_quantized(model, saved, quantization)
+        logger.info("saved the %s-quantized weights to %s", quantization.method, saved)
+    return model
 
 
 def resolve_limits(config: EngineConfig, model_config: ModelConfig, num_blocks: int) -> ResolvedConfig:

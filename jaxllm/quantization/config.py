@@ -36,10 +36,13 @@ class QuantizationConfig:
             )
 
 
-def resolve_quantization(name: str | None) -> QuantizationConfig | None:
-    """``LLM(quantization=name)`` -> its config (None: no quantization); ValueError naming an unknown ``name``."""
+def resolve_quantization(
+    name: str | None, group_size: int = DEFAULT_INT4_GROUP_SIZE
+) -> QuantizationConfig | None:
+    """``LLM(quantization=name, quantization_group_size=group_size)`` -> its config (None: no quantization);
+    ValueError naming an unknown ``name`` or an unusable ``group_size``."""
     if name is None:
         return None
     if name not in QUANTIZATION_NAMES:
         raise ValueError(f"unknown quantization {name!r}; choose one of {QUANTIZATION_NAMES}")
-    return QuantizationConfig(name)
+    return QuantizationConfig(name, group_size)

@@ -171,3 +171,36 @@ def test_orbax_save_and_restore_skips_requantizing(tmp_path, method):
     with pytest.raises(ValueError) as info:
         restore_quantized(abstract, tmp_path / "ckpt", other)
     assert f"'method': '{method}'" in str(info.value)
+
+
+def test_int4_group_size_is_an_engine_option():
+    llm = engine(TINY_LLAMA, quantization="int4", quantization_group_size=4)  # in_features 64 and 172
+    runner = llm.llm_engine.runner
+    down_proj = nnx.merge(runner.graphdef, runner.params).model.layers[0].mlp.down_proj
+    assert isinstance(down_proj, QuantizedLinear)
+    outputs = llm.generate([{"prompt_token_ids": [1, 2, 3, 4, 5]}], GREEDY, use_tqdm=False)
+    assert len(outputs[0].outputs[0].token_ids) == GREEDY.max_tokens
+    with pytest.raises(ValueError) as info:
+        engine(TINY_LLAMA, quantization="int4", quantization_group_size=8)  # 172 is no multiple of 8
+    assert "in_features=172" in str(info.value) and "group_size 8" in str(info.value)
+    with pytest.raises(ValueError, match="quantization_group_size must be a positive int, got 0"):
+        EngineConfig(quantization="int4", quantization_group_size=0)
+
+
+def test_quantized_weights_path_saves_once_and_restores_on_restart(tmp_path, monkeypatch):
+    saved = tmp_path / "int8-weights"
+    prompts = [{"prompt_token_ids": p} for p in fixture_prompts(expected("llama"))]
+    first = engine(TINY_LLAMA, quantization="int8", quantized_weights_path=str(saved))
+    assert (saved / "quantization.json").exists()
+    expected_tokens = [o.outputs[0].token_ids for o in first.generate(prompts, GREEDY, use_tqdm=False)]
+
+    def no_quantizing(*args, **kwargs):
+        raise AssertionError("a restart with saved weights must not load and quantize the checkpoint again")
+
+    monkeypatch.setattr("jaxllm.engine.setup.load_weights", no_quantizing)
+    restarted = engine(TINY_LLAMA, quantization="int8", quantized_weights_path=str(saved))
+    assert [o.outputs[0].token_ids for o in restarted.generate(prompts, GREEDY, use_tqdm=False)] == expected_tokens
+    with pytest.raises(ValueError, match="'method': 'int8'"):
+        engine(TINY_LLAMA, quantization="fp8", quantized_weights_path=str(saved))
+    with pytest.raises(ValueError, match="needs a str path and quantization set"):
+        EngineConfig(quantized_weights_path=str(saved))
