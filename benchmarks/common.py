@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import subprocess
+import time
 
 import jax
 import numpy as np
@@ -69,3 +70,19 @@ def print_record(record: dict) -> None:
 def append_result_row(line: str) -> None:
     with open(RESULTS_FILE, "a") as f:
         f.write(line.rstrip() + "\n")
+
+
+def median_seconds(fn, *args, target_seconds=0.05, repeats=7, max_calls=2000) -> float:
+    """Median over ``repeats`` of the mean time of back-to-back calls; warm-up (and compile) untimed."""
+    jax.block_until_ready(fn(*args))
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    calls = max(3, min(max_calls, int(target_seconds / max(time.perf_counter() - start, 1e-6))))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - start) / calls)
+    return float(np.median(samples))

@@ -18,7 +18,6 @@ import argparse
 import functools
 import json
 import os
-import time
 import traceback
 import warnings
 
@@ -28,7 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import environment, print_record  # noqa: E402
+from benchmarks.common import environment, median_seconds, print_record  # noqa: E402
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention, triton_gpu  # noqa: E402
 
 COPY_CEILING = 2.95e12  # bytes/s, H100 device copy (read + write), BENCHMARKS.md
@@ -87,22 +86,6 @@ def causal_flops(batch) -> float:
         first = length - query_len  # position of the request's first query token
         pairs += query_len * (first + 1) + query_len * (query_len - 1) / 2
     return 4.0 * pairs * num_heads * head_dim
-
-
-def median_seconds(fn, *args, target_seconds=0.05, repeats=7) -> float:
-    """Median over ``repeats`` of the mean time of back-to-back calls; warm-up (and compile) untimed."""
-    jax.block_until_ready(fn(*args))
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    calls = max(3, min(2000, int(target_seconds / max(time.perf_counter() - start, 1e-6))))
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - start) / calls)
-    return float(np.median(samples))
 
 
 def ours(batch, impl, **configs):

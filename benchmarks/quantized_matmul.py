@@ -19,13 +19,11 @@ import argparse
 import dataclasses
 import functools
 import json
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from benchmarks.common import environment, print_record
+from benchmarks.common import environment, median_seconds, print_record
 from jaxllm.quantization import METHODS, quantize_weight
 from pallas_kernels.quantized_matmul import quantized_matmul, triton_gpu
 
@@ -67,22 +65,6 @@ class Case:
     note: str = ""
 
 
-def median_seconds(fn, *args, target_seconds=0.05, repeats=7) -> float:
-    """Median over ``repeats`` of the mean time of back-to-back calls; warm-up (and compile) untimed."""
-    jax.block_until_ready(fn(*args))
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    calls = max(3, min(1000, int(target_seconds / max(time.perf_counter() - start, 1e-6))))
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - start) / calls)
-    return float(np.median(samples))
-
-
 def bf16_matmul(x, w):
     return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
@@ -121,7 +103,7 @@ def time_case(case: Case, x, weights, product, reference_out, settings: Settings
         out = fn(x, weights)[0].astype(jnp.float32)
         expected = reference_out.astype(jnp.float32)
         err = jnp.linalg.norm(out - expected) / jnp.linalg.norm(expected)
-        seconds = median_seconds(fn, x, weights, repeats=settings.repeats) / len(weights)
+        seconds = median_seconds(fn, x, weights, repeats=settings.repeats, max_calls=1000) / len(weights)
     except Exception as exc:  # a failing backend must not hide the others' numbers
         return dict(row, error=f"{type(exc).__name__}: {exc}")
     flops = 2.0 * case.m * case.k * case.n

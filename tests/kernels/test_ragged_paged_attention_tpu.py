@@ -20,6 +20,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.ragged_paged_attention import mosaic_tpu, ragged_paged_attention, reference
 from pallas_kernels.tolerances import assert_close
+from tests.kernels import attention_cases
+from tests.kernels.attention_cases import Batch, make_batch, naive_attention
 
 ON_TPU = jax.default_backend() == "tpu"
 MODES = [
@@ -41,90 +43,9 @@ SCENARIOS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class Geometry:
-    num_heads: int = 8
-    num_kv_heads: int = 2
-    head_dim: int = 64
-    num_tokens: int = 64  # T, padded
-    num_requests: int = 8  # S, padded
-    block_size: int = 16
-    num_blocks: int = 200
+class Geometry(attention_cases.Geometry):
+    num_blocks: int = 200  # ~1k-token contexts: smaller tables than the GPU tests' 2k
     max_blocks: int = 72
-
-
-@dataclasses.dataclass(frozen=True)
-class Batch:
-    q: jax.Array  # [T, N, H]
-    k_cache: jax.Array  # [P, L, K, H]
-    v_cache: jax.Array  # [P, L, K, H]
-    block_tables: jax.Array  # [S, M]
-    seq_lens: jax.Array  # [S]
-    query_start_loc: jax.Array  # [S+1]
-    num_real_tokens: int
-
-    @property
-    def args(self):
-        return self.q, self.k_cache, self.v_cache, self.block_tables, self.seq_lens, self.query_start_loc
-
-
-def make_batch(seed, query_lens, seq_lens, geo: Geometry, dtype, poison_unused=False) -> Batch:
-    """Random batch: each request's blocks come from a shuffled pool (block 0 is never used), unused table entries
-    hold random block ids, K and V are drawn independently. ``poison_unused`` writes NaN into every cache row that
-    holds no real position of any request (rows past each length, the null block, blocks of no request)."""
-    rng = np.random.default_rng(seed)
-    num_real = len(query_lens)
-    query_start_loc = np.zeros(geo.num_requests + 1, np.int32)
-    query_start_loc[1 : num_real + 1] = np.cumsum(query_lens)
-    query_start_loc[num_real + 1 :] = query_start_loc[num_real]  # padding requests own no tokens
-    lens = np.zeros(geo.num_requests, np.int32)
-    lens[:num_real] = seq_lens
-    tables = rng.integers(0, geo.num_blocks, (geo.num_requests, geo.max_blocks)).astype(np.int32)
-    pool = iter(rng.permutation(np.arange(1, geo.num_blocks)))
-    holds_position = np.zeros((geo.num_blocks, geo.block_size), bool)
-    for request, length in enumerate(lens):
-        for column in range(-(-length // geo.block_size)):
-            tables[request, column] = next(pool)
-            holds_position[tables[request, column], : min(geo.block_size, length - column * geo.block_size)] = True
-    cache_shape = (geo.num_blocks, geo.block_size, geo.num_kv_heads, geo.head_dim)
-    k_cache, v_cache = rng.standard_normal(cache_shape), rng.standard_normal(cache_shape)
-    if poison_unused:
-        k_cache[~holds_position], v_cache[~holds_position] = np.nan, np.nan
-    q = 3.0 * rng.standard_normal((geo.num_tokens, geo.num_heads, geo.head_dim))  # peaky softmax: errors show
-    return Batch(
-        *(jnp.asarray(x, dtype) for x in (q, k_cache, v_cache)),
-        jnp.asarray(tables),
-        jnp.asarray(lens),
-        jnp.asarray(query_start_loc),
-        int(query_start_loc[-1]),
-    )
-
-
-def naive_attention(batch: Batch, sm_scale, sliding_window=None, soft_cap=None) -> np.ndarray:
-    """Dense float64 softmax attention, one request at a time, over K/V gathered block by block from the table."""
-    q, k_cache, v_cache = (np.asarray(x, np.float64) for x in batch.args[:3])
-    tables, lens, starts = (np.asarray(x) for x in batch.args[3:])
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = q.shape[1] // num_kv_heads
-    out = np.zeros(q.shape)
-    for request, length in enumerate(lens):
-        start, end = starts[request], starts[request + 1]
-        if end == start:
-            continue
-        rows = [k_cache[tables[request, p // block_size], p % block_size] for p in range(length)]  # [s][K, H]
-        keys = np.repeat(np.stack(rows), group, axis=1)  # [s, N, H]
-        rows = [v_cache[tables[request, p // block_size], p % block_size] for p in range(length)]
-        values = np.repeat(np.stack(rows), group, axis=1)  # [s, N, H]
-        position = length - (end - np.arange(start, end))  # [t]
-        scores = np.einsum("tnh,snh->nts", q[start:end], keys) * sm_scale
-        if soft_cap is not None:
-            scores = soft_cap * np.tanh(scores / soft_cap)
-        visible = np.arange(length)[None, :] <= position[:, None]  # [t, s]
-        if sliding_window is not None:
-            visible &= np.arange(length)[None, :] > position[:, None] - sliding_window
-        scores = np.where(visible[None], scores, -np.inf)
-        probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        out[start:end] = np.einsum("nts,snh->tnh", probs / probs.sum(axis=-1, keepdims=True), values)
-    return out
 
 
 def check(out, batch: Batch, dtype, poisoned=False, **options) -> None:
