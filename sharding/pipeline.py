@@ -22,10 +22,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from jaxllm.models.activation_sharding import activation_sharding
 from jaxllm.models.attention_metadata import AttentionMetadata
 from jaxllm.runner.step_batch import StepBatch
 from sharding.mesh import stage_meshes
-from sharding.rules import check_single_replica, kv_cache_sharding, replicated, state_shardings
+from sharding.rules import activation_rules, check_single_replica, kv_cache_sharding, replicated, state_shardings
 from sharding.stages import StageModule, stage_forward, stage_layer_ranges
 
 METADATA_FIELDS = ("positions", "slot_mapping", "context_lens", "block_tables", "seq_lens", "query_start_loc")
@@ -98,12 +99,14 @@ class PipelinedModel:
 
     def _compile(self, graphdef, state, mesh: Mesh, is_last: bool):
         head_fn = self.head_fn
+        rules = activation_rules(self.config, mesh)
 
         def program(state, kv_caches, inputs, metadata: dict, logits_indices, head_args):
             self.num_traces += 1
             stage = nnx.merge(graphdef, state)
             md = AttentionMetadata(**metadata)
-            out, kv_caches = stage_forward(stage, mesh, inputs, kv_caches, md, logits_indices)
+            with activation_sharding(mesh, rules):  # the model's activation names -> sharding constraints
+                out, kv_caches = stage_forward(stage, inputs, kv_caches, md, logits_indices)
             return (head_fn(out, head_args) if is_last else out), kv_caches
 
         rep, kv = replicated(mesh), kv_cache_sharding(mesh)

@@ -50,6 +50,13 @@ KV_CACHE_AXES = ("kv_blocks", "block_slots", "kv_heads", "head_dim")  # [P, L, K
 Placement = Callable[[tuple, nnx.Variable], NamedSharding]
 
 
+def activation_rules(model_config, mesh: Mesh) -> dict[str, str | None]:
+    """The table for one stage's activations (installed by ``sharding.pipeline`` while tracing the stage): the
+    model's rules at the mesh's tensor size. ``model_config`` is the one after any KV-head expansion, so its KV heads
+    always split over ``tensor``."""
+    return model_rules(model_config, axis_size(mesh, TENSOR_AXIS))
+
+
 def logical_to_spec(logical_axes: Sequence[str], rules: dict[str, str | None] | None = None) -> PartitionSpec:
     """``("embed", "mlp")`` -> ``PartitionSpec(None, "tensor")`` through the rules table."""
     rules = LOGICAL_AXIS_RULES if rules is None else rules

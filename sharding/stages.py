@@ -5,7 +5,8 @@ runs the final norm, lm_head and sampling) and ``stage_forward``: embed (first s
 logits at the sampled rows (last stage). With one stage this is the whole model, so tensor parallelism alone runs
 through the same code. The layers themselves are ``jaxllm.models`` modules, called unchanged; this module never
 edits them. The residual stream ``[T, D]`` is kept replicated over ``tensor`` between layers (Megatron: one
-all-reduce after o_proj and one after down_proj).
+all-reduce after o_proj and one after down_proj): the layers name their activations' logical axes
+(``jaxllm.models.activation_sharding``) and ``sharding.pipeline`` installs the rules while tracing a stage.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxllm.models.activation_sharding import HIDDEN, constrain
 from jaxllm.models.attention_metadata import AttentionMetadata
 from jaxllm.models.rope import rope_cos_sin
 
@@ -70,10 +71,6 @@ class StageModule(nnx.Module):
         return self.norm is not None
 
 
-def _replicate(x: jax.Array, mesh) -> jax.Array:
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec()))
-
-
 def compute_logits(stage: StageModule, hidden: jax.Array) -> jax.Array:
     """``hidden [S, D]`` -> float32 logits ``[S, V]``, as ``DecoderForCausalLM.compute_logits``."""
     if stage.lm_head is None:
@@ -82,7 +79,7 @@ def compute_logits(stage: StageModule, hidden: jax.Array) -> jax.Array:
     return jnp.dot(hidden.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
 
 
-def stage_forward(stage: StageModule, mesh, inputs: jax.Array, kv_caches, md: AttentionMetadata, logits_indices):
+def stage_forward(stage: StageModule, inputs: jax.Array, kv_caches, md: AttentionMetadata, logits_indices):
     """One stage on one (micro)batch: ``inputs`` are token ids ``[T]`` (first stage) or hidden states ``[T, D]``.
 
     Returns ``(out, kv_caches)``: hidden states ``[T, D]``, or on the last stage float32 logits ``[S, V]`` at
@@ -91,11 +88,10 @@ def stage_forward(stage: StageModule, mesh, inputs: jax.Array, kv_caches, md: At
     config = stage.config
     cos, sin = rope_cos_sin(config.rope, config.head_dim, md.positions, md.context_lens)  # [T, H] each
     x = stage.embed_tokens(inputs) if stage.is_first else inputs  # [T, D]
-    x = _replicate(x, mesh)
+    x = constrain(x, HIDDEN)  # replicated over tensor, as after every layer (the rules map both names to None)
     new_caches = []
     for layer, kv in zip(stage.layers, kv_caches, strict=True):
-        x, kv = layer(x, kv, md, cos, sin)
-        x = _replicate(x, mesh)
+        x, kv = layer(x, kv, md, cos, sin)  # the layers constrain their own activations by logical name
         new_caches.append(kv)
     if not stage.is_last:
         return x, new_caches

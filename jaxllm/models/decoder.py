@@ -13,6 +13,7 @@ import functools
 import jax
 from flax import nnx
 
+from jaxllm.models import activation_sharding as act
 from jaxllm.models.attention_metadata import AttentionMetadata
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.layers import Embed, Linear, RMSNorm, SwiGLUMLP, make_linear
@@ -42,9 +43,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x, kv: tuple[jax.Array, jax.Array], md: AttentionMetadata, cos, sin):
         num_tokens = x.shape[0]
-        q = self.q_proj(x).reshape(num_tokens, self.num_heads, self.head_dim)  # [T, N, H]
-        k = self.k_proj(x).reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, H]
-        v = self.v_proj(x).reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, H]
+        q = act.constrain(self.q_proj(x), act.Q_HEADS).reshape(num_tokens, self.num_heads, self.head_dim)  # [T, N, H]
+        k = act.constrain(self.k_proj(x), act.KV_HEADS).reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        v = act.constrain(self.v_proj(x), act.KV_HEADS).reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -60,7 +61,8 @@ class Attention(nnx.Module):
             sliding_window=self.sliding_window,
             impl=self.attention_impl,
         )  # [T, N, H]
-        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim)), (k_cache, v_cache)
+        out = act.constrain(out.reshape(num_tokens, self.num_heads * self.head_dim), act.Q_HEADS)
+        return act.constrain(self.o_proj(out), act.HIDDEN), (k_cache, v_cache)
 
 
 class DecoderLayer(nnx.Module):
@@ -113,10 +115,11 @@ class DecoderForCausalLM(nnx.Module):
     def __call__(self, input_ids: jax.Array, kv_caches: KVCache, md: AttentionMetadata):
         """``input_ids [T]`` -> final hidden states ``[T, D]`` and the updated KV cache."""
         cos, sin = rope_cos_sin(self.config.rope, self.config.head_dim, md.positions, md.context_lens)
-        x = self.model.embed_tokens(input_ids)  # [T, D]
+        x = act.constrain(self.model.embed_tokens(input_ids), act.HIDDEN)  # [T, D]
         new_caches = []
         for layer, kv in zip(self.model.layers, kv_caches, strict=True):
             x, kv = layer(x, kv, md, cos, sin)
+            x = act.constrain(x, act.HIDDEN)
             new_caches.append(kv)
         return self.model.norm(x), new_caches
 

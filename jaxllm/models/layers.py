@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxllm.models import activation_sharding as act
 from jaxllm.quantization.config import QuantizationConfig
 from jaxllm.quantization.schemes import QuantizedWeight, expected_layout
 from pallas_kernels.quantized_matmul import default_impl, quantized_matmul
@@ -123,4 +124,5 @@ class SwiGLUMLP(nnx.Module):
         self.down_proj = linear(intermediate_size, hidden_size, axes=("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gated = act.constrain(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x), act.MLP)  # [T, I]
+        return act.constrain(self.down_proj(gated), act.HIDDEN)
