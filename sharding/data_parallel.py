@@ -48,11 +48,14 @@ class DataParallelEngine:
         loads = [replica.get_num_unfinished_requests() for replica in self.replicas]
         return min(range(len(self.replicas)), key=lambda i: (loads[i], self._last_picked[i]))
 
-    def add_request(self, request_id: str, prompt, params=None) -> int:
-        """Queues a request on the least-loaded replica; returns that replica's index."""
+    def add_request(self, request_id: str, prompt, params=None, *, replica: int | None = None) -> int:
+        """Queues a request on ``replica`` (default: the least-loaded one); returns that replica's index. Siblings of
+        one prompt (n > 1) go to one replica so they share its cached prompt blocks."""
         if request_id in self.replica_of:
             raise ValueError(f"request id {request_id!r} is already in use by an unfinished request")
-        index = self.pick_replica()
+        if replica is not None and not 0 <= replica < len(self.replicas):
+            raise ValueError(f"replica must be in [0, {len(self.replicas)}), got {replica!r}")
+        index = self.pick_replica() if replica is None else replica
         self.replicas[index].add_request(request_id, prompt, params)  # raises before anything is recorded
         self.replica_of[request_id] = index
         self._last_picked[index] = next(self._picks)

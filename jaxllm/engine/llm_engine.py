@@ -127,8 +127,12 @@ class LLMEngine:
         for child in children:
             self.scheduler.validate_request(child)  # raises before anything is queued (replicas share limits)
         self.output_processor.add_request(request_id, tokenized.text, children, stream=stream)
+        replica = None  # with data parallelism, every sibling on the first one's replica (shared prompt blocks)
         for child in children:
-            self.core.add_request(child.request_id, child)
+            if isinstance(self.core, DataParallelEngine):
+                replica = self.core.add_request(child.request_id, child, replica=replica)
+            else:
+                self.core.add_request(child.request_id, child)
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)

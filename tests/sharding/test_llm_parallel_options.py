@@ -99,6 +99,19 @@ def test_data_parallel_replicas_share_one_queue(one_device):
     assert not engine.has_unfinished_requests() and engine.core.replica_of == {}
 
 
+def test_siblings_of_one_prompt_stay_on_one_replica():
+    llm = make_llm("llama", data_parallel_size=2)
+    engine = llm.llm_engine
+    engine.add_request("other", prompts()[0], GREEDY)  # replica 0 is now the busier one
+    engine.add_request("fan-out", prompts()[2], SamplingParams(n=3, temperature=0.8, max_tokens=4, seed=5))
+    siblings = {rid: index for rid, index in engine.core.replica_of.items() if rid != "other"}
+    assert len(siblings) == 3 and set(siblings.values()) == {1}
+    while engine.has_unfinished_requests():
+        engine.step()
+    with pytest.raises(ValueError, match=r"replica must be in \[0, 2\), got 2"):
+        engine.core.add_request("x", None, None, replica=2)
+
+
 def test_kv_cache_is_sized_for_the_most_loaded_device():
     budget = 1 << 20
     llm = make_llm(
