@@ -36,9 +36,7 @@ class QuantizationConfig:
             )
 
 
-def resolve_quantization(
-    name: str | None, group_size: int = DEFAULT_INT4_GROUP_SIZE
-) -> QuantizationConfig | None:
+def resolve_quantization(name: str | None, group_size: int = DEFAULT_INT4_GROUP_SIZE) -> QuantizationConfig | None:
     """``LLM(quantization=name, quantization_group_size=group_size)`` -> its config (None: no quantization);
     ValueError naming an unknown ``name`` or an unusable ``group_size``."""
     if name is None:
