@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU-machine session: the GPU tests and the benchmarks, logs and JSON under $OUT (default ./gpu-out).
-#   bash benchmarks/gpu_session.sh tests kernels j8 j8ref j1 l8 profile compare_hf qmm    # any subset, in this order
+#   bash benchmarks/gpu_session.sh tests kernels j8 j8ref j1 l8 profile startup compare_hf qmm    # any subset, in this order
 # Run from the repository root; JAXLLM_COMMIT names the commit when the tree is not a git checkout. Wheels of
 # packages the machine lacks (gguf: `pip download --no-deps -d .whl gguf==0.19.0`, carried as `.whl`) are installed
 # into /tmp/site first.
@@ -24,6 +24,7 @@ for stage in "$@"; do
     l8) python3 benchmarks/latency.py --record 2>&1 | tee "$OUT/l8.log" ;;
     profile) python3 benchmarks/profile_step.py --job J8 --out /tmp/j8-trace 2>&1 | tee "$OUT/profile.log" | grep -Ev "^JSON"
              cp "$(find /tmp/j8-trace -name "*.trace.json.gz" | tail -1)" "$OUT/j8_decode.trace.json.gz" ;;
+    startup) python3 benchmarks/startup.py --job J8 --record 2>&1 | tee "$OUT/startup.log" | grep -Ev "^JSON" ;;
     compare_hf) python3 benchmarks/compare_hf.py --job J8 --record 2>&1 | tee "$OUT/compare_hf.log" | grep -Ev "^JSON" ;;
     qmm) python3 benchmarks/quantized_matmul.py --json "$OUT/qmm.json" 2>&1 | tee "$OUT/qmm.log" ;;
     *) echo "unknown stage $stage" ;;

@@ -48,3 +48,11 @@ def test_compare_hf_smoke_reports_ratios():
     record = compare_hf.main(["--smoke"])
     assert set(record["ratios"]) == {"continuous_batching", "static_batches_of_4"}
     assert all(ratio > 0 for ratio in record["ratios"].values())
+
+
+def test_startup_smoke_times_a_cold_and_a_cached_start():
+    from benchmarks import startup
+
+    record = startup.main(["--smoke"])
+    assert record["cold"]["first_token_s"] > 0 and record["warm"]["first_token_s"] > 0
+    assert record["speedup"] == record["cold"]["first_token_s"] / record["warm"]["first_token_s"]

@@ -126,16 +126,15 @@ def enable_compilation_cache() -> str | None:
     """Turns on JAX's persistent compilation cache (like vLLM's compile cache), so a second start skips XLA compiles.
 
     Uses ``$JAXLLM_CACHE_DIR`` (default ``~/.cache/jaxllm/xla``) unless the user already configured a cache directory;
-    ``JAXLLM_CACHE_DIR=""`` turns it off.
+    ``JAXLLM_CACHE_DIR=""`` turns it off. Every program is cached, however quick its compile: a start compiles
+    dozens of forward and sampler programs, and the many small ones add up.
     """
-    import os
-
     if jax.config.jax_compilation_cache_dir:
         return jax.config.jax_compilation_cache_dir
     path = os.environ.get("JAXLLM_CACHE_DIR", os.path.expanduser("~/.cache/jaxllm/xla"))
     if not path:
         return None
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
