@@ -68,11 +68,6 @@ class EngineConfig:
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
-        if self.quantization is not None and self.tensor_parallel_size * self.pipeline_parallel_size > 1:
-            raise ValueError(
-                f"quantization={self.quantization!r} with tensor_parallel_size={self.tensor_parallel_size}, "
-                f"pipeline_parallel_size={self.pipeline_parallel_size} is not supported yet"
-            )
         if self.quantized_weights_path is not None and (
             self.quantization is None or not isinstance(self.quantized_weights_path, str)
         ):

@@ -11,6 +11,7 @@ import pathlib
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxllm import LLM, SamplingParams
 from sharding import DataParallelEngine
@@ -163,3 +164,34 @@ def test_stop_strings_and_aborts_reach_the_owning_replica():
     engine.step()
     engine.abort_request("a")
     assert engine.get_num_unfinished_requests() == 1 and list(engine.core.replica_of) == ["b"]
+
+
+@pytest.mark.parametrize(
+    "quantization, tensor, pipe",
+    [
+        (dict(quantization="int8"), 2, 1),
+        (dict(quantization="fp8"), 1, 2),
+        # group 2: the fixture's in_features (64, 172) then split into whole groups on each of 2 shards
+        (dict(quantization="int4", quantization_group_size=2), 2, 2),
+    ],
+    ids=["int8-tp2", "fp8-pp2", "int4-tp2xpp2"],
+)
+def test_quantized_weights_on_a_mesh_match_one_device(quantization, tensor, pipe):
+    expected = generate(make_llm("llama", **quantization))
+    llm = make_llm("llama", tensor_parallel_size=tensor, pipeline_parallel_size=pipe, **quantization)
+    assert generate(llm) == expected
+    scales = [
+        v.get_value()
+        for stage in llm.llm_engine.runner.pipeline.stages
+        for path, v in nnx.to_flat_state(stage.state)
+        if path[-1] == "scales" and "down_proj" in path
+    ]
+    assert scales and all(len(s.sharding.device_set) == tensor for s in scales)
+    if tensor > 1:  # row-parallel down_proj: int4 group scales split with the weight rows; per-channel ones replicate
+        int4 = quantization["quantization"] == "int4"
+        assert all(s.sharding.spec[0] == ("tensor" if int4 else None) for s in scales)
+
+
+def test_quantization_with_replicated_kv_heads_is_rejected():
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 > num_kv_heads=1"):
+        make_llm("llama_mqa", quantization="int8", tensor_parallel_size=2)
