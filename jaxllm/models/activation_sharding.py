@@ -20,7 +20,6 @@ HIDDEN = ("tokens", "embed")  # [T, D] residual stream
 Q_HEADS = ("tokens", "q_heads")  # [T, N*H] query projection and attention output
 KV_HEADS = ("tokens", "kv_heads")  # [T, K*H] key / value projections
 MLP = ("tokens", "mlp")  # [T, I] SwiGLU intermediate
-LOGITS = ("requests", "vocab")  # [S, V]
 
 _installed: contextvars.ContextVar[tuple[Mesh, Mapping[str, str | None]] | None] = contextvars.ContextVar(
     "jaxllm_activation_sharding", default=None
