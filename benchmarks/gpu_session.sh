@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine session: the GPU tests and the benchmarks, logs and JSON under $OUT (default ./gpu-out).
-#   bash benchmarks/gpu_session.sh tests kernels j8 j8ref j1 l8 profile startup compare_hf qmm    # any subset, in this order
+#   bash benchmarks/gpu_session.sh tests kernels j8 j8ref j1 l8 l8q profile profile1 startup compare_hf qmm mesh8
+# (any subset, run in the order given; mesh8 needs 2+ GPUs: the Llama-3.1-8B shape at TP 1 and 2, J8 + batch-1)
 # Run from the repository root; JAXLLM_COMMIT names the commit when the tree is not a git checkout. Wheels of
 # packages the machine lacks (gguf: `pip download --no-deps -d .whl gguf==0.19.0`, carried as `.whl`) are installed
 # into /tmp/site first.
@@ -11,6 +12,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+export NCCL_NVLS_ENABLE=0  # NVLink multicast off: it can take the host's shared GPUs out of service
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 JAXLLM_CACHE_DIR=${JAXLLM_CACHE_DIR:-/tmp/jaxllm-xla}
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv | tee "$OUT/gpu.txt"
 for stage in "$@"; do
@@ -21,9 +23,14 @@ for stage in "$@"; do
     j8) python3 benchmarks/throughput.py --job J8 --record 2>&1 | tee "$OUT/j8.log" | grep -Ev "^\{" ;;
     j8ref) python3 benchmarks/throughput.py --job J8 --attention-impl reference --record 2>&1 | tee "$OUT/j8ref.log" | grep -Ev "^\{" ;;
     j1) python3 benchmarks/throughput.py --job J1 --gpu-memory-utilization ${J1_GPU_MEMORY_UTILIZATION:-0.8} --record 2>&1 | tee "$OUT/j1.log" | grep -Ev "^\{" ;;
-    l8) python3 benchmarks/latency.py --record 2>&1 | tee "$OUT/l8.log" ;;
+    l8) python3 benchmarks/latency.py --record 2>&1 | tee "$OUT/l8.log" | grep -Ev "^JSON" ;;
+    l8q) for q in int8 int4; do
+           python3 benchmarks/latency.py --quantization $q --batch-sizes 1 --record 2>&1 | tee "$OUT/l8_$q.log" | grep -Ev "^JSON"
+         done ;;
     profile) python3 benchmarks/profile_step.py --job J8 --out /tmp/j8-trace 2>&1 | tee "$OUT/profile.log" | grep -Ev "^JSON"
              cp "$(find /tmp/j8-trace -name "*.trace.json.gz" | tail -1)" "$OUT/j8_decode.trace.json.gz" ;;
+    profile1) python3 benchmarks/profile_step.py --job J1 --out /tmp/j1-trace 2>&1 | tee "$OUT/profile_j1.log" | grep -Ev "^JSON" ;;
+    mesh8) python3 benchmarks/mesh_scaling.py --job J8 --meshes ${MESHES:-1x1x1,2x1x1} 2>&1 | tee "$OUT/mesh8.log" | grep -Ev "^JSON" ;;
     startup) python3 benchmarks/startup.py --job J8 --record 2>&1 | tee "$OUT/startup.log" | grep -Ev "^JSON" ;;
     compare_hf) python3 benchmarks/compare_hf.py --job J8 --record 2>&1 | tee "$OUT/compare_hf.log" | grep -Ev "^JSON" ;;
     qmm) python3 benchmarks/quantized_matmul.py --json "$OUT/qmm.json" 2>&1 | tee "$OUT/qmm.log" ;;

@@ -52,6 +52,7 @@ def main(argv=None) -> dict:
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--quantization", choices=("int8", "int4", "fp8"), help="weight quantization (default: none)")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--record", action="store_true")
     args = p.parse_args(argv)
@@ -72,10 +73,18 @@ def main(argv=None) -> dict:
         max_num_batched_tokens=64 if args.smoke else 8192,
         max_model_len=256 if args.smoke else 2048,
         enable_prefix_caching=False,
+        quantization=args.quantization,
     )
     vocab = engine.model_config.vocab_size
     run_batch(engine, random_prompts(2, args.input_len, vocab, seed=99), 4, "warmup")
-    record = {"job": "L8" if not args.smoke else "smoke", **environment(), "model": args.model, "batches": {}}
+    record = {
+        "job": "L8" if not args.smoke else "smoke",
+        **environment(),
+        "model": args.model,
+        "quantization": args.quantization,
+        "batches": {},
+    }
+    label = f"{record['job']}{' ' + args.quantization if args.quantization else ''}"
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         ttft, itl = run_batch(
             engine, random_prompts(batch, args.input_len, vocab, seed=batch), args.output_len, f"b{batch}"
@@ -83,12 +92,12 @@ def main(argv=None) -> dict:
         record["batches"][batch] = {"ttft_ms": percentiles(ttft), "itl_ms": percentiles(itl)}
         t, i = record["batches"][batch]["ttft_ms"], record["batches"][batch]["itl_ms"]
         print(
-            f"batch {batch}: TTFT p50 {t['p50']:.1f} ms p99 {t['p99']:.1f} ms | ITL p50 {i['p50']:.2f} ms "
+            f"{label} batch {batch}: TTFT p50 {t['p50']:.1f} ms p99 {t['p99']:.1f} ms | ITL p50 {i['p50']:.2f} ms "
             f"p90 {i['p90']:.2f} ms p99 {i['p99']:.2f} ms"
         )
         if args.record:
             append_result_row(
-                f"| {record['date']} | latency {record['job']} batch {batch} | {record['device']} | "
+                f"| {record['date']} | latency {label} batch {batch} | {record['device']} | "
                 f"jax {record['jax']} | "
                 f"{record['commit']} | TTFT p50 {t['p50']:.1f} ms; ITL p50 {i['p50']:.2f} / p90 {i['p90']:.2f} / "
                 f"p99 {i['p99']:.2f} ms |"

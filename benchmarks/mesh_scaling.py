@@ -1,17 +1,19 @@
 """Mesh scaling: one model shape and job on several (tensor x pipeline x data) meshes, dummy weights.
 
     PYTHONPATH=. python3 benchmarks/mesh_scaling.py --model benchmarks/configs/llama-3.2-1b   # on the GPU machine
+    PYTHONPATH=. python3 benchmarks/mesh_scaling.py --job J8 --meshes 1x1x1,2x1x1             # a reference job
     PYTHONPATH=. python3 benchmarks/mesh_scaling.py --smoke        # tiny shape on 8 fake CPU devices
 
 For each mesh ``TxPxD`` (tensor x pipe x data) it builds ``LLM(tensor_parallel_size=T, pipeline_parallel_size=P,
-data_parallel_size=D, load_format="dummy")`` with a KV cache that holds the whole job (no preemption), which compiles
-every bucket (the untimed warm-up), then times ``LLM.generate`` on the whole job submitted at once (greedy,
-ignore_eos). The table gives output tokens/s, the largest per-device parameter and KV-cache bytes, the scaling
-efficiency ``throughput / (devices x throughput on 1x1x1)`` (when 1x1x1 is in the sweep), the pipeline's theoretical
-bubble ``(P-1)/(M+P-1)`` and a measured one: ``1 - sum of stage busy times / (P x pipelined wall time)`` for M
-microbatches of the largest bucket, each stage timed alone with a device sync. On fake CPU devices all "devices"
-share the host's cores, so only the GPU numbers mean anything. Prints one JSON record (device, jax, commit, rows).
-"""
+data_parallel_size=D, load_format="dummy")`` with a KV cache that holds the whole job (no preemption), which
+compiles every bucket (the untimed warm-up), then times ``LLM.generate`` on the whole job submitted at once (greedy,
+ignore_eos), then a batch-1 latency run of ``--latency-output-len`` tokens (inter-token latency p50, as
+``benchmarks/latency.py`` measures it; 0 skips it). The table gives output tokens/s, the largest per-device
+parameter and KV-cache bytes, the scaling efficiency ``throughput / (devices x throughput on 1x1x1)`` (when 1x1x1 is
+in the sweep), the pipeline's theoretical bubble ``(P-1)/(M+P-1)`` and a measured one: ``1 - sum of stage busy times
+/ (P x pipelined wall time)`` for M microbatches of the largest bucket, each stage timed alone with a device sync.
+On fake CPU devices all "devices" share the host's cores, so only the GPU numbers mean anything. Prints one JSON
+record (device, jax, commit, rows)."""
 
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 
-from benchmarks.common import environment, print_record, random_prompts  # noqa: E402
+from benchmarks.common import JOBS, environment, print_record, random_prompts  # noqa: E402
+from benchmarks.latency import percentiles, run_batch  # noqa: E402
 from jaxllm import LLM, SamplingParams  # noqa: E402
 from sharding import DataParallelEngine  # noqa: E402
 from sharding.microbatch import bubble_fraction  # noqa: E402
@@ -52,24 +55,37 @@ SMOKE_MESHES = "1x1x1,2x1x1,4x1x1,1x2x1,2x2x1,1x1x2"
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--job", choices=sorted(JOBS), help="a reference job: its model shape and lengths, 256 seqs a step")
     p.add_argument("--model", help="a directory with config.json (weights are random)")
     p.add_argument("--meshes", help="comma-separated TxPxD, e.g. 1x1x1,2x1x1,1x2x1 (default: all that fit)")
     p.add_argument("--num-prompts", type=int, help="default 64 (--smoke: 8)")
     p.add_argument("--input-len", type=int, help="default 512 (--smoke: 24)")
     p.add_argument("--output-len", type=int, help="default 128 (--smoke: 8)")
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=int, help="default 64 (--job: 256)")
+    p.add_argument("--max-num-batched-tokens", type=int, help="default 2048 (--job: 8192)")
+    p.add_argument("--latency-output-len", type=int, help="batch-1 decode tokens per mesh, 0: none (default 64)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-microbatches", type=int, help="per pipeline step (default: P)")
     p.add_argument("--smoke", action="store_true", help="tiny shape and job on 8 fake CPU devices")
     args = p.parse_args(argv)
+    engine_defaults = (64, 2048)
     if args.smoke:
         args.meshes = args.meshes or SMOKE_MESHES
-        args.dtype, args.max_num_seqs, args.max_num_batched_tokens, args.block_size = "float32", 8, 64, 4
+        args.dtype, args.block_size = "float32", 4
+        engine_defaults, job = (8, 64), (8, 24, 8)
+    elif args.job:
+        reference = JOBS[args.job]
+        args.model = args.model or reference.model_config
+        engine_defaults, job = (256, 8192), (reference.num_prompts, reference.input_len, reference.output_len)
     elif not args.model:
-        p.error("give --model DIR (a config.json) or --smoke")
-    job = (8, 24, 8) if args.smoke else (64, 512, 128)
+        p.error("give --job, --model DIR (a config.json) or --smoke")
+    else:
+        job = (64, 512, 128)
+    args.max_num_seqs = args.max_num_seqs or engine_defaults[0]
+    args.max_num_batched_tokens = args.max_num_batched_tokens or engine_defaults[1]
+    if args.latency_output_len is None:
+        args.latency_output_len = 4 if args.smoke else 64
     args.num_prompts = args.num_prompts or job[0]
     args.input_len = args.input_len or job[1]
     args.output_len = args.output_len or job[2]
@@ -175,6 +191,13 @@ def run_mesh(args, model_dir: str, shape: tuple[int, int, int], prompts: list[di
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
+    itl_p50_ms = None
+    if args.latency_output_len:
+        vocab_size = llm.llm_engine.model_config.vocab_size
+        prompt = random_prompts(1, args.input_len, vocab_size, seed=1)
+        run_batch(llm.llm_engine, prompt, 4, "latency-warmup")
+        _, itl = run_batch(llm.llm_engine, prompt, args.latency_output_len, "latency")
+        itl_p50_ms = percentiles(itl)["p50"]
     runners = replica_runners(llm)
     arrays = [runner_arrays(runner) for runner in runners]
     num_microbatches = getattr(runners[0], "num_microbatches", 1)
@@ -185,6 +208,7 @@ def run_mesh(args, model_dir: str, shape: tuple[int, int, int], prompts: list[di
         "build_s": build_s,
         "compile_s": llm.llm_engine.compile_seconds,
         "output_tokens_per_s": sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed,
+        "batch1_itl_p50_ms": itl_p50_ms,
         "param_bytes_per_device": bytes_per_device([params for params, _ in arrays]),
         "kv_bytes_per_device": bytes_per_device([kv for _, kv in arrays]),
         "num_kv_blocks": llm.llm_engine.resolved.num_blocks,
@@ -214,13 +238,14 @@ def print_table(rows: list[dict]) -> None:
 
     print(
         f"{'mesh TxPxD':>10} {'out tok/s':>10} {'params/dev MiB':>15} {'KV/dev MiB':>11} {'efficiency':>10} "
-        f"{'M':>3} {'bubble th.':>10} {'bubble meas.':>12}"
+        f"{'M':>3} {'bubble th.':>10} {'bubble meas.':>12} {'b1 ITL ms':>9}"
     )
     for r in rows:
         print(
             f"{r['mesh']:>10} {r['output_tokens_per_s']:>10.1f} {r['param_bytes_per_device'] / 2**20:>15.2f} "
             f"{r['kv_bytes_per_device'] / 2**20:>11.2f} {fmt(r['scaling_efficiency'], '>10.2f')} "
-            f"{r['num_microbatches']:>3} {r['bubble_theoretical']:>10.2f} {fmt(r['bubble_measured'], '>12.2f')}"
+            f"{r['num_microbatches']:>3} {r['bubble_theoretical']:>10.2f} {fmt(r['bubble_measured'], '>12.2f')} "
+            f"{fmt(r['batch1_itl_p50_ms'], '>9.2f')}"
         )
 
 
@@ -240,6 +265,7 @@ def main(argv=None) -> dict:
         "benchmark": "mesh_scaling",
         **environment(),
         "model": args.model or "smoke",
+        "reference_job": args.job,
         "job": {"num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len},
         "engine": {
             "dtype": args.dtype,

@@ -34,6 +34,9 @@ OP_CLASSES = (  # first match wins; names as XLA, Triton and cuBLAS print them
 )
 
 
+TOP_OPS = 25  # the costliest device ops by name, listed under the split
+
+
 def classify(name: str) -> str:
     return next((label for label, pattern in OP_CLASSES if pattern.search(name)), "other")
 
@@ -60,15 +63,20 @@ def busy_time_us(events: list[dict]) -> float:
 
 
 def summarize(trace_dir: pathlib.Path, num_steps: int, wall_s: float) -> dict:
+    steps = num_steps
     paths = sorted(trace_dir.rglob("*.trace.json.gz"))
     if not paths:
         raise FileNotFoundError(f"no *.trace.json.gz under {trace_dir}")
     with gzip.open(paths[-1]) as f:
         events = device_events(json.load(f))
-    split = {}
+    split, by_name = {}, {}
     for event in events:
-        label = classify(event.get("name", ""))
+        name = event.get("name", "")
+        label = classify(name)
         split[label] = split.get(label, 0.0) + event["dur"]
+        total, count = by_name.get(name, (0.0, 0))
+        by_name[name] = (total + event["dur"], count + 1)
+    top = sorted(by_name.items(), key=lambda item: -item[1][0])[:TOP_OPS]
     step_us = wall_s * 1e6 / num_steps
     busy_us = busy_time_us(events) / num_steps
     per_step = {label: us / num_steps for label, us in sorted(split.items())}
@@ -79,6 +87,10 @@ def summarize(trace_dir: pathlib.Path, num_steps: int, wall_s: float) -> dict:
         "host_gap_ms": max(0.0, step_us - busy_us) / 1e3,
         "device_ms_by_class": {label: us / 1e3 for label, us in per_step.items()},
         "num_device_events": len(events),
+        "top_ops": [
+            {"name": name, "class": classify(name), "ms_per_step": us / 1e3 / steps, "calls_per_step": n / steps}
+            for name, (us, n) in top
+        ],
     }
 
 
@@ -137,6 +149,9 @@ def main(argv=None) -> dict:
     )
     for label, ms in record["device_ms_by_class"].items():
         print(f"  {label:10s} {ms:8.2f} ms")
+    print("costliest device ops (ms per step, calls per step, class, name):")
+    for op in record["top_ops"]:
+        print(f"  {op['ms_per_step']:8.3f} {op['calls_per_step']:6.1f}  {op['class']:9s} {op['name'][:100]}")
     print_record(record)
     return record
 

@@ -1,6 +1,5 @@
 """jaxllm's mapping of tensor and pipeline parallelism onto a ``jax.sharding.Mesh`` (axes data, pipe, tensor)."""
 
-from sharding.attention import shard_mapped_attention
 from sharding.data_parallel import DataParallelEngine
 from sharding.distributed import initialize_distributed
 from sharding.engine import ShardedEngine
@@ -27,7 +26,6 @@ __all__ = [
     "make_mesh",
     "param_placement",
     "replica_meshes",
-    "shard_mapped_attention",
     "shard_model",
     "stage_meshes",
 ]

@@ -5,13 +5,18 @@ theirs with ``logical_axes`` metadata. Off a mesh nothing is installed and ``con
 ``sharding`` installs its rules table and a stage's mesh while it traces that stage's program
 (``with activation_sharding(mesh, rules):``); each name then maps through the table to a mesh axis and the activation
 gets a ``with_sharding_constraint``. The table itself lives in ``sharding.rules``: this module knows no axis names.
+
+Ops the partitioner cannot split (Pallas kernels are opaque custom calls, which GSPMD would feed whole, gathered
+operands) go through ``per_shard``: with rules installed they run under ``jax.shard_map``, each device on its own
+shard of the arguments as their logical axes place them (attention and the KV-cache write work per head, so no
+communication is needed).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -20,6 +25,12 @@ HIDDEN = ("tokens", "embed")  # [T, D] residual stream
 Q_HEADS = ("tokens", "q_heads")  # [T, N*H] query projection and attention output
 KV_HEADS = ("tokens", "kv_heads")  # [T, K*H] key / value projections
 MLP = ("tokens", "mlp")  # [T, I] SwiGLU intermediate
+HEADS_Q = ("tokens", "q_heads", "head_dim")  # [T, N, H] queries and attention output
+HEADS_KV = ("tokens", "kv_heads", "head_dim")  # [T, K, H] new keys / values
+KV_CACHE = ("kv_blocks", "block_slots", "kv_heads", "head_dim")  # [P, L, K, H] one layer's paged K or V cache
+REPLICATED = None  # an argument every shard gets whole (step metadata)
+
+LogicalAxes = Sequence[str] | None
 
 _installed: contextvars.ContextVar[tuple[Mesh, Mapping[str, str | None]] | None] = contextvars.ContextVar(
     "jaxllm_activation_sharding", default=None
@@ -46,3 +57,26 @@ def constrain(x: jax.Array, logical_axes: Sequence[str]) -> jax.Array:
         raise ValueError(f"logical axes {tuple(logical_axes)} do not match an activation of shape {x.shape}")
     spec = PartitionSpec(*(rules[name] for name in logical_axes))
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def per_shard(fn: Callable, in_axes: Sequence[LogicalAxes], out_axes: Sequence[LogicalAxes]) -> Callable:
+    """``fn`` run once per shard of the installed mesh (``jax.shard_map``); ``fn`` itself when none is installed.
+
+    ``in_axes`` / ``out_axes`` give each positional argument / output its logical axes (``REPLICATED`` for whole).
+    ``fn`` must be correct on any shard the rules make, e.g. a per-head op on its device's heads.
+    """
+    installed = _installed.get()
+    if installed is None:
+        return fn
+    mesh, rules = installed
+
+    def spec(axes: LogicalAxes) -> PartitionSpec:
+        return PartitionSpec() if axes is None else PartitionSpec(*(rules[name] for name in axes))
+
+    return jax.shard_map(
+        fn,
+        mesh=mesh,
+        in_specs=tuple(spec(axes) for axes in in_axes),
+        out_specs=tuple(spec(axes) for axes in out_axes),
+        check_vma=False,  # Pallas kernels do not declare how their outputs vary over the mesh
+    )

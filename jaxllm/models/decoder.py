@@ -49,20 +49,28 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_cache, v_cache = update_kv_cache(kv[0], kv[1], k, v, md.slot_mapping)
-        out = ragged_paged_attention(
-            q,
-            k_cache,
-            v_cache,
-            md.block_tables,
-            md.seq_lens,
-            md.query_start_loc,
-            sm_scale=self.head_dim**-0.5,
-            sliding_window=self.sliding_window,
-            impl=self.attention_impl,
-        )  # [T, N, H]
+        attend = act.per_shard(
+            functools.partial(
+                _write_and_attend,
+                sm_scale=self.head_dim**-0.5,
+                sliding_window=self.sliding_window,
+                impl=self.attention_impl,
+            ),
+            in_axes=(act.HEADS_Q, act.HEADS_KV, act.HEADS_KV, act.KV_CACHE, act.KV_CACHE) + (act.REPLICATED,) * 4,
+            out_axes=(act.HEADS_Q, act.KV_CACHE, act.KV_CACHE),
+        )
+        out, k_cache, v_cache = attend(
+            q, k, v, kv[0], kv[1], md.slot_mapping, md.block_tables, md.seq_lens, md.query_start_loc
+        )  # out [T, N, H]
         out = act.constrain(out.reshape(num_tokens, self.num_heads * self.head_dim), act.Q_HEADS)
         return act.constrain(self.o_proj(out), act.HIDDEN), (k_cache, v_cache)
+
+
+def _write_and_attend(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc, **options):
+    """Writes the step's K/V into the paged cache, then attends: one per-head unit, run per tensor shard on a mesh."""
+    k_cache, v_cache = update_kv_cache(k_cache, v_cache, k, v, slot_mapping)
+    out = ragged_paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, **options)
+    return out, k_cache, v_cache
 
 
 class DecoderLayer(nnx.Module):

@@ -1,6 +1,5 @@
-"""shard_mapped_attention: the attention op run per tensor shard equals it run whole, alone and inside the model."""
-
-from types import SimpleNamespace
+"""Attention under tensor parallelism runs per shard (``jax.shard_map``), so opaque Pallas kernels see only their
+device's heads and the KV cache never moves; alone, inside the model, and with the Pallas kernel interpreted."""
 
 import jax
 import jax.numpy as jnp
@@ -9,10 +8,10 @@ import pytest
 from jax.sharding import NamedSharding
 
 import jaxllm.models.decoder
+from jaxllm.models import activation_sharding as act
 from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference
-from sharding import make_mesh, shard_mapped_attention
-from sharding.attention import CACHE_SPEC, QUERY_SPEC, install_shard_mapped_attention
-from tests.sharding.helpers import FAST_COMPILE, tiny_model
+from sharding import LOGICAL_AXIS_RULES, logical_to_spec, make_mesh
+from tests.sharding.helpers import FAST_COMPILE
 
 pytestmark = [
     pytest.mark.multidevice,
@@ -20,6 +19,7 @@ pytestmark = [
 ]
 
 BLOCK_SIZE = 4
+METADATA = (act.REPLICATED,) * 3
 
 
 def ragged_inputs(num_heads: int, num_kv_heads: int, seed: int = 0):
@@ -39,65 +39,69 @@ def ragged_inputs(num_heads: int, num_kv_heads: int, seed: int = 0):
     return q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, int(query_start_loc[-1])
 
 
+def test_off_a_mesh_per_shard_is_the_function():
+    def fn(x):
+        return x
+
+    assert act.per_shard(fn, in_axes=(act.HEADS_Q,), out_axes=(act.HEADS_Q,)) is fn
+
+
 @pytest.mark.parametrize(("tensor", "num_heads", "num_kv_heads"), [(4, 8, 4), (8, 16, 8)])
 def test_per_shard_attention_equals_whole(tensor, num_heads, num_kv_heads):
     q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, num_real = ragged_inputs(num_heads, num_kv_heads)
     mesh = make_mesh(tensor_parallel_size=tensor)
     local_shapes = []
 
-    def recording_reference(q, k_cache, v_cache, *metadata, **kwargs):
+    def recording_reference(q, k_cache, v_cache, *metadata):
         local_shapes.append((q.shape, k_cache.shape))
-        return ragged_paged_attention_reference(q, k_cache, v_cache, *metadata, **kwargs)
+        return (ragged_paged_attention_reference(q, k_cache, v_cache, *metadata, sm_scale=0.3),)
 
-    attention = shard_mapped_attention(mesh, recording_reference)
-    q_dev = jax.device_put(q, NamedSharding(mesh, QUERY_SPEC))
-    k_dev, v_dev = jax.device_put((k_cache, v_cache), NamedSharding(mesh, CACHE_SPEC))
-    run = jax.jit(lambda *args: attention(*args, sm_scale=0.3, sliding_window=None), compiler_options=FAST_COMPILE)
-    got = run(q_dev, k_dev, v_dev, block_tables, seq_lens, query_start_loc)
+    def run(*args):
+        with act.activation_sharding(mesh, LOGICAL_AXIS_RULES):
+            attention = act.per_shard(
+                recording_reference,
+                in_axes=(act.HEADS_Q, act.KV_CACHE, act.KV_CACHE, *METADATA),
+                out_axes=(act.HEADS_Q,),
+            )
+            return attention(*args)[0]
+
+    q_spec, cache_spec = logical_to_spec(act.HEADS_Q), logical_to_spec(act.KV_CACHE)
+    q_dev = jax.device_put(q, NamedSharding(mesh, q_spec))
+    k_dev, v_dev = jax.device_put((k_cache, v_cache), NamedSharding(mesh, cache_spec))
+    got = jax.jit(run, compiler_options=FAST_COMPILE)(q_dev, k_dev, v_dev, block_tables, seq_lens, query_start_loc)
     inputs = (q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
     want = ragged_paged_attention_reference(*map(jnp.asarray, inputs), sm_scale=0.3)
     np.testing.assert_allclose(np.asarray(got)[:num_real], np.asarray(want)[:num_real], rtol=1e-6, atol=1e-6)
-    assert got.sharding.spec == QUERY_SPEC
+    assert got.sharding.spec == q_spec
     per_shard = (q.shape[0], num_heads // tensor, q.shape[2])
     assert local_shapes == [(per_shard, (k_cache.shape[0], BLOCK_SIZE, num_kv_heads // tensor, 8))]
 
 
-def test_heads_must_split_evenly():
-    q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, _ = ragged_inputs(8, 2)
-    attention = shard_mapped_attention(make_mesh(tensor_parallel_size=4), ragged_paged_attention_reference)
-    with pytest.raises(ValueError) as e:
-        attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, sm_scale=0.3)
-    assert "num_kv_heads=2" in str(e.value) and "multiples of 4" in str(e.value)
-
-
-def test_model_with_shard_mapped_attention_matches_one_device(reference, monkeypatch):
-    """The decoder's attention call routed through shard_map (how a Pallas kernel runs under tensor parallelism)."""
+def test_model_attention_sees_only_its_shard_of_heads(reference, monkeypatch):
+    """The decoder's cache write + attention run per tensor shard: each call sees N/T query heads."""
     from tests.sharding.test_parallel_generation import assert_matches, run_on_mesh
 
-    mesh = make_mesh(tensor_parallel_size=4)
     calls = []
 
-    def reference_impl(*args, impl=None, **kwargs):
-        calls.append(args[0].shape)
-        return ragged_paged_attention_reference(*args, **kwargs)
+    def recording_reference(q, k_cache, *args, impl=None, **kwargs):
+        calls.append((q.shape[1], k_cache.shape[2]))
+        return ragged_paged_attention_reference(q, k_cache, *args, **kwargs)
 
-    if hasattr(reference.model.model.layers[0].self_attn, "attention_fn"):  # the decoder has the hook
-
-        def prepare(model, mesh):
-            install_shard_mapped_attention(model, mesh, reference_impl)
-            return model
-    else:  # until then: swap the op the decoder module calls
-        patched = shard_mapped_attention(mesh, reference_impl)
-        monkeypatch.setattr(jaxllm.models.decoder, "ragged_paged_attention", patched)
-        prepare = None
-    outputs, recording = run_on_mesh(reference.model, reference.prompts, 4, 1, prepare=prepare)
+    monkeypatch.setattr(jaxllm.models.decoder, "ragged_paged_attention", recording_reference)
+    outputs, recording = run_on_mesh(reference.model, reference.prompts, 4, 1)
     assert_matches(reference, outputs, recording)
-    assert calls and all(shape[1] == reference.model.config.num_heads // 4 for shape in calls)
+    config = reference.model.config
+    assert calls and set(calls) == {(config.num_heads // 4, config.num_kv_heads // 4)}
 
 
-def test_install_needs_the_decoder_hook():
-    layer = SimpleNamespace(self_attn=object())  # an attention module without the attention_fn attribute
-    model = SimpleNamespace(config=tiny_model().config, model=SimpleNamespace(layers=[layer] * 4))
-    with pytest.raises(TypeError) as e:
-        install_shard_mapped_attention(model, make_mesh(tensor_parallel_size=2))
-    assert "attention_fn" in str(e.value)
+def test_pallas_kernel_under_tensor_parallelism(reference):
+    """The Pallas GPU kernel (interpreted on CPU), an opaque op to the partitioner, on a TP 2 x PP 2 mesh."""
+    from tests.sharding.test_parallel_generation import assert_matches, run_on_mesh
+
+    def use_pallas(model, mesh):
+        for layer in model.model.layers:
+            layer.self_attn.attention_impl = "pallas_gpu_interpret"
+        return model
+
+    outputs, recording = run_on_mesh(reference.model, reference.prompts, 2, 2, prepare=use_pallas)
+    assert_matches(reference, outputs, recording)
