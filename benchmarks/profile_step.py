@@ -29,7 +29,7 @@ SMOKE_JOB = Job("smoke", "tests/fixtures/models/llama", 8, 24, 16)
 
 OP_CLASSES = (  # first match wins; names as XLA, Triton and cuBLAS print them
     ("attention", re.compile(r"ragged|paged|attention|_attn|triton_kernel|pallas", re.I)),
-    ("matmul", re.compile(r"gemm|cublas|cutlass|\bdot|dot[._]|matmul|sm90_xmma|wgmma", re.I)),
+    ("matmul", re.compile(r"gemm|cublas|cutlass|nvjet|\bdot|dot[._]|matmul|sm90_xmma|wgmma", re.I)),
     ("sampling", re.compile(r"sort|top_?k|argmax|gumbel|reduce.*vocab|softmax", re.I)),
 )
 

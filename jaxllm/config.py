@@ -38,6 +38,7 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    async_scheduling: bool = True  # schedule step N+1 while step N runs (jaxllm.engine.engine_core)
     load_format: str = "auto"
     skip_tokenizer_init: bool = False
     attention_impl: str | None = None

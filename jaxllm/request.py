@@ -57,6 +57,9 @@ class Request:
         self.sample_index = sample_index
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
+        # Tokens sampled by dispatched steps whose ids have not reached the host yet (async scheduling): the
+        # scheduler counts them as known when it schedules ahead; each is appended when its step's output arrives.
+        self.num_pending_tokens = 0
         self.block_ids: list[int] = []
         self.num_cached_prompt_tokens = 0  # prefix-cache hit length at first admission
         self.num_preemptions = 0
@@ -81,6 +84,11 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.all_token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def num_tokens_with_pending(self) -> int:
+        """Tokens including those sampled on the device and not yet appended."""
+        return len(self.all_token_ids) + self.num_pending_tokens
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -89,7 +89,9 @@ class BlockManager:
         """Register the hashes of the request's blocks that are now full of computed tokens."""
         if not self.enable_prefix_caching:
             return
-        num_full = min(request.num_computed_tokens // self.block_size, len(request.block_ids))
+        # Computed tokens may run ahead of known ids (a pending token scheduled ahead): hash only known ones.
+        num_known = min(request.num_computed_tokens, request.num_tokens)
+        num_full = min(num_known // self.block_size, len(request.block_ids))
         first = self._num_registered_blocks.get(request.request_id, 0)
         if num_full <= first:
             return

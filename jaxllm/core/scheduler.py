@@ -8,6 +8,12 @@ One scheduling rule (vLLM v1): a step gives each RUNNING request, in admission o
 preempted requests go back to the front) while ``max_num_seqs`` and the budget allow. Prefill, chunked prefill,
 decode and prefix-cache hits are all this rule. When a running request cannot get blocks, the most recently
 admitted running request is preempted (its blocks freed, its tokens recomputed later) until it can.
+
+Scheduling ahead (async scheduling): ``schedule`` advances ``num_computed_tokens`` at once and counts each token a
+scheduled step will sample as pending (``request.num_pending_tokens``), so the next step can be scheduled while this
+one runs on the device: a pending token is scheduled like a known one (its id reaches the model on the device) and
+``update_from_output`` later appends it. A request sure to stop by length once its pending tokens land is not
+scheduled again; one that stops on EOS or a stop token has had one more step scheduled, whose result is dropped.
 """
 
 from __future__ import annotations
@@ -160,8 +166,8 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if num_new <= 0:
+            num_new = min(request.num_tokens_with_pending - request.num_computed_tokens, budget)
+            if num_new <= 0 or self._stops_by_length_when_pending_lands(request):
                 index += 1
                 continue
             while not self.block_manager.allocate_slots(request, num_new):
@@ -170,15 +176,32 @@ class Scheduler:
                 preempted.append(victim.request_id)
                 if victim is request:
                     return budget
-            scheduled.append(ScheduledRequest(request, request.num_computed_tokens, num_new))
+            scheduled.append(self._scheduled(request, request.num_computed_tokens, num_new))
             budget -= num_new
             index += 1
         return budget
+
+    def _stops_by_length_when_pending_lands(self, request: Request) -> bool:
+        """True when tokens pending on the device already bring the request to its last allowed token."""
+        return bool(request.num_pending_tokens) and request.num_tokens_with_pending >= max_total_tokens(
+            request, self.config.max_model_len
+        )
+
+    @staticmethod
+    def _scheduled(request: Request, start: int, num_new: int) -> ScheduledRequest:
+        """Records a request's share of the step and advances its counters: computed tokens at once, and one
+        pending token when the share reaches the request's end (the step samples it)."""
+        samples_token = start + num_new == request.num_tokens_with_pending
+        request.num_computed_tokens = start + num_new
+        request.num_pending_tokens += samples_token
+        return ScheduledRequest(request, start, num_new, samples_token)
 
     def _schedule_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
         config = self.config
         while self.waiting and budget > 0 and len(self.running) < config.max_num_seqs:
             request = self.waiting[0]
+            if request.num_pending_tokens:  # preempted while a step sampling for it ran: wait for that token
+                break
             computed_blocks, num_computed = self.block_manager.get_computed_blocks(request)
             num_new = request.num_tokens - num_computed
             if num_new > budget:
@@ -191,7 +214,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self._admit(request, num_computed)
-            scheduled.append(ScheduledRequest(request, num_computed, num_new))
+            scheduled.append(self._scheduled(request, num_computed, num_new))
             budget -= num_new
         return budget
 
@@ -222,20 +245,25 @@ class Scheduler:
     def update_from_output(
         self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
     ) -> list[EngineCoreOutput]:
-        """Advance computed tokens, append sampled tokens, run stop checks and free finished requests."""
+        """Append sampled tokens, register newly full blocks, run stop checks and free finished requests.
+
+        A request finished after the step was scheduled (abort, stop string, or a stop in the step before) gets
+        nothing; one preempted since still gets its token (it was sampled from its real context).
+        """
         outputs = []
         now = time.monotonic()
         for item in scheduler_output.scheduled:
             request = item.request
-            if request.is_finished:  # finished (aborted) after it was scheduled
+            request.num_pending_tokens -= item.samples_token
+            if request.is_finished:
                 continue
-            samples_token = item.samples_token
-            request.num_computed_tokens += item.num_scheduled_tokens
-            self.block_manager.cache_full_blocks(request)
-            if samples_token:
+            if request.status == RequestStatus.RUNNING:
+                self.block_manager.cache_full_blocks(request)
+            if item.samples_token:
                 outputs.append(self._append_sample(request, model_runner_output, now))
         if any(output.finished for output in outputs):
             self.running = [r for r in self.running if not r.is_finished]
+            self.waiting = collections.deque(r for r in self.waiting if not r.is_finished)
         return outputs
 
     def _append_sample(self, request: Request, runner_output: ModelRunnerOutput, now: float) -> EngineCoreOutput:

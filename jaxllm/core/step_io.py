@@ -15,25 +15,25 @@ from jaxllm.request import Request
 class ScheduledRequest:
     """One request's share of a step: tokens ``[num_computed_tokens, num_computed_tokens + num_scheduled_tokens)``.
 
-    ``request.block_ids`` already covers every scheduled token. ``request.num_computed_tokens`` is NOT yet advanced
-    (the scheduler advances it in ``update_from_output``), so it equals ``num_computed_tokens`` here.
+    ``request.block_ids`` already covers every scheduled token. The scheduler advances ``request.num_computed_tokens``
+    as it schedules (so a next step can be scheduled before this one's output is back); ``num_computed_tokens`` here
+    keeps where this step starts. ``samples_token``: the step reaches the end of the request's tokens (counting
+    tokens still pending on the device), so its last token yields a sample.
     """
 
     request: Request
     num_computed_tokens: int
     num_scheduled_tokens: int
+    samples_token: bool
 
     @property
     def request_id(self) -> str:
         return self.request.request_id
 
     @property
-    def samples_token(self) -> bool:
-        """True when this step reaches the end of the request's known tokens, so its last token yields a sample."""
-        return self.num_computed_tokens + self.num_scheduled_tokens == self.request.num_tokens
-
-    @property
     def token_ids(self) -> list[int]:
+        """The scheduled tokens' ids known on the host; with async scheduling the last one may still be pending (on
+        the device, from the previous step), and is then missing here."""
         start = self.num_computed_tokens
         return self.request.all_token_ids[start : start + self.num_scheduled_tokens]
 

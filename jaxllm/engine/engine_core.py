@@ -5,6 +5,13 @@ Owns that loop only (vLLM v1's engine core): requests arrive validated and built
 ``execute(SchedulerOutput) -> ModelRunnerOutput`` (``ModelRunner`` on one device, ``sharding.PipelineRunner`` on a
 mesh). ``LLMEngine`` runs one core, or one per data-parallel replica behind ``sharding.DataParallelEngine``, which
 takes the same interface.
+
+Async scheduling (``async_scheduling=True``, the default, for runners with ``dispatch``/``collect``): each
+``step()`` dispatches the next step before it waits for the one in flight, so the host's scheduling, packing and
+output handling overlap the device's work and the device never waits on the host. The in-flight step's sampled
+tokens feed the next one on the device (see ``ModelRunner``). A step is not scheduled ahead while a request in flight
+uses repetition/presence/frequency penalties (their token history must be on the host first). Each ``step()`` still
+returns one step's outputs.
 """
 
 from __future__ import annotations
@@ -27,9 +34,12 @@ class EngineCore:
         *,
         enable_chunked_prefill: bool = True,
         enable_prefix_caching: bool = True,
+        async_scheduling: bool = True,
     ):
         self.config = config
         self.runner = runner
+        self.async_scheduling = async_scheduling and hasattr(runner, "dispatch")
+        self._in_flight = None  # the runner's InFlightStep dispatched ahead, not yet collected
         scheduler_config = SchedulerConfig(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
@@ -59,7 +69,26 @@ class EngineCore:
         return self.scheduler.get_num_unfinished_requests()
 
     def step(self) -> list[EngineCoreOutput]:
-        scheduler_output = self.scheduler.schedule()
-        if scheduler_output.is_empty:
-            return []
-        return self.scheduler.update_from_output(scheduler_output, self.runner.execute(scheduler_output))
+        if not self.async_scheduling:
+            scheduler_output = self.scheduler.schedule()
+            if scheduler_output.is_empty:
+                return []
+            return self.scheduler.update_from_output(scheduler_output, self.runner.execute(scheduler_output))
+        current, self._in_flight = self._in_flight, None
+        if current is None:
+            scheduler_output = self.scheduler.schedule()
+            if scheduler_output.is_empty:
+                return []
+            current = self.runner.dispatch(scheduler_output)
+        if self._can_schedule_ahead(current.scheduler_output):
+            ahead = self.scheduler.schedule()
+            if not ahead.is_empty:
+                self._in_flight = self.runner.dispatch(ahead, current)
+        outputs = self.scheduler.update_from_output(current.scheduler_output, self.runner.collect(current))
+        if not self.scheduler.has_unfinished_requests():
+            self._in_flight = None  # only dropped requests in it; the device finishes it unobserved
+        return outputs
+
+    @staticmethod
+    def _can_schedule_ahead(scheduler_output) -> bool:
+        return not any(s.samples_token and s.request.sampling_params.uses_penalties for s in scheduler_output.scheduled)

@@ -55,6 +55,7 @@ class LLMEngine:
                 self.resolved,
                 enable_chunked_prefill=config.enable_chunked_prefill,
                 enable_prefix_caching=config.enable_prefix_caching,
+                async_scheduling=config.async_scheduling,
             )
             for runner in runners
         ]

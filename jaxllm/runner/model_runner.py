@@ -6,10 +6,16 @@ last scheduled token) is compiled per token bucket; the sampler program per requ
 (greedy, random, random with top-k/top-p; penalties and logprob widths compile on first use, a sampler-sized
 compile). Keeping them apart means a new sampling mix never recompiles the model. Per step the host packs numpy
 arrays, does one device_put, two dispatches and one device->host copy of the sampled ids (+ logprobs when asked).
+
+A step is ``dispatch`` (returns at once with an ``InFlightStep``: JAX runs it asynchronously) then ``collect`` (waits
+for its sampled ids). Between the two the engine may dispatch the next step, whose pending tokens are the in-flight
+step's samples: they stay on the device (a fixed-size ``[R]`` vector, R the most request rows of any bucket, so one
+forward program serves every previous bucket) and the forward program gathers them into its input ids.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -24,9 +30,18 @@ from jaxllm.core.step_io import ModelRunnerOutput, SampledLogprobs, SchedulerOut
 from jaxllm.models.attention_metadata import AttentionMetadata
 from jaxllm.runner.kv_cache import allocate_kv_cache
 from jaxllm.runner.step_batch import StepBatch, pack_step_batch
-from jaxllm.sampling import SamplingMetadata, build_sampling_metadata, sample
+from jaxllm.sampling import SamplingMetadata, SamplingMetadataBuilder, build_sampling_metadata, sample
 
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class InFlightStep:
+    """A dispatched step: what was scheduled, its sampler output (device arrays), each request's row in it."""
+
+    scheduler_output: SchedulerOutput
+    result: object  # SamplerOutput of device arrays; token_ids padded to the runner's max rows
+    rows: dict[str, int]
 
 
 def _model_forward(graphdef, params, kv_caches, batch: dict):
@@ -71,25 +86,45 @@ class ModelRunner:
         self.num_steps = 0
         self.num_traces = 0  # incremented only when XLA traces a new forward program
         self.num_sampler_traces = 0  # likewise for sampler programs
+        self.max_rows = config.request_rows_for(config.token_buckets[-1])
+        self._no_pending_tokens = jnp.zeros((self.max_rows,), jnp.int32)
+        self._sampling_builder = SamplingMetadataBuilder()
         self._jitted_forward = jax.jit(self._traced_forward, donate_argnums=(1,))
         self._jitted_sample = jax.jit(self._traced_sample)
 
-    def _traced_forward(self, params, kv_caches, batch):
+    def _traced_forward(self, params, kv_caches, batch, prev_token_ids):
         self.num_traces += 1
+        prev_index = batch["prev_index"]  # pending tokens: the previous step's samples, still on the device
+        from_prev = prev_token_ids[jnp.maximum(prev_index, 0)]
+        batch = {**batch, "input_ids": jnp.where(prev_index >= 0, from_prev, batch["input_ids"])}
         return _model_forward(self.graphdef, params, kv_caches, batch)
 
     def _traced_sample(self, logits, sampling_metadata, step_index):
         self.num_sampler_traces += 1
-        return sample(logits, sampling_metadata, jax.random.fold_in(self.base_key, step_index))
+        out = sample(logits, sampling_metadata, jax.random.fold_in(self.base_key, step_index))
+        return out._replace(token_ids=jnp.pad(out.token_ids, (0, self.max_rows - out.token_ids.shape[0])))
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        batch = pack_step_batch(scheduler_output, self.config)
+        return self.collect(self.dispatch(scheduler_output))
+
+    def dispatch(self, scheduler_output: SchedulerOutput, prev: InFlightStep | None = None) -> InFlightStep:
+        """Packs and launches a step without waiting for it. ``prev``: the in-flight step whose samples are this
+        step's pending tokens (None when no token is pending)."""
+        batch = pack_step_batch(scheduler_output, self.config, None if prev is None else prev.rows)
         requests = [s.request for s in scheduler_output.scheduled]
-        sampling_metadata = build_sampling_metadata(requests, batch.seq_lens.shape[0])
-        result = self._run(batch, sampling_metadata)
-        return self._to_output(scheduler_output, result)
+        sampling_metadata = self._sampling_builder.build(requests, batch.seq_lens.shape[0])
+        prev_token_ids = self._no_pending_tokens if prev is None else prev.result.token_ids
+        result = self._run(batch, sampling_metadata, prev_token_ids)
+        result.token_ids.copy_to_host_async()
+        rows = {s.request_id: row for row, s in enumerate(scheduler_output.scheduled)}
+        return InFlightStep(scheduler_output, result, rows)
+
+    def collect(self, step: InFlightStep) -> ModelRunnerOutput:
+        """Waits for a dispatched step and returns its sampled tokens."""
+        return self._to_output(step.scheduler_output, step.result)
 
     def _batch_arrays(self, batch: StepBatch) -> dict:
+        prev_index = batch.prev_index if batch.prev_index is not None else _minus_ones(batch.input_ids.shape)
         arrays = {
             name: getattr(batch, name)
             for name in (
@@ -103,10 +138,12 @@ class ModelRunner:
                 "logits_indices",
             )
         }
+        arrays["prev_index"] = prev_index
         return jax.device_put(arrays, self.batch_sharding)
 
-    def _run(self, batch: StepBatch, sampling_metadata: SamplingMetadata):
-        logits, self.kv_caches = self._jitted_forward(self.params, self.kv_caches, self._batch_arrays(batch))
+    def _run(self, batch: StepBatch, sampling_metadata: SamplingMetadata, prev_token_ids: jax.Array):
+        arrays = self._batch_arrays(batch)
+        logits, self.kv_caches = self._jitted_forward(self.params, self.kv_caches, arrays, prev_token_ids)
         result = self._jitted_sample(logits, sampling_metadata, jnp.int32(self.num_steps))
         self.num_steps += 1
         return result
@@ -142,7 +179,9 @@ class ModelRunner:
         batch = empty_step_batch(bucket, rows, self.config.max_blocks_per_request)
         shape = (num_blocks, self.config.block_size, self.model_config.num_kv_heads, self.model_config.head_dim)
         kv = [(jax.ShapeDtypeStruct(shape, self.kv_dtype),) * 2 for _ in range(self.model_config.num_layers)]
-        forward = self._jitted_forward.lower(self.params, kv, self._batch_arrays(batch)).compile()
+        forward = self._jitted_forward.lower(
+            self.params, kv, self._batch_arrays(batch), self._no_pending_tokens
+        ).compile()
         logits = jax.ShapeDtypeStruct((rows, self.model_config.vocab_size), jnp.float32)
         sampler = self._jitted_sample.lower(logits, sampler_variants(rows)[-1], jnp.int32(0)).compile()
         sampler_bytes = sampler.memory_analysis().temp_size_in_bytes + rows * self.model_config.vocab_size * 4
@@ -158,7 +197,9 @@ class ModelRunner:
     def _run_padding_step(self, bucket: int) -> None:
         rows = self.config.request_rows_for(bucket)
         batch = empty_step_batch(bucket, rows, self.config.max_blocks_per_request)
-        logits, self.kv_caches = self._jitted_forward(self.params, self.kv_caches, self._batch_arrays(batch))
+        logits, self.kv_caches = self._jitted_forward(
+            self.params, self.kv_caches, self._batch_arrays(batch), self._no_pending_tokens
+        )
         for metadata in sampler_variants(rows):
             jax.block_until_ready(self._jitted_sample(logits, metadata, jnp.int32(0)))
 
@@ -181,6 +222,11 @@ class ModelRunner:
 @functools.cache
 def _zeros(shape) -> np.ndarray:
     return np.zeros(shape, np.int32)
+
+
+@functools.cache
+def _minus_ones(shape) -> np.ndarray:
+    return np.full(shape, -1, np.int32)
 
 
 def empty_step_batch(num_tokens: int, num_rows: int, max_blocks: int) -> StepBatch:

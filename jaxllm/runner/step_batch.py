@@ -3,6 +3,10 @@
 All scheduled tokens of all requests are flattened onto one token axis ``[T]`` padded up to a token bucket; the
 per-request arrays ``[S]`` are padded to the bucket's request rows. Padding tokens write their K/V into the reserved
 null block 0 and padding rows have ``seq_len`` 0, so they never touch a real request.
+
+With async scheduling a request's last scheduled token may still be pending: sampled by the previous step, on the
+device, not yet on the host. Its ``input_ids`` entry is then 0 and ``prev_index`` names the previous step's row whose
+sampled token the forward program puts there.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class StepBatch:
     logits_indices: np.ndarray  # [S] int32, last scheduled token of each request
     num_requests: int  # real rows (the rest is padding)
     num_tokens: int  # real tokens
+    prev_index: np.ndarray | None = None  # [T] int32: previous step's row feeding this token, -1 none (None: none)
 
     @property
     def token_bucket(self) -> int:
@@ -41,7 +46,10 @@ def token_bucket_for(config: ResolvedConfig, num_tokens: int) -> int:
     return config.token_buckets[index]
 
 
-def pack_step_batch(scheduler_output: SchedulerOutput, config: ResolvedConfig) -> StepBatch:
+def pack_step_batch(
+    scheduler_output: SchedulerOutput, config: ResolvedConfig, prev_rows: dict[str, int] | None = None
+) -> StepBatch:
+    """``prev_rows`` (request id -> row in the previous step) locates pending tokens; None when none can be."""
     scheduled = scheduler_output.scheduled
     num_requests, block_size = len(scheduled), config.block_size
     num_tokens = sum(s.num_scheduled_tokens for s in scheduled)
@@ -62,7 +70,11 @@ def pack_step_batch(scheduler_output: SchedulerOutput, config: ResolvedConfig) -
         block_tables[row, : len(block_ids)] = block_ids
 
     input_ids = np.zeros(token_bucket, np.int32)
-    input_ids[:num_tokens] = [t for s in scheduled for t in s.token_ids]
+    prev_index = None
+    if prev_rows is None:
+        input_ids[:num_tokens] = [t for s in scheduled for t in s.token_ids]
+    else:
+        input_ids[:num_tokens], prev_index = _ids_with_pending(scheduled, query_start_loc, token_bucket, prev_rows)
     request_of_token = np.repeat(np.arange(num_requests, dtype=np.int32), counts)  # [T real]
     positions = np.zeros(token_bucket, np.int32)
     positions[:num_tokens] = (
@@ -86,4 +98,25 @@ def pack_step_batch(scheduler_output: SchedulerOutput, config: ResolvedConfig) -
         logits_indices=logits_indices,
         num_requests=num_requests,
         num_tokens=num_tokens,
+        prev_index=prev_index,
     )
+
+
+def _ids_with_pending(scheduled, query_start_loc, token_bucket: int, prev_rows: dict[str, int]):
+    """Flat input ids (0 where pending) and the ``prev_index`` column: a pending token is always its request's last
+    scheduled token (the step reaches the end of the request) and at most one per request."""
+    flat: list[int] = []
+    prev_index = np.full(token_bucket, -1, np.int32)
+    for row, s in enumerate(scheduled):
+        ids = s.token_ids
+        flat.extend(ids)
+        missing = s.num_scheduled_tokens - len(ids)
+        if missing:
+            if missing != 1 or s.request_id not in prev_rows:
+                raise RuntimeError(
+                    f"request {s.request_id!r}: {missing} scheduled token(s) have no id and the previous step "
+                    f"{'did' if s.request_id in prev_rows else 'did not'} sample for it"
+                )
+            flat.append(0)
+            prev_index[query_start_loc[row + 1] - 1] = prev_rows[s.request_id]
+    return flat, prev_index

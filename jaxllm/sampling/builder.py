@@ -51,6 +51,12 @@ def _suppressible_ids(request: Request) -> np.ndarray:
     return np.asarray(eos + list(params.stop_token_ids), np.int32)
 
 
+def _output_index(request: Request) -> int:
+    """Index among the request's outputs of the token this step samples for it. Once scheduled, that token counts as
+    pending, as do earlier ones still on the device (async scheduling); the first pending one is this step's."""
+    return request.num_output_tokens + max(request.num_pending_tokens - 1, 0)
+
+
 def _build_param_columns(requests: list[Request], num_rows: int) -> _ParamColumns:
     params = [r.sampling_params for r in requests]
     floats = np.array([[getattr(p, f) for f in _FLOAT_FIELDS] for p in params], np.float64).reshape(-1, 6)
@@ -133,7 +139,7 @@ class SamplingMetadataBuilder:
             raise ValueError(f"num_rows={num_rows} is smaller than the number of requests ({len(requests)})")
         columns = self._param_columns(requests, num_rows)
         n = len(requests)
-        positions = np.fromiter((r.num_output_tokens for r in requests), np.int32, n)
+        positions = np.fromiter(map(_output_index, requests), np.int32, n)
         prompt_ids, output_ids = self._token_histories(requests, columns, num_rows)
         return SamplingMetadata(
             **columns.arrays,
@@ -161,7 +167,7 @@ class SamplingMetadataBuilder:
         active = [
             (row, ids)
             for row, min_tokens, ids in columns.min_tokens_rows
-            if requests[row].num_output_tokens < min_tokens and len(ids)
+            if _output_index(requests[row]) < min_tokens and len(ids)
         ]
         out = np.full(
             (num_rows, bucket_suppressed_width(max((len(ids) for _, ids in active), default=0))), -1, np.int32
