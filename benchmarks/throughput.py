@@ -34,6 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--attention-impl", help="ragged paged attention backend (default: the platform's)")
+    p.add_argument(
+        "--no-async-scheduling", dest="async_scheduling", action="store_false", help="one step at a time (a baseline)"
+    )
     p.add_argument("--smoke", action="store_true", help="tiny model and job, for a CPU check")
     p.add_argument("--record", action="store_true", help="append a row to benchmarks/RESULTS.md")
     return p.parse_args(argv)
@@ -69,6 +72,7 @@ def run(args) -> dict:
         block_size=args.block_size,
         gpu_memory_utilization=args.gpu_memory_utilization,
         attention_impl=args.attention_impl,
+        async_scheduling=args.async_scheduling,
     )
     startup_s = time.perf_counter() - start
     vocab_size = llm.llm_engine.model_config.vocab_size
@@ -101,6 +105,7 @@ def run(args) -> dict:
             "dtype": args.dtype,
             "attention_impl": args.attention_impl or "default",
             "gpu_memory_utilization": args.gpu_memory_utilization,
+            "async_scheduling": args.async_scheduling,
             "num_kv_blocks": llm.llm_engine.resolved.num_blocks,
         },
         "architecture": llm.llm_engine.model_config.architecture,
@@ -118,7 +123,8 @@ def main(argv=None) -> dict:
     print_record(record)
     if args.record:
         append_result_row(
-            f"| {record['date']} | throughput {record['job']} ({record['engine']['attention_impl']} attention) | "
+            f"| {record['date']} | throughput {record['job']} ({record['engine']['attention_impl']} attention"
+            f"{'' if record['engine']['async_scheduling'] else ', sync steps'}) | "
             f"{record['device']} | jax {record['jax']} | "
             f"{record['commit']} | {record['output_tokens_per_s']:.0f} output tok/s, "
             f"{record['total_tokens_per_s']:.0f} total tok/s ({record['elapsed_s']:.1f} s; compile "
