@@ -6,24 +6,35 @@ stage: by default jaxllm's sampler (``jaxllm.sampling.sample``, with per-microba
 ``fold_in(key(seed), step)`` as ``ModelRunner`` uses), so the runner is a drop-in for ``ModelRunner`` on a mesh;
 tests pass a head returning logits. A head returns a dict with at least ``token_ids [S]`` (and the SamplerOutput
 logprob fields when asked). Results of a step are kept in ``last_results`` (host numpy, one row per request).
+
+With one stage and one microbatch (tensor parallelism alone) the runner also offers ``dispatch``/``collect``, so the
+engine core schedules ahead as it does on one device: a step's pending tokens (the in-flight step's samples) are
+gathered into its input ids on the device by a small jitted program, from the in-flight step's token ids padded to
+the most rows of any bucket (one program per token bucket, compiled at warm-up). With several stages or microbatches
+the runner stays synchronous.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
 from jaxllm.config import ResolvedConfig
 from jaxllm.core.step_io import ModelRunnerOutput, SampledLogprobs, SchedulerOutput
+from jaxllm.runner.model_runner import InFlightStep
 from jaxllm.runner.step_batch import StepBatch, pack_step_batch
 from jaxllm.sampling import SamplingMetadataBuilder, sample
 from sharding.microbatch import Microbatch, split_step_batch
 from sharding.pipeline import HeadFn, PipelinedModel
+from sharding.rules import replicated
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +117,52 @@ class PipelineRunner:
     def num_traces(self) -> int:
         return self.pipeline.num_traces
 
+    @property
+    def supports_async(self) -> bool:
+        """Whether ``dispatch``/``collect`` may overlap steps: one stage and one microbatch."""
+        return self.pipeline.num_stages == 1 and self.num_microbatches == 1
+
+    @functools.cached_property
+    def _max_rows(self) -> int:
+        return self.config.request_rows_for(self.config.token_buckets[-1])
+
+    @functools.cached_property
+    def _pad_rows(self):
+        return jax.jit(lambda ids: jnp.pad(ids, (0, self._max_rows - ids.shape[0])))
+
+    @functools.cached_property
+    def _feed_pending(self):
+        def feed(input_ids, prev_index, prev_token_ids):
+            return jnp.where(prev_index >= 0, prev_token_ids[jnp.maximum(prev_index, 0)], input_ids)
+
+        return jax.jit(feed)
+
+    def dispatch(self, scheduler_output: SchedulerOutput, prev: InFlightStep | None = None) -> InFlightStep:
+        """Launches a one-stage, one-microbatch step without waiting; ``prev`` supplies its pending tokens."""
+        if not self.supports_async:
+            raise ValueError(
+                f"dispatch needs one stage and one microbatch, not {self.pipeline.num_stages} x {self.num_microbatches}"
+            )
+        scheduled = scheduler_output.scheduled
+        batch = pack_step_batch(scheduler_output, self.config, None if prev is None else prev.rows)
+        if batch.prev_index is not None and (batch.prev_index >= 0).any():
+            mesh = self.pipeline.stages[0].mesh
+            ids, index = jax.device_put((batch.input_ids, batch.prev_index), replicated(mesh))
+            batch = dataclasses.replace(batch, input_ids=self._feed_pending(ids, index, prev.result["token_ids"]))
+        head_args = [self._head_args(0, Microbatch(batch, 0), scheduled)]
+        result = self.pipeline.run([batch], head_args)[0]
+        self.num_steps += 1
+        result["token_ids"] = self._pad_rows(result["token_ids"])
+        result["token_ids"].copy_to_host_async()
+        rows = {s.request_id: row for row, s in enumerate(scheduled)}
+        return InFlightStep(scheduler_output, result, rows)
+
+    def collect(self, step: InFlightStep) -> ModelRunnerOutput:
+        """Waits for a dispatched step and returns its sampled tokens."""
+        host = {key: np.asarray(value) for key, value in jax.device_get(step.result).items()}
+        self.last_results = host
+        return _to_output(step.scheduler_output.scheduled, host)
+
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         scheduled = scheduler_output.scheduled
         batch = pack_step_batch(scheduler_output, self.config)
@@ -139,6 +196,11 @@ class PipelineRunner:
         start = time.perf_counter()
         for bucket in self.config.token_buckets:
             self._run_padding(bucket)
+            if self.supports_async:  # the small programs that feed pending tokens
+                rows, mesh = self.config.request_rows_for(bucket), self.pipeline.stages[0].mesh
+                padded = self._pad_rows(jax.device_put(np.zeros(rows, np.int32), replicated(mesh)))
+                ids = jax.device_put(np.zeros(bucket, np.int32), replicated(mesh))
+                jax.block_until_ready(self._feed_pending(ids, ids, padded))
         elapsed = time.perf_counter() - start
         logger.info(
             "compiled %d buckets x %d stages in %.1f s",

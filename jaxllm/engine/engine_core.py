@@ -6,7 +6,8 @@ Owns that loop only (vLLM v1's engine core): requests arrive validated and built
 mesh). ``LLMEngine`` runs one core, or one per data-parallel replica behind ``sharding.DataParallelEngine``, which
 takes the same interface.
 
-Async scheduling (``async_scheduling=True``, the default, for runners with ``dispatch``/``collect``): each
+Async scheduling (``async_scheduling=True``, the default, for runners whose ``supports_async`` is true, which
+offer ``dispatch``/``collect``: ``ModelRunner``, and ``sharding.PipelineRunner`` with one stage): each
 ``step()`` dispatches the next step before it waits for the one in flight, so the host's scheduling, packing and
 output handling overlap the device's work and the device never waits on the host. The in-flight step's sampled
 tokens feed the next one on the device (see ``ModelRunner``). A step is not scheduled ahead while a request in flight
@@ -38,7 +39,7 @@ class EngineCore:
     ):
         self.config = config
         self.runner = runner
-        self.async_scheduling = async_scheduling and hasattr(runner, "dispatch")
+        self.async_scheduling = async_scheduling and getattr(runner, "supports_async", False)
         self._in_flight = None  # the runner's InFlightStep dispatched ahead, not yet collected
         scheduler_config = SchedulerConfig(
             max_num_seqs=config.max_num_seqs,

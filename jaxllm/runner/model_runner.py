@@ -104,6 +104,8 @@ class ModelRunner:
         out = sample(logits, sampling_metadata, jax.random.fold_in(self.base_key, step_index))
         return out._replace(token_ids=jnp.pad(out.token_ids, (0, self.max_rows - out.token_ids.shape[0])))
 
+    supports_async = True  # dispatch / collect may overlap steps (jaxllm.engine.engine_core)
+
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.collect(self.dispatch(scheduler_output))
 

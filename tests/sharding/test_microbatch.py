@@ -28,7 +28,7 @@ def make_step(computed_and_scheduled: list[tuple[int, int]], seed: int = 0):
         num_blocks = -(-(computed + count) // CONFIG.block_size)
         request.block_ids = list(rng.permutation(np.arange(next_block, next_block + num_blocks)))
         next_block += num_blocks
-        scheduled.append(ScheduledRequest(request, computed, count))
+        scheduled.append(ScheduledRequest(request, computed, count, samples_token=True))
     output = SchedulerOutput(scheduled, sum(c for _, c in computed_and_scheduled))
     return output, pack_step_batch(output, CONFIG)
 
