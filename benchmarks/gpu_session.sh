@@ -35,7 +35,7 @@ for stage in "$@"; do
     mesh8) python3 benchmarks/mesh_scaling.py --job J8 --meshes ${MESHES:-1x1x1,2x1x1} 2>&1 | tee "$OUT/mesh8.log" | grep -Ev "^JSON" ;;
     startup) python3 benchmarks/startup.py --job J8 --record 2>&1 | tee "$OUT/startup.log" | grep -Ev "^JSON" ;;
     compare_hf) python3 benchmarks/compare_hf.py --job J8 --record 2>&1 | tee "$OUT/compare_hf.log" | grep -Ev "^JSON" ;;
-    qmm) python3 benchmarks/quantized_matmul.py --json "$OUT/qmm.json" 2>&1 | tee "$OUT/qmm.log" ;;
+    qmm) python3 benchmarks/quantized_matmul.py --rows ${QMM_ROWS:-1,16,64,256} --json "$OUT/qmm.json" 2>&1 | tee "$OUT/qmm.log" ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

@@ -144,27 +144,44 @@ def run_shape(rows, k, n, batch_rows, settings: Settings):
     for method in ("bf16", *settings.methods):
         weights = make_weights(k, n, method, settings.num_copies)
         for m in batch_rows:
+            first = len(rows)
             run_method(rows, k, n, m, method, weights, settings)
+            for row in rows[first:]:  # as each case finishes, so a run cut short still reports what it measured
+                print_row(row, rows)
         del weights
 
 
-def print_table(rows):
-    baseline = {(r["k"], r["n"], r["m"]): r["time_us"] for r in rows if r["method"] == "bf16" and "time_us" in r}
-    print(
-        f"\n{'K x N':>12s} {'M':>5s} {'method':6s} {'impl':22s} {'time us':>9s} {'GB/s':>7s} {'TFLOP/s':>8s} "
-        f"{'vs bf16':>7s} {'rel err':>8s}  note"
+TABLE_HEADER = (
+    f"{'K x N':>12s} {'M':>5s} {'method':6s} {'impl':22s} {'time us':>9s} {'GB/s':>7s} {'TFLOP/s':>8s} "
+    f"{'vs bf16':>7s} {'rel err':>8s}  note"
+)
+
+
+def print_row(r: dict, rows: list[dict]) -> None:
+    head = f"{r['k']:>5d}x{r['n']:<6d} {r['m']:5d} {r['method']:6s} {r['impl']:22s}"
+    if "error" in r:
+        print(f"{head} FAILED: {r['error'][:100]}", flush=True)
+        return
+    baseline = next(
+        (
+            b["time_us"]
+            for b in rows
+            if b["method"] == "bf16" and "time_us" in b and (b["k"], b["n"], b["m"]) == (r["k"], r["n"], r["m"])
+        ),
+        float("nan"),
     )
+    gbps = f"{r['weight_gb_per_s']:7.0f}" if "weight_gb_per_s" in r else f"{'':7s}"
+    print(
+        f"{head} {r['time_us']:9.1f} {gbps} {r['tflop_per_s']:8.2f} {baseline / r['time_us']:7.2f} "
+        f"{r['relative_error']:8.1e}  {r['note']}",
+        flush=True,
+    )
+
+
+def print_table(rows):
+    print("\n" + TABLE_HEADER)
     for r in rows:
-        head = f"{r['k']:>5d}x{r['n']:<6d} {r['m']:5d} {r['method']:6s} {r['impl']:22s}"
-        if "error" in r:
-            print(f"{head} FAILED: {r['error'][:100]}")
-            continue
-        speedup = baseline.get((r["k"], r["n"], r["m"]), float("nan")) / r["time_us"]
-        gbps = f"{r['weight_gb_per_s']:7.0f}" if "weight_gb_per_s" in r else f"{'':7s}"
-        print(
-            f"{head} {r['time_us']:9.1f} {gbps} {r['tflop_per_s']:8.2f} {speedup:7.2f} {r['relative_error']:8.1e}  "
-            f"{r['note']}"
-        )
+        print_row(r, rows)
 
 
 def main(argv=None) -> dict:
@@ -183,6 +200,7 @@ def main(argv=None) -> dict:
     shapes = SMOKE_SHAPES if args.smoke else LLAMA_8B_SHAPES
     batch_rows = [int(m) for m in args.rows.split(",")] if args.rows else (SMOKE_ROWS if args.smoke else BATCH_ROWS)
     rows = []
+    print(TABLE_HEADER, flush=True)
     for k, n in shapes:
         num_copies = 1 if args.smoke else max(2, min(16, -(-L2_DEFEAT_BYTES // (k * n))))  # int8 bytes per copy
         settings = Settings(
