@@ -11,7 +11,8 @@ int4   uint8 ``[K/2, N]``, two 4-bit codes a byte   f32 ``[K/group, N]``      ``
 fp8    float8_e4m3fn ``[N, K]`` (transposed)        f32 ``[N]``               ``W[k, n] = values[n, k] * s[n]``
 ====== ============================================ ========================= ===================================
 
-int4 is symmetric (codes -7..7 stored as 1..15, no zero point): dequantizing is one multiply, and a kernel can apply
+int4 has no zero point (codes -8..7 stored as 0..15; each group's scale is searched to minimise its rounding error,
+see ``_quantize_int4``): dequantizing is one multiply, and a kernel can apply
 each group's scale once to a partial dot product instead of to every weight, which a zero point would spoil
 (``x . (q - z) * s`` needs an extra ``z * sum(x)`` per group). Round-to-nearest weights are centred on zero, so the
 zero point buys little. Packing stays inside each group of ``g`` rows along K: byte ``j`` of group ``i`` (row
@@ -39,8 +40,10 @@ import jax.numpy as jnp
 
 METHODS = ("int8", "int4", "fp8")
 INT8_MAX = 127
-INT4_MAX = 7  # symmetric: codes -7..7, stored offset by INT4_OFFSET
+INT4_MAX = 7  # codes -8..7, stored offset by INT4_OFFSET; scales are fractions of absmax / 7
+INT4_MIN = -8
 INT4_OFFSET = 8
+INT4_SCALE_FRACTIONS = tuple(1.0 - 0.025 * i for i in range(17))  # 1.0, 0.975, ..., 0.6 (0.875 = 7/8 among them)
 FP8_DTYPE = jnp.float8_e4m3fn
 FP8_MAX = float(jnp.finfo(FP8_DTYPE).max)  # 448
 
@@ -139,13 +142,33 @@ def _quantize_int8(w):
 
 @functools.partial(jax.jit, static_argnames="group_size")
 def _quantize_int4(w, group_size: int):
+    """Group-wise int4 with each group's scale chosen to minimise its squared rounding error.
+
+    Candidates are ``alpha * absmax / 7`` for ``alpha`` in ``INT4_SCALE_FRACTIONS`` (1 first, so ties keep the plain
+    absmax scale); codes use the whole stored range -8..7, so ``alpha = 7/8`` puts a negative extreme on -8. A smaller
+    scale clips the largest weights a little and rounds all the others more finely, which usually wins.
+    """
     k, n = w.shape
     half = group_size // 2
     w = w.astype(jnp.float32).reshape(k // group_size, group_size, n)  # [K/g, g, N]
-    scales = jnp.max(jnp.abs(w), axis=1) * (1.0 / INT4_MAX)  # [K/g, N]
-    codes = jnp.clip(jnp.round(w / _safe(scales)[:, None, :]), -INT4_MAX, INT4_MAX).astype(jnp.int32) + INT4_OFFSET
+    amax = jnp.max(jnp.abs(w), axis=1)  # [K/g, N]
+
+    def codes_for(scales):
+        return jnp.clip(jnp.round(w / _safe(scales)[:, None, :]), INT4_MIN, INT4_MAX)
+
+    best_scales, best_error = None, None
+    for alpha in INT4_SCALE_FRACTIONS:
+        scales = amax * (alpha / INT4_MAX)
+        error = jnp.sum(jnp.square(codes_for(scales) * scales[:, None, :] - w), axis=1)  # [K/g, N]
+        if best_scales is None:
+            best_scales, best_error = scales, error
+        else:
+            better = error < best_error
+            best_scales = jnp.where(better, scales, best_scales)
+            best_error = jnp.where(better, error, best_error)
+    codes = codes_for(best_scales).astype(jnp.int32) + INT4_OFFSET
     packed = codes[:, :half, :] | (codes[:, half:, :] << 4)  # [K/g, g/2, N]
-    return packed.astype(jnp.uint8).reshape(k // 2, n), scales
+    return packed.astype(jnp.uint8).reshape(k // 2, n), best_scales
 
 
 def _to_fp8(x, scales):
