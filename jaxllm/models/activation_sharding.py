@@ -59,16 +59,26 @@ def constrain(x: jax.Array, logical_axes: Sequence[str]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def per_shard(fn: Callable, in_axes: Sequence[LogicalAxes], out_axes: Sequence[LogicalAxes]) -> Callable:
+def per_shard(
+    fn: Callable, in_axes: Sequence[LogicalAxes], out_axes: Sequence[LogicalAxes], sum_over: str | None = None
+) -> Callable:
     """``fn`` run once per shard of the installed mesh (``jax.shard_map``); ``fn`` itself when none is installed.
 
-    ``in_axes`` / ``out_axes`` give each positional argument / output its logical axes (``REPLICATED`` for whole).
-    ``fn`` must be correct on any shard the rules make, e.g. a per-head op on its device's heads.
+    ``in_axes`` / ``out_axes`` give each positional argument / output (``fn`` returns a tuple) its logical axes
+    (``REPLICATED`` for whole). ``fn`` must be correct on any shard the rules make, e.g. a per-head op on its
+    device's heads. ``sum_over``: a logical axis that ``fn`` contracts (a matmul's K); when the rules split it, each
+    shard's outputs are partial sums and are summed across the shards (``psum``).
     """
     installed = _installed.get()
     if installed is None:
         return fn
     mesh, rules = installed
+    reduce_axis = rules[sum_over] if sum_over is not None else None
+    if reduce_axis is not None:
+        local = fn
+
+        def fn(*args):
+            return tuple(jax.lax.psum(out, reduce_axis) for out in local(*args))
 
     def spec(axes: LogicalAxes) -> PartitionSpec:
         return PartitionSpec() if axes is None else PartitionSpec(*(rules[name] for name in axes))

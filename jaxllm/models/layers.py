@@ -54,6 +54,7 @@ class QuantizedLinear(nnx.Module):
         (values_shape, values_dtype), (scales_shape, _) = expected_layout(self.method, self.shape, self.group_size)
         values_axes = axes[::-1] if self.method == "fp8" else axes  # fp8 values are stored [N, K]
         scales_axes = axes if self.method == "int4" else axes[1:]
+        self.axes, self.values_axes, self.scales_axes = tuple(axes), tuple(values_axes), tuple(scales_axes)
         self.values = nnx.Param(jnp.zeros(values_shape, values_dtype), logical_axes=values_axes)
         self.scales = nnx.Param(jnp.ones(scales_shape, jnp.float32), logical_axes=scales_axes)
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype), logical_axes=axes[1:]) if use_bias else None
@@ -64,18 +65,34 @@ class QuantizedLinear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         rows = x.reshape(-1, x.shape[-1])  # [M, K]
-        y = quantized_matmul(rows, self.quantized_weight(), impl=self.matmul_impl, out_dtype=jnp.float32)  # [M, N]
+        # On a mesh each device multiplies its own shards (a Pallas kernel is opaque to the partitioner, which would
+        # gather the weight): column-parallel layers need no communication, row-parallel ones sum partial products.
+        local_matmul = act.per_shard(
+            self._local_matmul,
+            in_axes=(("tokens", self.axes[0]), self.values_axes, self.scales_axes),
+            out_axes=(("tokens", self.axes[1]),),
+            sum_over=self.axes[0],
+        )
+        (y,) = local_matmul(rows, self.values.get_value(), self.scales.get_value())  # [M, N] f32
         if self.bias is not None:
             y = y + self.bias.get_value().astype(jnp.float32)
         return y.astype(x.dtype).reshape(*x.shape[:-1], self.shape[1])
 
+    def _local_matmul(self, rows, values, scales) -> tuple[jax.Array]:
+        """``rows @ W`` for the (shard of the) weight these arrays hold; the backend re-checked for its K."""
+        k, n = rows.shape[1], (values.shape[0] if self.method == "fp8" else values.shape[1])
+        weight = QuantizedWeight(values, scales, self.method, self.group_size, (k, n))
+        impl = matmul_impl(self.method, k, self.group_size, self.matmul_impl)
+        return (quantized_matmul(rows, weight, impl=impl, out_dtype=jnp.float32),)
 
-def matmul_impl(method: str, in_features: int, group_size: int | None) -> str:
-    """The platform's ``quantized_matmul`` backend, or ``"xla"`` where the Pallas GPU kernel cannot tile K."""
-    impl = default_impl(method)
+
+def matmul_impl(method: str, in_features: int, group_size: int | None, impl: str | None = None) -> str:
+    """``impl`` (default: the platform's ``quantized_matmul`` backend), or ``"xla"`` where the Pallas GPU kernel
+    cannot tile K."""
+    impl = impl or default_impl(method)
     group = group_size or _GPU_KERNEL_MIN_INT4_GROUP
     bad_int4_group = method == "int4" and (group < _GPU_KERNEL_MIN_INT4_GROUP or group & (group - 1))
-    if impl == "pallas_gpu" and (in_features % _GPU_KERNEL_MIN_K_STEP or bad_int4_group):
+    if impl.startswith("pallas_gpu") and (in_features % _GPU_KERNEL_MIN_K_STEP or bad_int4_group):
         return "xla"
     return impl
 
