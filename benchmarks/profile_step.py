@@ -4,12 +4,12 @@
     python benchmarks/profile_step.py --smoke --out /tmp/trace                     # tiny CPU run
 
 Submits the job's requests to an ``LLMEngine``, steps until every prompt is prefilled (all rows decode), then traces
-``--steps`` steps. The Perfetto trace (``*.trace.json.gz``) is read back and each device op is put in a class by its
-name: attention (the Pallas kernel or the reference), matmuls (cuBLAS / XLA gemm and dot fusions), sampling (sort,
-top-k, argmax, reduce over the vocabulary) or other. The host gap is the step's wall time minus device-busy time
-(the union of device op intervals). Also prints the wall time of untraced steps (the profiler's own cost stays out).
-On CPU the trace has no device threads, so only the wall time is reported.
-"""
+``--steps`` steps (``--phase prefill``: traces the job's first steps instead, chunks of new prompts). The Perfetto
+trace (``*.trace.json.gz``) is read back and each device op is put in a class by its name: attention (the Pallas
+kernel or the reference), matmuls (cuBLAS / XLA gemm and dot fusions), sampling (sort, top-k, argmax, reduce over
+the vocabulary) or other. The host gap is the step's wall time minus device-busy time (the union of device op
+intervals). Also prints the wall time of untraced steps (the profiler's own cost stays out). On CPU the trace has no
+device threads, so only the wall time is reported."""
 
 from __future__ import annotations
 
@@ -98,6 +98,12 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--job", choices=sorted(JOBS), default="J8")
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument(
+        "--phase",
+        choices=("decode", "prefill"),
+        default="decode",
+        help="decode: steps once every request decodes; prefill: the job's first steps (chunks of new prompts)",
+    )
     p.add_argument("--out", default="/tmp/jaxllm-trace")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
@@ -121,14 +127,17 @@ def main(argv=None) -> dict:
     def all_decoding() -> bool:
         return not scheduler.waiting and all(r.num_computed_tokens >= r.num_prompt_tokens for r in scheduler.running)
 
-    while not all_decoding():
-        engine.step()
-    engine.step()  # one plain decode step, untraced
     wall_s = []
-    for _ in range(args.steps):  # untraced: host time per step
-        start = time.perf_counter()
-        engine.step()
-        wall_s.append(time.perf_counter() - start)
+    if args.phase == "prefill":
+        engine.step()  # the first step (its dispatch also schedules the next one ahead), untraced
+    else:
+        while not all_decoding():
+            engine.step()
+        engine.step()  # one plain decode step, untraced
+        for _ in range(args.steps):  # untraced: host time per step
+            start = time.perf_counter()
+            engine.step()
+            wall_s.append(time.perf_counter() - start)
     out = pathlib.Path(args.out)
     with jax.profiler.trace(str(out), create_perfetto_trace=True):
         start = time.perf_counter()
@@ -138,14 +147,15 @@ def main(argv=None) -> dict:
     record = {
         "job": job.name,
         **environment(),
+        "phase": args.phase,
         "num_running": len(scheduler.running),
         "untraced_step_ms": sorted(w * 1e3 for w in wall_s),
         **summarize(out, args.steps, traced_wall_s),
     }
     print(f"job {record['job']} on {record['device']}, jax {record['jax']}, commit {record['commit']}")
     print(
-        f"decode step with {record['num_running']} requests: {record['step_wall_ms']:.2f} ms wall (traced), device "
-        f"busy {record['device_busy_ms']:.2f} ms, host gap {record['host_gap_ms']:.2f} ms"
+        f"{args.phase} step with {record['num_running']} requests: {record['step_wall_ms']:.2f} ms wall (traced), "
+        f"device busy {record['device_busy_ms']:.2f} ms, host gap {record['host_gap_ms']:.2f} ms"
     )
     for label, ms in record["device_ms_by_class"].items():
         print(f"  {label:10s} {ms:8.2f} ms")
