@@ -35,10 +35,12 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel.get_value()
+        if self.bias is None:
+            # Accumulated in float32 by the matmul units, rounded once to the model dtype. Under tensor parallelism
+            # a row-parallel layer's partial products are summed in that dtype too (half the bytes of float32).
+            return jnp.dot(x.astype(kernel.dtype), kernel, preferred_element_type=kernel.dtype)
         y = jnp.dot(x.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
-        if self.bias is not None:
-            y = y + self.bias.get_value().astype(jnp.float32)
-        return y.astype(kernel.dtype)
+        return (y + self.bias.get_value().astype(jnp.float32)).astype(kernel.dtype)
 
 
 class QuantizedLinear(nnx.Module):
@@ -73,7 +75,7 @@ class QuantizedLinear(nnx.Module):
             out_axes=(("tokens", self.axes[1]),),
             sum_over=self.axes[0],
         )
-        (y,) = local_matmul(rows, self.values.get_value(), self.scales.get_value())  # [M, N] f32
+        (y,) = local_matmul(rows, self.values.get_value(), self.scales.get_value())  # [M, N] (f32 with a bias)
         if self.bias is not None:
             y = y + self.bias.get_value().astype(jnp.float32)
         return y.astype(x.dtype).reshape(*x.shape[:-1], self.shape[1])
@@ -83,7 +85,8 @@ class QuantizedLinear(nnx.Module):
         k, n = rows.shape[1], (values.shape[0] if self.method == "fp8" else values.shape[1])
         weight = QuantizedWeight(values, scales, self.method, self.group_size, (k, n))
         impl = matmul_impl(self.method, k, self.group_size, self.matmul_impl)
-        return (quantized_matmul(rows, weight, impl=impl, out_dtype=jnp.float32),)
+        out_dtype = rows.dtype if self.bias is None else jnp.float32  # as Linear: partial sums in the model dtype
+        return (quantized_matmul(rows, weight, impl=impl, out_dtype=out_dtype),)
 
 
 def matmul_impl(method: str, in_features: int, group_size: int | None, impl: str | None = None) -> str:
