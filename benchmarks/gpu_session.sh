@@ -24,6 +24,8 @@ for stage in "$@"; do
     j8sync) python3 benchmarks/throughput.py --job J8 --no-async-scheduling --record 2>&1 | tee "$OUT/j8sync.log" | grep -Ev "^\{" ;;
     j8cublas) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" python3 benchmarks/throughput.py --job J8 2>&1 | tee "$OUT/j8cublas.log" | grep -Ev "^\{" ;;
     j8nomerge) XLA_FLAGS="${XLA_FLAGS:-} --xla_disable_hlo_passes=dot-merger" python3 benchmarks/throughput.py --job J8 2>&1 | tee "$OUT/j8nomerge.log" | grep -Ev "^\{" ;;
+    profile_tp2) python3 benchmarks/profile_step.py --job J8 --tensor-parallel-size 2 --num-prompts 1 --out /tmp/tp2-trace 2>&1 | tee "$OUT/profile_tp2_b1.log" | grep -Ev "^JSON"
+                 python3 benchmarks/profile_step.py --job J8 --num-prompts 1 --out /tmp/tp1-trace 2>&1 | tee "$OUT/profile_tp1_b1.log" | grep -Ev "^JSON" ;;
     profile_prefill) python3 benchmarks/profile_step.py --job J8 --phase prefill --out /tmp/j8-prefill-trace 2>&1 | tee "$OUT/profile_prefill.log" | grep -Ev "^JSON" ;;
     j8ref) python3 benchmarks/throughput.py --job J8 --attention-impl reference --record 2>&1 | tee "$OUT/j8ref.log" | grep -Ev "^\{" ;;
     j1) python3 benchmarks/throughput.py --job J1 --gpu-memory-utilization ${J1_GPU_MEMORY_UTILIZATION:-0.8} --record 2>&1 | tee "$OUT/j1.log" | grep -Ev "^\{" ;;

@@ -107,6 +107,8 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="/tmp/jaxllm-trace")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--num-prompts", type=int, help="default: the job's (1 profiles batch-1 decode)")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
     job = SMOKE_JOB if args.smoke else JOBS[args.job]
@@ -118,9 +120,11 @@ def main(argv=None) -> dict:
         max_num_seqs=max(job.num_prompts, 1),
         max_num_batched_tokens=64 if args.smoke else args.max_num_batched_tokens,
         max_model_len=256 if args.smoke else 2048,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     params = SamplingParams(temperature=0.0, max_tokens=job.output_len, ignore_eos=True)
-    for i, prompt in enumerate(random_prompts(job.num_prompts, job.input_len, engine.model_config.vocab_size)):
+    num_prompts = args.num_prompts or job.num_prompts
+    for i, prompt in enumerate(random_prompts(num_prompts, job.input_len, engine.model_config.vocab_size)):
         engine.add_request(f"r{i}", prompt, params, stream=False)
     scheduler = engine.scheduler
 
@@ -148,6 +152,7 @@ def main(argv=None) -> dict:
         "job": job.name,
         **environment(),
         "phase": args.phase,
+        "tensor_parallel_size": args.tensor_parallel_size,
         "num_running": len(scheduler.running),
         "untraced_step_ms": sorted(w * 1e3 for w in wall_s),
         **summarize(out, args.steps, traced_wall_s),
