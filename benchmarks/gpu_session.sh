@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU-machine session: the GPU tests and the benchmarks, logs and JSON under $OUT (default ./gpu-out).
-#   bash benchmarks/gpu_session.sh tests kernels j8 j8ref j1 l8 l8q profile profile1 startup compare_hf qmm mesh8
-# (any subset, run in the order given; mesh8 needs 2+ GPUs: the Llama-3.1-8B shape at TP 1 and 2, J8 + batch-1)
+#   bash benchmarks/gpu_session.sh tests kernels j8 j8sync j8ref j8cublas j8nomerge j1 l8 l8q profile profile1 \
+#        profile_prefill profile_tp2 startup compare_hf qmm mesh8
+# (any subset, run in the order given; mesh8 and profile_tp2 need 2+ GPUs: the Llama-3.1-8B shape at TP 1 and 2)
 # Run from the repository root; JAXLLM_COMMIT names the commit when the tree is not a git checkout. Wheels of
 # packages the machine lacks (gguf: `pip download --no-deps -d .whl gguf==0.19.0`, carried as `.whl`) are installed
 # into /tmp/site first.
