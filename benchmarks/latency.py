@@ -53,6 +53,7 @@ def main(argv=None) -> dict:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--quantization", choices=("int8", "int4", "fp8"), help="weight quantization (default: none)")
+    p.add_argument("--kv-cache-dtype", default="auto", help='"auto" (the model dtype) or "fp8" (e4m3)')
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--record", action="store_true")
     args = p.parse_args(argv)
@@ -74,6 +75,7 @@ def main(argv=None) -> dict:
         max_model_len=256 if args.smoke else 2048,
         enable_prefix_caching=False,
         quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     vocab = engine.model_config.vocab_size
     run_batch(engine, random_prompts(2, args.input_len, vocab, seed=99), 4, "warmup")

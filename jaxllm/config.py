@@ -13,7 +13,7 @@ DEFAULT_BLOCK_SIZE = 16
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30  # KV budget on CPU, where there is no device memory to measure
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 QUANTIZATIONS = (None, "int8", "int4", "fp8")  # as jaxllm.quantization.config.QUANTIZATION_NAMES
-KV_CACHE_DTYPES = ("auto",)
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # "fp8" is e4m3 (float8_e4m3fn), as in vLLM
 
 
 def _positive_int(name: str, value, allow_none: bool = False) -> None:
@@ -77,7 +77,7 @@ class EngineConfig:
                 f"(quantization={self.quantization!r})"
             )
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported yet; choose {KV_CACHE_DTYPES}")
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.model is not None and not isinstance(self.model, str):
             raise TypeError(f"model must be a path string or None, got {type(self.model).__name__}")
 

@@ -3,6 +3,9 @@
 A kernel's output is compared with an independent float64 (or float32) reference computed from the same, already
 rounded inputs. ``float32``: arithmetic error only (f32 accumulation, exp2 approximations). ``bfloat16``: the kernel
 rounds intermediate probabilities and its output to bf16 (relative step 2**-8), as every bf16 attention kernel does.
+
+``KV_QUANTIZATION_TOLERANCES`` bound something else: attention over a KV cache rounded to a narrow dtype against the
+same attention over the unrounded cache (the rounding error itself, which no kernel can remove).
 """
 
 from __future__ import annotations
@@ -25,6 +28,13 @@ TOLERANCES = {
 }
 
 
+# float8_e4m3fn keeps 3 mantissa bits: each cached value moves by up to 2**-4 of itself (RMS ~3.6%). Over the kernel
+# tests' peaky softmax (q entries ~3, H = 64, sm_scale = 1/8) that moves each score by ~0.1 (RMS), shifting a few
+# percent of a row's probability mass, and V's own rounding adds ~3.6% of a value row. Measured on the kernel tests:
+# relative norm error 4.8%, largest elementwise error 0.35 (outputs up to ~3); the bounds are about twice that.
+KV_QUANTIZATION_TOLERANCES = {"float8_e4m3fn": Tolerance(atol=0.5, rtol=0.1, max_relative_norm=0.1)}
+
+
 def tolerance_for(dtype) -> Tolerance:
     """The tolerance for outputs of ``dtype``; raises ValueError for dtypes with no entry."""
     name = np.dtype(dtype).name
@@ -33,9 +43,10 @@ def tolerance_for(dtype) -> Tolerance:
     return TOLERANCES[name]
 
 
-def assert_close(out, ref, dtype, what: str = "output") -> None:
-    """Elementwise and whole-tensor comparison of ``out`` with ``ref`` at ``dtype``'s tolerance (NaN never passes)."""
-    tol = tolerance_for(dtype)
+def assert_close(out, ref, dtype, what: str = "output", tolerance: Tolerance | None = None) -> None:
+    """Elementwise and whole-tensor comparison of ``out`` with ``ref`` at ``dtype``'s tolerance, or at ``tolerance``
+    when given (NaN never passes)."""
+    tol = tolerance or tolerance_for(dtype)
     out = np.asarray(out, np.float64)
     ref = np.asarray(ref, np.float64)
     if out.shape != ref.shape:

@@ -25,6 +25,7 @@ from jaxllm.models import ModelConfig, get_model_class
 from jaxllm.output_processor import OutputProcessor, make_child_requests
 from jaxllm.outputs import RequestOutput
 from jaxllm.request import RequestStatus
+from jaxllm.runner.kv_cache import resolve_kv_cache_dtype
 from jaxllm.runner.model_runner import ModelRunner
 from jaxllm.sampling_params import SamplingParams
 from sharding.data_parallel import DataParallelEngine
@@ -42,7 +43,8 @@ class LLMEngine:
         self.model_config = ModelConfig.from_hf_config(source.hf_config)
         self.tokenizer = None if config.skip_tokenizer_init else source.load_tokenizer()
         self.eos_token_ids = _eos_token_ids(self.model_config, source.generation_config, self.tokenizer)
-        self.kv_dtype = resolve_dtype(config.dtype, self.model_config.checkpoint_dtype)
+        model_dtype = resolve_dtype(config.dtype, self.model_config.checkpoint_dtype)
+        self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, model_dtype)
         start = time.perf_counter()
         runners, self.resolved = self._build_runners(source)
         logger.info(

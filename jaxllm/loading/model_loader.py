@@ -28,7 +28,8 @@ _DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "bf16": "bfloat16", "ha
 
 # Given a parameter path and its abstract variable, the sharding to place it with (None: default device).
 Placement = Callable[[tuple, nnx.Variable], jax.sharding.Sharding | None]
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# vLLM's fp8 KV-cache scales are skipped: the fp8 cache runs with scale 1.0 (jaxllm.models.decoder.Attention).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "self_attn.k_scale", "self_attn.v_scale")
 _DUMMY_STDDEV = 0.02
 
 

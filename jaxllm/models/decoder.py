@@ -40,6 +40,7 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.sliding_window = c.sliding_window
         self.attention_impl = attention_impl
+        self.k_scale = self.v_scale = 1.0  # the KV cache holds K / k_scale, V / v_scale (vLLM's default without scales)
 
     def __call__(self, x, kv: tuple[jax.Array, jax.Array], md: AttentionMetadata, cos, sin):
         num_tokens = x.shape[0]
@@ -55,6 +56,8 @@ class Attention(nnx.Module):
                 sm_scale=self.head_dim**-0.5,
                 sliding_window=self.sliding_window,
                 impl=self.attention_impl,
+                k_scale=self.k_scale,
+                v_scale=self.v_scale,
             ),
             in_axes=(act.HEADS_Q, act.HEADS_KV, act.HEADS_KV, act.KV_CACHE, act.KV_CACHE) + (act.REPLICATED,) * 4,
             out_axes=(act.HEADS_Q, act.KV_CACHE, act.KV_CACHE),
@@ -66,10 +69,15 @@ class Attention(nnx.Module):
         return act.constrain(self.o_proj(out), act.HIDDEN), (k_cache, v_cache)
 
 
-def _write_and_attend(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc, **options):
-    """Writes the step's K/V into the paged cache, then attends: one per-head unit, run per tensor shard on a mesh."""
-    k_cache, v_cache = update_kv_cache(k_cache, v_cache, k, v, slot_mapping)
-    out = ragged_paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, **options)
+def _write_and_attend(
+    q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc, *, k_scale, v_scale, **options
+):
+    """Writes the step's K/V into the paged cache, then attends: one per-head unit, run per tensor shard on a mesh.
+    The cache holds K / k_scale and V / v_scale (quantized when its dtype is fp8); attention multiplies them back."""
+    k_cache, v_cache = update_kv_cache(k_cache, v_cache, k, v, slot_mapping, k_scale=k_scale, v_scale=v_scale)
+    out = ragged_paged_attention(
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, k_scale=k_scale, v_scale=v_scale, **options
+    )
     return out, k_cache, v_cache
 
 

@@ -3,7 +3,8 @@
 Per layer, K and V blocks ``[P, L, K, H]`` in one pytree (a list of ``(k, v)`` pairs), allocated once and donated into
 every step. On GPU/TPU the budget is ``gpu_memory_utilization`` of the device memory minus what the weights use and the
 largest step's temporaries (measured by compiling it); on CPU, where nothing can be measured,
-``kv_cache_memory_bytes`` (default 1 GiB).
+``kv_cache_memory_bytes`` (default 1 GiB). ``kv_cache_dtype="fp8"`` stores the cache as float8_e4m3fn: one byte per
+value, so a budget holds twice the blocks of a bf16 cache (writing and reading it: ``pallas_kernels``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,17 @@ from jaxllm.config import DEFAULT_CPU_KV_CACHE_BYTES
 from jaxllm.models.config import ModelConfig
 
 logger = logging.getLogger(__name__)
+
+FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
+
+
+def resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype):
+    """The cache's dtype for ``EngineConfig.kv_cache_dtype``: the model's for "auto", float8_e4m3fn for "fp8"."""
+    if kv_cache_dtype == "auto":
+        return jnp.dtype(model_dtype)
+    if kv_cache_dtype in FP8_KV_CACHE_DTYPES:
+        return jnp.dtype(jnp.float8_e4m3fn)
+    raise ValueError(f"kv_cache_dtype must be 'auto' or one of {FP8_KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
 
 
 def kv_bytes_per_block(model_config: ModelConfig, block_size: int, dtype) -> int:

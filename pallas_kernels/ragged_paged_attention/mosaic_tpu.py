@@ -6,7 +6,8 @@ speculative tokens) each fill one small tile; long queries (prefill chunks) are 
 per-tile blocks ``[K, R, rows, H]`` before the kernel and the outputs gathered back to ``[T, N, H]`` after it (both
 cheap XLA gathers of q-sized arrays); the KV cache is read only by the kernel's page copies. The tile plan comes from
 ``tile_plan`` (shared with the GPU kernel). ``interpret=True`` runs the kernel in Pallas' TPU interpret mode on CPU.
-This module owns no kernel body and never touches the GPU backend.
+This module owns no kernel body and never touches the GPU backend. An fp8 (float8_e4m3fn) cache is copied page by page
+as fp8 and converted to q's dtype in VMEM; its block size must be a multiple of 32 (the 8-bit sublane tiling).
 """
 
 from __future__ import annotations
@@ -137,7 +138,9 @@ def _attend_tier(args, *, tile_tokens, min_query_len, max_query_len, config: Ker
     return _scatter_output_tiles(out_tiles, plan, num_tokens, tile_tokens, group)
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "interpret", "config"))
+@functools.partial(
+    jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "k_scale", "v_scale", "interpret", "config")
+)
 def ragged_paged_attention_tpu(
     q: jax.Array,  # [T, N, H]
     k_cache: jax.Array,  # [P, L, K, H], this step's K already written
@@ -149,6 +152,8 @@ def ragged_paged_attention_tpu(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
     interpret: bool | pltpu.InterpretParams = False,
     config: KernelConfig | None = None,
 ) -> jax.Array:
@@ -157,7 +162,9 @@ def ragged_paged_attention_tpu(
     _validate(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
     config = config or KernelConfig()
     args = (q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
-    options = dict(sm_scale=float(sm_scale), sliding_window=sliding_window, soft_cap=soft_cap)
+    options = dict(
+        sm_scale=float(sm_scale * k_scale), sliding_window=sliding_window, soft_cap=soft_cap, v_scale=float(v_scale)
+    )
     tier = functools.partial(_attend_tier, args, config=config, options=options, interpret=interpret)
     short_len = config.short_tile_tokens
     if short_len is None or short_len >= q.shape[0]:

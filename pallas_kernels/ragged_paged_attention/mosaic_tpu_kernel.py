@@ -9,7 +9,9 @@ the flat block table are scalar-prefetched into SMEM.
 The step walks its request's visible KV columns ``pages_per_step`` cache blocks at a time. Pages are copied by hand
 (``make_async_copy``) from the caches left in HBM into a two-slot VMEM buffer: while step j is computed, step j+1 (or
 the next tile's first step) is already in flight, so the copy latency hides behind the matmuls. Softmax is online in
-float32. Slots past the batch's used tiles write zeros. This module owns no layout glue (see ``mosaic_tpu``).
+float32. Slots past the batch's used tiles write zeros. An fp8 cache's pages are copied as fp8 and converted to q's
+dtype after the copy; ``v_scale`` multiplies the normalised output. This module owns no layout glue (see
+``mosaic_tpu``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.kv_cache_update import is_fp8_cache
+
 _MASK_VALUE = -1e30  # finite: a fully masked row keeps max == _MASK_VALUE and gets zero probabilities
 
 
@@ -35,9 +39,10 @@ class LaunchShape:
     rows: int  # query rows per tile: tile_tokens * G padded to the sublane tiling
     pages_per_step: int  # cache blocks per inner KV step
     max_blocks: int  # M, columns of the block table
-    sm_scale: float
+    sm_scale: float  # times k_scale
     sliding_window: int | None
     soft_cap: float | None
+    v_scale: float
 
 
 class TileMetadata(NamedTuple):
@@ -115,6 +120,11 @@ def _attend_kv_step(q, k, v, m_prev, l_prev, acc_ref, *, shape: LaunchShape, vis
     return m_next, l_next
 
 
+def _from_cache(page, q_dtype):
+    """An fp8 page converted to q's dtype; any other cache dtype as it is."""
+    return page.astype(q_dtype) if is_fp8_cache(page.dtype) else page
+
+
 def _prefetch_next(refs, shape, kv_head, tile, step, num_steps, slot) -> None:
     """Starts the copy of the work item after ``(tile, step)`` into the other slot: the tile's next step, else the
     first step of the next used tile (same kv head). Tiles run in grid order, so that tile will wait on it."""
@@ -146,8 +156,8 @@ def _attend_tile(refs: _KernelRefs, q_ref, out_ref, acc_ref, slot_ref, shape: La
         first_kv_position = (first_column + step * shape.pages_per_step) * block_size
         visible = _visible(shape, num_cols, first_position, num_tokens, first_kv_position)
         kv_position = first_kv_position + lax.broadcasted_iota(jnp.int32, (num_cols, 1), 0)  # [C, 1]
-        k = refs.k_buf[slot].reshape(num_cols, -1)  # [C, H]
-        v = refs.v_buf[slot].reshape(num_cols, -1)  # [C, H]
+        k = _from_cache(refs.k_buf[slot].reshape(num_cols, -1), q.dtype)  # [C, H]
+        v = _from_cache(refs.v_buf[slot].reshape(num_cols, -1), q.dtype)  # [C, H]
         return _attend_kv_step(
             q, k, v, *carry, acc_ref, shape=shape, visible=visible, kv_row_valid=kv_position <= last_position
         )
@@ -155,7 +165,10 @@ def _attend_tile(refs: _KernelRefs, q_ref, out_ref, acc_ref, slot_ref, shape: La
     init = (jnp.full((shape.rows, 1), _MASK_VALUE, jnp.float32), jnp.zeros((shape.rows, 1), jnp.float32))
     _, denom = lax.fori_loop(0, num_steps, body, init)
     slot_ref[0] = lax.rem(base_slot + num_steps, 2)
-    out_ref[...] = (acc_ref[...] / jnp.maximum(denom, 1e-30)).astype(out_ref.dtype)  # empty rows: 0 / tiny = 0
+    out = acc_ref[...] / jnp.maximum(denom, 1e-30)  # [rows, H]; empty rows: 0 / tiny = 0
+    if shape.v_scale != 1.0:
+        out = out * shape.v_scale
+    out_ref[...] = out.astype(out_ref.dtype)
 
 
 def _attention_kernel(*refs, shape: LaunchShape):

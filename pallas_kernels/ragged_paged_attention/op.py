@@ -7,6 +7,11 @@ Layout (letters from STYLE.md): queries ``q [T, N, H]`` of a flat ragged batch; 
 sits at position ``seq_lens[s] - (query_start_loc[s+1] - i)`` and attends causally to positions ``<=`` its own.
 Tokens past ``query_start_loc[S]`` are padding: their output is unspecified (finite) and must be ignored.
 
+An fp8 cache (float8_e4m3fn) holds ``K / k_scale`` and ``V / v_scale`` (see ``pallas_kernels.kv_cache_update``): every
+backend loads fp8 tiles, converts them to q's dtype and computes as for a cache in that dtype; ``k_scale`` is folded
+into the softmax scale and ``v_scale`` into the output normalisation, so the scales cost nothing. A cache in the
+model's dtype runs exactly as before (the scales default to 1.0).
+
 Backends (``impl=``): ``"reference"`` (pure jnp, any platform), ``"pallas_gpu"`` (Pallas Triton kernel,
 ``triton_gpu``), ``"pallas_gpu_interpret"`` (the same kernel body interpreted on CPU), ``"pallas_tpu"`` and
 ``"pallas_tpu_interpret"`` (Pallas Mosaic kernel in ``mosaic_tpu``, imported only when asked for). By default: GPU
@@ -22,6 +27,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.kv_cache_update import FP8_KV_DTYPE
 from pallas_kernels.ragged_paged_attention import reference
 
 IMPLS = ("reference", "pallas_gpu", "pallas_gpu_interpret", "pallas_tpu", "pallas_tpu_interpret")
@@ -46,6 +52,10 @@ def _validate(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc) -> N
         raise ValueError(f"q must be [T, N, H], got shape {q.shape}")
     if k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache and v_cache must both be [P, L, K, H], got {k_cache.shape} and {v_cache.shape}")
+    if k_cache.dtype != v_cache.dtype:
+        raise TypeError(f"k_cache and v_cache dtypes differ: {k_cache.dtype} vs {v_cache.dtype}")
+    if jnp.dtype(k_cache.dtype).itemsize == 1 and k_cache.dtype != FP8_KV_DTYPE:
+        raise TypeError(f"an 8-bit KV cache must be float8_e4m3fn, got {k_cache.dtype}")
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
     if k_cache.shape[3] != head_dim:
@@ -61,9 +71,10 @@ def _validate(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc) -> N
             raise TypeError(f"{name} must hold integers, got dtype {array.dtype}")
 
 
-def _validate_options(sm_scale, sliding_window, soft_cap) -> None:
-    if not isinstance(sm_scale, numbers.Real) or sm_scale <= 0:
-        raise ValueError(f"sm_scale must be a positive Python number, got {sm_scale!r}")
+def _validate_options(sm_scale, sliding_window, soft_cap, k_scale, v_scale) -> None:
+    for name, scale in (("sm_scale", sm_scale), ("k_scale", k_scale), ("v_scale", v_scale)):
+        if not isinstance(scale, numbers.Real) or not 0 < scale < float("inf"):
+            raise ValueError(f"{name} must be a positive finite Python number, got {scale!r}")
     if sliding_window is not None and (not isinstance(sliding_window, numbers.Integral) or sliding_window < 1):
         raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
     if soft_cap is not None and (not isinstance(soft_cap, numbers.Real) or soft_cap <= 0):
@@ -83,7 +94,7 @@ def _backend(impl: str):
     return functools.partial(mosaic_tpu.ragged_paged_attention_tpu, interpret=impl.endswith("_interpret"))
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "impl"))
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "k_scale", "v_scale", "impl"))
 def ragged_paged_attention(
     q: jax.Array,
     k_cache: jax.Array,
@@ -95,11 +106,13 @@ def ragged_paged_attention(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
     impl: str | None = None,
 ) -> jax.Array:
     """Causal attention of ragged queries to their own request's paged K/V. Returns ``[T, N, H]`` in q's dtype."""
     _validate(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
-    _validate_options(sm_scale, sliding_window, soft_cap)
+    _validate_options(sm_scale, sliding_window, soft_cap, k_scale, v_scale)
     impl = impl or _default_impl()
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; choose one of {IMPLS}")
@@ -113,4 +126,6 @@ def ragged_paged_attention(
         sm_scale=sm_scale,
         sliding_window=sliding_window,
         soft_cap=soft_cap,
+        k_scale=k_scale,
+        v_scale=v_scale,
     )

@@ -2,6 +2,7 @@
 
 Each iteration gathers one K/V block per token (``[T, L, K, H]``), so memory stays O(T·L) whatever the cache size,
 and the loop runs only as far as the longest request. Readable first; used on CPU and as the kernels' reference.
+Any cache dtype (fp8 included) is read as float32; ``k_scale`` multiplies the scores, ``v_scale`` the output.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def ragged_paged_attention_reference(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ):
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -42,7 +45,8 @@ def ragged_paged_attention_reference(
     is_real = request < seq_lens.shape[0]
     safe_request = jnp.minimum(request, seq_lens.shape[0] - 1)
     token_blocks = block_tables[safe_request]  # [T, M]
-    qg = (q.astype(jnp.float32) * sm_scale).reshape(num_tokens, num_kv_heads, group, head_dim)  # [T, K, G, H]
+    qg = q.astype(jnp.float32) * (sm_scale * k_scale)  # scores of the cache's K / k_scale, scaled back
+    qg = qg.reshape(num_tokens, num_kv_heads, group, head_dim)  # [T, K, G, H]
     num_block_columns = (jnp.max(seq_lens) + block_size - 1) // block_size
 
     def body(state):
@@ -73,4 +77,6 @@ def ragged_paged_attention_reference(
     )
     _, _, denom, acc = jax.lax.while_loop(lambda s: s[0] < num_block_columns, body, init)
     out = acc / jnp.maximum(denom, 1e-30)[..., None]
+    if v_scale != 1.0:
+        out = out * v_scale
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)

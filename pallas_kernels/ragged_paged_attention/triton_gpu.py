@@ -10,6 +10,9 @@ inside the causal horizon (and the sliding window) run without masks; only the e
 tiles, optionally split along the KV axis to fill the GPU and merged afterwards; long queries (prefill chunks) in
 large tiles that keep the tensor cores busy. Each launch writes only its own tokens' rows of the shared output.
 ``interpret=True`` runs the same body on CPU. The tile plan lives in ``tile_plan``; this module owns the kernel.
+
+An fp8 (float8_e4m3fn) cache: each K/V tile is loaded as fp8 (half the bytes of bf16) and converted to q's dtype in
+registers before its dot; ``k_scale`` is folded into ``sm_scale`` and ``v_scale`` into the final normalisation.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.kv_cache_update import is_fp8_cache
 from pallas_kernels.ragged_paged_attention import tile_plan as plan_lib
 
 _LOG2E = math.log2(math.e)
@@ -61,9 +65,10 @@ class _Geometry:
     max_blocks: int  # columns of the block table
     num_query_rows: int  # T * N
     num_requests: int  # S
-    sm_scale: float
+    sm_scale: float  # times k_scale
     sliding_window: int | None
     soft_cap: float | None
+    v_scale: float
 
     @property
     def group(self) -> int:
@@ -105,17 +110,18 @@ def _kv_step(step, carry, *, tile: _Tile, refs, cfg: KernelConfig, geo: _Geometr
     acc, row_max, row_sum = carry  # [M, H], [M], [M]
     block_size = geo.block_size
     kv_pos = step * cfg.block_kv + jnp.arange(cfg.block_kv, dtype=jnp.int32)  # [BKV]
-    in_range = row_mask = other = None
+    in_range = row_mask = other = kv_other = None
     if masking is not False:
         in_range = (kv_pos >= tile.kv_lo) & (kv_pos < tile.kv_hi)  # [BKV]
         if masking == "dynamic":
             is_interior = (step >= tile.full_lo) & (step < tile.full_hi)
             in_range |= is_interior
         row_mask, other = in_range[:, None], 0
+        kv_other = 0.0 if is_fp8_cache(k_ref.dtype) else 0  # Triton casts a float zero to fp8, not an int one
     table_index = tile.table_base + lax.div(kv_pos, block_size)
     block = plgpu.load(tables_ref.at[table_index], mask=in_range, other=other)  # [BKV]
     kv_rows = (block * block_size + lax.rem(kv_pos, block_size)) * geo.num_kv_heads + tile.kv_head  # [BKV]
-    k = plgpu.load(_rows(k_ref, kv_rows), mask=row_mask, other=other)  # [BKV, H]
+    k = plgpu.load(_rows(k_ref, kv_rows), mask=row_mask, other=kv_other).astype(tile.q.dtype)  # [BKV, H]
     scores = _scaled_scores(tile.q, k, geo)  # [M, BKV]
     if masking is not False:
         visible = kv_pos[None, :] <= tile.position[:, None]  # [M, BKV]
@@ -128,7 +134,7 @@ def _kv_step(step, carry, *, tile: _Tile, refs, cfg: KernelConfig, geo: _Geometr
     correction = jnp.exp2(row_max - new_max)
     probs = jnp.exp2(scores - new_max[:, None])  # [M, BKV]
     row_sum = row_sum * correction + jnp.sum(probs, axis=1)
-    v = plgpu.load(_rows(v_ref, kv_rows), mask=row_mask, other=other)  # [BKV, H]
+    v = plgpu.load(_rows(v_ref, kv_rows), mask=row_mask, other=kv_other).astype(tile.q.dtype)  # [BKV, H]
     acc = acc * correction[:, None] + plgpu.dot(probs.astype(v.dtype), v, precision=_EXACT)
     return acc, new_max, row_sum
 
@@ -212,7 +218,7 @@ def _attention_kernel(*refs, cfg: KernelConfig, geo: _Geometry, rule: _TileRule,
         q = plgpu.load(_rows(q_ref, q_rows), mask=row_valid[:, None], other=0)  # [M, H]
         ranges = _step_ranges(pos_first, count, split, cfg, geo, single_loop)
         tile = _Tile(
-            q=q.astype(k_ref.dtype),
+            q=q.astype(compute_dtype(q_ref.dtype, k_ref.dtype)),
             position=pos_first + token_offset,
             table_base=request * geo.max_blocks,
             kv_head=kv_head,
@@ -239,6 +245,8 @@ def _store_tile(out_refs, carry, q_rows, row_valid, split, cfg: KernelConfig, ge
     acc, row_max, row_sum = carry
     safe_sum = jnp.where(row_sum > 0, row_sum, 1.0)  # [M]
     out = acc / safe_sum[:, None]  # [M, H]
+    if geo.v_scale != 1.0:
+        out = out * geo.v_scale
     if cfg.num_kv_splits == 1:
         (out_ref,) = out_refs
         plgpu.store(_rows(out_ref, q_rows), out.astype(out_ref.dtype), mask=row_valid[:, None])
@@ -278,6 +286,11 @@ def _launch(rule: _TileRule, num_slots, metadata, q_rows, k_rows, v_rows, init_o
         interpret=interpret,
         name=f"ragged_paged_attention_m{cfg.block_rows}_kv{cfg.block_kv}_s{num_kv_splits}",
     )(*operands)
+
+
+def compute_dtype(q_dtype, cache_dtype):
+    """The dtype both dots run in: the cache's (q is cast to it), except for an fp8 cache, whose tiles take q's."""
+    return jnp.dtype(q_dtype) if is_fp8_cache(cache_dtype) else jnp.dtype(cache_dtype)
 
 
 def _next_power_of_two(n: int) -> int:
@@ -327,6 +340,8 @@ def ragged_paged_attention_triton(
     sm_scale: float,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
     short_config: KernelConfig | None = None,
     long_config: KernelConfig | None = None,
     interpret: bool = False,
@@ -343,7 +358,7 @@ def ragged_paged_attention_triton(
         num_heads,
         num_kv_heads,
         head_dim,
-        k_cache.dtype.itemsize,
+        compute_dtype(q.dtype, k_cache.dtype).itemsize,
         132 if interpret else _num_cores(),
     )
     short_cfg, long_cfg = short_config or short_default, long_config or long_default
@@ -352,8 +367,8 @@ def ragged_paged_attention_triton(
     if long_cfg.num_kv_splits != 1:
         raise ValueError(f"the long-query launch does not split the KV axis, got {long_cfg}")
     geo = _Geometry(
-        num_heads, num_kv_heads, block_size, max_blocks, num_tokens * num_heads, num_requests, sm_scale,
-        sliding_window, soft_cap,
+        num_heads, num_kv_heads, block_size, max_blocks, num_tokens * num_heads, num_requests, sm_scale * k_scale,
+        sliding_window, soft_cap, v_scale,
     )  # fmt: skip
     query_start_loc = query_start_loc.astype(jnp.int32)
     metadata = (query_start_loc, seq_lens.astype(jnp.int32), block_tables.reshape(-1).astype(jnp.int32))

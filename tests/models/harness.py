@@ -9,15 +9,18 @@ import numpy as np
 from jaxllm.models.attention_metadata import AttentionMetadata
 
 
-def prompt_logits(model, token_ids, *, block_size: int = 4, chunk_size: int | None = None, seed: int = 0) -> np.ndarray:
-    """Float32 logits ``[len, V]`` at every position, computed chunk by chunk into a shuffled paged cache."""
+def prompt_logits(
+    model, token_ids, *, block_size: int = 4, chunk_size: int | None = None, seed: int = 0, kv_dtype=None
+) -> np.ndarray:
+    """Float32 logits ``[len, V]`` at every position, computed chunk by chunk into a shuffled paged cache (of
+    ``kv_dtype``; default the model's dtype)."""
     config = model.config
     num_tokens = len(token_ids)
     num_request_blocks = -(-num_tokens // block_size)
     rng = np.random.default_rng(seed)
     block_ids = rng.permutation(np.arange(1, num_request_blocks + 4))[:num_request_blocks]  # never the null block
     num_blocks = num_request_blocks + 4
-    dtype = model.model.embed_tokens.embedding.get_value().dtype
+    dtype = kv_dtype or model.model.embed_tokens.embedding.get_value().dtype
     shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
     kv = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)]
     block_table = jnp.asarray(block_ids[None, :], jnp.int32)

@@ -57,12 +57,6 @@ def test_unknown_quantization_names_the_value():
     assert "'int3'" in str(info.value)
 
 
-def test_fp8_kv_cache_is_rejected_not_ignored():
-    with pytest.raises(ValueError) as info:
-        EngineConfig(kv_cache_dtype="fp8")
-    assert "not supported yet" in str(info.value)
-
-
 def test_int4_needs_in_features_a_multiple_of_the_group_size():
     with pytest.raises(ValueError) as info:
         LLM(model=str(TINY_LLAMA), quantization="int4", dtype="float32", num_gpu_blocks_override=16)

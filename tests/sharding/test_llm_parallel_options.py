@@ -9,6 +9,7 @@ straight into their shards, or as dummy weights equal to the one-device ones.
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -114,7 +115,8 @@ def test_siblings_of_one_prompt_stay_on_one_replica():
         engine.core.add_request("x", None, None, replica=2)
 
 
-def test_kv_cache_is_sized_for_the_most_loaded_device():
+@pytest.mark.parametrize(("kv_cache_dtype", "itemsize"), [("auto", 4), ("fp8", 1)])
+def test_kv_cache_is_sized_for_the_most_loaded_device(kv_cache_dtype, itemsize):
     budget = 1 << 20
     llm = make_llm(
         "llama",
@@ -122,10 +124,32 @@ def test_kv_cache_is_sized_for_the_most_loaded_device():
         pipeline_parallel_size=2,
         num_gpu_blocks_override=None,
         kv_cache_memory_bytes=budget,
+        kv_cache_dtype=kv_cache_dtype,
     )
-    # stage 0 holds 2 of the 3 layers; each device 1 of the 2 KV heads; K and V; float32
-    per_block = 2 * 2 * BLOCK_SIZE * 1 * HEAD_DIM * 4
+    # stage 0 holds 2 of the 3 layers; each device 1 of the 2 KV heads; K and V; float32 or fp8
+    per_block = 2 * 2 * BLOCK_SIZE * 1 * HEAD_DIM * itemsize
     assert llm.llm_engine.resolved.num_blocks == budget // per_block
+
+
+@pytest.mark.parametrize(
+    "name, tensor, pipe, impl",
+    [
+        ("llama", 2, 1, None),
+        ("llama", 1, 2, None),
+        ("llama_mqa", 2, 2, None),
+        ("llama", 2, 1, "pallas_gpu_interpret"),
+    ],
+    ids=["tp2", "pp2", "mqa-tp2xpp2", "tp2-pallas-interpret"],
+)
+def test_fp8_kv_cache_on_a_mesh_matches_one_device(one_device, name, tensor, pipe, impl):
+    """The fp8 cache shards over KV heads like any other; each shard quantizes and reads back its own heads."""
+    options = dict(kv_cache_dtype="fp8", attention_impl=impl)
+    llm = make_llm(name, tensor_parallel_size=tensor, pipeline_parallel_size=pipe, **options)
+    stages = llm.llm_engine.runner.pipeline.stages
+    assert {array.dtype for stage in stages for pair in stage.kv_caches for array in pair} == {
+        jnp.dtype(jnp.float8_e4m3fn)
+    }
+    assert generate(llm) == one_device(name, **options)
 
 
 @pytest.mark.parametrize(
