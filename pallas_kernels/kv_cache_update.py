@@ -46,10 +46,13 @@ def update_kv_cache(
 
 def _set_rows(cache, rows, slot_mapping):
     """``cache [P, L, K, H]`` with ``rows [T, K, H]`` (cache dtype) at ``slot_mapping``, in place. XLA's GPU backend
-    scatters fp8 natively; its CPU backend has no fp8 scatter and converts the whole cache around it (slow on CPU)."""
-    num_blocks, block_size, num_kv_heads, head_dim = cache.shape
-    flat = cache.reshape(num_blocks * block_size, num_kv_heads, head_dim)
-    return flat.at[slot_mapping].set(rows, mode="drop").reshape(cache.shape)
+    scatters fp8 natively; its CPU backend has no fp8 scatter and converts the whole cache around it (slow on CPU).
+
+    Indexed by (block, row) on the 4-D cache rather than by slot on a ``[P*L, K, H]`` reshape: with one KV head per
+    device (K = 1 locally, as tensor parallelism at T = K or KV-head replication gives) XLA laid the reshaped
+    scatter out differently from the cache and copied every layer's cache twice per step."""
+    block_size = cache.shape[1]
+    return cache.at[slot_mapping // block_size, slot_mapping % block_size].set(rows, mode="drop")
 
 
 def _validate_scales(k_scale, v_scale) -> None:

@@ -220,3 +220,28 @@ def test_quantized_weights_on_a_mesh_match_one_device(quantization, tensor, pipe
 def test_quantization_with_replicated_kv_heads_is_rejected():
     with pytest.raises(ValueError, match="tensor_parallel_size=2 > num_kv_heads=1"):
         make_llm("llama_mqa", quantization="int8", tensor_parallel_size=2)
+
+
+def test_one_kv_head_per_device_writes_the_cache_in_place():
+    """TP 2 of a 2-KV-head model leaves each device one KV head; the compiled step must not copy the cache."""
+    import re
+
+    from sharding.runner import padding_batch
+
+    llm = make_llm("llama", tensor_parallel_size=2, num_gpu_blocks_override=2048)
+    runner = llm.llm_engine.runner
+    bucket = runner.config.token_buckets[0]
+    rows = runner.config.request_rows_for(bucket)
+    batch = padding_batch(bucket, rows, runner.config.max_blocks_per_request)
+    compiled = runner.pipeline.lower_stage(0, batch, runner.build_head_args([], rows, 0, 0)).compile()
+    k_cache = runner.pipeline.stages[0].kv_caches[0][0]
+    local_shape = k_cache.addressable_shards[0].data.shape
+    assert local_shape[2] == 1
+    shape_text = ",".join(map(str, local_shape))
+    copies = [  # copy ops, or loop fusions XLA names after the copy they wrap, of a cache-shaped buffer
+        line
+        for line in compiled.as_text().splitlines()
+        if f"[{shape_text}]" in line and re.search(r"^\s*(ROOT )?%\S*copy\S* = |\bcopy\(", line)
+    ]
+    assert copies == []
+    assert compiled.memory_analysis().temp_size_in_bytes < k_cache.addressable_shards[0].data.nbytes
