@@ -63,7 +63,6 @@ def busy_time_us(events: list[dict]) -> float:
 
 
 def summarize(trace_dir: pathlib.Path, num_steps: int, wall_s: float) -> dict:
-    steps = num_steps
     paths = sorted(trace_dir.rglob("*.trace.json.gz"))
     if not paths:
         raise FileNotFoundError(f"no *.trace.json.gz under {trace_dir}")
@@ -88,7 +87,12 @@ def summarize(trace_dir: pathlib.Path, num_steps: int, wall_s: float) -> dict:
         "device_ms_by_class": {label: us / 1e3 for label, us in per_step.items()},
         "num_device_events": len(events),
         "top_ops": [
-            {"name": name, "class": classify(name), "ms_per_step": us / 1e3 / steps, "calls_per_step": n / steps}
+            {
+                "name": name,
+                "class": classify(name),
+                "ms_per_step": us / 1e3 / num_steps,
+                "calls_per_step": n / num_steps,
+            }
             for name, (us, n) in top
         ],
     }

@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 
 from jaxllm.config import ResolvedConfig
 from jaxllm.core.step_io import ModelRunnerOutput, SampledLogprobs, SchedulerOutput
-from jaxllm.runner.model_runner import InFlightStep
+from jaxllm.runner.model_runner import InFlightStep, feed_pending_tokens
 from jaxllm.runner.step_batch import StepBatch, pack_step_batch
 from jaxllm.sampling import SamplingMetadataBuilder, sample
 from sharding.microbatch import Microbatch, split_step_batch
@@ -132,10 +132,7 @@ class PipelineRunner:
 
     @functools.cached_property
     def _feed_pending(self):
-        def feed(input_ids, prev_index, prev_token_ids):
-            return jnp.where(prev_index >= 0, prev_token_ids[jnp.maximum(prev_index, 0)], input_ids)
-
-        return jax.jit(feed)
+        return jax.jit(feed_pending_tokens)
 
     def dispatch(self, scheduler_output: SchedulerOutput, prev: InFlightStep | None = None) -> InFlightStep:
         """Launches a one-stage, one-microbatch step without waiting; ``prev`` supplies its pending tokens."""

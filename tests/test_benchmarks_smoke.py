@@ -42,7 +42,7 @@ def test_profile_step_split_counts_each_instant_of_overlapping_streams_once():
 def test_compare_hf_smoke_reports_ratios():
     import pytest
 
-    pytest.importorskip("torch")
+    pytest.importorskip("torch", reason="compare_hf runs transformers' models: needs torch, not a jaxllm dependency")
     from benchmarks import compare_hf
 
     record = compare_hf.main(["--smoke"])

@@ -74,17 +74,17 @@ def per_shard(
         return fn
     mesh, rules = installed
     reduce_axis = rules[sum_over] if sum_over is not None else None
+    per_device = fn
     if reduce_axis is not None:
-        local = fn
 
-        def fn(*args):
-            return tuple(jax.lax.psum(out, reduce_axis) for out in local(*args))
+        def per_device(*args):
+            return tuple(jax.lax.psum(out, reduce_axis) for out in fn(*args))
 
     def spec(axes: LogicalAxes) -> PartitionSpec:
         return PartitionSpec() if axes is None else PartitionSpec(*(rules[name] for name in axes))
 
     return jax.shard_map(
-        fn,
+        per_device,
         mesh=mesh,
         in_specs=tuple(spec(axes) for axes in in_axes),
         out_specs=tuple(spec(axes) for axes in out_axes),

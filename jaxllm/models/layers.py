@@ -61,10 +61,6 @@ class QuantizedLinear(nnx.Module):
         self.scales = nnx.Param(jnp.ones(scales_shape, jnp.float32), logical_axes=scales_axes)
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype), logical_axes=axes[1:]) if use_bias else None
 
-    def quantized_weight(self) -> QuantizedWeight:
-        values, scales = self.values.get_value(), self.scales.get_value()
-        return QuantizedWeight(values, scales, self.method, self.group_size, self.shape)
-
     def __call__(self, x: jax.Array) -> jax.Array:
         rows = x.reshape(-1, x.shape[-1])  # [M, K]
         # On a mesh each device multiplies its own shards (a Pallas kernel is opaque to the partitioner, which would

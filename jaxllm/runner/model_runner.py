@@ -44,6 +44,11 @@ class InFlightStep:
     rows: dict[str, int]
 
 
+def feed_pending_tokens(input_ids: jax.Array, prev_index: jax.Array, prev_token_ids: jax.Array) -> jax.Array:
+    """``input_ids [T]`` with each pending token (``prev_index >= 0``) taken from the previous step's samples."""
+    return jnp.where(prev_index >= 0, prev_token_ids[jnp.maximum(prev_index, 0)], input_ids)
+
+
 def _model_forward(graphdef, params, kv_caches, batch: dict):
     """Logits ``[S, V]`` (float32) at each request row's sampled position, and the updated KV cache."""
     model = nnx.merge(graphdef, params)
@@ -94,9 +99,8 @@ class ModelRunner:
 
     def _traced_forward(self, params, kv_caches, batch, prev_token_ids):
         self.num_traces += 1
-        prev_index = batch["prev_index"]  # pending tokens: the previous step's samples, still on the device
-        from_prev = prev_token_ids[jnp.maximum(prev_index, 0)]
-        batch = {**batch, "input_ids": jnp.where(prev_index >= 0, from_prev, batch["input_ids"])}
+        # pending tokens: the previous step's samples, still on the device
+        batch = {**batch, "input_ids": feed_pending_tokens(batch["input_ids"], batch["prev_index"], prev_token_ids)}
         return _model_forward(self.graphdef, params, kv_caches, batch)
 
     def _traced_sample(self, logits, sampling_metadata, step_index):

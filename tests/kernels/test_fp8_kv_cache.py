@@ -29,7 +29,9 @@ IMPLS = [
     pytest.param("reference", id="reference"),
     pytest.param("pallas_gpu_interpret", id="gpu-interpret", marks=pytest.mark.skipif(ON_GPU, reason="runs compiled")),
     pytest.param("pallas_gpu", id="gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="no GPU")]),
-    pytest.param("pallas_tpu_interpret", id="tpu-interpret", marks=pytest.mark.skipif(ON_TPU, reason="compiled")),
+    pytest.param(
+        "pallas_tpu_interpret", id="tpu-interpret", marks=pytest.mark.skipif(ON_TPU, reason="runs compiled on TPU")
+    ),
     pytest.param("pallas_tpu", id="tpu", marks=[pytest.mark.tpu, pytest.mark.skipif(not ON_TPU, reason="no TPU")]),
 ]
 FP8 = ml_dtypes.float8_e4m3fn

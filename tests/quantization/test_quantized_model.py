@@ -145,7 +145,6 @@ def test_generate_int4_with_dummy_weights(tmp_path):
 
 @pytest.mark.parametrize("method", sorted(CASES))
 def test_orbax_save_and_restore_skips_requantizing(tmp_path, method):
-    pytest.importorskip("orbax.checkpoint")
     from jaxllm.quantization.checkpoint import restore_quantized, save_quantized
 
     quantization = quantization_for_tiny(method)

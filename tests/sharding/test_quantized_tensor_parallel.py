@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import pallas_kernels.quantized_matmul.op as op
 from jaxllm.loading.model_loader import abstract_model, load_weights
 from jaxllm.models import ModelConfig, get_model_class
 from jaxllm.models.layers import QuantizedLinear
@@ -48,8 +49,6 @@ def test_pallas_quantized_matmul_per_shard_matches_one_device(method, group_size
     prompts = mixed_prompts(config.vocab_size)
     runner = ReferenceRunner(model, resolved_config())
     expected = generate(ShardedEngine(runner, resolved_config()), prompts, GREEDY)
-
-    import pallas_kernels.quantized_matmul.op as op
 
     local_ks = []
     backend = op._backend
