@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU-machine session: the GPU tests and the benchmarks, logs and JSON under $OUT (default ./gpu-out).
-#   bash benchmarks/gpu_session.sh tests kernels j8 j8sync j8ref j8cublas j8nomerge j1 l8 l8q profile profile1 \
+#   bash benchmarks/gpu_session.sh tests kernels j8 j8sync j8ref j8cublas j8nomerge j8both j1 l8 l8q profile profile1 \
 #        profile_prefill profile_tp2 startup compare_hf qmm mesh8
 # (any subset, run in the order given; mesh8 and profile_tp2 need 2+ GPUs: the Llama-3.1-8B shape at TP 1 and 2)
 # Run from the repository root; JAXLLM_COMMIT names the commit when the tree is not a git checkout. Wheels of
@@ -25,6 +25,7 @@ for stage in "$@"; do
     j8sync) python3 benchmarks/throughput.py --job J8 --no-async-scheduling --record 2>&1 | tee "$OUT/j8sync.log" | grep -Ev "^\{" ;;
     j8cublas) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" python3 benchmarks/throughput.py --job J8 2>&1 | tee "$OUT/j8cublas.log" | grep -Ev "^\{" ;;
     j8nomerge) XLA_FLAGS="${XLA_FLAGS:-} --xla_disable_hlo_passes=dot-merger" python3 benchmarks/throughput.py --job J8 2>&1 | tee "$OUT/j8nomerge.log" | grep -Ev "^\{" ;;
+    j8both) XLA_FLAGS="${XLA_FLAGS:-} --xla_disable_hlo_passes=dot-merger --xla_gpu_enable_triton_gemm=false" python3 benchmarks/throughput.py --job J8 2>&1 | tee "$OUT/j8both.log" | grep -Ev "^\{" ;;
     profile_tp2) python3 benchmarks/profile_step.py --job J8 --tensor-parallel-size 2 --num-prompts 1 --out /tmp/tp2-trace 2>&1 | tee "$OUT/profile_tp2_b1.log" | grep -Ev "^JSON"
                  python3 benchmarks/profile_step.py --job J8 --num-prompts 1 --out /tmp/tp1-trace 2>&1 | tee "$OUT/profile_tp1_b1.log" | grep -Ev "^JSON" ;;
     profile_prefill) python3 benchmarks/profile_step.py --job J8 --phase prefill --out /tmp/j8-prefill-trace 2>&1 | tee "$OUT/profile_prefill.log" | grep -Ev "^JSON" ;;
