@@ -33,6 +33,29 @@ JOBS = {
 }
 
 
+def add_engine_variant_arguments(parser) -> None:
+    """The options every engine benchmark takes to compare variants within one call: quantization, KV-cache dtype,
+    and XLA compiler options over the platform's defaults (``--xla-compiler-options '{}'`` keeps the defaults)."""
+    parser.add_argument("--quantization", choices=("int8", "int4", "fp8"), help="weight quantization (default: none)")
+    parser.add_argument("--kv-cache-dtype", default="auto", help='"auto" (the model dtype) or "fp8" (e4m3)')
+    parser.add_argument(
+        "--xla-compiler-options",
+        type=json.loads,
+        help="JSON dict over the platform defaults (jaxllm/runner/xla_options.py), e.g. "
+        '\'{"xla_gpu_enable_triton_gemm": true, "xla_disable_hlo_passes": ""}\' for XLA\'s own GPU defaults',
+    )
+
+
+def variant_label(args) -> str:
+    """``", fp8 weights, fp8 KV cache, XLA {...}"`` for the variant options that differ from the defaults."""
+    parts = [f"{args.quantization} weights"] if args.quantization else []
+    if args.kv_cache_dtype != "auto":
+        parts.append(f"{args.kv_cache_dtype} KV cache")
+    if args.xla_compiler_options is not None:
+        parts.append(f"XLA {json.dumps(args.xla_compiler_options)}")
+    return "".join(", " + part for part in parts)
+
+
 def git_commit() -> str:
     """The checkout's commit; ``$JAXLLM_COMMIT`` where the tree was copied without .git (the GPU machine)."""
     if os.environ.get("JAXLLM_COMMIT"):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine session: the GPU tests and the benchmarks, logs and JSON under $OUT (default ./gpu-out).
-#   bash benchmarks/gpu_session.sh tests kernels j8 j8sync j8ref j8cublas j8nomerge j8both j1 l8 l8q profile profile1 \
-#        profile_prefill profile_tp2 startup compare_hf qmm mesh8
+#   bash benchmarks/gpu_session.sh tests kernels j8 j8sync j8ref j8cublas j8nomerge j8both j8xla j8fp8 j1 l8 l8q \
+#        l8qxla profile profile1 profile_b1 profile_prefill profile_tp2 startup compare_hf qmm mesh8
 # (any subset, run in the order given; mesh8 and profile_tp2 need 2+ GPUs: the Llama-3.1-8B shape at TP 1 and 2)
 # Run from the repository root; JAXLLM_COMMIT names the commit when the tree is not a git checkout. Wheels of
 # packages the machine lacks (gguf: `pip download --no-deps -d .whl gguf==0.19.0`, carried as `.whl`) are installed
@@ -14,6 +14,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export NCCL_NVLS_ENABLE=0  # NVLink multicast off: it can take the host's shared GPUs out of service
+XLA_DEFAULTS='{"xla_gpu_enable_triton_gemm": true, "xla_disable_hlo_passes": ""}'  # XLA's own, not jaxllm's
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 JAXLLM_CACHE_DIR=${JAXLLM_CACHE_DIR:-/tmp/jaxllm-xla}
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv | tee "$OUT/gpu.txt"
 for stage in "$@"; do
@@ -26,14 +27,21 @@ for stage in "$@"; do
     j8cublas) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" python3 benchmarks/throughput.py --job J8 2>&1 | tee "$OUT/j8cublas.log" | grep -Ev "^\{" ;;
     j8nomerge) XLA_FLAGS="${XLA_FLAGS:-} --xla_disable_hlo_passes=dot-merger" python3 benchmarks/throughput.py --job J8 2>&1 | tee "$OUT/j8nomerge.log" | grep -Ev "^\{" ;;
     j8both) XLA_FLAGS="${XLA_FLAGS:-} --xla_disable_hlo_passes=dot-merger --xla_gpu_enable_triton_gemm=false" python3 benchmarks/throughput.py --job J8 2>&1 | tee "$OUT/j8both.log" | grep -Ev "^\{" ;;
+    j8xla) python3 benchmarks/throughput.py --job J8 --xla-compiler-options "$XLA_DEFAULTS" --record 2>&1 | tee "$OUT/j8xla.log" | grep -Ev "^\{" ;;
+    j8fp8) python3 benchmarks/throughput.py --job J8 --quantization fp8 --kv-cache-dtype fp8 --record 2>&1 | tee "$OUT/j8fp8.log" | grep -Ev "^\{"
+           python3 benchmarks/throughput.py --job J8 --kv-cache-dtype fp8 --record 2>&1 | tee "$OUT/j8fp8kv.log" | grep -Ev "^\{" ;;
+    profile_b1) python3 benchmarks/profile_step.py --job J8 --num-prompts 1 --out /tmp/b1-trace 2>&1 | tee "$OUT/profile_b1.log" | grep -Ev "^JSON" ;;
     profile_tp2) python3 benchmarks/profile_step.py --job J8 --tensor-parallel-size 2 --num-prompts 1 --out /tmp/tp2-trace 2>&1 | tee "$OUT/profile_tp2_b1.log" | grep -Ev "^JSON"
                  python3 benchmarks/profile_step.py --job J8 --num-prompts 1 --out /tmp/tp1-trace 2>&1 | tee "$OUT/profile_tp1_b1.log" | grep -Ev "^JSON" ;;
     profile_prefill) python3 benchmarks/profile_step.py --job J8 --phase prefill --out /tmp/j8-prefill-trace 2>&1 | tee "$OUT/profile_prefill.log" | grep -Ev "^JSON" ;;
     j8ref) python3 benchmarks/throughput.py --job J8 --attention-impl reference --record 2>&1 | tee "$OUT/j8ref.log" | grep -Ev "^\{" ;;
     j1) python3 benchmarks/throughput.py --job J1 --gpu-memory-utilization ${J1_GPU_MEMORY_UTILIZATION:-0.8} --record 2>&1 | tee "$OUT/j1.log" | grep -Ev "^\{" ;;
     l8) python3 benchmarks/latency.py --record 2>&1 | tee "$OUT/l8.log" | grep -Ev "^JSON" ;;
-    l8q) for q in int8 int4; do
+    l8q) for q in ${L8Q_METHODS:-int8 int4}; do
            python3 benchmarks/latency.py --quantization $q --batch-sizes 1 --record 2>&1 | tee "$OUT/l8_$q.log" | grep -Ev "^JSON"
+         done ;;
+    l8qxla) for q in ${L8Q_METHODS:-int8 int4}; do  # the same with XLA's own GPU options (Triton GEMM, dot merger)
+           python3 benchmarks/latency.py --quantization $q --batch-sizes 1 --xla-compiler-options "$XLA_DEFAULTS" 2>&1 | tee "$OUT/l8_${q}_xla.log" | grep -Ev "^JSON"
          done ;;
     profile) python3 benchmarks/profile_step.py --job J8 --out /tmp/j8-trace 2>&1 | tee "$OUT/profile.log" | grep -Ev "^JSON"
              cp "$(find /tmp/j8-trace -name "*.trace.json.gz" | tail -1)" "$OUT/j8_decode.trace.json.gz" ;;

@@ -14,7 +14,15 @@ import time
 
 import numpy as np
 
-from benchmarks.common import CONFIGS_DIR, append_result_row, environment, print_record, random_prompts
+from benchmarks.common import (
+    CONFIGS_DIR,
+    add_engine_variant_arguments,
+    append_result_row,
+    environment,
+    print_record,
+    random_prompts,
+    variant_label,
+)
 from jaxllm import LLMEngine, SamplingParams
 
 SMOKE_CONFIG = "tests/fixtures/models/llama"
@@ -52,8 +60,7 @@ def main(argv=None) -> dict:
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--quantization", choices=("int8", "int4", "fp8"), help="weight quantization (default: none)")
-    p.add_argument("--kv-cache-dtype", default="auto", help='"auto" (the model dtype) or "fp8" (e4m3)')
+    add_engine_variant_arguments(p)
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--record", action="store_true")
     args = p.parse_args(argv)
@@ -76,6 +83,7 @@ def main(argv=None) -> dict:
         enable_prefix_caching=False,
         quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype,
+        xla_compiler_options=args.xla_compiler_options,
     )
     vocab = engine.model_config.vocab_size
     run_batch(engine, random_prompts(2, args.input_len, vocab, seed=99), 4, "warmup")
@@ -84,9 +92,11 @@ def main(argv=None) -> dict:
         **environment(),
         "model": args.model,
         "quantization": args.quantization,
+        "kv_cache_dtype": args.kv_cache_dtype,
+        "xla_compiler_options": engine.compiler_options,
         "batches": {},
     }
-    label = f"{record['job']}{' ' + args.quantization if args.quantization else ''}"
+    label = f"{record['job']}{variant_label(args)}"
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         ttft, itl = run_batch(
             engine, random_prompts(batch, args.input_len, vocab, seed=batch), args.output_len, f"b{batch}"

@@ -14,7 +14,16 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchmarks.common import JOBS, Job, append_result_row, environment, print_record, random_prompts
+from benchmarks.common import (
+    JOBS,
+    Job,
+    add_engine_variant_arguments,
+    append_result_row,
+    environment,
+    print_record,
+    random_prompts,
+    variant_label,
+)
 from jaxllm import LLM, SamplingParams
 
 SMOKE_CONFIG = "tests/fixtures/models/llama"
@@ -34,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--attention-impl", help="ragged paged attention backend (default: the platform's)")
-    p.add_argument("--kv-cache-dtype", default="auto", help='"auto" (the model dtype) or "fp8" (e4m3)')
+    add_engine_variant_arguments(p)
     p.add_argument(
         "--no-async-scheduling", dest="async_scheduling", action="store_false", help="one step at a time (a baseline)"
     )
@@ -75,6 +84,8 @@ def run(args) -> dict:
         attention_impl=args.attention_impl,
         async_scheduling=args.async_scheduling,
         kv_cache_dtype=args.kv_cache_dtype,
+        quantization=args.quantization,
+        xla_compiler_options=args.xla_compiler_options,
     )
     startup_s = time.perf_counter() - start
     vocab_size = llm.llm_engine.model_config.vocab_size
@@ -107,6 +118,8 @@ def run(args) -> dict:
             "dtype": args.dtype,
             "attention_impl": args.attention_impl or "default",
             "kv_cache_dtype": args.kv_cache_dtype,
+            "quantization": args.quantization,
+            "xla_compiler_options": llm.llm_engine.compiler_options,
             "gpu_memory_utilization": args.gpu_memory_utilization,
             "async_scheduling": args.async_scheduling,
             "num_kv_blocks": llm.llm_engine.resolved.num_blocks,
@@ -128,7 +141,7 @@ def main(argv=None) -> dict:
         append_result_row(
             f"| {record['date']} | throughput {record['job']} ({record['engine']['attention_impl']} attention"
             f"{'' if record['engine']['async_scheduling'] else ', sync steps'}"
-            f"{'' if args.kv_cache_dtype == 'auto' else ', ' + args.kv_cache_dtype + ' KV cache'}) | "
+            f"{variant_label(args)}) | "
             f"{record['device']} | jax {record['jax']} | "
             f"{record['commit']} | {record['output_tokens_per_s']:.0f} output tok/s, "
             f"{record['total_tokens_per_s']:.0f} total tok/s ({record['elapsed_s']:.1f} s; compile "

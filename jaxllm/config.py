@@ -8,6 +8,7 @@ engine after the model config and the device memory are known. Imports neither j
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30  # KV budget on CPU, where there is no device memory to measure
@@ -21,6 +22,20 @@ def _positive_int(name: str, value, allow_none: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _compiler_options(options) -> None:
+    """TypeError unless ``options`` is None or a mapping of str XLA option names to str/bool/int/float values."""
+    if options is None:
+        return
+    if not isinstance(options, Mapping):
+        raise TypeError(f"xla_compiler_options must be a dict of XLA option names to values, got {options!r}")
+    for name, value in options.items():
+        if not isinstance(name, str) or not isinstance(value, str | bool | int | float):
+            raise TypeError(
+                f"xla_compiler_options entry {name!r}: {value!r} must be a str name with a str, bool, int or float "
+                "value (e.g. {'xla_gpu_enable_triton_gemm': False})"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +64,8 @@ class EngineConfig:
     quantization_group_size: int = 128  # int4 only: input rows that share one scale
     quantized_weights_path: str | None = None  # orbax directory: restored if present, else written after quantizing
     kv_cache_dtype: str = "auto"
+    # XLA options for the step programs, over the platform's defaults (jaxllm.runner.xla_options)
+    xla_compiler_options: dict | None = None
 
     def __post_init__(self) -> None:
         _positive_int("max_num_seqs", self.max_num_seqs)
@@ -76,6 +93,7 @@ class EngineConfig:
                 f"quantized_weights_path={self.quantized_weights_path!r} needs a str path and quantization set "
                 f"(quantization={self.quantization!r})"
             )
+        _compiler_options(self.xla_compiler_options)
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.model is not None and not isinstance(self.model, str):

@@ -21,6 +21,7 @@ from jaxllm.config import EngineConfig, ResolvedConfig
 from jaxllm.engine import setup
 from jaxllm.loading.model_source import ModelSource
 from jaxllm.models import ModelConfig
+from jaxllm.runner.xla_options import step_compiler_options
 from sharding.mesh import describe, make_mesh, replica_meshes
 from sharding.model_sharding import expand_kv_heads, kv_bytes_per_block_per_device
 from sharding.rules import kv_head_replicas, param_placement
@@ -79,7 +80,12 @@ def build_mesh_runners(
     runners = []
     for index, replica_mesh in enumerate(replica_meshes(mesh)):
         model = load_replica_model(config, source, model_config, replica_mesh)
-        runners.append(PipelineRunner(model, replica_mesh, resolved, kv_dtype, seed=config.seed + index))
+        compiler_options = step_compiler_options(jax.default_backend(), config.xla_compiler_options)
+        runners.append(
+            PipelineRunner(
+                model, replica_mesh, resolved, kv_dtype, seed=config.seed + index, compiler_options=compiler_options
+            )
+        )
     if measure:
         for runner in runners:
             runner.profile_largest_bucket()

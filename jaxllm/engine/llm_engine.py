@@ -27,6 +27,7 @@ from jaxllm.outputs import RequestOutput
 from jaxllm.request import RequestStatus
 from jaxllm.runner.kv_cache import resolve_kv_cache_dtype
 from jaxllm.runner.model_runner import ModelRunner
+from jaxllm.runner.xla_options import check_compiler_options, step_compiler_options
 from jaxllm.sampling_params import SamplingParams
 from sharding.data_parallel import DataParallelEngine
 from sharding.engine_runners import build_mesh_runners, engine_mesh
@@ -45,6 +46,9 @@ class LLMEngine:
         self.eos_token_ids = _eos_token_ids(self.model_config, source.generation_config, self.tokenizer)
         model_dtype = resolve_dtype(config.dtype, self.model_config.checkpoint_dtype)
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, model_dtype)
+        self.compiler_options = step_compiler_options(jax.default_backend(), config.xla_compiler_options)
+        check_compiler_options(self.compiler_options)
+        logger.info("XLA options of the step programs: %s", self.compiler_options or "XLA's defaults")
         start = time.perf_counter()
         runners, self.resolved = self._build_runners(source)
         logger.info(
@@ -91,9 +95,12 @@ class LLMEngine:
                 config, model_config, setup.num_kv_blocks(config, model_config, self.kv_dtype)
             )
             setup.log_kv_cache(resolved, model_config, self.kv_dtype)
-            return ModelRunner(model, resolved, self.kv_dtype, seed=config.seed), resolved
+            runner = ModelRunner(
+                model, resolved, self.kv_dtype, seed=config.seed, compiler_options=self.compiler_options
+            )
+            return runner, resolved
         probe = setup.resolve_limits(config, model_config, num_blocks=2)
-        runner = ModelRunner(model, probe, self.kv_dtype, seed=config.seed)
+        runner = ModelRunner(model, probe, self.kv_dtype, seed=config.seed, compiler_options=self.compiler_options)
         small = probe.max_blocks_per_request + 1
         temp_small, temp_large = runner.step_temp_bytes(small), runner.step_temp_bytes(2 * small)
         temp_per_block = max(0, temp_large - temp_small) / small

@@ -76,7 +76,15 @@ def sampler_variants(num_rows: int) -> list[SamplingMetadata]:
 
 class ModelRunner:
     def __init__(
-        self, model, config: ResolvedConfig, kv_dtype, *, seed: int = 0, kv_sharding=None, batch_sharding=None
+        self,
+        model,
+        config: ResolvedConfig,
+        kv_dtype,
+        *,
+        seed: int = 0,
+        kv_sharding=None,
+        batch_sharding=None,
+        compiler_options: dict | None = None,
     ):
         self.config = config
         self.model_config = model.config
@@ -94,7 +102,8 @@ class ModelRunner:
         self.max_rows = config.request_rows_for(config.token_buckets[-1])
         self._no_pending_tokens = jnp.zeros((self.max_rows,), jnp.int32)
         self._sampling_builder = SamplingMetadataBuilder()
-        self._jitted_forward = jax.jit(self._traced_forward, donate_argnums=(1,))
+        # compiler_options: XLA options of the forward program (jaxllm.runner.xla_options picks them per platform)
+        self._jitted_forward = jax.jit(self._traced_forward, donate_argnums=(1,), compiler_options=compiler_options)
         self._jitted_sample = jax.jit(self._traced_sample)
 
     def _traced_forward(self, params, kv_caches, batch, prev_token_ids):
@@ -180,18 +189,22 @@ class ModelRunner:
         Compiling at two cache sizes shows whether any temporary scales with the cache (a copy of one layer's cache,
         say), which a run with a tiny cache would hide.
         """
-        bucket = self.config.token_buckets[-1]
-        rows = self.config.request_rows_for(bucket)
-        batch = empty_step_batch(bucket, rows, self.config.max_blocks_per_request)
-        shape = (num_blocks, self.config.block_size, self.model_config.num_kv_heads, self.model_config.head_dim)
-        kv = [(jax.ShapeDtypeStruct(shape, self.kv_dtype),) * 2 for _ in range(self.model_config.num_layers)]
-        forward = self._jitted_forward.lower(
-            self.params, kv, self._batch_arrays(batch), self._no_pending_tokens
-        ).compile()
+        rows = self.config.request_rows_for(self.config.token_buckets[-1])
+        forward = self.lower_largest_forward(num_blocks).compile()
         logits = jax.ShapeDtypeStruct((rows, self.model_config.vocab_size), jnp.float32)
         sampler = self._jitted_sample.lower(logits, sampler_variants(rows)[-1], jnp.int32(0)).compile()
         sampler_bytes = sampler.memory_analysis().temp_size_in_bytes + rows * self.model_config.vocab_size * 4
         return int(max(forward.memory_analysis().temp_size_in_bytes, sampler_bytes))
+
+    def lower_largest_forward(self, num_blocks: int | None = None):
+        """The forward program of the largest bucket, lowered (``.compile()`` it to read its memory or its HLO) for a
+        KV cache of ``num_blocks`` (default: the runner's)."""
+        bucket = self.config.token_buckets[-1]
+        batch = empty_step_batch(bucket, self.config.request_rows_for(bucket), self.config.max_blocks_per_request)
+        num_blocks = self.config.num_blocks if num_blocks is None else num_blocks
+        shape = (num_blocks, self.config.block_size, self.model_config.num_kv_heads, self.model_config.head_dim)
+        kv = [(jax.ShapeDtypeStruct(shape, self.kv_dtype),) * 2 for _ in range(self.model_config.num_layers)]
+        return self._jitted_forward.lower(self.params, kv, self._batch_arrays(batch), self._no_pending_tokens)
 
     def resize_kv_cache(self, config: ResolvedConfig) -> None:
         self.config = config

@@ -245,3 +245,23 @@ def test_one_kv_head_per_device_writes_the_cache_in_place():
     ]
     assert copies == []
     assert compiled.memory_analysis().temp_size_in_bytes < k_cache.addressable_shards[0].data.nbytes
+
+
+def test_xla_compiler_options_reach_every_stage_program():
+    """A mesh engine's stage programs get ``xla_compiler_options`` too (the fusion pass off changes their HLO)."""
+    from sharding.runner import padding_batch
+
+    def stage_fusions(llm: LLM) -> int:
+        runner = llm.llm_engine.runner
+        bucket = runner.config.token_buckets[0]
+        rows = runner.config.request_rows_for(bucket)
+        batch = padding_batch(bucket, rows, runner.config.max_blocks_per_request)
+        text = runner.pipeline.lower_stage(0, batch, runner.build_head_args([], rows, 0, 0)).compile().as_text()
+        return sum(" fusion(" in line for line in text.splitlines())
+
+    options = {"xla_disable_hlo_passes": "fusion"}
+    plain = make_llm("llama", tensor_parallel_size=2, pipeline_parallel_size=2)
+    unfused = make_llm("llama", tensor_parallel_size=2, pipeline_parallel_size=2, xla_compiler_options=options)
+    assert unfused.llm_engine.runner.pipeline.compiler_options == options
+    assert stage_fusions(unfused) != stage_fusions(plain)
+    assert generate(unfused) == generate(plain)

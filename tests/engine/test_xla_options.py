@@ -1,0 +1,51 @@
+"""XLA compiler options of the step programs: the platform defaults (GPU: dot merger and Triton GEMM off), a user's
+``xla_compiler_options`` on top, and proof that they reach the compiled forward program (single device and mesh)."""
+
+import pytest
+
+from jaxllm import SamplingParams
+from jaxllm.config import EngineConfig
+from jaxllm.runner.xla_options import GPU_STEP_OPTIONS, check_compiler_options, step_compiler_options
+from tests.engine.conftest import make_llm, random_token_prompts
+
+NO_FUSION_PASS = {"xla_disable_hlo_passes": "fusion"}  # changes the CPU program's fusions (HLO shows it)
+
+
+def test_gpu_defaults_turn_off_dot_merger_and_triton_gemm():
+    assert step_compiler_options("gpu") == {"xla_disable_hlo_passes": "dot-merger", "xla_gpu_enable_triton_gemm": False}
+    assert step_compiler_options("cpu") is None and step_compiler_options("tpu") is None
+
+
+def test_user_options_add_to_and_replace_the_defaults():
+    got = step_compiler_options("gpu", {"xla_gpu_enable_triton_gemm": True, "xla_gpu_autotune_level": 0})
+    assert got == {**GPU_STEP_OPTIONS, "xla_gpu_enable_triton_gemm": True, "xla_gpu_autotune_level": 0}
+    assert step_compiler_options("cpu", NO_FUSION_PASS) == NO_FUSION_PASS
+
+
+@pytest.mark.parametrize("bad", [["xla_gpu_enable_triton_gemm"], {"xla_gpu_enable_triton_gemm": None}, {3: True}])
+def test_malformed_options_are_a_type_error(bad):
+    with pytest.raises(TypeError, match="xla_compiler_options"):
+        EngineConfig(model="m", xla_compiler_options=bad)
+
+
+def test_unknown_option_is_a_value_error_naming_it():
+    check_compiler_options(GPU_STEP_OPTIONS)  # known to XLA on every platform
+    with pytest.raises(ValueError, match="xla_no_such_option"):
+        check_compiler_options({"xla_no_such_option": True})
+
+
+def _fusions(text: str) -> int:
+    return sum(" fusion(" in line for line in text.splitlines())
+
+
+def test_options_reach_the_forward_program(tiny_model_dir):
+    plain = make_llm(tiny_model_dir)
+    unfused = make_llm(tiny_model_dir, xla_compiler_options=NO_FUSION_PASS)
+    plain_hlo = plain.llm_engine.runner.lower_largest_forward().compile().as_text()
+    unfused_hlo = unfused.llm_engine.runner.lower_largest_forward().compile().as_text()
+    assert _fusions(plain_hlo) != _fusions(unfused_hlo)  # the option reached XLA for this program
+    prompts = random_token_prompts(3, [5, 17, 40], seed=3)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
+    got = [o.outputs[0].token_ids for o in unfused.generate(prompts, params, use_tqdm=False)]
+    assert got == want
