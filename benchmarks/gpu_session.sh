@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine session: the GPU tests and the benchmarks, logs and JSON under $OUT (default ./gpu-out).
 #   bash benchmarks/gpu_session.sh tests kernels j8 j8sync j8ref j8cublas j8nomerge j8both j8xla j8fp8 j1 l8 l8q \
-#        l8qxla profile profile1 profile_b1 profile_prefill profile_tp2 startup compare_hf qmm mesh8
+#        l8qxla l8xla profile profile1 profile_b1 profile_prefill profile_tp2 startup compare_hf qmm mesh8
 # (any subset, run in the order given; mesh8 and profile_tp2 need 2+ GPUs: the Llama-3.1-8B shape at TP 1 and 2)
 # Run from the repository root; JAXLLM_COMMIT names the commit when the tree is not a git checkout. Wheels of
 # packages the machine lacks (gguf: `pip download --no-deps -d .whl gguf==0.19.0`, carried as `.whl`) are installed
@@ -30,7 +30,12 @@ for stage in "$@"; do
     j8xla) python3 benchmarks/throughput.py --job J8 --xla-compiler-options "$XLA_DEFAULTS" --record 2>&1 | tee "$OUT/j8xla.log" | grep -Ev "^\{" ;;
     j8fp8) python3 benchmarks/throughput.py --job J8 --quantization fp8 --kv-cache-dtype fp8 --record 2>&1 | tee "$OUT/j8fp8.log" | grep -Ev "^\{"
            python3 benchmarks/throughput.py --job J8 --kv-cache-dtype fp8 --record 2>&1 | tee "$OUT/j8fp8kv.log" | grep -Ev "^\{" ;;
-    profile_b1) python3 benchmarks/profile_step.py --job J8 --num-prompts 1 --out /tmp/b1-trace 2>&1 | tee "$OUT/profile_b1.log" | grep -Ev "^JSON" ;;
+    profile_b1) for q in ${B1_METHODS:-bf16 int8}; do  # batch-1 decode step, unquantized and quantized
+                  python3 benchmarks/profile_step.py --job J8 --num-prompts 1 --out /tmp/b1-$q-trace \
+                    $([ $q = bf16 ] || echo --quantization $q) 2>&1 | tee "$OUT/profile_b1_$q.log" | grep -Ev "^JSON"
+                done ;;
+    l8xla) python3 benchmarks/latency.py --batch-sizes 1 --xla-compiler-options "$XLA_DEFAULTS" 2>&1 | tee "$OUT/l8_xla.log" | grep -Ev "^JSON"
+           python3 benchmarks/latency.py --batch-sizes 1 --xla-compiler-options '{"xla_gpu_enable_triton_gemm": true}' 2>&1 | tee "$OUT/l8_triton.log" | grep -Ev "^JSON" ;;
     profile_tp2) python3 benchmarks/profile_step.py --job J8 --tensor-parallel-size 2 --num-prompts 1 --out /tmp/tp2-trace 2>&1 | tee "$OUT/profile_tp2_b1.log" | grep -Ev "^JSON"
                  python3 benchmarks/profile_step.py --job J8 --num-prompts 1 --out /tmp/tp1-trace 2>&1 | tee "$OUT/profile_tp1_b1.log" | grep -Ev "^JSON" ;;
     profile_prefill) python3 benchmarks/profile_step.py --job J8 --phase prefill --out /tmp/j8-prefill-trace 2>&1 | tee "$OUT/profile_prefill.log" | grep -Ev "^JSON" ;;

@@ -22,7 +22,7 @@ import time
 
 import jax
 
-from benchmarks.common import JOBS, Job, environment, print_record, random_prompts
+from benchmarks.common import JOBS, Job, add_engine_variant_arguments, environment, print_record, random_prompts
 from jaxllm import LLMEngine, SamplingParams
 
 SMOKE_JOB = Job("smoke", "tests/fixtures/models/llama", 8, 24, 16)
@@ -113,6 +113,7 @@ def main(argv=None) -> dict:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--num-prompts", type=int, help="default: the job's (1 profiles batch-1 decode)")
+    add_engine_variant_arguments(p)
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args(argv)
     job = SMOKE_JOB if args.smoke else JOBS[args.job]
@@ -125,6 +126,9 @@ def main(argv=None) -> dict:
         max_num_batched_tokens=64 if args.smoke else args.max_num_batched_tokens,
         max_model_len=256 if args.smoke else 2048,
         tensor_parallel_size=args.tensor_parallel_size,
+        quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
+        xla_compiler_options=args.xla_compiler_options,
     )
     params = SamplingParams(temperature=0.0, max_tokens=job.output_len, ignore_eos=True)
     num_prompts = args.num_prompts or job.num_prompts
