@@ -93,7 +93,7 @@ def main(argv=None) -> dict:
         "model": args.model,
         "quantization": args.quantization,
         "kv_cache_dtype": args.kv_cache_dtype,
-        "xla_compiler_options": engine.compiler_options,
+        "xla_compiler_options": engine.compiler_options.describe(),
         "batches": {},
     }
     label = f"{record['job']}{variant_label(args)}"

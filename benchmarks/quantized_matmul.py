@@ -33,16 +33,8 @@ SMOKE_SHAPES = [(256, 384)]
 SMOKE_ROWS = [1, 16]
 L2_DEFEAT_BYTES = 256 * 2**20
 SWEEP_CONFIGS = {  # (block_m, block_n, block_k, num_k_splits, num_warps, num_stages); block_m follows M below 16
-    "decode": [
-        (16, n, k, s, 4, st)
-        for n, k, s, st in [
-            (32, 256, 1, 4),
-            (64, 256, 2, 4),
-            (64, 512, 4, 3),
-            (128, 128, 4, 4),
-            (32, 128, 8, 4),
-            (64, 128, 1, 5),
-        ]
+    "decode": [  # weight streaming: tile width (contiguous bytes per row), K step, K splits, warps
+        (16, n, k, s, w, 4) for n in (64, 128, 256) for k in (256, 512) for s in (2, 4, 8) for w in (4, 8)
     ],
     "prefill": [
         (128, 128, 64, 1, 8, 3),
@@ -191,6 +183,7 @@ def main(argv=None) -> dict:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--impls", default=None, help="comma-separated impls (default: pallas_gpu,xla; smoke: interpret)")
     p.add_argument("--rows", default=None, help="comma-separated M values")
+    p.add_argument("--shapes", default=None, help="comma-separated KxN weight shapes (default: the 8B layers')")
     p.add_argument("--json", default=None, help="also write the JSON record to this path")
     args = p.parse_args(argv)
     if args.impls:
@@ -198,6 +191,8 @@ def main(argv=None) -> dict:
     else:
         impls = ["pallas_gpu_interpret", "xla"] if args.smoke else ["pallas_gpu", "xla"]
     shapes = SMOKE_SHAPES if args.smoke else LLAMA_8B_SHAPES
+    if args.shapes:
+        shapes = [tuple(int(d) for d in shape.split("x")) for shape in args.shapes.split(",")]
     batch_rows = [int(m) for m in args.rows.split(",")] if args.rows else (SMOKE_ROWS if args.smoke else BATCH_ROWS)
     rows = []
     print(TABLE_HEADER, flush=True)

@@ -119,7 +119,7 @@ def run(args) -> dict:
             "attention_impl": args.attention_impl or "default",
             "kv_cache_dtype": args.kv_cache_dtype,
             "quantization": args.quantization,
-            "xla_compiler_options": llm.llm_engine.compiler_options,
+            "xla_compiler_options": llm.llm_engine.compiler_options.describe(),
             "gpu_memory_utilization": args.gpu_memory_utilization,
             "async_scheduling": args.async_scheduling,
             "num_kv_blocks": llm.llm_engine.resolved.num_blocks,

@@ -21,7 +21,7 @@ from jaxllm.config import EngineConfig, ResolvedConfig
 from jaxllm.engine import setup
 from jaxllm.loading.model_source import ModelSource
 from jaxllm.models import ModelConfig
-from jaxllm.runner.xla_options import step_compiler_options
+from jaxllm.runner.xla_options import StepCompilerOptions
 from sharding.mesh import describe, make_mesh, replica_meshes
 from sharding.model_sharding import expand_kv_heads, kv_bytes_per_block_per_device
 from sharding.rules import kv_head_replicas, param_placement
@@ -80,7 +80,7 @@ def build_mesh_runners(
     runners = []
     for index, replica_mesh in enumerate(replica_meshes(mesh)):
         model = load_replica_model(config, source, model_config, replica_mesh)
-        compiler_options = step_compiler_options(jax.default_backend(), config.xla_compiler_options)
+        compiler_options = StepCompilerOptions(jax.default_backend(), config.xla_compiler_options)
         runners.append(
             PipelineRunner(
                 model, replica_mesh, resolved, kv_dtype, seed=config.seed + index, compiler_options=compiler_options

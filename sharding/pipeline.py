@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from jaxllm.models.activation_sharding import activation_sharding
 from jaxllm.models.attention_metadata import AttentionMetadata
 from jaxllm.runner.step_batch import StepBatch
+from jaxllm.runner.xla_options import CompilerOptions, ProgramsByOptions
 from sharding.mesh import stage_meshes
 from sharding.rules import activation_rules, check_single_replica, kv_cache_sharding, replicated, state_shardings
 from sharding.stages import StageModule, stage_forward, stage_layer_ranges
@@ -47,7 +48,7 @@ class Stage:
     layers: range
     graphdef: nnx.GraphDef
     state: nnx.State
-    program: Callable
+    programs: ProgramsByOptions  # the stage's jitted program, one per set of XLA options
     kv_caches: list | None = None
 
 
@@ -76,11 +77,11 @@ def _check_placed(state, mesh: Mesh, stage: int) -> None:
 class PipelinedModel:
     """A model placed by ``sharding.rules.param_placement`` on one replica's mesh, run stage by stage."""
 
-    def __init__(self, model, mesh: Mesh, *, head_fn: HeadFn = greedy_head, compiler_options: dict | None = None):
+    def __init__(self, model, mesh: Mesh, *, head_fn: HeadFn = greedy_head, compiler_options: CompilerOptions = None):
         check_single_replica(mesh)
         self.config = model.config
         self.head_fn = head_fn
-        self.compiler_options = compiler_options  # XLA options for every stage program (jax.jit's own argument)
+        self.compiler_options = compiler_options  # XLA options of the stage programs, per bucket (runner.xla_options)
         self.num_traces = 0  # incremented only when a stage program is traced (compiled) anew
         meshes = stage_meshes(mesh)
         ranges = stage_layer_ranges(self.config.num_layers, len(meshes))
@@ -94,8 +95,8 @@ class PipelinedModel:
         if module.tied_embedding is not None and not is_first:
             state = _copy_tied_embedding(state, mesh)
         _check_placed(state, mesh, index)
-        program = self._compile(graphdef, state, mesh, is_last)
-        return Stage(mesh, ranges[index], graphdef, state, program)
+        programs = self._compile(graphdef, state, mesh, is_last)
+        return Stage(mesh, ranges[index], graphdef, state, programs)
 
     def _compile(self, graphdef, state, mesh: Mesh, is_last: bool):
         head_fn = self.head_fn
@@ -110,12 +111,12 @@ class PipelinedModel:
             return (head_fn(out, head_args) if is_last else out), kv_caches
 
         rep, kv = replicated(mesh), kv_cache_sharding(mesh)
-        return jax.jit(
+        return ProgramsByOptions(
             program,
+            self.compiler_options,
             donate_argnums=(1,),
             in_shardings=(state_shardings(state), kv, rep, rep, rep, rep),
             out_shardings=(rep, kv),
-            compiler_options=self.compiler_options,
         )
 
     @property
@@ -151,7 +152,8 @@ class PipelinedModel:
         return stage.state, stage.kv_caches, inputs, metadata, logits_indices, head_args
 
     def _run_stage(self, stage: Stage, inputs, batch: StepBatch, head_args):
-        out, stage.kv_caches = stage.program(*self._stage_args(stage, inputs, batch, head_args))
+        program = stage.programs.for_tokens(batch.token_bucket)
+        out, stage.kv_caches = program(*self._stage_args(stage, inputs, batch, head_args))
         return out
 
     def lower_stage(self, index: int, batch: StepBatch, head_args=None) -> jax.stages.Lowered:
@@ -162,4 +164,4 @@ class PipelinedModel:
             dtype = self.stages[0].state["embed_tokens"]["embedding"].get_value().dtype
             shape = (batch.input_ids.shape[0], self.config.hidden_size)
             args[2] = jax.ShapeDtypeStruct(shape, dtype, sharding=replicated(stage.mesh))
-        return stage.program.lower(*args)
+        return stage.programs.for_tokens(batch.token_bucket).lower(*args)

@@ -27,7 +27,7 @@ from jaxllm.outputs import RequestOutput
 from jaxllm.request import RequestStatus
 from jaxllm.runner.kv_cache import resolve_kv_cache_dtype
 from jaxllm.runner.model_runner import ModelRunner
-from jaxllm.runner.xla_options import check_compiler_options, step_compiler_options
+from jaxllm.runner.xla_options import StepCompilerOptions, check_compiler_options
 from jaxllm.sampling_params import SamplingParams
 from sharding.data_parallel import DataParallelEngine
 from sharding.engine_runners import build_mesh_runners, engine_mesh
@@ -46,9 +46,9 @@ class LLMEngine:
         self.eos_token_ids = _eos_token_ids(self.model_config, source.generation_config, self.tokenizer)
         model_dtype = resolve_dtype(config.dtype, self.model_config.checkpoint_dtype)
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, model_dtype)
-        self.compiler_options = step_compiler_options(jax.default_backend(), config.xla_compiler_options)
-        check_compiler_options(self.compiler_options)
-        logger.info("XLA options of the step programs: %s", self.compiler_options or "XLA's defaults")
+        self.compiler_options = StepCompilerOptions(jax.default_backend(), config.xla_compiler_options)
+        check_compiler_options(config.xla_compiler_options)
+        logger.info("XLA options of the step programs: %s", self.compiler_options.describe())
         start = time.perf_counter()
         runners, self.resolved = self._build_runners(source)
         logger.info(

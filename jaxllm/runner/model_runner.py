@@ -30,6 +30,7 @@ from jaxllm.core.step_io import ModelRunnerOutput, SampledLogprobs, SchedulerOut
 from jaxllm.models.attention_metadata import AttentionMetadata
 from jaxllm.runner.kv_cache import allocate_kv_cache
 from jaxllm.runner.step_batch import StepBatch, pack_step_batch
+from jaxllm.runner.xla_options import CompilerOptions, ProgramsByOptions
 from jaxllm.sampling import SamplingMetadata, SamplingMetadataBuilder, build_sampling_metadata, sample
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class ModelRunner:
         seed: int = 0,
         kv_sharding=None,
         batch_sharding=None,
-        compiler_options: dict | None = None,
+        compiler_options: CompilerOptions = None,
     ):
         self.config = config
         self.model_config = model.config
@@ -102,8 +103,8 @@ class ModelRunner:
         self.max_rows = config.request_rows_for(config.token_buckets[-1])
         self._no_pending_tokens = jnp.zeros((self.max_rows,), jnp.int32)
         self._sampling_builder = SamplingMetadataBuilder()
-        # compiler_options: XLA options of the forward program (jaxllm.runner.xla_options picks them per platform)
-        self._jitted_forward = jax.jit(self._traced_forward, donate_argnums=(1,), compiler_options=compiler_options)
+        # compiler_options: XLA options of the forward program per token bucket (jaxllm.runner.xla_options)
+        self._forward_programs = ProgramsByOptions(self._traced_forward, compiler_options, donate_argnums=(1,))
         self._jitted_sample = jax.jit(self._traced_sample)
 
     def _traced_forward(self, params, kv_caches, batch, prev_token_ids):
@@ -158,7 +159,8 @@ class ModelRunner:
 
     def _run(self, batch: StepBatch, sampling_metadata: SamplingMetadata, prev_token_ids: jax.Array):
         arrays = self._batch_arrays(batch)
-        logits, self.kv_caches = self._jitted_forward(self.params, self.kv_caches, arrays, prev_token_ids)
+        forward = self._forward_programs.for_tokens(batch.token_bucket)
+        logits, self.kv_caches = forward(self.params, self.kv_caches, arrays, prev_token_ids)
         result = self._jitted_sample(logits, sampling_metadata, jnp.int32(self.num_steps))
         self.num_steps += 1
         return result
@@ -204,7 +206,8 @@ class ModelRunner:
         num_blocks = self.config.num_blocks if num_blocks is None else num_blocks
         shape = (num_blocks, self.config.block_size, self.model_config.num_kv_heads, self.model_config.head_dim)
         kv = [(jax.ShapeDtypeStruct(shape, self.kv_dtype),) * 2 for _ in range(self.model_config.num_layers)]
-        return self._jitted_forward.lower(self.params, kv, self._batch_arrays(batch), self._no_pending_tokens)
+        forward = self._forward_programs.for_tokens(bucket)
+        return forward.lower(self.params, kv, self._batch_arrays(batch), self._no_pending_tokens)
 
     def resize_kv_cache(self, config: ResolvedConfig) -> None:
         self.config = config
@@ -216,7 +219,7 @@ class ModelRunner:
     def _run_padding_step(self, bucket: int) -> None:
         rows = self.config.request_rows_for(bucket)
         batch = empty_step_batch(bucket, rows, self.config.max_blocks_per_request)
-        logits, self.kv_caches = self._jitted_forward(
+        logits, self.kv_caches = self._forward_programs.for_tokens(bucket)(
             self.params, self.kv_caches, self._batch_arrays(batch), self._no_pending_tokens
         )
         for metadata in sampler_variants(rows):

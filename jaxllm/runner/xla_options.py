@@ -1,29 +1,71 @@
 """The XLA compiler options the engine's step programs are compiled with (``jax.jit(..., compiler_options=...)``).
 
-Chosen per platform by measurement (benchmarks/RESULTS.md, "XLA options of the step program"). On GPU, XLA's
-``dot-merger`` pass joins matmuls that share an input (q/k/v, gate/up) into one matmul of concatenated weights,
-which copies those weights every step, and its Triton GEMM emitter then takes the merged matmul at a fraction of the
-memory bandwidth; with the pass off and cuBLAS for every GEMM, job J8 ran 1.05x faster on an H100. Other platforms
-keep XLA's defaults. ``EngineConfig.xla_compiler_options`` adds to (or, with a key of the same name, replaces) these.
+Chosen per platform and per step size by measurement (benchmarks/RESULTS.md, "XLA options of the step program").
+On GPU, XLA's ``dot-merger`` pass joins matmuls that share an input (q/k/v, gate/up) into one matmul of concatenated
+weights, and its Triton GEMM emitter takes that merged matmul. For wide steps (job J8's 256-token decode) this was
+slow: with the pass off and cuBLAS for every GEMM, J8 ran 1.05x faster on an H100. For narrow steps (batch-1 decode,
+job L8) XLA's own choice was the faster one (inter-token latency 6.27 ms against 6.70 ms), so steps of at most
+``NARROW_STEP_MAX_TOKENS`` tokens keep XLA's defaults. Other platforms keep XLA's defaults throughout.
+``EngineConfig.xla_compiler_options`` adds to (or, with a key of the same name, replaces) these for every step.
+
+A runner takes ``compiler_options`` as a dict (every program alike), None (XLA's defaults) or a callable from a
+step's token count to a dict; ``ProgramsByOptions`` keeps one ``jax.jit`` per distinct set.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 
 import jax
 
-GPU_STEP_OPTIONS: dict[str, object] = {
+WIDE_STEP_GPU_OPTIONS: dict[str, object] = {
     "xla_disable_hlo_passes": "dot-merger",
     "xla_gpu_enable_triton_gemm": False,
 }
-_DEFAULTS_BY_PLATFORM: dict[str, dict[str, object]] = {"gpu": GPU_STEP_OPTIONS}
+NARROW_STEP_MAX_TOKENS = 64  # token buckets up to this size compile with XLA's defaults on GPU
+
+CompilerOptions = Mapping[str, object] | Callable[[int], Mapping[str, object] | None] | None
 
 
-def step_compiler_options(platform: str, overrides: Mapping[str, object] | None = None) -> dict[str, object] | None:
-    """The options for ``platform`` (``jax.default_backend()``) with ``overrides`` on top; None when there are none."""
-    options = {**_DEFAULTS_BY_PLATFORM.get(platform, {}), **(overrides or {})}
-    return options or None
+@dataclasses.dataclass(frozen=True)
+class StepCompilerOptions:
+    """The options of a step program of ``num_tokens`` tokens on ``platform``, with ``overrides`` on top."""
+
+    platform: str
+    overrides: Mapping[str, object] | None = None
+
+    def __call__(self, num_tokens: int) -> dict[str, object] | None:
+        wide = self.platform == "gpu" and num_tokens > NARROW_STEP_MAX_TOKENS
+        options = {**(WIDE_STEP_GPU_OPTIONS if wide else {}), **(self.overrides or {})}
+        return options or None
+
+    def describe(self) -> str:
+        narrow, wide = self(NARROW_STEP_MAX_TOKENS), self(NARROW_STEP_MAX_TOKENS + 1)
+        if narrow == wide:
+            return str(narrow or "XLA's defaults")
+        return f"{narrow or 'XLA defaults'} up to {NARROW_STEP_MAX_TOKENS} tokens, {wide} above"
+
+
+def options_for(compiler_options: CompilerOptions, num_tokens: int) -> dict[str, object] | None:
+    """The options for a program of ``num_tokens`` tokens, whichever form ``compiler_options`` takes."""
+    options = compiler_options(num_tokens) if callable(compiler_options) else compiler_options
+    return dict(options) if options else None
+
+
+class ProgramsByOptions:
+    """``jax.jit(fn, **jit_kwargs)`` compiled with each step size's options: one jitted function per distinct set."""
+
+    def __init__(self, fn: Callable, compiler_options: CompilerOptions, **jit_kwargs):
+        self._fn, self._compiler_options, self._jit_kwargs = fn, compiler_options, jit_kwargs
+        self._jitted: dict[tuple, Callable] = {}
+
+    def for_tokens(self, num_tokens: int):
+        options = options_for(self._compiler_options, num_tokens)
+        key = tuple(sorted((options or {}).items()))
+        if key not in self._jitted:
+            self._jitted[key] = jax.jit(self._fn, compiler_options=options, **self._jit_kwargs)
+        return self._jitted[key]
 
 
 def check_compiler_options(options: Mapping[str, object] | None) -> None:

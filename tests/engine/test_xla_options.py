@@ -1,25 +1,50 @@
-"""XLA compiler options of the step programs: the platform defaults (GPU: dot merger and Triton GEMM off), a user's
-``xla_compiler_options`` on top, and proof that they reach the compiled forward program (single device and mesh)."""
+"""XLA compiler options of the step programs: the platform defaults (GPU: dot merger and Triton GEMM off for steps
+wider than 64 tokens), a user's ``xla_compiler_options`` on top, and proof that they reach the compiled forward
+program, one jitted program per distinct set."""
 
 import pytest
 
 from jaxllm import SamplingParams
 from jaxllm.config import EngineConfig
-from jaxllm.runner.xla_options import GPU_STEP_OPTIONS, check_compiler_options, step_compiler_options
+from jaxllm.runner.xla_options import (
+    NARROW_STEP_MAX_TOKENS,
+    WIDE_STEP_GPU_OPTIONS,
+    ProgramsByOptions,
+    StepCompilerOptions,
+    check_compiler_options,
+)
 from tests.engine.conftest import make_llm, random_token_prompts
 
 NO_FUSION_PASS = {"xla_disable_hlo_passes": "fusion"}  # changes the CPU program's fusions (HLO shows it)
 
 
-def test_gpu_defaults_turn_off_dot_merger_and_triton_gemm():
-    assert step_compiler_options("gpu") == {"xla_disable_hlo_passes": "dot-merger", "xla_gpu_enable_triton_gemm": False}
-    assert step_compiler_options("cpu") is None and step_compiler_options("tpu") is None
+def test_gpu_defaults_turn_off_dot_merger_and_triton_gemm_for_wide_steps():
+    gpu = StepCompilerOptions("gpu")
+    assert gpu(NARROW_STEP_MAX_TOKENS + 1) == {
+        "xla_disable_hlo_passes": "dot-merger",
+        "xla_gpu_enable_triton_gemm": False,
+    }
+    assert gpu(8192) == WIDE_STEP_GPU_OPTIONS and gpu(NARROW_STEP_MAX_TOKENS) is None and gpu(16) is None
+    for platform in ("cpu", "tpu"):
+        assert StepCompilerOptions(platform)(16) is None and StepCompilerOptions(platform)(8192) is None
 
 
 def test_user_options_add_to_and_replace_the_defaults():
-    got = step_compiler_options("gpu", {"xla_gpu_enable_triton_gemm": True, "xla_gpu_autotune_level": 0})
-    assert got == {**GPU_STEP_OPTIONS, "xla_gpu_enable_triton_gemm": True, "xla_gpu_autotune_level": 0}
-    assert step_compiler_options("cpu", NO_FUSION_PASS) == NO_FUSION_PASS
+    overrides = {"xla_gpu_enable_triton_gemm": True, "xla_gpu_autotune_level": 0}
+    gpu = StepCompilerOptions("gpu", overrides)
+    assert gpu(256) == {**WIDE_STEP_GPU_OPTIONS, **overrides} and gpu(16) == overrides
+    assert StepCompilerOptions("cpu", NO_FUSION_PASS)(16) == NO_FUSION_PASS
+    assert "up to 64 tokens" in gpu.describe() and StepCompilerOptions("cpu").describe() == "XLA's defaults"
+
+
+def test_one_jitted_program_per_distinct_option_set():
+    programs = ProgramsByOptions(lambda x: x * 2, StepCompilerOptions("gpu"))
+    assert programs.for_tokens(16) is programs.for_tokens(64)
+    assert programs.for_tokens(128) is programs.for_tokens(8192)
+    assert programs.for_tokens(16) is not programs.for_tokens(128)
+    same = ProgramsByOptions(lambda x: x * 2, {"xla_gpu_enable_triton_gemm": False})
+    assert same.for_tokens(16) is same.for_tokens(8192)
+    assert int(programs.for_tokens(16)(3)) == 6
 
 
 @pytest.mark.parametrize("bad", [["xla_gpu_enable_triton_gemm"], {"xla_gpu_enable_triton_gemm": None}, {3: True}])
@@ -29,7 +54,7 @@ def test_malformed_options_are_a_type_error(bad):
 
 
 def test_unknown_option_is_a_value_error_naming_it():
-    check_compiler_options(GPU_STEP_OPTIONS)  # known to XLA on every platform
+    check_compiler_options(WIDE_STEP_GPU_OPTIONS)  # known to XLA on every platform
     with pytest.raises(ValueError, match="xla_no_such_option"):
         check_compiler_options({"xla_no_such_option": True})
 

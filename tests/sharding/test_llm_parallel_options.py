@@ -262,6 +262,6 @@ def test_xla_compiler_options_reach_every_stage_program():
     options = {"xla_disable_hlo_passes": "fusion"}
     plain = make_llm("llama", tensor_parallel_size=2, pipeline_parallel_size=2)
     unfused = make_llm("llama", tensor_parallel_size=2, pipeline_parallel_size=2, xla_compiler_options=options)
-    assert unfused.llm_engine.runner.pipeline.compiler_options == options
+    assert unfused.llm_engine.runner.pipeline.compiler_options(16) == options
     assert stage_fusions(unfused) != stage_fusions(plain)
     assert generate(unfused) == generate(plain)
