@@ -158,8 +158,8 @@ def step_k(method: str, cfg: KernelConfig, group_size: int | None) -> int:
 
 def default_config(num_rows: int, k: int, n: int, method: str, group_size=None, num_cores: int = 132):
     """A config for ``[M=num_rows, K] x [K, N]`` on a GPU with ``num_cores`` SMs (starting points, to be tuned)."""
-    if num_rows <= 16:  # decode: memory-bound, narrow tiles and long K steps so many programs stream the weight
-        block_m, block_n, block_k, num_warps, num_stages = 16, 64, 256, 4, 4
+    if num_rows <= 16:  # decode: memory-bound; 128-column tiles, K split until the programs fill the GPU twice
+        block_m, block_n, block_k, num_warps, num_stages = 16, 128, 256, 8, 4  # (H100 sweep, benchmarks/RESULTS.md)
     elif num_rows <= 64:
         block_m, block_n, block_k, num_warps, num_stages = _next_power_of_two(num_rows), 64, 128, 4, 4
     else:  # prefill: compute-bound tiles
@@ -169,11 +169,19 @@ def default_config(num_rows: int, k: int, n: int, method: str, group_size=None, 
     cfg = KernelConfig(block_m, block_n, block_k, 1, num_warps, num_stages)
     steps = k // step_k(method, cfg, group_size)
     tiles = _cdiv(num_rows, block_m) * _cdiv(n, block_n)
-    splits = 1  # double while the GPU is short of programs, each split keeps >= 4 steps, and the f32 partials
+    # Decode: about one wave of programs (the H100 sweep's best: doubling stops once it would pass the SM count by
+    # more than one set of tiles), each split >= 1 step. Prefill: two waves, each split >= 4 steps.
+    def short_of_programs(splits: int) -> bool:
+        if num_rows <= 16:
+            return 2 * tiles * splits <= num_cores + tiles
+        return tiles * splits < 2 * num_cores
+
+    min_steps = 1 if num_rows <= 16 else 4
+    splits = 1  # double while the GPU is short of programs, each split keeps >= min_steps, and the f32 partials
     while (  # (8 bytes per output element and split, written and read) stay under half the int8 weight bytes
-        tiles * splits < 2 * num_cores
+        short_of_programs(splits)
         and steps % (2 * splits) == 0
-        and steps // (2 * splits) >= 4
+        and steps // (2 * splits) >= min_steps
         and 2 * splits * num_rows * 16 <= k
     ):
         splits *= 2
