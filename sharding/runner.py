@@ -43,32 +43,29 @@ BuildHeadArgs = Callable[[list, int, int, int], object]
 
 
 def sampler_head(logits, head_args) -> dict:
-    """jaxllm's sampler on the last stage; ``head_args`` is ``(SamplingMetadata, step key)``."""
-    metadata, step_key = head_args
+    """jaxllm's sampler on the last stage; ``head_args`` is ``(SamplingMetadata, base key data, step index)``. The
+    step key is folded in here, inside the program, as ModelRunner folds its own."""
+    metadata, base_key_data, step = head_args
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(base_key_data), step)
     return sample(logits, metadata, step_key)._asdict()
 
 
 class SamplerHeadArgs:
-    """Builds ``sampler_head``'s arguments: one cached metadata builder per microbatch slot, one key per step.
+    """Builds ``sampler_head``'s arguments: one cached metadata builder per microbatch slot, the base key, the step.
 
     Everything stays host numpy (the key as its raw uint32 data), so the pipeline's one ``device_put`` can place it
-    on a last stage that spans several processes.
+    on a last stage that spans several processes, and building it never waits on the device: with async scheduling
+    the next step is built while the previous one runs (an eager ``fold_in`` read back to the host here used to
+    stall every tensor-parallel step until the one before it had finished).
     """
 
     def __init__(self, seed: int = 0):
-        self.base_key = jax.random.key(seed)
+        self.base_key_data = np.asarray(jax.random.key_data(jax.random.key(seed)))
         self.builders: dict[int, SamplingMetadataBuilder] = {}
-        self._step_key: tuple[int, np.ndarray] | None = None
-
-    def step_key(self, step: int) -> np.ndarray:
-        if self._step_key is None or self._step_key[0] != step:
-            key = jax.random.key_data(jax.random.fold_in(self.base_key, step))  # as ModelRunner's step key
-            self._step_key = (step, np.asarray(key))
-        return self._step_key[1]
 
     def __call__(self, requests: list, num_rows: int, microbatch: int, step: int):
         builder = self.builders.setdefault(microbatch, SamplingMetadataBuilder())
-        return builder.build(requests, num_rows), self.step_key(step)
+        return builder.build(requests, num_rows), self.base_key_data, np.int32(step)
 
 
 def padding_batch(num_tokens: int, num_rows: int, max_blocks: int) -> StepBatch:

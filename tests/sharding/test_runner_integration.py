@@ -21,9 +21,10 @@ pytestmark = [
 ]
 
 
-def run(engine, prompts: dict[str, list[int]]):
+def run(engine, prompts: dict[str, list[int]], seeded: bool = True):
     for i, (request_id, token_ids) in enumerate(prompts.items()):
-        params = SamplingParams(temperature=0.8, top_p=0.9, seed=100 + i, max_tokens=4, logprobs=3, ignore_eos=True)
+        seed = 100 + i if seeded else None  # unseeded rows draw from the engine's per-step key
+        params = SamplingParams(temperature=0.8, top_p=0.9, seed=seed, max_tokens=4, logprobs=3, ignore_eos=True)
         engine.add_request(request_id, token_ids, params)
     tokens = {request_id: [] for request_id in prompts}
     logprobs = {request_id: [] for request_id in prompts}
@@ -56,3 +57,18 @@ def test_seeded_sampling_and_logprobs_match_model_runner():
         for token, step in zip(tokens, want_logprobs[request_id], strict=True)
     ]
     assert any(token != top for token, top in drawn_and_top)
+
+
+def test_unseeded_sampling_uses_model_runner_step_keys():
+    """Unseeded rows draw from the step key, which the pipeline's sampler head folds in inside its program (the
+    host never reads a key back from the device) exactly as ModelRunner does."""
+    model, config = tiny_model(), resolved_config()
+    prompts = mixed_prompts(model.config.vocab_size, seed=6)
+    reference = ShardedEngine(ModelRunner(model, config, jnp.float32, seed=11), config)
+    want_tokens, _ = run(reference, prompts, seeded=False)
+    mesh = make_mesh(tensor_parallel_size=2)
+    runner_kwargs = {"seed": 11, "compiler_options": FAST_COMPILE}
+    engine = ShardedEngine.from_model(shard_model(model, mesh), mesh, config, jnp.float32, runner_kwargs=runner_kwargs)
+    assert run(engine, prompts, seeded=False)[0] == want_tokens
+    other_seed = ShardedEngine(ModelRunner(model, config, jnp.float32, seed=12), config)
+    assert run(other_seed, prompts, seeded=False)[0] != want_tokens  # the engine seed really drives these rows
