@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxllm.models.activation_sharding import activation_sharding
 from jaxllm.models.attention_metadata import AttentionMetadata
+from jaxllm.runner.packed_transfer import PackedLayout, pack, unpack
 from jaxllm.runner.step_batch import StepBatch
 from jaxllm.runner.xla_options import CompilerOptions, ProgramsByOptions
 from sharding.mesh import stage_meshes
@@ -102,8 +103,9 @@ class PipelinedModel:
         head_fn = self.head_fn
         rules = activation_rules(self.config, mesh)
 
-        def program(state, kv_caches, inputs, metadata: dict, logits_indices, head_args):
+        def program(state, kv_caches, inputs, packed, layout: PackedLayout):
             self.num_traces += 1
+            metadata, logits_indices, head_args = unpack(packed, layout)  # the step's one host-to-device copy
             stage = nnx.merge(graphdef, state)
             md = AttentionMetadata(**metadata)
             with activation_sharding(mesh, rules):  # the model's activation names -> sharding constraints
@@ -115,7 +117,8 @@ class PipelinedModel:
             program,
             self.compiler_options,
             donate_argnums=(1,),
-            in_shardings=(state_shardings(state), kv, rep, rep, rep, rep),
+            static_argnums=(4,),
+            in_shardings=(state_shardings(state), kv, rep, rep),
             out_shardings=(rep, kv),
         )
 
@@ -145,11 +148,12 @@ class PipelinedModel:
         return results
 
     def _stage_args(self, stage: Stage, inputs, batch: StepBatch, head_args) -> tuple:
+        """The stage program's arguments: the step's host arrays go over packed in one buffer (one copy per device,
+        not one per array: see ``jaxllm.runner.packed_transfer``)."""
         metadata = {name: getattr(batch, name) for name in METADATA_FIELDS}
-        inputs, metadata, logits_indices, head_args = jax.device_put(
-            (inputs, metadata, batch.logits_indices, head_args), replicated(stage.mesh)
-        )
-        return stage.state, stage.kv_caches, inputs, metadata, logits_indices, head_args
+        packed, layout = pack((metadata, batch.logits_indices, head_args))
+        inputs, packed = jax.device_put((inputs, packed), replicated(stage.mesh))
+        return stage.state, stage.kv_caches, inputs, packed, layout
 
     def _run_stage(self, stage: Stage, inputs, batch: StepBatch, head_args):
         program = stage.programs.for_tokens(batch.token_bucket)

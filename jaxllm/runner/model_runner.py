@@ -5,7 +5,9 @@ place), the two jitted programs of a step and their warm-up. The forward program
 last scheduled token) is compiled per token bucket; the sampler program per request-row count and sampling variant
 (greedy, random, random with top-k/top-p; penalties and logprob widths compile on first use, a sampler-sized
 compile). Keeping them apart means a new sampling mix never recompiles the model. Per step the host packs numpy
-arrays, does one device_put, two dispatches and one device->host copy of the sampled ids (+ logprobs when asked).
+arrays into two byte buffers (``jaxllm.runner.packed_transfer``: the forward's and the sampler's inputs), copies
+each to the device in one transfer, does two dispatches and one device->host copy of the sampled ids (+ logprobs
+when asked).
 
 A step is ``dispatch`` (returns at once with an ``InFlightStep``: JAX runs it asynchronously) then ``collect`` (waits
 for its sampled ids). Between the two the engine may dispatch the next step, whose pending tokens are the in-flight
@@ -29,6 +31,7 @@ from jaxllm.config import ResolvedConfig
 from jaxllm.core.step_io import ModelRunnerOutput, SampledLogprobs, SchedulerOutput
 from jaxllm.models.attention_metadata import AttentionMetadata
 from jaxllm.runner.kv_cache import allocate_kv_cache
+from jaxllm.runner.packed_transfer import PackedLayout, pack, unpack
 from jaxllm.runner.step_batch import StepBatch, pack_step_batch
 from jaxllm.runner.xla_options import CompilerOptions, ProgramsByOptions
 from jaxllm.sampling import SamplingMetadata, SamplingMetadataBuilder, build_sampling_metadata, sample
@@ -104,17 +107,22 @@ class ModelRunner:
         self._no_pending_tokens = jnp.zeros((self.max_rows,), jnp.int32)
         self._sampling_builder = SamplingMetadataBuilder()
         # compiler_options: XLA options of the forward program per token bucket (jaxllm.runner.xla_options)
-        self._forward_programs = ProgramsByOptions(self._traced_forward, compiler_options, donate_argnums=(1,))
-        self._jitted_sample = jax.jit(self._traced_sample)
+        # Step inputs cross as one packed buffer per program (jaxllm.runner.packed_transfer); its layout is static.
+        self._forward_programs = ProgramsByOptions(
+            self._traced_forward, compiler_options, donate_argnums=(1,), static_argnums=(4,)
+        )
+        self._jitted_sample = jax.jit(self._traced_sample, static_argnums=(2,))
 
-    def _traced_forward(self, params, kv_caches, batch, prev_token_ids):
+    def _traced_forward(self, params, kv_caches, packed_batch, prev_token_ids, layout: PackedLayout):
         self.num_traces += 1
+        batch = unpack(packed_batch, layout)
         # pending tokens: the previous step's samples, still on the device
         batch = {**batch, "input_ids": feed_pending_tokens(batch["input_ids"], batch["prev_index"], prev_token_ids)}
         return _model_forward(self.graphdef, params, kv_caches, batch)
 
-    def _traced_sample(self, logits, sampling_metadata, step_index):
+    def _traced_sample(self, logits, packed, layout: PackedLayout):
         self.num_sampler_traces += 1
+        sampling_metadata, step_index = unpack(packed, layout)
         out = sample(logits, sampling_metadata, jax.random.fold_in(self.base_key, step_index))
         return out._replace(token_ids=jnp.pad(out.token_ids, (0, self.max_rows - out.token_ids.shape[0])))
 
@@ -139,7 +147,8 @@ class ModelRunner:
         """Waits for a dispatched step and returns its sampled tokens."""
         return self._to_output(step.scheduler_output, step.result)
 
-    def _batch_arrays(self, batch: StepBatch) -> dict:
+    def _batch_arrays(self, batch: StepBatch) -> tuple[jax.Array, PackedLayout]:
+        """The forward program's step inputs: one packed buffer on the device, and its layout."""
         prev_index = batch.prev_index if batch.prev_index is not None else _minus_ones(batch.input_ids.shape)
         arrays = {
             name: getattr(batch, name)
@@ -155,13 +164,18 @@ class ModelRunner:
             )
         }
         arrays["prev_index"] = prev_index
-        return jax.device_put(arrays, self.batch_sharding)
+        packed, layout = pack(arrays)
+        return jax.device_put(packed, self.batch_sharding), layout
+
+    def _sampler_args(self, sampling_metadata: SamplingMetadata, step_index: int) -> tuple[jax.Array, PackedLayout]:
+        packed, layout = pack((sampling_metadata, np.int32(step_index)))
+        return jax.device_put(packed, self.batch_sharding), layout
 
     def _run(self, batch: StepBatch, sampling_metadata: SamplingMetadata, prev_token_ids: jax.Array):
-        arrays = self._batch_arrays(batch)
+        packed, layout = self._batch_arrays(batch)
         forward = self._forward_programs.for_tokens(batch.token_bucket)
-        logits, self.kv_caches = forward(self.params, self.kv_caches, arrays, prev_token_ids)
-        result = self._jitted_sample(logits, sampling_metadata, jnp.int32(self.num_steps))
+        logits, self.kv_caches = forward(self.params, self.kv_caches, packed, prev_token_ids, layout)
+        result = self._jitted_sample(logits, *self._sampler_args(sampling_metadata, self.num_steps))
         self.num_steps += 1
         return result
 
@@ -194,7 +208,7 @@ class ModelRunner:
         rows = self.config.request_rows_for(self.config.token_buckets[-1])
         forward = self.lower_largest_forward(num_blocks).compile()
         logits = jax.ShapeDtypeStruct((rows, self.model_config.vocab_size), jnp.float32)
-        sampler = self._jitted_sample.lower(logits, sampler_variants(rows)[-1], jnp.int32(0)).compile()
+        sampler = self._jitted_sample.lower(logits, *self._sampler_args(sampler_variants(rows)[-1], 0)).compile()
         sampler_bytes = sampler.memory_analysis().temp_size_in_bytes + rows * self.model_config.vocab_size * 4
         return int(max(forward.memory_analysis().temp_size_in_bytes, sampler_bytes))
 
@@ -207,7 +221,8 @@ class ModelRunner:
         shape = (num_blocks, self.config.block_size, self.model_config.num_kv_heads, self.model_config.head_dim)
         kv = [(jax.ShapeDtypeStruct(shape, self.kv_dtype),) * 2 for _ in range(self.model_config.num_layers)]
         forward = self._forward_programs.for_tokens(bucket)
-        return forward.lower(self.params, kv, self._batch_arrays(batch), self._no_pending_tokens)
+        packed, layout = self._batch_arrays(batch)
+        return forward.lower(self.params, kv, packed, self._no_pending_tokens, layout)
 
     def resize_kv_cache(self, config: ResolvedConfig) -> None:
         self.config = config
@@ -219,11 +234,12 @@ class ModelRunner:
     def _run_padding_step(self, bucket: int) -> None:
         rows = self.config.request_rows_for(bucket)
         batch = empty_step_batch(bucket, rows, self.config.max_blocks_per_request)
+        packed, layout = self._batch_arrays(batch)
         logits, self.kv_caches = self._forward_programs.for_tokens(bucket)(
-            self.params, self.kv_caches, self._batch_arrays(batch), self._no_pending_tokens
+            self.params, self.kv_caches, packed, self._no_pending_tokens, layout
         )
         for metadata in sampler_variants(rows):
-            jax.block_until_ready(self._jitted_sample(logits, metadata, jnp.int32(0)))
+            jax.block_until_ready(self._jitted_sample(logits, *self._sampler_args(metadata, 0)))
 
     def warm_up(self) -> float:
         """Compiles the forward program of every token bucket and the common sampler programs of each row count, on
