@@ -169,6 +169,7 @@ def default_config(num_rows: int, k: int, n: int, method: str, group_size=None, 
     cfg = KernelConfig(block_m, block_n, block_k, 1, num_warps, num_stages)
     steps = k // step_k(method, cfg, group_size)
     tiles = _cdiv(num_rows, block_m) * _cdiv(n, block_n)
+
     # Decode: about one wave of programs (the H100 sweep's best: doubling stops once it would pass the SM count by
     # more than one set of tiles), each split >= 1 step. Prefill: two waves, each split >= 4 steps.
     def short_of_programs(splits: int) -> bool:
