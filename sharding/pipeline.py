@@ -8,7 +8,10 @@ the whole model in one program: tensor parallelism alone runs the same code.
 
 Inside a stage, tensor parallelism is GSPMD: the parameters arrive as NamedShardings from ``sharding.rules``, the
 program's in/out shardings are pinned, and the residual stream is constrained to be replicated between layers.
-The host side never blocks here; callers fetch what they need from the returned device arrays.
+The host side never blocks here; callers fetch what they need from the returned device arrays. A stage call costs
+one host-to-device copy per device (its step arrays packed into one buffer, ``jaxllm.runner.packed_transfer``); with
+async scheduling the first stage also gathers the previous step's sampled tokens (still on the device) into its
+input ids, and the last stage pads its sampled ids to a fixed row count so any bucket's output can feed the next.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from jaxllm.models.activation_sharding import activation_sharding
 from jaxllm.models.attention_metadata import AttentionMetadata
+from jaxllm.runner.model_runner import feed_pending_tokens
 from jaxllm.runner.packed_transfer import PackedLayout, pack, unpack
 from jaxllm.runner.step_batch import StepBatch
 from jaxllm.runner.xla_options import CompilerOptions, ProgramsByOptions
@@ -78,10 +83,21 @@ def _check_placed(state, mesh: Mesh, stage: int) -> None:
 class PipelinedModel:
     """A model placed by ``sharding.rules.param_placement`` on one replica's mesh, run stage by stage."""
 
-    def __init__(self, model, mesh: Mesh, *, head_fn: HeadFn = greedy_head, compiler_options: CompilerOptions = None):
+    def __init__(
+        self,
+        model,
+        mesh: Mesh,
+        *,
+        head_fn: HeadFn = greedy_head,
+        compiler_options: CompilerOptions = None,
+        token_rows: int | None = None,
+    ):
+        """``token_rows``: pad the head's ``token_ids`` to this many rows, so they can feed a later step's pending
+        tokens (``run(..., pending_tokens=...)``) through one program whatever bucket produced them."""
         check_single_replica(mesh)
         self.config = model.config
         self.head_fn = head_fn
+        self.token_rows = token_rows
         self.compiler_options = compiler_options  # XLA options of the stage programs, per bucket (runner.xla_options)
         self.num_traces = 0  # incremented only when a stage program is traced (compiled) anew
         meshes = stage_meshes(mesh)
@@ -103,22 +119,31 @@ class PipelinedModel:
         head_fn = self.head_fn
         rules = activation_rules(self.config, mesh)
 
-        def program(state, kv_caches, inputs, packed, layout: PackedLayout):
+        token_rows = self.token_rows
+
+        def program(state, kv_caches, inputs, packed, pending_tokens, layout: PackedLayout):
             self.num_traces += 1
-            metadata, logits_indices, head_args = unpack(packed, layout)  # the step's one host-to-device copy
+            metadata, logits_indices, head_args, prev_index = unpack(packed, layout)  # the step's one H2D copy
+            if pending_tokens is not None:  # first stage: the previous step's samples, still on the device
+                inputs = feed_pending_tokens(inputs, prev_index, pending_tokens)
             stage = nnx.merge(graphdef, state)
             md = AttentionMetadata(**metadata)
             with activation_sharding(mesh, rules):  # the model's activation names -> sharding constraints
                 out, kv_caches = stage_forward(stage, inputs, kv_caches, md, logits_indices)
-            return (head_fn(out, head_args) if is_last else out), kv_caches
+            if not is_last:
+                return out, kv_caches
+            out = head_fn(out, head_args)
+            if token_rows is not None:
+                out = {**out, "token_ids": jnp.pad(out["token_ids"], (0, token_rows - out["token_ids"].shape[0]))}
+            return out, kv_caches
 
         rep, kv = replicated(mesh), kv_cache_sharding(mesh)
         return ProgramsByOptions(
             program,
             self.compiler_options,
             donate_argnums=(1,),
-            static_argnums=(4,),
-            in_shardings=(state_shardings(state), kv, rep, rep),
+            static_argnums=(5,),
+            in_shardings=(state_shardings(state), kv, rep, rep, rep),
             out_shardings=(rep, kv),
         )
 
@@ -134,36 +159,49 @@ class PipelinedModel:
             zeros = functools.partial(_zero_caches, shape, dtype, len(stage.layers))
             stage.kv_caches = jax.jit(zeros, out_shardings=kv_cache_sharding(stage.mesh))()
 
-    def run(self, batches: Sequence[StepBatch], head_args: Sequence | None = None) -> list:
-        """Dispatches every (micro)batch through every stage; returns the head's results per batch (on device)."""
+    def run(self, batches: Sequence[StepBatch], head_args: Sequence | None = None, pending_tokens=None) -> list:
+        """Dispatches every (micro)batch through every stage; returns the head's results per batch (on device).
+
+        ``pending_tokens``: a previous ``run``'s padded ``token_ids`` (needs ``token_rows``), gathered into the first
+        stage's input ids where ``batch.prev_index`` points at them; a zero vector stands in when none are pending,
+        so both cases share one program.
+        """
         if self.stages[0].kv_caches is None:
             raise ValueError("no KV cache: call allocate_kv_cache first")
         head_args = [None] * len(batches) if head_args is None else head_args
+        if self.token_rows is not None and pending_tokens is None:
+            pending_tokens = self._no_pending_tokens
         results = []
         for batch, args in zip(batches, head_args, strict=True):
             x = batch.input_ids
-            for stage in self.stages:
-                x = self._run_stage(stage, x, batch, args)
+            for index, stage in enumerate(self.stages):
+                x = self._run_stage(stage, x, batch, args, pending_tokens if index == 0 else None)
             results.append(x)
         return results
 
-    def _stage_args(self, stage: Stage, inputs, batch: StepBatch, head_args) -> tuple:
+    @functools.cached_property
+    def _no_pending_tokens(self) -> jax.Array:
+        return jax.device_put(np.zeros(self.token_rows, np.int32), replicated(self.stages[0].mesh))
+
+    def _stage_args(self, stage: Stage, inputs, batch: StepBatch, head_args, pending_tokens=None) -> tuple:
         """The stage program's arguments: the step's host arrays go over packed in one buffer (one copy per device,
         not one per array: see ``jaxllm.runner.packed_transfer``)."""
         metadata = {name: getattr(batch, name) for name in METADATA_FIELDS}
-        packed, layout = pack((metadata, batch.logits_indices, head_args))
+        prev_index = batch.prev_index if batch.prev_index is not None else np.full(batch.input_ids.shape, -1, np.int32)
+        packed, layout = pack((metadata, batch.logits_indices, head_args, prev_index))
         inputs, packed = jax.device_put((inputs, packed), replicated(stage.mesh))
-        return stage.state, stage.kv_caches, inputs, packed, layout
+        return stage.state, stage.kv_caches, inputs, packed, pending_tokens, layout
 
-    def _run_stage(self, stage: Stage, inputs, batch: StepBatch, head_args):
+    def _run_stage(self, stage: Stage, inputs, batch: StepBatch, head_args, pending_tokens=None):
         program = stage.programs.for_tokens(batch.token_bucket)
-        out, stage.kv_caches = program(*self._stage_args(stage, inputs, batch, head_args))
+        out, stage.kv_caches = program(*self._stage_args(stage, inputs, batch, head_args, pending_tokens))
         return out
 
     def lower_stage(self, index: int, batch: StepBatch, head_args=None) -> jax.stages.Lowered:
         """Stage ``index``'s program lowered for ``batch``'s bucket (``.compile().as_text()`` shows its collectives)."""
         stage = self.stages[index]
-        args = list(self._stage_args(stage, batch.input_ids, batch, head_args))
+        pending = self._no_pending_tokens if index == 0 and self.token_rows is not None else None
+        args = list(self._stage_args(stage, batch.input_ids, batch, head_args, pending))
         if index > 0:  # a later stage takes hidden states [T, D], not token ids
             dtype = self.stages[0].state["embed_tokens"]["embedding"].get_value().dtype
             shape = (batch.input_ids.shape[0], self.config.hidden_size)

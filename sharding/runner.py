@@ -16,25 +16,21 @@ the runner stays synchronous.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import logging
 import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
 from jaxllm.config import ResolvedConfig
 from jaxllm.core.step_io import ModelRunnerOutput, SampledLogprobs, SchedulerOutput
-from jaxllm.runner.model_runner import InFlightStep, feed_pending_tokens
+from jaxllm.runner.model_runner import InFlightStep
 from jaxllm.runner.step_batch import StepBatch, pack_step_batch
 from jaxllm.sampling import SamplingMetadataBuilder, sample
 from sharding.microbatch import Microbatch, split_step_batch
 from sharding.pipeline import HeadFn, PipelinedModel
-from sharding.rules import replicated
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +96,10 @@ class PipelineRunner:
         compiler_options: dict | None = None,
     ):
         self.config = config
-        self.pipeline = PipelinedModel(model, mesh, head_fn=head_fn, compiler_options=compiler_options)
+        max_rows = config.request_rows_for(config.token_buckets[-1])  # sampled ids padded to this, fed on device
+        self.pipeline = PipelinedModel(
+            model, mesh, head_fn=head_fn, compiler_options=compiler_options, token_rows=max_rows
+        )
         self.num_microbatches = num_microbatches or self.pipeline.num_stages
         if self.num_microbatches < 1:
             raise ValueError(f"num_microbatches must be at least 1, got {self.num_microbatches}")
@@ -119,18 +118,6 @@ class PipelineRunner:
         """Whether ``dispatch``/``collect`` may overlap steps: one stage and one microbatch."""
         return self.pipeline.num_stages == 1 and self.num_microbatches == 1
 
-    @functools.cached_property
-    def _max_rows(self) -> int:
-        return self.config.request_rows_for(self.config.token_buckets[-1])
-
-    @functools.cached_property
-    def _pad_rows(self):
-        return jax.jit(lambda ids: jnp.pad(ids, (0, self._max_rows - ids.shape[0])))
-
-    @functools.cached_property
-    def _feed_pending(self):
-        return jax.jit(feed_pending_tokens)
-
     def dispatch(self, scheduler_output: SchedulerOutput, prev: InFlightStep | None = None) -> InFlightStep:
         """Launches a one-stage, one-microbatch step without waiting; ``prev`` supplies its pending tokens."""
         if not self.supports_async:
@@ -139,14 +126,10 @@ class PipelineRunner:
             )
         scheduled = scheduler_output.scheduled
         batch = pack_step_batch(scheduler_output, self.config, None if prev is None else prev.rows)
-        if batch.prev_index is not None and (batch.prev_index >= 0).any():
-            mesh = self.pipeline.stages[0].mesh
-            ids, index = jax.device_put((batch.input_ids, batch.prev_index), replicated(mesh))
-            batch = dataclasses.replace(batch, input_ids=self._feed_pending(ids, index, prev.result["token_ids"]))
         head_args = [self._head_args(0, Microbatch(batch, 0), scheduled)]
-        result = self.pipeline.run([batch], head_args)[0]
+        pending = None if prev is None else prev.result["token_ids"]  # the in-flight step's samples (padded)
+        result = self.pipeline.run([batch], head_args, pending_tokens=pending)[0]
         self.num_steps += 1
-        result["token_ids"] = self._pad_rows(result["token_ids"])
         result["token_ids"].copy_to_host_async()
         rows = {s.request_id: row for row, s in enumerate(scheduled)}
         return InFlightStep(scheduler_output, result, rows)
@@ -190,11 +173,6 @@ class PipelineRunner:
         start = time.perf_counter()
         for bucket in self.config.token_buckets:
             self._run_padding(bucket)
-            if self.supports_async:  # the small programs that feed pending tokens
-                rows, mesh = self.config.request_rows_for(bucket), self.pipeline.stages[0].mesh
-                padded = self._pad_rows(jax.device_put(np.zeros(rows, np.int32), replicated(mesh)))
-                ids = jax.device_put(np.zeros(bucket, np.int32), replicated(mesh))
-                jax.block_until_ready(self._feed_pending(ids, ids, padded))
         elapsed = time.perf_counter() - start
         logger.info(
             "compiled %d buckets x %d stages in %.1f s",
