@@ -9,9 +9,9 @@ logprob fields when asked). Results of a step are kept in ``last_results`` (host
 
 With one stage and one microbatch (tensor parallelism alone) the runner also offers ``dispatch``/``collect``, so the
 engine core schedules ahead as it does on one device: a step's pending tokens (the in-flight step's samples) are
-gathered into its input ids on the device by a small jitted program, from the in-flight step's token ids padded to
-the most rows of any bucket (one program per token bucket, compiled at warm-up). With several stages or microbatches
-the runner stays synchronous.
+gathered into its input ids inside the first stage's program, from the in-flight step's token ids, which the last
+stage pads to the most rows of any bucket (so one program per bucket serves every previous bucket). With several
+stages or microbatches the runner stays synchronous.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from jaxllm.config import ResolvedConfig
 from jaxllm.core.step_io import ModelRunnerOutput, SampledLogprobs, SchedulerOutput
 from jaxllm.runner.model_runner import InFlightStep
 from jaxllm.runner.step_batch import StepBatch, pack_step_batch
+from jaxllm.runner.xla_options import CompilerOptions
 from jaxllm.sampling import SamplingMetadataBuilder, sample
 from sharding.microbatch import Microbatch, split_step_batch
 from sharding.pipeline import HeadFn, PipelinedModel
@@ -93,7 +94,7 @@ class PipelineRunner:
         seed: int = 0,
         head_fn: HeadFn = sampler_head,
         build_head_args: BuildHeadArgs | None = None,
-        compiler_options: dict | None = None,
+        compiler_options: CompilerOptions = None,
     ):
         self.config = config
         max_rows = config.request_rows_for(config.token_buckets[-1])  # sampled ids padded to this, fed on device
