@@ -187,8 +187,7 @@ class PipelinedModel:
         """The stage program's arguments: the step's host arrays go over packed in one buffer (one copy per device,
         not one per array: see ``jaxllm.runner.packed_transfer``)."""
         metadata = {name: getattr(batch, name) for name in METADATA_FIELDS}
-        prev_index = batch.prev_index if batch.prev_index is not None else np.full(batch.input_ids.shape, -1, np.int32)
-        packed, layout = pack((metadata, batch.logits_indices, head_args, prev_index))
+        packed, layout = pack((metadata, batch.logits_indices, head_args, batch.pending_index))
         inputs, packed = jax.device_put((inputs, packed), replicated(stage.mesh))
         return stage.state, stage.kv_caches, inputs, packed, pending_tokens, layout
 

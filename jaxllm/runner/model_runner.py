@@ -149,7 +149,6 @@ class ModelRunner:
 
     def _batch_arrays(self, batch: StepBatch) -> tuple[jax.Array, PackedLayout]:
         """The forward program's step inputs: one packed buffer on the device, and its layout."""
-        prev_index = batch.prev_index if batch.prev_index is not None else _minus_ones(batch.input_ids.shape)
         arrays = {
             name: getattr(batch, name)
             for name in (
@@ -163,7 +162,7 @@ class ModelRunner:
                 "logits_indices",
             )
         }
-        arrays["prev_index"] = prev_index
+        arrays["prev_index"] = batch.pending_index
         packed, layout = pack(arrays)
         return jax.device_put(packed, self.batch_sharding), layout
 
@@ -263,10 +262,6 @@ def _zeros(shape) -> np.ndarray:
 
 
 @functools.cache
-def _minus_ones(shape) -> np.ndarray:
-    return np.full(shape, -1, np.int32)
-
-
 def empty_step_batch(num_tokens: int, num_rows: int, max_blocks: int) -> StepBatch:
     """A batch of padding only: every token writes into the null block, every row has seq_len 0."""
     return StepBatch(

@@ -38,6 +38,11 @@ class StepBatch:
     def token_bucket(self) -> int:
         return int(self.input_ids.shape[0])
 
+    @property
+    def pending_index(self) -> np.ndarray:
+        """``prev_index`` as the step programs take it: all -1 (nothing pending) when the batch has none."""
+        return self.prev_index if self.prev_index is not None else np.full(self.input_ids.shape, -1, np.int32)
+
 
 def token_bucket_for(config: ResolvedConfig, num_tokens: int) -> int:
     index = bisect.bisect_left(config.token_buckets, num_tokens)

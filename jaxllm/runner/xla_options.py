@@ -58,14 +58,17 @@ class ProgramsByOptions:
 
     def __init__(self, fn: Callable, compiler_options: CompilerOptions, **jit_kwargs):
         self._fn, self._compiler_options, self._jit_kwargs = fn, compiler_options, jit_kwargs
-        self._jitted: dict[tuple, Callable] = {}
+        self._jitted: dict[tuple, Callable] = {}  # by option set
+        self._by_tokens: dict[int, Callable] = {}  # by step size: the per-step lookup
 
     def for_tokens(self, num_tokens: int):
-        options = options_for(self._compiler_options, num_tokens)
-        key = tuple(sorted((options or {}).items()))
-        if key not in self._jitted:
-            self._jitted[key] = jax.jit(self._fn, compiler_options=options, **self._jit_kwargs)
-        return self._jitted[key]
+        if num_tokens not in self._by_tokens:
+            options = options_for(self._compiler_options, num_tokens)
+            key = tuple(sorted((options or {}).items()))
+            if key not in self._jitted:
+                self._jitted[key] = jax.jit(self._fn, compiler_options=options, **self._jit_kwargs)
+            self._by_tokens[num_tokens] = self._jitted[key]
+        return self._by_tokens[num_tokens]
 
 
 def check_compiler_options(options: Mapping[str, object] | None) -> None:

@@ -19,7 +19,7 @@ from tests.models.harness import prompt_logits
 from tests.models.test_parity import FIXTURES, TINY_MODELS, expected, fixture_prompts
 
 ON_GPU = jax.default_backend() == "gpu"
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="no GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a GPU to run the compiled model")]
 
 
 def load(name: str, dtype):

@@ -27,12 +27,26 @@ from tests.kernels.attention_cases import Batch, Geometry, make_batch, naive_att
 ON_GPU, ON_TPU = jax.default_backend() == "gpu", jax.default_backend() == "tpu"
 IMPLS = [
     pytest.param("reference", id="reference"),
-    pytest.param("pallas_gpu_interpret", id="gpu-interpret", marks=pytest.mark.skipif(ON_GPU, reason="runs compiled")),
-    pytest.param("pallas_gpu", id="gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="no GPU")]),
     pytest.param(
-        "pallas_tpu_interpret", id="tpu-interpret", marks=pytest.mark.skipif(ON_TPU, reason="runs compiled on TPU")
+        "pallas_gpu_interpret",
+        id="gpu-interpret",
+        marks=pytest.mark.skipif(ON_GPU, reason="on a GPU the compiled kernel runs instead (id gpu)"),
     ),
-    pytest.param("pallas_tpu", id="tpu", marks=[pytest.mark.tpu, pytest.mark.skipif(not ON_TPU, reason="no TPU")]),
+    pytest.param(
+        "pallas_gpu",
+        id="gpu",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a GPU to compile the Triton kernel")],
+    ),
+    pytest.param(
+        "pallas_tpu_interpret",
+        id="tpu-interpret",
+        marks=pytest.mark.skipif(ON_TPU, reason="on a TPU the compiled kernel runs instead (id tpu)"),
+    ),
+    pytest.param(
+        "pallas_tpu",
+        id="tpu",
+        marks=[pytest.mark.tpu, pytest.mark.skipif(not ON_TPU, reason="needs a TPU to compile the Mosaic kernel")],
+    ),
 ]
 FP8 = ml_dtypes.float8_e4m3fn
 FP8_MAX = 448.0

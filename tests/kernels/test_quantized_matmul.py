@@ -22,8 +22,16 @@ from pallas_kernels.tolerances import assert_close
 
 ON_GPU = jax.default_backend() == "gpu"
 GPU_KERNEL = [
-    pytest.param("pallas_gpu_interpret", id="interpret", marks=pytest.mark.skipif(ON_GPU, reason="runs compiled")),
-    pytest.param("pallas_gpu", id="gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="no GPU")]),
+    pytest.param(
+        "pallas_gpu_interpret",
+        id="interpret",
+        marks=pytest.mark.skipif(ON_GPU, reason="on a GPU the compiled kernel runs instead (id gpu)"),
+    ),
+    pytest.param(
+        "pallas_gpu",
+        id="gpu",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a GPU to compile the Triton kernel")],
+    ),
 ]
 K, N, GROUP = 512, 200, 64
 FP8_MAX = 448.0
@@ -185,7 +193,7 @@ GPU_DEFAULTS = [("pallas_gpu", "int8"), ("pallas_gpu", "int4"), ("pallas_gpu", "
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not ON_GPU, reason="no GPU")
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU to compile the Triton kernel")
 @pytest.mark.parametrize("m", [1, 256])
 @pytest.mark.parametrize("k, n", LLAMA_8B_SHAPES)
 @pytest.mark.parametrize("impl, method", GPU_DEFAULTS)

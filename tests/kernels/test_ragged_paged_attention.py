@@ -19,8 +19,16 @@ from tests.kernels.attention_cases import Batch, Geometry, make_batch, naive_att
 
 ON_GPU = jax.default_backend() == "gpu"
 KERNEL_IMPLS = [
-    pytest.param("pallas_gpu_interpret", id="interpret", marks=pytest.mark.skipif(ON_GPU, reason="runs compiled")),
-    pytest.param("pallas_gpu", id="gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="no GPU")]),
+    pytest.param(
+        "pallas_gpu_interpret",
+        id="interpret",
+        marks=pytest.mark.skipif(ON_GPU, reason="on a GPU the compiled kernel runs instead (id gpu)"),
+    ),
+    pytest.param(
+        "pallas_gpu",
+        id="gpu",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a GPU to compile the Triton kernel")],
+    ),
 ]
 
 # (query_lens, seq_lens) of the real requests; lengths 1, L-1, L, L+1 (L = 16) and a 2k+ context.

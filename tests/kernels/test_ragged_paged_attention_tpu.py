@@ -25,8 +25,16 @@ from tests.kernels.attention_cases import Batch, make_batch, naive_attention
 
 ON_TPU = jax.default_backend() == "tpu"
 MODES = [
-    pytest.param(True, id="interpret", marks=pytest.mark.skipif(ON_TPU, reason="runs compiled on TPU")),
-    pytest.param(False, id="tpu", marks=[pytest.mark.tpu, pytest.mark.skipif(not ON_TPU, reason="no TPU")]),
+    pytest.param(
+        True,
+        id="interpret",
+        marks=pytest.mark.skipif(ON_TPU, reason="on a TPU the compiled kernel runs instead (id tpu)"),
+    ),
+    pytest.param(
+        False,
+        id="tpu",
+        marks=[pytest.mark.tpu, pytest.mark.skipif(not ON_TPU, reason="needs a TPU to compile the Mosaic kernel")],
+    ),
 ]
 # One tier, mid-size tiles: one kernel per compile, used where the tier split is not under test.
 ONE_TIER = mosaic_tpu.KernelConfig(short_tile_tokens=None, long_tile_tokens=16, kv_tokens_per_step=32)

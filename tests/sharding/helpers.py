@@ -11,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from jaxllm.config import ResolvedConfig, power_of_two_buckets
@@ -21,6 +22,12 @@ from jaxllm.models.attention_metadata import AttentionMetadata
 from jaxllm.runner.step_batch import pack_step_batch
 from jaxllm.sampling_params import SamplingParams
 
+# Every multi-device test module's marks: tests/conftest.py asks XLA for 8 fake CPU devices; a run that could not
+# (e.g. jax initialised earlier with fewer) skips these modules rather than failing them.
+NEEDS_8_DEVICES = [
+    pytest.mark.multidevice,
+    pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices: XLA_FLAGS from tests/conftest.py"),
+]
 BLOCK_SIZE = 4
 TOKEN_BUDGET = 16  # small: the long prompts are prefilled in chunks over several steps
 MAX_MODEL_LEN = 64

@@ -15,12 +15,9 @@ from jaxllm.models import activation_sharding as act
 from jaxllm.models.attention_metadata import AttentionMetadata
 from sharding import make_mesh, shard_model
 from sharding.rules import activation_rules
-from tests.sharding.helpers import tiny_model
+from tests.sharding.helpers import NEEDS_8_DEVICES, tiny_model
 
-pytestmark = [
-    pytest.mark.multidevice,
-    pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices"),
-]
+pytestmark = NEEDS_8_DEVICES
 
 
 def test_off_a_mesh_constrain_is_the_identity():

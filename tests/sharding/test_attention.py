@@ -11,12 +11,9 @@ import jaxllm.models.decoder
 from jaxllm.models import activation_sharding as act
 from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference
 from sharding import LOGICAL_AXIS_RULES, logical_to_spec, make_mesh
-from tests.sharding.helpers import FAST_COMPILE
+from tests.sharding.helpers import FAST_COMPILE, NEEDS_8_DEVICES
 
-pytestmark = [
-    pytest.mark.multidevice,
-    pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices"),
-]
+pytestmark = NEEDS_8_DEVICES
 
 BLOCK_SIZE = 4
 METADATA = (act.REPLICATED,) * 3

@@ -8,7 +8,6 @@ straight into their shards, or as dummy weights equal to the one-device ones.
 
 import pathlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,11 +16,9 @@ from flax import nnx
 from jaxllm import LLM, SamplingParams
 from sharding import DataParallelEngine
 from sharding.runner import PipelineRunner
+from tests.sharding.helpers import NEEDS_8_DEVICES
 
-pytestmark = [
-    pytest.mark.multidevice,
-    pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices"),
-]
+pytestmark = NEEDS_8_DEVICES
 
 MODELS = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "models"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)

@@ -6,11 +6,9 @@ import pytest
 
 from sharding import make_mesh
 from sharding.mesh import MESH_AXES, describe, replica_meshes, stage_meshes
+from tests.sharding.helpers import NEEDS_8_DEVICES
 
-pytestmark = [
-    pytest.mark.multidevice,
-    pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices"),
-]
+pytestmark = NEEDS_8_DEVICES
 
 
 def test_axes_and_shape():

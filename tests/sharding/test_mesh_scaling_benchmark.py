@@ -1,14 +1,9 @@
 """benchmarks/mesh_scaling.py end to end on 8 fake devices (a smoke run: the script's correctness, not timing)."""
 
-import jax
-import pytest
-
 from benchmarks import mesh_scaling
+from tests.sharding.helpers import NEEDS_8_DEVICES
 
-pytestmark = [
-    pytest.mark.multidevice,
-    pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices"),
-]
+pytestmark = NEEDS_8_DEVICES
 
 
 def test_mesh_scaling_smoke_sweeps_meshes_through_llm():

@@ -7,7 +7,6 @@ model's own forward on one device. f32 logits of every step must match tightly; 
 
 import re
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,16 +17,14 @@ from sharding.runner import PipelineRunner, padding_batch
 from tests.sharding.helpers import (
     FAST_COMPILE,
     GREEDY,
+    NEEDS_8_DEVICES,
     RecordingRunner,
     logits_head,
     no_head_args,
     resolved_config,
 )
 
-pytestmark = [
-    pytest.mark.multidevice,
-    pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices"),
-]
+pytestmark = NEEDS_8_DEVICES
 
 LOGITS_TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}  # float32; sharded sums only reorder additions
 

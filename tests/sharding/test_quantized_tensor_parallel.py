@@ -2,7 +2,6 @@
 (interpreted on CPU), opaque to the partitioner, multiplies each device's own weight shard, and row-parallel layers
 sum their partial products. Greedy tokens and step logits equal the same quantized model on one device."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from jaxllm.quantization.config import QuantizationConfig
 from sharding.engine import ShardedEngine, generate
 from tests.sharding.helpers import (
     GREEDY,
+    NEEDS_8_DEVICES,
     ReferenceRunner,
     mixed_prompts,
     random_hf_tensors,
@@ -23,10 +23,7 @@ from tests.sharding.helpers import (
     tiny_hf_config,
 )
 
-pytestmark = [
-    pytest.mark.multidevice,
-    pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices"),
-]
+pytestmark = NEEDS_8_DEVICES
 
 
 def use_pallas_kernel(model):

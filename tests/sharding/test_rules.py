@@ -12,12 +12,9 @@ from sharding import build_sharded_model, logical_to_spec, make_mesh, param_plac
 from sharding.model_sharding import init_dummy_weights_by_device_set, kv_bytes_per_block_per_device
 from sharding.pipeline import PipelinedModel
 from sharding.stages import stage_layer_ranges, stage_of_path
-from tests.sharding.helpers import random_hf_tensors, tiny_hf_config, tiny_model
+from tests.sharding.helpers import NEEDS_8_DEVICES, random_hf_tensors, tiny_hf_config, tiny_model
 
-pytestmark = [
-    pytest.mark.multidevice,
-    pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices"),
-]
+pytestmark = NEEDS_8_DEVICES
 
 # Written out by hand from the Megatron layout (not derived from the rules table).
 EXPECTED_SPECS = {

@@ -5,20 +5,15 @@ output position, so the tokens must be the same although the pipeline splits eac
 moves requests to other rows) and tensor parallelism reorders the logits' sums.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from jaxllm.runner.model_runner import ModelRunner
 from jaxllm.sampling_params import SamplingParams
 from sharding import ShardedEngine, make_mesh, shard_model
-from tests.sharding.helpers import FAST_COMPILE, mixed_prompts, resolved_config, tiny_model
+from tests.sharding.helpers import FAST_COMPILE, NEEDS_8_DEVICES, mixed_prompts, resolved_config, tiny_model
 
-pytestmark = [
-    pytest.mark.multidevice,
-    pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices"),
-]
+pytestmark = NEEDS_8_DEVICES
 
 
 def run(engine, prompts: dict[str, list[int]], seeded: bool = True):
