@@ -182,14 +182,17 @@ DECODE_SWEEP = [  # (block_kv, num_kv_splits, num_warps, num_stages) of the shor
     (128, 1, 4, 3), (128, 2, 4, 3), (128, 4, 4, 3), (128, 8, 4, 3),
 ]  # fmt: skip
 PREFILL_SWEEP = [  # (block_rows, block_kv, num_warps, num_stages) of the long-query launch
-    (256, 32, 8, 2), (256, 32, 8, 3), (256, 64, 4, 2), (256, 64, 8, 3),
-]  # fmt: skip
+    *((256, kv, 8, st) for kv in (32, 64, 128) for st in (2, 3, 4)),
+    *((128, kv, w, st) for kv in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4)),
+    *((64, kv, 4, st) for kv in (64, 128) for st in (2, 3)),
+]
+SWEEP_PARTS = ("decode", "prefill", "block_size")
 
 
-def run_sweep(rows, geo):
-    """Kernel configs for decode and prefill, and cache block sizes, on the GPU."""
+def run_sweep(rows, geo, parts=SWEEP_PARTS):
+    """Kernel configs for decode and prefill, and cache block sizes, on the GPU (``parts``: which of the three)."""
     config = triton_gpu.KernelConfig
-    for num_requests, context in ((32, 2048), (8, 8192)):
+    for num_requests, context in ((32, 2048), (8, 8192)) if "decode" in parts else ():
         batch = make_batch(0, [1] * num_requests, [context] * num_requests, **geo)
         case = f"sweep decode {num_requests}x{context}"
         for block_kv, splits, warps, stages in DECODE_SWEEP:
@@ -197,11 +200,11 @@ def run_sweep(rows, geo):
             note = f"short={block_kv}/s{splits}/w{warps}/st{stages}"
             attempt(rows, case, "pallas_gpu", batch, ours, None, note=note, short_config=short)
     batch = make_batch(1, [4096] * 4, [4096] * 4, **geo)
-    for block_rows, block_kv, warps, stages in PREFILL_SWEEP:
+    for block_rows, block_kv, warps, stages in PREFILL_SWEEP if "prefill" in parts else ():
         long = config(block_rows, block_kv, 1, warps, stages)
         note = f"long={block_rows}/{block_kv}/w{warps}/st{stages}"
         attempt(rows, "sweep prefill 4x4096", "pallas_gpu", batch, ours, None, note=note, long_config=long)
-    for block_size in (32, 64):
+    for block_size in (32, 64) if "block_size" in parts else ():
         sized = dict(geo, block_size=block_size)
         batch = make_batch(1, [4096] * 4, [4096] * 4, **sized)
         attempt(rows, "sweep prefill 4x4096", "pallas_gpu", batch, ours, "pallas_gpu", note=f"L={block_size}")
@@ -226,7 +229,14 @@ def summary(rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes in interpret mode (CPU)")
-    parser.add_argument("--sweep", action="store_true", help="also time kernel configs and block sizes (GPU)")
+    parser.add_argument(
+        "--sweep",
+        nargs="?",
+        const=",".join(SWEEP_PARTS),
+        default="",
+        help=f"also time kernel configs and block sizes (GPU); optionally only some of {','.join(SWEEP_PARTS)}",
+    )
+    parser.add_argument("--sweep-only", action="store_true", help="skip the standard cases (with --sweep)")
     parser.add_argument("--json", default=None, help="also write the JSON record to this path")
     parser.add_argument("--block-size", type=int, default=16)
     args = parser.parse_args()
@@ -239,6 +249,11 @@ def main():
         run_decode(rows, [(4, 64)], geo, impl, interpret=True, with_reference=True)
         run_prefill(rows, 2, 48, geo, impl, on_gpu=False)
         run_mixed(rows, 3, 64, 24, geo, impl, with_reference=True)
+    elif args.sweep_only:
+        prefill = make_batch(1, [4096] * 4, [4096] * 4, **geo)
+        attempt(rows, "prefill 4x4096 causal", "cudnn dot_product_attention", prefill, cudnn_prefill, 4)
+        attempt(rows, "prefill 4x4096 causal", impl, prefill, ours, impl, note="default configs")
+        del prefill
     else:
         sizes = [(32, 2048), (32, 4096), (32, 8192), (256, 2048), (256, 4096), (256, 8192)]
         run_decode(rows, sizes[:1], geo, impl, interpret=False, with_reference=True)
@@ -246,8 +261,12 @@ def main():
         run_prefill(rows, 4, 4096, geo, impl, on_gpu)
         run_mixed(rows, 64, 4096, 2048, geo, impl, with_reference=True)
         run_mixed(rows, 192, 2048, 512, geo, impl, with_reference=False)
-        if args.sweep:
-            run_sweep(rows, geo)
+    if args.sweep and not args.smoke:
+        parts = args.sweep.split(",")
+        unknown = sorted(set(parts) - set(SWEEP_PARTS))
+        if unknown:
+            parser.error(f"--sweep parts must be among {SWEEP_PARTS}, got {unknown}")
+        run_sweep(rows, geo, parts)
     summary(rows)
     result = dict(environment(), benchmark="ragged_paged_attention", geometry=geo, smoke=args.smoke, rows=rows)
     print_record(result)
