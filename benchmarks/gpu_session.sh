@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine session: the GPU tests and the benchmarks, logs and JSON under $OUT (default ./gpu-out).
 #   bash benchmarks/gpu_session.sh tests kernels j8 j8sync j8ref j8cublas j8nomerge j8both j8xla j8fp8 j1 l8 l8q \
-#        l8qxla l8xla profile profile1 profile_b1 profile_prefill profile_tp2 startup compare_hf qmm qmmsweep attnsweep mesh8
+#        l8qxla l8xla profile profile1 profile_b1 profile_prefill profile_tp2 startup compare_hf qmm qmmsweep attnsweep memj1 mesh8
 # (any subset, run in the order given; mesh8 and profile_tp2 need 2+ GPUs: the Llama-3.1-8B shape at TP 1 and 2)
 # Run from the repository root; JAXLLM_COMMIT names the commit when the tree is not a git checkout. Wheels of
 # packages the machine lacks (gguf: `pip download --no-deps -d .whl gguf==0.19.0`, carried as `.whl`) are installed
@@ -21,6 +21,7 @@ for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   case $stage in
     tests) python3 -m pytest -m gpu -q -s tests 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "gpu parity|passed|failed|Error" ;;
+    memj1) python3 benchmarks/memory_report.py --job J1 --gpu-memory-utilization ${J1_GPU_MEMORY_UTILIZATION:-0.9} 2>&1 | tee "$OUT/memory_j1.log" | grep -Ev "^JSON" ;;
     attnsweep) python3 benchmarks/kernels.py --sweep ${ATTN_SWEEP:-prefill} --sweep-only --json "$OUT/attn_sweep.json" 2>&1 | tee "$OUT/attn_sweep.log" | grep -Ev "^JSON" ;;
     kernels) python3 benchmarks/kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" ;;
     j8) python3 benchmarks/throughput.py --job J8 --record 2>&1 | tee "$OUT/j8.log" | grep -Ev "^\{" ;;

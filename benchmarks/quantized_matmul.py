@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from benchmarks.common import environment, median_seconds, print_record
 from jaxllm.quantization import METHODS, quantize_weight
-from pallas_kernels.quantized_matmul import quantized_matmul, triton_gpu
+from pallas_kernels.quantized_matmul import quantized_matmul, reference, triton_gpu
 
 LLAMA_8B_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
 BATCH_ROWS = [1, 16, 64, 256, 4096]
@@ -128,6 +128,10 @@ def run_method(rows, k, n, m, method, weights, settings: Settings):
     for impl in settings.impls:
         product = functools.partial(quantized_matmul, impl=impl)
         rows.append(time_case(Case(k, n, m, method, impl), x, weights, product, reference_out, settings))
+    if method == "fp8" and "xla" in settings.impls:  # what Hopper's fast fp8 accumulation would save
+        product = functools.partial(reference.quantized_matmul_xla, out_dtype=x.dtype, fp8_fast_accumulation=True)
+        case = Case(k, n, m, method, "xla", "fast accumulation")
+        rows.append(time_case(case, x, weights, product, reference_out, settings))
     for note, product in sweep_products(m, k, method) if settings.sweep else ():
         rows.append(time_case(Case(k, n, m, method, "pallas_gpu", note), x, weights, product, reference_out, settings))
 

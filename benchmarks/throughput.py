@@ -68,10 +68,9 @@ def resolve_job(args) -> Job:
     )
 
 
-def run(args) -> dict:
-    job = resolve_job(args)
-    start = time.perf_counter()
-    llm = LLM(
+def build_llm(args, job: Job) -> LLM:
+    """The engine for ``job`` with the command line's settings (dummy weights, no tokenizer)."""
+    return LLM(
         model=job.model_config,
         load_format="dummy",
         dtype="float32" if args.smoke else args.dtype,
@@ -87,6 +86,12 @@ def run(args) -> dict:
         quantization=args.quantization,
         xla_compiler_options=args.xla_compiler_options,
     )
+
+
+def run(args) -> dict:
+    job = resolve_job(args)
+    start = time.perf_counter()
+    llm = build_llm(args, job)
     startup_s = time.perf_counter() - start
     vocab_size = llm.llm_engine.model_config.vocab_size
     prompts = random_prompts(job.num_prompts, job.input_len, vocab_size)

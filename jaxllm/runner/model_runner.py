@@ -196,6 +196,11 @@ class ModelRunner:
                 )
         return ModelRunnerOutput(sampled_token_ids=sampled, logprobs=logprobs)
 
+    def lower_sampler(self, rows: int):
+        """The sampler program for ``rows`` rows of logits with every sampling feature on, lowered."""
+        logits = jax.ShapeDtypeStruct((rows, self.model_config.vocab_size), jnp.float32)
+        return self._jitted_sample.lower(logits, *self._sampler_args(sampler_variants(rows)[-1], 0))
+
     def step_temp_bytes(self, num_blocks: int) -> int:
         """XLA's temporary memory for the largest bucket's step with a KV cache of ``num_blocks`` (compiled, not run):
         the larger of the forward program's temporaries and the sampler's (its logits input plus the vocabulary sort
@@ -205,16 +210,15 @@ class ModelRunner:
         say), which a run with a tiny cache would hide.
         """
         rows = self.config.request_rows_for(self.config.token_buckets[-1])
-        forward = self.lower_largest_forward(num_blocks).compile()
-        logits = jax.ShapeDtypeStruct((rows, self.model_config.vocab_size), jnp.float32)
-        sampler = self._jitted_sample.lower(logits, *self._sampler_args(sampler_variants(rows)[-1], 0)).compile()
+        forward = self.lower_forward(num_blocks=num_blocks).compile()
+        sampler = self.lower_sampler(rows).compile()
         sampler_bytes = sampler.memory_analysis().temp_size_in_bytes + rows * self.model_config.vocab_size * 4
         return int(max(forward.memory_analysis().temp_size_in_bytes, sampler_bytes))
 
-    def lower_largest_forward(self, num_blocks: int | None = None):
-        """The forward program of the largest bucket, lowered (``.compile()`` it to read its memory or its HLO) for a
-        KV cache of ``num_blocks`` (default: the runner's)."""
-        bucket = self.config.token_buckets[-1]
+    def lower_forward(self, bucket: int | None = None, num_blocks: int | None = None):
+        """The forward program of token bucket ``bucket`` (default: the largest), lowered (``.compile()`` it to read
+        its memory or its HLO) for a KV cache of ``num_blocks`` (default: the runner's)."""
+        bucket = self.config.token_buckets[-1] if bucket is None else bucket
         batch = empty_step_batch(bucket, self.config.request_rows_for(bucket), self.config.max_blocks_per_request)
         num_blocks = self.config.num_blocks if num_blocks is None else num_blocks
         shape = (num_blocks, self.config.block_size, self.model_config.num_kv_heads, self.model_config.head_dim)

@@ -66,8 +66,8 @@ def _fusions(text: str) -> int:
 def test_options_reach_the_forward_program(tiny_model_dir):
     plain = make_llm(tiny_model_dir)
     unfused = make_llm(tiny_model_dir, xla_compiler_options=NO_FUSION_PASS)
-    plain_hlo = plain.llm_engine.runner.lower_largest_forward().compile().as_text()
-    unfused_hlo = unfused.llm_engine.runner.lower_largest_forward().compile().as_text()
+    plain_hlo = plain.llm_engine.runner.lower_forward().compile().as_text()
+    unfused_hlo = unfused.llm_engine.runner.lower_forward().compile().as_text()
     assert _fusions(plain_hlo) != _fusions(unfused_hlo)  # the option reached XLA for this program
     prompts = random_token_prompts(3, [5, 17, 40], seed=3)
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
