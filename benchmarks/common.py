@@ -56,6 +56,19 @@ def variant_label(args) -> str:
     return "".join(", " + part for part in parts)
 
 
+def child_env(user_preallocate: str | None, **overrides: str) -> dict:
+    """The environment for an engine in a child process: the parent's, less the parent's own
+    ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` (a parent that stays off the GPU sets it; the child's engine must run
+    with its default or the user's ``user_preallocate``), with ``.`` on ``PYTHONPATH`` and ``overrides`` applied."""
+    env = dict(os.environ, **overrides)
+    if user_preallocate is None:
+        env.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)
+    else:
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = user_preallocate
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [".", env.get("PYTHONPATH")]))
+    return env
+
+
 def git_commit() -> str:
     """The checkout's commit; ``$JAXLLM_COMMIT`` where the tree was copied without .git (the GPU machine)."""
     if os.environ.get("JAXLLM_COMMIT"):

@@ -21,9 +21,10 @@ import subprocess
 import sys
 import time
 
+USER_PREALLOCATE = os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # benchmarks.common imports jax; keep it off the GPU
 
-from benchmarks.common import JOBS, Job, append_result_row, git_commit, random_prompts  # noqa: E402
+from benchmarks.common import JOBS, Job, append_result_row, child_env, git_commit, random_prompts  # noqa: E402
 
 SMOKE_JOB = Job("smoke", "tests/fixtures/models/llama", 8, 24, 8)
 
@@ -32,7 +33,7 @@ def run_jaxllm(job: Job, args) -> dict:
     """throughput.py in a child process; its ``JSON {...}`` line."""
     command = [sys.executable, "benchmarks/throughput.py"]
     command += ["--smoke"] if args.smoke else ["--job", job.name]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [".", os.environ.get("PYTHONPATH")])))
+    env = child_env(USER_PREALLOCATE)
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode:
         raise RuntimeError(f"jaxllm run failed ({done.returncode}):\n{done.stderr[-4000:]}")

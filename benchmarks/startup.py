@@ -20,9 +20,10 @@ import sys
 import tempfile
 import time
 
+USER_PREALLOCATE = os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the parent never touches the GPU's memory
 
-from benchmarks.common import JOBS, append_result_row, environment, print_record  # noqa: E402
+from benchmarks.common import JOBS, append_result_row, child_env, environment, print_record  # noqa: E402
 
 SMOKE_CONFIG = "tests/fixtures/models/llama"
 
@@ -43,8 +44,7 @@ def child(model: str, smoke: bool) -> None:
 
 
 def launch(model: str, smoke: bool, cache_dir: str) -> dict:
-    env = dict(os.environ, JAXLLM_CACHE_DIR=cache_dir)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [".", env.get("PYTHONPATH")]))
+    env = child_env(USER_PREALLOCATE, JAXLLM_CACHE_DIR=cache_dir)
     command = [sys.executable, "benchmarks/startup.py", "--child", "--model", model] + (["--smoke"] if smoke else [])
     start = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

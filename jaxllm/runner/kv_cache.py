@@ -64,7 +64,8 @@ def allocate_kv_cache(
     # could not be donated, and each step would then allocate a fresh copy of the cache.
     make_filled = jax.jit(lambda fill: jnp.full(shape, fill, dtype), out_shardings=_first_sharding(sharding))
     fill = jnp.zeros((), dtype)
-    return [(make_filled(fill), make_filled(fill)) for _ in range(model_config.num_layers)]
+    caches = [(make_filled(fill), make_filled(fill)) for _ in range(model_config.num_layers)]
+    return jax.block_until_ready(caches)  # an allocation failure surfaces here, not in a later step
 
 
 def _first_sharding(sharding):
