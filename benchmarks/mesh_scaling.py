@@ -124,7 +124,7 @@ def build_llm(args, model_dir: str, shape: tuple[int, int, int]) -> LLM:
         tensor_parallel_size=tensor,
         pipeline_parallel_size=pipe,
         data_parallel_size=data,
-        max_model_len=args.input_len + args.output_len,
+        max_model_len=args.input_len + max(args.output_len, args.latency_output_len),  # the batch-1 run's too
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size,
