@@ -6,7 +6,8 @@
 Builds the engine (which compiles every bucket: that is the untimed warm-up), submits all requests at once and times
 ``LLM.generate`` from submit to the last output. Prints the job, device, jax version and commit, vLLM's line
 ``Throughput: X requests/s, Y total tokens/s, Z output tokens/s``, and a JSON record; ``--record`` appends a row to
-benchmarks/RESULTS.md.
+benchmarks/RESULTS.md. It also prints the steps' mean time split into host work and waiting for the device
+(``jaxllm.engine.step_times``).
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def run(args) -> dict:
     vocab_size = llm.llm_engine.model_config.vocab_size
     prompts = random_prompts(job.num_prompts, job.input_len, vocab_size)
     params = SamplingParams(temperature=0.0, max_tokens=job.output_len, ignore_eos=True)
+    llm.llm_engine.step_times.reset()
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
@@ -116,6 +118,7 @@ def run(args) -> dict:
         "output_tokens_per_s": num_output / elapsed,
         "num_output_tokens": num_output,
         "num_preemptions": llm.llm_engine.scheduler.num_preemptions,
+        "step_times": llm.llm_engine.step_times.summary(),
         "engine": {
             "max_num_seqs": args.max_num_seqs,
             "max_num_batched_tokens": args.max_num_batched_tokens,
@@ -141,6 +144,12 @@ def main(argv=None) -> dict:
         f"Throughput: {record['requests_per_s']:.2f} requests/s, {record['total_tokens_per_s']:.2f} total tokens/s, "
         f"{record['output_tokens_per_s']:.2f} output tokens/s"
     )
+    times = record["step_times"]
+    if times["host_ms"] is not None:
+        print(
+            f"{times['num_steps']} steps: {times['step_ms']:.2f} ms each, host work {times['host_ms']:.2f} ms, "
+            f"waiting for the device {times['device_wait_ms']:.2f} ms"
+        )
     print_record(record)
     if args.record:
         append_result_row(

@@ -7,6 +7,8 @@ def test_throughput_smoke_counts_every_output_token():
     record = throughput.main(["--smoke"])
     assert record["num_output_tokens"] == record["num_prompts"] * record["output_len"]
     assert record["output_tokens_per_s"] > 0
+    times = record["step_times"]
+    assert times["num_steps"] > 0 and times["host_ms"] >= 0 and times["device_wait_ms"] >= 0
 
 
 def test_latency_smoke_reports_percentiles():

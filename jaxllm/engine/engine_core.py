@@ -12,18 +12,23 @@ offer ``dispatch``/``collect``: ``ModelRunner``, and ``sharding.PipelineRunner``
 output handling overlap the device's work and the device never waits on the host. The in-flight step's sampled
 tokens feed the next one on the device (see ``ModelRunner``). A step is not scheduled ahead while a request in flight
 uses repetition/presence/frequency penalties (their token history must be on the host first). Each ``step()`` still
-returns one step's outputs.
+returns one step's outputs. ``step_times`` (``jaxllm.engine.step_times``) splits the steps' time into host work and
+waiting for the device.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
+
+import jax
 
 from jaxllm.config import ResolvedConfig
 from jaxllm.core.block_manager import BlockManager
 from jaxllm.core.engine_core_output import EngineCoreOutput
 from jaxllm.core.scheduler import Scheduler
 from jaxllm.core.scheduler_config import SchedulerConfig
+from jaxllm.engine.step_times import StepTimes
 from jaxllm.request import Request, RequestStatus
 
 
@@ -41,6 +46,7 @@ class EngineCore:
         self.runner = runner
         self.async_scheduling = async_scheduling and getattr(runner, "supports_async", False)
         self._in_flight = None  # the runner's InFlightStep dispatched ahead, not yet collected
+        self.step_times = StepTimes()
         scheduler_config = SchedulerConfig(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
@@ -70,11 +76,14 @@ class EngineCore:
         return self.scheduler.get_num_unfinished_requests()
 
     def step(self) -> list[EngineCoreOutput]:
+        start = time.perf_counter()
         if not self.async_scheduling:
             scheduler_output = self.scheduler.schedule()
             if scheduler_output.is_empty:
                 return []
-            return self.scheduler.update_from_output(scheduler_output, self.runner.execute(scheduler_output))
+            outputs = self.scheduler.update_from_output(scheduler_output, self.runner.execute(scheduler_output))
+            self.step_times.record(time.perf_counter() - start, None)
+            return outputs
         current, self._in_flight = self._in_flight, None
         if current is None:
             scheduler_output = self.scheduler.schedule()
@@ -85,9 +94,13 @@ class EngineCore:
             ahead = self.scheduler.schedule()
             if not ahead.is_empty:
                 self._in_flight = self.runner.dispatch(ahead, current)
+        wait_start = time.perf_counter()
+        jax.block_until_ready(current.result)
+        wait = time.perf_counter() - wait_start
         outputs = self.scheduler.update_from_output(current.scheduler_output, self.runner.collect(current))
         if not self.scheduler.has_unfinished_requests():
             self._in_flight = None  # only dropped requests in it; the device finishes it unobserved
+        self.step_times.record(time.perf_counter() - start, wait)
         return outputs
 
     @staticmethod

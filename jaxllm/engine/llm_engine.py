@@ -68,6 +68,7 @@ class LLMEngine:
         # One queue: a data-parallel engine hands each request to its least-loaded replica.
         self.core = cores[0] if len(cores) == 1 else DataParallelEngine(cores)
         self.runner, self.scheduler = cores[0].runner, cores[0].scheduler  # replica 0's (the only one unless D > 1)
+        self.step_times = cores[0].step_times  # replica 0's: host work vs device wait per step
         self.output_processor = OutputProcessor(self.tokenizer)
 
     @classmethod

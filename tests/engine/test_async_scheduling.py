@@ -3,6 +3,8 @@ exactly (logprob values to float32 noise where the step composition differs): gr
 min_tokens, stops on EOS / stop tokens mid-flight, chunked prefill, prefix caching, preemption, penalties (which
 fall back to one step at a time) and aborts between steps."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -114,6 +116,32 @@ def test_steps_overlap(tiny_model_dir, prompts):
     assert kinds[:3] == ["dispatch", "dispatch", "collect"]
     assert kinds.count("collect") == 6 + 1  # 1 prefill step + 5 decode steps
     assert kinds.count("dispatch") >= kinds.count("collect")
+
+
+def test_step_times_split_host_work_from_device_wait(tiny_model_dir, prompts):
+    """Every step is counted; host work slowed by 20 ms per collect shows as host time, not as device wait."""
+    llm = make_llm(tiny_model_dir)
+    runner, collect = llm.llm_engine.runner, llm.llm_engine.runner.collect
+    collects = []
+
+    def slow_collect(step):
+        collects.append(step)
+        time.sleep(0.02)
+        return collect(step)
+
+    runner.collect = slow_collect
+    llm.llm_engine.step_times.reset()
+    llm.generate(prompts[:4], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+    times = llm.llm_engine.step_times.summary()
+    assert times["num_steps"] == len(collects) > 0
+    assert times["host_ms"] >= 20.0 and times["device_wait_ms"] >= 0.0
+    assert times["host_ms"] + times["device_wait_ms"] == pytest.approx(times["step_ms"])
+
+    sync = make_llm(tiny_model_dir, async_scheduling=False)
+    sync.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+    times = sync.llm_engine.step_times.summary()
+    assert times["num_steps"] == 3 and times["step_ms"] > 0  # one prefill step, two decode steps
+    assert times["host_ms"] is None and times["device_wait_ms"] is None  # a synchronous step cannot tell them apart
 
 
 def test_penalties_run_one_step_at_a_time_and_match(tiny_model_dir, prompts):
