@@ -123,7 +123,9 @@ class PipelinedModel:
 
         def program(state, kv_caches, inputs, packed, pending_tokens, layout: PackedLayout):
             self.num_traces += 1
-            metadata, logits_indices, head_args, prev_index = unpack(packed, layout)  # the step's one H2D copy
+            metadata, logits_indices, head_args, prev_index, input_ids = unpack(packed, layout)  # one H2D copy
+            if inputs is None:  # first stage: the token ids came in the packed buffer
+                inputs = input_ids
             if pending_tokens is not None:  # first stage: the previous step's samples, still on the device
                 inputs = feed_pending_tokens(inputs, prev_index, pending_tokens)
             stage = nnx.merge(graphdef, state)
@@ -184,11 +186,16 @@ class PipelinedModel:
         return jax.device_put(np.zeros(self.token_rows, np.int32), replicated(self.stages[0].mesh))
 
     def _stage_args(self, stage: Stage, inputs, batch: StepBatch, head_args, pending_tokens=None) -> tuple:
-        """The stage program's arguments: the step's host arrays go over packed in one buffer (one copy per device,
-        not one per array: see ``jaxllm.runner.packed_transfer``)."""
+        """The stage program's arguments: the step's host arrays, the first stage's token ids among them, go over
+        packed in one buffer (one copy per device, not one per array: see ``jaxllm.runner.packed_transfer``)."""
         metadata = {name: getattr(batch, name) for name in METADATA_FIELDS}
-        packed, layout = pack((metadata, batch.logits_indices, head_args, batch.pending_index))
-        inputs, packed = jax.device_put((inputs, packed), replicated(stage.mesh))
+        host_ids = inputs if isinstance(inputs, np.ndarray) else None  # the first stage's token ids ride along
+        packed, layout = pack((metadata, batch.logits_indices, head_args, batch.pending_index, host_ids))
+        if host_ids is not None:
+            inputs = None
+        elif isinstance(inputs, jax.Array):  # the previous stage's hidden states, onto this stage's devices
+            inputs = jax.device_put(inputs, replicated(stage.mesh))
+        packed = jax.device_put(packed, replicated(stage.mesh))
         return stage.state, stage.kv_caches, inputs, packed, pending_tokens, layout
 
     def _run_stage(self, stage: Stage, inputs, batch: StepBatch, head_args, pending_tokens=None):
@@ -200,9 +207,10 @@ class PipelinedModel:
         """Stage ``index``'s program lowered for ``batch``'s bucket (``.compile().as_text()`` shows its collectives)."""
         stage = self.stages[index]
         pending = self._no_pending_tokens if index == 0 and self.token_rows is not None else None
-        args = list(self._stage_args(stage, batch.input_ids, batch, head_args, pending))
+        inputs = batch.input_ids
         if index > 0:  # a later stage takes hidden states [T, D], not token ids
             dtype = self.stages[0].state["embed_tokens"]["embedding"].get_value().dtype
             shape = (batch.input_ids.shape[0], self.config.hidden_size)
-            args[2] = jax.ShapeDtypeStruct(shape, dtype, sharding=replicated(stage.mesh))
+            inputs = jax.ShapeDtypeStruct(shape, dtype, sharding=replicated(stage.mesh))
+        args = self._stage_args(stage, inputs, batch, head_args, pending)
         return stage.programs.for_tokens(batch.token_bucket).lower(*args)

@@ -35,6 +35,8 @@ from sharding.pipeline import HeadFn, PipelinedModel
 
 logger = logging.getLogger(__name__)
 
+LOGPROB_FIELDS = ("sampled_logprob", "top_token_ids", "top_logprobs")  # SamplerOutput's, fetched only when asked
+
 # (requests of one microbatch, its padded row count, microbatch index, step index) -> its head_args pytree
 BuildHeadArgs = Callable[[list, int, int, int], object]
 
@@ -137,7 +139,11 @@ class PipelineRunner:
 
     def collect(self, step: InFlightStep) -> ModelRunnerOutput:
         """Waits for a dispatched step and returns its sampled tokens."""
-        host = {key: np.asarray(value) for key, value in jax.device_get(step.result).items()}
+        scheduled = step.scheduler_output.scheduled
+        wanted = step.result
+        if not any(s.request.sampling_params.logprobs is not None for s in scheduled):  # no logprob transfers
+            wanted = {key: value for key, value in wanted.items() if key not in LOGPROB_FIELDS}
+        host = {key: np.asarray(value) for key, value in jax.device_get(wanted).items()}
         self.last_results = host
         return _to_output(step.scheduler_output.scheduled, host)
 
