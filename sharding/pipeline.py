@@ -36,7 +36,6 @@ from sharding.mesh import stage_meshes
 from sharding.rules import activation_rules, check_single_replica, kv_cache_sharding, replicated, state_shardings
 from sharding.stages import StageModule, stage_forward, stage_layer_ranges
 
-METADATA_FIELDS = ("positions", "slot_mapping", "context_lens", "block_tables", "seq_lens", "query_start_loc")
 HeadFn = Callable[[jax.Array, object], object]  # (logits [S, V] float32, head_args) -> results, on the last stage
 
 
@@ -188,7 +187,7 @@ class PipelinedModel:
     def _stage_args(self, stage: Stage, inputs, batch: StepBatch, head_args, pending_tokens=None) -> tuple:
         """The stage program's arguments: the step's host arrays, the first stage's token ids among them, go over
         packed in one buffer (one copy per device, not one per array: see ``jaxllm.runner.packed_transfer``)."""
-        metadata = {name: getattr(batch, name) for name in METADATA_FIELDS}
+        metadata = batch.attention_arrays()
         host_ids = inputs if isinstance(inputs, np.ndarray) else None  # the first stage's token ids ride along
         packed, layout = pack((metadata, batch.logits_indices, head_args, batch.pending_index, host_ids))
         if host_ids is not None:

@@ -56,14 +56,7 @@ def feed_pending_tokens(input_ids: jax.Array, prev_index: jax.Array, prev_token_
 def _model_forward(graphdef, params, kv_caches, batch: dict):
     """Logits ``[S, V]`` (float32) at each request row's sampled position, and the updated KV cache."""
     model = nnx.merge(graphdef, params)
-    md = AttentionMetadata(
-        positions=batch["positions"],
-        slot_mapping=batch["slot_mapping"],
-        context_lens=batch["context_lens"],
-        block_tables=batch["block_tables"],
-        seq_lens=batch["seq_lens"],
-        query_start_loc=batch["query_start_loc"],
-    )
+    md = AttentionMetadata(**batch["attention"])
     hidden, kv_caches = model(batch["input_ids"], kv_caches, md)  # [T, D]
     return model.compute_logits(hidden[batch["logits_indices"]]), kv_caches  # [S, V], only sampled rows
 
@@ -150,19 +143,11 @@ class ModelRunner:
     def _batch_arrays(self, batch: StepBatch) -> tuple[jax.Array, PackedLayout]:
         """The forward program's step inputs: one packed buffer on the device, and its layout."""
         arrays = {
-            name: getattr(batch, name)
-            for name in (
-                "input_ids",
-                "positions",
-                "slot_mapping",
-                "context_lens",
-                "block_tables",
-                "seq_lens",
-                "query_start_loc",
-                "logits_indices",
-            )
+            "input_ids": batch.input_ids,
+            "attention": batch.attention_arrays(),
+            "logits_indices": batch.logits_indices,
+            "prev_index": batch.pending_index,
         }
-        arrays["prev_index"] = batch.pending_index
         packed, layout = pack(arrays)
         return jax.device_put(packed, self.batch_sharding), layout
 

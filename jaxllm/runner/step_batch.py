@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxllm.config import ResolvedConfig
 from jaxllm.core.step_io import SchedulerOutput
+from jaxllm.models.attention_metadata import AttentionMetadata
 
 
 @dataclasses.dataclass
@@ -37,6 +38,10 @@ class StepBatch:
     @property
     def token_bucket(self) -> int:
         return int(self.input_ids.shape[0])
+
+    def attention_arrays(self) -> dict[str, np.ndarray]:
+        """The fields of ``AttentionMetadata`` (positions, slot mapping, block tables, ...), by name."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(AttentionMetadata)}
 
     @property
     def pending_index(self) -> np.ndarray:
