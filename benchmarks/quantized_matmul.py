@@ -9,8 +9,10 @@ Shapes ``[M, K] x [K, N]`` with (K, N) in {(4096, 6144) fused qkv, (4096, 4096) 
 same activations by several copies of the weight (>= 128 MB together even for int4, so the 50 MB L2 cannot hold
 them) and the time per product is reported: weight-read bandwidth (values + scales bytes / time) for M <= 64,
 TFLOP/s (2MKN / time) for every M, and the speed-up over the bf16 matmul. Times are medians over repeats after an
-untimed warm-up; weights and activations are random normal (fixed seeds). Each backend's output is compared with the
-reference op (relative norm error column). Prints a table and a JSON record (device, jax version, commit, rows).
+untimed warm-up; weights and activations are random normal (fixed seeds). ``--engine-xla-options`` compiles each
+product with the options the engine gives a step of M tokens (on GPU: Triton GEMMs and the dot merger off above 64).
+Each backend's output is compared with the reference op (relative norm error column). Prints a table and a JSON
+record (device, jax version, commit, rows).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 
 from benchmarks.common import environment, median_seconds, print_record
 from jaxllm.quantization import METHODS, quantize_weight
+from jaxllm.runner.xla_options import StepCompilerOptions
 from pallas_kernels.quantized_matmul import quantized_matmul, reference, triton_gpu
 
 LLAMA_8B_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
@@ -61,9 +64,9 @@ def bf16_matmul(x, w):
     return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def over_copies(product):
+def over_copies(product, compiler_options=None):
     """One jitted call multiplying ``x`` by every weight copy (distinct operands, so XLA keeps every product)."""
-    return jax.jit(lambda x, weights: [product(x, w) for w in weights])
+    return jax.jit(lambda x, weights: [product(x, w) for w in weights], compiler_options=compiler_options)
 
 
 def make_weights(k, n, method, num_copies, seed=0):
@@ -86,12 +89,14 @@ class Settings:
     num_copies: int
     sweep: bool
     repeats: int
+    engine_xla_options: bool = False  # compile as the engine compiles a step of M tokens (runner.xla_options)
 
 
 def time_case(case: Case, x, weights, product, reference_out, settings: Settings) -> dict:
     row = dataclasses.asdict(case)
     try:
-        fn = over_copies(product)
+        options = StepCompilerOptions(jax.default_backend())(case.m) if settings.engine_xla_options else None
+        fn = over_copies(product, options)
         out = fn(x, weights)[0].astype(jnp.float32)
         expected = reference_out.astype(jnp.float32)
         err = jnp.linalg.norm(out - expected) / jnp.linalg.norm(expected)
@@ -189,6 +194,11 @@ def main(argv=None) -> dict:
     p.add_argument("--rows", default=None, help="comma-separated M values")
     p.add_argument("--shapes", default=None, help="comma-separated KxN weight shapes (default: the 8B layers')")
     p.add_argument("--json", default=None, help="also write the JSON record to this path")
+    p.add_argument(
+        "--engine-xla-options",
+        action="store_true",
+        help="compile each product with the XLA options of an engine step of M tokens (default: XLA's own)",
+    )
     args = p.parse_args(argv)
     if args.impls:
         impls = args.impls.split(",")
@@ -203,7 +213,12 @@ def main(argv=None) -> dict:
     for k, n in shapes:
         num_copies = 1 if args.smoke else max(2, min(16, -(-L2_DEFEAT_BYTES // (k * n))))  # int8 bytes per copy
         settings = Settings(
-            args.methods.split(","), impls, num_copies, args.sweep and not args.smoke, 3 if args.smoke else 7
+            args.methods.split(","),
+            impls,
+            num_copies,
+            args.sweep and not args.smoke,
+            3 if args.smoke else 7,
+            args.engine_xla_options,
         )
         run_shape(rows, k, n, batch_rows, settings)
     print_table(rows)
