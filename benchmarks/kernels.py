@@ -226,7 +226,7 @@ def summary(rows):
         )
 
 
-def main():
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes in interpret mode (CPU)")
     parser.add_argument(
@@ -239,7 +239,7 @@ def main():
     parser.add_argument("--sweep-only", action="store_true", help="skip the standard cases (with --sweep)")
     parser.add_argument("--json", default=None, help="also write the JSON record to this path")
     parser.add_argument("--block-size", type=int, default=16)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     on_gpu = jax.default_backend() == "gpu" and not args.smoke
     impl = "pallas_gpu" if on_gpu else "pallas_gpu_interpret"
     geo = dict(num_heads=32, num_kv_heads=8, head_dim=128, block_size=args.block_size)
@@ -273,6 +273,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1, sort_keys=True)
+    return result
 
 
 if __name__ == "__main__":

@@ -58,3 +58,31 @@ def test_startup_smoke_times_a_cold_and_a_cached_start():
     record = startup.main(["--smoke"])
     assert record["cold"]["first_token_s"] > 0 and record["warm"]["first_token_s"] > 0
     assert record["speedup"] == record["cold"]["first_token_s"] / record["warm"]["first_token_s"]
+
+
+def test_kernels_smoke_times_every_case():
+    from benchmarks import kernels
+
+    record = kernels.main(["--smoke"])
+    assert record["rows"] and all("error" not in row and row["time_us"] > 0 for row in record["rows"])
+
+
+def test_quantized_matmul_smoke_matches_the_reference_under_engine_options():
+    from benchmarks import quantized_matmul
+
+    record = quantized_matmul.main(["--smoke", "--engine-xla-options"])
+    rows = [row for row in record["rows"] if row["method"] != "bf16"]
+    assert {row["method"] for row in rows} == {"int8", "int4", "fp8"}
+    assert any(row["note"] == "fast accumulation" for row in rows)
+    for row in rows:
+        assert "error" not in row, row
+        assert row["time_us"] > 0 and row["relative_error"] < 0.05, row
+
+
+def test_memory_report_smoke_analyses_every_bucket():
+    from benchmarks import memory_report
+
+    record = memory_report.main(["--smoke"])
+    programs = {row["program"]: row for row in record["programs"]}
+    assert record["num_kv_blocks"] > 1 and any(name.startswith("forward") for name in programs)
+    assert all(row["temp"] >= 0 and row["argument"] > 0 for row in programs.values())
