@@ -5,11 +5,12 @@
     PYTHONPATH=. python benchmarks/kernels.py --smoke            # tiny sizes, interpret mode, on CPU
 
 Decode: S requests x C cached tokens, one query token each, 32 query / 8 KV heads, head dim 128, bf16; achieved
-bandwidth = K/V bytes the attention must read / time, beside JAX's bundled Triton ``paged_attention``. Prefill:
-4 requests x 4096 tokens, causal, against cuDNN flash attention (``jax.nn.dot_product_attention``). Mixed: many
-decodes plus one prefill chunk in one call. Times are medians over repeats of many back-to-back calls after an
-untimed warm-up; cache data is random (never zeros) with shuffled block tables. Prints one summary table and a JSON
-record (device, jax version, commit, shapes, timings).
+bandwidth = K/V bytes the attention must read / time, beside JAX's bundled Triton ``paged_attention``. Prefill: 4
+requests x 4096 tokens, causal, against cuDNN flash attention (``jax.nn.dot_product_attention``). Mixed: many
+decodes plus one prefill chunk in one call. Prefill also runs JAX's bundled Mosaic GPU flash attention
+(``attention_mgpu``, contiguous K/V): what the Hopper-native Pallas backend reaches on the same shapes. Times are
+medians over repeats of many back-to-back calls after an untimed warm-up; cache data is random (never zeros) with
+shuffled block tables. Prints one summary table and a JSON record (device, jax version, commit, shapes, timings).
 """
 
 from __future__ import annotations
@@ -116,14 +117,29 @@ def bundled_paged_attention(batch, interpret):
     return fn, [batch["q"], k_pages, v_pages, batch["block_tables"], batch["seq_lens"]]
 
 
-def cudnn_prefill(batch, num_requests):
-    q = batch["q"].reshape(num_requests, -1, *batch["q"].shape[1:])  # [B, S, N, H]
+def contiguous_qkv(batch, num_requests):
+    """The prefill batch's queries as ``[B, S, N, H]`` and random contiguous K/V ``[B, S, K, H]`` of the same sizes."""
+    q = batch["q"].reshape(num_requests, -1, *batch["q"].shape[1:])
     num_kv_heads, head_dim = batch["k_cache"].shape[2:]
     kv_shape = (num_requests, q.shape[1], num_kv_heads, head_dim)
     k = jax.random.normal(jax.random.key(7), kv_shape, q.dtype)
     v = jax.random.normal(jax.random.key(8), kv_shape, q.dtype)
+    return [q, k, v]
+
+
+def cudnn_prefill(batch, num_requests):
     fn = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation="cudnn"))
-    return fn, [q, k, v]
+    return fn, contiguous_qkv(batch, num_requests)
+
+
+def bundled_mosaic_prefill(batch, num_requests, block_kv=128):
+    """JAX's bundled Mosaic GPU (Hopper wgmma/TMA) flash attention on contiguous K/V of the same shapes: what a
+    Mosaic GPU kernel reaches here, for choosing the prefill kernel's backend."""
+    from jax.experimental.pallas.ops.gpu import attention_mgpu
+
+    config = attention_mgpu.TuningConfig(block_q=64, block_kv=block_kv, max_concurrent_steps=2, causal=True)
+    fn = jax.jit(functools.partial(attention_mgpu.attention, config=config))
+    return fn, contiguous_qkv(batch, num_requests)
 
 
 def record(rows, case, impl, seconds, batch, note=""):
@@ -166,6 +182,7 @@ def run_prefill(rows, num_requests, length, geo, impl, on_gpu):
     attempt(rows, case, impl, batch, ours, impl)
     if on_gpu:
         attempt(rows, case, "cudnn dot_product_attention", batch, cudnn_prefill, num_requests)
+        attempt(rows, case, "jax bundled Mosaic GPU attention", batch, bundled_mosaic_prefill, num_requests)
 
 
 def run_mixed(rows, num_decodes, context, chunk, geo, impl, with_reference):
@@ -253,6 +270,10 @@ def main(argv=None) -> dict:
         prefill = make_batch(1, [4096] * 4, [4096] * 4, **geo)
         attempt(rows, "prefill 4x4096 causal", "cudnn dot_product_attention", prefill, cudnn_prefill, 4)
         attempt(rows, "prefill 4x4096 causal", impl, prefill, ours, impl, note="default configs")
+        for block_kv in (64, 128):
+            note = f"contiguous K/V, block_kv {block_kv}"
+            attempt(rows, "prefill 4x4096 causal", "jax bundled Mosaic GPU attention", prefill,
+                    bundled_mosaic_prefill, 4, block_kv, note=note)  # fmt: skip
         del prefill
     else:
         sizes = [(32, 2048), (32, 4096), (32, 8192), (256, 2048), (256, 4096), (256, 8192)]

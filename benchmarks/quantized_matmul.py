@@ -79,7 +79,8 @@ def make_weights(k, n, method, num_copies, seed=0):
 
 
 def weight_bytes(weight) -> int:
-    return weight.nbytes if hasattr(weight, "method") else weight.size * weight.dtype.itemsize
+    """Bytes of one weight copy: a bf16 array, a QuantizedWeight, or a tuple of arrays (the bundled kernel's)."""
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(weight))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +111,34 @@ def time_case(case: Case, x, weights, product, reference_out, settings: Settings
     return row
 
 
+BUNDLED_MIXED = "bundled_mgpu"  # --impls name of JAX's bundled Mosaic GPU int8 x bf16 kernel (int8 only)
+
+
+def bundled_mixed_product(m: int):
+    """``x @ W`` through JAX's bundled Hopper mixed-type matmul (``hopper_mixed_type_matmul_mgpu``), which multiplies
+    an int8 LHS by a bf16 RHS: it computes ``(W^T [N, K]) @ (x^T [K, M'])`` with the rows of x padded to a tile
+    (M' >= 64), then transposes back and applies the per-channel scales. Takes ``(W^T values, scales)``; the weight's
+    transpose is made once, outside the timing; x's transpose and padding are inside it."""
+    from jax.experimental.pallas.ops.gpu import hopper_mixed_type_matmul_mgpu as mixed
+
+    padded = max(64, 1 << (m - 1).bit_length())
+    config = mixed.TuningConfig(  # two warpgroups split the weight's N (the kernel's M): every layer has plenty
+        tile_m=128,
+        tile_n=min(padded, 128),
+        tile_k=64,
+        max_concurrent_steps=4,
+        wg_dimension=mixed.MatmulDimension.M,
+    )
+
+    def product(x, weight):
+        values_t, scales = weight  # [N, K] int8, [N] f32
+        x_t = jnp.pad(x, ((0, padded - m), (0, 0))).T  # [K, M']
+        y_t = mixed.mixed_matmul_kernel(values_t, x_t, out_dtype=jnp.float32, config=config)  # [N, M']
+        return (y_t[:, :m].T * scales[None, :]).astype(x.dtype)
+
+    return product
+
+
 def sweep_products(m, k, method):
     """(note, product) for each sweep config that tiles this K (int4 with the default group of 128)."""
     for block_m, block_n, block_k, splits, warps, stages in SWEEP_CONFIGS["decode" if m <= 16 else "prefill"]:
@@ -131,6 +160,12 @@ def run_method(rows, k, n, m, method, weights, settings: Settings):
         return
     reference_out = quantized_matmul(x, weights[0], impl="reference")
     for impl in settings.impls:
+        if impl == BUNDLED_MIXED:
+            if method == "int8":
+                transposed = [(jnp.asarray(w.values.T), w.scales) for w in weights]
+                case = Case(k, n, m, method, impl, "x transposed in the timing")
+                rows.append(time_case(case, x, transposed, bundled_mixed_product(m), reference_out, settings))
+            continue
         product = functools.partial(quantized_matmul, impl=impl)
         rows.append(time_case(Case(k, n, m, method, impl), x, weights, product, reference_out, settings))
     if method == "fp8" and "xla" in settings.impls:  # what Hopper's fast fp8 accumulation would save
@@ -190,7 +225,12 @@ def main(argv=None) -> dict:
     p.add_argument("--smoke", action="store_true", help="tiny sizes in interpret mode (CPU)")
     p.add_argument("--sweep", action="store_true", help="also time a few Pallas GPU kernel configs (GPU)")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--impls", default=None, help="comma-separated impls (default: pallas_gpu,xla; smoke: interpret)")
+    p.add_argument(
+        "--impls",
+        default=None,
+        help=f"comma-separated impls (default: pallas_gpu,xla; smoke: interpret); {BUNDLED_MIXED}: JAX's bundled "
+        "Mosaic GPU int8 x bf16 kernel (Hopper, int8 only)",
+    )
     p.add_argument("--rows", default=None, help="comma-separated M values")
     p.add_argument("--shapes", default=None, help="comma-separated KxN weight shapes (default: the 8B layers')")
     p.add_argument("--json", default=None, help="also write the JSON record to this path")
