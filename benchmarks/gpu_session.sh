@@ -22,7 +22,7 @@ for stage in "$@"; do
   case $stage in
     tests) python3 -m pytest -m gpu -q -s tests 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "gpu parity|passed|failed|Error" ;;
     memj1) python3 benchmarks/memory_report.py --job J1 --gpu-memory-utilization ${J1_GPU_MEMORY_UTILIZATION:-0.9} 2>&1 | tee "$OUT/memory_j1.log" | grep -Ev "^JSON" ;;
-    attnsweep) python3 benchmarks/kernels.py --sweep ${ATTN_SWEEP:-prefill} --sweep-only --json "$OUT/attn_sweep.json" 2>&1 | tee "$OUT/attn_sweep.log" | grep -Ev "^JSON" ;;
+    attnsweep) python3 benchmarks/kernels.py --sweep "${ATTN_SWEEP-prefill}" --sweep-only --json "$OUT/attn_sweep.json" 2>&1 | tee "$OUT/attn_sweep.log" | grep -Ev "^JSON" ;;
     kernels) python3 benchmarks/kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" ;;
     j8) python3 benchmarks/throughput.py --job J8 --record 2>&1 | tee "$OUT/j8.log" | grep -Ev "^\{" ;;
     j8sync) python3 benchmarks/throughput.py --job J8 --no-async-scheduling --record 2>&1 | tee "$OUT/j8sync.log" | grep -Ev "^\{" ;;
