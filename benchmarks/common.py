@@ -16,6 +16,7 @@ import numpy as np
 BENCHMARKS_DIR = pathlib.Path(__file__).resolve().parent
 CONFIGS_DIR = BENCHMARKS_DIR / "configs"
 RESULTS_FILE = BENCHMARKS_DIR / "RESULTS.md"
+SMOKE_CONFIG = "tests/fixtures/models/llama"  # the tiny fixture model every --smoke run uses
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,9 +24,17 @@ import time
 USER_PREALLOCATE = os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # benchmarks.common imports jax; keep it off the GPU
 
-from benchmarks.common import JOBS, Job, append_result_row, child_env, git_commit, random_prompts  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    JOBS,
+    SMOKE_CONFIG,
+    Job,
+    append_result_row,
+    child_env,
+    git_commit,
+    random_prompts,
+)
 
-SMOKE_JOB = Job("smoke", "tests/fixtures/models/llama", 8, 24, 8)
+SMOKE_JOB = Job("smoke", SMOKE_CONFIG, 8, 24, 8)
 
 
 def run_jaxllm(job: Job, args) -> dict:

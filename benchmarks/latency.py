@@ -16,6 +16,7 @@ import numpy as np
 
 from benchmarks.common import (
     CONFIGS_DIR,
+    SMOKE_CONFIG,
     add_engine_variant_arguments,
     append_result_row,
     environment,
@@ -24,8 +25,6 @@ from benchmarks.common import (
     variant_label,
 )
 from jaxllm import LLMEngine, SamplingParams
-
-SMOKE_CONFIG = "tests/fixtures/models/llama"
 
 
 def run_batch(engine: LLMEngine, prompts: list[dict], output_len: int, tag: str) -> tuple[list[float], list[float]]:

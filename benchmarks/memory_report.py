@@ -12,6 +12,7 @@ builds again at ``--fallback-utilization`` to analyse the programs. Takes throug
 
 from __future__ import annotations
 
+import argparse
 import gc
 import sys
 import traceback
@@ -69,8 +70,6 @@ def build(args, job) -> tuple[object | None, dict]:
 
 
 def main(argv=None) -> dict:
-    import argparse
-
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--fallback-utilization", type=float, default=0.8)
     known, rest = extra.parse_known_args(argv if argv is not None else sys.argv[1:])

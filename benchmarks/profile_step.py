@@ -22,10 +22,18 @@ import time
 
 import jax
 
-from benchmarks.common import JOBS, Job, add_engine_variant_arguments, environment, print_record, random_prompts
+from benchmarks.common import (
+    JOBS,
+    SMOKE_CONFIG,
+    Job,
+    add_engine_variant_arguments,
+    environment,
+    print_record,
+    random_prompts,
+)
 from jaxllm import LLMEngine, SamplingParams
 
-SMOKE_JOB = Job("smoke", "tests/fixtures/models/llama", 8, 24, 16)
+SMOKE_JOB = Job("smoke", SMOKE_CONFIG, 8, 24, 16)
 
 OP_CLASSES = (  # first match wins; names as XLA, Triton and cuBLAS print them
     ("attention", re.compile(r"ragged|paged|attention|_attn|triton_kernel|pallas", re.I)),

@@ -23,9 +23,14 @@ import time
 USER_PREALLOCATE = os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the parent never touches the GPU's memory
 
-from benchmarks.common import JOBS, append_result_row, child_env, environment, print_record  # noqa: E402
-
-SMOKE_CONFIG = "tests/fixtures/models/llama"
+from benchmarks.common import (  # noqa: E402
+    JOBS,
+    SMOKE_CONFIG,
+    append_result_row,
+    child_env,
+    environment,
+    print_record,
+)
 
 
 def child(model: str, smoke: bool) -> None:

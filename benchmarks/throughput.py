@@ -17,6 +17,7 @@ import time
 
 from benchmarks.common import (
     JOBS,
+    SMOKE_CONFIG,
     Job,
     add_engine_variant_arguments,
     append_result_row,
@@ -26,8 +27,6 @@ from benchmarks.common import (
     variant_label,
 )
 from jaxllm import LLM, SamplingParams
-
-SMOKE_CONFIG = "tests/fixtures/models/llama"
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -139,9 +139,8 @@ class PipelineRunner:
 
     def collect(self, step: InFlightStep) -> ModelRunnerOutput:
         """Waits for a dispatched step and returns its sampled tokens."""
-        scheduled = step.scheduler_output.scheduled
         wanted = step.result
-        if not any(s.request.sampling_params.logprobs is not None for s in scheduled):  # no logprob transfers
+        if not step.scheduler_output.wants_logprobs:  # no logprob transfers
             wanted = {key: value for key, value in wanted.items() if key not in LOGPROB_FIELDS}
         host = {key: np.asarray(value) for key, value in jax.device_get(wanted).items()}
         self.last_results = host

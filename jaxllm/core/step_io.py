@@ -48,6 +48,11 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not self.scheduled
 
+    @property
+    def wants_logprobs(self) -> bool:
+        """Whether any scheduled request asked for logprobs (else runners fetch only the sampled token ids)."""
+        return any(s.request.sampling_params.logprobs is not None for s in self.scheduled)
+
 
 @dataclasses.dataclass(frozen=True)
 class SampledLogprobs:

@@ -164,7 +164,7 @@ class ModelRunner:
         return result
 
     def _to_output(self, scheduler_output: SchedulerOutput, result) -> ModelRunnerOutput:
-        wants_logprobs = any(s.request.sampling_params.logprobs is not None for s in scheduler_output.scheduled)
+        wants_logprobs = scheduler_output.wants_logprobs
         host = jax.device_get(result if wants_logprobs else result.token_ids)
         token_ids = (host.token_ids if wants_logprobs else host).tolist()
         sampled, logprobs = {}, {}

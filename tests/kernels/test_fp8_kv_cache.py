@@ -23,30 +23,12 @@ from pallas_kernels.kv_cache_update import update_kv_cache
 from pallas_kernels.ragged_paged_attention import mosaic_tpu, ragged_paged_attention, triton_gpu
 from pallas_kernels.tolerances import KV_QUANTIZATION_TOLERANCES, assert_close
 from tests.kernels.attention_cases import Batch, Geometry, make_batch, naive_attention
+from tests.kernels.backends import interpreted_and_compiled
 
-ON_GPU, ON_TPU = jax.default_backend() == "gpu", jax.default_backend() == "tpu"
 IMPLS = [
     pytest.param("reference", id="reference"),
-    pytest.param(
-        "pallas_gpu_interpret",
-        id="gpu-interpret",
-        marks=pytest.mark.skipif(ON_GPU, reason="on a GPU the compiled kernel runs instead (id gpu)"),
-    ),
-    pytest.param(
-        "pallas_gpu",
-        id="gpu",
-        marks=[pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a GPU to compile the Triton kernel")],
-    ),
-    pytest.param(
-        "pallas_tpu_interpret",
-        id="tpu-interpret",
-        marks=pytest.mark.skipif(ON_TPU, reason="on a TPU the compiled kernel runs instead (id tpu)"),
-    ),
-    pytest.param(
-        "pallas_tpu",
-        id="tpu",
-        marks=[pytest.mark.tpu, pytest.mark.skipif(not ON_TPU, reason="needs a TPU to compile the Mosaic kernel")],
-    ),
+    *interpreted_and_compiled("gpu", "pallas_gpu_interpret", "pallas_gpu", interpret_id="gpu-interpret"),
+    *interpreted_and_compiled("tpu", "pallas_tpu_interpret", "pallas_tpu", interpret_id="tpu-interpret"),
 ]
 FP8 = ml_dtypes.float8_e4m3fn
 FP8_MAX = 448.0

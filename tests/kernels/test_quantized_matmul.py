@@ -19,20 +19,9 @@ import pytest
 from jaxllm.quantization import METHODS, QuantizedWeight, quantize_weight
 from pallas_kernels.quantized_matmul import default_impl, mosaic_tpu, quantized_matmul, triton_gpu
 from pallas_kernels.tolerances import assert_close
+from tests.kernels.backends import ON_GPU, interpreted_and_compiled
 
-ON_GPU = jax.default_backend() == "gpu"
-GPU_KERNEL = [
-    pytest.param(
-        "pallas_gpu_interpret",
-        id="interpret",
-        marks=pytest.mark.skipif(ON_GPU, reason="on a GPU the compiled kernel runs instead (id gpu)"),
-    ),
-    pytest.param(
-        "pallas_gpu",
-        id="gpu",
-        marks=[pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a GPU to compile the Triton kernel")],
-    ),
-]
+GPU_KERNEL = interpreted_and_compiled("gpu", "pallas_gpu_interpret", "pallas_gpu")
 K, N, GROUP = 512, 200, 64
 FP8_MAX = 448.0
 

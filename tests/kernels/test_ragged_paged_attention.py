@@ -16,20 +16,9 @@ import pytest
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention, reference, tile_plan, triton_gpu
 from pallas_kernels.tolerances import assert_close
 from tests.kernels.attention_cases import Batch, Geometry, make_batch, naive_attention
+from tests.kernels.backends import interpreted_and_compiled
 
-ON_GPU = jax.default_backend() == "gpu"
-KERNEL_IMPLS = [
-    pytest.param(
-        "pallas_gpu_interpret",
-        id="interpret",
-        marks=pytest.mark.skipif(ON_GPU, reason="on a GPU the compiled kernel runs instead (id gpu)"),
-    ),
-    pytest.param(
-        "pallas_gpu",
-        id="gpu",
-        marks=[pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a GPU to compile the Triton kernel")],
-    ),
-]
+KERNEL_IMPLS = interpreted_and_compiled("gpu", "pallas_gpu_interpret", "pallas_gpu")
 
 # (query_lens, seq_lens) of the real requests; lengths 1, L-1, L, L+1 (L = 16) and a 2k+ context.
 SCENARIOS = {

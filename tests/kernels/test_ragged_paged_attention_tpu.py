@@ -22,20 +22,9 @@ from pallas_kernels.ragged_paged_attention import mosaic_tpu, ragged_paged_atten
 from pallas_kernels.tolerances import assert_close
 from tests.kernels import attention_cases
 from tests.kernels.attention_cases import Batch, make_batch, naive_attention
+from tests.kernels.backends import ON_TPU, interpreted_and_compiled
 
-ON_TPU = jax.default_backend() == "tpu"
-MODES = [
-    pytest.param(
-        True,
-        id="interpret",
-        marks=pytest.mark.skipif(ON_TPU, reason="on a TPU the compiled kernel runs instead (id tpu)"),
-    ),
-    pytest.param(
-        False,
-        id="tpu",
-        marks=[pytest.mark.tpu, pytest.mark.skipif(not ON_TPU, reason="needs a TPU to compile the Mosaic kernel")],
-    ),
-]
+MODES = interpreted_and_compiled("tpu", True, False)
 # One tier, mid-size tiles: one kernel per compile, used where the tier split is not under test.
 ONE_TIER = mosaic_tpu.KernelConfig(short_tile_tokens=None, long_tile_tokens=16, kv_tokens_per_step=32)
 # Many tiles per request and one cache block per KV step: exercises the cross-tile prefetch chain.
@@ -127,7 +116,7 @@ def test_sliding_window_with_soft_cap(interpret):
     check(kernel(interpret, ONE_TIER, **options)(*batch.args), batch, jnp.float32, **options)
 
 
-@pytest.mark.skipif(ON_TPU, reason="simulator check; the TPU runs the real thing")
+@pytest.mark.skipif(ON_TPU, reason="checks Pallas' TPU simulator; on a TPU the compiled kernel tests run")
 def test_tpu_simulator_finds_no_races_or_uninitialized_reads():
     """Pallas' TPU simulator: DMAs land only at their wait, fresh VMEM is NaN, two cores split the kv heads, and
     the race detector watches every buffer. A read of a page slot before its copy completed, or a prefetch into a
