@@ -52,7 +52,7 @@ class QuantizedLinear(nnx.Module):
         self.method = quantization.method
         self.group_size = quantization.group_size if self.method == "int4" else None
         self.shape = (in_features, out_features)
-        self.matmul_impl = matmul_impl(self.method, in_features, self.group_size)
+        self.matmul_impl = None  # a quantized_matmul backend; None: the platform's default for each step width
         (values_shape, values_dtype), (scales_shape, _) = expected_layout(self.method, self.shape, self.group_size)
         values_axes = axes[::-1] if self.method == "fp8" else axes  # fp8 values are stored [N, K]
         scales_axes = axes if self.method == "int4" else axes[1:]
@@ -80,15 +80,15 @@ class QuantizedLinear(nnx.Module):
         """``rows @ W`` for the (shard of the) weight these arrays hold; the backend re-checked for its K."""
         k, n = rows.shape[1], (values.shape[0] if self.method == "fp8" else values.shape[1])
         weight = QuantizedWeight(values, scales, self.method, self.group_size, (k, n))
-        impl = matmul_impl(self.method, k, self.group_size, self.matmul_impl)
+        impl = matmul_impl(self.method, k, self.group_size, rows.shape[0], self.matmul_impl)
         out_dtype = rows.dtype if self.bias is None else jnp.float32  # as Linear: partial sums in the model dtype
         return (quantized_matmul(rows, weight, impl=impl, out_dtype=out_dtype),)
 
 
-def matmul_impl(method: str, in_features: int, group_size: int | None, impl: str | None = None) -> str:
-    """``impl`` (default: the platform's ``quantized_matmul`` backend), or ``"xla"`` where the Pallas GPU kernel
-    cannot tile K."""
-    impl = impl or default_impl(method)
+def matmul_impl(method: str, in_features: int, group_size: int | None, num_rows: int, impl: str | None = None) -> str:
+    """``impl`` (default: the platform's ``quantized_matmul`` backend for ``num_rows`` rows), or ``"xla"`` where the
+    Pallas GPU kernel cannot tile K."""
+    impl = impl or default_impl(method, num_rows)
     group = group_size or _GPU_KERNEL_MIN_INT4_GROUP
     bad_int4_group = method == "int4" and (group < _GPU_KERNEL_MIN_INT4_GROUP or group & (group - 1))
     if impl.startswith("pallas_gpu") and (in_features % _GPU_KERNEL_MIN_K_STEP or bad_int4_group):

@@ -8,8 +8,10 @@ Backends (``impl=``): ``"reference"`` (dequantize, f32 matmul; any platform), ``
 the activation dtype; fp8 as a dot of two float8_e4m3fn operands, which XLA hands to cuBLASLt on Hopper),
 ``"pallas_gpu"`` (Pallas Triton kernels in ``triton_gpu``), ``"pallas_tpu"`` (Pallas Mosaic kernels in
 ``mosaic_tpu``), and ``"pallas_gpu_interpret"`` / ``"pallas_tpu_interpret"`` (the same kernel bodies interpreted on
-CPU). By default: GPU -> ``pallas_gpu`` for int8/int4 and ``xla`` for fp8; TPU -> ``pallas_tpu`` for int8/int4 and
-``xla`` for fp8; CPU -> ``reference``.
+CPU). By default the backend follows the platform, the method and the number of rows M (the step's token bucket in the
+engine): on a GPU, the Pallas kernel where it measured faster than XLA's product under the engine's XLA options on an
+H100 (``benchmarks/quantized_matmul.py --engine-xla-options``, benchmarks/RESULTS.md), XLA elsewhere; TPU ->
+``pallas_tpu`` for int8/int4 and ``xla`` for fp8 (not measured); CPU -> ``reference``.
 """
 
 from __future__ import annotations
@@ -26,11 +28,22 @@ IMPLS = ("reference", "xla", "pallas_gpu", "pallas_gpu_interpret", "pallas_tpu",
 ACTIVATION_DTYPES = ("bfloat16", "float16", "float32")
 
 
-def default_impl(method: str, platform: str | None = None) -> str:
-    """The backend ``quantized_matmul`` uses for ``method`` on ``platform`` (default: JAX's default backend)."""
+# Rows M (inclusive) where the Pallas GPU kernel beat XLA on the Llama-3.1-8B layer shapes at M = 16 ... 4096 (H100,
+# 2026-11-26). Outside them XLA wins: for int8 at M <= 64 its Triton GEMM fuses the int8 -> bf16 conversion and reads
+# the weight faster, and from M = 512 cuBLAS after one dequantizing pass wins, as it does for int4 from 256 and for fp8
+# (cuBLASLt's fp8 GEMM) from 128.
+GPU_PALLAS_ROWS = {"int8": (65, 256), "int4": (1, 128), "fp8": (1, 64)}
+
+
+def default_impl(method: str, num_rows: int, platform: str | None = None) -> str:
+    """The backend ``quantized_matmul`` uses for ``method`` with ``num_rows`` rows of x on ``platform`` (default:
+    JAX's default backend)."""
     platform = platform or jax.default_backend()
-    if platform in ("gpu", "tpu"):
-        return "xla" if method == "fp8" else f"pallas_{platform}"
+    if platform == "gpu":
+        lo, hi = GPU_PALLAS_ROWS[method]
+        return "pallas_gpu" if lo <= num_rows <= hi else "xla"
+    if platform == "tpu":
+        return "xla" if method == "fp8" else "pallas_tpu"
     return "reference"
 
 
@@ -68,7 +81,7 @@ def quantized_matmul(x: jax.Array, qw: QuantizedWeight, *, impl: str | None = No
     """``x [M, K] @ W [K, N]`` for the quantized ``qw``; returns ``[M, N]`` in ``out_dtype`` (default: x's dtype)."""
     out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
     _validate(x, qw, out_dtype)
-    impl = impl or default_impl(qw.method)
+    impl = impl or default_impl(qw.method, x.shape[0])
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; choose one of {IMPLS}")
     return _backend(impl)(x, qw, out_dtype=out_dtype)
