@@ -1,10 +1,9 @@
 """Pallas GPU (Triton lowering) kernels of the quantized matmul: dequantize in the kernel, multiply on the tensor
 cores in the activation dtype (bf16/f16; f32 at full precision) with f32 accumulation.
 
-Grid ``(M tiles, N tiles, K splits)``. A program owns a ``[block_m, block_n]`` output tile and walks its share of K
-``block_k`` rows per step; int4 steps whole quantization groups (``block_k`` rounded to a multiple of the group, at
-least one group), each group's low nibbles against the first half of its activations and the high nibbles against
-the second half (see ``jaxllm.quantization.schemes``). Each
+Grid ``(M tiles, N tiles, K splits)``. A program owns a ``[block_m, block_n]`` output tile and walks its share of K:
+int8 and fp8 ``block_k`` rows per step, int4 one quantization group per step (the low nibbles against the first half
+of the group's activations, the high nibbles against the second half: see ``jaxllm.quantization.schemes``). Each
 weight byte is read by one program per M tile, so decode (``M <= 16``, one M tile) reads the weight once; when the
 N tiles alone cannot fill the GPU the K axis is split across programs and the f32 partial tiles are summed after the
 launch. Prefill shapes tile M as well and run at the tensor cores' pace.
@@ -47,7 +46,7 @@ class KernelConfig:
 
     block_m: int  # activation rows per program, a power of two >= 16
     block_n: int  # output columns per program, a power of two >= 16
-    block_k: int  # K rows per step, a power of two >= 16 (int4: whole groups, see step_k)
+    block_k: int  # int8/fp8: K rows per step, a power of two >= 16 (int4 steps one group)
     num_k_splits: int = 1  # programs sharing one output tile along K (f32 partials summed afterwards)
     num_warps: int = 4
     num_stages: int = 3
@@ -73,7 +72,6 @@ class _Geometry:
     steps_per_split: int  # K steps each program walks
     step_k: int  # K rows per step
     precision: lax.Precision
-    group_size: int | None = None  # int4
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -118,23 +116,18 @@ def _int8_kernel(x_ref, w_ref, s_ref, out_ref, *, cfg: KernelConfig, geo: _Geome
 def _int4_kernel(x_ref, w_ref, s_ref, out_ref, *, cfg: KernelConfig, geo: _Geometry):
     # x_ref [BM, K/splits] activations; w_ref [K/2/splits, BN] uint8 (packed groups); s_ref [K/g/splits, BN] f32
     row_ok, col_ok = _tile_masks(cfg, geo)
-    group = geo.group_size
-    half = group // 2  # rows of one nibble half of a group
-    groups_per_step = geo.step_k // group
+    half = geo.step_k // 2  # g/2: rows of one nibble half of a group
 
     def step(i, acc):
-        for j in range(groups_per_step):  # unrolled: the step's groups' loads are all in flight together
-            g = i * groups_per_step + j
-            k0 = pl.multiple_of(g * group, group)
-            packed = plgpu.load(w_ref.at[pl.ds(g * half, half), :], mask=col_ok[None, :], other=0)  # [g/2, BN]
-            x_low = plgpu.load(x_ref.at[:, pl.ds(k0, half)], mask=row_ok[:, None], other=0)  # [BM, g/2]
-            x_high = plgpu.load(x_ref.at[:, pl.ds(k0 + half, half)], mask=row_ok[:, None], other=0)  # [BM, g/2]
-            low = (packed & 0xF).astype(x_low.dtype) - INT4_OFFSET  # [g/2, BN], exact integers -8..7
-            high = (packed >> 4).astype(x_low.dtype) - INT4_OFFSET
-            partial = _dot(x_low, low, geo) + _dot(x_high, high, geo)  # [BM, BN]
-            scales = plgpu.load(s_ref.at[pl.ds(g, 1), :], mask=col_ok[None, :], other=0)  # [1, BN]
-            acc = acc + partial * scales
-        return acc
+        k0 = pl.multiple_of(i * geo.step_k, geo.step_k)
+        packed = plgpu.load(w_ref.at[pl.ds(i * half, half), :], mask=col_ok[None, :], other=0)  # [g/2, BN]
+        x_low = plgpu.load(x_ref.at[:, pl.ds(k0, half)], mask=row_ok[:, None], other=0)  # [BM, g/2]
+        x_high = plgpu.load(x_ref.at[:, pl.ds(k0 + half, half)], mask=row_ok[:, None], other=0)  # [BM, g/2]
+        low = (packed & 0xF).astype(x_low.dtype) - INT4_OFFSET  # [g/2, BN], exact integers -8..7
+        high = (packed >> 4).astype(x_low.dtype) - INT4_OFFSET
+        partial = _dot(x_low, low, geo) + _dot(x_high, high, geo)  # [BM, BN]
+        scales = plgpu.load(s_ref.at[pl.ds(i, 1), :], mask=col_ok[None, :], other=0)  # [1, BN]
+        return acc + partial * scales
 
     acc = lax.fori_loop(0, geo.steps_per_split, step, jnp.zeros((cfg.block_m, cfg.block_n), jnp.float32))
     _store(out_ref, acc, row_ok, col_ok)
@@ -159,11 +152,8 @@ def _fp8_kernel(x_ref, xs_ref, w_ref, s_ref, out_ref, *, cfg: KernelConfig, geo:
 
 
 def step_k(method: str, cfg: KernelConfig, group_size: int | None) -> int:
-    """K rows one inner step consumes: ``block_k``; for int4 whole groups (``block_k`` if it is a multiple of the
-    group size, else one group)."""
-    if method == "int4" and (cfg.block_k < group_size or cfg.block_k % group_size):
-        return group_size
-    return cfg.block_k
+    """K rows one inner step consumes."""
+    return group_size if method == "int4" else cfg.block_k
 
 
 def default_config(num_rows: int, k: int, n: int, method: str, group_size=None, num_cores: int = 132):
@@ -247,7 +237,7 @@ def quantized_matmul_triton(
     operands, in_specs, kernel = _operands_and_specs(x, qw, cfg, k_split)
     step = step_k(qw.method, cfg, qw.group_size)
     precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else lax.Precision.DEFAULT
-    geo = _Geometry(m, n, k_split // step, step, precision, qw.group_size)
+    geo = _Geometry(m, n, k_split // step, step, precision)
     if splits == 1:
         out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
         out_spec = pl.BlockSpec((cfg.block_m, cfg.block_n), lambda i, j, s: (i, j))

@@ -109,11 +109,10 @@ def test_kernel_default_out_dtype_and_group_128(impl):
     [
         ("int8", triton_gpu.KernelConfig(block_m=16, block_n=32, block_k=32, num_k_splits=4), jnp.float32),
         ("int4", triton_gpu.KernelConfig(block_m=32, block_n=16, block_k=16, num_k_splits=2), jnp.float32),
-        ("int4", triton_gpu.KernelConfig(block_m=16, block_n=32, block_k=256, num_k_splits=2), jnp.float32),
         # Hopper's fp8 MMA accumulates with less than f32 precision: checked at the bf16 output it serves
         ("fp8", triton_gpu.KernelConfig(16, 64, 64, num_k_splits=4, fp8_dot=True), jnp.bfloat16),
     ],
-    ids=["int8-split4", "int4-split2", "int4-4groups-per-step-split2", "fp8-split4-fp8dot"],
+    ids=["int8-split4", "int4-split2", "fp8-split4-fp8dot"],
 )
 @pytest.mark.parametrize("impl", GPU_KERNEL)
 def test_kernel_explicit_tilings(impl, method, config, out_dtype):
