@@ -1,5 +1,6 @@
 """Pallas GPU (Triton lowering) kernels of the quantized matmul: dequantize in the kernel, multiply on the tensor
-cores in the activation dtype (bf16/f16; f32 at full precision) with f32 accumulation.
+cores in the activation dtype (bf16/f16; f32 at full precision) with f32 accumulation; fp8's e4m3 tiles multiply as
+float16 (every e4m3 value is exact there) unless ``fp8_dot`` multiplies them as fp8.
 
 Grid ``(M tiles, N tiles, K splits)``. A program owns a ``[block_m, block_n]`` output tile and walks its share of K:
 int8 and fp8 ``block_k`` rows per step, int4 one quantization group per step (the low nibbles against the first half
@@ -50,7 +51,7 @@ class KernelConfig:
     num_k_splits: int = 1  # programs sharing one output tile along K (f32 partials summed afterwards)
     num_warps: int = 4
     num_stages: int = 3
-    fp8_dot: bool = False  # fp8: multiply the fp8 tiles directly (sm89+ fp8 MMA) instead of upcasting them to bf16
+    fp8_dot: bool = False  # fp8: multiply the fp8 tiles directly (sm89+ fp8 MMA) instead of upcasting them to f16
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
@@ -141,8 +142,8 @@ def _fp8_kernel(x_ref, xs_ref, w_ref, s_ref, out_ref, *, cfg: KernelConfig, geo:
         k0 = pl.multiple_of(i * geo.step_k, geo.step_k)
         x = plgpu.load(x_ref.at[:, pl.ds(k0, geo.step_k)], mask=row_ok[:, None])  # [BM, BK]
         w = plgpu.load(w_ref.at[:, pl.ds(k0, geo.step_k)], mask=col_ok[:, None])  # [BN, BK]
-        if not cfg.fp8_dot:  # e4m3 values are exact in bf16
-            x, w = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+        if not cfg.fp8_dot:  # e4m3 values are exact in float16, which Hopper converts e4m3 to natively (not bf16)
+            x, w = x.astype(jnp.float16), w.astype(jnp.float16)
         return acc + _dot(x, w, geo, _NT)
 
     acc = lax.fori_loop(0, geo.steps_per_split, step, jnp.zeros((cfg.block_m, cfg.block_n), jnp.float32))
