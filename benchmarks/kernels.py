@@ -29,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import environment, median_seconds, print_record  # noqa: E402
-from pallas_kernels.ragged_paged_attention import ragged_paged_attention, triton_gpu  # noqa: E402
+from pallas_kernels.ragged_paged_attention import mosaic_gpu, ragged_paged_attention, triton_gpu  # noqa: E402
 
 COPY_CEILING = 2.95e12  # bytes/s, H100 device copy (read + write), BENCHMARKS.md
 CUDNN_ANCHOR = 656e12  # FLOP/s, cuDNN non-causal 4 x 4096 on the same H100, BENCHMARKS.md
@@ -97,6 +97,19 @@ def ours(batch, impl, **configs):
     else:
         fn = functools.partial(ragged_paged_attention, sm_scale=head_dim**-0.5, impl=impl)
     return fn, args
+
+
+def ours_mosaic(batch, block_kv, num_stages):
+    """``pallas_mosaic_gpu`` with a given Mosaic GPU long-tile config."""
+    args = [batch[k] for k in ("q", "k_cache", "v_cache", "block_tables", "seq_lens", "query_start_loc")]
+    cfg = mosaic_gpu.MosaicConfig(block_kv=block_kv, num_stages=num_stages)
+    head_dim = batch["q"].shape[-1]
+    return jax.jit(
+        functools.partial(mosaic_gpu.ragged_paged_attention_mosaic, sm_scale=head_dim**-0.5, mosaic_config=cfg)
+    ), args
+
+
+MOSAIC_SWEEP = [(128, 2), (64, 2), (64, 3), (64, 4)]  # (block_kv, num_stages) of the Mosaic GPU long tiles
 
 
 def dispatch_floor(batch, impl):
@@ -181,7 +194,8 @@ def run_prefill(rows, num_requests, length, geo, impl, on_gpu):
     case = f"prefill {num_requests}x{length} causal"
     batch = make_batch(1, [length] * num_requests, [length] * num_requests, **geo)
     attempt(rows, case, impl, batch, ours, impl)
-    if on_gpu:
+    if on_gpu:  # the Mosaic GPU kernel is timed on a GPU only (its interpret mode is a simulator, not a baseline)
+        attempt(rows, case, "pallas_mosaic_gpu", batch, ours, "pallas_mosaic_gpu")
         attempt(rows, case, "cudnn dot_product_attention", batch, cudnn_prefill, num_requests)
         attempt(rows, case, "jax bundled Mosaic GPU attention", batch, bundled_mosaic_prefill, num_requests,
                 note="float16, contiguous K/V")  # fmt: skip
@@ -193,6 +207,8 @@ def run_mixed(rows, num_decodes, context, chunk, geo, impl, with_reference):
     seq_lens = [context] * num_decodes + [2 * chunk]  # the chunk continues a cached prefix of equal length
     batch = make_batch(2, query_lens, seq_lens, **geo)
     attempt(rows, case, impl, batch, ours, impl)
+    if impl == "pallas_gpu":  # compiled on a GPU: the Mosaic GPU long tiles beside the Triton ones
+        attempt(rows, case, "pallas_mosaic_gpu", batch, ours, "pallas_mosaic_gpu")
     if with_reference:
         attempt(rows, case, "reference", batch, ours, "reference")
 
@@ -272,6 +288,10 @@ def main(argv=None) -> dict:
         prefill = make_batch(1, [4096] * 4, [4096] * 4, **geo)
         attempt(rows, "prefill 4x4096 causal", "cudnn dot_product_attention", prefill, cudnn_prefill, 4)
         attempt(rows, "prefill 4x4096 causal", impl, prefill, ours, impl, note="default configs")
+        for block_kv, num_stages in MOSAIC_SWEEP:
+            note = f"Mosaic GPU long tiles: block_q 2x64, block_kv {block_kv}, {num_stages} stages"
+            attempt(rows, "prefill 4x4096 causal", "pallas_mosaic_gpu", prefill, ours_mosaic, block_kv, num_stages,
+                    note=note)  # fmt: skip
         for block_kv in (64, 128):
             note = f"float16, contiguous K/V, block_kv {block_kv}"
             attempt(rows, "prefill 4x4096 causal", "jax bundled Mosaic GPU attention", prefill,

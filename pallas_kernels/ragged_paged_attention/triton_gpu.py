@@ -11,8 +11,9 @@ tiles, optionally split along the KV axis to fill the GPU and merged afterwards;
 large tiles that keep the tensor cores busy. Each launch writes only its own tokens' rows of the shared output.
 ``interpret=True`` runs the same body on CPU. The tile plan lives in ``tile_plan``; this module owns the kernel.
 
-An fp8 (float8_e4m3fn) cache: each K/V tile is loaded as fp8 (half the bytes of bf16) and converted to q's dtype in
-registers before its dot; ``k_scale`` is folded into ``sm_scale`` and ``v_scale`` into the final normalisation.
+An fp8 (float8_e4m3fn) cache: each K/V tile is loaded as fp8 (half the bytes of bf16) and converted to float16 in
+registers before its dot (every e4m3 value is exact there; ``compute_dtype`` says why not bfloat16), q too; ``k_scale``
+is folded into ``sm_scale`` and ``v_scale`` into the final normalisation.
 """
 
 from __future__ import annotations
@@ -218,7 +219,7 @@ def _attention_kernel(*refs, cfg: KernelConfig, geo: _Geometry, rule: _TileRule,
         q = plgpu.load(_rows(q_ref, q_rows), mask=row_valid[:, None], other=0)  # [M, H]
         ranges = _step_ranges(pos_first, count, split, cfg, geo, single_loop)
         tile = _Tile(
-            q=q.astype(compute_dtype(q_ref.dtype, k_ref.dtype)),
+            q=_to_compute_dtype(q, compute_dtype(q_ref.dtype, k_ref.dtype)),
             position=pos_first + token_offset,
             table_base=request * geo.max_blocks,
             kv_head=kv_head,
@@ -289,8 +290,21 @@ def _launch(rule: _TileRule, num_slots, metadata, q_rows, k_rows, v_rows, init_o
 
 
 def compute_dtype(q_dtype, cache_dtype):
-    """The dtype both dots run in: the cache's (q is cast to it), except for an fp8 cache, whose tiles take q's."""
-    return jnp.dtype(q_dtype) if is_fp8_cache(cache_dtype) else jnp.dtype(cache_dtype)
+    """The dtype both dots run in: the cache's (q is cast to it), except for an fp8 cache: float16 for 16-bit queries
+    (Hopper converts e4m3 to float16 natively but to bfloat16 only through float32: on an H100 the decode kernel read
+    an fp8 cache at 1.7-2.0 TB/s computing in bfloat16, 2.1-2.5 TB/s in float16), q's dtype for float32 ones."""
+    if not is_fp8_cache(cache_dtype):
+        return jnp.dtype(cache_dtype)
+    return jnp.dtype(jnp.float16) if jnp.dtype(q_dtype).itemsize == 2 else jnp.dtype(q_dtype)
+
+
+def _to_compute_dtype(q, dtype):
+    """q in the dots' dtype. bfloat16 -> float16 is exact for magnitudes in float16's normal range; larger ones are
+    clipped to its largest finite value rather than turned into inf."""
+    if q.dtype == jnp.bfloat16 and dtype == jnp.float16:
+        largest = float(jnp.finfo(jnp.float16).max)
+        q = jnp.clip(q, -largest, largest)
+    return q.astype(dtype)
 
 
 def _next_power_of_two(n: int) -> int:
@@ -329,6 +343,80 @@ def _num_cores() -> int:
     return int(getattr(jax.devices()[0], "core_count", 0) or 132)
 
 
+class _Launches(NamedTuple):
+    """What both launches share: configs, geometry, metadata and the flattened tensors."""
+
+    short_cfg: KernelConfig
+    long_cfg: KernelConfig
+    geo: _Geometry
+    metadata: tuple  # query_start_loc [S+1], seq_lens [S], block_tables [S*max_blocks], all int32
+    tensors: tuple  # q [T*N, H], k [P*L*K, H], v [P*L*K, H]
+    short_tokens: int  # queries of up to this many tokens take the short launch
+
+
+def _prepare(
+    q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, options, short_config, long_config, interpret
+):
+    num_tokens, num_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    num_requests, max_blocks = block_tables.shape
+    group = num_heads // num_kv_heads
+    short_default, long_default = default_configs(
+        num_tokens,
+        num_requests,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        compute_dtype(q.dtype, k_cache.dtype).itemsize,
+        132 if interpret else _num_cores(),
+    )
+    short_cfg, long_cfg = short_config or short_default, long_config or long_default
+    if min(short_cfg.block_rows, long_cfg.block_rows) < group or long_cfg.block_rows < short_cfg.block_rows:
+        raise ValueError(f"block_rows must be >= G={group} and long >= short, got {short_cfg}, {long_cfg}")
+    if long_cfg.num_kv_splits != 1:
+        raise ValueError(f"the long-query launch does not split the KV axis, got {long_cfg}")
+    geo = _Geometry(
+        num_heads, num_kv_heads, block_size, max_blocks, num_tokens * num_heads, num_requests,
+        options["sm_scale"] * options["k_scale"], options["sliding_window"], options["soft_cap"], options["v_scale"],
+    )  # fmt: skip
+    metadata = (
+        query_start_loc.astype(jnp.int32),
+        seq_lens.astype(jnp.int32),
+        block_tables.reshape(-1).astype(jnp.int32),
+    )
+    kv_shape = (num_blocks * block_size * num_kv_heads, head_dim)
+    tensors = (q.reshape(num_tokens * num_heads, head_dim), k_cache.reshape(kv_shape), v_cache.reshape(kv_shape))
+    return _Launches(short_cfg, long_cfg, geo, metadata, tensors, short_cfg.block_rows // group)
+
+
+def _short_launch(launches: _Launches, num_tokens: int, interpret: bool):
+    """``[T*N, H]``: rows of short-query tokens filled, every other row zero."""
+    short_cfg, _, geo, metadata, tensors, short_tokens = launches
+    q_rows = tensors[0]
+    short_rule = _TileRule(short_tokens, 1, short_tokens)
+    short_slots = plan_lib.max_tile_slots(num_tokens, geo.num_requests, short_tokens, 1, short_tokens)
+    out = jnp.zeros_like(q_rows)  # padding tokens keep these zeros
+    if short_cfg.num_kv_splits == 1:
+        return _launch(short_rule, short_slots, metadata, *tensors, out, short_cfg, geo, interpret)
+    partial, lse = _launch(short_rule, short_slots, metadata, *tensors, None, short_cfg, geo, interpret)
+    splits, head_dim = short_cfg.num_kv_splits, q_rows.shape[1]
+    merged = plan_lib.merge_kv_splits(partial.reshape(splits, -1, head_dim), lse.reshape(splits, -1))
+    is_short = plan_lib.tokens_in_query_range(metadata[0], num_tokens, 1, short_tokens)  # [T]
+    merged = merged.reshape(num_tokens, geo.num_heads, head_dim)
+    return jnp.where(is_short[:, None, None], merged, 0.0).astype(q_rows.dtype).reshape(q_rows.shape)
+
+
+def short_query_launch(
+    q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, *, short_config=None, interpret=False, **options
+) -> tuple[jax.Array, int]:
+    """(``[T, N, H]`` with the rows of short-query tokens filled and the rest zero, the short launch's largest query
+    length); the entry for a backend that brings its own long-query kernel. Options as for the full op."""
+    launches = _prepare(
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, options, short_config, None, interpret
+    )
+    return _short_launch(launches, q.shape[0], interpret).reshape(q.shape), launches.short_tokens
+
+
 def ragged_paged_attention_triton(
     q: jax.Array,  # [T, N, H]
     k_cache: jax.Array,  # [P, L, K, H]
@@ -349,48 +437,17 @@ def ragged_paged_attention_triton(
     """Ragged paged attention (layout in ``op``); queries of up to ``short_config.block_rows // G`` tokens take the
     short launch, longer ones the long launch. Configs default to ``default_configs``."""
     num_tokens, num_heads, head_dim = q.shape
-    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
-    num_requests, max_blocks = block_tables.shape
-    group = num_heads // num_kv_heads
-    short_default, long_default = default_configs(
-        num_tokens,
-        num_requests,
-        num_heads,
-        num_kv_heads,
-        head_dim,
-        compute_dtype(q.dtype, k_cache.dtype).itemsize,
-        132 if interpret else _num_cores(),
+    options = dict(
+        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, k_scale=k_scale, v_scale=v_scale
     )
-    short_cfg, long_cfg = short_config or short_default, long_config or long_default
-    if min(short_cfg.block_rows, long_cfg.block_rows) < group or long_cfg.block_rows < short_cfg.block_rows:
-        raise ValueError(f"block_rows must be >= G={group} and long >= short, got {short_cfg}, {long_cfg}")
-    if long_cfg.num_kv_splits != 1:
-        raise ValueError(f"the long-query launch does not split the KV axis, got {long_cfg}")
-    geo = _Geometry(
-        num_heads, num_kv_heads, block_size, max_blocks, num_tokens * num_heads, num_requests, sm_scale * k_scale,
-        sliding_window, soft_cap, v_scale,
-    )  # fmt: skip
-    query_start_loc = query_start_loc.astype(jnp.int32)
-    metadata = (query_start_loc, seq_lens.astype(jnp.int32), block_tables.reshape(-1).astype(jnp.int32))
-    q_rows = q.reshape(num_tokens * num_heads, head_dim)
-    kv_shape = (num_blocks * block_size * num_kv_heads, head_dim)
-    tensors = (q_rows, k_cache.reshape(kv_shape), v_cache.reshape(kv_shape))
-    short_tokens = short_cfg.block_rows // group
-    short_rule = _TileRule(short_tokens, 1, short_tokens)
-    short_slots = plan_lib.max_tile_slots(num_tokens, num_requests, short_tokens, 1, short_tokens)
-    out = jnp.zeros_like(q_rows)  # padding tokens keep these zeros
-    if short_cfg.num_kv_splits == 1:
-        out = _launch(short_rule, short_slots, metadata, *tensors, out, short_cfg, geo, interpret)
-    else:
-        partial, lse = _launch(short_rule, short_slots, metadata, *tensors, None, short_cfg, geo, interpret)
-        splits = short_cfg.num_kv_splits
-        merged = plan_lib.merge_kv_splits(partial.reshape(splits, -1, head_dim), lse.reshape(splits, -1))
-        is_short = plan_lib.tokens_in_query_range(query_start_loc, num_tokens, 1, short_tokens)  # [T]
-        merged = merged.reshape(num_tokens, num_heads, head_dim)
-        out = jnp.where(is_short[:, None, None], merged, 0.0).astype(q.dtype).reshape(q_rows.shape)
+    launches = _prepare(
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, options, short_config, long_config, interpret
+    )
+    out = _short_launch(launches, num_tokens, interpret)
+    short_tokens, long_cfg, geo = launches.short_tokens, launches.long_cfg, launches.geo
     if num_tokens > short_tokens:
-        long_tokens = long_cfg.block_rows // group
+        long_tokens = long_cfg.block_rows // geo.group
         long_rule = _TileRule(long_tokens, short_tokens + 1, num_tokens)
-        long_slots = plan_lib.max_tile_slots(num_tokens, num_requests, long_tokens, short_tokens + 1, None)
-        out = _launch(long_rule, long_slots, metadata, *tensors, out, long_cfg, geo, interpret)
+        long_slots = plan_lib.max_tile_slots(num_tokens, geo.num_requests, long_tokens, short_tokens + 1, None)
+        out = _launch(long_rule, long_slots, launches.metadata, *launches.tensors, out, long_cfg, geo, interpret)
     return out.reshape(num_tokens, num_heads, head_dim)

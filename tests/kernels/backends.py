@@ -14,9 +14,13 @@ ON_TPU = jax.default_backend() == "tpu"
 _PLATFORMS = {"gpu": (ON_GPU, pytest.mark.gpu, "Triton"), "tpu": (ON_TPU, pytest.mark.tpu, "Mosaic")}
 
 
-def interpreted_and_compiled(platform: str, interpreted, compiled, interpret_id: str = "interpret") -> list:
-    """Two ``pytest.param``s, ``interpreted`` (id ``interpret_id``) and ``compiled`` (id ``platform``)."""
-    present, marker, compiler = _PLATFORMS[platform]
+def interpreted_and_compiled(
+    platform: str, interpreted, compiled, interpret_id: str = "interpret", compiler: str | None = None
+) -> list:
+    """Two ``pytest.param``s, ``interpreted`` (id ``interpret_id``) and ``compiled`` (id ``platform``); ``compiler``
+    names the kernel's compiler in skip reasons when it is not the platform's usual one."""
+    present, marker, default_compiler = _PLATFORMS[platform]
+    compiler = compiler or default_compiler
     name = platform.upper()
     runs_compiled = f"on a {name} the compiled kernel runs instead (id {platform})"
     needs_hardware = f"needs a {name} to compile the {compiler} kernel"

@@ -13,12 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.ragged_paged_attention import ragged_paged_attention, reference, tile_plan, triton_gpu
+from pallas_kernels.ragged_paged_attention import mosaic_gpu, ragged_paged_attention, reference, tile_plan, triton_gpu
 from pallas_kernels.tolerances import assert_close
 from tests.kernels.attention_cases import Batch, Geometry, make_batch, naive_attention
 from tests.kernels.backends import interpreted_and_compiled
 
 KERNEL_IMPLS = interpreted_and_compiled("gpu", "pallas_gpu_interpret", "pallas_gpu")
+MOSAIC_IMPLS = interpreted_and_compiled(
+    "gpu", "pallas_mosaic_gpu_interpret", "pallas_mosaic_gpu", "mosaic_interpret", compiler="Mosaic GPU"
+)
 
 # (query_lens, seq_lens) of the real requests; lengths 1, L-1, L, L+1 (L = 16) and a 2k+ context.
 SCENARIOS = {
@@ -27,6 +30,15 @@ SCENARIOS = {
     "prefill": ([1, 15, 16, 17, 9], [1, 15, 16, 17, 9]),
     "chunked_prefill": ([20, 33, 1], [60, 2080, 40]),
 }
+
+
+# Long queries for the Mosaic GPU kernel (tiles of 128 tokens): lengths L-1, L, L+1 (long for G > 1), a tile plus one
+# or two tokens, a chunk continuing a cached prefix, decodes beside them, and padding tokens up to T = 256.
+MOSAIC_SCENARIOS = {
+    "prefill": ([15, 16, 17, 130, 60], [15, 16, 17, 130, 60]),
+    "chunked_mixed": ([129, 40, 1, 1, 20], [300, 45, 20, 700, 68]),
+}
+MOSAIC_GEOMETRY = dict(num_tokens=256, num_requests=8, num_blocks=96, max_blocks=48)
 
 
 def check_against_naive(out, batch: Batch, dtype, **options) -> None:
@@ -152,3 +164,30 @@ def test_op_rejects_bad_arguments():
     with pytest.raises(ValueError) as error:
         triton_gpu.KernelConfig(block_rows=24, block_kv=64)
     assert "block_rows" in str(error.value)
+
+
+def _check_mosaic(impl, geo, scenario, seed, poison_unused=False, **extra_options):
+    assert mosaic_gpu.supports(jnp.bfloat16, jnp.bfloat16, geo.head_dim, geo.block_size, mosaic_gpu.MosaicConfig())
+    batch = make_batch(seed, *MOSAIC_SCENARIOS[scenario], geo, jnp.bfloat16, poison_unused=poison_unused)
+    options = dict(sm_scale=geo.head_dim**-0.5, **extra_options)
+    out = ragged_paged_attention(*batch.args, impl=impl, **options)
+    check_against_naive(out, batch, jnp.bfloat16, **options)
+
+
+@pytest.mark.parametrize("impl", MOSAIC_IMPLS)
+@pytest.mark.parametrize("scenario", sorted(MOSAIC_SCENARIOS))
+@pytest.mark.parametrize(
+    "num_heads, num_kv_heads, head_dim",
+    [(2, 2, 128), (8, 2, 64), (8, 1, 64)],
+    ids=["gqa1-h128", "gqa4-h64", "gqa8-h64"],
+)
+def test_mosaic_long_tiles_match_naive(impl, scenario, num_heads, num_kv_heads, head_dim):
+    geo = Geometry(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, **MOSAIC_GEOMETRY)
+    _check_mosaic(impl, geo, scenario, seed=7)
+
+
+@pytest.mark.parametrize("impl", MOSAIC_IMPLS)
+def test_mosaic_sliding_window_soft_cap_and_unused_rows(impl):
+    """Window and soft cap on a chunk over a cached prefix; every cache row holding no position is NaN."""
+    geo = Geometry(num_heads=4, num_kv_heads=2, head_dim=64, **MOSAIC_GEOMETRY)
+    _check_mosaic(impl, geo, "chunked_mixed", seed=8, poison_unused=True, sliding_window=40, soft_cap=2.0)
