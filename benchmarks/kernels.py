@@ -90,23 +90,19 @@ def causal_flops(batch) -> float:
 
 
 def ours(batch, impl, **configs):
+    """Our op through ``impl``; with ``configs`` (kernel configs), the backend's entry called directly."""
     args = [batch[k] for k in ("q", "k_cache", "v_cache", "block_tables", "seq_lens", "query_start_loc")]
     head_dim = batch["q"].shape[-1]
     if configs:
-        fn = jax.jit(functools.partial(triton_gpu.ragged_paged_attention_triton, sm_scale=head_dim**-0.5, **configs))
+        entry = (
+            mosaic_gpu.ragged_paged_attention_mosaic
+            if impl == "pallas_mosaic_gpu"
+            else triton_gpu.ragged_paged_attention_triton
+        )
+        fn = jax.jit(functools.partial(entry, sm_scale=head_dim**-0.5, **configs))
     else:
         fn = functools.partial(ragged_paged_attention, sm_scale=head_dim**-0.5, impl=impl)
     return fn, args
-
-
-def ours_mosaic(batch, block_kv, num_stages):
-    """``pallas_mosaic_gpu`` with a given Mosaic GPU long-tile config."""
-    args = [batch[k] for k in ("q", "k_cache", "v_cache", "block_tables", "seq_lens", "query_start_loc")]
-    cfg = mosaic_gpu.MosaicConfig(block_kv=block_kv, num_stages=num_stages)
-    head_dim = batch["q"].shape[-1]
-    return jax.jit(
-        functools.partial(mosaic_gpu.ragged_paged_attention_mosaic, sm_scale=head_dim**-0.5, mosaic_config=cfg)
-    ), args
 
 
 MOSAIC_SWEEP = [(128, 2), (64, 2), (64, 3), (64, 4)]  # (block_kv, num_stages) of the Mosaic GPU long tiles
@@ -290,8 +286,9 @@ def main(argv=None) -> dict:
         attempt(rows, "prefill 4x4096 causal", impl, prefill, ours, impl, note="default configs")
         for block_kv, num_stages in MOSAIC_SWEEP:
             note = f"Mosaic GPU long tiles: block_q 2x64, block_kv {block_kv}, {num_stages} stages"
-            attempt(rows, "prefill 4x4096 causal", "pallas_mosaic_gpu", prefill, ours_mosaic, block_kv, num_stages,
-                    note=note)  # fmt: skip
+            mosaic = mosaic_gpu.MosaicConfig(block_kv=block_kv, num_stages=num_stages)
+            attempt(rows, "prefill 4x4096 causal", "pallas_mosaic_gpu", prefill, ours, "pallas_mosaic_gpu",
+                    note=note, mosaic_config=mosaic)  # fmt: skip
         for block_kv in (64, 128):
             note = f"float16, contiguous K/V, block_kv {block_kv}"
             attempt(rows, "prefill 4x4096 causal", "jax bundled Mosaic GPU attention", prefill,

@@ -23,7 +23,9 @@ Owns only this kernel and ``ragged_paged_attention_mosaic``, which runs the Trit
 long launch (``supports`` says when): q not bf16/f16 (wgmma takes 16-bit inputs), a cache dtype other than q's
 (an fp8 cache included), head dim other than 64 or 128 (256 does not fit SMEM with a 2-stage ring and a
 separate output buffer), or a block size that is not a multiple of 8 dividing ``block_kv``.
-``interpret=True`` runs the kernel in Mosaic GPU's interpret mode on CPU (TMA, barriers and wgmma simulated).
+``interpret=True`` runs the kernel in Mosaic GPU's interpret mode on CPU (TMA, barriers and wgmma simulated). The
+simulated warpgroups block in XLA's CPU thread pool: on a 2-core machine with one CPU device it hung (jax 0.11.2), with
+``XLA_FLAGS=--xla_force_host_platform_device_count=4`` or more (the tests run with 8) it runs.
 """
 
 from __future__ import annotations
@@ -332,7 +334,7 @@ def _tile_metadata(query_start_loc, seq_lens, max_blocks, num_rows, num_slots, m
 
 
 def long_tiles_mosaic(
-    out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, *, min_query_len, opt, cfg, interpret
+    out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, *, min_query_len, opt: _Options, cfg
 ):
     """Writes the rows of tokens of requests with at least ``min_query_len`` query tokens into ``out [T, N, H]``."""
     num_tokens, num_heads, head_dim = q.shape
@@ -352,7 +354,7 @@ def long_tiles_mosaic(
             grid=(num_slots, num_heads), grid_names=("slot", "head"), num_threads=_NUM_COMPUTE + 1, thread_name="wg"
         ),
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=plgpu.InterpretGPUParams() if interpret else False,
+        interpret=plgpu.InterpretGPUParams() if opt.interpret else False,
         name=f"ragged_paged_attention_mgpu_q{cfg.window_rows}_kv{cfg.block_kv}_st{cfg.num_stages}",
     )
 
@@ -400,5 +402,5 @@ def ragged_paged_attention_mosaic(
     query_start_loc, seq_lens = query_start_loc.astype(jnp.int32), seq_lens.astype(jnp.int32)
     return long_tiles_mosaic(
         out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-        min_query_len=short_tokens + 1, opt=opt, cfg=cfg, interpret=interpret,
+        min_query_len=short_tokens + 1, opt=opt, cfg=cfg,
     )  # fmt: skip

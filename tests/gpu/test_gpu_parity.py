@@ -15,8 +15,10 @@ from jaxllm import LLM, SamplingParams
 from jaxllm.loading.model_loader import abstract_model, load_weights
 from jaxllm.loading.model_source import resolve_model_source
 from jaxllm.models import ModelConfig, get_model_class
+from pallas_kernels.ragged_paged_attention import mosaic_gpu
 from tests.models.harness import prompt_logits
 from tests.models.test_parity import FIXTURES, TINY_MODELS, expected, fixture_prompts
+from tests.sharding.helpers import random_hf_tensors, tiny_hf_config
 
 ON_GPU = jax.default_backend() == "gpu"
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a GPU to run the compiled model")]
@@ -73,9 +75,6 @@ def test_mosaic_prefill_logits_match_reference_attention(dtype):
     in a whole model: a head-dim-64 Llama with random weights, prompts prefilled in chunks of 64 tokens over a
     shuffled paged cache (long-query tiles, chunks continuing a cached prefix), against the same weights with the
     pure-jnp reference attention."""
-    from pallas_kernels.ragged_paged_attention import mosaic_gpu
-    from tests.sharding.helpers import random_hf_tensors, tiny_hf_config
-
     hf_config = tiny_hf_config(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
                                max_position_embeddings=512, vocab_size=512)  # fmt: skip
     config = ModelConfig.from_hf_config(hf_config)
