@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU-machine session: the GPU tests and the benchmarks, logs and JSON under $OUT (default ./gpu-out).
 #   bash benchmarks/gpu_session.sh tests kernels j8 j8sync j8ref j8cublas j8nomerge j8both j8xla j8fp8 j1 l8 l8q \
-#        l8qxla l8xla profile profile1 profile_b1 profile_prefill profile_tp2 startup compare_hf qmm qmmsweep qmmengine qmmbundled attnsweep memj1 mesh8
-# (any subset, run in the order given; mesh8 and profile_tp2 need 2+ GPUs: the Llama-3.1-8B shape at TP 1 and 2)
+#        l8qxla l8xla profile profile1 profile_b1 profile_prefill profile_tp2 startup compare_hf qmm qmmsweep qmmengine qmmbundled attnsweep memj1 mesh8 mesh70
+# (any subset, run in the order given; mesh8 and profile_tp2 need 2+ GPUs: the Llama-3.1-8B shape at TP 1 and 2 by
+# default, MESHES=...; mesh70 the Llama-3.1-70B shape, 4x1x1 by default, MESHES70=...)
 # Run from the repository root; JAXLLM_COMMIT names the commit when the tree is not a git checkout. Wheels of
 # packages the machine lacks (gguf: `pip download --no-deps -d .whl gguf==0.19.0`, carried as `.whl`) are installed
 # into /tmp/site first.
@@ -38,8 +39,11 @@ for stage in "$@"; do
                 done ;;
     l8xla) python3 benchmarks/latency.py --batch-sizes 1 --xla-compiler-options "$XLA_DEFAULTS" 2>&1 | tee "$OUT/l8_xla.log" | grep -Ev "^JSON"
            python3 benchmarks/latency.py --batch-sizes 1 --xla-compiler-options '{"xla_gpu_enable_triton_gemm": true}' 2>&1 | tee "$OUT/l8_triton.log" | grep -Ev "^JSON" ;;
-    profile_tp2) python3 benchmarks/profile_step.py --job J8 --tensor-parallel-size 2 --num-prompts 1 --out /tmp/tp2-trace 2>&1 | tee "$OUT/profile_tp2_b1.log" | grep -Ev "^JSON"
-                 python3 benchmarks/profile_step.py --job J8 --num-prompts 1 --out /tmp/tp1-trace 2>&1 | tee "$OUT/profile_tp1_b1.log" | grep -Ev "^JSON" ;;
+    profile_tp2) for tp in ${TP_SIZES:-2 1}; do  # batch-1 decode steps per tensor-parallel size, traces kept
+                   python3 benchmarks/profile_step.py --job J8 --tensor-parallel-size $tp --num-prompts 1 --out /tmp/tp$tp-trace 2>&1 \
+                     | tee "$OUT/profile_tp${tp}_b1.log" | grep -Ev "^JSON"
+                   cp "$(find /tmp/tp$tp-trace -name "*.trace.json.gz" | tail -1)" "$OUT/tp${tp}_b1.trace.json.gz"
+                 done ;;
     profile_prefill) python3 benchmarks/profile_step.py --job J8 --phase prefill --out /tmp/j8-prefill-trace 2>&1 | tee "$OUT/profile_prefill.log" | grep -Ev "^JSON" ;;
     j8ref) python3 benchmarks/throughput.py --job J8 --attention-impl reference --record 2>&1 | tee "$OUT/j8ref.log" | grep -Ev "^\{" ;;
     j1) python3 benchmarks/throughput.py --job J1 --gpu-memory-utilization ${J1_GPU_MEMORY_UTILIZATION:-0.8} --record 2>&1 | tee "$OUT/j1.log" | grep -Ev "^\{" ;;
@@ -54,6 +58,8 @@ for stage in "$@"; do
              cp "$(find /tmp/j8-trace -name "*.trace.json.gz" | tail -1)" "$OUT/j8_decode.trace.json.gz" ;;
     profile1) python3 benchmarks/profile_step.py --job J1 --out /tmp/j1-trace 2>&1 | tee "$OUT/profile_j1.log" | grep -Ev "^JSON" ;;
     mesh8) python3 benchmarks/mesh_scaling.py --job J8 --meshes ${MESHES:-1x1x1,2x1x1} 2>&1 | tee "$OUT/mesh8.log" | grep -Ev "^JSON" ;;
+    mesh70) python3 benchmarks/mesh_scaling.py --job J8 --model benchmarks/configs/llama-3.1-70b --meshes ${MESHES70:-4x1x1} \
+              2>&1 | tee "$OUT/mesh70.log" | grep -Ev "^JSON" ;;
     startup) python3 benchmarks/startup.py --job J8 --record 2>&1 | tee "$OUT/startup.log" | grep -Ev "^JSON" ;;
     compare_hf) python3 benchmarks/compare_hf.py --job J8 --record 2>&1 | tee "$OUT/compare_hf.log" | grep -Ev "^JSON" ;;
     qmm) python3 benchmarks/quantized_matmul.py --rows ${QMM_ROWS:-1,16,64,256} --json "$OUT/qmm.json" 2>&1 | tee "$OUT/qmm.log" ;;

@@ -258,7 +258,10 @@ def main(argv=None) -> dict:
             (pathlib.Path(smoke_dir) / "config.json").write_text(json.dumps(SMOKE_HF_CONFIG))
         vocab_size = json.loads((pathlib.Path(model_dir) / "config.json").read_text())["vocab_size"]
         prompts = random_prompts(args.num_prompts, args.input_len, vocab_size)
-        rows = [run_mesh(args, model_dir, shape, prompts) for shape in parse_meshes(args.meshes)]
+        rows = []
+        for shape in parse_meshes(args.meshes):
+            rows.append(run_mesh(args, model_dir, shape, prompts))
+            print("ROW " + json.dumps(rows[-1], sort_keys=True), flush=True)  # kept if a later mesh is cut off
     add_efficiency(rows)
     print_table(rows)
     record = {
