@@ -32,7 +32,14 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 
-from benchmarks.common import JOBS, environment, print_record, random_prompts  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    JOBS,
+    add_engine_variant_arguments,
+    environment,
+    print_record,
+    random_prompts,
+    variant_label,
+)
 from benchmarks.latency import percentiles, run_batch  # noqa: E402
 from jaxllm import LLM, SamplingParams  # noqa: E402
 from sharding import DataParallelEngine  # noqa: E402
@@ -68,6 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-microbatches", type=int, help="per pipeline step (default: P)")
     p.add_argument("--smoke", action="store_true", help="tiny shape and job on 8 fake CPU devices")
+    add_engine_variant_arguments(p)
     args = p.parse_args(argv)
     engine_defaults = (64, 2048)
     if args.smoke:
@@ -129,6 +137,9 @@ def build_llm(args, model_dir: str, shape: tuple[int, int, int]) -> LLM:
         max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size,
         num_gpu_blocks_override=num_kv_blocks(args, data),
+        quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
+        xla_compiler_options=args.xla_compiler_options,
     )
     if args.num_microbatches:
         for runner in replica_runners(llm):
@@ -275,10 +286,15 @@ def main(argv=None) -> dict:
             "max_num_seqs": args.max_num_seqs,
             "max_num_batched_tokens": args.max_num_batched_tokens,
             "block_size": args.block_size,
+            "quantization": args.quantization,
+            "kv_cache_dtype": args.kv_cache_dtype,
+            "xla_compiler_options": args.xla_compiler_options,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
         },
         "rows": rows,
     }
     best = max(rows, key=lambda r: r["output_tokens_per_s"])
+    print(f"variant: {variant_label(args).lstrip(', ') or 'defaults'}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     print(f"mesh_scaling on {record['device']}: best {best['mesh']} at {best['output_tokens_per_s']:.1f} output tok/s")
     print_record(record)
     return record
