@@ -38,6 +38,7 @@ def add_engine_variant_arguments(parser) -> None:
     """The options every engine benchmark takes to compare variants within one call: quantization, KV-cache dtype,
     and XLA compiler options over the platform's defaults (``--xla-compiler-options '{}'`` keeps the defaults)."""
     parser.add_argument("--quantization", choices=("int8", "int4", "fp8"), help="weight quantization (default: none)")
+    parser.add_argument("--quantize-lm-head", action="store_true", help="lm_head quantized too (needs --quantization)")
     parser.add_argument("--kv-cache-dtype", default="auto", help='"auto" (the model dtype) or "fp8" (e4m3)')
     parser.add_argument(
         "--xla-compiler-options",
@@ -47,9 +48,21 @@ def add_engine_variant_arguments(parser) -> None:
     )
 
 
+def variant_engine_options(args) -> dict:
+    """The ``LLM``/``EngineConfig`` keyword arguments of ``add_engine_variant_arguments``' options."""
+    return {
+        "quantization": args.quantization,
+        "quantize_lm_head": args.quantize_lm_head,
+        "kv_cache_dtype": args.kv_cache_dtype,
+        "xla_compiler_options": args.xla_compiler_options,
+    }
+
+
 def variant_label(args) -> str:
     """``", fp8 weights, fp8 KV cache, XLA {...}"`` for the variant options that differ from the defaults."""
     parts = [f"{args.quantization} weights"] if args.quantization else []
+    if args.quantize_lm_head:
+        parts.append(f"{args.quantization} lm_head")
     if args.kv_cache_dtype != "auto":
         parts.append(f"{args.kv_cache_dtype} KV cache")
     if args.xla_compiler_options is not None:

@@ -49,7 +49,7 @@ for stage in "$@"; do
     j1) python3 benchmarks/throughput.py --job J1 --gpu-memory-utilization ${J1_GPU_MEMORY_UTILIZATION:-0.8} --record 2>&1 | tee "$OUT/j1.log" | grep -Ev "^\{" ;;
     l8) python3 benchmarks/latency.py --record 2>&1 | tee "$OUT/l8.log" | grep -Ev "^JSON" ;;
     l8q) for q in ${L8Q_METHODS:-int8 int4}; do
-           python3 benchmarks/latency.py --quantization $q --batch-sizes 1 --record 2>&1 | tee "$OUT/l8_$q.log" | grep -Ev "^JSON"
+           python3 benchmarks/latency.py --quantization $q --batch-sizes 1 ${L8Q_ARGS:-} --record 2>&1 | tee "$OUT/l8_$q${L8Q_ARGS:+_extra}.log" | grep -Ev "^JSON"
          done ;;
     l8qxla) for q in ${L8Q_METHODS:-int8 int4}; do  # the same with XLA's own GPU options (Triton GEMM, dot merger)
            python3 benchmarks/latency.py --quantization $q --batch-sizes 1 --xla-compiler-options "$XLA_DEFAULTS" 2>&1 | tee "$OUT/l8_${q}_xla.log" | grep -Ev "^JSON"

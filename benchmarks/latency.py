@@ -22,6 +22,7 @@ from benchmarks.common import (
     environment,
     print_record,
     random_prompts,
+    variant_engine_options,
     variant_label,
 )
 from jaxllm import LLMEngine, SamplingParams
@@ -80,9 +81,7 @@ def main(argv=None) -> dict:
         max_num_batched_tokens=64 if args.smoke else 8192,
         max_model_len=256 if args.smoke else 2048,
         enable_prefix_caching=False,
-        quantization=args.quantization,
-        kv_cache_dtype=args.kv_cache_dtype,
-        xla_compiler_options=args.xla_compiler_options,
+        **variant_engine_options(args),
     )
     vocab = engine.model_config.vocab_size
     run_batch(engine, random_prompts(2, args.input_len, vocab, seed=99), 4, "warmup")

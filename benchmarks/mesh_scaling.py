@@ -38,6 +38,7 @@ from benchmarks.common import (  # noqa: E402
     environment,
     print_record,
     random_prompts,
+    variant_engine_options,
     variant_label,
 )
 from benchmarks.latency import percentiles, run_batch  # noqa: E402
@@ -137,9 +138,7 @@ def build_llm(args, model_dir: str, shape: tuple[int, int, int]) -> LLM:
         max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size,
         num_gpu_blocks_override=num_kv_blocks(args, data),
-        quantization=args.quantization,
-        kv_cache_dtype=args.kv_cache_dtype,
-        xla_compiler_options=args.xla_compiler_options,
+        **variant_engine_options(args),
     )
     if args.num_microbatches:
         for runner in replica_runners(llm):

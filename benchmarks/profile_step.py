@@ -30,6 +30,7 @@ from benchmarks.common import (
     environment,
     print_record,
     random_prompts,
+    variant_engine_options,
 )
 from jaxllm import LLMEngine, SamplingParams
 
@@ -134,9 +135,7 @@ def main(argv=None) -> dict:
         max_num_batched_tokens=64 if args.smoke else args.max_num_batched_tokens,
         max_model_len=256 if args.smoke else 2048,
         tensor_parallel_size=args.tensor_parallel_size,
-        quantization=args.quantization,
-        kv_cache_dtype=args.kv_cache_dtype,
-        xla_compiler_options=args.xla_compiler_options,
+        **variant_engine_options(args),
     )
     params = SamplingParams(temperature=0.0, max_tokens=job.output_len, ignore_eos=True)
     num_prompts = args.num_prompts or job.num_prompts

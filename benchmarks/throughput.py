@@ -24,6 +24,7 @@ from benchmarks.common import (
     environment,
     print_record,
     random_prompts,
+    variant_engine_options,
     variant_label,
 )
 from jaxllm import LLM, SamplingParams
@@ -82,9 +83,7 @@ def build_llm(args, job: Job) -> LLM:
         gpu_memory_utilization=args.gpu_memory_utilization,
         attention_impl=args.attention_impl,
         async_scheduling=args.async_scheduling,
-        kv_cache_dtype=args.kv_cache_dtype,
-        quantization=args.quantization,
-        xla_compiler_options=args.xla_compiler_options,
+        **variant_engine_options(args),
     )
 
 

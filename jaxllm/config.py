@@ -62,6 +62,7 @@ class EngineConfig:
     data_parallel_size: int = 1
     quantization: str | None = None
     quantization_group_size: int = 128  # int4 only: input rows that share one scale
+    quantize_lm_head: bool = False  # lm_head quantized too (a tied one gets its own quantized copy of the embedding)
     quantized_weights_path: str | None = None  # orbax directory: restored if present, else written after quantizing
     kv_cache_dtype: str = "auto"
     # XLA options for the step programs, over the platform's defaults (jaxllm.runner.xla_options)
@@ -93,6 +94,10 @@ class EngineConfig:
                 f"quantized_weights_path={self.quantized_weights_path!r} needs a str path and quantization set "
                 f"(quantization={self.quantization!r})"
             )
+        if not isinstance(self.quantize_lm_head, bool):
+            raise TypeError(f"quantize_lm_head must be a bool, got {self.quantize_lm_head!r}")
+        if self.quantize_lm_head and self.quantization is None:
+            raise ValueError("quantize_lm_head=True needs quantization set (int8, int4 or fp8), got quantization=None")
         _compiler_options(self.xla_compiler_options)
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")

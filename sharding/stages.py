@@ -12,11 +12,11 @@ all-reduce after o_proj and one after down_proj): the layers name their activati
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jaxllm.models.activation_sharding import HIDDEN, constrain
 from jaxllm.models.attention_metadata import AttentionMetadata
+from jaxllm.models.layers import lm_head_logits
 from jaxllm.models.rope import rope_cos_sin
 
 
@@ -73,10 +73,7 @@ class StageModule(nnx.Module):
 
 def compute_logits(stage: StageModule, hidden: jax.Array) -> jax.Array:
     """``hidden [S, D]`` -> float32 logits ``[S, V]``, as ``DecoderForCausalLM.compute_logits``."""
-    if stage.lm_head is None:
-        return stage.tied_embedding.attend(hidden)
-    kernel = stage.lm_head.kernel.get_value()
-    return jnp.dot(hidden.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
+    return lm_head_logits(stage.lm_head, stage.tied_embedding, hidden)
 
 
 def stage_forward(stage: StageModule, inputs: jax.Array, kv_caches, md: AttentionMetadata, logits_indices):

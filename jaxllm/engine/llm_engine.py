@@ -54,7 +54,7 @@ class LLMEngine:
         logger.info(
             "loaded %s (%s) in %.1f s", source.name, self.model_config.architecture, time.perf_counter() - start
         )
-        self.compile_seconds = sum(runner.warm_up() for runner in runners)
+        self.compile_seconds = setup.warm_up(runners)
         cores = [
             EngineCore(
                 runner,

@@ -30,6 +30,8 @@ _DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "bf16": "bfloat16", "ha
 Placement = Callable[[tuple, nnx.Variable], jax.sharding.Sharding | None]
 # vLLM's fp8 KV-cache scales are skipped: the fp8 cache runs with scale 1.0 (jaxllm.models.decoder.Attention).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "self_attn.k_scale", "self_attn.v_scale")
+LM_HEAD_KERNEL = ("lm_head", "kernel")  # NNX paths the loader fills specially
+EMBEDDING = ("model", "embed_tokens", "embedding")
 _DUMMY_STDDEV = 0.02
 
 
@@ -79,6 +81,8 @@ def load_weights(
     flat = dict(nnx.to_flat_state(state))
     loaded: set[tuple] = set()
     tied = abstract.config.tie_word_embeddings
+    # A quantized lm_head of a tied model is the embedding table, quantized (the lookup keeps the table itself).
+    tied_quantized_head = _quantized_linear_at(abstract, flat, LM_HEAD_KERNEL) if tied else None
     for name, array in tensors:
         if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
@@ -105,6 +109,8 @@ def load_weights(
         dtype = variable.get_value().dtype
         variable.set_value(jax.device_put(value.astype(dtype), placement(path, variable)))
         loaded.add(path)
+        if tied_quantized_head is not None and path == EMBEDDING:
+            loaded.update(_set_quantized(flat, LM_HEAD_KERNEL[:-1], tied_quantized_head, value.T, placement))
     missing = [".".join(map(str, p)) for p in flat if p not in loaded]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -137,15 +143,23 @@ def init_dummy_weights(
     by_path = dict(flat)
     key = jax.random.key(seed)
     for index, (path, variable) in enumerate(flat):
-        if quantization is not None:
-            index = unquantized_index[path[:-1] + ("kernel",) if path[-1] in ("values", "scales") else path]
         if path[-1] == "scales":
             continue  # filled with its values
         if path[-1] == "values":
-            linear = _quantized_linear_at(abstract, by_path, path[:-1] + ("kernel",))
-            kernel = _random_param(linear.shape, dtype, None, False)(jax.random.fold_in(key, index))
+            kernel_path = path[:-1] + ("kernel",)
+            linear = _quantized_linear_at(abstract, by_path, kernel_path)
+            if kernel_path in unquantized_index:
+                kernel = _random_param(linear.shape, dtype, None, False)(
+                    jax.random.fold_in(key, unquantized_index[kernel_path])
+                )
+            else:  # a tied model's quantized lm_head: the unquantized model's embedding table, transposed
+                embedding_shape = linear.shape[::-1]
+                embedding_key = jax.random.fold_in(key, unquantized_index[EMBEDDING])
+                kernel = _random_param(embedding_shape, dtype, None, False)(embedding_key).T
             _set_quantized(by_path, path[:-1], linear, kernel, placement)
             continue
+        if quantization is not None:
+            index = unquantized_index[path]
         value = variable.get_value()
         is_norm_weight = path[-1] == "weight"
         variable.set_value(

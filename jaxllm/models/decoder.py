@@ -16,7 +16,7 @@ from flax import nnx
 from jaxllm.models import activation_sharding as act
 from jaxllm.models.attention_metadata import AttentionMetadata
 from jaxllm.models.config import ModelConfig
-from jaxllm.models.layers import Embed, Linear, RMSNorm, SwiGLUMLP, make_linear
+from jaxllm.models.layers import Embed, Linear, QuantizedLinear, RMSNorm, SwiGLUMLP, lm_head_logits, make_linear
 from jaxllm.models.rope import apply_rope, rope_cos_sin
 from pallas_kernels import ragged_paged_attention, update_kv_cache
 
@@ -111,8 +111,9 @@ class DecoderModel(nnx.Module):
 class DecoderForCausalLM(nnx.Module):
     """A Llama-family causal LM. ``__call__`` runs the step's tokens; ``compute_logits`` the sampled rows.
 
-    ``quantization`` (a ``QuantizationConfig``) makes the decoder layers' linear layers ``QuantizedLinear``s;
-    embeddings and lm_head keep ``dtype``.
+    ``quantization`` (a ``QuantizationConfig``) makes the decoder layers' linear layers ``QuantizedLinear``s, and
+    lm_head one too when ``quantization.lm_head`` (also when tied: the loader fills it from the embedding table);
+    the embeddings keep ``dtype``.
     """
 
     def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, attention_impl=None, quantization=None):
@@ -121,12 +122,15 @@ class DecoderForCausalLM(nnx.Module):
         self.model = DecoderModel(
             config, dtype=dtype, rngs=rngs, attention_impl=attention_impl, quantization=quantization
         )
-        if config.tie_word_embeddings:
-            self.lm_head = None
-        else:
-            self.lm_head = Linear(
-                config.hidden_size, config.vocab_size, axes=("embed", "vocab"), dtype=dtype, rngs=rngs
+        lm_head_axes = ("embed", "vocab")
+        if quantization is not None and quantization.lm_head:
+            self.lm_head = QuantizedLinear(
+                config.hidden_size, config.vocab_size, axes=lm_head_axes, dtype=dtype, quantization=quantization
             )
+        elif config.tie_word_embeddings:
+            self.lm_head = None  # the embedding table multiplies (Embed.attend)
+        else:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, axes=lm_head_axes, dtype=dtype, rngs=rngs)
 
     def __call__(self, input_ids: jax.Array, kv_caches: KVCache, md: AttentionMetadata):
         """``input_ids [T]`` -> final hidden states ``[T, D]`` and the updated KV cache."""
@@ -141,7 +145,4 @@ class DecoderForCausalLM(nnx.Module):
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """``hidden [S, D]`` -> float32 logits ``[S, V]``."""
-        if self.lm_head is None:
-            return self.model.embed_tokens.attend(hidden)
-        kernel = self.lm_head.kernel.get_value()
-        return jax.numpy.dot(hidden.astype(kernel.dtype), kernel, preferred_element_type=jax.numpy.float32)
+        return lm_head_logits(self.lm_head, self.model.embed_tokens, hidden)

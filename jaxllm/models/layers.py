@@ -61,12 +61,15 @@ class QuantizedLinear(nnx.Module):
         self.scales = nnx.Param(jnp.ones(scales_shape, jnp.float32), logical_axes=scales_axes)
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype), logical_axes=axes[1:]) if use_bias else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
+        """``x [..., K]`` -> ``[..., N]`` in ``out_dtype`` (default ``x``'s dtype; float32 also makes the product
+        itself float32, as the logits want)."""
         rows = x.reshape(-1, x.shape[-1])  # [M, K]
+        out_dtype = out_dtype or x.dtype
         # On a mesh each device multiplies its own shards (a Pallas kernel is opaque to the partitioner, which would
         # gather the weight): column-parallel layers need no communication, row-parallel ones sum partial products.
         local_matmul = act.per_shard(
-            self._local_matmul,
+            functools.partial(self._local_matmul, out_dtype=out_dtype),
             in_axes=(("tokens", self.axes[0]), self.values_axes, self.scales_axes),
             out_axes=(("tokens", self.axes[1]),),
             sum_over=self.axes[0],
@@ -74,14 +77,16 @@ class QuantizedLinear(nnx.Module):
         (y,) = local_matmul(rows, self.values.get_value(), self.scales.get_value())  # [M, N] (f32 with a bias)
         if self.bias is not None:
             y = y + self.bias.get_value().astype(jnp.float32)
-        return y.astype(x.dtype).reshape(*x.shape[:-1], self.shape[1])
+        return y.astype(out_dtype).reshape(*x.shape[:-1], self.shape[1])
 
-    def _local_matmul(self, rows, values, scales) -> tuple[jax.Array]:
+    def _local_matmul(self, rows, values, scales, *, out_dtype) -> tuple[jax.Array]:
         """``rows @ W`` for the (shard of the) weight these arrays hold; the backend re-checked for its K."""
         k, n = rows.shape[1], (values.shape[0] if self.method == "fp8" else values.shape[1])
         weight = QuantizedWeight(values, scales, self.method, self.group_size, (k, n))
         impl = matmul_impl(self.method, k, self.group_size, rows.shape[0], self.matmul_impl)
-        out_dtype = rows.dtype if self.bias is None else jnp.float32  # as Linear: partial sums in the model dtype
+        if self.bias is not None:
+            out_dtype = jnp.float32
+        # else as Linear: partial sums in the model dtype (or in float32 when asked, e.g. for logits)
         return (quantized_matmul(rows, weight, impl=impl, out_dtype=out_dtype),)
 
 
@@ -103,6 +108,17 @@ def make_linear(in_features, out_features, *, axes, dtype, rngs, use_bias=False,
     return QuantizedLinear(
         in_features, out_features, axes=axes, dtype=dtype, quantization=quantization, use_bias=use_bias
     )
+
+
+def lm_head_logits(lm_head: Linear | QuantizedLinear | None, embed_tokens, hidden: jax.Array) -> jax.Array:
+    """``hidden [S, D]`` -> float32 logits ``[S, V]`` from ``lm_head``, or from ``embed_tokens`` (an ``Embed``) when
+    the head is tied and unquantized (``lm_head`` None)."""
+    if lm_head is None:
+        return embed_tokens.attend(hidden)
+    if isinstance(lm_head, QuantizedLinear):
+        return lm_head(hidden, out_dtype=jnp.float32)
+    kernel = lm_head.kernel.get_value()
+    return jnp.dot(hidden.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
 
 
 class Embed(nnx.Module):

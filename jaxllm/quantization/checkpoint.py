@@ -1,10 +1,10 @@
 """Saving a quantized model's weights with Orbax and restoring them, so a restart skips re-quantizing.
 
 Owns the on-disk layout: ``<dir>/state`` (an Orbax ``StandardCheckpointer`` checkpoint of the model's NNX state: the
-quantized ``values``/``scales`` and every unquantized parameter) and ``<dir>/quantization.json`` (method and group
-size, checked on restore). Restoring fills an abstract model built with the same ``QuantizationConfig``, each array
-placed straight onto its device(s) by the loader's ``placement``. Does not touch the checkpoint formats the loader
-reads (safetensors, GGUF).
+quantized ``values``/``scales`` and every unquantized parameter) and ``<dir>/quantization.json`` (method, group size
+and whether lm_head is quantized, checked on restore). Restoring fills an abstract model built with the same
+``QuantizationConfig``, each array placed straight onto its device(s) by the loader's ``placement``. Does not touch
+the checkpoint formats the loader reads (safetensors, GGUF).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def save_quantized(model, directory, quantization: QuantizationConfig) -> None:
 
 def _metadata(quantization: QuantizationConfig) -> dict:
     group_size = quantization.group_size if quantization.method == "int4" else None
-    return {"method": quantization.method, "group_size": group_size}
+    return {"method": quantization.method, "group_size": group_size, "lm_head": quantization.lm_head}
 
 
 def restore_quantized(abstract, directory, quantization: QuantizationConfig, placement=None):
@@ -44,7 +44,7 @@ def restore_quantized(abstract, directory, quantization: QuantizationConfig, pla
     import orbax.checkpoint as ocp
 
     directory = pathlib.Path(directory).absolute()
-    saved = json.loads((directory / METADATA_FILE).read_text())
+    saved = {"lm_head": False, **json.loads((directory / METADATA_FILE).read_text())}  # older files lack lm_head
     wanted = _metadata(quantization)
     if saved != wanted:
         raise ValueError(f"{directory} holds weights quantized as {saved}, not {wanted}")

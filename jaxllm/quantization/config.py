@@ -13,11 +13,13 @@ DEFAULT_INT4_GROUP_SIZE = 128
 
 @dataclasses.dataclass(frozen=True)
 class QuantizationConfig:
-    """Weight quantization of the decoder's linear layers (q/k/v/o, gate/up/down); embeddings and lm_head stay in
-    the model dtype. ``group_size`` is used by int4 only."""
+    """Weight quantization of the decoder's linear layers (q/k/v/o, gate/up/down); the embeddings stay in the model
+    dtype, and so does lm_head unless ``lm_head`` (then a tied lm_head gets a quantized copy of the embedding table,
+    which the token lookup keeps reading in the model dtype). ``group_size`` is used by int4 only."""
 
     method: str
     group_size: int = DEFAULT_INT4_GROUP_SIZE
+    lm_head: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in QUANTIZATION_NAMES[1:]:
@@ -25,6 +27,8 @@ class QuantizationConfig:
         group = self.group_size
         if isinstance(group, bool) or not isinstance(group, int) or group < 2 or group % 2:
             raise ValueError(f"int4 group_size must be a positive even int, got {group!r}")
+        if not isinstance(self.lm_head, bool):
+            raise TypeError(f"quantize_lm_head must be a bool, got {self.lm_head!r}")
 
     def check_in_features(self, in_features: int, out_features: int) -> None:
         """ValueError unless a ``[in_features, out_features]`` linear layer can use this scheme."""
@@ -36,11 +40,16 @@ class QuantizationConfig:
             )
 
 
-def resolve_quantization(name: str | None, group_size: int = DEFAULT_INT4_GROUP_SIZE) -> QuantizationConfig | None:
-    """``LLM(quantization=name, quantization_group_size=group_size)`` -> its config (None: no quantization);
-    ValueError naming an unknown ``name`` or an unusable ``group_size``."""
+def resolve_quantization(
+    name: str | None, group_size: int = DEFAULT_INT4_GROUP_SIZE, lm_head: bool = False
+) -> QuantizationConfig | None:
+    """``LLM(quantization=name, quantization_group_size=group_size, quantize_lm_head=lm_head)`` -> its config (None:
+    no quantization); ValueError naming an unknown ``name``, an unusable ``group_size`` or ``lm_head`` without
+    ``name``."""
     if name is None:
+        if lm_head:
+            raise ValueError("quantize_lm_head=True needs quantization set (int8, int4 or fp8), got quantization=None")
         return None
     if name not in QUANTIZATION_NAMES:
         raise ValueError(f"unknown quantization {name!r}; choose one of {QUANTIZATION_NAMES}")
-    return QuantizationConfig(name, group_size)
+    return QuantizationConfig(name, group_size, lm_head)

@@ -25,3 +25,43 @@ def test_import_sets_one_preallocated_pool():
 def test_user_settings_win(preallocate, fraction):
     user = dict(XLA_PYTHON_CLIENT_PREALLOCATE=preallocate, XLA_PYTHON_CLIENT_MEM_FRACTION=fraction)
     assert allocator_settings(**user) == [preallocate, fraction]
+
+
+class _Runner:
+    def __init__(self, outcome):
+        self.outcome = outcome
+
+    def warm_up(self):
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return self.outcome
+
+
+def test_warm_up_sums_each_runners_seconds():
+    from jaxllm.engine.setup import warm_up
+
+    assert warm_up([_Runner(1.5), _Runner(2.25)]) == 3.75
+
+
+def test_collective_memory_failure_names_the_pool_setting(monkeypatch):
+    """XLA's words when an all-reduce kernel's buffers do not fit outside the pool (seen at TP 4 on H200s)."""
+    import jax
+
+    from jaxllm.engine.setup import warm_up
+
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+    xla_error = jax.errors.JaxRuntimeError("INTERNAL: Failed to allocate Scratch 1 for all-reduce.")
+    with pytest.raises(RuntimeError, match=r"XLA_PYTHON_CLIENT_MEM_FRACTION=0\.95\).*lower") as caught:
+        warm_up([_Runner(1.0), _Runner(xla_error)])
+    assert caught.value.__cause__ is xla_error
+
+
+def test_other_runtime_errors_pass_unchanged():
+    import jax
+
+    from jaxllm.engine.setup import warm_up
+
+    xla_error = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 2.0GiB.")
+    with pytest.raises(jax.errors.JaxRuntimeError) as caught:
+        warm_up([_Runner(xla_error)])
+    assert caught.value is xla_error

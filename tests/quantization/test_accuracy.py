@@ -9,7 +9,9 @@ themselves Q4_1, so int4 quantizes a 4-bit grid again (double rounding) and lose
 checkpoint would. Each case asserts the goal (perplexity within 1% for int8 and fp8, within 5% for int4); the two that
 miss it today are strict xfails naming the measured ratio, so a fix shows up as an unexpected pass. Measured
 perplexity ratios: int8 0.9985, fp8 1.029, int4 1.292 (1.395 before int4 searched each group's scale). fp8 split
-into its parts (benchmarks/RESULTS.md): the e4m3 weights alone give 1.0185, the fp8 activations alone 1.0086.
+into its parts (benchmarks/RESULTS.md): the e4m3 weights alone give 1.0185, the fp8 activations alone 1.0086. With
+``quantize_lm_head`` (SmolLM2's head is tied: a quantized copy of the embedding table): int8 0.9986 (mean KL 0.0040
+nats against 0.0029), the only case held to the goal; fp8 1.056 and int4 1.589 were measured and are not tests.
 
 ``kv_cache_dtype="fp8"`` (unquantized weights, K/V stored as e4m3 with scale 1.0) is scored the same way against the
 float32 cache, goal 1%: measured ratio 1.0033, mean KL 0.0075 nats, argmax agreement 95.2%; its greedy generations
@@ -35,12 +37,14 @@ from tests.models.test_parity import expected
 TEXT = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "text" / "perplexity_corpus.txt"
 WINDOW = 512
 NUM_WINDOWS = 4
-# method, group size, goal: largest perplexity ratio (quantized / unquantized)
+# method, group size, lm_head quantized too, goal: largest perplexity ratio (quantized / unquantized)
 CASES = [
-    pytest.param("int8", 128, 1.01, id="int8"),
+    pytest.param("int8", 128, False, 1.01, id="int8"),
+    pytest.param("int8", 128, True, 1.01, id="int8-lm_head"),
     pytest.param(
         "fp8",
         128,
+        False,
         1.01,
         id="fp8",
         marks=pytest.mark.xfail(
@@ -50,6 +54,7 @@ CASES = [
     pytest.param(
         "int4",
         64,
+        False,
         1.05,
         id="int4",
         marks=pytest.mark.xfail(
@@ -109,10 +114,11 @@ def compare(unquantized, log_probs, windows, label: str) -> tuple[float, float]:
     return ratio, kl
 
 
-@pytest.mark.parametrize(("method", "group_size", "max_ratio"), CASES)
-def test_perplexity_close_to_unquantized(smollm2, unquantized, method, group_size, max_ratio):
-    log_probs = window_log_probs(smollm2, QuantizationConfig(method, group_size))
-    ratio, kl = compare(unquantized, log_probs, smollm2[2], f"{method} (group {group_size})")
+@pytest.mark.parametrize(("method", "group_size", "lm_head", "max_ratio"), CASES)
+def test_perplexity_close_to_unquantized(smollm2, unquantized, method, group_size, lm_head, max_ratio):
+    log_probs = window_log_probs(smollm2, QuantizationConfig(method, group_size, lm_head=lm_head))
+    label = f"{method} (group {group_size}{', lm_head too' if lm_head else ''})"
+    ratio, kl = compare(unquantized, log_probs, smollm2[2], label)
     assert ratio < max_ratio, f"{method}: perplexity ratio {ratio:.4f} (mean KL {kl:.4f} nats)"
 
 

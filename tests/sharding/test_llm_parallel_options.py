@@ -214,6 +214,18 @@ def test_quantized_weights_on_a_mesh_match_one_device(quantization, tensor, pipe
         assert all(s.sharding.spec[0] == ("tensor" if int4 else None) for s in scales)
 
 
+def test_quantized_tied_lm_head_on_a_mesh_matches_one_device():
+    """``quantize_lm_head`` on a tied model: the last stage's quantized head splits over the vocabulary."""
+    options = dict(quantization="int8", quantize_lm_head=True)
+    expected = generate(make_llm("llama_tied", **options))
+    llm = make_llm("llama_tied", tensor_parallel_size=2, pipeline_parallel_size=2, **options)
+    assert generate(llm) == expected
+    last = llm.llm_engine.runner.pipeline.stages[-1]
+    head = {path[-1]: v.get_value() for path, v in nnx.to_flat_state(last.state) if path[0] == "lm_head"}
+    assert head["values"].dtype == jnp.int8 and tuple(head["values"].sharding.spec) == (None, "tensor")
+    assert tuple(head["scales"].sharding.spec) == ("tensor",)
+
+
 def test_quantization_with_replicated_kv_heads_is_rejected():
     with pytest.raises(ValueError, match="tensor_parallel_size=2 > num_kv_heads=1"):
         make_llm("llama_mqa", quantization="int8", tensor_parallel_size=2)

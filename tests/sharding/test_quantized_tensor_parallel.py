@@ -2,6 +2,7 @@
 (interpreted on CPU), opaque to the partitioner, multiplies each device's own weight shard, and row-parallel layers
 sum their partial products. Greedy tokens and step logits equal the same quantized model on one device."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -33,15 +34,20 @@ def use_pallas_kernel(model):
     return model, layers
 
 
-@pytest.mark.parametrize(("method", "group_size"), [("int8", 128), ("int4", 32)])
-def test_pallas_quantized_matmul_per_shard_matches_one_device(method, group_size, monkeypatch):
+@pytest.mark.parametrize(
+    ("method", "group_size", "lm_head"),
+    [("int8", 128, False), ("int4", 32, False), ("int4", 32, True)],
+    ids=["int8", "int4", "int4-tied-lm_head"],
+)
+def test_pallas_quantized_matmul_per_shard_matches_one_device(method, group_size, lm_head, monkeypatch):
+    """The last case also quantizes a tied lm_head (column-parallel over the vocabulary, from the embedding)."""
     from tests.sharding.test_parallel_generation import run_on_mesh
 
-    config = ModelConfig.from_hf_config(tiny_hf_config())
-    quantization = QuantizationConfig(method, group_size)
+    config = ModelConfig.from_hf_config(tiny_hf_config(tie_word_embeddings=lm_head))
+    quantization = QuantizationConfig(method, group_size, lm_head=lm_head)
     abstract = abstract_model(get_model_class(config.architecture), config, jnp.float32, quantization=quantization)
     model, layers = use_pallas_kernel(load_weights(abstract, random_hf_tensors(config)))
-    assert len(layers) == 7 * config.num_layers
+    assert len(layers) == 7 * config.num_layers + lm_head
 
     prompts = mixed_prompts(config.vocab_size)
     runner = ReferenceRunner(model, resolved_config())
@@ -60,6 +66,7 @@ def test_pallas_quantized_matmul_per_shard_matches_one_device(method, group_size
         return record
 
     monkeypatch.setattr(op, "_backend", recording_backend)
+    jax.clear_caches()  # an earlier case's programs of the same shapes would skip tracing, and so the recording
     outputs, recording = run_on_mesh(model, prompts, 2, 1)
     assert outputs == expected
     for step, (got, want) in enumerate(zip(recording.step_logits, runner.step_logits, strict=True)):
@@ -71,4 +78,6 @@ def test_pallas_quantized_matmul_per_shard_matches_one_device(method, group_size
     assert (hidden, heads // 2) in shapes  # q_proj: [K, N/2]
     assert (heads // 2, hidden) in shapes  # o_proj: [K/2, N]
     assert (config.intermediate_size // 2, hidden) in shapes  # down_proj: [K/2, N]
-    assert all(k < hidden or n < max(heads, config.intermediate_size) for k, n in shapes)
+    if lm_head:
+        assert (hidden, config.vocab_size // 2) in shapes  # lm_head: [K, V/2]
+    assert all(k < hidden or n < max(heads, config.intermediate_size, config.vocab_size) for k, n in shapes)
