@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine session: the GPU tests and the benchmarks, logs and JSON under $OUT (default ./gpu-out).
 #   bash benchmarks/gpu_session.sh tests kernels j8 j8sync j8ref j8cublas j8nomerge j8both j8xla j8fp8 j1 l8 l8q \
-#        l8qxla l8xla profile profile1 profile_b1 profile_prefill profile_tp2 startup compare_hf qmm qmmsweep qmmengine qmmbundled attnsweep memj1 mesh8 mesh70 tpflags
+#        l8qxla l8xla profile profile1 profile_b1 profile_prefill profile_tp2 startup compare_hf qmm qmmsweep qmmengine qmmbitcvt qmmbundled attnsweep memj1 mesh8 mesh70 tpflags
 # (any subset, run in the order given; mesh8 and profile_tp2 need 2+ GPUs: the Llama-3.1-8B shape at TP 1 and 2 by
 # default, MESHES=...; mesh70 the Llama-3.1-70B shape, 4x1x1 by default, MESHES70=...)
 # Run from the repository root; JAXLLM_COMMIT names the commit when the tree is not a git checkout. Wheels of
@@ -71,6 +71,8 @@ for stage in "$@"; do
     qmm) python3 benchmarks/quantized_matmul.py --rows ${QMM_ROWS:-1,16,64,256} --json "$OUT/qmm.json" 2>&1 | tee "$OUT/qmm.log" ;;
     qmmengine) python3 benchmarks/quantized_matmul.py --methods ${QMM_METHODS:-int8,int4,fp8} --impls pallas_gpu,xla --engine-xla-options \
                 --rows ${QMM_ROWS:-16,64,256,4096} --shapes 4096x6144,4096x14336,14336x4096 --json "$OUT/qmm_engine.json" 2>&1 | tee "$OUT/qmm_engine.log" | grep -Ev "^JSON" ;;
+    qmmbitcvt) python3 benchmarks/quantized_matmul.py --methods int4 --impls pallas_gpu,xla --int4-bit-convert --engine-xla-options \
+                --rows ${QMM_ROWS:-1,16,64,128} --shapes 4096x6144,4096x14336,14336x4096 --json "$OUT/qmm_bitcvt.json" 2>&1 | tee "$OUT/qmm_bitcvt.log" | grep -Ev "^JSON" ;;
     qmmbundled) python3 benchmarks/quantized_matmul.py --methods int8 --impls pallas_gpu,xla,bundled_mgpu --rows 16,256,4096 \
                 --shapes 4096x14336,14336x4096 --json "$OUT/qmm_bundled.json" 2>&1 | tee "$OUT/qmm_bundled.log" | grep -Ev "^JSON" ;;
     qmmsweep) python3 benchmarks/quantized_matmul.py --sweep --rows 1 --methods ${SWEEP_METHODS:-int8,int4} --impls pallas_gpu \

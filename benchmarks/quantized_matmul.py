@@ -91,6 +91,7 @@ class Settings:
     sweep: bool
     repeats: int
     engine_xla_options: bool = False  # compile as the engine compiles a step of M tokens (runner.xla_options)
+    int4_bit_convert: bool = False  # also time the Pallas int4 kernel with its nibbles OR-ed into a mantissa
 
 
 def time_case(case: Case, x, weights, product, reference_out, settings: Settings) -> dict:
@@ -172,6 +173,16 @@ def run_method(rows, k, n, m, method, weights, settings: Settings):
         product = functools.partial(reference.quantized_matmul_xla, out_dtype=x.dtype, fp8_fast_accumulation=True)
         case = Case(k, n, m, method, "xla", "fast accumulation")
         rows.append(time_case(case, x, weights, product, reference_out, settings))
+    if method == "int4" and settings.int4_bit_convert and any(i.startswith("pallas_gpu") for i in settings.impls):
+        interpret = "pallas_gpu_interpret" in settings.impls
+        cores = 132 if interpret else int(getattr(jax.devices()[0], "core_count", 0) or 132)
+        config = triton_gpu.default_config(m, k, n, method, weights[0].group_size, cores)
+        config = dataclasses.replace(config, int4_bit_convert=True)
+        product = functools.partial(
+            triton_gpu.quantized_matmul_triton, out_dtype=x.dtype, config=config, interpret=interpret
+        )
+        case = Case(k, n, m, method, "pallas_gpu_interpret" if interpret else "pallas_gpu", "int4 bit convert")
+        rows.append(time_case(case, x, weights, product, reference_out, settings))
     for note, product in sweep_products(m, k, method) if settings.sweep else ():
         rows.append(time_case(Case(k, n, m, method, "pallas_gpu", note), x, weights, product, reference_out, settings))
 
@@ -235,6 +246,11 @@ def main(argv=None) -> dict:
     p.add_argument("--shapes", default=None, help="comma-separated KxN weight shapes (default: the 8B layers')")
     p.add_argument("--json", default=None, help="also write the JSON record to this path")
     p.add_argument(
+        "--int4-bit-convert",
+        action="store_true",
+        help="also time the Pallas int4 kernel turning nibbles into floats by bit operations (KernelConfig)",
+    )
+    p.add_argument(
         "--engine-xla-options",
         action="store_true",
         help="compile each product with the XLA options of an engine step of M tokens (default: XLA's own)",
@@ -259,6 +275,7 @@ def main(argv=None) -> dict:
             args.sweep and not args.smoke,
             3 if args.smoke else 7,
             args.engine_xla_options,
+            args.int4_bit_convert,
         )
         run_shape(rows, k, n, batch_rows, settings)
     print_table(rows)

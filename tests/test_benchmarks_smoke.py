@@ -70,10 +70,11 @@ def test_kernels_smoke_times_every_case():
 def test_quantized_matmul_smoke_matches_the_reference_under_engine_options():
     from benchmarks import quantized_matmul
 
-    record = quantized_matmul.main(["--smoke", "--engine-xla-options"])
+    record = quantized_matmul.main(["--smoke", "--engine-xla-options", "--int4-bit-convert"])
     rows = [row for row in record["rows"] if row["method"] != "bf16"]
     assert {row["method"] for row in rows} == {"int8", "int4", "fp8"}
     assert any(row["note"] == "fast accumulation" for row in rows)
+    assert any(row["note"] == "int4 bit convert" for row in rows)
     for row in rows:
         assert "error" not in row, row
         assert row["time_us"] > 0 and row["relative_error"] < 0.05, row

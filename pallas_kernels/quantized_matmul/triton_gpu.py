@@ -9,6 +9,11 @@ weight byte is read by one program per M tile, so decode (``M <= 16``, one M til
 N tiles alone cannot fill the GPU the K axis is split across programs and the f32 partial tiles are summed after the
 launch. Prefill shapes tile M as well and run at the tensor cores' pace.
 
+``KernelConfig.int4_bit_convert`` (off by default until an H100 measures it; ``quantized_matmul.py
+--int4-bit-convert``) makes the int4 codes bf16/f16 values with integer bit operations and one subtraction instead
+of integer-to-float conversions, which issue at a fraction of the ALU rate: at decode widths the int4 kernel reads
+weights at 0.7-1.0 TB/s, and converting 2 values per byte may be what holds it there.
+
 Scales are applied to the f32 accumulator, never to the weights: per output channel once at the end (int8, fp8), per
 group to each group's partial product (int4). The weights' integer codes are exact in bf16, so the only rounding
 before accumulation is that of the activations' own dtype.
@@ -52,6 +57,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     fp8_dot: bool = False  # fp8: multiply the fp8 tiles directly (sm89+ fp8 MMA) instead of upcasting them to f16
+    int4_bit_convert: bool = False  # int4 with bf16/f16 activations: nibbles OR-ed into a float's mantissa
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
@@ -114,6 +120,28 @@ def _int8_kernel(x_ref, w_ref, s_ref, out_ref, *, cfg: KernelConfig, geo: _Geome
     _store(out_ref, acc * scales[None, :], row_ok, col_ok)
 
 
+# int4 codes as floats without integer-to-float conversions (which issue at a quarter of the ALU rate on recent GPUs):
+# a code c in 0..15 OR-ed into the low mantissa bits of MAGIC (a float whose mantissa step is 1) is exactly
+# MAGIC + c, so one subtraction of MAGIC + INT4_OFFSET gives the signed value c - 8, exactly.
+_BIT_CONVERT = {  # activation dtype -> (bit pattern of MAGIC as uint16, MAGIC + INT4_OFFSET)
+    jnp.dtype(jnp.bfloat16): (0x4300, 128.0 + INT4_OFFSET),  # bf16 128.0: 7 mantissa bits, step 1
+    jnp.dtype(jnp.float16): (0x6400, 1024.0 + INT4_OFFSET),  # f16 1024.0: 10 mantissa bits, step 1
+}
+
+
+def _int4_halves(packed, dtype, bit_convert: bool):
+    """Signed values (-8..7, exact in ``dtype``) of the low and high nibbles of ``packed`` (uint8)."""
+    if bit_convert and jnp.dtype(dtype) in _BIT_CONVERT:
+        magic_bits, bias = _BIT_CONVERT[jnp.dtype(dtype)]
+        wide = packed.astype(jnp.uint16)  # one widening per byte; both nibbles come from it
+        low = lax.bitcast_convert_type((wide & 0xF) | magic_bits, dtype) - jnp.asarray(bias, dtype)
+        high = lax.bitcast_convert_type((wide >> 4) | magic_bits, dtype) - jnp.asarray(bias, dtype)
+        return low, high
+    low = (packed & 0xF).astype(dtype) - INT4_OFFSET
+    high = (packed >> 4).astype(dtype) - INT4_OFFSET
+    return low, high
+
+
 def _int4_kernel(x_ref, w_ref, s_ref, out_ref, *, cfg: KernelConfig, geo: _Geometry):
     # x_ref [BM, K/splits] activations; w_ref [K/2/splits, BN] uint8 (packed groups); s_ref [K/g/splits, BN] f32
     row_ok, col_ok = _tile_masks(cfg, geo)
@@ -124,8 +152,7 @@ def _int4_kernel(x_ref, w_ref, s_ref, out_ref, *, cfg: KernelConfig, geo: _Geome
         packed = plgpu.load(w_ref.at[pl.ds(i * half, half), :], mask=col_ok[None, :], other=0)  # [g/2, BN]
         x_low = plgpu.load(x_ref.at[:, pl.ds(k0, half)], mask=row_ok[:, None], other=0)  # [BM, g/2]
         x_high = plgpu.load(x_ref.at[:, pl.ds(k0 + half, half)], mask=row_ok[:, None], other=0)  # [BM, g/2]
-        low = (packed & 0xF).astype(x_low.dtype) - INT4_OFFSET  # [g/2, BN], exact integers -8..7
-        high = (packed >> 4).astype(x_low.dtype) - INT4_OFFSET
+        low, high = _int4_halves(packed, x_low.dtype, cfg.int4_bit_convert)  # [g/2, BN] each, exact -8..7
         partial = _dot(x_low, low, geo) + _dot(x_high, high, geo)  # [BM, BN]
         scales = plgpu.load(s_ref.at[pl.ds(i, 1), :], mask=col_ok[None, :], other=0)  # [1, BN]
         return acc + partial * scales

@@ -8,6 +8,7 @@ multiple of any tile width, so edge tiles are exercised); int4 uses groups of 64
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -123,6 +124,23 @@ def test_kernel_explicit_tilings(impl, method, config, out_dtype):
         )
     )
     check(kernel(x, qw), x, qw, out_dtype, f"{method} {config}")
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])  # f32 keeps the integer conversion
+@pytest.mark.parametrize("rows", [1, 16, 64])
+@pytest.mark.parametrize("impl", GPU_KERNEL)
+def test_int4_bit_convert_matches_the_naive_product(impl, rows, dtype):
+    """int4 codes made floats by OR-ing them into a mantissa: every code -8..7 occurs in these random weights."""
+    x, qw = make_case(12, rows, "int4", dtype)
+    packed = np.asarray(qw.values)
+    assert set(np.unique(packed & 0xF)) == set(np.unique(packed >> 4)) == set(range(16))
+    config = dataclasses.replace(triton_gpu.default_config(rows, K, N, "int4", GROUP), int4_bit_convert=True)
+    kernel = jax.jit(
+        lambda x, qw: triton_gpu.quantized_matmul_triton(
+            x, qw, out_dtype=jnp.float32, config=config, interpret=impl.endswith("_interpret")
+        )
+    )
+    check(kernel(x, qw), x, qw, jnp.float32, f"int4 bit convert, {rows} rows of {jnp.dtype(dtype).name}")
 
 
 @pytest.mark.parametrize("method", METHODS)
