@@ -7,12 +7,14 @@ Owns the device-count rule: ``T x P x D`` must divide the number of devices (the
 built by ``jaxllm.engine.llm_engine``). KV budget: on CPU, or with ``num_gpu_blocks_override`` /
 ``kv_cache_memory_bytes``, ``jaxllm.engine.setup.num_kv_blocks`` with the per-device block cost; on an accelerator,
 ``gpu_memory_utilization`` of the device with the least memory left after the weights and one run of the largest
-bucket (the memory peak), as vLLM profiles it.
+bucket (the memory peak), as vLLM profiles it. ``JAXLLM_MESH_LAUNCH_THREAD=1`` (experimental, not yet timed on GPUs)
+gives each runner a launch thread (``sharding.runner``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import jax
 from jax.sharding import Mesh
@@ -28,6 +30,8 @@ from sharding.rules import kv_head_replicas, param_placement
 from sharding.runner import PipelineRunner
 
 logger = logging.getLogger(__name__)
+
+LAUNCH_THREAD_ENV = "JAXLLM_MESH_LAUNCH_THREAD"
 
 
 def engine_mesh(config: EngineConfig) -> Mesh | None:
@@ -83,7 +87,13 @@ def build_mesh_runners(
         compiler_options = StepCompilerOptions(jax.default_backend(), config.xla_compiler_options)
         runners.append(
             PipelineRunner(
-                model, replica_mesh, resolved, kv_dtype, seed=config.seed + index, compiler_options=compiler_options
+                model,
+                replica_mesh,
+                resolved,
+                kv_dtype,
+                seed=config.seed + index,
+                compiler_options=compiler_options,
+                launch_thread=os.environ.get(LAUNCH_THREAD_ENV, "0") == "1",
             )
         )
     if measure:

@@ -12,6 +12,11 @@ engine core schedules ahead as it does on one device: a step's pending tokens (t
 gathered into its input ids inside the first stage's program, from the in-flight step's token ids, which the last
 stage pads to the most rows of any bucket (so one program per bucket serves every previous bucket). With several
 stages or microbatches the runner stays synchronous.
+
+``launch_thread=True`` (experimental; ``JAXLLM_MESH_LAUNCH_THREAD=1`` for engines) hands each dispatched step's launch
+to one worker thread. A multi-GPU program's execute returns only once every GPU's host thread has launched its
+share, ~7 ms per batch-1 step at TP 4 on H200s (benchmarks/RESULTS.md), during which the engine's own host work for
+the next step would otherwise wait; with the worker, the two overlap. Launches stay in dispatch order.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import jax
 import numpy as np
@@ -67,6 +73,25 @@ class SamplerHeadArgs:
         return builder.build(requests, num_rows), self.base_key_data, np.int32(step)
 
 
+class LaunchedResult:
+    """A step's head results while its launch runs on the worker thread: ``get()`` waits for the launch and returns
+    the results (device arrays); ``block_until_ready()`` (what ``jax.block_until_ready`` calls on a leaf) also waits
+    for the device."""
+
+    def __init__(self, future: Future):
+        self._future = future
+
+    def get(self) -> dict:
+        return self._future.result()
+
+    def block_until_ready(self):
+        return jax.block_until_ready(self.get())
+
+
+def _resolved(result) -> dict:
+    return result.get() if isinstance(result, LaunchedResult) else result
+
+
 def padding_batch(num_tokens: int, num_rows: int, max_blocks: int) -> StepBatch:
     """A batch of padding only (every token writes the null block, every row has seq_len 0), for compiling."""
     tokens, rows = np.zeros(num_tokens, np.int32), np.zeros(num_rows, np.int32)
@@ -97,6 +122,7 @@ class PipelineRunner:
         head_fn: HeadFn = sampler_head,
         build_head_args: BuildHeadArgs | None = None,
         compiler_options: CompilerOptions = None,
+        launch_thread: bool = False,
     ):
         self.config = config
         max_rows = config.request_rows_for(config.token_buckets[-1])  # sampled ids padded to this, fed on device
@@ -111,6 +137,7 @@ class PipelineRunner:
         self.kv_dtype = kv_dtype
         self.pipeline.allocate_kv_cache(config.num_blocks, config.block_size, kv_dtype)
         self.last_results: dict[str, np.ndarray] | None = None
+        self._launcher = ThreadPoolExecutor(1, thread_name_prefix="jaxllm-launch") if launch_thread else None
 
     @property
     def num_traces(self) -> int:
@@ -130,16 +157,23 @@ class PipelineRunner:
         scheduled = scheduler_output.scheduled
         batch = pack_step_batch(scheduler_output, self.config, None if prev is None else prev.rows)
         head_args = [self._head_args(0, Microbatch(batch, 0), scheduled)]
-        pending = None if prev is None else prev.result["token_ids"]  # the in-flight step's samples (padded)
-        result = self.pipeline.run([batch], head_args, pending_tokens=pending)[0]
+        prev_result = None if prev is None else prev.result
         self.num_steps += 1
-        result["token_ids"].copy_to_host_async()
         rows = {s.request_id: row for row, s in enumerate(scheduled)}
-        return InFlightStep(scheduler_output, result, rows)
+
+        def launch() -> dict:
+            pending = None if prev_result is None else _resolved(prev_result)["token_ids"]  # in-flight samples
+            result = self.pipeline.run([batch], head_args, pending_tokens=pending)[0]
+            result["token_ids"].copy_to_host_async()
+            return result
+
+        if self._launcher is None:
+            return InFlightStep(scheduler_output, launch(), rows)
+        return InFlightStep(scheduler_output, LaunchedResult(self._launcher.submit(launch)), rows)
 
     def collect(self, step: InFlightStep) -> ModelRunnerOutput:
         """Waits for a dispatched step and returns its sampled tokens."""
-        wanted = step.result
+        wanted = _resolved(step.result)
         if not step.scheduler_output.wants_logprobs:  # no logprob transfers
             wanted = {key: value for key, value in wanted.items() if key not in LOGPROB_FIELDS}
         host = {key: np.asarray(value) for key, value in jax.device_get(wanted).items()}

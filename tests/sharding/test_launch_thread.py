@@ -1,0 +1,59 @@
+"""``JAXLLM_MESH_LAUNCH_THREAD=1``: a tensor-parallel engine launching each step on a worker thread (and scheduling
+ahead) gives exactly the tokens, stops, logprobs and preemptions of the same mesh run one step at a time
+(``async_scheduling=False``: no dispatch, no launch thread), over mixed sampling parameters; the launches do run on
+the worker."""
+
+import json
+import threading
+
+import pytest
+
+from sharding.engine_runners import LAUNCH_THREAD_ENV
+from sharding.runner import LaunchedResult
+from tests.engine.conftest import TINY_CONFIG, make_llm, random_token_prompts
+from tests.engine.test_async_scheduling import LENGTHS, assert_same_outputs, mixed_params, outputs_of
+from tests.sharding.helpers import NEEDS_8_DEVICES
+
+pytestmark = NEEDS_8_DEVICES
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny_llama_tp")
+    (path / "config.json").write_text(json.dumps(TINY_CONFIG))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "engine_options",
+    [{}, {"num_gpu_blocks_override": 24, "block_size": 4}],  # the second preempts requests
+    ids=["default", "preempting"],
+)
+def test_launch_thread_equals_launching_inline(model_dir, monkeypatch, engine_options):
+    prompts = random_token_prompts(len(LENGTHS), LENGTHS, seed=4)
+    params = mixed_params(stop_token=5)
+    sync = make_llm(model_dir, tensor_parallel_size=2, async_scheduling=False, **engine_options)
+    monkeypatch.setenv(LAUNCH_THREAD_ENV, "1")
+    threaded = make_llm(model_dir, tensor_parallel_size=2, **engine_options)
+    runner = threaded.llm_engine.runner
+    assert runner._launcher is not None and threaded.llm_engine.core.async_scheduling
+
+    launch_threads, results = set(), []
+    run, dispatch = runner.pipeline.run, runner.dispatch
+
+    def recording_run(*args, **kwargs):
+        launch_threads.add(threading.current_thread().name)
+        return run(*args, **kwargs)
+
+    def recording_dispatch(*args, **kwargs):
+        step = dispatch(*args, **kwargs)
+        results.append(step.result)
+        return step
+
+    runner.pipeline.run, runner.dispatch = recording_run, recording_dispatch
+    expected = outputs_of(sync, prompts, params)
+    assert_same_outputs(outputs_of(threaded, prompts, params), expected)
+    assert launch_threads and all(name.startswith("jaxllm-launch") for name in launch_threads)
+    assert results and all(isinstance(result, LaunchedResult) for result in results)
+    if engine_options:
+        assert threaded.llm_engine.scheduler.num_preemptions > 0
