@@ -9,9 +9,10 @@ data_parallel_size=D, load_format="dummy")`` with a KV cache that holds the whol
 compiles every bucket (the untimed warm-up), then times ``LLM.generate`` on the whole job submitted at once (greedy,
 ignore_eos), then a batch-1 latency run of ``--latency-output-len`` tokens (inter-token latency p50, as
 ``benchmarks/latency.py`` measures it; 0 skips it). The table gives output tokens/s, the largest per-device
-parameter and KV-cache bytes, the scaling efficiency ``throughput / (devices x throughput on 1x1x1)`` (when 1x1x1 is
-in the sweep), the pipeline's theoretical bubble ``(P-1)/(M+P-1)`` and a measured one: ``1 - sum of stage busy times
-/ (P x pipelined wall time)`` for M microbatches of the largest bucket, each stage timed alone with a device sync.
+parameter and KV-cache bytes (and, on GPUs, the allocator's bytes in use per device after the runs), the scaling
+efficiency ``throughput / (devices x throughput on 1x1x1)`` (when 1x1x1 is in the sweep), the pipeline's theoretical
+bubble ``(P-1)/(M+P-1)`` and a measured one: ``1 - sum of stage busy times / (P x pipelined wall time)`` for M
+microbatches of the largest bucket, each stage timed alone with a device sync.
 On fake CPU devices all "devices" share the host's cores, so only the GPU numbers mean anything. Prints one JSON
 record (device, jax, commit, rows)."""
 
@@ -169,6 +170,13 @@ def bytes_per_device(arrays) -> int:
     return max(per_device.values(), default=0)
 
 
+def in_use_bytes_per_device(num_devices: int) -> int | None:
+    """The most bytes JAX's allocator holds (``memory_stats()["bytes_in_use"]``: weights, KV cache and whatever else
+    is live) on any of the first ``num_devices`` devices (the mesh's); None where the platform keeps no statistics."""
+    in_use = [(d.memory_stats() or {}).get("bytes_in_use") for d in jax.devices()[:num_devices]]
+    return max(in_use) if in_use and None not in in_use else None
+
+
 def measured_bubble(runner) -> float | None:
     """1 - (sum of stage busy times) / (P x wall time of the pipelined run), on padding microbatches."""
     if not isinstance(runner, PipelineRunner) or runner.pipeline.num_stages == 1:
@@ -221,6 +229,7 @@ def run_mesh(args, model_dir: str, shape: tuple[int, int, int], prompts: list[di
         "batch1_itl_p50_ms": itl_p50_ms,
         "param_bytes_per_device": bytes_per_device([params for params, _ in arrays]),
         "kv_bytes_per_device": bytes_per_device([kv for _, kv in arrays]),
+        "in_use_bytes_per_device": in_use_bytes_per_device(tensor * pipe * data),  # after the runs, engine alive
         "num_kv_blocks": llm.llm_engine.resolved.num_blocks,
         "num_preemptions": sum(r.scheduler.num_preemptions for r in _cores(llm)),
         "num_microbatches": num_microbatches,
@@ -248,14 +257,15 @@ def print_table(rows: list[dict]) -> None:
 
     print(
         f"{'mesh TxPxD':>10} {'out tok/s':>10} {'params/dev MiB':>15} {'KV/dev MiB':>11} {'efficiency':>10} "
-        f"{'M':>3} {'bubble th.':>10} {'bubble meas.':>12} {'b1 ITL ms':>9}"
+        f"{'M':>3} {'bubble th.':>10} {'bubble meas.':>12} {'b1 ITL ms':>9} {'in use/dev MiB':>14}"
     )
     for r in rows:
         print(
             f"{r['mesh']:>10} {r['output_tokens_per_s']:>10.1f} {r['param_bytes_per_device'] / 2**20:>15.2f} "
             f"{r['kv_bytes_per_device'] / 2**20:>11.2f} {fmt(r['scaling_efficiency'], '>10.2f')} "
             f"{r['num_microbatches']:>3} {r['bubble_theoretical']:>10.2f} {fmt(r['bubble_measured'], '>12.2f')} "
-            f"{fmt(r['batch1_itl_p50_ms'], '>9.2f')}"
+            f"{fmt(r['batch1_itl_p50_ms'], '>9.2f')} "
+            f"{fmt(None if r['in_use_bytes_per_device'] is None else r['in_use_bytes_per_device'] / 2**20, '>14.0f')}"
         )
 
 
