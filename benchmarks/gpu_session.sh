@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine session: the GPU tests and the benchmarks, logs and JSON under $OUT (default ./gpu-out).
 #   bash benchmarks/gpu_session.sh tests kernels j8 j8sync j8ref j8cublas j8nomerge j8both j8xla j8fp8 j1 l8 l8q \
-#        l8qxla l8xla profile profile1 profile_b1 profile_prefill profile_tp2 startup compare_hf qmm qmmsweep qmmengine qmmbitcvt qmmbundled attnsweep memj1 mesh8 mesh70 tpflags tpenv
+#        l8qxla l8xla profile profile1 profile_b1 profile_prefill profile_tp2 startup compare_hf qmm qmmsweep qmmengine qmmbitcvt qmmbundled attnsweep memj1 mesh8 mesh70 tpflags tpenv mp mp8
 # (any subset, run in the order given; mesh8 and profile_tp2 need 2+ GPUs: the Llama-3.1-8B shape at TP 1 and 2 by
 # default, MESHES=...; mesh70 the Llama-3.1-70B shape, 4x1x1 by default, MESHES70=...)
 # Run from the repository root; JAXLLM_COMMIT names the commit when the tree is not a git checkout. Wheels of
@@ -71,6 +71,10 @@ for stage in "$@"; do
                  --num-prompts 32 --input-len 128 --output-len 64 --max-num-seqs 32 --max-num-batched-tokens 512 \
                  2>&1 | tee -a "$OUT/tpenv.log" | grep -E "^ +[0-9]+x|Error" )
            done ;;
+    mp) python3 benchmarks/multiprocess_mesh.py --num-processes ${MP_PROCS:-4} --model benchmarks/configs/llama-3.1-8b \
+          --num-prompts 32 --input-len 128 --output-len 64 --max-num-seqs 32 --max-num-batched-tokens 512 \
+          2>&1 | tee "$OUT/mp.log" | grep -Ev "^JSON" ;;  # tpenv's small job, one process per GPU
+    mp8) python3 benchmarks/multiprocess_mesh.py --num-processes ${MP_PROCS:-4} --job J8 2>&1 | tee "$OUT/mp8.log" | grep -Ev "^JSON" ;;
     mesh70) python3 benchmarks/mesh_scaling.py --job J8 --model benchmarks/configs/llama-3.1-70b --meshes ${MESHES70:-4x1x1} \
               2>&1 | tee "$OUT/mesh70.log" | grep -Ev "^JSON" ;;
     startup) python3 benchmarks/startup.py --job J8 --record 2>&1 | tee "$OUT/startup.log" | grep -Ev "^JSON" ;;

@@ -173,7 +173,8 @@ def bytes_per_device(arrays) -> int:
 def in_use_bytes_per_device(num_devices: int) -> int | None:
     """The most bytes JAX's allocator holds (``memory_stats()["bytes_in_use"]``: weights, KV cache and whatever else
     is live) on any of the first ``num_devices`` devices (the mesh's); None where the platform keeps no statistics."""
-    in_use = [(d.memory_stats() or {}).get("bytes_in_use") for d in jax.devices()[:num_devices]]
+    local = [d for d in jax.devices()[:num_devices] if d.process_index == jax.process_index()]  # this process's
+    in_use = [(d.memory_stats() or {}).get("bytes_in_use") for d in local]
     return max(in_use) if in_use and None not in in_use else None
 
 

@@ -1,4 +1,8 @@
-"""benchmarks/mesh_scaling.py end to end on 8 fake devices (a smoke run: the script's correctness, not timing)."""
+"""benchmarks/mesh_scaling.py end to end on 8 fake devices, and benchmarks/multiprocess_mesh.py with two processes
+(smoke runs: the scripts' correctness, not timing)."""
+
+import jax
+import pytest
 
 from benchmarks import mesh_scaling
 from tests.sharding.helpers import NEEDS_8_DEVICES
@@ -16,3 +20,22 @@ def test_mesh_scaling_smoke_sweeps_meshes_through_llm():
     # tensor x pipeline 2 x 2: each device holds about a quarter of the parameters and of the KV cache
     assert rows["2x2x1"]["param_bytes_per_device"] < rows["1x1x1"]["param_bytes_per_device"] / 3
     assert rows["2x2x1"]["kv_bytes_per_device"] < rows["1x1x1"]["kv_bytes_per_device"] / 3
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the smoke run gives each process a fake CPU device")
+def test_multiprocess_mesh_smoke_runs_one_process_per_device():
+    """benchmarks/multiprocess_mesh.py: two processes of one fake CPU device each join one job and run TP 2."""
+    from benchmarks import multiprocess_mesh
+
+    argv = ["--num-processes", "2", "--smoke", "--num-prompts", "4", "--input-len", "8", "--output-len", "4"]
+    record = multiprocess_mesh.main(argv)
+    [row] = record["rows"]
+    assert row["mesh"] == "2x1x1 (2 processes)" and record["device"] == "cpu:cpu x2"
+    assert row["output_tokens_per_s"] > 0 and row["batch1_itl_p50_ms"] > 0 and row["num_preemptions"] == 0
+    assert 0 < row["param_bytes_per_device"] < mesh_scaling_param_bytes_one_device() / 1.5
+
+
+def mesh_scaling_param_bytes_one_device() -> int:
+    argv = ["--smoke", "--meshes", "1x1x1", "--num-prompts", "1", "--input-len", "8", "--output-len", "2"]
+    return mesh_scaling.main([*argv, "--latency-output-len", "0"])["rows"][0]["param_bytes_per_device"]
