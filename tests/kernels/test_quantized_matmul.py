@@ -143,6 +143,23 @@ def test_int4_bit_convert_matches_the_naive_product(impl, rows, dtype):
     check(kernel(x, qw), x, qw, jnp.float32, f"int4 bit convert, {rows} rows of {jnp.dtype(dtype).name}")
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_int4_bit_convert_lowers_to_triton_for_an_h100(monkeypatch, dtype):
+    """Pallas -> Triton lowering of the bit-operation conversion for compute capability 9.0, on CPU (Triton's own
+    compile to PTX runs only on a GPU, so this does not prove the kernel compiles there)."""
+    from jax import export
+    from jax._src.pallas.triton import gpu_info, pallas_call_registration
+
+    h100 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
+    monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: h100)
+    x, qw = make_case(13, 16, "int4", dtype)
+    config = dataclasses.replace(triton_gpu.default_config(16, K, N, "int4", GROUP), int4_bit_convert=True)
+    product = functools.partial(triton_gpu.quantized_matmul_triton, out_dtype=dtype, config=config)
+    triton_call = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    lowered = export.export(jax.jit(product), platforms=["cuda"], disabled_checks=[triton_call])(x, qw)
+    assert lowered.mlir_module().count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 1
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_tpu_kernel_interpret(method):
     x, qw = make_case(10, 40, method)
