@@ -18,6 +18,11 @@ export NCCL_NVLS_ENABLE=0  # NVLink multicast off: it can take the host's shared
 XLA_DEFAULTS='{"xla_gpu_enable_triton_gemm": true, "xla_disable_hlo_passes": ""}'  # XLA's own, not jaxllm's
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 JAXLLM_CACHE_DIR=${JAXLLM_CACHE_DIR:-/tmp/jaxllm-xla}
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv | tee "$OUT/gpu.txt"
+small_tp_job() {  # the Llama-3.1-8B shape on a small job (MESHES, default TP 4); mp runs the same job one process per GPU
+  python3 benchmarks/mesh_scaling.py --model benchmarks/configs/llama-3.1-8b --meshes ${MESHES:-4x1x1} \
+    --num-prompts 32 --input-len 128 --output-len 64 --max-num-seqs 32 --max-num-batched-tokens 512 2>&1 \
+    | tee -a "$OUT/small_tp_job.log"
+}
 for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   case $stage in
@@ -59,22 +64,11 @@ for stage in "$@"; do
     profile1) python3 benchmarks/profile_step.py --job J1 --out /tmp/j1-trace 2>&1 | tee "$OUT/profile_j1.log" | grep -Ev "^JSON" ;;
     mesh8) python3 benchmarks/mesh_scaling.py --job J8 --meshes ${MESHES:-1x1x1,2x1x1} 2>&1 | tee "$OUT/mesh8.log" | grep -Ev "^JSON" ;;
     tpflags) IFS=';' read -ra variants <<< "${TPFLAGS_VARIANTS:-}"  # batch-1 latency on a small job per XLA_FLAGS variant
-             for v in "${variants[@]:-}"; do
-               XLA_FLAGS="$v" python3 benchmarks/mesh_scaling.py --model benchmarks/configs/llama-3.1-8b --meshes ${MESHES:-4x1x1} \
-                 --num-prompts 32 --input-len 128 --output-len 64 --max-num-seqs 32 --max-num-batched-tokens 512 \
-                 2>&1 | tee -a "$OUT/tpflags.log" | grep -E "^ +[0-9]+x|^variant|Error"
-             done ;;
+             for v in "${variants[@]:-}"; do XLA_FLAGS="$v" small_tp_job | grep -E "^ +[0-9]+x|^variant|Error"; done ;;
     tpenv) IFS=';' read -ra variants <<< "${TPENV_VARIANTS:-JAXLLM_MESH_LAUNCH_THREAD=0;JAXLLM_MESH_LAUNCH_THREAD=1}"
            for v in "${variants[@]}"; do  # each variant: shell assignments, e.g. JAXLLM_MESH_LAUNCH_THREAD=1 XLA_FLAGS='--a --b'
-             ( eval "export $v"; echo "variant: $v"
-               python3 benchmarks/mesh_scaling.py --model benchmarks/configs/llama-3.1-8b --meshes ${MESHES:-4x1x1} \
-                 --num-prompts 32 --input-len 128 --output-len 64 --max-num-seqs 32 --max-num-batched-tokens 512 \
-                 2>&1 | tee -a "$OUT/tpenv.log" | grep -E "^ +[0-9]+x|Error" )
+             ( eval "export $v"; echo "variant: $v"; small_tp_job | grep -E "^ +[0-9]+x|Error" )
            done ;;
-    mp) python3 benchmarks/multiprocess_mesh.py --num-processes ${MP_PROCS:-4} --model benchmarks/configs/llama-3.1-8b \
-          --num-prompts 32 --input-len 128 --output-len 64 --max-num-seqs 32 --max-num-batched-tokens 512 \
-          2>&1 | tee "$OUT/mp.log" | grep -Ev "^JSON" ;;  # tpenv's small job, one process per GPU
-    mp8) python3 benchmarks/multiprocess_mesh.py --num-processes ${MP_PROCS:-4} --job J8 2>&1 | tee "$OUT/mp8.log" | grep -Ev "^JSON" ;;
     mesh70) python3 benchmarks/mesh_scaling.py --job J8 --model benchmarks/configs/llama-3.1-70b --meshes ${MESHES70:-4x1x1} \
               2>&1 | tee "$OUT/mesh70.log" | grep -Ev "^JSON" ;;
     startup) python3 benchmarks/startup.py --job J8 --record 2>&1 | tee "$OUT/startup.log" | grep -Ev "^JSON" ;;

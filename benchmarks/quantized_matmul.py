@@ -175,8 +175,7 @@ def run_method(rows, k, n, m, method, weights, settings: Settings):
         rows.append(time_case(case, x, weights, product, reference_out, settings))
     if method == "int4" and settings.int4_bit_convert and any(i.startswith("pallas_gpu") for i in settings.impls):
         interpret = "pallas_gpu_interpret" in settings.impls
-        cores = 132 if interpret else int(getattr(jax.devices()[0], "core_count", 0) or 132)
-        config = triton_gpu.default_config(m, k, n, method, weights[0].group_size, cores)
+        config = triton_gpu.default_config(m, k, n, method, weights[0].group_size, triton_gpu.num_cores(interpret))
         config = dataclasses.replace(config, int4_bit_convert=True)
         product = functools.partial(
             triton_gpu.quantized_matmul_triton, out_dtype=x.dtype, config=config, interpret=interpret

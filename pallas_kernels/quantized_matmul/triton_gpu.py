@@ -217,6 +217,11 @@ def default_config(num_rows: int, k: int, n: int, method: str, group_size=None, 
     return dataclasses.replace(cfg, num_k_splits=splits)
 
 
+def num_cores(interpret: bool) -> int:
+    """The SM count ``default_config`` plans for: the device's, or an H100's (132) when interpreting or unknown."""
+    return 132 if interpret else int(getattr(jax.devices()[0], "core_count", 0) or 132)
+
+
 def check_config(cfg: KernelConfig, method: str, k: int, group_size: int | None) -> None:
     """ValueError unless ``cfg`` tiles K exactly for this weight."""
     step = step_k(method, cfg, group_size)
@@ -257,8 +262,7 @@ def quantized_matmul_triton(
     ``default_config`` for these shapes."""
     m, k = x.shape
     n = qw.num_outputs
-    cores = 132 if interpret else int(getattr(jax.devices()[0], "core_count", 0) or 132)
-    cfg = config or default_config(m, k, n, qw.method, qw.group_size, cores)
+    cfg = config or default_config(m, k, n, qw.method, qw.group_size, num_cores(interpret))
     check_config(cfg, qw.method, k, qw.group_size)
     splits = cfg.num_k_splits
     k_split = k // splits
