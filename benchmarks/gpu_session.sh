@@ -69,6 +69,10 @@ for stage in "$@"; do
            for v in "${variants[@]}"; do  # each variant: shell assignments, e.g. JAXLLM_MESH_LAUNCH_THREAD=1 XLA_FLAGS='--a --b'
              ( eval "export $v"; echo "variant: $v"; small_tp_job | grep -E "^ +[0-9]+x|Error" )
            done ;;
+    mp) python3 benchmarks/multiprocess_mesh.py --num-processes ${MP_PROCS:-4} --model benchmarks/configs/llama-3.1-8b \
+          --num-prompts 32 --input-len 128 --output-len 64 --max-num-seqs 32 --max-num-batched-tokens 512 \
+          2>&1 | tee -a "$OUT/mp.log" | grep -Ev "^JSON" ;;  # small_tp_job's job, one process per GPU
+    mp8) python3 benchmarks/multiprocess_mesh.py --num-processes ${MP_PROCS:-4} --job J8 2>&1 | tee "$OUT/mp8.log" | grep -Ev "^JSON" ;;
     mesh70) python3 benchmarks/mesh_scaling.py --job J8 --model benchmarks/configs/llama-3.1-70b --meshes ${MESHES70:-4x1x1} \
               2>&1 | tee "$OUT/mesh70.log" | grep -Ev "^JSON" ;;
     startup) python3 benchmarks/startup.py --job J8 --record 2>&1 | tee "$OUT/startup.log" | grep -Ev "^JSON" ;;
