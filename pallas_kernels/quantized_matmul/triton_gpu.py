@@ -10,9 +10,10 @@ N tiles alone cannot fill the GPU the K axis is split across programs and the f3
 launch. Prefill shapes tile M as well and run at the tensor cores' pace.
 
 ``KernelConfig.int4_bit_convert`` (off by default until an H100 measures it; ``quantized_matmul.py
---int4-bit-convert``) makes the int4 codes bf16/f16 values with integer bit operations and one subtraction instead
-of integer-to-float conversions, which issue at a fraction of the ALU rate: at decode widths the int4 kernel reads
-weights at 0.7-1.0 TB/s, and converting 2 values per byte may be what holds it there.
+--int4-bit-convert``, and ``JAXLLM_INT4_BIT_CONVERT=1`` for engines: ``default_config`` turns it on) makes the int4
+codes bf16/f16 values with integer bit operations and one subtraction instead of integer-to-float conversions, which
+issue at a fraction of the ALU rate: at decode widths the int4 kernel reads weights at 0.7-1.0 TB/s, and converting
+2 values per byte may be what holds it there.
 
 Scales are applied to the f32 accumulator, never to the weights: per output channel once at the end (int8, fp8), per
 group to each group's partial product (int4). The weights' integer codes are exact in bf16, so the only rounding
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +42,7 @@ from jaxllm.quantization.schemes import INT4_OFFSET, QuantizedWeight, quantize_a
 _NN = (((1,), (0,)), ((), ()))  # [BM, K] x [K, BN]
 _NT = (((1,), (1,)), ((), ()))  # [BM, K] x [BN, K]
 MIN_DOT_DIM = 16  # Triton's smallest tensor-core tile edge
+INT4_BIT_CONVERT_ENV = "JAXLLM_INT4_BIT_CONVERT"  # "1": default_config's int4 configs bit-convert (experimental)
 
 
 def _is_power_of_two(value: int) -> bool:
@@ -194,7 +197,8 @@ def default_config(num_rows: int, k: int, n: int, method: str, group_size=None, 
         block_m, block_n, block_k, num_warps, num_stages = 128, 128, 64, 8, 3
     while block_k > MIN_DOT_DIM and k % block_k:
         block_k //= 2
-    cfg = KernelConfig(block_m, block_n, block_k, 1, num_warps, num_stages)
+    bit_convert = method == "int4" and os.environ.get(INT4_BIT_CONVERT_ENV, "0") == "1"
+    cfg = KernelConfig(block_m, block_n, block_k, 1, num_warps, num_stages, int4_bit_convert=bit_convert)
     steps = k // step_k(method, cfg, group_size)
     tiles = _cdiv(num_rows, block_m) * _cdiv(n, block_n)
 

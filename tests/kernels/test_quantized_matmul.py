@@ -143,6 +143,14 @@ def test_int4_bit_convert_matches_the_naive_product(impl, rows, dtype):
     check(kernel(x, qw), x, qw, jnp.float32, f"int4 bit convert, {rows} rows of {jnp.dtype(dtype).name}")
 
 
+def test_int4_bit_convert_env_sets_only_int4_default_configs(monkeypatch):
+    assert not triton_gpu.default_config(16, K, N, "int4", GROUP).int4_bit_convert
+    monkeypatch.setenv(triton_gpu.INT4_BIT_CONVERT_ENV, "1")
+    assert triton_gpu.default_config(16, K, N, "int4", GROUP).int4_bit_convert
+    assert triton_gpu.default_config(256, K, N, "int4", GROUP).int4_bit_convert
+    assert not triton_gpu.default_config(16, K, N, "int8").int4_bit_convert
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_int4_bit_convert_lowers_to_triton_for_an_h100(monkeypatch, dtype):
     """Pallas -> Triton lowering of the bit-operation conversion for compute capability 9.0, on CPU (Triton's own
