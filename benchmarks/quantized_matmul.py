@@ -91,7 +91,7 @@ class Settings:
     sweep: bool
     repeats: int
     engine_xla_options: bool = False  # compile as the engine compiles a step of M tokens (runner.xla_options)
-    int4_bit_convert: bool = False  # also time the Pallas int4 kernel with its nibbles OR-ed into a mantissa
+    int4_bit_convert: bool = False  # also time the Pallas int4 kernel with the bit convert flipped from its default
 
 
 def time_case(case: Case, x, weights, product, reference_out, settings: Settings) -> dict:
@@ -176,11 +176,12 @@ def run_method(rows, k, n, m, method, weights, settings: Settings):
     if method == "int4" and settings.int4_bit_convert and any(i.startswith("pallas_gpu") for i in settings.impls):
         interpret = "pallas_gpu_interpret" in settings.impls
         config = triton_gpu.default_config(m, k, n, method, weights[0].group_size, triton_gpu.num_cores(interpret))
-        config = dataclasses.replace(config, int4_bit_convert=True)
+        config = dataclasses.replace(config, int4_bit_convert=not config.int4_bit_convert)  # the default's opposite
         product = functools.partial(
             triton_gpu.quantized_matmul_triton, out_dtype=x.dtype, config=config, interpret=interpret
         )
-        case = Case(k, n, m, method, "pallas_gpu_interpret" if interpret else "pallas_gpu", "int4 bit convert")
+        note = f"int4 bit convert {'on' if config.int4_bit_convert else 'off'}"
+        case = Case(k, n, m, method, "pallas_gpu_interpret" if interpret else "pallas_gpu", note)
         rows.append(time_case(case, x, weights, product, reference_out, settings))
     for note, product in sweep_products(m, k, method) if settings.sweep else ():
         rows.append(time_case(Case(k, n, m, method, "pallas_gpu", note), x, weights, product, reference_out, settings))
@@ -247,7 +248,7 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--int4-bit-convert",
         action="store_true",
-        help="also time the Pallas int4 kernel turning nibbles into floats by bit operations (KernelConfig)",
+        help="also time the Pallas int4 kernel with KernelConfig.int4_bit_convert the other way from its default",
     )
     p.add_argument(
         "--engine-xla-options",

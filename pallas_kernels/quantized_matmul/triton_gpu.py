@@ -9,11 +9,11 @@ weight byte is read by one program per M tile, so decode (``M <= 16``, one M til
 N tiles alone cannot fill the GPU the K axis is split across programs and the f32 partial tiles are summed after the
 launch. Prefill shapes tile M as well and run at the tensor cores' pace.
 
-``KernelConfig.int4_bit_convert`` (off by default until an H100 measures it; ``quantized_matmul.py
---int4-bit-convert``, and ``JAXLLM_INT4_BIT_CONVERT=1`` for engines: ``default_config`` turns it on) makes the int4
-codes bf16/f16 values with integer bit operations and one subtraction instead of integer-to-float conversions, which
-issue at a fraction of the ALU rate: at decode widths the int4 kernel reads weights at 0.7-1.0 TB/s, and converting
-2 values per byte may be what holds it there.
+``KernelConfig.int4_bit_convert`` makes the int4 codes bf16/f16 values with integer bit operations and one
+subtraction instead of integer-to-float conversions, which issue at a fraction of the ALU rate. ``default_config``
+turns it on up to ``INT4_BIT_CONVERT_MAX_ROWS`` rows (H100, 2026-11-26: L8 int4 batch-1 ITL 5.12 -> 4.90 ms; kernel
+times at M = 1..64 mostly lower, at 128 3-4% higher; benchmarks/RESULTS.md). ``JAXLLM_INT4_BIT_CONVERT=0`` / ``=1``
+turns it off / on at every width (experiments).
 
 Scales are applied to the f32 accumulator, never to the weights: per output channel once at the end (int8, fp8), per
 group to each group's partial product (int4). The weights' integer codes are exact in bf16, so the only rounding
@@ -42,7 +42,8 @@ from jaxllm.quantization.schemes import INT4_OFFSET, QuantizedWeight, quantize_a
 _NN = (((1,), (0,)), ((), ()))  # [BM, K] x [K, BN]
 _NT = (((1,), (1,)), ((), ()))  # [BM, K] x [BN, K]
 MIN_DOT_DIM = 16  # Triton's smallest tensor-core tile edge
-INT4_BIT_CONVERT_ENV = "JAXLLM_INT4_BIT_CONVERT"  # "1": default_config's int4 configs bit-convert (experimental)
+INT4_BIT_CONVERT_ENV = "JAXLLM_INT4_BIT_CONVERT"  # "0" / "1": default_config's int4 configs never / always bit-convert
+INT4_BIT_CONVERT_MAX_ROWS = 64  # otherwise: up to this many rows (where the H100 measured it faster)
 
 
 def _is_power_of_two(value: int) -> bool:
@@ -197,7 +198,7 @@ def default_config(num_rows: int, k: int, n: int, method: str, group_size=None, 
         block_m, block_n, block_k, num_warps, num_stages = 128, 128, 64, 8, 3
     while block_k > MIN_DOT_DIM and k % block_k:
         block_k //= 2
-    bit_convert = method == "int4" and os.environ.get(INT4_BIT_CONVERT_ENV, "0") == "1"
+    bit_convert = method == "int4" and _int4_bit_convert(num_rows)
     cfg = KernelConfig(block_m, block_n, block_k, 1, num_warps, num_stages, int4_bit_convert=bit_convert)
     steps = k // step_k(method, cfg, group_size)
     tiles = _cdiv(num_rows, block_m) * _cdiv(n, block_n)
@@ -219,6 +220,13 @@ def default_config(num_rows: int, k: int, n: int, method: str, group_size=None, 
     ):
         splits *= 2
     return dataclasses.replace(cfg, num_k_splits=splits)
+
+
+def _int4_bit_convert(num_rows: int) -> bool:
+    setting = os.environ.get(INT4_BIT_CONVERT_ENV)
+    if setting not in (None, "0", "1"):
+        raise ValueError(f"{INT4_BIT_CONVERT_ENV} must be 0 or 1 when set, got {setting!r}")
+    return num_rows <= INT4_BIT_CONVERT_MAX_ROWS if setting is None else setting == "1"
 
 
 def num_cores(interpret: bool) -> int:

@@ -143,12 +143,19 @@ def test_int4_bit_convert_matches_the_naive_product(impl, rows, dtype):
     check(kernel(x, qw), x, qw, jnp.float32, f"int4 bit convert, {rows} rows of {jnp.dtype(dtype).name}")
 
 
-def test_int4_bit_convert_env_sets_only_int4_default_configs(monkeypatch):
-    assert not triton_gpu.default_config(16, K, N, "int4", GROUP).int4_bit_convert
-    monkeypatch.setenv(triton_gpu.INT4_BIT_CONVERT_ENV, "1")
-    assert triton_gpu.default_config(16, K, N, "int4", GROUP).int4_bit_convert
-    assert triton_gpu.default_config(256, K, N, "int4", GROUP).int4_bit_convert
+def test_int4_bit_convert_default_and_env(monkeypatch):
+    monkeypatch.delenv(triton_gpu.INT4_BIT_CONVERT_ENV, raising=False)
+    limit = triton_gpu.INT4_BIT_CONVERT_MAX_ROWS
+    assert triton_gpu.default_config(limit, K, N, "int4", GROUP).int4_bit_convert
+    assert not triton_gpu.default_config(limit + 1, K, N, "int4", GROUP).int4_bit_convert
     assert not triton_gpu.default_config(16, K, N, "int8").int4_bit_convert
+    monkeypatch.setenv(triton_gpu.INT4_BIT_CONVERT_ENV, "1")
+    assert triton_gpu.default_config(256, K, N, "int4", GROUP).int4_bit_convert
+    monkeypatch.setenv(triton_gpu.INT4_BIT_CONVERT_ENV, "0")
+    assert not triton_gpu.default_config(16, K, N, "int4", GROUP).int4_bit_convert
+    monkeypatch.setenv(triton_gpu.INT4_BIT_CONVERT_ENV, "yes")
+    with pytest.raises(ValueError, match="JAXLLM_INT4_BIT_CONVERT must be 0 or 1.*'yes'"):
+        triton_gpu.default_config(16, K, N, "int4", GROUP)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
