@@ -36,7 +36,8 @@ JOBS = {
 
 def add_engine_variant_arguments(parser) -> None:
     """The options every engine benchmark takes to compare variants within one call: quantization, KV-cache dtype,
-    and XLA compiler options over the platform's defaults (``--xla-compiler-options '{}'`` keeps the defaults)."""
+    XLA compiler options over the platform's defaults (``--xla-compiler-options '{}'`` keeps the defaults), and
+    one step at a time instead of async scheduling."""
     parser.add_argument("--quantization", choices=("int8", "int4", "fp8"), help="weight quantization (default: none)")
     parser.add_argument("--quantize-lm-head", action="store_true", help="lm_head quantized too (needs --quantization)")
     parser.add_argument("--kv-cache-dtype", default="auto", help='"auto" (the model dtype) or "fp8" (e4m3)')
@@ -45,6 +46,9 @@ def add_engine_variant_arguments(parser) -> None:
         type=json.loads,
         help="JSON dict over the platform defaults (jaxllm/runner/xla_options.py), e.g. "
         '\'{"xla_gpu_enable_triton_gemm": true, "xla_disable_hlo_passes": ""}\' for XLA\'s own GPU defaults',
+    )
+    parser.add_argument(
+        "--no-async-scheduling", dest="async_scheduling", action="store_false", help="one step at a time (a baseline)"
     )
 
 
@@ -55,11 +59,12 @@ def variant_engine_options(args) -> dict:
         "quantize_lm_head": args.quantize_lm_head,
         "kv_cache_dtype": args.kv_cache_dtype,
         "xla_compiler_options": args.xla_compiler_options,
+        "async_scheduling": args.async_scheduling,
     }
 
 
 def variant_label(args) -> str:
-    """``", fp8 weights, fp8 KV cache, XLA {...}"`` for the variant options that differ from the defaults."""
+    """``", fp8 weights, fp8 KV cache, XLA {...}, sync steps"`` for the variant options not at their defaults."""
     parts = [f"{args.quantization} weights"] if args.quantization else []
     if args.quantize_lm_head:
         parts.append(f"{args.quantization} lm_head")
@@ -67,6 +72,8 @@ def variant_label(args) -> str:
         parts.append(f"{args.kv_cache_dtype} KV cache")
     if args.xla_compiler_options is not None:
         parts.append(f"XLA {json.dumps(args.xla_compiler_options)}")
+    if not args.async_scheduling:
+        parts.append("sync steps")
     return "".join(", " + part for part in parts)
 
 

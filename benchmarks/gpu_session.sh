@@ -18,9 +18,10 @@ export NCCL_NVLS_ENABLE=0  # NVLink multicast off: it can take the host's shared
 XLA_DEFAULTS='{"xla_gpu_enable_triton_gemm": true, "xla_disable_hlo_passes": ""}'  # XLA's own, not jaxllm's
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 JAXLLM_CACHE_DIR=${JAXLLM_CACHE_DIR:-/tmp/jaxllm-xla}
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv | tee "$OUT/gpu.txt"
-small_tp_job() {  # the Llama-3.1-8B shape on a small job (MESHES, default TP 4); mp runs the same job one process per GPU
+small_tp_job() {  # the Llama-3.1-8B shape on a small job (MESHES, default TP 4; SMALL_TP_ARGS: more mesh_scaling options,
+  # e.g. --no-async-scheduling); mp runs the same job one process per GPU
   python3 benchmarks/mesh_scaling.py --model benchmarks/configs/llama-3.1-8b --meshes ${MESHES:-4x1x1} \
-    --num-prompts 32 --input-len 128 --output-len 64 --max-num-seqs 32 --max-num-batched-tokens 512 2>&1 \
+    --num-prompts 32 --input-len 128 --output-len 64 --max-num-seqs 32 --max-num-batched-tokens 512 ${SMALL_TP_ARGS:-} 2>&1 \
     | tee -a "$OUT/small_tp_job.log"
 }
 for stage in "$@"; do

@@ -45,9 +45,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--attention-impl", help="ragged paged attention backend (default: the platform's)")
     add_engine_variant_arguments(p)
-    p.add_argument(
-        "--no-async-scheduling", dest="async_scheduling", action="store_false", help="one step at a time (a baseline)"
-    )
     p.add_argument("--smoke", action="store_true", help="tiny model and job, for a CPU check")
     p.add_argument("--record", action="store_true", help="append a row to benchmarks/RESULTS.md")
     return p.parse_args(argv)
@@ -82,7 +79,6 @@ def build_llm(args, job: Job) -> LLM:
         block_size=args.block_size,
         gpu_memory_utilization=args.gpu_memory_utilization,
         attention_impl=args.attention_impl,
-        async_scheduling=args.async_scheduling,
         **variant_engine_options(args),
     )
 
@@ -152,7 +148,6 @@ def main(argv=None) -> dict:
     if args.record:
         append_result_row(
             f"| {record['date']} | throughput {record['job']} ({record['engine']['attention_impl']} attention"
-            f"{'' if record['engine']['async_scheduling'] else ', sync steps'}"
             f"{variant_label(args)}) | "
             f"{record['device']} | jax {record['jax']} | "
             f"{record['commit']} | {record['output_tokens_per_s']:.0f} output tok/s, "
