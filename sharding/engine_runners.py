@@ -7,8 +7,10 @@ Owns the device-count rule: ``T x P x D`` must divide the number of devices (the
 built by ``jaxllm.engine.llm_engine``). KV budget: on CPU, or with ``num_gpu_blocks_override`` /
 ``kv_cache_memory_bytes``, ``jaxllm.engine.setup.num_kv_blocks`` with the per-device block cost; on an accelerator,
 ``gpu_memory_utilization`` of the device with the least memory left after the weights and one run of the largest
-bucket (the memory peak), as vLLM profiles it. ``JAXLLM_MESH_LAUNCH_THREAD=1`` (experimental, not yet timed on GPUs)
-gives each runner a launch thread (``sharding.runner``).
+bucket (the memory peak), as vLLM profiles it. Experimental switches: ``JAXLLM_MESH_LAUNCH_THREAD=1`` gives each
+runner a launch thread (``sharding.runner``; TP 4 batch-1 7.39 -> 5.62 ms on H200s, benchmarks/RESULTS.md);
+``JAXLLM_STABLE_STEP_INPUTS=1`` makes the stage programs read their step inputs from a donated copy
+(``sharding.pipeline``; not yet timed on GPUs).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from sharding.runner import PipelineRunner
 logger = logging.getLogger(__name__)
 
 LAUNCH_THREAD_ENV = "JAXLLM_MESH_LAUNCH_THREAD"
+STABLE_STEP_INPUTS_ENV = "JAXLLM_STABLE_STEP_INPUTS"
 
 
 def engine_mesh(config: EngineConfig) -> Mesh | None:
@@ -94,6 +97,7 @@ def build_mesh_runners(
                 seed=config.seed + index,
                 compiler_options=compiler_options,
                 launch_thread=os.environ.get(LAUNCH_THREAD_ENV, "0") == "1",
+                stable_step_inputs=os.environ.get(STABLE_STEP_INPUTS_ENV, "0") == "1",
             )
         )
     if measure:

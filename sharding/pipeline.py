@@ -12,6 +12,13 @@ The host side never blocks here; callers fetch what they need from the returned 
 one host-to-device copy per device (its step arrays packed into one buffer, ``jaxllm.runner.packed_transfer``); with
 async scheduling the first stage also gathers the previous step's sampled tokens (still on the device) into its
 input ids, and the last stage pads its sampled ids to a fixed row count so any bucket's output can feed the next.
+
+``stable_step_inputs=True`` (experimental; ``JAXLLM_STABLE_STEP_INPUTS=1`` for engines, not yet timed on GPUs): each
+stage program first copies the step's packed buffer into a device buffer of its own that is donated into every call
+(one per stage and buffer size), and reads the step's arrays from that copy. XLA's GPU runtime re-records and updates
+a CUDA graph whenever a buffer its commands use has moved; a fresh input buffer each step (two alternating, with async
+scheduling) would make every graph of a tensor-parallel step - one per all-reduce - update every step. With the copy,
+only the graph holding the copy reads the moving buffer.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ class Stage:
     state: nnx.State
     programs: ProgramsByOptions  # the stage's jitted program, one per set of XLA options
     kv_caches: list | None = None
+    staging: dict = dataclasses.field(default_factory=dict)  # packed size -> donated input copy (stable_step_inputs)
 
 
 def _copy_tied_embedding(state, mesh: Mesh):
@@ -90,10 +98,13 @@ class PipelinedModel:
         head_fn: HeadFn = greedy_head,
         compiler_options: CompilerOptions = None,
         token_rows: int | None = None,
+        stable_step_inputs: bool = False,
     ):
         """``token_rows``: pad the head's ``token_ids`` to this many rows, so they can feed a later step's pending
-        tokens (``run(..., pending_tokens=...)``) through one program whatever bucket produced them."""
+        tokens (``run(..., pending_tokens=...)``) through one program whatever bucket produced them.
+        ``stable_step_inputs``: read the step's arrays from a donated copy (see the module docstring)."""
         check_single_replica(mesh)
+        self.stable_step_inputs = stable_step_inputs
         self.config = model.config
         self.head_fn = head_fn
         self.token_rows = token_rows
@@ -120,8 +131,11 @@ class PipelinedModel:
 
         token_rows = self.token_rows
 
-        def program(state, kv_caches, inputs, packed, pending_tokens, layout: PackedLayout):
+        def program(state, kv_caches, inputs, packed, pending_tokens, staging, layout: PackedLayout):
             self.num_traces += 1
+            if staging is not None:  # the step's arrays, read from a buffer that keeps its address across steps
+                staging = jax.lax.optimization_barrier(jax.lax.dynamic_update_slice(staging, packed, (0,)))
+                packed = staging
             metadata, logits_indices, head_args, prev_index, input_ids = unpack(packed, layout)  # one H2D copy
             if inputs is None:  # first stage: the token ids came in the packed buffer
                 inputs = input_ids
@@ -132,20 +146,20 @@ class PipelinedModel:
             with activation_sharding(mesh, rules):  # the model's activation names -> sharding constraints
                 out, kv_caches = stage_forward(stage, inputs, kv_caches, md, logits_indices)
             if not is_last:
-                return out, kv_caches
+                return out, kv_caches, staging
             out = head_fn(out, head_args)
             if token_rows is not None:
                 out = {**out, "token_ids": jnp.pad(out["token_ids"], (0, token_rows - out["token_ids"].shape[0]))}
-            return out, kv_caches
+            return out, kv_caches, staging
 
         rep, kv = replicated(mesh), kv_cache_sharding(mesh)
         return ProgramsByOptions(
             program,
             self.compiler_options,
-            donate_argnums=(1,),
-            static_argnums=(5,),
-            in_shardings=(state_shardings(state), kv, rep, rep, rep),
-            out_shardings=(rep, kv),
+            donate_argnums=(1, 5),
+            static_argnums=(6,),
+            in_shardings=(state_shardings(state), kv, rep, rep, rep, rep),
+            out_shardings=(rep, kv, rep),
         )
 
     @property
@@ -194,12 +208,23 @@ class PipelinedModel:
             inputs = None
         elif isinstance(inputs, jax.Array):  # the previous stage's hidden states, onto this stage's devices
             inputs = jax.device_put(inputs, replicated(stage.mesh))
+        staging = self._staging_buffer(stage, packed.size) if self.stable_step_inputs else None
         packed = jax.device_put(packed, replicated(stage.mesh))
-        return stage.state, stage.kv_caches, inputs, packed, pending_tokens, layout
+        return stage.state, stage.kv_caches, inputs, packed, pending_tokens, staging, layout
+
+    @staticmethod
+    def _staging_buffer(stage: Stage, num_bytes: int) -> jax.Array:
+        """The stage's donated input copy for packed buffers of ``num_bytes`` (made on first use)."""
+        if num_bytes not in stage.staging:
+            stage.staging[num_bytes] = jax.device_put(np.zeros(num_bytes, np.uint8), replicated(stage.mesh))
+        return stage.staging[num_bytes]
 
     def _run_stage(self, stage: Stage, inputs, batch: StepBatch, head_args, pending_tokens=None):
         program = stage.programs.for_tokens(batch.token_bucket)
-        out, stage.kv_caches = program(*self._stage_args(stage, inputs, batch, head_args, pending_tokens))
+        args = self._stage_args(stage, inputs, batch, head_args, pending_tokens)
+        out, stage.kv_caches, staging = program(*args)
+        if staging is not None:
+            stage.staging[staging.shape[0]] = staging  # the donated copy's successor (same device buffer)
         return out
 
     def lower_stage(self, index: int, batch: StepBatch, head_args=None) -> jax.stages.Lowered:

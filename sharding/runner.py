@@ -17,6 +17,7 @@ stages or microbatches the runner stays synchronous.
 to one worker thread. A multi-GPU program's execute returns only once every GPU's host thread has launched its
 share, ~7 ms per batch-1 step at TP 4 on H200s (benchmarks/RESULTS.md), during which the engine's own host work for
 the next step would otherwise wait; with the worker, the two overlap. Launches stay in dispatch order.
+``stable_step_inputs=True`` (experimental; ``JAXLLM_STABLE_STEP_INPUTS=1``): see ``sharding.pipeline``.
 """
 
 from __future__ import annotations
@@ -123,11 +124,17 @@ class PipelineRunner:
         build_head_args: BuildHeadArgs | None = None,
         compiler_options: CompilerOptions = None,
         launch_thread: bool = False,
+        stable_step_inputs: bool = False,
     ):
         self.config = config
         max_rows = config.request_rows_for(config.token_buckets[-1])  # sampled ids padded to this, fed on device
         self.pipeline = PipelinedModel(
-            model, mesh, head_fn=head_fn, compiler_options=compiler_options, token_rows=max_rows
+            model,
+            mesh,
+            head_fn=head_fn,
+            compiler_options=compiler_options,
+            token_rows=max_rows,
+            stable_step_inputs=stable_step_inputs,
         )
         self.num_microbatches = num_microbatches or self.pipeline.num_stages
         if self.num_microbatches < 1:
@@ -224,14 +231,17 @@ class PipelineRunner:
 
 
 def _gather_rows(results: list[dict], microbatches: list[Microbatch]) -> dict[str, np.ndarray]:
-    """Per-microbatch head results -> one array per key with a row per scheduled request, in step order."""
-    keys = results[0].keys()
-    return {
-        key: np.concatenate(
-            [np.asarray(r[key])[: mb.batch.num_requests] for r, mb in zip(results, microbatches, strict=True)]
-        )
-        for key in keys
-    }
+    """Per-microbatch head results -> one array per key with a row per scheduled request, in step order. Per-row
+    widths (the top-logprob columns: each microbatch's widest request) are padded to the widest microbatch's; a
+    request reads only its own leading columns."""
+    gathered = {}
+    for key in results[0].keys():
+        parts = [np.asarray(r[key])[: mb.batch.num_requests] for r, mb in zip(results, microbatches, strict=True)]
+        if parts[0].ndim == 2:
+            width = max(part.shape[1] for part in parts)
+            parts = [np.pad(part, ((0, 0), (0, width - part.shape[1]))) for part in parts]
+        gathered[key] = np.concatenate(parts)
+    return gathered
 
 
 def _to_output(scheduled: list, results: dict[str, np.ndarray]) -> ModelRunnerOutput:

@@ -16,17 +16,19 @@ from tests.sharding.helpers import FAST_COMPILE, NEEDS_8_DEVICES, mixed_prompts,
 pytestmark = NEEDS_8_DEVICES
 
 
-def run(engine, prompts: dict[str, list[int]], seeded: bool = True):
+def run(engine, prompts: dict[str, list[int]], seeded: bool = True, logprobs_of=lambda index: 3):
     for i, (request_id, token_ids) in enumerate(prompts.items()):
         seed = 100 + i if seeded else None  # unseeded rows draw from the engine's per-step key
-        params = SamplingParams(temperature=0.8, top_p=0.9, seed=seed, max_tokens=4, logprobs=3, ignore_eos=True)
+        params = SamplingParams(
+            temperature=0.8, top_p=0.9, seed=seed, max_tokens=4, logprobs=logprobs_of(i), ignore_eos=True
+        )
         engine.add_request(request_id, token_ids, params)
     tokens = {request_id: [] for request_id in prompts}
     logprobs = {request_id: [] for request_id in prompts}
     while engine.has_unfinished_requests():
         for output in engine.step():
             tokens[output.request_id].extend(output.new_token_ids)
-            logprobs[output.request_id].extend(output.new_logprobs)
+            logprobs[output.request_id].extend(output.new_logprobs or [None] * len(output.new_token_ids))
     return tokens, logprobs
 
 
@@ -52,6 +54,30 @@ def test_seeded_sampling_and_logprobs_match_model_runner():
         for token, step in zip(tokens, want_logprobs[request_id], strict=True)
     ]
     assert any(token != top for token, top in drawn_and_top)
+
+
+def test_microbatches_with_and_without_logprobs():
+    """Only the last request asks for logprobs, so a step's microbatches have different top-logprob widths (0 and
+    5): the runner pads them to one width when it gathers the rows (this crashed before)."""
+    model, config = tiny_model(), resolved_config()
+    prompts = mixed_prompts(model.config.vocab_size, seed=8)
+
+    def last_only(index):
+        return 5 if index == len(prompts) - 1 else None
+
+    reference = ShardedEngine(ModelRunner(model, config, jnp.float32, seed=3), config)
+    want_tokens, want_logprobs = run(reference, prompts, logprobs_of=last_only)
+    mesh = make_mesh(tensor_parallel_size=2, pipeline_parallel_size=2)
+    runner_kwargs = {"seed": 3, "compiler_options": FAST_COMPILE}
+    engine = ShardedEngine.from_model(shard_model(model, mesh), mesh, config, jnp.float32, runner_kwargs=runner_kwargs)
+    got_tokens, got_logprobs = run(engine, prompts, logprobs_of=last_only)
+    assert got_tokens == want_tokens and engine.runner.num_microbatches == 2
+    last = list(prompts)[-1]
+    assert all(got_logprobs[rid] == [None] * len(want_tokens[rid]) for rid in prompts if rid != last)
+    assert len(got_logprobs[last]) == len(want_logprobs[last]) == 4
+    for got, want in zip(got_logprobs[last], want_logprobs[last], strict=True):
+        assert got.top_token_ids == want.top_token_ids and len(got.top_token_ids) == 5
+        np.testing.assert_allclose(got.top_logprobs, want.top_logprobs, rtol=1e-5, atol=1e-5)
 
 
 def test_unseeded_sampling_uses_model_runner_step_keys():
