@@ -10,7 +10,7 @@ built by ``jaxllm.engine.llm_engine``). KV budget: on CPU, or with ``num_gpu_blo
 bucket (the memory peak), as vLLM profiles it. Experimental switches: ``JAXLLM_MESH_LAUNCH_THREAD=1`` gives each
 runner a launch thread (``sharding.runner``; TP 4 batch-1 7.39 -> 5.62 ms on H200s, benchmarks/RESULTS.md);
 ``JAXLLM_STABLE_STEP_INPUTS=1`` makes the stage programs read their step inputs from a donated copy
-(``sharding.pipeline``; not yet timed on GPUs).
+(``jaxllm.runner.stable_inputs``; not yet timed on GPUs).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from jaxllm.config import EngineConfig, ResolvedConfig
 from jaxllm.engine import setup
 from jaxllm.loading.model_source import ModelSource
 from jaxllm.models import ModelConfig
+from jaxllm.runner.stable_inputs import stable_step_inputs_enabled
 from jaxllm.runner.xla_options import StepCompilerOptions
 from sharding.mesh import describe, make_mesh, replica_meshes
 from sharding.model_sharding import expand_kv_heads, kv_bytes_per_block_per_device
@@ -34,7 +35,6 @@ from sharding.runner import PipelineRunner
 logger = logging.getLogger(__name__)
 
 LAUNCH_THREAD_ENV = "JAXLLM_MESH_LAUNCH_THREAD"
-STABLE_STEP_INPUTS_ENV = "JAXLLM_STABLE_STEP_INPUTS"
 
 
 def engine_mesh(config: EngineConfig) -> Mesh | None:
@@ -97,7 +97,7 @@ def build_mesh_runners(
                 seed=config.seed + index,
                 compiler_options=compiler_options,
                 launch_thread=os.environ.get(LAUNCH_THREAD_ENV, "0") == "1",
-                stable_step_inputs=os.environ.get(STABLE_STEP_INPUTS_ENV, "0") == "1",
+                stable_step_inputs=stable_step_inputs_enabled(),
             )
         )
     if measure:

@@ -14,11 +14,8 @@ async scheduling the first stage also gathers the previous step's sampled tokens
 input ids, and the last stage pads its sampled ids to a fixed row count so any bucket's output can feed the next.
 
 ``stable_step_inputs=True`` (experimental; ``JAXLLM_STABLE_STEP_INPUTS=1`` for engines, not yet timed on GPUs): each
-stage program first copies the step's packed buffer into a device buffer of its own that is donated into every call
-(one per stage and buffer size), and reads the step's arrays from that copy. XLA's GPU runtime re-records and updates
-a CUDA graph whenever a buffer its commands use has moved; a fresh input buffer each step (two alternating, with async
-scheduling) would make every graph of a tensor-parallel step - one per all-reduce - update every step. With the copy,
-only the graph holding the copy reads the moving buffer.
+stage program reads the step's arrays from a donated copy of its packed buffer, one per stage and buffer size
+(``jaxllm.runner.stable_inputs`` says why).
 """
 
 from __future__ import annotations
@@ -37,6 +34,7 @@ from jaxllm.models.activation_sharding import activation_sharding
 from jaxllm.models.attention_metadata import AttentionMetadata
 from jaxllm.runner.model_runner import feed_pending_tokens
 from jaxllm.runner.packed_transfer import PackedLayout, pack, unpack
+from jaxllm.runner.stable_inputs import StagingBuffers, read_through_copy
 from jaxllm.runner.step_batch import StepBatch
 from jaxllm.runner.xla_options import CompilerOptions, ProgramsByOptions
 from sharding.mesh import stage_meshes
@@ -62,7 +60,7 @@ class Stage:
     state: nnx.State
     programs: ProgramsByOptions  # the stage's jitted program, one per set of XLA options
     kv_caches: list | None = None
-    staging: dict = dataclasses.field(default_factory=dict)  # packed size -> donated input copy (stable_step_inputs)
+    staging: StagingBuffers | None = None  # donated copies of the packed inputs (stable_step_inputs)
 
 
 def _copy_tied_embedding(state, mesh: Mesh):
@@ -123,7 +121,8 @@ class PipelinedModel:
             state = _copy_tied_embedding(state, mesh)
         _check_placed(state, mesh, index)
         programs = self._compile(graphdef, state, mesh, is_last)
-        return Stage(mesh, ranges[index], graphdef, state, programs)
+        staging = StagingBuffers(self.stable_step_inputs, replicated(mesh))
+        return Stage(mesh, ranges[index], graphdef, state, programs, staging=staging)
 
     def _compile(self, graphdef, state, mesh: Mesh, is_last: bool):
         head_fn = self.head_fn
@@ -133,9 +132,7 @@ class PipelinedModel:
 
         def program(state, kv_caches, inputs, packed, pending_tokens, staging, layout: PackedLayout):
             self.num_traces += 1
-            if staging is not None:  # the step's arrays, read from a buffer that keeps its address across steps
-                staging = jax.lax.optimization_barrier(jax.lax.dynamic_update_slice(staging, packed, (0,)))
-                packed = staging
+            packed, staging = read_through_copy(packed, staging)  # staging None: read packed itself
             metadata, logits_indices, head_args, prev_index, input_ids = unpack(packed, layout)  # one H2D copy
             if inputs is None:  # first stage: the token ids came in the packed buffer
                 inputs = input_ids
@@ -208,23 +205,15 @@ class PipelinedModel:
             inputs = None
         elif isinstance(inputs, jax.Array):  # the previous stage's hidden states, onto this stage's devices
             inputs = jax.device_put(inputs, replicated(stage.mesh))
-        staging = self._staging_buffer(stage, packed.size) if self.stable_step_inputs else None
+        staging = stage.staging.get(packed.size)
         packed = jax.device_put(packed, replicated(stage.mesh))
         return stage.state, stage.kv_caches, inputs, packed, pending_tokens, staging, layout
-
-    @staticmethod
-    def _staging_buffer(stage: Stage, num_bytes: int) -> jax.Array:
-        """The stage's donated input copy for packed buffers of ``num_bytes`` (made on first use)."""
-        if num_bytes not in stage.staging:
-            stage.staging[num_bytes] = jax.device_put(np.zeros(num_bytes, np.uint8), replicated(stage.mesh))
-        return stage.staging[num_bytes]
 
     def _run_stage(self, stage: Stage, inputs, batch: StepBatch, head_args, pending_tokens=None):
         program = stage.programs.for_tokens(batch.token_bucket)
         args = self._stage_args(stage, inputs, batch, head_args, pending_tokens)
         out, stage.kv_caches, staging = program(*args)
-        if staging is not None:
-            stage.staging[staging.shape[0]] = staging  # the donated copy's successor (same device buffer)
+        stage.staging.keep(staging)
         return out
 
     def lower_stage(self, index: int, batch: StepBatch, head_args=None) -> jax.stages.Lowered:

@@ -1,0 +1,59 @@
+"""Step inputs read from a device buffer that keeps its address across steps (experimental, not yet timed on GPUs).
+
+Owns the ``JAXLLM_STABLE_STEP_INPUTS`` switch, the traced copy and the host-side buffers. A step's inputs cross to the
+device as one packed buffer (``jaxllm.runner.packed_transfer``), a new device buffer every step; with async
+scheduling two of them alternate, since step N+1's is made while step N still holds its own. XLA's GPU runtime
+re-records and updates a CUDA graph whenever a buffer its commands use has moved, and every graph of a step reads the
+step's arrays: one graph per step on one GPU, one per all-reduce segment (65 for the Llama-3.1-8B shape) on a
+tensor-parallel mesh. With the switch on, a program first copies the packed buffer into a buffer of its own that is
+donated into every call (so it comes back at the same address) and reads the step's arrays from that copy; only the
+graph holding the copy sees the moving buffer. An optimization barrier keeps XLA from forwarding the reads to the
+input.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+STABLE_STEP_INPUTS_ENV = "JAXLLM_STABLE_STEP_INPUTS"
+
+
+def stable_step_inputs_enabled() -> bool:
+    """``JAXLLM_STABLE_STEP_INPUTS=1``; ValueError for a value other than 0 or 1."""
+    setting = os.environ.get(STABLE_STEP_INPUTS_ENV, "0")
+    if setting not in ("0", "1"):
+        raise ValueError(f"{STABLE_STEP_INPUTS_ENV} must be 0 or 1 when set, got {setting!r}")
+    return setting == "1"
+
+
+def read_through_copy(packed: jax.Array, staging: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+    """(traced) ``(what to unpack, the staging buffer to return)``: ``packed`` itself without a staging buffer, else
+    ``staging`` overwritten with ``packed`` (same size)."""
+    if staging is None:
+        return packed, None
+    staging = jax.lax.optimization_barrier(jax.lax.dynamic_update_slice(staging, packed, (0,)))
+    return staging, staging
+
+
+class StagingBuffers:
+    """One donated copy buffer per packed size (buckets pack to different sizes), on ``sharding``'s devices."""
+
+    def __init__(self, enabled: bool, sharding=None):
+        self.enabled, self.sharding = enabled, sharding
+        self.buffers: dict[int, jax.Array] = {}
+
+    def get(self, num_bytes: int) -> jax.Array | None:
+        """The buffer to pass (and donate) for a packed buffer of ``num_bytes``; None when off."""
+        if not self.enabled:
+            return None
+        if num_bytes not in self.buffers:
+            self.buffers[num_bytes] = jax.device_put(np.zeros(num_bytes, np.uint8), self.sharding)
+        return self.buffers[num_bytes]
+
+    def keep(self, staging: jax.Array | None) -> None:
+        """Keeps the program's returned buffer (the donated one's successor) for the next call of its size."""
+        if staging is not None:
+            self.buffers[staging.shape[0]] = staging
