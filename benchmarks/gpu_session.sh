@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine session: the GPU tests and the benchmarks, logs and JSON under $OUT (default ./gpu-out).
 #   bash benchmarks/gpu_session.sh tests kernels j8 j8sync j8ref j8cublas j8nomerge j8both j8xla j8fp8 j1 l8 l8q \
-#        l8qxla l8xla profile profile1 profile_b1 profile_prefill profile_tp2 startup compare_hf qmm qmmsweep qmmengine qmmbitcvt qmmbundled attnsweep memj1 mesh8 mesh70 tpflags tpenv mp mp8
+#        l8qxla l8xla l8dump profile profile1 profile_b1 profile_prefill profile_tp2 startup compare_hf qmm qmmsweep qmmengine qmmbitcvt qmmbundled attnsweep memj1 mesh8 mesh70 tpflags tpenv mp mp8
 # (any subset, run in the order given; mesh8 and profile_tp2 need 2+ GPUs: the Llama-3.1-8B shape at TP 1 and 2 by
 # default, MESHES=...; mesh70 the Llama-3.1-70B shape, 4x1x1 by default, MESHES70=...)
 # Run from the repository root; JAXLLM_COMMIT names the commit when the tree is not a git checkout. Wheels of
@@ -57,6 +57,14 @@ for stage in "$@"; do
     l8q) for q in ${L8Q_METHODS:-int8 int4}; do
            python3 benchmarks/latency.py --quantization $q --batch-sizes 1 ${L8Q_ARGS:-} --record 2>&1 | tee "$OUT/l8_$q${L8Q_ARGS:+_extra}.log" | grep -Ev "^JSON"
          done ;;
+    l8dump) for q in ${L8DUMP_METHODS:-int8}; do  # L8 batch 1 compiled afresh with XLA's HLO dumped: which GEMM backend each program's dots got
+              rm -rf /tmp/xla-dump-$q
+              JAXLLM_CACHE_DIR= XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=/tmp/xla-dump-$q --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*forward.*" \
+                python3 benchmarks/latency.py --quantization $q --batch-sizes 1 2>&1 | tee "$OUT/l8_dump_$q.log" | grep -E "ITL|rror"
+              for f in /tmp/xla-dump-$q/*after_optimizations.txt; do
+                echo "$(basename $f): triton_gemm $(grep -c '__triton_gemm' $f) cublas $(grep -c '__cublas' $f) pallas $(grep -c '__gpu\$xla.gpu.triton' $f)"
+              done | tee "$OUT/l8_dump_$q.txt"
+            done ;;
     l8qxla) for q in ${L8Q_METHODS:-int8 int4}; do  # the same with XLA's own GPU options (Triton GEMM, dot merger)
            python3 benchmarks/latency.py --quantization $q --batch-sizes 1 --xla-compiler-options "$XLA_DEFAULTS" 2>&1 | tee "$OUT/l8_${q}_xla.log" | grep -Ev "^JSON"
          done ;;
