@@ -1,8 +1,10 @@
-"""Fixtures of the sharding tests: the one-device reference runs, computed once per session and shared."""
+"""Fixtures of the sharding tests: the one-device reference runs, computed once per session and shared, and a tiny
+Llama checkpoint directory (config only: engines load it with dummy weights)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -37,3 +39,13 @@ def reference():
 def reference_few_kv_heads():
     """A tiny model with 2 KV heads (fewer than T=4) and tied embeddings, on one device."""
     return reference_run(num_key_value_heads=2, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory) -> str:
+    """A directory holding the engine tests' tiny Llama ``config.json``, for ``make_llm(..., load_format="dummy")``."""
+    from tests.engine.conftest import TINY_CONFIG
+
+    path = tmp_path_factory.mktemp("tiny_llama")
+    (path / "config.json").write_text(json.dumps(TINY_CONFIG))
+    return str(path)

@@ -3,25 +3,17 @@ ahead) gives exactly the tokens, stops, logprobs and preemptions of the same mes
 (``async_scheduling=False``: no dispatch, no launch thread), over mixed sampling parameters; the launches do run on
 the worker."""
 
-import json
 import threading
 
 import pytest
 
 from sharding.engine_runners import LAUNCH_THREAD_ENV
 from sharding.runner import LaunchedResult
-from tests.engine.conftest import TINY_CONFIG, make_llm, random_token_prompts
+from tests.engine.conftest import make_llm, random_token_prompts
 from tests.engine.test_async_scheduling import LENGTHS, assert_same_outputs, mixed_params, outputs_of
 from tests.sharding.helpers import NEEDS_8_DEVICES
 
 pytestmark = NEEDS_8_DEVICES
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny_llama_tp")
-    (path / "config.json").write_text(json.dumps(TINY_CONFIG))
-    return str(path)
 
 
 @pytest.mark.parametrize(
@@ -29,12 +21,12 @@ def model_dir(tmp_path_factory) -> str:
     [{}, {"num_gpu_blocks_override": 24, "block_size": 4}],  # the second preempts requests
     ids=["default", "preempting"],
 )
-def test_launch_thread_equals_launching_inline(model_dir, monkeypatch, engine_options):
+def test_launch_thread_equals_launching_inline(tiny_llama_dir, monkeypatch, engine_options):
     prompts = random_token_prompts(len(LENGTHS), LENGTHS, seed=4)
     params = mixed_params(stop_token=5)
-    sync = make_llm(model_dir, tensor_parallel_size=2, async_scheduling=False, **engine_options)
+    sync = make_llm(tiny_llama_dir, tensor_parallel_size=2, async_scheduling=False, **engine_options)
     monkeypatch.setenv(LAUNCH_THREAD_ENV, "1")
-    threaded = make_llm(model_dir, tensor_parallel_size=2, **engine_options)
+    threaded = make_llm(tiny_llama_dir, tensor_parallel_size=2, **engine_options)
     runner = threaded.llm_engine.runner
     assert runner._launcher is not None and threaded.llm_engine.core.async_scheduling
 

@@ -3,24 +3,15 @@ give exactly the tokens, stops, logprobs and preemptions of the plain run, on on
 with async scheduling) and on TP x PP (microbatches); each step's copy is donated, so it replaces the last; the
 programs really read the copy (the barrier is in them)."""
 
-import json
-
 import pytest
 
 from jaxllm.runner.stable_inputs import STABLE_STEP_INPUTS_ENV, StagingBuffers, stable_step_inputs_enabled
 from sharding.runner import PipelineRunner, padding_batch
-from tests.engine.conftest import TINY_CONFIG, make_llm, random_token_prompts
+from tests.engine.conftest import make_llm, random_token_prompts
 from tests.engine.test_async_scheduling import LENGTHS, assert_same_outputs, mixed_params, outputs_of
 from tests.sharding.helpers import NEEDS_8_DEVICES
 
 pytestmark = NEEDS_8_DEVICES
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny_llama_stable_inputs")
-    (path / "config.json").write_text(json.dumps(TINY_CONFIG))
-    return str(path)
 
 
 def lowered_first_program(runner) -> str:
@@ -43,12 +34,12 @@ def lowered_first_program(runner) -> str:
     ],
     ids=["one-device", "tp2", "tp2-preempting", "tp2xpp2"],
 )
-def test_stable_step_inputs_equal_the_plain_run(model_dir, monkeypatch, engine_options):
+def test_stable_step_inputs_equal_the_plain_run(tiny_llama_dir, monkeypatch, engine_options):
     prompts = random_token_prompts(len(LENGTHS), LENGTHS, seed=6)
     params = mixed_params(stop_token=5)
-    plain = make_llm(model_dir, **engine_options)
+    plain = make_llm(tiny_llama_dir, **engine_options)
     monkeypatch.setenv(STABLE_STEP_INPUTS_ENV, "1")
-    stable = make_llm(model_dir, **engine_options)
+    stable = make_llm(tiny_llama_dir, **engine_options)
 
     replaced, keep = [], StagingBuffers.keep
 
