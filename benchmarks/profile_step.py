@@ -9,7 +9,12 @@ trace (``*.trace.json.gz``) is read back and each device op is put in a class by
 kernel or the reference), matmuls (cuBLAS / XLA gemm and dot fusions), sampling (sort, top-k, argmax, reduce over
 the vocabulary) or other. The host gap is the step's wall time minus device-busy time (the union of device op
 intervals). Also prints the wall time of untraced steps (the profiler's own cost stays out). On CPU the trace has no
-device threads, so only the wall time is reported."""
+device threads, so only the wall time is reported.
+
+The launch path: host events whose names say CUDA graph or command-buffer work (``cuGraphLaunch``,
+``cuGraphExecUpdate``, XLA's command-buffer record / update / execute spans, kernel launches), with calls and time per
+step, summed over every host thread (one per GPU on a mesh). A multi-GPU step whose graphs are updated every step
+shows about one update per graph per GPU."""
 
 from __future__ import annotations
 
@@ -44,20 +49,42 @@ OP_CLASSES = (  # first match wins; names as XLA, Triton and cuBLAS print them
 
 
 TOP_OPS = 25  # the costliest device ops by name, listed under the split
+LAUNCH_PATH = re.compile(r"graph|command.?buffer|cuLaunch|LaunchKernel|ExecuteThunks|LaunchOnDevice", re.I)
 
 
 def classify(name: str) -> str:
     return next((label for label, pattern in OP_CLASSES if pattern.search(name)), "other")
 
 
-def device_events(trace: dict) -> list[dict]:
-    """Complete events on device threads (GPU streams / TPU cores); none on CPU, whose trace has no device."""
+def _device_pids(trace: dict) -> set:
     names = {}
     for event in trace.get("traceEvents", []):
         if event.get("ph") == "M" and event.get("name") == "process_name":
             names[event["pid"]] = event["args"]["name"]
-    device_pids = {pid for pid, name in names.items() if re.search(r"/device:(GPU|TPU)", name)}
+    return {pid for pid, name in names.items() if re.search(r"/device:(GPU|TPU)", name)}
+
+
+def device_events(trace: dict) -> list[dict]:
+    """Complete events on device threads (GPU streams / TPU cores); none on CPU, whose trace has no device."""
+    device_pids = _device_pids(trace)
     return [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e and e["pid"] in device_pids]
+
+
+def launch_path_ops(trace: dict, num_steps: int) -> list[dict]:
+    """Host events of the launch path (``LAUNCH_PATH`` names), by name: calls and ms per step, costliest first."""
+    device_pids = _device_pids(trace)
+    by_name: dict[str, tuple[float, int]] = {}
+    for event in trace.get("traceEvents", []):
+        name = event.get("name", "")
+        if event.get("ph") != "X" or "dur" not in event or event.get("pid") in device_pids:
+            continue
+        if LAUNCH_PATH.search(name):
+            total, count = by_name.get(name, (0.0, 0))
+            by_name[name] = (total + event["dur"], count + 1)
+    ranked = sorted(by_name.items(), key=lambda item: -item[1][0])
+    return [
+        {"name": name, "ms_per_step": us / 1e3 / num_steps, "calls_per_step": n / num_steps} for name, (us, n) in ranked
+    ]
 
 
 def busy_time_us(events: list[dict]) -> float:
@@ -76,7 +103,8 @@ def summarize(trace_dir: pathlib.Path, num_steps: int, wall_s: float) -> dict:
     if not paths:
         raise FileNotFoundError(f"no *.trace.json.gz under {trace_dir}")
     with gzip.open(paths[-1]) as f:
-        events = device_events(json.load(f))
+        trace = json.load(f)
+    events = device_events(trace)
     split, by_name = {}, {}
     for event in events:
         name = event.get("name", "")
@@ -104,6 +132,7 @@ def summarize(trace_dir: pathlib.Path, num_steps: int, wall_s: float) -> dict:
             }
             for name, (us, n) in top
         ],
+        "launch_path": launch_path_ops(trace, num_steps),
     }
 
 
@@ -182,6 +211,9 @@ def main(argv=None) -> dict:
     print("costliest device ops (ms per step, calls per step, class, name):")
     for op in record["top_ops"]:
         print(f"  {op['ms_per_step']:8.3f} {op['calls_per_step']:6.1f}  {op['class']:9s} {op['name'][:100]}")
+    print("launch path, host events summed over host threads (ms per step, calls per step, name):")
+    for op in record["launch_path"][:TOP_OPS]:
+        print(f"  {op['ms_per_step']:8.3f} {op['calls_per_step']:6.1f}  {op['name'][:100]}")
     print_record(record)
     return record
 

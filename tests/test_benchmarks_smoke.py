@@ -41,6 +41,28 @@ def test_profile_step_split_counts_each_instant_of_overlapping_streams_once():
     assert classify("loop_add_fusion") == "other"
 
 
+def test_profile_step_launch_path_counts_host_graph_work_per_step():
+    from benchmarks.profile_step import launch_path_ops
+
+    def complete(pid, name, dur):
+        return {"ph": "X", "pid": pid, "tid": 1, "ts": 0, "name": name, "dur": dur}
+
+    trace = {
+        "traceEvents": [
+            {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+            {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+            *[complete(1, "cuGraphLaunch", 30) for _ in range(6)],
+            *[complete(1, "cuGraphExecUpdate_v2", 50) for _ in range(4)],
+            complete(1, "PjitFunction(step)", 900),  # not launch-path work
+            complete(2, "cuGraphLaunch", 99),  # a device thread: not host work
+        ]
+    }
+    ops = launch_path_ops(trace, num_steps=2)
+    assert [op["name"] for op in ops] == ["cuGraphExecUpdate_v2", "cuGraphLaunch"]
+    assert ops[0]["calls_per_step"] == 2 and ops[0]["ms_per_step"] == 0.1
+    assert ops[1]["calls_per_step"] == 3 and ops[1]["ms_per_step"] == 0.09
+
+
 def test_compare_hf_smoke_reports_ratios():
     import pytest
 
