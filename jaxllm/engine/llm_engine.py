@@ -27,7 +27,6 @@ from jaxllm.outputs import RequestOutput
 from jaxllm.request import RequestStatus
 from jaxllm.runner.kv_cache import resolve_kv_cache_dtype
 from jaxllm.runner.model_runner import ModelRunner
-from jaxllm.runner.stable_inputs import stable_step_inputs_enabled
 from jaxllm.runner.xla_options import StepCompilerOptions, check_compiler_options
 from jaxllm.sampling_params import SamplingParams
 from sharding.data_parallel import DataParallelEngine
@@ -84,16 +83,6 @@ class LLMEngine:
             return [runner], resolved
         return build_mesh_runners(self.config, source, self.model_config, self.kv_dtype, mesh)
 
-    def _model_runner(self, model, resolved) -> ModelRunner:
-        return ModelRunner(
-            model,
-            resolved,
-            self.kv_dtype,
-            seed=self.config.seed,
-            compiler_options=self.compiler_options,
-            stable_step_inputs=stable_step_inputs_enabled(),
-        )
-
     def _build_runner(self, model) -> tuple[ModelRunner, object]:
         """Sizes the KV cache: on an accelerator from memory free after weights, less the largest step's temporaries."""
         config, model_config = self.config, self.model_config
@@ -107,9 +96,12 @@ class LLMEngine:
                 config, model_config, setup.num_kv_blocks(config, model_config, self.kv_dtype)
             )
             setup.log_kv_cache(resolved, model_config, self.kv_dtype)
-            return self._model_runner(model, resolved), resolved
+            runner = ModelRunner(
+                model, resolved, self.kv_dtype, seed=config.seed, compiler_options=self.compiler_options
+            )
+            return runner, resolved
         probe = setup.resolve_limits(config, model_config, num_blocks=2)
-        runner = self._model_runner(model, probe)
+        runner = ModelRunner(model, probe, self.kv_dtype, seed=config.seed, compiler_options=self.compiler_options)
         small = probe.max_blocks_per_request + 1
         temp_small, temp_large = runner.step_temp_bytes(small), runner.step_temp_bytes(2 * small)
         temp_per_block = max(0, temp_large - temp_small) / small

@@ -32,7 +32,6 @@ from jaxllm.core.step_io import ModelRunnerOutput, SampledLogprobs, SchedulerOut
 from jaxllm.models.attention_metadata import AttentionMetadata
 from jaxllm.runner.kv_cache import allocate_kv_cache
 from jaxllm.runner.packed_transfer import PackedLayout, pack, unpack
-from jaxllm.runner.stable_inputs import StagingBuffers, read_through_copy
 from jaxllm.runner.step_batch import StepBatch, pack_step_batch
 from jaxllm.runner.xla_options import CompilerOptions, ProgramsByOptions
 from jaxllm.sampling import SamplingMetadata, SamplingMetadataBuilder, build_sampling_metadata, sample
@@ -83,10 +82,7 @@ class ModelRunner:
         kv_sharding=None,
         batch_sharding=None,
         compiler_options: CompilerOptions = None,
-        stable_step_inputs: bool = False,
     ):
-        """``stable_step_inputs``: the forward program reads the step's arrays from a donated copy of its packed
-        input (experimental: ``jaxllm.runner.stable_inputs``)."""
         self.config = config
         self.model_config = model.config
         self.graphdef, self.params = nnx.split(model)
@@ -105,19 +101,17 @@ class ModelRunner:
         self._sampling_builder = SamplingMetadataBuilder()
         # compiler_options: XLA options of the forward program per token bucket (jaxllm.runner.xla_options)
         # Step inputs cross as one packed buffer per program (jaxllm.runner.packed_transfer); its layout is static.
-        self._staging = StagingBuffers(stable_step_inputs, batch_sharding)
         self._forward_programs = ProgramsByOptions(
-            self._traced_forward, compiler_options, donate_argnums=(1, 4), static_argnums=(5,)
+            self._traced_forward, compiler_options, donate_argnums=(1,), static_argnums=(4,)
         )
         self._jitted_sample = jax.jit(self._traced_sample, static_argnums=(2,))
 
-    def _traced_forward(self, params, kv_caches, packed_batch, prev_token_ids, staging, layout: PackedLayout):
+    def _traced_forward(self, params, kv_caches, packed_batch, prev_token_ids, layout: PackedLayout):
         self.num_traces += 1
-        packed_batch, staging = read_through_copy(packed_batch, staging)  # staging None: read the input itself
         batch = unpack(packed_batch, layout)
         # pending tokens: the previous step's samples, still on the device
         batch = {**batch, "input_ids": feed_pending_tokens(batch["input_ids"], batch["prev_index"], prev_token_ids)}
-        return (*_model_forward(self.graphdef, params, kv_caches, batch), staging)
+        return _model_forward(self.graphdef, params, kv_caches, batch)
 
     def _traced_sample(self, logits, packed, layout: PackedLayout):
         self.num_sampler_traces += 1
@@ -146,9 +140,8 @@ class ModelRunner:
         """Waits for a dispatched step and returns its sampled tokens."""
         return self._to_output(step.scheduler_output, step.result)
 
-    def _batch_arrays(self, batch: StepBatch) -> tuple[jax.Array, jax.Array | None, PackedLayout]:
-        """The forward program's step inputs: one packed buffer on the device, the staging buffer it is copied into
-        (None unless ``stable_step_inputs``), and its layout."""
+    def _batch_arrays(self, batch: StepBatch) -> tuple[jax.Array, PackedLayout]:
+        """The forward program's step inputs: one packed buffer on the device, and its layout."""
         arrays = {
             "input_ids": batch.input_ids,
             "attention": batch.attention_arrays(),
@@ -156,17 +149,16 @@ class ModelRunner:
             "prev_index": batch.pending_index,
         }
         packed, layout = pack(arrays)
-        return jax.device_put(packed, self.batch_sharding), self._staging.get(packed.size), layout
+        return jax.device_put(packed, self.batch_sharding), layout
 
     def _sampler_args(self, sampling_metadata: SamplingMetadata, step_index: int) -> tuple[jax.Array, PackedLayout]:
         packed, layout = pack((sampling_metadata, np.int32(step_index)))
         return jax.device_put(packed, self.batch_sharding), layout
 
     def _run(self, batch: StepBatch, sampling_metadata: SamplingMetadata, prev_token_ids: jax.Array):
-        packed, staging, layout = self._batch_arrays(batch)
+        packed, layout = self._batch_arrays(batch)
         forward = self._forward_programs.for_tokens(batch.token_bucket)
-        logits, self.kv_caches, staging = forward(self.params, self.kv_caches, packed, prev_token_ids, staging, layout)
-        self._staging.keep(staging)
+        logits, self.kv_caches = forward(self.params, self.kv_caches, packed, prev_token_ids, layout)
         result = self._jitted_sample(logits, *self._sampler_args(sampling_metadata, self.num_steps))
         self.num_steps += 1
         return result
@@ -217,8 +209,8 @@ class ModelRunner:
         shape = (num_blocks, self.config.block_size, self.model_config.num_kv_heads, self.model_config.head_dim)
         kv = [(jax.ShapeDtypeStruct(shape, self.kv_dtype),) * 2 for _ in range(self.model_config.num_layers)]
         forward = self._forward_programs.for_tokens(bucket)
-        packed, staging, layout = self._batch_arrays(batch)
-        return forward.lower(self.params, kv, packed, self._no_pending_tokens, staging, layout)
+        packed, layout = self._batch_arrays(batch)
+        return forward.lower(self.params, kv, packed, self._no_pending_tokens, layout)
 
     def resize_kv_cache(self, config: ResolvedConfig) -> None:
         self.config = config
@@ -230,11 +222,10 @@ class ModelRunner:
     def _run_padding_step(self, bucket: int) -> None:
         rows = self.config.request_rows_for(bucket)
         batch = empty_step_batch(bucket, rows, self.config.max_blocks_per_request)
-        packed, staging, layout = self._batch_arrays(batch)
-        logits, self.kv_caches, staging = self._forward_programs.for_tokens(bucket)(
-            self.params, self.kv_caches, packed, self._no_pending_tokens, staging, layout
+        packed, layout = self._batch_arrays(batch)
+        logits, self.kv_caches = self._forward_programs.for_tokens(bucket)(
+            self.params, self.kv_caches, packed, self._no_pending_tokens, layout
         )
-        self._staging.keep(staging)
         for metadata in sampler_variants(rows):
             jax.block_until_ready(self._jitted_sample(logits, *self._sampler_args(metadata, 0)))
 

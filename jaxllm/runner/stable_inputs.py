@@ -1,14 +1,16 @@
 """Step inputs read from a device buffer that keeps its address across steps (experimental, not yet timed on GPUs).
 
-Owns the ``JAXLLM_STABLE_STEP_INPUTS`` switch, the traced copy and the host-side buffers. A step's inputs cross to the
-device as one packed buffer (``jaxllm.runner.packed_transfer``), a new device buffer every step; with async
-scheduling two of them alternate, since step N+1's is made while step N still holds its own. XLA's GPU runtime
-re-records and updates a CUDA graph whenever a buffer its commands use has moved, and every graph of a step reads the
-step's arrays: one graph per step on one GPU, one per all-reduce segment (65 for the Llama-3.1-8B shape) on a
-tensor-parallel mesh. With the switch on, a program first copies the packed buffer into a buffer of its own that is
-donated into every call (so it comes back at the same address) and reads the step's arrays from that copy; only the
-graph holding the copy sees the moving buffer. An optimization barrier keeps XLA from forwarding the reads to the
-input.
+Owns the ``JAXLLM_STABLE_STEP_INPUTS`` switch, the traced copy and the host-side buffers; the mesh runners' stage
+programs use it (``sharding.pipeline``). A step's inputs cross to the device as one packed buffer
+(``jaxllm.runner.packed_transfer``), a new device buffer every step; with async scheduling two of them alternate,
+since step N+1's is made while step N still holds its own. XLA's GPU runtime re-records and updates a CUDA graph
+whenever a buffer its commands use has moved, and on a tensor-parallel mesh the all-reduces cut a step into many
+graphs (65 for the Llama-3.1-8B shape), most of which read the step's arrays (positions, slot mapping, block tables).
+With the switch on, a program first copies the packed buffer into a buffer of its own that is donated into every call
+(so it comes back at the same address) and reads the step's arrays from that copy; only the graph holding the copy
+sees the moving buffer. An optimization barrier keeps XLA from forwarding the reads to the input. A one-device step is
+one graph, which reads the moving input (and writes moving outputs) whatever this does, so the one-device runner does
+not use it.
 """
 
 from __future__ import annotations

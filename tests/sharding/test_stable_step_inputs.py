@@ -1,12 +1,12 @@
-"""``JAXLLM_STABLE_STEP_INPUTS=1``: programs that read the step's arrays from a donated copy of the packed input buffer
-give exactly the tokens, stops, logprobs and preemptions of the plain run, on one device, on tensor parallelism (both
-with async scheduling) and on TP x PP (microbatches); each step's copy is donated, so it replaces the last; the
-programs really read the copy (the barrier is in them)."""
+"""``JAXLLM_STABLE_STEP_INPUTS=1``: stage programs that read the step's arrays from a donated copy of the packed input
+buffer give exactly the tokens, stops, logprobs and preemptions of the plain mesh run, on tensor parallelism (async
+scheduling) and on TP x PP (microbatches); each step's copy is donated, so it replaces the last; the programs really
+read the copy (the barrier is in them)."""
 
 import pytest
 
 from jaxllm.runner.stable_inputs import STABLE_STEP_INPUTS_ENV, StagingBuffers, stable_step_inputs_enabled
-from sharding.runner import PipelineRunner, padding_batch
+from sharding.runner import padding_batch
 from tests.engine.conftest import make_llm, random_token_prompts
 from tests.engine.test_async_scheduling import LENGTHS, assert_same_outputs, mixed_params, outputs_of
 from tests.sharding.helpers import NEEDS_8_DEVICES
@@ -14,10 +14,8 @@ from tests.sharding.helpers import NEEDS_8_DEVICES
 pytestmark = NEEDS_8_DEVICES
 
 
-def lowered_first_program(runner) -> str:
+def lowered_last_stage(runner) -> str:
     bucket = runner.config.token_buckets[0]
-    if not isinstance(runner, PipelineRunner):
-        return runner.lower_forward(bucket).as_text()
     rows = runner.config.request_rows_for(bucket)
     batch = padding_batch(bucket, rows, runner.config.max_blocks_per_request)
     pipeline = runner.pipeline
@@ -27,12 +25,11 @@ def lowered_first_program(runner) -> str:
 @pytest.mark.parametrize(
     "engine_options",
     [
-        {},
         {"tensor_parallel_size": 2},
         {"tensor_parallel_size": 2, "num_gpu_blocks_override": 24, "block_size": 4},  # preempts requests
         {"tensor_parallel_size": 2, "pipeline_parallel_size": 2},
     ],
-    ids=["one-device", "tp2", "tp2-preempting", "tp2xpp2"],
+    ids=["tp2", "tp2-preempting", "tp2xpp2"],
 )
 def test_stable_step_inputs_equal_the_plain_run(tiny_llama_dir, monkeypatch, engine_options):
     prompts = random_token_prompts(len(LENGTHS), LENGTHS, seed=6)
@@ -54,9 +51,9 @@ def test_stable_step_inputs_equal_the_plain_run(tiny_llama_dir, monkeypatch, eng
     assert replaced and all(buffer.is_deleted() for buffer in replaced)  # each copy was donated to the next step
     if "num_gpu_blocks_override" in engine_options:
         assert stable.llm_engine.scheduler.num_preemptions > 0
-    stable_program = lowered_first_program(stable.llm_engine.runner)
+    stable_program = lowered_last_stage(stable.llm_engine.runner)
     assert "optimization_barrier" in stable_program and "dynamic_update_slice" in stable_program
-    assert "optimization_barrier" not in lowered_first_program(plain.llm_engine.runner)
+    assert "optimization_barrier" not in lowered_last_stage(plain.llm_engine.runner)
 
 
 def test_switch_rejects_other_values(monkeypatch):
