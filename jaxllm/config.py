@@ -8,6 +8,7 @@ engine after the model config and the device memory are known. Imports neither j
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 
 DEFAULT_BLOCK_SIZE = 16
@@ -133,3 +134,12 @@ class ResolvedConfig:
     def request_rows_for(self, num_tokens_bucket: int) -> int:
         """Requests per step bucket: each request has at least one token, so never more rows than tokens."""
         return min(self.max_num_seqs, num_tokens_bucket)
+
+
+def env_switch(name: str) -> bool | None:
+    """An experimental on/off environment switch (``JAXLLM_...``): True for "1", False for "0", None when unset;
+    ValueError naming the variable for any other value."""
+    setting = os.environ.get(name)
+    if setting not in (None, "0", "1"):
+        raise ValueError(f"{name} must be 0 or 1 when set, got {setting!r}")
+    return None if setting is None else setting == "1"

@@ -59,8 +59,8 @@ class Stage:
     graphdef: nnx.GraphDef
     state: nnx.State
     programs: ProgramsByOptions  # the stage's jitted program, one per set of XLA options
+    staging: StagingBuffers  # donated copies of the packed inputs (off unless stable_step_inputs)
     kv_caches: list | None = None
-    staging: StagingBuffers | None = None  # donated copies of the packed inputs (stable_step_inputs)
 
 
 def _copy_tied_embedding(state, mesh: Mesh):
@@ -122,7 +122,7 @@ class PipelinedModel:
         _check_placed(state, mesh, index)
         programs = self._compile(graphdef, state, mesh, is_last)
         staging = StagingBuffers(self.stable_step_inputs, replicated(mesh))
-        return Stage(mesh, ranges[index], graphdef, state, programs, staging=staging)
+        return Stage(mesh, ranges[index], graphdef, state, programs, staging)
 
     def _compile(self, graphdef, state, mesh: Mesh, is_last: bool):
         head_fn = self.head_fn

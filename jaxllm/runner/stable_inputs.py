@@ -15,20 +15,17 @@ not use it.
 
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
+
+from jaxllm.config import env_switch
 
 STABLE_STEP_INPUTS_ENV = "JAXLLM_STABLE_STEP_INPUTS"
 
 
 def stable_step_inputs_enabled() -> bool:
     """``JAXLLM_STABLE_STEP_INPUTS=1``; ValueError for a value other than 0 or 1."""
-    setting = os.environ.get(STABLE_STEP_INPUTS_ENV, "0")
-    if setting not in ("0", "1"):
-        raise ValueError(f"{STABLE_STEP_INPUTS_ENV} must be 0 or 1 when set, got {setting!r}")
-    return setting == "1"
+    return bool(env_switch(STABLE_STEP_INPUTS_ENV))
 
 
 def read_through_copy(packed: jax.Array, staging: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:

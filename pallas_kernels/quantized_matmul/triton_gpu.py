@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from jaxllm.config import env_switch
 from jaxllm.quantization.schemes import INT4_OFFSET, QuantizedWeight, quantize_activations_fp8
 
 _NN = (((1,), (0,)), ((), ()))  # [BM, K] x [K, BN]
@@ -223,10 +223,8 @@ def default_config(num_rows: int, k: int, n: int, method: str, group_size=None, 
 
 
 def _int4_bit_convert(num_rows: int) -> bool:
-    setting = os.environ.get(INT4_BIT_CONVERT_ENV)
-    if setting not in (None, "0", "1"):
-        raise ValueError(f"{INT4_BIT_CONVERT_ENV} must be 0 or 1 when set, got {setting!r}")
-    return num_rows <= INT4_BIT_CONVERT_MAX_ROWS if setting is None else setting == "1"
+    forced = env_switch(INT4_BIT_CONVERT_ENV)
+    return num_rows <= INT4_BIT_CONVERT_MAX_ROWS if forced is None else forced
 
 
 def num_cores(interpret: bool) -> int:
