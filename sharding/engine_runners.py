@@ -24,6 +24,7 @@ from jaxllm.config import EngineConfig, ResolvedConfig, env_switch
 from jaxllm.engine import setup
 from jaxllm.loading.model_source import ModelSource
 from jaxllm.models import ModelConfig
+from jaxllm.runner.kv_cache import no_memory_limit_message
 from jaxllm.runner.stable_inputs import stable_step_inputs_enabled
 from jaxllm.runner.xla_options import StepCompilerOptions
 from sharding.mesh import describe, make_mesh, replica_meshes
@@ -131,6 +132,6 @@ def _measured_num_blocks(config: EngineConfig, mesh: Mesh, bytes_per_block: int)
 def _free_bytes(device, gpu_memory_utilization: float) -> int:
     stats = device.memory_stats() or {}
     if "bytes_limit" not in stats:
-        raise ValueError(f"{device} reports no memory limit: set kv_cache_memory_bytes or num_gpu_blocks_override")
+        raise ValueError(no_memory_limit_message(device))
     peak = stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0))
     return int(stats["bytes_limit"] * gpu_memory_utilization) - int(peak)

@@ -3,8 +3,10 @@
 Per layer, K and V blocks ``[P, L, K, H]`` in one pytree (a list of ``(k, v)`` pairs), allocated once and donated into
 every step. On GPU/TPU the budget is ``gpu_memory_utilization`` of the device memory minus what the weights use and the
 largest step's temporaries (measured by compiling it); on CPU, where nothing can be measured,
-``kv_cache_memory_bytes`` (default 1 GiB). ``kv_cache_dtype="fp8"`` stores the cache as float8_e4m3fn: one byte per
-value, so a budget holds twice the blocks of a bf16 cache (writing and reading it: ``pallas_kernels``).
+``kv_cache_memory_bytes`` (default 1 GiB); an accelerator whose allocator keeps no statistics (XLA's VMM allocator)
+needs ``kv_cache_memory_bytes`` or ``num_gpu_blocks_override``. ``kv_cache_dtype="fp8"`` stores the cache as
+float8_e4m3fn: one byte per value, so a budget holds twice the blocks of a bf16 cache (writing and reading it:
+``pallas_kernels``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,13 @@ def resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype):
     raise ValueError(f"kv_cache_dtype must be 'auto' or one of {FP8_KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
 
 
+def no_memory_limit_message(device) -> str:
+    return (
+        f"{device} reports no memory limit (its allocator keeps no statistics), so the KV cache cannot be sized from "
+        "gpu_memory_utilization: set kv_cache_memory_bytes or num_gpu_blocks_override"
+    )
+
+
 def kv_bytes_per_block(model_config: ModelConfig, block_size: int, dtype) -> int:
     per_layer = 2 * block_size * model_config.num_kv_heads * model_config.head_dim * jnp.dtype(dtype).itemsize
     return per_layer * model_config.num_layers
@@ -41,9 +50,11 @@ def device_memory_budget(gpu_memory_utilization: float, kv_cache_memory_bytes: i
     if kv_cache_memory_bytes is not None:
         return kv_cache_memory_bytes
     device = jax.local_devices()[0]
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    if not stats or "bytes_limit" not in stats:
+    if device.platform == "cpu":
         return DEFAULT_CPU_KV_CACHE_BYTES
+    stats = device.memory_stats() or {}
+    if "bytes_limit" not in stats:  # e.g. XLA's VMM allocator (XLA_PYTHON_CLIENT_ALLOCATOR=vmm) keeps no statistics
+        raise ValueError(no_memory_limit_message(device))
     usable = int(stats["bytes_limit"] * gpu_memory_utilization)
     in_use = int(stats.get("bytes_in_use", 0))  # the weights (and nothing transient: called between steps)
     budget = usable - in_use
