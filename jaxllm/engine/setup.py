@@ -161,5 +161,6 @@ def warm_up(runners) -> float:
         raise RuntimeError(
             f"a collective's device memory could not be allocated outside JAX's memory pool "
             f"(XLA_PYTHON_CLIENT_MEM_FRACTION={fraction}): set XLA_PYTHON_CLIENT_MEM_FRACTION lower (0.85 ran the "
-            f"Llama-3.1-70B shape at tensor parallelism 4) before jax or jaxllm is imported. XLA said: {error}"
+            f"Llama-3.1-8B shape at tensor parallelism 4 on 80 GB GPUs and the 70B shape on 141 GB ones) before jax "
+            f"or jaxllm is imported. XLA said: {error}"
         ) from error
