@@ -24,6 +24,7 @@ from jaxllm.config import EngineConfig, ResolvedConfig, env_switch
 from jaxllm.engine import setup
 from jaxllm.loading.model_source import ModelSource
 from jaxllm.models import ModelConfig
+from jaxllm.runner.device_memory import device_memory
 from jaxllm.runner.kv_cache import no_memory_limit_message
 from jaxllm.runner.stable_inputs import stable_step_inputs_enabled
 from jaxllm.runner.xla_options import StepCompilerOptions
@@ -103,7 +104,7 @@ def build_mesh_runners(
     if measure:
         for runner in runners:
             runner.profile_largest_bucket()
-        resolved = setup.with_num_blocks(resolved, _measured_num_blocks(config, mesh, per_block))
+        resolved = setup.with_num_blocks(resolved, _measured_num_blocks(config, mesh, per_block, runners))
         for runner in runners:
             runner.resize_kv_cache(resolved)
     logger.info(
@@ -116,10 +117,25 @@ def build_mesh_runners(
     return runners, resolved
 
 
-def _measured_num_blocks(config: EngineConfig, mesh: Mesh, bytes_per_block: int) -> int:
-    """Blocks that fit the device with the least memory left under ``gpu_memory_utilization`` after the peak."""
+def _measured_num_blocks(config: EngineConfig, mesh: Mesh, bytes_per_block: int, runners: list[PipelineRunner]) -> int:
+    """Blocks that fit the device with the least memory left under ``gpu_memory_utilization`` after the largest step:
+    after the allocator's peak, or (an allocator without statistics: no peak) after the memory in use plus the
+    compiled largest step's temporaries."""
     local = [device for device in mesh.devices.flat if device.process_index == jax.process_index()]
-    budget = min(_free_bytes(device, config.gpu_memory_utilization) for device in local)
+    memories = []
+    for device in local:
+        memory = device_memory(device)
+        if memory is None:
+            raise ValueError(no_memory_limit_message(device))
+        memories.append(memory)
+    step_temp = 0
+    if any(memory.peak is None for memory in memories):
+        step_temp = max(runner.largest_step_temp_bytes() for runner in runners)
+    budget = min(
+        int(memory.limit * config.gpu_memory_utilization)
+        - (memory.peak if memory.peak is not None else memory.in_use + step_temp)
+        for memory in memories
+    )
     num_blocks = budget // bytes_per_block
     if num_blocks < 2:
         raise ValueError(
@@ -127,11 +143,3 @@ def _measured_num_blocks(config: EngineConfig, mesh: Mesh, bytes_per_block: int)
             f"(gpu_memory_utilization={config.gpu_memory_utilization})"
         )
     return int(num_blocks)
-
-
-def _free_bytes(device, gpu_memory_utilization: float) -> int:
-    stats = device.memory_stats() or {}
-    if "bytes_limit" not in stats:
-        raise ValueError(no_memory_limit_message(device))
-    peak = stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0))
-    return int(stats["bytes_limit"] * gpu_memory_utilization) - int(peak)

@@ -210,6 +210,18 @@ class PipelineRunner:
         bucket = self.config.token_buckets[-1]
         self._run_padding(bucket)
 
+    def largest_step_temp_bytes(self) -> int:
+        """XLA's temporary memory of the largest bucket's step (compiled, not run): the most of any stage's program,
+        for an allocator that keeps no peak (each stage's devices run only their own program)."""
+        bucket = self.config.token_buckets[-1]
+        rows = self.config.request_rows_for(bucket)
+        batch = padding_batch(bucket, rows, self.config.max_blocks_per_request)
+        head_args = self.build_head_args([], rows, 0, 0)
+        return max(
+            self.pipeline.lower_stage(index, batch, head_args).compile().memory_analysis().temp_size_in_bytes
+            for index in range(self.pipeline.num_stages)
+        )
+
     def _run_padding(self, bucket: int) -> None:
         rows = self.config.request_rows_for(bucket)
         batch = padding_batch(bucket, rows, self.config.max_blocks_per_request)

@@ -3,10 +3,10 @@
 Per layer, K and V blocks ``[P, L, K, H]`` in one pytree (a list of ``(k, v)`` pairs), allocated once and donated into
 every step. On GPU/TPU the budget is ``gpu_memory_utilization`` of the device memory minus what the weights use and the
 largest step's temporaries (measured by compiling it); on CPU, where nothing can be measured,
-``kv_cache_memory_bytes`` (default 1 GiB); an accelerator whose allocator keeps no statistics (XLA's VMM allocator)
-needs ``kv_cache_memory_bytes`` or ``num_gpu_blocks_override``. ``kv_cache_dtype="fp8"`` stores the cache as
-float8_e4m3fn: one byte per value, so a budget holds twice the blocks of a bf16 cache (writing and reading it:
-``pallas_kernels``).
+``kv_cache_memory_bytes`` (default 1 GiB). Under an allocator that keeps no statistics (XLA's VMM allocator) the
+CUDA driver's free and total memory stand in (``jaxllm.runner.device_memory``). ``kv_cache_dtype="fp8"`` stores the
+cache as float8_e4m3fn: one byte per value, so a budget holds twice the blocks of a bf16 cache (writing and reading
+it: ``pallas_kernels``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from jaxllm.config import DEFAULT_CPU_KV_CACHE_BYTES
 from jaxllm.models.config import ModelConfig
+from jaxllm.runner.device_memory import device_memory
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +36,8 @@ def resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype):
 
 def no_memory_limit_message(device) -> str:
     return (
-        f"{device} reports no memory limit (its allocator keeps no statistics), so the KV cache cannot be sized from "
-        "gpu_memory_utilization: set kv_cache_memory_bytes or num_gpu_blocks_override"
+        f"{device} reports no memory limit (no allocator statistics and no CUDA driver), so the KV cache cannot be "
+        "sized from gpu_memory_utilization: set kv_cache_memory_bytes or num_gpu_blocks_override"
     )
 
 
@@ -52,11 +53,11 @@ def device_memory_budget(gpu_memory_utilization: float, kv_cache_memory_bytes: i
     device = jax.local_devices()[0]
     if device.platform == "cpu":
         return DEFAULT_CPU_KV_CACHE_BYTES
-    stats = device.memory_stats() or {}
-    if "bytes_limit" not in stats:  # e.g. XLA's VMM allocator (XLA_PYTHON_CLIENT_ALLOCATOR=vmm) keeps no statistics
+    memory = device_memory(device)
+    if memory is None:
         raise ValueError(no_memory_limit_message(device))
-    usable = int(stats["bytes_limit"] * gpu_memory_utilization)
-    in_use = int(stats.get("bytes_in_use", 0))  # the weights (and nothing transient: called between steps)
+    usable = int(memory.limit * gpu_memory_utilization)
+    in_use = memory.in_use  # the weights (and nothing transient: called between steps)
     budget = usable - in_use
     if budget <= 0:
         raise ValueError(

@@ -65,27 +65,3 @@ def test_other_runtime_errors_pass_unchanged():
     with pytest.raises(jax.errors.JaxRuntimeError) as caught:
         warm_up([_Runner(xla_error)])
     assert caught.value is xla_error
-
-
-class _Accelerator:
-    """A device whose allocator keeps no statistics, as under XLA's VMM allocator (command-buffer update mode)."""
-
-    platform = "gpu"
-
-    def memory_stats(self):
-        return None
-
-    def __str__(self):
-        return "cuda:0"
-
-
-def test_kv_budget_without_memory_statistics_names_the_way_out(monkeypatch):
-    import jax
-
-    from jaxllm.runner.kv_cache import device_memory_budget
-
-    monkeypatch.setattr(jax, "local_devices", lambda: [_Accelerator()])
-    way_out = r"cuda:0 reports no memory limit.*kv_cache_memory_bytes or num_gpu_blocks_override"
-    with pytest.raises(ValueError, match=way_out):
-        device_memory_budget(0.9, None)
-    assert device_memory_budget(0.9, 3 << 30) == 3 << 30  # an explicit budget needs no statistics
