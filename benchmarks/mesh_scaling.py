@@ -44,6 +44,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from benchmarks.latency import percentiles, run_batch  # noqa: E402
 from jaxllm import LLM, SamplingParams  # noqa: E402
+from jaxllm.runner.device_memory import device_memory  # noqa: E402
 from sharding import DataParallelEngine  # noqa: E402
 from sharding.microbatch import bubble_fraction  # noqa: E402
 from sharding.runner import PipelineRunner, padding_batch  # noqa: E402
@@ -171,11 +172,12 @@ def bytes_per_device(arrays) -> int:
 
 
 def in_use_bytes_per_device(num_devices: int) -> int | None:
-    """The most bytes JAX's allocator holds (``memory_stats()["bytes_in_use"]``: weights, KV cache and whatever else
-    is live) on any of the first ``num_devices`` devices (the mesh's); None where the platform keeps no statistics."""
+    """The most bytes held on any of the first ``num_devices`` devices (the mesh's): what JAX's allocator holds
+    (weights, KV cache and whatever else is live), or under an allocator without statistics (XLA's VMM allocator) the
+    CUDA driver's used memory (everything on the device); None where neither is known (CPU)."""
     local = [d for d in jax.devices()[:num_devices] if d.process_index == jax.process_index()]  # this process's
-    in_use = [(d.memory_stats() or {}).get("bytes_in_use") for d in local]
-    return max(in_use) if in_use and None not in in_use else None
+    memories = [device_memory(d) for d in local]
+    return max(m.in_use for m in memories) if memories and None not in memories else None
 
 
 def measured_bubble(runner) -> float | None:
