@@ -24,8 +24,7 @@ from jaxllm.config import EngineConfig, ResolvedConfig, env_switch
 from jaxllm.engine import setup
 from jaxllm.loading.model_source import ModelSource
 from jaxllm.models import ModelConfig
-from jaxllm.runner.device_memory import device_memory
-from jaxllm.runner.kv_cache import no_memory_limit_message
+from jaxllm.runner.kv_cache import measured_device_memory
 from jaxllm.runner.stable_inputs import stable_step_inputs_enabled
 from jaxllm.runner.xla_options import StepCompilerOptions
 from sharding.mesh import describe, make_mesh, replica_meshes
@@ -122,12 +121,7 @@ def _measured_num_blocks(config: EngineConfig, mesh: Mesh, bytes_per_block: int,
     after the allocator's peak, or (an allocator without statistics: no peak) after the memory in use plus the
     compiled largest step's temporaries."""
     local = [device for device in mesh.devices.flat if device.process_index == jax.process_index()]
-    memories = []
-    for device in local:
-        memory = device_memory(device)
-        if memory is None:
-            raise ValueError(no_memory_limit_message(device))
-        memories.append(memory)
+    memories = [measured_device_memory(device) for device in local]
     step_temp = 0
     if any(memory.peak is None for memory in memories):
         step_temp = max(runner.largest_step_temp_bytes() for runner in runners)

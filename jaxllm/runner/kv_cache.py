@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from jaxllm.config import DEFAULT_CPU_KV_CACHE_BYTES
 from jaxllm.models.config import ModelConfig
-from jaxllm.runner.device_memory import device_memory
+from jaxllm.runner.device_memory import DeviceMemory, device_memory
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +34,15 @@ def resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype):
     raise ValueError(f"kv_cache_dtype must be 'auto' or one of {FP8_KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
 
 
-def no_memory_limit_message(device) -> str:
-    return (
-        f"{device} reports no memory limit (no allocator statistics and no CUDA driver), so the KV cache cannot be "
-        "sized from gpu_memory_utilization: set kv_cache_memory_bytes or num_gpu_blocks_override"
-    )
+def measured_device_memory(device) -> DeviceMemory:
+    """``device``'s memory figures for sizing the cache; a ``ValueError`` naming the way out where there are none."""
+    memory = device_memory(device)
+    if memory is None:
+        raise ValueError(
+            f"{device} reports no memory limit (no allocator statistics and no CUDA driver), so the KV cache cannot "
+            "be sized from gpu_memory_utilization: set kv_cache_memory_bytes or num_gpu_blocks_override"
+        )
+    return memory
 
 
 def kv_bytes_per_block(model_config: ModelConfig, block_size: int, dtype) -> int:
@@ -53,9 +57,7 @@ def device_memory_budget(gpu_memory_utilization: float, kv_cache_memory_bytes: i
     device = jax.local_devices()[0]
     if device.platform == "cpu":
         return DEFAULT_CPU_KV_CACHE_BYTES
-    memory = device_memory(device)
-    if memory is None:
-        raise ValueError(no_memory_limit_message(device))
+    memory = measured_device_memory(device)
     usable = int(memory.limit * gpu_memory_utilization)
     in_use = memory.in_use  # the weights (and nothing transient: called between steps)
     budget = usable - in_use

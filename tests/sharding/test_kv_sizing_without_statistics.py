@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 
+from jaxllm.runner import kv_cache
 from jaxllm.runner.device_memory import DeviceMemory
 from sharding import engine_runners, make_mesh
 from sharding.runner import padding_batch
@@ -50,7 +51,7 @@ def test_mesh_budget_without_a_peak_adds_the_compiled_step(tp2_pp2_llm, monkeypa
     in_use = {device: (40 + 3 * i) * MIB for i, device in enumerate(devices)}  # the last device holds the most
     limit, per_block = 1 << 30, 64 * 1024
     monkeypatch.setattr(
-        engine_runners, "device_memory", lambda device: DeviceMemory(limit, in_use[device], None, "cuda driver")
+        kv_cache, "device_memory", lambda device: DeviceMemory(limit, in_use[device], None, "cuda driver")
     )
     config = dataclasses.replace(engine.config, gpu_memory_utilization=0.5)
     blocks = engine_runners._measured_num_blocks(config, mesh, per_block, [runner])
@@ -60,13 +61,13 @@ def test_mesh_budget_without_a_peak_adds_the_compiled_step(tp2_pp2_llm, monkeypa
 
     # Where the allocator counts a peak, the peak is the measure and nothing is compiled
     monkeypatch.setattr(runner, "largest_step_temp_bytes", lambda: pytest.fail("compiled despite a peak"))
-    monkeypatch.setattr(engine_runners, "device_memory", lambda device: DeviceMemory(limit, MIB, 300 * MIB, "jax"))
+    monkeypatch.setattr(kv_cache, "device_memory", lambda device: DeviceMemory(limit, MIB, 300 * MIB, "jax"))
     with_peak = engine_runners._measured_num_blocks(config, mesh, per_block, [runner])
     assert with_peak == (limit // 2 - 300 * MIB) // per_block
 
 
 def test_mesh_budget_without_any_figures_names_the_way_out(tp2_pp2_llm, monkeypatch):
     engine = tp2_pp2_llm.llm_engine
-    monkeypatch.setattr(engine_runners, "device_memory", lambda device: None)
+    monkeypatch.setattr(kv_cache, "device_memory", lambda device: None)
     with pytest.raises(ValueError, match="reports no memory limit.*kv_cache_memory_bytes or num_gpu_blocks_override"):
         engine_runners._measured_num_blocks(engine.config, make_mesh(2, 2, 1), 4096, [engine.runner])
