@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine session: the GPU tests and the benchmarks, logs and JSON under $OUT (default ./gpu-out).
 #   bash benchmarks/gpu_session.sh tests kernels j8 j8sync j8ref j8cublas j8nomerge j8both j8xla j8fp8 j1 l8 l8q \
-#        l8qxla l8xla l8dump vmm profile profile1 profile_b1 profile_prefill profile_tp2 startup compare_hf qmm qmmsweep qmmengine qmmbitcvt qmmbundled attnsweep memj1 mesh8 mesh70 tpflags tpenv mp mp8
+#        l8qxla l8xla l8dump vmm j8pool l8pool profile profile1 profile_b1 profile_prefill profile_tp2 startup compare_hf qmm qmmsweep qmmengine qmmbitcvt qmmbundled attnsweep memj1 mesh8 mesh70 tpflags tpenv mp mp8
 # (any subset, run in the order given; mesh8 and profile_tp2 need 2+ GPUs: the Llama-3.1-8B shape at TP 1 and 2 by
 # default, MESHES=...; mesh70 the Llama-3.1-70B shape, 4x1x1 by default, MESHES70=...)
 # Run from the repository root; JAXLLM_COMMIT names the commit when the tree is not a git checkout. Wheels of
@@ -36,10 +36,11 @@ for stage in "$@"; do
     j8cublas) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" python3 benchmarks/throughput.py --job J8 2>&1 | tee "$OUT/j8cublas.log" | grep -Ev "^\{" ;;
     j8nomerge) XLA_FLAGS="${XLA_FLAGS:-} --xla_disable_hlo_passes=dot-merger" python3 benchmarks/throughput.py --job J8 2>&1 | tee "$OUT/j8nomerge.log" | grep -Ev "^\{" ;;
     j8both) XLA_FLAGS="${XLA_FLAGS:-} --xla_disable_hlo_passes=dot-merger --xla_gpu_enable_triton_gemm=false" python3 benchmarks/throughput.py --job J8 2>&1 | tee "$OUT/j8both.log" | grep -Ev "^\{" ;;
-    vmm) python3 -m pytest -m gpu -q -s tests/gpu/test_device_memory_gpu.py 2>&1 | tee "$OUT/vmm_test.log" | grep -E "cuda driver|passed|failed|rror"
-         # J8 on one GPU under XLA's VMM allocator, the KV cache sized from the CUDA driver's figures (no override)
-         XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_command_buffer_update_mode=SKIP_TEMP" python3 benchmarks/throughput.py --job J8 \
-           2>&1 | tee "$OUT/j8vmm.log" | grep -Ev "^\{" ;;
+    vmm) python3 -m pytest -m gpu -q -s tests/gpu/test_device_memory_gpu.py 2>&1 | tee "$OUT/vmm_test.log" | grep -E "cuda driver|passed|failed|rror" ;;
+    j8pool) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE" python3 benchmarks/throughput.py \
+              --job J8 --record 2>&1 | tee "$OUT/j8pool.log" | grep -Ev "^\{" ;;  # XLA's graph updates, JAX's pool
+    l8pool) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE" python3 benchmarks/latency.py \
+              --record 2>&1 | tee "$OUT/l8pool.log" | grep -Ev "^JSON" ;;
     j8xla) python3 benchmarks/throughput.py --job J8 --xla-compiler-options "$XLA_DEFAULTS" --record 2>&1 | tee "$OUT/j8xla.log" | grep -Ev "^\{" ;;
     j8fp8) python3 benchmarks/throughput.py --job J8 --quantization fp8 --kv-cache-dtype fp8 --record 2>&1 | tee "$OUT/j8fp8.log" | grep -Ev "^\{"
            python3 benchmarks/throughput.py --job J8 --kv-cache-dtype fp8 --record 2>&1 | tee "$OUT/j8fp8kv.log" | grep -Ev "^\{" ;;
@@ -75,7 +76,7 @@ for stage in "$@"; do
     profile) python3 benchmarks/profile_step.py --job J8 --out /tmp/j8-trace 2>&1 | tee "$OUT/profile.log" | grep -Ev "^JSON"
              cp "$(find /tmp/j8-trace -name "*.trace.json.gz" | tail -1)" "$OUT/j8_decode.trace.json.gz" ;;
     profile1) python3 benchmarks/profile_step.py --job J1 --out /tmp/j1-trace 2>&1 | tee "$OUT/profile_j1.log" | grep -Ev "^JSON" ;;
-    mesh8) python3 benchmarks/mesh_scaling.py --job J8 --meshes ${MESHES:-1x1x1,2x1x1} 2>&1 | tee "$OUT/mesh8.log" | grep -Ev "^JSON" ;;
+    mesh8) python3 benchmarks/mesh_scaling.py --job J8 --meshes ${MESHES:-1x1x1,2x1x1} ${MESH_ARGS:-} 2>&1 | tee "$OUT/mesh8.log" | grep -Ev "^JSON" ;;
     tpflags) IFS=';' read -ra variants <<< "${TPFLAGS_VARIANTS:-}"  # batch-1 latency on a small job per XLA_FLAGS variant
              for v in "${variants[@]:-}"; do XLA_FLAGS="$v" small_tp_job | grep -E "^ +[0-9]+x|^variant|Error"; done ;;
     tpenv) IFS=';' read -ra variants <<< "${TPENV_VARIANTS:-JAXLLM_MESH_LAUNCH_THREAD=0;JAXLLM_MESH_LAUNCH_THREAD=1}"
@@ -86,7 +87,7 @@ for stage in "$@"; do
           --num-prompts 32 --input-len 128 --output-len 64 --max-num-seqs 32 --max-num-batched-tokens 512 \
           2>&1 | tee -a "$OUT/mp.log" | grep -Ev "^JSON" ;;  # small_tp_job's job, one process per GPU
     mp8) python3 benchmarks/multiprocess_mesh.py --num-processes ${MP_PROCS:-4} --job J8 2>&1 | tee "$OUT/mp8.log" | grep -Ev "^JSON" ;;
-    mesh70) python3 benchmarks/mesh_scaling.py --job J8 --model benchmarks/configs/llama-3.1-70b --meshes ${MESHES70:-4x1x1} \
+    mesh70) python3 benchmarks/mesh_scaling.py --job J8 --model benchmarks/configs/llama-3.1-70b --meshes ${MESHES70:-4x1x1} ${MESH_ARGS:-} \
               2>&1 | tee "$OUT/mesh70.log" | grep -Ev "^JSON" ;;
     startup) python3 benchmarks/startup.py --job J8 --record 2>&1 | tee "$OUT/startup.log" | grep -Ev "^JSON" ;;
     compare_hf) python3 benchmarks/compare_hf.py --job J8 --record 2>&1 | tee "$OUT/compare_hf.log" | grep -Ev "^JSON" ;;

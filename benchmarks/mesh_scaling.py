@@ -5,7 +5,8 @@
     PYTHONPATH=. python3 benchmarks/mesh_scaling.py --smoke        # tiny shape on 8 fake CPU devices
 
 For each mesh ``TxPxD`` (tensor x pipe x data) it builds ``LLM(tensor_parallel_size=T, pipeline_parallel_size=P,
-data_parallel_size=D, load_format="dummy")`` with a KV cache that holds the whole job (no preemption), which
+data_parallel_size=D, load_format="dummy")`` with a KV cache that holds the whole job (no preemption; or, with
+``--gpu-memory-utilization``, sized from device memory as a user's engine is), which
 compiles every bucket (the untimed warm-up), then times ``LLM.generate`` on the whole job submitted at once (greedy,
 ignore_eos), then a batch-1 latency run of ``--latency-output-len`` tokens (inter-token latency p50, as
 ``benchmarks/latency.py`` measures it; 0 skips it). The table gives output tokens/s, the largest per-device
@@ -76,6 +77,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, help="default 2048 (--job: 8192)")
     p.add_argument("--latency-output-len", type=int, help="batch-1 decode tokens per mesh, 0: none (default 64)")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        help="size the KV cache from device memory at this share, as a user's engine does (default: the job's size)",
+    )
     p.add_argument("--num-microbatches", type=int, help="per pipeline step (default: P)")
     p.add_argument("--smoke", action="store_true", help="tiny shape and job on 8 fake CPU devices")
     add_engine_variant_arguments(p)
@@ -125,6 +131,13 @@ def num_kv_blocks(args, num_replicas: int) -> int:
     return requests_per_replica * -(-(args.input_len + args.output_len) // args.block_size)
 
 
+def kv_cache_size(args, num_replicas: int) -> dict:
+    """The engine's KV-cache option: sized from memory when asked, else to the job."""
+    if args.gpu_memory_utilization is not None:
+        return {"gpu_memory_utilization": args.gpu_memory_utilization}
+    return {"num_gpu_blocks_override": num_kv_blocks(args, num_replicas)}
+
+
 def build_llm(args, model_dir: str, shape: tuple[int, int, int]) -> LLM:
     tensor, pipe, data = shape
     llm = LLM(
@@ -139,7 +152,7 @@ def build_llm(args, model_dir: str, shape: tuple[int, int, int]) -> LLM:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size,
-        num_gpu_blocks_override=num_kv_blocks(args, data),
+        **kv_cache_size(args, data),
         **variant_engine_options(args),
     )
     if args.num_microbatches:
@@ -298,6 +311,7 @@ def main(argv=None) -> dict:
             "max_num_seqs": args.max_num_seqs,
             "max_num_batched_tokens": args.max_num_batched_tokens,
             "block_size": args.block_size,
+            **kv_cache_size(args, 1),
             **variant_engine_options(args),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
         },

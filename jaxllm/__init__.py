@@ -1,18 +1,16 @@
 """jaxllm: a vLLM-class LLM inference engine in JAX.
 
-``from jaxllm import LLM, SamplingParams`` is the offline API (vLLM's by name and behaviour). Importing jaxllm makes
-JAX's allocator reserve 95% of GPU memory up front as one pool (JAX's default is 75%; a user's own setting wins): the
-engine sizes its KV cache itself from ``gpu_memory_utilization``, and one pool keeps the cache's layer-sized buffers
-from being split across the allocator's growth regions (which left a 2 GiB buffer unplaceable with 9.8 GiB free).
-The public names are imported lazily, so importing a submodule (``jaxllm.models``, ``jaxllm.core``) does not pull in
+``from jaxllm import LLM, SamplingParams`` is the offline API (vLLM's by name and behaviour). Importing jaxllm writes
+its runtime settings into the environment before JAX starts (``jaxllm.process_env``; a user's own settings win). The
+public names are imported lazily, so importing a submodule (``jaxllm.models``, ``jaxllm.core``) does not pull in
 the whole engine.
 """
 
 import importlib
-import os
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "true")
-os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+from jaxllm.process_env import apply_defaults
+
+apply_defaults()
 
 _PUBLIC = {
     "LLM": "jaxllm.entrypoints.llm",

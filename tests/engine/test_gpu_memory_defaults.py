@@ -1,10 +1,13 @@
-"""Importing jaxllm sets JAX's GPU allocator up for the engine (one preallocated 95% pool) unless the user chose."""
+"""Importing jaxllm sets JAX's GPU allocator up for the engine (one preallocated 95% pool) and, where JAX's CUDA plugin
+is installed, XLA's stable graph temporaries, unless the user chose."""
 
 import os
 import subprocess
 import sys
 
 import pytest
+
+from jaxllm import process_env
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROBE = "import os, jaxllm; print(*(os.environ[f'XLA_PYTHON_CLIENT_{k}'] for k in ('PREALLOCATE', 'MEM_FRACTION')))"
@@ -25,6 +28,43 @@ def test_import_sets_one_preallocated_pool():
 def test_user_settings_win(preallocate, fraction):
     user = dict(XLA_PYTHON_CLIENT_PREALLOCATE=preallocate, XLA_PYTHON_CLIENT_MEM_FRACTION=fraction)
     assert allocator_settings(**user) == [preallocate, fraction]
+
+
+def test_cuda_gets_stable_graph_temporaries_after_the_users_flags():
+    environ = {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=false"}
+    process_env.apply_defaults(environ, on_cuda=True)
+    assert environ["XLA_FLAGS"] == "--xla_gpu_enable_triton_gemm=false --xla_gpu_command_buffer_update_mode=SKIP_TEMP"
+    assert environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
+    empty = {}
+    process_env.apply_defaults(empty, on_cuda=True)
+    assert empty["XLA_FLAGS"] == "--xla_gpu_command_buffer_update_mode=SKIP_TEMP"
+
+
+def test_users_graph_update_mode_wins():
+    environ = {"XLA_FLAGS": "--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE"}
+    process_env.apply_defaults(environ, on_cuda=True)
+    assert environ["XLA_FLAGS"] == "--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE"
+
+
+def test_no_xla_flag_without_cuda():
+    environ = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    process_env.apply_defaults(environ, on_cuda=False)
+    assert environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
+    bare = {}
+    process_env.apply_defaults(bare, on_cuda=False)
+    assert "XLA_FLAGS" not in bare
+
+
+def test_cuda_plugin_detected_in_the_jax_plugins_namespace(tmp_path, monkeypatch):
+    """JAX's CUDA wheels install ``jax_plugins/xla_cuda13`` (or 12); a lookalike on sys.path is found, another not."""
+    installed = process_env.cuda_plugin_installed()  # True on a machine with JAX's CUDA wheels
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "jax_plugins" / "xla_tpu_lookalike").mkdir(parents=True)
+    (tmp_path / "jax_plugins" / "xla_tpu_lookalike" / "__init__.py").write_text("")
+    assert process_env.cuda_plugin_installed() == installed
+    (tmp_path / "jax_plugins" / "xla_cuda13").mkdir()
+    (tmp_path / "jax_plugins" / "xla_cuda13" / "__init__.py").write_text("")
+    assert process_env.cuda_plugin_installed()
 
 
 class _Runner:
