@@ -24,6 +24,7 @@ from jaxllm.loading.model_source import resolve_model_source
 from jaxllm.models import ModelConfig, get_model_class
 from jaxllm.output_processor import OutputProcessor, make_child_requests
 from jaxllm.outputs import RequestOutput
+from jaxllm.process_env import stable_graph_temporaries_for_mesh
 from jaxllm.request import RequestStatus
 from jaxllm.runner.kv_cache import resolve_kv_cache_dtype
 from jaxllm.runner.model_runner import ModelRunner
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        stable_graph_temporaries_for_mesh(config.tensor_parallel_size * config.pipeline_parallel_size)
         setup.enable_compilation_cache()
         source = resolve_model_source(config.model, config.load_format, config.tokenizer)
         get_model_class((source.hf_config.get("architectures") or ["<missing>"])[0])  # unsupported: fail first
