@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine session: the GPU tests and the benchmarks, logs and JSON under $OUT (default ./gpu-out).
 #   bash benchmarks/gpu_session.sh tests kernels j8 j8sync j8ref j8cublas j8nomerge j8both j8xla j8fp8 j1 l8 l8q \
-#        l8qxla l8xla l8dump vmm j8pool l8pool profile profile1 profile_b1 profile_prefill profile_tp2 startup compare_hf qmm qmmsweep qmmengine qmmbitcvt qmmbundled attnsweep memj1 mesh8 mesh70 tpflags tpenv mp mp8
+#        l8qxla l8xla l8dump vmm j8vmm l8vmm profile profile1 profile_b1 profile_prefill profile_tp2 startup compare_hf qmm qmmsweep qmmengine qmmbitcvt qmmbundled attnsweep memj1 mesh8 mesh70 tpflags tpenv mp mp8
 # (any subset, run in the order given; mesh8 and profile_tp2 need 2+ GPUs: the Llama-3.1-8B shape at TP 1 and 2 by
 # default, MESHES=...; mesh70 the Llama-3.1-70B shape, 4x1x1 by default, MESHES70=...)
 # Run from the repository root; JAXLLM_COMMIT names the commit when the tree is not a git checkout. Wheels of
@@ -37,10 +37,10 @@ for stage in "$@"; do
     j8nomerge) XLA_FLAGS="${XLA_FLAGS:-} --xla_disable_hlo_passes=dot-merger" python3 benchmarks/throughput.py --job J8 2>&1 | tee "$OUT/j8nomerge.log" | grep -Ev "^\{" ;;
     j8both) XLA_FLAGS="${XLA_FLAGS:-} --xla_disable_hlo_passes=dot-merger --xla_gpu_enable_triton_gemm=false" python3 benchmarks/throughput.py --job J8 2>&1 | tee "$OUT/j8both.log" | grep -Ev "^\{" ;;
     vmm) python3 -m pytest -m gpu -q -s tests/gpu/test_device_memory_gpu.py 2>&1 | tee "$OUT/vmm_test.log" | grep -E "cuda driver|passed|failed|rror" ;;
-    j8pool) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE" python3 benchmarks/throughput.py \
-              --job J8 --record 2>&1 | tee "$OUT/j8pool.log" | grep -Ev "^\{" ;;  # XLA's graph updates, JAX's pool
-    l8pool) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE" python3 benchmarks/latency.py \
-              --record 2>&1 | tee "$OUT/l8pool.log" | grep -Ev "^JSON" ;;
+    j8vmm) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_command_buffer_update_mode=SKIP_TEMP" python3 benchmarks/throughput.py \
+             --job J8 --record 2>&1 | tee "$OUT/j8vmm.log" | grep -Ev "^\{" ;;  # XLA's VMM allocator, cache sized by the driver
+    l8vmm) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_command_buffer_update_mode=SKIP_TEMP" python3 benchmarks/latency.py \
+             --record 2>&1 | tee "$OUT/l8vmm.log" | grep -Ev "^JSON" ;;
     j8xla) python3 benchmarks/throughput.py --job J8 --xla-compiler-options "$XLA_DEFAULTS" --record 2>&1 | tee "$OUT/j8xla.log" | grep -Ev "^\{" ;;
     j8fp8) python3 benchmarks/throughput.py --job J8 --quantization fp8 --kv-cache-dtype fp8 --record 2>&1 | tee "$OUT/j8fp8.log" | grep -Ev "^\{"
            python3 benchmarks/throughput.py --job J8 --kv-cache-dtype fp8 --record 2>&1 | tee "$OUT/j8fp8kv.log" | grep -Ev "^\{" ;;

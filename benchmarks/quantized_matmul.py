@@ -97,7 +97,8 @@ class Settings:
 def time_case(case: Case, x, weights, product, reference_out, settings: Settings) -> dict:
     row = dataclasses.asdict(case)
     try:
-        options = StepCompilerOptions(jax.default_backend())(case.m) if settings.engine_xla_options else None
+        engine = StepCompilerOptions(jax.default_backend(), quantization=case.method)
+        options = engine(case.m) if settings.engine_xla_options else None
         fn = over_copies(product, options)
         out = fn(x, weights)[0].astype(jnp.float32)
         expected = reference_out.astype(jnp.float32)

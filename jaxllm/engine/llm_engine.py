@@ -24,7 +24,6 @@ from jaxllm.loading.model_source import resolve_model_source
 from jaxllm.models import ModelConfig, get_model_class
 from jaxllm.output_processor import OutputProcessor, make_child_requests
 from jaxllm.outputs import RequestOutput
-from jaxllm.process_env import stable_graph_temporaries_for_mesh
 from jaxllm.request import RequestStatus
 from jaxllm.runner.kv_cache import resolve_kv_cache_dtype
 from jaxllm.runner.model_runner import ModelRunner
@@ -39,7 +38,6 @@ logger = logging.getLogger(__name__)
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        stable_graph_temporaries_for_mesh(config.tensor_parallel_size * config.pipeline_parallel_size)
         setup.enable_compilation_cache()
         source = resolve_model_source(config.model, config.load_format, config.tokenizer)
         get_model_class((source.hf_config.get("architectures") or ["<missing>"])[0])  # unsupported: fail first
@@ -48,7 +46,9 @@ class LLMEngine:
         self.eos_token_ids = _eos_token_ids(self.model_config, source.generation_config, self.tokenizer)
         model_dtype = resolve_dtype(config.dtype, self.model_config.checkpoint_dtype)
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, model_dtype)
-        self.compiler_options = StepCompilerOptions(jax.default_backend(), config.xla_compiler_options)
+        self.compiler_options = StepCompilerOptions(
+            jax.default_backend(), config.xla_compiler_options, config.quantization
+        )
         check_compiler_options(config.xla_compiler_options)
         logger.info("XLA options of the step programs: %s", self.compiler_options.describe())
         start = time.perf_counter()

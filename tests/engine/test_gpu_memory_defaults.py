@@ -1,13 +1,11 @@
-"""Importing jaxllm sets JAX's GPU allocator up for the engine (one preallocated 95% pool) and, where JAX's CUDA plugin
-is installed, XLA's stable graph temporaries, unless the user chose."""
+"""Importing jaxllm sets JAX's GPU allocator up for the engine (one preallocated 95% pool) unless the user chose, and
+leaves XLA's flags alone."""
 
 import os
 import subprocess
 import sys
 
 import pytest
-
-from jaxllm import process_env
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROBE = "import os, jaxllm; print(*(os.environ[f'XLA_PYTHON_CLIENT_{k}'] for k in ('PREALLOCATE', 'MEM_FRACTION')))"
@@ -30,63 +28,12 @@ def test_user_settings_win(preallocate, fraction):
     assert allocator_settings(**user) == [preallocate, fraction]
 
 
-def stable_temporaries(num_devices: int, flags: str | None, on_cuda=True, started=False):
-    environ = {} if flags is None else {"XLA_FLAGS": flags}
-    added = process_env.stable_graph_temporaries_for_mesh(num_devices, environ, on_cuda, started)
-    return added, environ.get("XLA_FLAGS")
-
-
-def test_multi_gpu_engine_gets_stable_graph_temporaries_after_the_users_flags():
-    flag = "--xla_gpu_command_buffer_update_mode=SKIP_TEMP"
-    assert stable_temporaries(4, "--xla_gpu_enable_triton_gemm=false") == (
-        True,
-        f"--xla_gpu_enable_triton_gemm=false {flag}",
-    )
-    assert stable_temporaries(2, None) == (True, flag)
-
-
-@pytest.mark.parametrize(
-    "num_devices, flags, on_cuda, started",
-    [
-        (1, None, True, False),  # one GPU: the flag made batch-1 decode slower there
-        (4, "--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE", True, False),  # the user's choice
-        (4, "--xla_force_host_platform_device_count=8", False, False),  # no CUDA plugin
-        (4, None, True, True),  # too late: XLA read its flags when JAX's backends started
-    ],
-)
-def test_xla_flags_left_alone(num_devices, flags, on_cuda, started):
-    assert stable_temporaries(num_devices, flags, on_cuda, started) == (False, flags)
-
-
 def test_import_leaves_xla_flags_alone():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(PYTHONPATH=REPO_ROOT, JAX_PLATFORMS="cpu")
     probe = "import os, jaxllm; print(os.environ.get('XLA_FLAGS', '<unset>'))"
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "<unset>"
-
-
-def test_backends_started_is_read_from_jax():
-    """The real query: False in a fresh process until something asks JAX for its devices."""
-    probe = (
-        "from jaxllm import process_env as p; import jax; a = p._backends_started(); jax.devices(); "
-        "print(a, p._backends_started())"
-    )
-    env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
-    assert done.stdout.split() == ["False", "True"]
-
-
-def test_cuda_plugin_detected_in_the_jax_plugins_namespace(tmp_path, monkeypatch):
-    """JAX's CUDA wheels install ``jax_plugins/xla_cuda13`` (or 12); a lookalike on sys.path is found, another not."""
-    installed = process_env.cuda_plugin_installed()  # True on a machine with JAX's CUDA wheels
-    monkeypatch.syspath_prepend(str(tmp_path))
-    (tmp_path / "jax_plugins" / "xla_tpu_lookalike").mkdir(parents=True)
-    (tmp_path / "jax_plugins" / "xla_tpu_lookalike" / "__init__.py").write_text("")
-    assert process_env.cuda_plugin_installed() == installed
-    (tmp_path / "jax_plugins" / "xla_cuda13").mkdir()
-    (tmp_path / "jax_plugins" / "xla_cuda13" / "__init__.py").write_text("")
-    assert process_env.cuda_plugin_installed()
 
 
 class _Runner:
