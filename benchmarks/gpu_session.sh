@@ -62,12 +62,12 @@ for stage in "$@"; do
     l8q) for q in ${L8Q_METHODS:-int8 int4}; do
            python3 benchmarks/latency.py --quantization $q --batch-sizes 1 ${L8Q_ARGS:-} --record 2>&1 | tee "$OUT/l8_$q${L8Q_ARGS:+_extra}.log" | grep -Ev "^JSON"
          done ;;
-    l8dump) for q in ${L8DUMP_METHODS:-int8}; do  # L8 batch 1 compiled afresh with XLA's HLO dumped: which GEMM backend each program's dots got
+    l8dump) for q in ${L8DUMP_METHODS:-int8}; do  # L8 batch 1 compiled afresh with XLA's HLO dumped: counts of Triton fusion kinds, cuBLAS calls and Pallas calls per program
               rm -rf /tmp/xla-dump-$q
               JAXLLM_CACHE_DIR= XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=/tmp/xla-dump-$q --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*forward.*" \
                 python3 benchmarks/latency.py --quantization $q --batch-sizes 1 2>&1 | tee "$OUT/l8_dump_$q.log" | grep -E "ITL|rror"
               for f in /tmp/xla-dump-$q/*after_optimizations.txt; do
-                echo "$(basename $f): triton_gemm $(grep -c '__triton_gemm' $f) cublas $(grep -c '__cublas' $f) pallas $(grep -c '__gpu\$xla.gpu.triton' $f)"
+                echo "$(basename $f): $(grep -oE '"kind":"__triton[a-z_]*"|__cublas[$a-z]*|__gpu\$xla\.gpu\.triton' $f | sort | uniq -c | xargs)"
               done | tee "$OUT/l8_dump_$q.txt"
             done ;;
     l8qxla) for q in ${L8Q_METHODS:-int8 int4}; do  # the same with XLA's own GPU options (Triton GEMM, dot merger)

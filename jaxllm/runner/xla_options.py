@@ -6,10 +6,11 @@ weights, and its Triton GEMM emitter takes that merged matmul. For wide steps (j
 slow: with the pass off and cuBLAS for every GEMM, J8 ran 1.05x faster on an H100. For narrow steps (batch-1 decode,
 job L8) XLA's own choice was the faster one (inter-token latency 6.27 ms against 6.70 ms), so steps of at most
 ``NARROW_STEP_MAX_TOKENS`` tokens keep XLA's defaults, except that with int8 weights (whose narrow products are
-XLA's: ``pallas_kernels.quantized_matmul.op``) they turn off XLA's cuBLAS fallback: its GEMM autotuner then keeps the
-Triton GEMM that reads the int8 weight and converts it in registers, rather than a cuBLAS bf16 GEMM after a separate
-conversion pass that writes and reads the weight again as bf16, which it had picked in some runs (L8 int8 batch-1 ITL
-on one H100 lease: 5.46 -> 4.91 ms, against bf16's 6.45). Other platforms keep XLA's defaults throughout.
+XLA's: ``pallas_kernels.quantized_matmul.op``) they turn off XLA's cuBLAS fallback, so its GEMM autotuner chooses
+among Triton GEMMs only, which read the int8 weight and convert it in registers. Measured once against the defaults
+on one H100 lease: L8 int8 batch-1 ITL 4.91 against 5.46 ms (bf16 6.45); the defaults had given 4.60-6.58 ms on
+other leases. Why the defaults were slower is not established (the HLO of their compile shows no cuBLAS call in the
+int8 layers either). Other platforms keep XLA's defaults throughout.
 ``EngineConfig.xla_compiler_options`` adds to (or, with a key of the same name, replaces) these for every step.
 
 A runner takes ``compiler_options`` as a dict (every program alike), None (XLA's defaults) or a callable from a
