@@ -7,10 +7,10 @@ Owns the device-count rule: ``T x P x D`` must divide the number of devices (the
 built by ``jaxllm.engine.llm_engine``). KV budget: on CPU, or with ``num_gpu_blocks_override`` /
 ``kv_cache_memory_bytes``, ``jaxllm.engine.setup.num_kv_blocks`` with the per-device block cost; on an accelerator,
 ``gpu_memory_utilization`` of the device with the least memory left after the weights and one run of the largest
-bucket (the memory peak), as vLLM profiles it. Experimental switches: ``JAXLLM_MESH_LAUNCH_THREAD=1`` gives each
-runner a launch thread (``sharding.runner``; TP 4 batch-1 7.39 -> 5.62 ms on H200s, benchmarks/RESULTS.md);
-``JAXLLM_STABLE_STEP_INPUTS=1`` makes the stage programs read their step inputs from a donated copy
-(``jaxllm.runner.stable_inputs``; not yet timed on GPUs).
+bucket (the memory peak, as vLLM profiles it; the compiled step's temporaries where no fresh peak is counted).
+Experimental switches: ``JAXLLM_MESH_LAUNCH_THREAD=1`` gives each runner a launch thread (``sharding.runner``; TP 4
+batch-1 7.39 -> 5.62 ms on H200s, benchmarks/RESULTS.md); ``JAXLLM_STABLE_STEP_INPUTS=1`` makes the stage programs
+read their step inputs from a donated copy (``jaxllm.runner.stable_inputs``; on top of SKIP_TEMP no gain on H100s).
 """
 
 from __future__ import annotations
@@ -101,9 +101,11 @@ def build_mesh_runners(
             )
         )
     if measure:
+        peaks_before = _peaks(mesh)
         for runner in runners:
             runner.profile_largest_bucket()
-        resolved = setup.with_num_blocks(resolved, _measured_num_blocks(config, mesh, per_block, runners))
+        num_blocks = _measured_num_blocks(config, mesh, per_block, runners, peaks_before)
+        resolved = setup.with_num_blocks(resolved, num_blocks)
         for runner in runners:
             runner.resize_kv_cache(resolved)
     logger.info(
@@ -116,19 +118,36 @@ def build_mesh_runners(
     return runners, resolved
 
 
-def _measured_num_blocks(config: EngineConfig, mesh: Mesh, bytes_per_block: int, runners: list[PipelineRunner]) -> int:
+def _local_devices(mesh: Mesh) -> list:
+    return [device for device in mesh.devices.flat if device.process_index == jax.process_index()]
+
+
+def _peaks(mesh: Mesh) -> dict:
+    """Each local device's allocator peak (None where none is counted), before the largest bucket's profile run."""
+    return {device: measured_device_memory(device).peak for device in _local_devices(mesh)}
+
+
+def _measured_num_blocks(
+    config: EngineConfig, mesh: Mesh, bytes_per_block: int, runners: list[PipelineRunner], peaks_before: dict
+) -> int:
     """Blocks that fit the device with the least memory left under ``gpu_memory_utilization`` after the largest step:
-    after the allocator's peak, or (an allocator without statistics: no peak) after the memory in use plus the
-    compiled largest step's temporaries."""
-    local = [device for device in mesh.devices.flat if device.process_index == jax.process_index()]
-    memories = [measured_device_memory(device) for device in local]
+    after the allocator's peak where the profile run raised it above ``peaks_before``; otherwise after the memory in
+    use plus the compiled largest step's temporaries. That covers allocators without statistics (no peak: XLA's VMM
+    allocator) and a peak left by something else, such as an earlier engine of the same process (JAX's peak is never
+    reset), which would otherwise leave this engine no room."""
+    memories = {device: measured_device_memory(device) for device in _local_devices(mesh)}
+    fresh_peaks = {
+        device: memory.peak
+        for device, memory in memories.items()
+        if memory.peak is not None and (peaks_before.get(device) is None or memory.peak > peaks_before[device])
+    }
     step_temp = 0
-    if any(memory.peak is None for memory in memories):
+    if len(fresh_peaks) < len(memories):
         step_temp = max(runner.largest_step_temp_bytes() for runner in runners)
     budget = min(
         int(memory.limit * config.gpu_memory_utilization)
-        - (memory.peak if memory.peak is not None else memory.in_use + step_temp)
-        for memory in memories
+        - (fresh_peaks[device] if device in fresh_peaks else memory.in_use + step_temp)
+        for device, memory in memories.items()
     )
     num_blocks = budget // bytes_per_block
     if num_blocks < 2:
