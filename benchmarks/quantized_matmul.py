@@ -141,16 +141,32 @@ def bundled_mixed_product(m: int):
     return product
 
 
-def sweep_products(m, k, method):
-    """(note, product) for each sweep config that tiles this K (int4 with the default group of 128)."""
+def sweep_products(m, k, n, method):
+    """(note, product) for each sweep config that tiles this K (int4 with the default group of 128). int4 steps by
+    whole groups, so its block_k is swept as the groups per step instead (block_k 256 / 512: 1, 2 or 4 groups), with
+    the bit convert as its default config has it for M rows."""
     for block_m, block_n, block_k, splits, warps, stages in SWEEP_CONFIGS["decode" if m <= 16 else "prefill"]:
-        cfg = triton_gpu.KernelConfig(block_m, block_n, min(block_k, k), splits, warps, stages)
-        try:
-            triton_gpu.check_config(cfg, method, k, 128 if method == "int4" else None)
-        except ValueError:
-            continue
-        note = f"cfg m{block_m} n{block_n} k{block_k} s{splits} w{warps} st{stages}"
-        yield note, functools.partial(triton_gpu.quantized_matmul_triton, out_dtype=jnp.bfloat16, config=cfg)
+        if method == "int4":
+            variants = [(128, groups) for groups in ((1, 2) if block_k == 256 else (4,))]
+        else:
+            variants = [(min(block_k, k), 1)]
+        for step_k, groups in variants:
+            cfg = triton_gpu.KernelConfig(
+                block_m,
+                block_n,
+                step_k,
+                splits,
+                warps,
+                stages,
+                int4_bit_convert=method == "int4" and triton_gpu.default_config(m, k, n, method, 128).int4_bit_convert,
+                int4_groups_per_step=groups,
+            )
+            try:
+                triton_gpu.check_config(cfg, method, k, 128 if method == "int4" else None)
+            except ValueError:
+                continue
+            note = f"cfg m{block_m} n{block_n} k{step_k} g{groups} s{splits} w{warps} st{stages}"
+            yield note, functools.partial(triton_gpu.quantized_matmul_triton, out_dtype=jnp.bfloat16, config=cfg)
 
 
 def run_method(rows, k, n, m, method, weights, settings: Settings):
@@ -184,7 +200,7 @@ def run_method(rows, k, n, m, method, weights, settings: Settings):
         note = f"int4 bit convert {'on' if config.int4_bit_convert else 'off'}"
         case = Case(k, n, m, method, "pallas_gpu_interpret" if interpret else "pallas_gpu", note)
         rows.append(time_case(case, x, weights, product, reference_out, settings))
-    for note, product in sweep_products(m, k, method) if settings.sweep else ():
+    for note, product in sweep_products(m, k, n, method) if settings.sweep else ():
         rows.append(time_case(Case(k, n, m, method, "pallas_gpu", note), x, weights, product, reference_out, settings))
 
 

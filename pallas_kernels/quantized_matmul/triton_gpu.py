@@ -4,10 +4,11 @@ float16 (every e4m3 value is exact there) unless ``fp8_dot`` multiplies them as 
 
 Grid ``(M tiles, N tiles, K splits)``. A program owns a ``[block_m, block_n]`` output tile and walks its share of K:
 int8 and fp8 ``block_k`` rows per step, int4 one quantization group per step (the low nibbles against the first half
-of the group's activations, the high nibbles against the second half: see ``jaxllm.quantization.schemes``). Each
-weight byte is read by one program per M tile, so decode (``M <= 16``, one M tile) reads the weight once; when the
-N tiles alone cannot fill the GPU the K axis is split across programs and the f32 partial tiles are summed after the
-launch. Prefill shapes tile M as well and run at the tensor cores' pace.
+of the group's activations, the high nibbles against the second half: see ``jaxllm.quantization.schemes``), or
+``int4_groups_per_step`` groups unrolled into one pipelined step (more bytes per step; not timed yet, not a default).
+Each weight byte is read by one program per M tile, so decode (``M <= 16``, one M tile) reads the weight once; when
+the N tiles alone cannot fill the GPU the K axis is split across programs and the f32 partial tiles are summed after
+the launch. Prefill shapes tile M as well and run at the tensor cores' pace.
 
 ``KernelConfig.int4_bit_convert`` makes the int4 codes bf16/f16 values with integer bit operations and one
 subtraction instead of integer-to-float conversions, which issue at a fraction of the ALU rate. ``default_config``
@@ -62,6 +63,7 @@ class KernelConfig:
     num_stages: int = 3
     fp8_dot: bool = False  # fp8: multiply the fp8 tiles directly (sm89+ fp8 MMA) instead of upcasting them to f16
     int4_bit_convert: bool = False  # int4 with bf16/f16 activations: nibbles OR-ed into a float's mantissa
+    int4_groups_per_step: int = 1  # int4: quantization groups one inner step consumes (more bytes per pipelined step)
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
@@ -72,6 +74,8 @@ class KernelConfig:
             raise ValueError(f"num_k_splits must be >= 1, got {self.num_k_splits}")
         if not _is_power_of_two(self.num_warps):
             raise ValueError(f"num_warps must be a power of two, got {self.num_warps}")
+        if not _is_power_of_two(self.int4_groups_per_step):
+            raise ValueError(f"int4_groups_per_step must be a power of two >= 1, got {self.int4_groups_per_step}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,17 +153,22 @@ def _int4_halves(packed, dtype, bit_convert: bool):
 def _int4_kernel(x_ref, w_ref, s_ref, out_ref, *, cfg: KernelConfig, geo: _Geometry):
     # x_ref [BM, K/splits] activations; w_ref [K/2/splits, BN] uint8 (packed groups); s_ref [K/g/splits, BN] f32
     row_ok, col_ok = _tile_masks(cfg, geo)
-    half = geo.step_k // 2  # g/2: rows of one nibble half of a group
+    groups = cfg.int4_groups_per_step
+    group = geo.step_k // groups  # g
+    half = group // 2  # g/2: rows of one nibble half of a group
 
     def step(i, acc):
-        k0 = pl.multiple_of(i * geo.step_k, geo.step_k)
-        packed = plgpu.load(w_ref.at[pl.ds(i * half, half), :], mask=col_ok[None, :], other=0)  # [g/2, BN]
-        x_low = plgpu.load(x_ref.at[:, pl.ds(k0, half)], mask=row_ok[:, None], other=0)  # [BM, g/2]
-        x_high = plgpu.load(x_ref.at[:, pl.ds(k0 + half, half)], mask=row_ok[:, None], other=0)  # [BM, g/2]
-        low, high = _int4_halves(packed, x_low.dtype, cfg.int4_bit_convert)  # [g/2, BN] each, exact -8..7
-        partial = _dot(x_low, low, geo) + _dot(x_high, high, geo)  # [BM, BN]
-        scales = plgpu.load(s_ref.at[pl.ds(i, 1), :], mask=col_ok[None, :], other=0)  # [1, BN]
-        return acc + partial * scales
+        for j in range(groups):  # unrolled: every group's loads belong to the one pipelined step
+            index = i * groups + j  # of the group within this split
+            k0 = pl.multiple_of(index * group, group)
+            packed = plgpu.load(w_ref.at[pl.ds(index * half, half), :], mask=col_ok[None, :], other=0)  # [g/2, BN]
+            x_low = plgpu.load(x_ref.at[:, pl.ds(k0, half)], mask=row_ok[:, None], other=0)  # [BM, g/2]
+            x_high = plgpu.load(x_ref.at[:, pl.ds(k0 + half, half)], mask=row_ok[:, None], other=0)  # [BM, g/2]
+            low, high = _int4_halves(packed, x_low.dtype, cfg.int4_bit_convert)  # [g/2, BN] each, exact -8..7
+            partial = _dot(x_low, low, geo) + _dot(x_high, high, geo)  # [BM, BN]
+            scales = plgpu.load(s_ref.at[pl.ds(index, 1), :], mask=col_ok[None, :], other=0)  # [1, BN]
+            acc = acc + partial * scales
+        return acc
 
     acc = lax.fori_loop(0, geo.steps_per_split, step, jnp.zeros((cfg.block_m, cfg.block_n), jnp.float32))
     _store(out_ref, acc, row_ok, col_ok)
@@ -185,7 +194,7 @@ def _fp8_kernel(x_ref, xs_ref, w_ref, s_ref, out_ref, *, cfg: KernelConfig, geo:
 
 def step_k(method: str, cfg: KernelConfig, group_size: int | None) -> int:
     """K rows one inner step consumes."""
-    return group_size if method == "int4" else cfg.block_k
+    return group_size * cfg.int4_groups_per_step if method == "int4" else cfg.block_k
 
 
 def default_config(num_rows: int, k: int, n: int, method: str, group_size=None, num_cores: int = 132):

@@ -110,10 +110,12 @@ def test_kernel_default_out_dtype_and_group_128(impl):
     [
         ("int8", triton_gpu.KernelConfig(block_m=16, block_n=32, block_k=32, num_k_splits=4), jnp.float32),
         ("int4", triton_gpu.KernelConfig(block_m=32, block_n=16, block_k=16, num_k_splits=2), jnp.float32),
+        ("int4", triton_gpu.KernelConfig(16, 64, 16, num_k_splits=2, int4_groups_per_step=2), jnp.float32),
+        ("int4", triton_gpu.KernelConfig(16, 32, 16, int4_groups_per_step=8, int4_bit_convert=True), jnp.float32),
         # Hopper's fp8 MMA accumulates with less than f32 precision: checked at the bf16 output it serves
         ("fp8", triton_gpu.KernelConfig(16, 64, 64, num_k_splits=4, fp8_dot=True), jnp.bfloat16),
     ],
-    ids=["int8-split4", "int4-split2", "fp8-split4-fp8dot"],
+    ids=["int8-split4", "int4-split2", "int4-split2-2groups", "int4-8groups-bitconvert", "fp8-split4-fp8dot"],
 )
 @pytest.mark.parametrize("impl", GPU_KERNEL)
 def test_kernel_explicit_tilings(impl, method, config, out_dtype):
@@ -158,17 +160,21 @@ def test_int4_bit_convert_default_and_env(monkeypatch):
         triton_gpu.default_config(16, K, N, "int4", GROUP)
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_int4_bit_convert_lowers_to_triton_for_an_h100(monkeypatch, dtype):
-    """Pallas -> Triton lowering of the bit-operation conversion for compute capability 9.0, on CPU (Triton's own
-    compile to PTX runs only on a GPU, so this does not prove the kernel compiles there)."""
+@pytest.mark.parametrize("dtype, groups", [(jnp.bfloat16, 1), (jnp.float16, 1), (jnp.bfloat16, 4)])
+def test_int4_bit_convert_lowers_to_triton_for_an_h100(monkeypatch, dtype, groups):
+    """Pallas -> Triton lowering of the bit-operation conversion (and of several groups per step) for compute
+    capability 9.0, on CPU (Triton's own compile to PTX runs only on a GPU, so this does not prove the kernel compiles
+    there)."""
     from jax import export
     from jax._src.pallas.triton import gpu_info, pallas_call_registration
 
     h100 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
     monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: h100)
     x, qw = make_case(13, 16, "int4", dtype)
-    config = dataclasses.replace(triton_gpu.default_config(16, K, N, "int4", GROUP), int4_bit_convert=True)
+    config = dataclasses.replace(
+        triton_gpu.default_config(16, K, N, "int4", GROUP), int4_bit_convert=True, int4_groups_per_step=groups
+    )
+    config = dataclasses.replace(config, num_k_splits=min(config.num_k_splits, K // (GROUP * groups)))
     product = functools.partial(triton_gpu.quantized_matmul_triton, out_dtype=dtype, config=config)
     triton_call = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
     lowered = export.export(jax.jit(product), platforms=["cuda"], disabled_checks=[triton_call])(x, qw)
