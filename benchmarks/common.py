@@ -104,6 +104,9 @@ def git_commit() -> str:
         return "unknown"
 
 
+ENVIRONMENT_KEYS = ("device", "jax", "commit", "date")  # what environment() records
+
+
 def environment() -> dict:
     device = jax.devices()[0]
     return {

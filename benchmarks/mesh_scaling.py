@@ -15,13 +15,16 @@ efficiency ``throughput / (devices x throughput on 1x1x1)`` (when 1x1x1 is in th
 bubble ``(P-1)/(M+P-1)`` and a measured one: ``1 - sum of stage busy times / (P x pipelined wall time)`` for M
 microbatches of the largest bucket, each stage timed alone with a device sync.
 On fake CPU devices all "devices" share the host's cores, so only the GPU numbers mean anything. Prints one JSON
-record (device, jax, commit, rows)."""
+record (device, jax, commit, rows). ``--process-per-mesh`` runs each mesh in a fresh process (this script again, with
+one mesh), so no engine inherits what an earlier one left on the devices: JAX's allocator peak, or under XLA's VMM
+allocator the memory a destroyed engine still holds, which sizes the next engine's cache from less."""
 
 from __future__ import annotations
 
 import os
 import sys
 
+USER_PREALLOCATE = os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE")  # before jaxllm sets its default: for children
 if "--smoke" in sys.argv:  # before jax starts: the smoke sweep needs 8 (fake) CPU devices
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
@@ -29,14 +32,17 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import pathlib  # noqa: E402
+import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
+    ENVIRONMENT_KEYS,
     JOBS,
     add_engine_variant_arguments,
+    child_env,
     environment,
     print_record,
     random_prompts,
@@ -84,8 +90,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--num-microbatches", type=int, help="per pipeline step (default: P)")
     p.add_argument("--smoke", action="store_true", help="tiny shape and job on 8 fake CPU devices")
+    p.add_argument("--process-per-mesh", action="store_true", help="each mesh in a fresh process (needs --meshes)")
     add_engine_variant_arguments(p)
     args = p.parse_args(argv)
+    if args.process_per_mesh and not args.meshes:
+        p.error("--process-per-mesh needs --meshes (this process must not start the devices to count them)")
     engine_defaults = (64, 2048)
     if args.smoke:
         args.meshes = args.meshes or SMOKE_MESHES
@@ -285,8 +294,42 @@ def print_table(rows: list[dict]) -> None:
         )
 
 
+def child_argv(argv: list[str], mesh: str) -> list[str]:
+    """This run's arguments for one mesh in a child process: ``--meshes`` replaced, ``--process-per-mesh`` dropped."""
+    kept, skip_next = [], False
+    for arg in argv:
+        if skip_next:
+            skip_next = False
+        elif arg == "--meshes":
+            skip_next = True
+        elif not arg.startswith("--meshes=") and arg != "--process-per-mesh":
+            kept.append(arg)
+    return [sys.executable, os.path.abspath(__file__), *kept, "--meshes", mesh]
+
+
+def run_meshes_in_children(argv: list[str], meshes: str) -> tuple[list[dict], dict]:
+    """Each mesh's row from its own process, and the first child's record (device, jax, commit)."""
+    rows, first_record = [], None
+    for mesh in meshes.split(","):
+        command = child_argv(argv, mesh.strip())
+        done = subprocess.run(command, env=child_env(USER_PREALLOCATE), stdout=subprocess.PIPE, text=True)
+        lines = done.stdout.splitlines()
+        print("\n".join(line for line in lines if not line.startswith(("JSON ", "ROW "))), flush=True)
+        records = [json.loads(line[5:]) for line in lines if line.startswith("JSON ")]
+        if done.returncode != 0 or not records:
+            raise RuntimeError(f"mesh {mesh}: the child process failed (exit {done.returncode}); its output is above")
+        rows.extend(records[-1]["rows"])
+        first_record = first_record or records[-1]
+        print("ROW " + json.dumps(rows[-1], sort_keys=True), flush=True)
+    return rows, first_record
+
+
 def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.process_per_mesh:
+        rows, child_record = run_meshes_in_children(argv, args.meshes)
+        return report(args, rows, {key: child_record[key] for key in ENVIRONMENT_KEYS})
     with tempfile.TemporaryDirectory() as smoke_dir:
         model_dir = args.model
         if args.smoke:  # a config.json alone: the weights are dummy
@@ -298,11 +341,16 @@ def main(argv=None) -> dict:
         for shape in parse_meshes(args.meshes):
             rows.append(run_mesh(args, model_dir, shape, prompts))
             print("ROW " + json.dumps(rows[-1], sort_keys=True), flush=True)  # kept if a later mesh is cut off
+    return report(args, rows, environment())
+
+
+def report(args, rows: list[dict], env: dict) -> dict:
+    """Prints the table and the JSON record of ``rows``; returns the record."""
     add_efficiency(rows)
     print_table(rows)
     record = {
         "benchmark": "mesh_scaling",
-        **environment(),
+        **env,
         "model": args.model or "smoke",
         "reference_job": args.job,
         "job": {"num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len},

@@ -22,6 +22,26 @@ def test_mesh_scaling_smoke_sweeps_meshes_through_llm():
     assert rows["2x2x1"]["kv_bytes_per_device"] < rows["1x1x1"]["kv_bytes_per_device"] / 3
 
 
+def test_process_per_mesh_runs_each_mesh_in_its_own_child():
+    argv = ["--smoke", "--meshes", "1x1x1,2x1x1", "--num-prompts", "4", "--input-len", "8", "--output-len", "4"]
+    record = mesh_scaling.main([*argv, "--process-per-mesh", "--latency-output-len", "0"])
+    assert [row["mesh"] for row in record["rows"]] == ["1x1x1", "2x1x1"]
+    assert record["device"] == "cpu:cpu x8" and record["rows"][0]["scaling_efficiency"] == 1.0
+    assert all(row["output_tokens_per_s"] > 0 and row["num_preemptions"] == 0 for row in record["rows"])
+    assert mesh_scaling.child_argv(["--job", "J8", "--meshes=4x1x1", "--process-per-mesh", "--smoke"], "2x1x1")[2:] == [
+        "--job",
+        "J8",
+        "--smoke",
+        "--meshes",
+        "2x1x1",
+    ]
+
+
+def test_process_per_mesh_needs_meshes():
+    with pytest.raises(SystemExit):
+        mesh_scaling.parse_args(["--smoke", "--process-per-mesh"])
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the smoke run gives each process a fake CPU device")
 def test_multiprocess_mesh_smoke_runs_one_process_per_device():
