@@ -69,6 +69,7 @@ for stage in "$@"; do
               for f in /tmp/xla-dump-$q/*after_optimizations.txt; do
                 echo "$(basename $f): $(grep -oE '"kind":"__triton[a-z_]*"|__cublas[$a-z]*|__gpu\$xla\.gpu\.triton' $f | sort | uniq -c | xargs)"
               done | tee "$OUT/l8_dump_$q.txt"
+              tar -czf "$OUT/l8_dump_$q.tar.gz" -C /tmp/xla-dump-$q $(cd /tmp/xla-dump-$q && ls *after_optimizations.txt)  # the HLO itself comes back
             done ;;
     l8qxla) for q in ${L8Q_METHODS:-int8 int4}; do  # the same with XLA's own GPU options (Triton GEMM, dot merger)
            python3 benchmarks/latency.py --quantization $q --batch-sizes 1 --xla-compiler-options "$XLA_DEFAULTS" 2>&1 | tee "$OUT/l8_${q}_xla.log" | grep -Ev "^JSON"
