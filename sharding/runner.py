@@ -213,19 +213,20 @@ class PipelineRunner:
     def largest_step_temp_bytes(self) -> int:
         """XLA's temporary memory of the largest bucket's step (compiled, not run): the most of any stage's program,
         for an allocator that keeps no peak (each stage's devices run only their own program)."""
-        bucket = self.config.token_buckets[-1]
-        rows = self.config.request_rows_for(bucket)
-        batch = padding_batch(bucket, rows, self.config.max_blocks_per_request)
-        head_args = self.build_head_args([], rows, 0, 0)
+        batch, head_args = self._padding_step(self.config.token_buckets[-1])
         return max(
             self.pipeline.lower_stage(index, batch, head_args).compile().memory_analysis().temp_size_in_bytes
             for index in range(self.pipeline.num_stages)
         )
 
-    def _run_padding(self, bucket: int) -> None:
+    def _padding_step(self, bucket: int):
+        """A padding-only batch of ``bucket`` tokens and its head arguments."""
         rows = self.config.request_rows_for(bucket)
-        batch = padding_batch(bucket, rows, self.config.max_blocks_per_request)
-        jax.block_until_ready(self.pipeline.run([batch], [self.build_head_args([], rows, 0, 0)]))
+        return padding_batch(bucket, rows, self.config.max_blocks_per_request), self.build_head_args([], rows, 0, 0)
+
+    def _run_padding(self, bucket: int) -> None:
+        batch, head_args = self._padding_step(bucket)
+        jax.block_until_ready(self.pipeline.run([batch], [head_args]))
 
     def warm_up(self) -> float:
         """Compiles every stage for every token bucket with padding-only batches; returns seconds spent."""
