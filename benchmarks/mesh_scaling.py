@@ -256,6 +256,7 @@ def run_mesh(args, model_dir: str, shape: tuple[int, int, int], prompts: list[di
         "kv_bytes_per_device": bytes_per_device([kv for _, kv in arrays]),
         "in_use_bytes_per_device": in_use_bytes_per_device(tensor * pipe * data),  # after the runs, engine alive
         "num_kv_blocks": llm.llm_engine.resolved.num_blocks,
+        "pool_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),  # after the engine chose (process_env)
         "num_preemptions": sum(r.scheduler.num_preemptions for r in _cores(llm)),
         "num_microbatches": num_microbatches,
         "bubble_theoretical": bubble_fraction(pipe, num_microbatches),
@@ -282,7 +283,7 @@ def print_table(rows: list[dict]) -> None:
 
     print(
         f"{'mesh TxPxD':>10} {'out tok/s':>10} {'params/dev MiB':>15} {'KV/dev MiB':>11} {'efficiency':>10} "
-        f"{'M':>3} {'bubble th.':>10} {'bubble meas.':>12} {'b1 ITL ms':>9} {'in use/dev MiB':>14}"
+        f"{'M':>3} {'bubble th.':>10} {'bubble meas.':>12} {'b1 ITL ms':>9} {'in use/dev MiB':>14} {'pool':>5}"
     )
     for r in rows:
         print(
@@ -290,7 +291,8 @@ def print_table(rows: list[dict]) -> None:
             f"{r['kv_bytes_per_device'] / 2**20:>11.2f} {fmt(r['scaling_efficiency'], '>10.2f')} "
             f"{r['num_microbatches']:>3} {r['bubble_theoretical']:>10.2f} {fmt(r['bubble_measured'], '>12.2f')} "
             f"{fmt(r['batch1_itl_p50_ms'], '>9.2f')} "
-            f"{fmt(None if r['in_use_bytes_per_device'] is None else r['in_use_bytes_per_device'] / 2**20, '>14.0f')}"
+            f"{fmt(None if r['in_use_bytes_per_device'] is None else r['in_use_bytes_per_device'] / 2**20, '>14.0f')} "
+            f"{r.get('pool_fraction') or '-':>5}"
         )
 
 

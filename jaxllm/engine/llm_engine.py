@@ -15,6 +15,7 @@ from collections.abc import Iterable
 
 import jax
 
+from jaxllm import process_env
 from jaxllm.config import EngineConfig
 from jaxllm.engine import setup
 from jaxllm.engine.engine_core import EngineCore
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        process_env.fit_pool_to_mesh(config.tensor_parallel_size * config.pipeline_parallel_size)  # before JAX starts
         setup.enable_compilation_cache()
         source = resolve_model_source(config.model, config.load_format, config.tokenizer)
         get_model_class((source.hf_config.get("architectures") or ["<missing>"])[0])  # unsupported: fail first

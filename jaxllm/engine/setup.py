@@ -150,8 +150,9 @@ def warm_up(runners) -> float:
     On a GPU mesh XLA's all-reduce kernels take memory for their scratch and signal buffers outside JAX's
     preallocated pool (where there is one: see ``jaxllm.process_env``), per collective and program. With the pool at
     95% of each GPU that remainder ran out for the Llama-3.1-70B shape at tensor parallelism 4 on H200s (80 layers x 2
-    all-reduces in each bucket's program) and the first warm-up step failed; such a failure is re-raised as a
-    ``RuntimeError`` that says what to change.
+    all-reduces in each bucket's program) and the first warm-up step failed (``process_env.fit_pool_to_mesh`` now
+    lowers jaxllm's pool for such engines where it still can); such a failure is re-raised as a ``RuntimeError`` that
+    says what to change.
     """
     try:
         return sum(runner.warm_up() for runner in runners)
@@ -161,8 +162,9 @@ def warm_up(runners) -> float:
         fraction = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
         raise RuntimeError(
             f"a collective's device memory could not be allocated outside JAX's memory pool "
-            f"(XLA_PYTHON_CLIENT_MEM_FRACTION={fraction}): set XLA_PYTHON_CLIENT_MEM_FRACTION lower (0.85 ran the "
-            f"Llama-3.1-8B shape at tensor parallelism 4 on 80 GB GPUs and the 70B shape on 141 GB ones) before jax "
-            f"or jaxllm is imported; under XLA's VMM allocator (no pool) set gpu_memory_utilization lower. "
+            f"(XLA_PYTHON_CLIENT_MEM_FRACTION={fraction}): set XLA_PYTHON_CLIENT_MEM_FRACTION lower before jax or "
+            f"jaxllm is imported (0.85, jaxllm's own choice for an engine of several devices built before JAX starts, "
+            f"ran the Llama-3.1-8B shape at tensor parallelism 4 on 80 GB GPUs and the 70B shape on 141 GB ones); "
+            f"under XLA's VMM allocator (no pool) set gpu_memory_utilization lower. "
             f"XLA said: {error}"
         ) from error

@@ -74,3 +74,55 @@ def test_other_runtime_errors_pass_unchanged():
     with pytest.raises(jax.errors.JaxRuntimeError) as caught:
         warm_up([_Runner(xla_error)])
     assert caught.value is xla_error
+
+
+def test_mesh_engine_lowers_jaxllms_pool_before_jax_starts():
+    from jaxllm.process_env import DEFAULTED, MESH_POOL_FRACTION, POOL_FRACTION, apply_defaults, fit_pool_to_mesh
+
+    environ: dict[str, str] = {}
+    apply_defaults(environ)
+    assert not fit_pool_to_mesh(1, environ, started_platform=lambda: None)  # one device: the pool stays
+    assert environ[POOL_FRACTION] == "0.95"
+    assert fit_pool_to_mesh(4, environ, started_platform=lambda: None)
+    assert environ[POOL_FRACTION] == MESH_POOL_FRACTION
+    child = dict(environ, **{POOL_FRACTION: "0.95"})  # a child inherits jaxllm's settings and the record of them
+    apply_defaults(child)
+    assert child[DEFAULTED] == environ[DEFAULTED]
+    assert fit_pool_to_mesh(2, child, started_platform=lambda: None)
+
+
+@pytest.mark.parametrize("platform", ["gpu", "cpu"])
+def test_mesh_engine_leaves_a_started_pool_alone(platform, caplog):
+    from jaxllm.process_env import POOL_FRACTION, apply_defaults, fit_pool_to_mesh
+
+    environ: dict[str, str] = {}
+    apply_defaults(environ)
+    assert not fit_pool_to_mesh(2, environ, started_platform=lambda: platform)
+    assert environ[POOL_FRACTION] == "0.95"
+    assert ("GPU memory pool stays at 0.95" in caplog.text) == (platform == "gpu")
+
+
+@pytest.mark.parametrize("fraction", ["0.95", "0.6"])
+def test_mesh_engine_keeps_the_users_pool(fraction):
+    from jaxllm.process_env import POOL_FRACTION, apply_defaults, fit_pool_to_mesh
+
+    environ = {POOL_FRACTION: fraction}
+    apply_defaults(environ)
+    assert not fit_pool_to_mesh(4, environ, started_platform=lambda: None)
+    assert environ[POOL_FRACTION] == fraction
+
+
+def test_engine_fits_the_pool_to_its_replica_first(monkeypatch):
+    """The engine asks before anything else (resolving the model may start JAX), with T x P devices per replica."""
+    from jaxllm import LLM, process_env
+
+    class Asked(Exception):
+        pass
+
+    def ask(devices_per_replica):
+        raise Asked(devices_per_replica)
+
+    monkeypatch.setattr(process_env, "fit_pool_to_mesh", ask)
+    with pytest.raises(Asked) as asked:
+        LLM(model="/nonexistent", tensor_parallel_size=2, pipeline_parallel_size=2, data_parallel_size=2)
+    assert asked.value.args == (4,)

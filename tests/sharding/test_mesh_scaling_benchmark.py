@@ -1,10 +1,13 @@
 """benchmarks/mesh_scaling.py end to end on 8 fake devices, and benchmarks/multiprocess_mesh.py with two processes
 (smoke runs: the scripts' correctness, not timing)."""
 
+import os
+
 import jax
 import pytest
 
 from benchmarks import mesh_scaling
+from jaxllm import process_env
 from tests.sharding.helpers import NEEDS_8_DEVICES
 
 pytestmark = NEEDS_8_DEVICES
@@ -28,6 +31,9 @@ def test_process_per_mesh_runs_each_mesh_in_its_own_child():
     assert [row["mesh"] for row in record["rows"]] == ["1x1x1", "2x1x1"]
     assert record["device"] == "cpu:cpu x8" and record["rows"][0]["scaling_efficiency"] == 1.0
     assert all(row["output_tokens_per_s"] > 0 and row["num_preemptions"] == 0 for row in record["rows"])
+    if "XLA_PYTHON_CLIENT_MEM_FRACTION" in os.environ.get(process_env.DEFAULTED, ""):  # jaxllm's pool, not the user's
+        # each child's engine set its pool before JAX started: the TP 2 engine leaves room for XLA's collectives
+        assert [row["pool_fraction"] for row in record["rows"]] == ["0.95", process_env.MESH_POOL_FRACTION]
     assert mesh_scaling.child_argv(["--job", "J8", "--meshes=4x1x1", "--process-per-mesh", "--smoke"], "2x1x1")[2:] == [
         "--job",
         "J8",
