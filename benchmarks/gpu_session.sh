@@ -99,7 +99,7 @@ for stage in "$@"; do
                 --rows ${QMM_ROWS:-1,16,64,128} --shapes 4096x6144,4096x14336,14336x4096 --json "$OUT/qmm_bitcvt.json" 2>&1 | tee "$OUT/qmm_bitcvt.log" | grep -Ev "^JSON" ;;
     qmmbundled) python3 benchmarks/quantized_matmul.py --methods int8 --impls pallas_gpu,xla,bundled_mgpu --rows 16,256,4096 \
                 --shapes 4096x14336,14336x4096 --json "$OUT/qmm_bundled.json" 2>&1 | tee "$OUT/qmm_bundled.log" | grep -Ev "^JSON" ;;
-    qmmsweep) python3 benchmarks/quantized_matmul.py --sweep ${SWEEP_GRID:-decode} --rows ${SWEEP_ROWS:-1} --methods ${SWEEP_METHODS:-int8,int4} --impls pallas_gpu \
+    qmmsweep) python3 benchmarks/quantized_matmul.py --sweep --rows ${SWEEP_ROWS:-1} --methods ${SWEEP_METHODS:-int8,int4} --impls pallas_gpu \
                 --shapes 4096x4096,4096x14336,14336x4096 --json "$OUT/qmm_sweep.json" 2>&1 | tee "$OUT/qmm_sweep.log" | grep -Ev "^JSON" ;;
     *) echo "unknown stage $stage" ;;
   esac

@@ -2,7 +2,6 @@
 
     PYTHONPATH=. python3 benchmarks/quantized_matmul.py                 # the GPU run
     PYTHONPATH=. python3 benchmarks/quantized_matmul.py --sweep         # also time a few Pallas GPU kernel configs
-    PYTHONPATH=. python3 benchmarks/quantized_matmul.py --sweep lhs     # decode configs with and without weight_lhs
     PYTHONPATH=. python3 benchmarks/quantized_matmul.py --smoke         # tiny sizes, interpret mode, on CPU
 
 Shapes ``[M, K] x [K, N]`` with (K, N) in {(4096, 6144) fused qkv, (4096, 4096) o, (4096, 28672) fused gate_up,
@@ -39,9 +38,6 @@ L2_DEFEAT_BYTES = 256 * 2**20
 SWEEP_CONFIGS = {  # (block_m, block_n, block_k, num_k_splits, num_warps, num_stages); block_m follows M below 16
     "decode": [  # weight streaming: tile width (contiguous bytes per row), K step, K splits, warps
         (16, n, k, s, w, 4) for n in (64, 128, 256) for k in (256, 512) for s in (2, 4, 8) for w in (4, 8)
-    ],
-    "lhs": [  # a narrower decode grid, each config timed with the weight as the MMA's left operand and without
-        (16, 128, 256, s, w, 4) for s in (2, 4, 8) for w in (4, 8)
     ],
     "prefill": [
         (128, 128, 64, 1, 8, 3),
@@ -92,7 +88,7 @@ class Settings:
     methods: list
     impls: list
     num_copies: int
-    sweep: str | None  # SWEEP_CONFIGS grid for decode rows ("decode" or "lhs"); None: no sweep
+    sweep: bool
     repeats: int
     engine_xla_options: bool = False  # compile as the engine compiles a step of M tokens (runner.xla_options)
     int4_bit_convert: bool = False  # also time the Pallas int4 kernel with the bit convert flipped from its default
@@ -145,19 +141,16 @@ def bundled_mixed_product(m: int):
     return product
 
 
-def sweep_products(m, k, n, method, grid="decode"):
-    """(note, product) for each config of the ``grid`` sweep (prefill's above 16 rows) that tiles this K (int4 with
-    the default group of 128). int4 steps by whole groups, so its block_k is swept as the groups per step instead
-    (block_k 256 / 512: 1, 2 or 4 groups), with the bit convert as its default config has it for M rows. The "lhs"
-    grid times each config with and without ``weight_lhs``."""
-    grid = grid if m <= 16 else "prefill"
-    for block_m, block_n, block_k, splits, warps, stages in SWEEP_CONFIGS[grid]:
+def sweep_products(m, k, n, method):
+    """(note, product) for each sweep config that tiles this K (int4 with the default group of 128). int4 steps by
+    whole groups, so its block_k is swept as the groups per step instead (block_k 256 / 512: 1, 2 or 4 groups), with
+    the bit convert as its default config has it for M rows."""
+    for block_m, block_n, block_k, splits, warps, stages in SWEEP_CONFIGS["decode" if m <= 16 else "prefill"]:
         if method == "int4":
             variants = [(128, groups) for groups in ((1, 2) if block_k == 256 else (4,))]
         else:
             variants = [(min(block_k, k), 1)]
-        lhs_choices = (False, True) if grid == "lhs" else (False,)
-        for (step_k, groups), weight_lhs in ((v, lhs) for v in variants for lhs in lhs_choices):
+        for step_k, groups in variants:
             cfg = triton_gpu.KernelConfig(
                 block_m,
                 block_n,
@@ -167,13 +160,12 @@ def sweep_products(m, k, n, method, grid="decode"):
                 stages,
                 int4_bit_convert=method == "int4" and triton_gpu.default_config(m, k, n, method, 128).int4_bit_convert,
                 int4_groups_per_step=groups,
-                weight_lhs=weight_lhs,
             )
             try:
                 triton_gpu.check_config(cfg, method, k, 128 if method == "int4" else None)
             except ValueError:
                 continue
-            note = f"cfg m{block_m} n{block_n} k{step_k} g{groups} s{splits} w{warps} st{stages}{' lhs' * weight_lhs}"
+            note = f"cfg m{block_m} n{block_n} k{step_k} g{groups} s{splits} w{warps} st{stages}"
             yield note, functools.partial(triton_gpu.quantized_matmul_triton, out_dtype=jnp.bfloat16, config=cfg)
 
 
@@ -208,7 +200,7 @@ def run_method(rows, k, n, m, method, weights, settings: Settings):
         note = f"int4 bit convert {'on' if config.int4_bit_convert else 'off'}"
         case = Case(k, n, m, method, "pallas_gpu_interpret" if interpret else "pallas_gpu", note)
         rows.append(time_case(case, x, weights, product, reference_out, settings))
-    for note, product in sweep_products(m, k, n, method, settings.sweep) if settings.sweep else ():
+    for note, product in sweep_products(m, k, n, method) if settings.sweep else ():
         rows.append(time_case(Case(k, n, m, method, "pallas_gpu", note), x, weights, product, reference_out, settings))
 
 
@@ -259,13 +251,7 @@ def print_table(rows):
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny sizes in interpret mode (CPU)")
-    p.add_argument(
-        "--sweep",
-        nargs="?",
-        const="decode",
-        choices=("decode", "lhs"),
-        help="also time a grid of Pallas GPU kernel configs (GPU): decode (default) or lhs (with/without weight_lhs)",
-    )
+    p.add_argument("--sweep", action="store_true", help="also time a few Pallas GPU kernel configs (GPU)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument(
         "--impls",
@@ -303,7 +289,7 @@ def main(argv=None) -> dict:
             args.methods.split(","),
             impls,
             num_copies,
-            None if args.smoke else args.sweep,
+            args.sweep and not args.smoke,
             3 if args.smoke else 7,
             args.engine_xla_options,
             args.int4_bit_convert,

@@ -109,14 +109,3 @@ def test_memory_report_smoke_analyses_every_bucket():
     programs = {row["program"]: row for row in record["programs"]}
     assert record["num_kv_blocks"] > 1 and any(name.startswith("forward") for name in programs)
     assert all(row["temp"] >= 0 and row["argument"] > 0 for row in programs.values())
-
-
-def test_quantized_matmul_lhs_sweep_times_each_config_both_ways():
-    """The "lhs" grid's configs all tile the 8B shapes, each once with and once without the weight as left operand."""
-    from benchmarks.quantized_matmul import SWEEP_CONFIGS, sweep_products
-
-    for method, per_config in (("int8", 1), ("int4", 2)):  # int4: one and two groups per step
-        notes = [note for note, _ in sweep_products(16, 4096, 14336, method, "lhs")]
-        assert len(notes) == 2 * per_config * len(SWEEP_CONFIGS["lhs"])
-        assert sum(note.endswith(" lhs") for note in notes) == len(notes) // 2
-    assert all(" lhs" not in note for note, _ in sweep_products(256, 4096, 14336, "int4", "lhs"))  # prefill grid

@@ -5,11 +5,7 @@ float16 (every e4m3 value is exact there) unless ``fp8_dot`` multiplies them as 
 Grid ``(M tiles, N tiles, K splits)``. A program owns a ``[block_m, block_n]`` output tile and walks its share of K:
 int8 and fp8 ``block_k`` rows per step, int4 one quantization group per step (the low nibbles against the first half
 of the group's activations, the high nibbles against the second half: see ``jaxllm.quantization.schemes``), or
-``int4_groups_per_step`` groups unrolled into one pipelined step (more bytes per step; not a default).
-``weight_lhs`` multiplies ``W^T x^T`` instead, the wide weight tile on the MMA's M side and the few activation rows on
-its N side (Hopper's warpgroup MMA can take that left operand from registers, where the dequantized tile is); the
-accumulator tile is then ``[BN, BM]``, transposed once at the store (not a default: timed by ``quantized_matmul.py
---sweep lhs``).
+``int4_groups_per_step`` groups unrolled into one pipelined step (more bytes per step; not timed yet, not a default).
 Each weight byte is read by one program per M tile, so decode (``M <= 16``, one M tile) reads the weight once; when
 the N tiles alone cannot fill the GPU the K axis is split across programs and the f32 partial tiles are summed after
 the launch. Prefill shapes tile M as well and run at the tensor cores' pace.
@@ -18,8 +14,7 @@ the launch. Prefill shapes tile M as well and run at the tensor cores' pace.
 subtraction instead of integer-to-float conversions, which issue at a fraction of the ALU rate. ``default_config``
 turns it on up to ``INT4_BIT_CONVERT_MAX_ROWS`` rows (H100, 2026-11-26: L8 int4 batch-1 ITL 5.12 -> 4.90 ms; kernel
 times at M = 1..64 mostly lower, at 128 3-4% higher; benchmarks/RESULTS.md). ``JAXLLM_INT4_BIT_CONVERT=0`` / ``=1``
-turns it off / on at every width (experiments); ``JAXLLM_QMM_WEIGHT_LHS=1`` turns ``weight_lhs`` on in the int8 and
-int4 configs (experiments).
+turns it off / on at every width (experiments).
 
 Scales are applied to the f32 accumulator, never to the weights: per output channel once at the end (int8, fp8), per
 group to each group's partial product (int4). The weights' integer codes are exact in bf16, so the only rounding
@@ -45,10 +40,11 @@ from jax.experimental.pallas import triton as plgpu
 from jaxllm.config import env_switch
 from jaxllm.quantization.schemes import INT4_OFFSET, QuantizedWeight, quantize_activations_fp8
 
+_NN = (((1,), (0,)), ((), ()))  # [BM, K] x [K, BN]
+_NT = (((1,), (1,)), ((), ()))  # [BM, K] x [BN, K]
 MIN_DOT_DIM = 16  # Triton's smallest tensor-core tile edge
 INT4_BIT_CONVERT_ENV = "JAXLLM_INT4_BIT_CONVERT"  # "0" / "1": default_config's int4 configs never / always bit-convert
 INT4_BIT_CONVERT_MAX_ROWS = 64  # otherwise: up to this many rows (where the H100 measured it faster)
-WEIGHT_LHS_ENV = "JAXLLM_QMM_WEIGHT_LHS"  # "1": default_config's int8 / int4 configs use weight_lhs (experiments)
 
 
 def _is_power_of_two(value: int) -> bool:
@@ -68,7 +64,6 @@ class KernelConfig:
     fp8_dot: bool = False  # fp8: multiply the fp8 tiles directly (sm89+ fp8 MMA) instead of upcasting them to f16
     int4_bit_convert: bool = False  # int4 with bf16/f16 activations: nibbles OR-ed into a float's mantissa
     int4_groups_per_step: int = 1  # int4: quantization groups one inner step consumes (more bytes per pipelined step)
-    weight_lhs: bool = False  # the weight tile as the MMA's left operand: W^T x^T, [BN, BM] tiles (see _mma)
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
@@ -108,37 +103,13 @@ def _tile_masks(cfg: KernelConfig, geo: _Geometry):
     return rows < geo.num_rows, cols < geo.num_cols
 
 
-def _dot(a, b, geo: _Geometry, dimension_numbers):
-    return lax.dot_general(a, b, dimension_numbers, precision=geo.precision, preferred_element_type=jnp.float32)
+def _dot(a, b, geo: _Geometry, dimension_numbers=_NN):
+    return lax.dot_general(
+        a, b, dimension_numbers, precision=geo.precision, preferred_element_type=jnp.float32
+    )  # [BM, BN]
 
 
-def _mma(x, w, geo: _Geometry, cfg: KernelConfig, w_k_axis: int):
-    """The f32 product of an activation tile ``x [BM, k]`` and a weight tile ``w`` (K along ``w_k_axis``): ``[BM, BN]``
-    tiles, or with ``cfg.weight_lhs`` their transpose ``[BN, BM]``. The swap puts the wide weight tile on the MMA's M
-    side (Hopper's warpgroup MMA takes that operand from registers, where the dequantized tile already is) and the
-    few activation rows on its N side."""
-    if cfg.weight_lhs:
-        return _dot(w, x, geo, (((w_k_axis,), (1,)), ((), ())))  # [BN, BM]
-    return _dot(x, w, geo, (((1,), (w_k_axis,)), ((), ())))  # [BM, BN]
-
-
-def _zero_tile(cfg: KernelConfig):
-    shape = (cfg.block_n, cfg.block_m) if cfg.weight_lhs else (cfg.block_m, cfg.block_n)
-    return jnp.zeros(shape, jnp.float32)
-
-
-def _per_column(values, cfg: KernelConfig):
-    """A per-output-column vector ``[BN]`` shaped to scale accumulator tiles."""
-    return values[:, None] if cfg.weight_lhs else values[None, :]
-
-
-def _per_row(values, cfg: KernelConfig):
-    """A per-activation-row vector ``[BM]`` shaped to scale accumulator tiles."""
-    return values[None, :] if cfg.weight_lhs else values[:, None]
-
-
-def _store(out_ref, acc, row_ok, col_ok, cfg: KernelConfig):
-    tile = acc.T if cfg.weight_lhs else acc  # [BM, BN]
+def _store(out_ref, tile, row_ok, col_ok):
     plgpu.store(out_ref, tile.astype(out_ref.dtype), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -150,11 +121,11 @@ def _int8_kernel(x_ref, w_ref, s_ref, out_ref, *, cfg: KernelConfig, geo: _Geome
         k0 = pl.multiple_of(i * geo.step_k, geo.step_k)
         x = plgpu.load(x_ref.at[:, pl.ds(k0, geo.step_k)], mask=row_ok[:, None], other=0)  # [BM, BK]
         w = plgpu.load(w_ref.at[pl.ds(k0, geo.step_k), :], mask=col_ok[None, :], other=0)  # [BK, BN]
-        return acc + _mma(x, w.astype(x.dtype), geo, cfg, w_k_axis=0)
+        return acc + _dot(x, w.astype(x.dtype), geo)
 
-    acc = lax.fori_loop(0, geo.steps_per_split, step, _zero_tile(cfg))
+    acc = lax.fori_loop(0, geo.steps_per_split, step, jnp.zeros((cfg.block_m, cfg.block_n), jnp.float32))
     scales = plgpu.load(s_ref, mask=col_ok, other=0)  # [BN]
-    _store(out_ref, acc * _per_column(scales, cfg), row_ok, col_ok, cfg)
+    _store(out_ref, acc * scales[None, :], row_ok, col_ok)
 
 
 # int4 codes as floats without integer-to-float conversions (which issue at a quarter of the ALU rate on recent GPUs):
@@ -194,13 +165,13 @@ def _int4_kernel(x_ref, w_ref, s_ref, out_ref, *, cfg: KernelConfig, geo: _Geome
             x_low = plgpu.load(x_ref.at[:, pl.ds(k0, half)], mask=row_ok[:, None], other=0)  # [BM, g/2]
             x_high = plgpu.load(x_ref.at[:, pl.ds(k0 + half, half)], mask=row_ok[:, None], other=0)  # [BM, g/2]
             low, high = _int4_halves(packed, x_low.dtype, cfg.int4_bit_convert)  # [g/2, BN] each, exact -8..7
-            partial = _mma(x_low, low, geo, cfg, w_k_axis=0) + _mma(x_high, high, geo, cfg, w_k_axis=0)
-            scales = plgpu.load(s_ref.at[index, :], mask=col_ok, other=0)  # [BN]
-            acc = acc + partial * _per_column(scales, cfg)
+            partial = _dot(x_low, low, geo) + _dot(x_high, high, geo)  # [BM, BN]
+            scales = plgpu.load(s_ref.at[pl.ds(index, 1), :], mask=col_ok[None, :], other=0)  # [1, BN]
+            acc = acc + partial * scales
         return acc
 
-    acc = lax.fori_loop(0, geo.steps_per_split, step, _zero_tile(cfg))
-    _store(out_ref, acc, row_ok, col_ok, cfg)
+    acc = lax.fori_loop(0, geo.steps_per_split, step, jnp.zeros((cfg.block_m, cfg.block_n), jnp.float32))
+    _store(out_ref, acc, row_ok, col_ok)
 
 
 def _fp8_kernel(x_ref, xs_ref, w_ref, s_ref, out_ref, *, cfg: KernelConfig, geo: _Geometry):
@@ -213,12 +184,12 @@ def _fp8_kernel(x_ref, xs_ref, w_ref, s_ref, out_ref, *, cfg: KernelConfig, geo:
         w = plgpu.load(w_ref.at[:, pl.ds(k0, geo.step_k)], mask=col_ok[:, None])  # [BN, BK]
         if not cfg.fp8_dot:  # e4m3 values are exact in float16, which Hopper converts e4m3 to natively (not bf16)
             x, w = x.astype(jnp.float16), w.astype(jnp.float16)
-        return acc + _mma(x, w, geo, cfg, w_k_axis=1)
+        return acc + _dot(x, w, geo, _NT)
 
-    acc = lax.fori_loop(0, geo.steps_per_split, step, _zero_tile(cfg))
+    acc = lax.fori_loop(0, geo.steps_per_split, step, jnp.zeros((cfg.block_m, cfg.block_n), jnp.float32))
     x_scales = plgpu.load(xs_ref, mask=row_ok, other=0)  # [BM]
     w_scales = plgpu.load(s_ref, mask=col_ok, other=0)  # [BN]
-    _store(out_ref, acc * _per_row(x_scales, cfg) * _per_column(w_scales, cfg), row_ok, col_ok, cfg)
+    _store(out_ref, acc * x_scales[:, None] * w_scales[None, :], row_ok, col_ok)
 
 
 def step_k(method: str, cfg: KernelConfig, group_size: int | None) -> int:
@@ -237,10 +208,7 @@ def default_config(num_rows: int, k: int, n: int, method: str, group_size=None, 
     while block_k > MIN_DOT_DIM and k % block_k:
         block_k //= 2
     bit_convert = method == "int4" and _int4_bit_convert(num_rows)
-    weight_lhs = method != "fp8" and bool(env_switch(WEIGHT_LHS_ENV))
-    cfg = KernelConfig(
-        block_m, block_n, block_k, 1, num_warps, num_stages, int4_bit_convert=bit_convert, weight_lhs=weight_lhs
-    )
+    cfg = KernelConfig(block_m, block_n, block_k, 1, num_warps, num_stages, int4_bit_convert=bit_convert)
     steps = k // step_k(method, cfg, group_size)
     tiles = _cdiv(num_rows, block_m) * _cdiv(n, block_n)
 

@@ -114,27 +114,8 @@ def test_kernel_default_out_dtype_and_group_128(impl):
         ("int4", triton_gpu.KernelConfig(16, 32, 16, int4_groups_per_step=8, int4_bit_convert=True), jnp.float32),
         # Hopper's fp8 MMA accumulates with less than f32 precision: checked at the bf16 output it serves
         ("fp8", triton_gpu.KernelConfig(16, 64, 64, num_k_splits=4, fp8_dot=True), jnp.bfloat16),
-        # the weight as the MMA's left operand: transposed tiles, scales per accumulator row
-        ("int8", triton_gpu.KernelConfig(16, 32, 32, num_k_splits=2, weight_lhs=True), jnp.float32),
-        (
-            "int4",
-            triton_gpu.KernelConfig(16, 32, 16, num_k_splits=2, int4_bit_convert=True, weight_lhs=True),
-            jnp.float32,
-        ),
-        ("int4", triton_gpu.KernelConfig(32, 16, 16, int4_groups_per_step=2, weight_lhs=True), jnp.float32),
-        ("fp8", triton_gpu.KernelConfig(16, 64, 32, num_k_splits=2, weight_lhs=True), jnp.float32),
     ],
-    ids=[
-        "int8-split4",
-        "int4-split2",
-        "int4-split2-2groups",
-        "int4-8groups-bitconvert",
-        "fp8-split4-fp8dot",
-        "int8-weight-lhs",
-        "int4-weight-lhs-bitconvert",
-        "int4-weight-lhs-2groups",
-        "fp8-weight-lhs",
-    ],
+    ids=["int8-split4", "int4-split2", "int4-split2-2groups", "int4-8groups-bitconvert", "fp8-split4-fp8dot"],
 )
 @pytest.mark.parametrize("impl", GPU_KERNEL)
 def test_kernel_explicit_tilings(impl, method, config, out_dtype):
@@ -179,20 +160,8 @@ def test_int4_bit_convert_default_and_env(monkeypatch):
         triton_gpu.default_config(16, K, N, "int4", GROUP)
 
 
-def test_weight_lhs_env_switch(monkeypatch):
-    monkeypatch.delenv(triton_gpu.WEIGHT_LHS_ENV, raising=False)
-    assert not triton_gpu.default_config(16, K, N, "int4", GROUP).weight_lhs
-    monkeypatch.setenv(triton_gpu.WEIGHT_LHS_ENV, "1")
-    assert triton_gpu.default_config(16, K, N, "int4", GROUP).weight_lhs
-    assert triton_gpu.default_config(256, K, N, "int8").weight_lhs
-    assert not triton_gpu.default_config(16, K, N, "fp8").weight_lhs
-
-
-@pytest.mark.parametrize(
-    "dtype, groups, weight_lhs",
-    [(jnp.bfloat16, 1, False), (jnp.float16, 1, False), (jnp.bfloat16, 4, False), (jnp.bfloat16, 1, True)],
-)
-def test_int4_bit_convert_lowers_to_triton_for_an_h100(monkeypatch, dtype, groups, weight_lhs):
+@pytest.mark.parametrize("dtype, groups", [(jnp.bfloat16, 1), (jnp.float16, 1), (jnp.bfloat16, 4)])
+def test_int4_bit_convert_lowers_to_triton_for_an_h100(monkeypatch, dtype, groups):
     """Pallas -> Triton lowering of the bit-operation conversion (and of several groups per step) for compute
     capability 9.0, on CPU (Triton's own compile to PTX runs only on a GPU, so this does not prove the kernel compiles
     there)."""
@@ -203,10 +172,7 @@ def test_int4_bit_convert_lowers_to_triton_for_an_h100(monkeypatch, dtype, group
     monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: h100)
     x, qw = make_case(13, 16, "int4", dtype)
     config = dataclasses.replace(
-        triton_gpu.default_config(16, K, N, "int4", GROUP),
-        int4_bit_convert=True,
-        int4_groups_per_step=groups,
-        weight_lhs=weight_lhs,
+        triton_gpu.default_config(16, K, N, "int4", GROUP), int4_bit_convert=True, int4_groups_per_step=groups
     )
     config = dataclasses.replace(config, num_k_splits=min(config.num_k_splits, K // (GROUP * groups)))
     product = functools.partial(triton_gpu.quantized_matmul_triton, out_dtype=dtype, config=config)
