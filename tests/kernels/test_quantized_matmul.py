@@ -145,6 +145,16 @@ def test_int4_bit_convert_matches_the_naive_product(impl, rows, dtype):
     check(kernel(x, qw), x, qw, jnp.float32, f"int4 bit convert, {rows} rows of {jnp.dtype(dtype).name}")
 
 
+def test_int4_decode_splits_long_k_walks():
+    """Decode splits K about one wave of programs; int4 also splits walks of more than 16 groups (the 8B down
+    projection: 112 groups, 8 splits where int8 gets 4)."""
+    down = triton_gpu.default_config(16, 14336, 4096, "int4", 128)
+    assert down.num_k_splits == 8 and 14336 // 128 // down.num_k_splits <= triton_gpu.INT4_DECODE_MAX_STEPS
+    assert triton_gpu.default_config(16, 14336, 4096, "int8").num_k_splits == 4
+    assert triton_gpu.default_config(16, 4096, 4096, "int4", 128).num_k_splits == 4  # 8 groups per split already
+    assert triton_gpu.default_config(256, 14336, 4096, "int4", 128).num_k_splits == 2  # prefill: the two-wave rule
+
+
 def test_int4_bit_convert_default_and_env(monkeypatch):
     monkeypatch.delenv(triton_gpu.INT4_BIT_CONVERT_ENV, raising=False)
     limit = triton_gpu.INT4_BIT_CONVERT_MAX_ROWS
