@@ -45,10 +45,6 @@ _NT = (((1,), (1,)), ((), ()))  # [BM, K] x [BN, K]
 MIN_DOT_DIM = 16  # Triton's smallest tensor-core tile edge
 INT4_BIT_CONVERT_ENV = "JAXLLM_INT4_BIT_CONVERT"  # "0" / "1": default_config's int4 configs never / always bit-convert
 INT4_BIT_CONVERT_MAX_ROWS = 64  # otherwise: up to this many rows (where the H100 measured it faster)
-# Decode: an int4 step moves only g/2 x BN bytes, so a program walking many groups keeps too few bytes in flight. On an
-# H100 (M = 16) the down projection (K = 14336: 112 groups) read 1.28 TB/s with 8 splits of 14 groups against 0.97 with
-# the one-wave rule's 4 splits of 28; 4096-row weights (32 groups) gained nothing from more (benchmarks/RESULTS.md).
-INT4_DECODE_MAX_STEPS = 16
 
 
 def _is_power_of_two(value: int) -> bool:
@@ -217,11 +213,14 @@ def default_config(num_rows: int, k: int, n: int, method: str, group_size=None, 
     tiles = _cdiv(num_rows, block_m) * _cdiv(n, block_n)
 
     # Decode: about one wave of programs (the H100 sweep's best: doubling stops once it would pass the SM count by
-    # more than one set of tiles), each split >= 1 step. Prefill: two waves, each split >= 4 steps.
+    # more than one set of tiles), each split >= 1 step; int4, whose steps move only g/2 x BN bytes, about two waves
+    # (H100, M = 16: 192-256 programs were the fastest split of each 8B shape, e.g. the down projection 0.98 -> 1.28
+    # TB/s with 8 splits instead of 4; benchmarks/RESULTS.md). Prefill: two waves, each split >= 4 steps.
     def short_of_programs(splits: int) -> bool:
-        if num_rows <= 16:  # int4 also splits K walks longer than INT4_DECODE_MAX_STEPS groups
-            long_int4_walk = method == "int4" and steps // splits > INT4_DECODE_MAX_STEPS
-            return 2 * tiles * splits <= num_cores + tiles or long_int4_walk
+        if num_rows <= 16 and method == "int4":  # int4 steps move few bytes: two programs per SM (H100 sweep)
+            return 2 * tiles * splits <= 2 * num_cores
+        if num_rows <= 16:
+            return 2 * tiles * splits <= num_cores + tiles
         return tiles * splits < 2 * num_cores
 
     min_steps = 1 if num_rows <= 16 else 4

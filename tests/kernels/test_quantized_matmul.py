@@ -145,13 +145,15 @@ def test_int4_bit_convert_matches_the_naive_product(impl, rows, dtype):
     check(kernel(x, qw), x, qw, jnp.float32, f"int4 bit convert, {rows} rows of {jnp.dtype(dtype).name}")
 
 
-def test_int4_decode_splits_long_k_walks():
-    """Decode splits K about one wave of programs; int4 also splits walks of more than 16 groups (the 8B down
-    projection: 112 groups, 8 splits where int8 gets 4)."""
-    down = triton_gpu.default_config(16, 14336, 4096, "int4", 128)
-    assert down.num_k_splits == 8 and 14336 // 128 // down.num_k_splits <= triton_gpu.INT4_DECODE_MAX_STEPS
+LLAMA_8B_UNFUSED = [(4096, 4096), (4096, 6144), (4096, 14336), (14336, 4096), (4096, 28672)]
+
+
+def test_int4_decode_splits_to_two_programs_per_core():
+    """Decode splits K to about one wave of programs, int4 to about two (the fastest split of each 8B shape on an
+    H100 at M = 16)."""
+    splits = {kn: triton_gpu.default_config(16, *kn, "int4", 128).num_k_splits for kn in LLAMA_8B_UNFUSED}
+    assert splits == {(4096, 4096): 8, (4096, 6144): 4, (4096, 14336): 2, (14336, 4096): 8, (4096, 28672): 1}
     assert triton_gpu.default_config(16, 14336, 4096, "int8").num_k_splits == 4
-    assert triton_gpu.default_config(16, 4096, 4096, "int4", 128).num_k_splits == 4  # 8 groups per split already
     assert triton_gpu.default_config(256, 14336, 4096, "int4", 128).num_k_splits == 2  # prefill: the two-wave rule
 
 
