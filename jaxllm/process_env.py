@@ -12,8 +12,8 @@ An engine whose replica spans several devices (tensor or pipeline parallelism) l
 fraction (``fit_pool_to_mesh``): XLA's all-reduce kernels take their scratch and signal buffers outside the pool, per
 collective and program, and 5% of the GPU was too little for them (the Llama-3.1-8B shape at tensor parallelism 4 on
 80 GB H100s, the 70B shape at 4 on 141 GB H200s: both failed in their first warm-up step and ran at 0.85).
-Which settings jaxllm filled in is kept in ``JAXLLM_DEFAULTED_ENV``, so a child process (which inherits them) still
-tells them from a user's.
+The pool is the process's: engines built later in the same process share it. Which settings jaxllm filled in is kept
+in ``JAXLLM_DEFAULTED_ENV``, so a child process (which inherits them) still tells them from a user's.
 
 Not set, measured and left to the user: ``XLA_FLAGS=--xla_gpu_command_buffer_update_mode=SKIP_TEMP``. It gives every
 temporary buffer a CUDA graph uses a fixed virtual address, so XLA need not re-record graphs whose temporaries moved
