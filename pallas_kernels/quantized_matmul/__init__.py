@@ -3,6 +3,18 @@
 Public entry point ``quantized_matmul``; backends are chosen with ``impl=`` or, by default, by platform.
 """
 
-from pallas_kernels.quantized_matmul.op import IMPLS, default_impl, quantized_matmul
+from pallas_kernels.quantized_matmul.op import (
+    FP8_FAST_ACCUMULATION_MIN_ROWS,
+    IMPLS,
+    default_fp8_fast_accumulation,
+    default_impl,
+    quantized_matmul,
+)
 
-__all__ = ["IMPLS", "default_impl", "quantized_matmul"]
+__all__ = [
+    "FP8_FAST_ACCUMULATION_MIN_ROWS",
+    "IMPLS",
+    "default_fp8_fast_accumulation",
+    "default_impl",
+    "quantized_matmul",
+]

@@ -12,6 +12,11 @@ CPU). By default the backend follows the platform, the method and the number of 
 engine): on a GPU, the Pallas kernel where it measured faster than XLA's product under the engine's XLA options on an
 H100 (``benchmarks/quantized_matmul.py --engine-xla-options``, benchmarks/RESULTS.md), XLA elsewhere; TPU ->
 ``pallas_tpu`` for int8/int4 and ``xla`` for fp8 (not measured); CPU -> ``reference``.
+
+fp8 on the xla backend accumulates at full f32 precision, except in wide products on a GPU
+(``FP8_FAST_ACCUMULATION_MIN_ROWS`` rows or more: prefill chunks), which use Hopper's fast fp8 accumulation as vLLM's
+CUTLASS fp8 GEMMs do; its extra error is small beside e4m3's own rounding (GPU test
+``test_fp8_fast_accumulation_error_beside_fp8_rounding``).
 """
 
 from __future__ import annotations
@@ -34,6 +39,11 @@ ACTIVATION_DTYPES = ("bfloat16", "float16", "float32")
 # (cuBLASLt's fp8 GEMM) from 128.
 GPU_PALLAS_ROWS = {"int8": (65, 256), "int4": (1, 128), "fp8": (1, 64)}
 
+# fp8 products of at least this many rows use Hopper's fast accumulation on a GPU. Measured on an H100 (2026-11-26,
+# benchmarks/RESULTS.md): cuBLASLt's fp8 GEMM 8-15% faster with it at M = 4096, no faster at M = 256 and slower at
+# M = 1; J8's prefill 8% faster with it from 512 rows on, its throughput 3-4% higher.
+FP8_FAST_ACCUMULATION_MIN_ROWS = 512
+
 
 def default_impl(method: str, num_rows: int, platform: str | None = None) -> str:
     """The backend ``quantized_matmul`` uses for ``method`` with ``num_rows`` rows of x on ``platform`` (default:
@@ -45,6 +55,13 @@ def default_impl(method: str, num_rows: int, platform: str | None = None) -> str
     if platform == "tpu":
         return "xla" if method == "fp8" else "pallas_tpu"
     return "reference"
+
+
+def default_fp8_fast_accumulation(num_rows: int, platform: str | None = None) -> bool:
+    """Whether an fp8 product of ``num_rows`` rows on ``platform`` (default: JAX's default backend) accumulates in
+    Hopper's fast mode when left to XLA."""
+    platform = platform or jax.default_backend()
+    return platform == "gpu" and num_rows >= FP8_FAST_ACCUMULATION_MIN_ROWS
 
 
 def _validate(x, qw: QuantizedWeight, out_dtype) -> None:
@@ -76,12 +93,28 @@ def _backend(impl: str):
     return functools.partial(mosaic_tpu.quantized_matmul_tpu, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "out_dtype"))
-def quantized_matmul(x: jax.Array, qw: QuantizedWeight, *, impl: str | None = None, out_dtype=None) -> jax.Array:
-    """``x [M, K] @ W [K, N]`` for the quantized ``qw``; returns ``[M, N]`` in ``out_dtype`` (default: x's dtype)."""
+@functools.partial(jax.jit, static_argnames=("impl", "out_dtype", "fp8_fast_accumulation"))
+def quantized_matmul(
+    x: jax.Array,
+    qw: QuantizedWeight,
+    *,
+    impl: str | None = None,
+    out_dtype=None,
+    fp8_fast_accumulation: bool | None = None,
+) -> jax.Array:
+    """``x [M, K] @ W [K, N]`` for the quantized ``qw``; returns ``[M, N]`` in ``out_dtype`` (default: x's dtype).
+
+    ``fp8_fast_accumulation`` (fp8 on the xla backend only): accumulate in Hopper's fast mode; default
+    ``default_fp8_fast_accumulation(M)``."""
     out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
     _validate(x, qw, out_dtype)
     impl = impl or default_impl(qw.method, x.shape[0])
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; choose one of {IMPLS}")
-    return _backend(impl)(x, qw, out_dtype=out_dtype)
+    if impl != "xla" or qw.method != "fp8":
+        if fp8_fast_accumulation:
+            raise ValueError(f"fp8_fast_accumulation applies to fp8 with impl='xla', not {qw.method} with {impl!r}")
+        return _backend(impl)(x, qw, out_dtype=out_dtype)
+    if fp8_fast_accumulation is None:
+        fp8_fast_accumulation = default_fp8_fast_accumulation(x.shape[0])
+    return reference.quantized_matmul_xla(x, qw, out_dtype=out_dtype, fp8_fast_accumulation=fp8_fast_accumulation)

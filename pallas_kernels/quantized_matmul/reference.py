@@ -44,9 +44,10 @@ def quantized_matmul_xla(x, qw: QuantizedWeight, *, out_dtype, fp8_fast_accumula
     """The same product left to XLA: int8 as an integer-valued operand with the scale after the dot, int4
     dequantized into the activation dtype, fp8 as a dot of two float8_e4m3fn operands with f32 accumulation.
 
-    fp8 dots ask for ``Precision.HIGHEST``: with ``DEFAULT`` XLA lets cuBLASLt use Hopper's fast fp8 accumulation,
-    whose partial sums keep fewer mantissa bits (on the GPU it put 10 of 1.5M outputs of a K = 4096 product 0.03
-    off, outside bf16's tolerance). ``fp8_fast_accumulation=True`` asks for it (the benchmark compares both)."""
+    fp8 dots ask for ``Precision.HIGHEST`` unless ``fp8_fast_accumulation``: with ``DEFAULT`` XLA lets cuBLASLt use
+    Hopper's fast fp8 accumulation, whose partial sums keep fewer mantissa bits (on the GPU it put 10 of 1.5M outputs
+    of a K = 4096 product 0.03 off, outside bf16's tolerance, and is faster only in wide products; ``op`` picks it
+    by the number of rows)."""
     dtype = x.dtype
     if qw.method == "int8":
         y = lax.dot_general(

@@ -18,7 +18,14 @@ import numpy as np
 import pytest
 
 from jaxllm.quantization import METHODS, QuantizedWeight, quantize_weight
-from pallas_kernels.quantized_matmul import default_impl, mosaic_tpu, quantized_matmul, triton_gpu
+from pallas_kernels.quantized_matmul import (
+    FP8_FAST_ACCUMULATION_MIN_ROWS,
+    default_fp8_fast_accumulation,
+    default_impl,
+    mosaic_tpu,
+    quantized_matmul,
+    triton_gpu,
+)
 from pallas_kernels.tolerances import assert_close
 from tests.kernels.backends import ON_GPU, interpreted_and_compiled
 
@@ -218,6 +225,18 @@ def test_default_impl_by_platform_and_rows():
     assert [default_impl(m, 4096, "cpu") for m in METHODS] == ["reference"] * 3
 
 
+def test_fp8_fast_accumulation_by_platform_and_rows():
+    rows = FP8_FAST_ACCUMULATION_MIN_ROWS
+    assert [default_fp8_fast_accumulation(m, "gpu") for m in (1, 256, rows - 1, rows, 8192)] == [False] * 3 + [True] * 2
+    assert not default_fp8_fast_accumulation(8192, "tpu") and not default_fp8_fast_accumulation(8192, "cpu")
+    x, qw = make_case(15, 4, "int8")
+    with pytest.raises(ValueError, match="int8 with 'xla'"):
+        quantized_matmul(x, qw, impl="xla", fp8_fast_accumulation=True)
+    x, qw = make_case(15, 4, "fp8")
+    with pytest.raises(ValueError, match="fp8 with 'reference'"):
+        quantized_matmul(x, qw, impl="reference", fp8_fast_accumulation=True)
+
+
 def test_op_rejects_bad_inputs():
     x, qw = make_case(12, 4, "int8")
     cases = [
@@ -261,3 +280,32 @@ def test_llama_shapes_on_gpu(impl, method, k, n, m):
     x, qw = make_case(14, m, method, k=k, n=n, group_size=128)
     what = f"{impl} {method} [{m}, {k}] x [{k}, {n}]"
     check(quantized_matmul(x, qw, impl=impl), x, qw, jnp.bfloat16, what, naive_dtype=np.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="Hopper's fast fp8 accumulation needs a GPU")
+@pytest.mark.parametrize("k, n", [(4096, 6144), (14336, 4096)])
+def test_fp8_fast_accumulation_error_beside_fp8_rounding(k, n):
+    """The engine's wide fp8 products accumulate in Hopper's fast mode: the error that adds (against the exact product
+    of the same e4m3 operands) must stay under a quarter of the error e4m3 rounding itself makes (against the product
+    of the unrounded operands), in RMS over all outputs, so the total error grows by at most 3%."""
+    m = FP8_FAST_ACCUMULATION_MIN_ROWS * 2
+    x, qw = make_case(16, m, "fp8", k=k, n=n)
+    unrounded = np.asarray(x, np.float64) @ random_weight(16, k, n).astype(np.float64)
+    exact = naive_product(x, qw)
+
+    def rms(a):
+        return float(np.sqrt(np.mean(np.square(a))))
+
+    rounding = rms(exact - unrounded)
+    errors = {
+        fast: rms(
+            np.asarray(quantized_matmul(x, qw, impl="xla", out_dtype=jnp.float32, fp8_fast_accumulation=fast)) - exact
+        )
+        for fast in (False, True)
+    }
+    print(
+        f"\nfp8 [{m}, {k}] x [{k}, {n}]: RMS error of e4m3 rounding {rounding:.3e}, of the accumulation "
+        f"{errors[False]:.3e} (full) / {errors[True]:.3e} (fast), output RMS {rms(exact):.3e}"
+    )
+    assert errors[True] < 0.25 * rounding
