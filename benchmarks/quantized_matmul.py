@@ -97,7 +97,7 @@ class Settings:
 def time_case(case: Case, x, weights, product, reference_out, settings: Settings) -> dict:
     row = dataclasses.asdict(case)
     try:
-        engine = StepCompilerOptions(jax.default_backend())
+        engine = StepCompilerOptions(jax.default_backend(), quantization=case.method)
         options = engine(case.m) if settings.engine_xla_options else None
         fn = over_copies(product, options)
         out = fn(x, weights)[0].astype(jnp.float32)

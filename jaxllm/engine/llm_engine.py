@@ -48,7 +48,9 @@ class LLMEngine:
         self.eos_token_ids = _eos_token_ids(self.model_config, source.generation_config, self.tokenizer)
         model_dtype = resolve_dtype(config.dtype, self.model_config.checkpoint_dtype)
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, model_dtype)
-        self.compiler_options = StepCompilerOptions(jax.default_backend(), config.xla_compiler_options)
+        self.compiler_options = StepCompilerOptions(
+            jax.default_backend(), config.xla_compiler_options, config.quantization
+        )
         check_compiler_options(config.xla_compiler_options)
         logger.info("XLA options of the step programs: %s", self.compiler_options.describe())
         start = time.perf_counter()

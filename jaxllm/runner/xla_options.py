@@ -5,7 +5,12 @@ On GPU, XLA's ``dot-merger`` pass joins matmuls that share an input (q/k/v, gate
 weights, and its Triton GEMM emitter takes that merged matmul. For wide steps (job J8's 256-token decode) this was
 slow: with the pass off and cuBLAS for every GEMM, J8 ran 1.05x faster on an H100. For narrow steps (batch-1 decode,
 job L8) XLA's own choice was the faster one (inter-token latency 6.27 ms against 6.70 ms), so steps of at most
-``NARROW_STEP_MAX_TOKENS`` tokens keep XLA's defaults. Other platforms keep XLA's defaults throughout.
+``NARROW_STEP_MAX_TOKENS`` tokens keep XLA's defaults, except that with int8 weights (whose narrow products are
+XLA's: ``pallas_kernels.quantized_matmul.op``) they turn off XLA's cuBLAS fallback, so its GEMM autotuner chooses
+among Triton GEMMs only, which read the int8 weight and convert it in registers. Measured once against the defaults
+on one H100 lease: L8 int8 batch-1 ITL 4.91 against 5.46 ms (bf16 6.45); the defaults had given 4.60-6.58 ms on
+other leases. Why the defaults were slower is not established (the HLO of their compile shows no cuBLAS call in the
+int8 layers either). Other platforms keep XLA's defaults throughout.
 ``EngineConfig.xla_compiler_options`` adds to (or, with a key of the same name, replaces) these for every step.
 
 A runner takes ``compiler_options`` as a dict (every program alike), None (XLA's defaults) or a callable from a
@@ -24,16 +29,19 @@ WIDE_STEP_GPU_OPTIONS: dict[str, object] = {
     "xla_gpu_enable_triton_gemm": False,
 }
 NARROW_STEP_MAX_TOKENS = 64  # token buckets up to this size compile with XLA's defaults on GPU
+NARROW_INT8_STEP_GPU_OPTIONS: dict[str, object] = {"xla_gpu_cublas_fallback": False}  # ... but these with int8 weights
 
 CompilerOptions = Mapping[str, object] | Callable[[int], Mapping[str, object] | None] | None
 
 
 @dataclasses.dataclass(frozen=True)
 class StepCompilerOptions:
-    """The options of a step program of ``num_tokens`` tokens on ``platform``, with ``overrides`` on top."""
+    """The options of a step program of ``num_tokens`` tokens on ``platform`` for a model with ``quantization``
+    (None: unquantized), with ``overrides`` on top."""
 
     platform: str
     overrides: Mapping[str, object] | None = None
+    quantization: str | None = None
 
     def __call__(self, num_tokens: int) -> dict[str, object] | None:
         return {**self._platform_options(num_tokens), **(self.overrides or {})} or None
@@ -41,7 +49,9 @@ class StepCompilerOptions:
     def _platform_options(self, num_tokens: int) -> Mapping[str, object]:
         if self.platform != "gpu":
             return {}
-        return WIDE_STEP_GPU_OPTIONS if num_tokens > NARROW_STEP_MAX_TOKENS else {}
+        if num_tokens > NARROW_STEP_MAX_TOKENS:
+            return WIDE_STEP_GPU_OPTIONS
+        return NARROW_INT8_STEP_GPU_OPTIONS if self.quantization == "int8" else {}
 
     def describe(self) -> str:
         narrow, wide = self(NARROW_STEP_MAX_TOKENS), self(NARROW_STEP_MAX_TOKENS + 1)

@@ -33,12 +33,11 @@ IMPLS = ("reference", "xla", "pallas_gpu", "pallas_gpu_interpret", "pallas_tpu",
 ACTIVATION_DTYPES = ("bfloat16", "float16", "float32")
 
 
-# Rows M (inclusive) where the Pallas GPU kernel serves on a GPU (H100 measurements, 2026-11-26): where it beat XLA on
-# the Llama-3.1-8B layer shapes at M = 16 ... 4096, and int8's narrow steps too. There XLA's Triton GEMM (the int8 ->
-# bf16 conversion fused in) read the weight 13-17% faster alone, but the engine's batch-1 latency with it varied
-# between compiles (L8 4.60-7.48 ms on H100 machines, bf16 6.3-6.5) where the Pallas kernel's does not. From M = 512
-# cuBLAS after one dequantizing pass wins, as it does for int4 from 256 and for fp8 (cuBLASLt's fp8 GEMM) from 128.
-GPU_PALLAS_ROWS = {"int8": (1, 256), "int4": (1, 128), "fp8": (1, 64)}
+# Rows M (inclusive) where the Pallas GPU kernel beat XLA on the Llama-3.1-8B layer shapes at M = 16 ... 4096 (H100,
+# 2026-11-26). Outside them XLA wins: for int8 at M <= 64 its Triton GEMM fuses the int8 -> bf16 conversion and reads
+# the weight faster, and from M = 512 cuBLAS after one dequantizing pass wins, as it does for int4 from 256 and for fp8
+# (cuBLASLt's fp8 GEMM) from 128.
+GPU_PALLAS_ROWS = {"int8": (65, 256), "int4": (1, 128), "fp8": (1, 64)}
 
 # fp8 products of at least this many rows use Hopper's fast accumulation on a GPU. Measured on an H100 (2026-11-26,
 # benchmarks/RESULTS.md): cuBLASLt's fp8 GEMM 8-15% faster with it at M = 4096, no faster at M = 256 and slower at

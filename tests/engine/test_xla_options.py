@@ -29,6 +29,20 @@ def test_gpu_defaults_turn_off_dot_merger_and_triton_gemm_for_wide_steps():
         assert StepCompilerOptions(platform)(16) is None and StepCompilerOptions(platform)(8192) is None
 
 
+def test_gpu_int8_narrow_steps_keep_the_triton_gemm():
+    """int8 weights: XLA's narrow products must not fall back to cuBLAS (a separate int8 -> bf16 pass)."""
+    int8 = StepCompilerOptions("gpu", quantization="int8")
+    assert int8(16) == int8(NARROW_STEP_MAX_TOKENS) == {"xla_gpu_cublas_fallback": False}
+    assert int8(NARROW_STEP_MAX_TOKENS + 1) == WIDE_STEP_GPU_OPTIONS
+    for method in ("int4", "fp8", None):
+        assert StepCompilerOptions("gpu", quantization=method)(16) is None
+    assert StepCompilerOptions("cpu", quantization="int8")(16) is None
+    assert StepCompilerOptions("gpu", {"xla_gpu_cublas_fallback": True}, "int8")(16) == {
+        "xla_gpu_cublas_fallback": True
+    }
+    check_compiler_options(int8(16))  # known to XLA on every platform
+
+
 def test_user_options_add_to_and_replace_the_defaults():
     overrides = {"xla_gpu_enable_triton_gemm": True, "xla_gpu_autotune_level": 0}
     gpu = StepCompilerOptions("gpu", overrides)

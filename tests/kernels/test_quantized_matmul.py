@@ -218,7 +218,7 @@ def test_xla_backend_in_bfloat16(method):
 
 def test_default_impl_by_platform_and_rows():
     on_gpu = {m: [default_impl(m, rows, "gpu") for rows in (1, 16, 64, 65, 128, 256, 512, 8192)] for m in METHODS}
-    assert on_gpu["int8"] == ["pallas_gpu"] * 6 + ["xla"] * 2
+    assert on_gpu["int8"] == ["xla"] * 3 + ["pallas_gpu"] * 3 + ["xla"] * 2
     assert on_gpu["int4"] == ["pallas_gpu"] * 5 + ["xla"] * 3
     assert on_gpu["fp8"] == ["pallas_gpu"] * 3 + ["xla"] * 5
     assert [default_impl(m, 16, "tpu") for m in METHODS] == ["pallas_tpu", "pallas_tpu", "xla"]
