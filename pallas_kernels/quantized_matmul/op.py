@@ -41,7 +41,7 @@ GPU_PALLAS_ROWS = {"int8": (65, 256), "int4": (1, 128), "fp8": (1, 64)}
 
 # fp8 products of at least this many rows use Hopper's fast accumulation on a GPU. Measured on an H100 (2026-11-26,
 # benchmarks/RESULTS.md): cuBLASLt's fp8 GEMM 8-15% faster with it at M = 4096, no faster at M = 256 and slower at
-# M = 1; J8's prefill 8% faster with it from 512 rows on, its throughput 3-4% higher.
+# M = 1; J8's prefill 8% faster with it from 512 rows on, its throughput about 4% higher.
 FP8_FAST_ACCUMULATION_MIN_ROWS = 512
 
 

@@ -288,7 +288,8 @@ def test_llama_shapes_on_gpu(impl, method, k, n, m):
 def test_fp8_fast_accumulation_error_beside_fp8_rounding(k, n):
     """The engine's wide fp8 products accumulate in Hopper's fast mode: the error that adds (against the exact product
     of the same e4m3 operands) must stay under a quarter of the error e4m3 rounding itself makes (against the product
-    of the unrounded operands), in RMS over all outputs, so the total error grows by at most 3%."""
+    of the unrounded operands), in RMS over all outputs: the two being independent, the total error then grows by at
+    most 3%."""
     m = FP8_FAST_ACCUMULATION_MIN_ROWS * 2
     x, qw = make_case(16, m, "fp8", k=k, n=n)
     unrounded = np.asarray(x, np.float64) @ random_weight(16, k, n).astype(np.float64)
