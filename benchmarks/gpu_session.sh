@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU-machine session: the GPU tests and the benchmarks, logs and JSON under $OUT (default ./gpu-out).
-#   bash benchmarks/gpu_session.sh tests kernels j8 j8sync j8ref j8cublas j8nomerge j8both j8xla j8fp8 j8fp8nocb j1 l8 l8q \
+#   bash benchmarks/gpu_session.sh tests kernels j8 j8sync j8ref j8cublas j8nomerge j8both j8xla j8fp8 j8fp8nocb j1 l8 l8q l8fused \
 #        l8qxla l8xla l8dump vmm j8vmm l8vmm profile profile1 profile_b1 profile_prefill profile_tp2 startup compare_hf qmm qmmsweep qmmengine qmmbitcvt qmmbundled attnsweep memj1 mesh8 mesh70 tpflags tpenv mp mp8
 # (any subset, run in the order given; mesh8 and profile_tp2 need 2+ GPUs: the Llama-3.1-8B shape at TP 1 and 2 by
 # default, MESHES=...; mesh70 the Llama-3.1-70B shape, 4x1x1 by default, MESHES70=...)
@@ -72,6 +72,11 @@ for stage in "$@"; do
                 echo "$(basename $f): $(grep -oE '"kind":"__triton[a-z_]*"|__cublas[$a-z]*|__gpu\$xla\.gpu\.triton' $f | sort | uniq -c | xargs)"
               done | tee "$OUT/l8_dump_$q.txt"
               tar -czf "$OUT/l8_dump_$q.tar.gz" -C /tmp/xla-dump-$q $(cd /tmp/xla-dump-$q && ls *after_optimizations.txt)  # the HLO itself comes back
+            done ;;
+    l8fused) for q in ${L8FUSED_METHODS:-int4 fp8}; do  # q/k/v and gate/up as one Pallas launch each (JAXLLM_FUSED_PROJECTIONS), off then on
+              for f in 0 1; do
+                JAXLLM_FUSED_PROJECTIONS=$f python3 benchmarks/latency.py --quantization $q --batch-sizes 1 2>&1 | tee "$OUT/l8_${q}_fused$f.log" | grep -E "batch 1|rror"
+              done
             done ;;
     l8qxla) for q in ${L8Q_METHODS:-int8 int4}; do  # the same with XLA's own GPU options (Triton GEMM, dot merger)
            python3 benchmarks/latency.py --quantization $q --batch-sizes 1 --xla-compiler-options "$XLA_DEFAULTS" 2>&1 | tee "$OUT/l8_${q}_xla.log" | grep -Ev "^JSON"

@@ -16,7 +16,16 @@ from flax import nnx
 from jaxllm.models import activation_sharding as act
 from jaxllm.models.attention_metadata import AttentionMetadata
 from jaxllm.models.config import ModelConfig
-from jaxllm.models.layers import Embed, Linear, QuantizedLinear, RMSNorm, SwiGLUMLP, lm_head_logits, make_linear
+from jaxllm.models.layers import (
+    Embed,
+    Linear,
+    QuantizedLinear,
+    RMSNorm,
+    SwiGLUMLP,
+    lm_head_logits,
+    make_linear,
+    project,
+)
 from jaxllm.models.rope import apply_rope, rope_cos_sin
 from pallas_kernels import ragged_paged_attention, update_kv_cache
 
@@ -44,9 +53,10 @@ class Attention(nnx.Module):
 
     def __call__(self, x, kv: tuple[jax.Array, jax.Array], md: AttentionMetadata, cos, sin):
         num_tokens = x.shape[0]
-        q = act.constrain(self.q_proj(x), act.Q_HEADS).reshape(num_tokens, self.num_heads, self.head_dim)  # [T, N, H]
-        k = act.constrain(self.k_proj(x), act.KV_HEADS).reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        v = act.constrain(self.v_proj(x), act.KV_HEADS).reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = act.constrain(q, act.Q_HEADS).reshape(num_tokens, self.num_heads, self.head_dim)  # [T, N, H]
+        k = act.constrain(k, act.KV_HEADS).reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        v = act.constrain(v, act.KV_HEADS).reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

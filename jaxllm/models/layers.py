@@ -11,15 +11,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxllm.config import env_switch
 from jaxllm.models import activation_sharding as act
 from jaxllm.quantization.config import QuantizationConfig
 from jaxllm.quantization.schemes import QuantizedWeight, expected_layout
-from pallas_kernels.quantized_matmul import default_impl, quantized_matmul
+from pallas_kernels.quantized_matmul import default_impl, quantized_matmul, quantized_matmul_fused
 
 _GPU_KERNEL_MIN_K_STEP = 16  # the Pallas GPU kernel's smallest K tile
 _GPU_KERNEL_MIN_INT4_GROUP = 32
 
 _INIT_STDDEV = 0.02
+# "1": quantized projections that share an input (q/k/v, gate/up) run as one Pallas launch where the GPU kernel
+# serves (fewer, larger launches: each pays a fixed ~5 us at batch 1, benchmarks/RESULTS.md); off until measured.
+FUSED_PROJECTIONS_ENV = "JAXLLM_FUSED_PROJECTIONS"
 
 
 def _normal(rngs: nnx.Rngs, shape, dtype, stddev=_INIT_STDDEV):
@@ -90,6 +94,53 @@ class QuantizedLinear(nnx.Module):
         return (quantized_matmul(rows, weight, impl=impl, out_dtype=out_dtype),)
 
 
+def project(x: jax.Array, layers) -> tuple[jax.Array, ...]:
+    """Each layer's product of the shared input ``x``; quantized layers of one scheme without biases go through
+    ``quantized_matmul_fused`` (one launch) when ``JAXLLM_FUSED_PROJECTIONS=1``."""
+    first = layers[0]
+    fusable = (
+        env_switch(FUSED_PROJECTIONS_ENV)
+        and all(isinstance(layer, QuantizedLinear) and layer.bias is None for layer in layers)
+        and len(
+            {(layer.method, layer.group_size, layer.shape[0], layer.axes[0], layer.matmul_impl) for layer in layers}
+        )
+        == 1
+    )
+    if not fusable:
+        return tuple(layer(x) for layer in layers)
+    rows = x.reshape(-1, x.shape[-1])  # [M, K]
+    arrays, in_axes = [], [("tokens", first.axes[0])]
+    for layer in layers:
+        arrays += [layer.values.get_value(), layer.scales.get_value()]
+        in_axes += [layer.values_axes, layer.scales_axes]
+    local_matmuls = act.per_shard(
+        functools.partial(
+            _local_fused_matmul,
+            method=first.method,
+            group_size=first.group_size,
+            impl=first.matmul_impl,
+            out_dtype=x.dtype,
+        ),
+        in_axes=in_axes,
+        out_axes=tuple(("tokens", layer.axes[1]) for layer in layers),
+        sum_over=first.axes[0],
+    )
+    ys = local_matmuls(rows, *arrays)
+    return tuple(y.reshape(*x.shape[:-1], layer.shape[1]) for y, layer in zip(ys, layers, strict=True))
+
+
+def _local_fused_matmul(rows, *arrays, method, group_size, impl, out_dtype) -> tuple[jax.Array, ...]:
+    """``rows @ W_i`` for the (shards of the) weights in ``arrays`` (values and scales of each), in one launch if it
+    can."""
+    k = rows.shape[1]
+    weights = tuple(
+        QuantizedWeight(values, scales, method, group_size, (k, values.shape[0 if method == "fp8" else 1]))
+        for values, scales in zip(arrays[::2], arrays[1::2], strict=True)
+    )
+    impl = matmul_impl(method, k, group_size, rows.shape[0], impl)
+    return quantized_matmul_fused(rows, weights, impl=impl, out_dtype=out_dtype)
+
+
 def matmul_impl(method: str, in_features: int, group_size: int | None, num_rows: int, impl: str | None = None) -> str:
     """``impl`` (default: the platform's ``quantized_matmul`` backend for ``num_rows`` rows), or ``"xla"`` where the
     Pallas GPU kernel cannot tile K."""
@@ -156,5 +207,6 @@ class SwiGLUMLP(nnx.Module):
         self.down_proj = linear(intermediate_size, hidden_size, axes=("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gated = act.constrain(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x), act.MLP)  # [T, I]
+        gate, up = project(x, (self.gate_proj, self.up_proj))
+        gated = act.constrain(jax.nn.silu(gate) * up, act.MLP)  # [T, I]
         return act.constrain(self.down_proj(gated), act.HIDDEN)

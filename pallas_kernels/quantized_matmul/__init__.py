@@ -9,6 +9,7 @@ from pallas_kernels.quantized_matmul.op import (
     default_fp8_fast_accumulation,
     default_impl,
     quantized_matmul,
+    quantized_matmul_fused,
 )
 
 __all__ = [
@@ -17,4 +18,5 @@ __all__ = [
     "default_fp8_fast_accumulation",
     "default_impl",
     "quantized_matmul",
+    "quantized_matmul_fused",
 ]

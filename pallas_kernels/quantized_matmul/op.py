@@ -118,3 +118,24 @@ def quantized_matmul(
     if fp8_fast_accumulation is None:
         fp8_fast_accumulation = default_fp8_fast_accumulation(x.shape[0])
     return reference.quantized_matmul_xla(x, qw, out_dtype=out_dtype, fp8_fast_accumulation=fp8_fast_accumulation)
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "out_dtype"))
+def quantized_matmul_fused(x: jax.Array, weights, *, impl: str | None = None, out_dtype=None) -> tuple[jax.Array, ...]:
+    """``x @ W_i`` for several quantized weights sharing ``x`` (q/k/v, gate/up): one Pallas GPU launch over all of
+    them when the backend is ``pallas_gpu`` (or its interpreted twin) and ``triton_gpu.fused_config`` finds a common
+    tiling; otherwise one ``quantized_matmul`` each. Returns the ``[M, N_i]`` products."""
+    out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
+    for qw in weights:
+        _validate(x, qw, out_dtype)
+    backend = impl or default_impl(weights[0].method, x.shape[0])
+    if backend in ("pallas_gpu", "pallas_gpu_interpret") and len(weights) > 1:
+        from pallas_kernels.quantized_matmul import triton_gpu
+
+        interpret = backend.endswith("_interpret")
+        config = triton_gpu.fused_config(x.shape[0], weights, interpret)
+        if config is not None:
+            return triton_gpu.quantized_matmul_triton_fused(
+                x, tuple(weights), out_dtype=out_dtype, config=config, interpret=interpret
+            )
+    return tuple(quantized_matmul(x, qw, impl=impl, out_dtype=out_dtype) for qw in weights)

@@ -10,6 +10,10 @@ Each weight byte is read by one program per M tile, so decode (``M <= 16``, one 
 the N tiles alone cannot fill the GPU the K axis is split across programs and the f32 partial tiles are summed after
 the launch. Prefill shapes tile M as well and run at the tensor cores' pace.
 
+``quantized_matmul_triton_fused`` multiplies one x by several weights of one scheme (q/k/v, gate/up) in one launch:
+their N tiles lie side by side on the grid and each program runs the kernel body for the weight its tile belongs to
+(``fused_config`` narrows the tile width to divide every N). A single weight is the same launch without the branch.
+
 ``KernelConfig.int4_bit_convert`` makes the int4 codes bf16/f16 values with integer bit operations and one
 subtraction instead of integer-to-float conversions, which issue at a fraction of the ALU rate. ``default_config``
 turns it on up to ``INT4_BIT_CONVERT_MAX_ROWS`` rows (H100, 2026-11-26: L8 int4 batch-1 ITL 5.12 -> 4.90 ms; kernel
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +92,7 @@ class _Geometry:
     steps_per_split: int  # K steps each program walks
     step_k: int  # K rows per step
     precision: lax.Precision
+    first_col_tile: int = 0  # the weight's first N tile on the grid (several weights share one launch)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -97,9 +103,12 @@ def _next_power_of_two(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _tile_masks(cfg: KernelConfig, geo: _Geometry):
-    rows = pl.program_id(0) * cfg.block_m + jnp.arange(cfg.block_m, dtype=jnp.int32)  # [BM]
-    cols = pl.program_id(1) * cfg.block_n + jnp.arange(cfg.block_n, dtype=jnp.int32)  # [BN]
+def _tile_masks(cfg: KernelConfig, geo: _Geometry, tiles=None):
+    """Masks of the rows and columns of this program's tile (``tiles``: its grid indices (i, j), read by the caller
+    where the body runs under a branch, which interpret mode cannot give program ids)."""
+    i, j = (pl.program_id(0), pl.program_id(1)) if tiles is None else tiles
+    rows = i * cfg.block_m + jnp.arange(cfg.block_m, dtype=jnp.int32)  # [BM]
+    cols = (j - geo.first_col_tile) * cfg.block_n + jnp.arange(cfg.block_n, dtype=jnp.int32)  # [BN]
     return rows < geo.num_rows, cols < geo.num_cols
 
 
@@ -113,9 +122,9 @@ def _store(out_ref, tile, row_ok, col_ok):
     plgpu.store(out_ref, tile.astype(out_ref.dtype), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _int8_kernel(x_ref, w_ref, s_ref, out_ref, *, cfg: KernelConfig, geo: _Geometry):
+def _int8_kernel(x_ref, w_ref, s_ref, out_ref, *, cfg: KernelConfig, geo: _Geometry, tiles=None):
     # x_ref [BM, K/splits] activations; w_ref [K/splits, BN] int8; s_ref [BN] f32; out_ref [BM, BN]
-    row_ok, col_ok = _tile_masks(cfg, geo)
+    row_ok, col_ok = _tile_masks(cfg, geo, tiles)
 
     def step(i, acc):
         k0 = pl.multiple_of(i * geo.step_k, geo.step_k)
@@ -150,9 +159,9 @@ def _int4_halves(packed, dtype, bit_convert: bool):
     return low, high
 
 
-def _int4_kernel(x_ref, w_ref, s_ref, out_ref, *, cfg: KernelConfig, geo: _Geometry):
+def _int4_kernel(x_ref, w_ref, s_ref, out_ref, *, cfg: KernelConfig, geo: _Geometry, tiles=None):
     # x_ref [BM, K/splits] activations; w_ref [K/2/splits, BN] uint8 (packed groups); s_ref [K/g/splits, BN] f32
-    row_ok, col_ok = _tile_masks(cfg, geo)
+    row_ok, col_ok = _tile_masks(cfg, geo, tiles)
     groups = cfg.int4_groups_per_step
     group = geo.step_k // groups  # g
     half = group // 2  # g/2: rows of one nibble half of a group
@@ -174,9 +183,9 @@ def _int4_kernel(x_ref, w_ref, s_ref, out_ref, *, cfg: KernelConfig, geo: _Geome
     _store(out_ref, acc, row_ok, col_ok)
 
 
-def _fp8_kernel(x_ref, xs_ref, w_ref, s_ref, out_ref, *, cfg: KernelConfig, geo: _Geometry):
+def _fp8_kernel(x_ref, xs_ref, w_ref, s_ref, out_ref, *, cfg: KernelConfig, geo: _Geometry, tiles=None):
     # x_ref [BM, K/splits] e4m3; xs_ref [BM] f32; w_ref [BN, K/splits] e4m3; s_ref [BN] f32; out_ref [BM, BN]
-    row_ok, col_ok = _tile_masks(cfg, geo)
+    row_ok, col_ok = _tile_masks(cfg, geo, tiles)
 
     def step(i, acc):
         k0 = pl.multiple_of(i * geo.step_k, geo.step_k)
@@ -254,23 +263,48 @@ def check_config(cfg: KernelConfig, method: str, k: int, group_size: int | None)
         raise ValueError(f"K={k} is not a multiple of step {step} x num_k_splits {cfg.num_k_splits} ({cfg})")
 
 
-def _operands_and_specs(x, qw: QuantizedWeight, cfg: KernelConfig, k_split: int):
-    """Kernel inputs and their BlockSpecs on the grid (M tile i, N tile j, K split s)."""
-    bm, bn = cfg.block_m, cfg.block_n
-    x_spec = pl.BlockSpec((bm, k_split), lambda i, j, s: (i, s))
-    column_scale_spec = pl.BlockSpec((bn,), lambda i, j, s: (j,))
-    if qw.method == "int8":
-        w_spec = pl.BlockSpec((k_split, bn), lambda i, j, s: (s, j))
-        return (x, qw.values, qw.scales), [x_spec, w_spec, column_scale_spec], _int8_kernel
-    if qw.method == "int4":
-        w_spec = pl.BlockSpec((k_split // 2, bn), lambda i, j, s: (s, j))
-        s_spec = pl.BlockSpec((k_split // qw.group_size, bn), lambda i, j, s: (s, j))
-        return (x, qw.values, qw.scales), [x_spec, w_spec, s_spec], _int4_kernel
+def _shared_operands_and_specs(x, method: str, cfg: KernelConfig, k_split: int):
+    """The activations' kernel inputs and BlockSpecs on the grid (M tile i, N tile j, K split s), and the kernel."""
+    x_spec = pl.BlockSpec((cfg.block_m, k_split), lambda i, j, s: (i, s))
+    if method == "int8":
+        return (x,), [x_spec], _int8_kernel
+    if method == "int4":
+        return (x,), [x_spec], _int4_kernel
     x_values, x_scales = quantize_activations_fp8(x)  # [M, K], [M]
-    w_spec = pl.BlockSpec((bn, k_split), lambda i, j, s: (j, s))
-    row_scale_spec = pl.BlockSpec((bm,), lambda i, j, s: (i,))
-    specs = [x_spec, row_scale_spec, w_spec, column_scale_spec]
-    return (x_values, x_scales, qw.values, qw.scales), specs, _fp8_kernel
+    row_scale_spec = pl.BlockSpec((cfg.block_m,), lambda i, j, s: (i,))
+    return (x_values, x_scales), [x_spec, row_scale_spec], _fp8_kernel
+
+
+def _weight_operands_and_specs(qw: QuantizedWeight, cfg: KernelConfig, k_split: int, first_tile: int, num_tiles: int):
+    """One weight's kernel inputs and BlockSpecs; its N tiles are grid tiles ``first_tile ...`` (programs of other
+    weights' tiles map to its nearest tile, which they never read)."""
+    bn = cfg.block_n
+
+    def tile(j):
+        return j if num_tiles is None else jnp.clip(j - first_tile, 0, num_tiles - 1)
+
+    column_scale_spec = pl.BlockSpec((bn,), lambda i, j, s: (tile(j),))
+    if qw.method == "int8":
+        return (qw.values, qw.scales), [pl.BlockSpec((k_split, bn), lambda i, j, s: (s, tile(j))), column_scale_spec]
+    if qw.method == "int4":
+        w_spec = pl.BlockSpec((k_split // 2, bn), lambda i, j, s: (s, tile(j)))
+        s_spec = pl.BlockSpec((k_split // qw.group_size, bn), lambda i, j, s: (s, tile(j)))
+        return (qw.values, qw.scales), [w_spec, s_spec]
+    return (qw.values, qw.scales), [pl.BlockSpec((bn, k_split), lambda i, j, s: (tile(j), s)), column_scale_spec]
+
+
+def _fused_kernel(*refs, kernel, cfg: KernelConfig, geos: tuple[_Geometry, ...], num_shared: int):
+    """Runs ``kernel`` for the weight whose N tiles hold this program's tile (refs: shared inputs, then each weight's
+    values and scales, then the output)."""
+    shared, out_ref = refs[:num_shared], refs[-1]
+    weights = refs[num_shared:-1]
+    tiles = (pl.program_id(0), pl.program_id(1))
+    for index, geo in enumerate(geos):
+        first, last = geo.first_col_tile, geo.first_col_tile + _cdiv(geo.num_cols, cfg.block_n)
+
+        @pl.when((tiles[1] >= first) & (tiles[1] < last))
+        def _(geo=geo, refs=weights[2 * index : 2 * index + 2]):
+            kernel(*shared, *refs, out_ref, cfg=cfg, geo=geo, tiles=tiles)
 
 
 def quantized_matmul_triton(
@@ -283,16 +317,68 @@ def quantized_matmul_triton(
 ) -> jax.Array:
     """``x @ W`` for a quantized ``W [K, N]``; returns ``[M, N]`` in ``out_dtype``. ``config`` defaults to
     ``default_config`` for these shapes."""
+    return quantized_matmul_triton_fused(x, (qw,), out_dtype=out_dtype, config=config, interpret=interpret)[0]
+
+
+def fused_config(num_rows: int, weights, interpret: bool = False) -> KernelConfig | None:
+    """``default_config`` for one launch over every weight of ``weights`` (same method, group and K), its tile width
+    narrowed to divide every N, or None when they cannot share one (no common width of at least 16 columns)."""
+    qw = weights[0]
+    if any((w.method, w.group_size, w.num_inputs) != (qw.method, qw.group_size, qw.num_inputs) for w in weights):
+        return None
+    n = sum(w.num_outputs for w in weights)
+    cfg = default_config(num_rows, qw.num_inputs, n, qw.method, qw.group_size, num_cores(interpret))
+    common = math.gcd(*(w.num_outputs for w in weights))
+    block_n = min(cfg.block_n, common & -common)  # the largest power of two dividing every N, at most the default
+    return dataclasses.replace(cfg, block_n=block_n) if block_n >= MIN_DOT_DIM else None
+
+
+def quantized_matmul_triton_fused(
+    x: jax.Array,  # [M, K] bf16 | f16 | f32
+    weights,  # QuantizedWeights of one method and group size, each W [K, N_i]
+    *,
+    out_dtype,
+    config: KernelConfig | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, ...]:
+    """``x @ W_i`` for every weight in one launch (its N tiles side by side on the grid, one program per tile as for
+    a single weight of the summed N); returns the ``[M, N_i]`` products in ``out_dtype``. Several weights need every
+    N a multiple of the tile width (``fused_config`` says whether the default config has one)."""
     m, k = x.shape
-    n = qw.num_outputs
-    cfg = config or default_config(m, k, n, qw.method, qw.group_size, num_cores(interpret))
-    check_config(cfg, qw.method, k, qw.group_size)
+    qw = weights[0]
+    n = sum(w.num_outputs for w in weights)
+    if config is None:
+        config = default_config(m, k, n, qw.method, qw.group_size, num_cores(interpret))
+    cfg = config
+    for w in weights:
+        check_config(cfg, w.method, w.num_inputs, w.group_size)
+        if (w.method, w.group_size, w.num_inputs) != (qw.method, qw.group_size, k):
+            raise ValueError(
+                f"fused weights must share method, group size and K; got {w.method}/{w.group_size}/"
+                f"K={w.num_inputs} beside {qw.method}/{qw.group_size}/K={k}"
+            )
+        if len(weights) > 1 and w.num_outputs % cfg.block_n:
+            raise ValueError(f"fused weights need N a multiple of block_n={cfg.block_n}, got N={w.num_outputs}")
     splits = cfg.num_k_splits
     k_split = k // splits
-    operands, in_specs, kernel = _operands_and_specs(x, qw, cfg, k_split)
+    operands, in_specs, kernel = _shared_operands_and_specs(x, qw.method, cfg, k_split)
+    num_shared = len(operands)
     step = step_k(qw.method, cfg, qw.group_size)
     precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else lax.Precision.DEFAULT
-    geo = _Geometry(m, n, k_split // step, step, precision)
+    geos, first = [], 0
+    for w in weights:
+        num_tiles = _cdiv(w.num_outputs, cfg.block_n)
+        w_operands, w_specs = _weight_operands_and_specs(
+            w, cfg, k_split, first, num_tiles if len(weights) > 1 else None
+        )
+        operands, in_specs = operands + w_operands, in_specs + w_specs
+        geos.append(_Geometry(m, w.num_outputs, k_split // step, step, precision, first))
+        first += num_tiles
+    if len(weights) == 1:
+        body, name_suffix = functools.partial(kernel, cfg=cfg, geo=geos[0]), ""
+    else:
+        body = functools.partial(_fused_kernel, kernel=kernel, cfg=cfg, geos=tuple(geos), num_shared=num_shared)
+        name_suffix = f"_fused{len(weights)}"
     if splits == 1:
         out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
         out_spec = pl.BlockSpec((cfg.block_m, cfg.block_n), lambda i, j, s: (i, j))
@@ -300,15 +386,18 @@ def quantized_matmul_triton(
         out_shape = jax.ShapeDtypeStruct((splits, m, n), jnp.float32)
         out_spec = pl.BlockSpec((None, cfg.block_m, cfg.block_n), lambda i, j, s: (s, i, j))
     out = pl.pallas_call(
-        functools.partial(kernel, cfg=cfg, geo=geo),
+        body,
         grid=(_cdiv(m, cfg.block_m), _cdiv(n, cfg.block_n), splits),
         in_specs=in_specs,
         out_specs=out_spec,
         out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
-        name=f"quantized_matmul_{qw.method}_m{cfg.block_m}_n{cfg.block_n}_k{step}_s{splits}",
+        name=f"quantized_matmul_{qw.method}_m{cfg.block_m}_n{cfg.block_n}_k{step}_s{splits}{name_suffix}",
     )(*operands)
     if splits > 1:
         out = jnp.sum(out, axis=0).astype(out_dtype)  # [M, N]
-    return out
+    bounds = [0]
+    for w in weights:
+        bounds.append(bounds[-1] + w.num_outputs)
+    return tuple(out[:, lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True))

@@ -152,6 +152,61 @@ def test_int4_bit_convert_matches_the_naive_product(impl, rows, dtype):
     check(kernel(x, qw), x, qw, jnp.float32, f"int4 bit convert, {rows} rows of {jnp.dtype(dtype).name}")
 
 
+def fused_case(seed, rows, method, widths, dtype=jnp.bfloat16):
+    """Activations and one weight per N in ``widths`` (a q/k/v or gate/up set), K and group as the shared shapes."""
+    weights = tuple(
+        quantize_weight(jnp.asarray(random_weight(seed + i, K, n)), method, GROUP) for i, n in enumerate(widths)
+    )
+    return make_activations(seed, rows, K, dtype), weights
+
+
+@pytest.mark.parametrize("rows", [1, 16, 200])  # decode (K split), a prefill width with a partial M tile
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("impl", GPU_KERNEL)
+def test_fused_weights_match_each_naive_product(impl, method, rows):
+    """Several weights sharing x in one launch (q/k/v, gate/up): each product as if multiplied alone."""
+    x, weights = fused_case(17, rows, method, (256, 128, 128))
+    config = triton_gpu.fused_config(rows, weights, interpret=True)
+    assert config is not None
+    fused = jax.jit(
+        lambda x, ws: triton_gpu.quantized_matmul_triton_fused(
+            x, ws, out_dtype=jnp.float32, config=config, interpret=impl.endswith("_interpret")
+        )
+    )
+    outs = fused(x, weights)
+    assert [o.shape for o in outs] == [(rows, 256), (rows, 128), (rows, 128)]
+    for i, (out, qw) in enumerate(zip(outs, weights, strict=True)):
+        check(out, x, qw, jnp.float32, f"{method} fused weight {i}, {rows} rows, {config}")
+
+
+def test_fused_weights_need_whole_tiles_and_one_scheme():
+    x, weights = fused_case(18, 16, "int8", (256, 200))
+    assert triton_gpu.fused_config(16, weights) is None  # 200 is no multiple of the tile width
+    config = triton_gpu.default_config(16, K, 456, "int8")
+    with pytest.raises(ValueError, match="N=200"):
+        triton_gpu.quantized_matmul_triton_fused(x, weights, out_dtype=jnp.float32, config=config, interpret=True)
+    mixed = (weights[0], quantize_weight(jnp.asarray(random_weight(19, K, 256)), "int4", GROUP))
+    assert triton_gpu.fused_config(16, mixed) is None
+    with pytest.raises(ValueError, match="share method"):
+        triton_gpu.quantized_matmul_triton_fused(x, mixed, out_dtype=jnp.float32, config=config, interpret=True)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fused_weights_lower_to_triton_for_an_h100(monkeypatch, method):
+    """Pallas -> Triton lowering of the per-weight branches for compute capability 9.0, on CPU (as above: Triton's
+    compile to PTX runs only on a GPU)."""
+    from jax import export
+    from jax._src.pallas.triton import gpu_info, pallas_call_registration
+
+    h100 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100)
+    monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: h100)
+    x, weights = fused_case(20, 16, method, (256, 128, 128))
+    product = functools.partial(triton_gpu.quantized_matmul_triton_fused, out_dtype=jnp.bfloat16)
+    triton_call = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    lowered = export.export(jax.jit(product), platforms=["cuda"], disabled_checks=[triton_call])(x, weights)
+    assert lowered.mlir_module().count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 1
+
+
 LLAMA_8B_UNFUSED = [(4096, 4096), (4096, 6144), (4096, 14336), (14336, 4096), (4096, 28672)]
 
 

@@ -11,7 +11,7 @@ from flax import nnx
 import pallas_kernels.quantized_matmul.op as op
 from jaxllm.loading.model_loader import abstract_model, load_weights
 from jaxllm.models import ModelConfig, get_model_class
-from jaxllm.models.layers import QuantizedLinear
+from jaxllm.models.layers import FUSED_PROJECTIONS_ENV, QuantizedLinear
 from jaxllm.quantization.config import QuantizationConfig
 from sharding.engine import ShardedEngine, generate
 from tests.sharding.helpers import (
@@ -81,3 +81,76 @@ def test_pallas_quantized_matmul_per_shard_matches_one_device(method, group_size
     if lm_head:
         assert (hidden, config.vocab_size // 2) in shapes  # lm_head: [K, V/2]
     assert all(k < hidden or n < max(heads, config.intermediate_size, config.vocab_size) for k, n in shapes)
+
+
+def record_fused_launches(monkeypatch) -> list:
+    """Turns fused projections on and records each Pallas launch's weight shapes (one tuple per launch)."""
+    from pallas_kernels.quantized_matmul import triton_gpu
+
+    launches, launch = [], triton_gpu.quantized_matmul_triton_fused
+
+    def recording(x, weights, **kwargs):
+        launches.append(tuple(w.shape for w in weights))
+        return launch(x, weights, **kwargs)
+
+    monkeypatch.setattr(triton_gpu, "quantized_matmul_triton_fused", recording)
+    monkeypatch.setenv(FUSED_PROJECTIONS_ENV, "1")
+    jax.clear_caches()  # programs traced with the switch off would be reused
+    return launches
+
+
+def tiny_quantized_model(method: str, group_size: int):
+    config = ModelConfig.from_hf_config(tiny_hf_config())
+    quantization = QuantizationConfig(method, group_size)
+    abstract = abstract_model(get_model_class(config.architecture), config, jnp.float32, quantization=quantization)
+    model, _ = use_pallas_kernel(load_weights(abstract, random_hf_tensors(config)))
+    return config, model
+
+
+def assert_same_greedy_run(got, want, got_logits, want_logits) -> None:
+    assert got == want
+    for step, (got_step, want_step) in enumerate(zip(got_logits, want_logits, strict=True)):
+        for request_id in want_step:
+            np.testing.assert_allclose(
+                got_step[request_id], want_step[request_id], rtol=2e-5, atol=2e-5, err_msg=f"{step}"
+            )
+
+
+def projection_launches(config, tensor: int) -> list[tuple]:
+    """The weight shapes of each device's q/k/v launch and gate/up launch at tensor parallelism ``tensor``."""
+    hidden, q_cols = config.hidden_size, config.num_heads * config.head_dim
+    kv_cols, mlp_cols = config.num_kv_heads * config.head_dim, config.intermediate_size
+    qkv = ((hidden, q_cols // tensor), (hidden, kv_cols // tensor), (hidden, kv_cols // tensor))
+    return [qkv, ((hidden, mlp_cols // tensor),) * 2]
+
+
+@pytest.mark.parametrize(("method", "group_size"), [("int8", 128), ("int4", 32)])
+def test_fused_projections_per_shard_match_separate_launches(method, group_size, monkeypatch):
+    """``JAXLLM_FUSED_PROJECTIONS=1``: q/k/v and gate/up each run as one Pallas launch over the device's own shards;
+    greedy tokens and step logits equal the same model's separate launches on one device."""
+    from tests.sharding.test_parallel_generation import run_on_mesh
+
+    config, model = tiny_quantized_model(method, group_size)
+    prompts = mixed_prompts(config.vocab_size)
+    runner = ReferenceRunner(model, resolved_config())
+    expected = generate(ShardedEngine(runner, resolved_config()), prompts, GREEDY)
+
+    launches = record_fused_launches(monkeypatch)
+    outputs, recording = run_on_mesh(model, prompts, 2, 1)
+    assert_same_greedy_run(outputs, expected, recording.step_logits, runner.step_logits)
+    assert all(shapes in launches for shapes in projection_launches(config, 2))
+
+
+def test_fused_fp8_projections_match_separate_launches(monkeypatch):
+    """fp8 on one device (on a mesh its row-parallel shards scale their activations apart, so a mesh run is not the
+    one-device run): the fused launch quantizes the shared activations once, as each separate launch does."""
+    config, model = tiny_quantized_model("fp8", 128)
+    prompts = mixed_prompts(config.vocab_size)
+    separate = ReferenceRunner(model, resolved_config())
+    expected = generate(ShardedEngine(separate, resolved_config()), prompts, GREEDY)
+
+    launches = record_fused_launches(monkeypatch)
+    fused = ReferenceRunner(model, resolved_config())
+    outputs = generate(ShardedEngine(fused, resolved_config()), prompts, GREEDY)
+    assert_same_greedy_run(outputs, expected, fused.step_logits, separate.step_logits)
+    assert all(shapes in launches for shapes in projection_launches(config, 1))
