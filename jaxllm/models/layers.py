@@ -97,17 +97,9 @@ class QuantizedLinear(nnx.Module):
 def project(x: jax.Array, layers) -> tuple[jax.Array, ...]:
     """Each layer's product of the shared input ``x``; quantized layers of one scheme without biases go through
     ``quantized_matmul_fused`` (one launch) when ``JAXLLM_FUSED_PROJECTIONS=1``."""
-    first = layers[0]
-    fusable = (
-        env_switch(FUSED_PROJECTIONS_ENV)
-        and all(isinstance(layer, QuantizedLinear) and layer.bias is None for layer in layers)
-        and len(
-            {(layer.method, layer.group_size, layer.shape[0], layer.axes[0], layer.matmul_impl) for layer in layers}
-        )
-        == 1
-    )
-    if not fusable:
+    if not (env_switch(FUSED_PROJECTIONS_ENV) and _one_quantized_scheme(layers)):
         return tuple(layer(x) for layer in layers)
+    first = layers[0]
     rows = x.reshape(-1, x.shape[-1])  # [M, K]
     arrays, in_axes = [], [("tokens", first.axes[0])]
     for layer in layers:
@@ -127,6 +119,13 @@ def project(x: jax.Array, layers) -> tuple[jax.Array, ...]:
     )
     ys = local_matmuls(rows, *arrays)
     return tuple(y.reshape(*x.shape[:-1], layer.shape[1]) for y, layer in zip(ys, layers, strict=True))
+
+
+def _one_quantized_scheme(layers) -> bool:
+    """Whether ``layers`` are quantized alike (method, group, input size and axis, backend) and have no biases."""
+    if not all(isinstance(layer, QuantizedLinear) and layer.bias is None for layer in layers):
+        return False
+    return len({(la.method, la.group_size, la.shape[0], la.axes[0], la.matmul_impl) for la in layers}) == 1
 
 
 def _local_fused_matmul(rows, *arrays, method, group_size, impl, out_dtype) -> tuple[jax.Array, ...]:
