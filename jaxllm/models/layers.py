@@ -85,13 +85,20 @@ class QuantizedLinear(nnx.Module):
 
     def _local_matmul(self, rows, values, scales, *, out_dtype) -> tuple[jax.Array]:
         """``rows @ W`` for the (shard of the) weight these arrays hold; the backend re-checked for its K."""
-        k, n = rows.shape[1], (values.shape[0] if self.method == "fp8" else values.shape[1])
-        weight = QuantizedWeight(values, scales, self.method, self.group_size, (k, n))
+        k = rows.shape[1]
+        weight = shard_weight(values, scales, self.method, self.group_size, k)
         impl = matmul_impl(self.method, k, self.group_size, rows.shape[0], self.matmul_impl)
         if self.bias is not None:
             out_dtype = jnp.float32
         # else as Linear: partial sums in the model dtype (or in float32 when asked, e.g. for logits)
         return (quantized_matmul(rows, weight, impl=impl, out_dtype=out_dtype),)
+
+
+def shard_weight(values, scales, method: str, group_size: int | None, k: int) -> QuantizedWeight:
+    """The ``QuantizedWeight`` of the (shard of the) arrays a device holds, for ``K = k`` input rows (fp8 values are
+    stored ``[N, K]``, the others ``[..., N]``)."""
+    n = values.shape[0] if method == "fp8" else values.shape[1]
+    return QuantizedWeight(values, scales, method, group_size, (k, n))
 
 
 def project(x: jax.Array, layers) -> tuple[jax.Array, ...]:
@@ -133,7 +140,7 @@ def _local_fused_matmul(rows, *arrays, method, group_size, impl, out_dtype) -> t
     can."""
     k = rows.shape[1]
     weights = tuple(
-        QuantizedWeight(values, scales, method, group_size, (k, values.shape[0 if method == "fp8" else 1]))
+        shard_weight(values, scales, method, group_size, k)
         for values, scales in zip(arrays[::2], arrays[1::2], strict=True)
     )
     impl = matmul_impl(method, k, group_size, rows.shape[0], impl)

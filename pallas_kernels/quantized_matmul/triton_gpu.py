@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 
 import jax
@@ -275,9 +276,11 @@ def _shared_operands_and_specs(x, method: str, cfg: KernelConfig, k_split: int):
     return (x_values, x_scales), [x_spec, row_scale_spec], _fp8_kernel
 
 
-def _weight_operands_and_specs(qw: QuantizedWeight, cfg: KernelConfig, k_split: int, first_tile: int, num_tiles: int):
+def _weight_operands_and_specs(
+    qw: QuantizedWeight, cfg: KernelConfig, k_split: int, first_tile: int, num_tiles: int | None
+):
     """One weight's kernel inputs and BlockSpecs; its N tiles are grid tiles ``first_tile ...`` (programs of other
-    weights' tiles map to its nearest tile, which they never read)."""
+    weights' tiles map to its nearest tile, which they never read); ``num_tiles`` None: the launch's only weight."""
     bn = cfg.block_n
 
     def tile(j):
@@ -320,11 +323,17 @@ def quantized_matmul_triton(
     return quantized_matmul_triton_fused(x, (qw,), out_dtype=out_dtype, config=config, interpret=interpret)[0]
 
 
+def _odd_one_out(weights) -> QuantizedWeight | None:
+    """The first weight whose method, group size or K differs from the first weight's, if any."""
+    scheme = (weights[0].method, weights[0].group_size, weights[0].num_inputs)
+    return next((w for w in weights if (w.method, w.group_size, w.num_inputs) != scheme), None)
+
+
 def fused_config(num_rows: int, weights, interpret: bool = False) -> KernelConfig | None:
     """``default_config`` for one launch over every weight of ``weights`` (same method, group and K), its tile width
     narrowed to divide every N, or None when they cannot share one (no common width of at least 16 columns)."""
     qw = weights[0]
-    if any((w.method, w.group_size, w.num_inputs) != (qw.method, qw.group_size, qw.num_inputs) for w in weights):
+    if _odd_one_out(weights) is not None:
         return None
     n = sum(w.num_outputs for w in weights)
     cfg = default_config(num_rows, qw.num_inputs, n, qw.method, qw.group_size, num_cores(interpret))
@@ -350,13 +359,14 @@ def quantized_matmul_triton_fused(
     if config is None:
         config = default_config(m, k, n, qw.method, qw.group_size, num_cores(interpret))
     cfg = config
+    odd = _odd_one_out(weights)
+    if odd is not None:
+        raise ValueError(
+            f"fused weights must share method, group size and K; got {odd.method}/{odd.group_size}/"
+            f"K={odd.num_inputs} beside {qw.method}/{qw.group_size}/K={qw.num_inputs}"
+        )
     for w in weights:
-        check_config(cfg, w.method, w.num_inputs, w.group_size)
-        if (w.method, w.group_size, w.num_inputs) != (qw.method, qw.group_size, k):
-            raise ValueError(
-                f"fused weights must share method, group size and K; got {w.method}/{w.group_size}/"
-                f"K={w.num_inputs} beside {qw.method}/{qw.group_size}/K={k}"
-            )
+        check_config(cfg, w.method, k, w.group_size)
         if len(weights) > 1 and w.num_outputs % cfg.block_n:
             raise ValueError(f"fused weights need N a multiple of block_n={cfg.block_n}, got N={w.num_outputs}")
     splits = cfg.num_k_splits
@@ -397,7 +407,5 @@ def quantized_matmul_triton_fused(
     )(*operands)
     if splits > 1:
         out = jnp.sum(out, axis=0).astype(out_dtype)  # [M, N]
-    bounds = [0]
-    for w in weights:
-        bounds.append(bounds[-1] + w.num_outputs)
-    return tuple(out[:, lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True))
+    ends = list(itertools.accumulate(w.num_outputs for w in weights))
+    return tuple(out[:, end - w.num_outputs : end] for w, end in zip(weights, ends, strict=True))
