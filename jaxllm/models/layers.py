@@ -21,8 +21,9 @@ _GPU_KERNEL_MIN_K_STEP = 16  # the Pallas GPU kernel's smallest K tile
 _GPU_KERNEL_MIN_INT4_GROUP = 32
 
 _INIT_STDDEV = 0.02
-# "1": quantized projections that share an input (q/k/v, gate/up) run as one Pallas launch where the GPU kernel
-# serves (fewer, larger launches: each pays a fixed ~5 us at batch 1, benchmarks/RESULTS.md); off until measured.
+# Quantized projections that share an input (q/k/v, gate/up) run as one Pallas launch where the GPU kernel serves
+# (fewer, larger launches: each pays a fixed ~5 us at batch 1; H100, L8 batch 1: int4 4.71 -> 4.31 ms, fp8 8.80 ->
+# 5.01 ms, benchmarks/RESULTS.md). On unless this variable is "0".
 FUSED_PROJECTIONS_ENV = "JAXLLM_FUSED_PROJECTIONS"
 
 
@@ -103,8 +104,8 @@ def shard_weight(values, scales, method: str, group_size: int | None, k: int) ->
 
 def project(x: jax.Array, layers) -> tuple[jax.Array, ...]:
     """Each layer's product of the shared input ``x``; quantized layers of one scheme without biases go through
-    ``quantized_matmul_fused`` (one launch) when ``JAXLLM_FUSED_PROJECTIONS=1``."""
-    if not (env_switch(FUSED_PROJECTIONS_ENV) and _one_quantized_scheme(layers)):
+    ``quantized_matmul_fused`` (one launch where the Pallas GPU kernel serves) unless ``JAXLLM_FUSED_PROJECTIONS=0``."""
+    if env_switch(FUSED_PROJECTIONS_ENV) is False or not _one_quantized_scheme(layers):
         return tuple(layer(x) for layer in layers)
     first = layers[0]
     rows = x.reshape(-1, x.shape[-1])  # [M, K]

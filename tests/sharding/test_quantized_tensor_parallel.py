@@ -40,9 +40,11 @@ def use_pallas_kernel(model):
     ids=["int8", "int4", "int4-tied-lm_head"],
 )
 def test_pallas_quantized_matmul_per_shard_matches_one_device(method, group_size, lm_head, monkeypatch):
-    """The last case also quantizes a tied lm_head (column-parallel over the vocabulary, from the embedding)."""
+    """Each projection its own launch (``JAXLLM_FUSED_PROJECTIONS=0``). The last case also quantizes a tied lm_head
+    (column-parallel over the vocabulary, from the embedding)."""
     from tests.sharding.test_parallel_generation import run_on_mesh
 
+    monkeypatch.setenv(FUSED_PROJECTIONS_ENV, "0")
     config = ModelConfig.from_hf_config(tiny_hf_config(tie_word_embeddings=lm_head))
     quantization = QuantizationConfig(method, group_size, lm_head=lm_head)
     abstract = abstract_model(get_model_class(config.architecture), config, jnp.float32, quantization=quantization)
@@ -84,7 +86,8 @@ def test_pallas_quantized_matmul_per_shard_matches_one_device(method, group_size
 
 
 def record_fused_launches(monkeypatch) -> list:
-    """Turns fused projections on and records each Pallas launch's weight shapes (one tuple per launch)."""
+    """Leaves fused projections at their default (on) and records each Pallas launch's weight shapes (one tuple per
+    launch)."""
     from pallas_kernels.quantized_matmul import triton_gpu
 
     launches, launch = [], triton_gpu.quantized_matmul_triton_fused
@@ -94,7 +97,7 @@ def record_fused_launches(monkeypatch) -> list:
         return launch(x, weights, **kwargs)
 
     monkeypatch.setattr(triton_gpu, "quantized_matmul_triton_fused", recording)
-    monkeypatch.setenv(FUSED_PROJECTIONS_ENV, "1")
+    monkeypatch.delenv(FUSED_PROJECTIONS_ENV, raising=False)
     jax.clear_caches()  # programs traced with the switch off would be reused
     return launches
 
@@ -126,10 +129,11 @@ def projection_launches(config, tensor: int) -> list[tuple]:
 
 @pytest.mark.parametrize(("method", "group_size"), [("int8", 128), ("int4", 32)])
 def test_fused_projections_per_shard_match_separate_launches(method, group_size, monkeypatch):
-    """``JAXLLM_FUSED_PROJECTIONS=1``: q/k/v and gate/up each run as one Pallas launch over the device's own shards;
-    greedy tokens and step logits equal the same model's separate launches on one device."""
+    """By default q/k/v and gate/up each run as one Pallas launch over the device's own shards; greedy tokens and
+    step logits equal the same model's separate launches (``JAXLLM_FUSED_PROJECTIONS=0``) on one device."""
     from tests.sharding.test_parallel_generation import run_on_mesh
 
+    monkeypatch.setenv(FUSED_PROJECTIONS_ENV, "0")
     config, model = tiny_quantized_model(method, group_size)
     prompts = mixed_prompts(config.vocab_size)
     runner = ReferenceRunner(model, resolved_config())
@@ -144,6 +148,7 @@ def test_fused_projections_per_shard_match_separate_launches(method, group_size,
 def test_fused_fp8_projections_match_separate_launches(monkeypatch):
     """fp8 on one device (on a mesh its row-parallel shards scale their activations apart, so a mesh run is not the
     one-device run): the fused launch quantizes the shared activations once, as each separate launch does."""
+    monkeypatch.setenv(FUSED_PROJECTIONS_ENV, "0")
     config, model = tiny_quantized_model("fp8", 128)
     prompts = mixed_prompts(config.vocab_size)
     separate = ReferenceRunner(model, resolved_config())
