@@ -27,10 +27,10 @@ from tests.sharding.helpers import (
 pytestmark = NEEDS_8_DEVICES
 
 
-def use_pallas_kernel(model):
+def use_pallas_kernel(model, impl: str = "pallas_gpu_interpret"):
     layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, QuantizedLinear)]
     for layer in layers:
-        layer.matmul_impl = "pallas_gpu_interpret"
+        layer.matmul_impl = impl
     return model, layers
 
 
@@ -102,11 +102,11 @@ def record_fused_launches(monkeypatch) -> list:
     return launches
 
 
-def tiny_quantized_model(method: str, group_size: int):
+def tiny_quantized_model(method: str, group_size: int, impl: str = "pallas_gpu_interpret"):
     config = ModelConfig.from_hf_config(tiny_hf_config())
     quantization = QuantizationConfig(method, group_size)
     abstract = abstract_model(get_model_class(config.architecture), config, jnp.float32, quantization=quantization)
-    model, _ = use_pallas_kernel(load_weights(abstract, random_hf_tensors(config)))
+    model, _ = use_pallas_kernel(load_weights(abstract, random_hf_tensors(config)), impl)
     return config, model
 
 
