@@ -29,7 +29,7 @@ from jaxllm.runner.stable_inputs import stable_step_inputs_enabled
 from jaxllm.runner.xla_options import StepCompilerOptions
 from sharding.mesh import describe, make_mesh, replica_meshes
 from sharding.model_sharding import expand_kv_heads, kv_bytes_per_block_per_device
-from sharding.rules import kv_head_replicas, param_placement
+from sharding.rules import param_placement
 from sharding.runner import PipelineRunner
 
 logger = logging.getLogger(__name__)
@@ -53,15 +53,8 @@ def engine_mesh(config: EngineConfig) -> Mesh | None:
 
 
 def load_replica_model(config: EngineConfig, source: ModelSource, model_config: ModelConfig, replica_mesh: Mesh):
-    """One replica's model, every parameter created (dummy) or loaded straight onto its stage's shards. Quantized
-    weights shard like their kernels (scales along with them); replicating KV heads (fewer than T) is not done for
-    quantized k/v projections yet."""
-    tensor = config.tensor_parallel_size
-    if config.quantization is not None and kv_head_replicas(model_config.num_kv_heads, tensor) > 1:
-        raise ValueError(
-            f"quantization={config.quantization!r} with tensor_parallel_size={tensor} > num_kv_heads="
-            f"{model_config.num_kv_heads} (KV heads replicated across the tensor axis) is not supported yet"
-        )
+    """One replica's model, every parameter created (dummy) or loaded straight onto its stage's shards (quantized
+    weights like their kernels, scales along with them), its KV heads expanded when fewer than T."""
     placement = param_placement(replica_mesh, model_config)
     model = setup.load_model(config, source, model_config, placement=placement)
     return expand_kv_heads(model, replica_mesh)

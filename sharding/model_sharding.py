@@ -5,6 +5,8 @@ replicated ``T/K`` times, as vLLM does, so the model becomes an equivalent one w
 uses KV head ``n // (N/K)`` before and ``n // (N/T)`` after; the repeated heads make those the same head) and every
 device holds one KV head of k/v_proj and of the cache. The expanded model's ``config.num_kv_heads`` is ``T``, so
 the KV cache allocated from it has ``T`` heads. Only k/v_proj are rebuilt; every other parameter keeps its array.
+Quantized k/v_proj repeat their values and scales along the output (``kv_heads``) axis, wherever their scheme stores
+it (fp8 values are ``[N, K]``), so each head keeps its own codes and scales.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxllm.loading.model_loader import abstract_model, load_weights
+from jaxllm.models.layers import QuantizedLinear
 from sharding.mesh import TENSOR_AXIS, axis_size
 from sharding.rules import kv_head_replicas, param_placement
 from sharding.stages import stage_layer_ranges
 
 _KV_PROJECTIONS = ("k_proj", "v_proj")
+_KV_HEADS_AXIS = "kv_heads"  # the logical name of k/v_proj's output axis (jaxllm.models.decoder)
 
 
 def _dtype_and_impl(model):
@@ -37,18 +41,21 @@ def _is_kv_projection(path: tuple) -> bool:
     return len(path) >= 2 and path[-2] in _KV_PROJECTIONS
 
 
-def _repeat_heads(value: jax.Array, num_kv_heads: int, replicas: int) -> jax.Array:
-    """``[..., K*H]`` -> ``[..., K*replicas*H]``, each head repeated ``replicas`` times in place."""
-    head_dim = value.shape[-1] // num_kv_heads
-    heads = value.reshape(*value.shape[:-1], num_kv_heads, head_dim)  # [..., K, H]
-    return jnp.repeat(heads, replicas, axis=-2).reshape(*value.shape[:-1], num_kv_heads * replicas * head_dim)
+def _repeat_heads(value: jax.Array, num_kv_heads: int, replicas: int, axis: int) -> jax.Array:
+    """``value`` with its ``K*H`` axis ``axis`` made ``K*replicas*H``, each head repeated ``replicas`` times."""
+    moved = jnp.moveaxis(value, axis, -1)  # [..., K*H]
+    head_dim = moved.shape[-1] // num_kv_heads
+    heads = moved.reshape(*moved.shape[:-1], num_kv_heads, head_dim)  # [..., K, H]
+    repeated = jnp.repeat(heads, replicas, axis=-2).reshape(*moved.shape[:-1], num_kv_heads * replicas * head_dim)
+    return jnp.moveaxis(repeated, -1, axis)
 
 
 @functools.cache
-def _repeat_heads_program(num_kv_heads: int, replicas: int, sharding):
-    """One jitted repeat per (heads, replicas, target sharding): every layer of a stage reuses it."""
+def _repeat_heads_program(num_kv_heads: int, replicas: int, axis: int, sharding):
+    """One jitted repeat per (heads, replicas, axis, target sharding): every layer of a stage reuses it."""
     return jax.jit(
-        functools.partial(_repeat_heads, num_kv_heads=num_kv_heads, replicas=replicas), out_shardings=sharding
+        functools.partial(_repeat_heads, num_kv_heads=num_kv_heads, replicas=replicas, axis=axis),
+        out_shardings=sharding,
     )
 
 
@@ -60,17 +67,30 @@ def expand_kv_heads(model, mesh: Mesh):
         return model
     new_config = dataclasses.replace(config, num_kv_heads=config.num_kv_heads * replicas)
     dtype, attention_impl = _dtype_and_impl(model)
-    graphdef, abstract_state = nnx.split(abstract_model(type(model), new_config, dtype, attention_impl))
+    abstract = abstract_model(type(model), new_config, dtype, attention_impl, quantization=model.quantization)
+    graphdef, abstract_state = nnx.split(abstract)
     old = dict(nnx.to_flat_state(nnx.state(model)))
     placement = param_placement(mesh, new_config)
     flat = []
     for path, variable in nnx.to_flat_state(abstract_state):
         value = old[path].get_value()
         if _is_kv_projection(path):
-            value = _repeat_heads_program(config.num_kv_heads, replicas, placement(path, variable))(value)
+            axis = variable.logical_axes.index(_KV_HEADS_AXIS)
+            value = _repeat_heads_program(config.num_kv_heads, replicas, axis, placement(path, variable))(value)
         variable.set_value(value)
         flat.append((path, variable))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    expanded = nnx.merge(graphdef, nnx.from_flat_state(flat))
+    _copy_matmul_impls(model, expanded)
+    return expanded
+
+
+def _copy_matmul_impls(source, target) -> None:
+    """Gives ``target``'s quantized layers the ``matmul_impl`` their namesakes in ``source`` chose (a plain attribute,
+    which a model rebuilt from its config would lose)."""
+    impls = {path: node.matmul_impl for path, node in nnx.iter_graph(source) if isinstance(node, QuantizedLinear)}
+    for path, node in nnx.iter_graph(target):
+        if isinstance(node, QuantizedLinear):
+            node.matmul_impl = impls[path]
 
 
 def shard_model(model, mesh: Mesh):

@@ -226,9 +226,20 @@ def test_quantized_tied_lm_head_on_a_mesh_matches_one_device():
     assert tuple(head["scales"].sharding.spec) == ("tensor",)
 
 
-def test_quantization_with_replicated_kv_heads_is_rejected():
-    with pytest.raises(ValueError, match="tensor_parallel_size=2 > num_kv_heads=1"):
-        make_llm("llama_mqa", quantization="int8", tensor_parallel_size=2)
+@pytest.mark.parametrize(
+    "quantization",
+    [dict(quantization="int8"), dict(quantization="int4", quantization_group_size=2)],
+    ids=["int8", "int4"],
+)
+def test_quantized_kv_heads_replicated_across_the_tensor_axis(quantization):
+    """1 KV head at T = 2: the quantized k/v_proj are expanded to one head per device (codes and scales repeated),
+    and the tokens equal the one-device model's."""
+    expected = generate(make_llm("llama_mqa", **quantization))
+    llm = make_llm("llama_mqa", tensor_parallel_size=2, **quantization)
+    assert generate(llm) == expected
+    stage = llm.llm_engine.runner.pipeline.stages[0]
+    k_scales = [v.get_value() for path, v in nnx.to_flat_state(stage.state) if path[-2:] == ("k_proj", "scales")]
+    assert k_scales and all(s.shape[-1] == 2 * HEAD_DIM and s.sharding.spec[-1] == "tensor" for s in k_scales)
 
 
 def test_one_kv_head_per_device_writes_the_cache_in_place():

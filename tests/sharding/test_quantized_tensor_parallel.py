@@ -159,3 +159,26 @@ def test_fused_fp8_projections_match_separate_launches(monkeypatch):
     outputs = generate(ShardedEngine(fused, resolved_config()), prompts, GREEDY)
     assert_same_greedy_run(outputs, expected, fused.step_logits, separate.step_logits)
     assert all(shapes in launches for shapes in projection_launches(config, 1))
+
+
+@pytest.mark.parametrize(("method", "group_size"), [("int8", 128), ("int4", 32), ("fp8", 128)])
+def test_quantized_kv_heads_expand_with_their_scales(method, group_size):
+    """One KV head at T = 2: the expanded k/v_proj repeat their codes and scales along the heads axis wherever the
+    scheme stores it (fp8 values are ``[N, K]``), so both devices' heads give the original head's product."""
+    from sharding.mesh import make_mesh
+    from sharding.model_sharding import shard_model
+
+    config = ModelConfig.from_hf_config(tiny_hf_config(num_key_value_heads=1))
+    quantization = QuantizationConfig(method, group_size)
+    abstract = abstract_model(get_model_class(config.architecture), config, jnp.float32, quantization=quantization)
+    model, _ = use_pallas_kernel(load_weights(abstract, random_hf_tensors(config)), "reference")
+    expanded = shard_model(model, make_mesh(tensor_parallel_size=2))
+    assert expanded.config.num_kv_heads == 2
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((5, config.hidden_size)), jnp.float32)
+    for old, new in zip(model.model.layers, expanded.model.layers, strict=True):
+        for name in ("k_proj", "v_proj"):
+            old_layer, new_layer = getattr(old.self_attn, name), getattr(new.self_attn, name)
+            assert new_layer.values.get_value().dtype == old_layer.values.get_value().dtype
+            assert new_layer.matmul_impl == "reference"  # kept from the model it was expanded from
+            want = np.asarray(old_layer(x))  # [5, H]: the one KV head
+            np.testing.assert_allclose(np.asarray(new_layer(x)), np.concatenate([want, want], -1), rtol=1e-6)
