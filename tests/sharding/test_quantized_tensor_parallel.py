@@ -127,14 +127,14 @@ def projection_launches(config, tensor: int) -> list[tuple]:
     return [qkv, ((hidden, mlp_cols // tensor),) * 2]
 
 
-@pytest.mark.parametrize(("method", "group_size"), [("int8", 128), ("int4", 32)])
-def test_fused_projections_per_shard_match_separate_launches(method, group_size, monkeypatch):
-    """By default q/k/v and gate/up each run as one Pallas launch over the device's own shards; greedy tokens and
-    step logits equal the same model's separate launches (``JAXLLM_FUSED_PROJECTIONS=0``) on one device."""
+def check_fused_tp2_matches_separate_one_device(method: str, group_size: int, impl: str, monkeypatch) -> None:
+    """The tiny quantized model with kernel ``impl``: its greedy run at T = 2 with fused launches (the default) per
+    device equals its run on one device with separate launches (``JAXLLM_FUSED_PROJECTIONS=0``), tokens and step
+    logits; each device launched its own q/k/v and gate/up shards together."""
     from tests.sharding.test_parallel_generation import run_on_mesh
 
     monkeypatch.setenv(FUSED_PROJECTIONS_ENV, "0")
-    config, model = tiny_quantized_model(method, group_size)
+    config, model = tiny_quantized_model(method, group_size, impl)
     prompts = mixed_prompts(config.vocab_size)
     runner = ReferenceRunner(model, resolved_config())
     expected = generate(ShardedEngine(runner, resolved_config()), prompts, GREEDY)
@@ -143,6 +143,11 @@ def test_fused_projections_per_shard_match_separate_launches(method, group_size,
     outputs, recording = run_on_mesh(model, prompts, 2, 1)
     assert_same_greedy_run(outputs, expected, recording.step_logits, runner.step_logits)
     assert all(shapes in launches for shapes in projection_launches(config, 2))
+
+
+@pytest.mark.parametrize(("method", "group_size"), [("int8", 128), ("int4", 32)])
+def test_fused_projections_per_shard_match_separate_launches(method, group_size, monkeypatch):
+    check_fused_tp2_matches_separate_one_device(method, group_size, "pallas_gpu_interpret", monkeypatch)
 
 
 def test_fused_fp8_projections_match_separate_launches(monkeypatch):
