@@ -22,8 +22,8 @@ _GPU_KERNEL_MIN_INT4_GROUP = 32
 
 _INIT_STDDEV = 0.02
 # Quantized projections that share an input (q/k/v, gate/up) run as one Pallas launch where the GPU kernel serves
-# (fewer, larger launches: each pays a fixed ~5 us at batch 1; H100, L8 batch 1: int4 4.71 -> 4.31 ms, fp8 8.80 ->
-# 5.01 ms, benchmarks/RESULTS.md). On unless this variable is "0".
+# (fewer, larger launches: each pays a fixed ~5 us at batch 1; H100, L8 batch 1: int4 4.71 -> 4.31 ms, fp8 5.36 ->
+# 4.63 ms, benchmarks/RESULTS.md). On unless this variable is "0".
 FUSED_PROJECTIONS_ENV = "JAXLLM_FUSED_PROJECTIONS"
 
 
