@@ -15,7 +15,7 @@ from jaxllm.config import env_switch
 from jaxllm.models import activation_sharding as act
 from jaxllm.quantization.config import QuantizationConfig
 from jaxllm.quantization.schemes import QuantizedWeight, expected_layout
-from pallas_kernels.quantized_matmul import default_impl, quantized_matmul, quantized_matmul_fused
+from pallas_kernels.quantized_matmul import default_impl, quantized_matmul_fused
 
 _GPU_KERNEL_MIN_K_STEP = 16  # the Pallas GPU kernel's smallest K tile
 _GPU_KERNEL_MIN_INT4_GROUP = 32
@@ -69,30 +69,13 @@ class QuantizedLinear(nnx.Module):
     def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
         """``x [..., K]`` -> ``[..., N]`` in ``out_dtype`` (default ``x``'s dtype; float32 also makes the product
         itself float32, as the logits want)."""
-        rows = x.reshape(-1, x.shape[-1])  # [M, K]
         out_dtype = out_dtype or x.dtype
-        # On a mesh each device multiplies its own shards (a Pallas kernel is opaque to the partitioner, which would
-        # gather the weight): column-parallel layers need no communication, row-parallel ones sum partial products.
-        local_matmul = act.per_shard(
-            functools.partial(self._local_matmul, out_dtype=out_dtype),
-            in_axes=(("tokens", self.axes[0]), self.values_axes, self.scales_axes),
-            out_axes=(("tokens", self.axes[1]),),
-            sum_over=self.axes[0],
-        )
-        (y,) = local_matmul(rows, self.values.get_value(), self.scales.get_value())  # [M, N] (f32 with a bias)
+        # With a bias the product is float32; else as Linear: partial sums in the model dtype (or in float32 when
+        # asked, e.g. for logits).
+        (y,) = _sharded_products(x, (self,), jnp.float32 if self.bias is not None else out_dtype)  # [M, N]
         if self.bias is not None:
             y = y + self.bias.get_value().astype(jnp.float32)
         return y.astype(out_dtype).reshape(*x.shape[:-1], self.shape[1])
-
-    def _local_matmul(self, rows, values, scales, *, out_dtype) -> tuple[jax.Array]:
-        """``rows @ W`` for the (shard of the) weight these arrays hold; the backend re-checked for its K."""
-        k = rows.shape[1]
-        weight = shard_weight(values, scales, self.method, self.group_size, k)
-        impl = matmul_impl(self.method, k, self.group_size, rows.shape[0], self.matmul_impl)
-        if self.bias is not None:
-            out_dtype = jnp.float32
-        # else as Linear: partial sums in the model dtype (or in float32 when asked, e.g. for logits)
-        return (quantized_matmul(rows, weight, impl=impl, out_dtype=out_dtype),)
 
 
 def shard_weight(values, scales, method: str, group_size: int | None, k: int) -> QuantizedWeight:
@@ -107,26 +90,34 @@ def project(x: jax.Array, layers) -> tuple[jax.Array, ...]:
     ``quantized_matmul_fused`` (one launch where the Pallas GPU kernel serves) unless ``JAXLLM_FUSED_PROJECTIONS=0``."""
     if env_switch(FUSED_PROJECTIONS_ENV) is False or not _one_quantized_scheme(layers):
         return tuple(layer(x) for layer in layers)
+    ys = _sharded_products(x, layers, x.dtype)
+    return tuple(y.reshape(*x.shape[:-1], layer.shape[1]) for y, layer in zip(ys, layers, strict=True))
+
+
+def _sharded_products(x: jax.Array, layers, out_dtype) -> tuple[jax.Array, ...]:
+    """``x [..., K]`` times the weight of each of ``layers`` (``QuantizedLinear``s of one scheme and input axis), as
+    ``[M, N_i]`` products in ``out_dtype``. On a mesh each device multiplies its own shards (a Pallas kernel is opaque
+    to the partitioner, which would gather the weight): column-parallel layers need no communication, row-parallel
+    ones sum partial products."""
     first = layers[0]
     rows = x.reshape(-1, x.shape[-1])  # [M, K]
     arrays, in_axes = [], [("tokens", first.axes[0])]
     for layer in layers:
         arrays += [layer.values.get_value(), layer.scales.get_value()]
         in_axes += [layer.values_axes, layer.scales_axes]
-    local_matmuls = act.per_shard(
+    local_products = act.per_shard(
         functools.partial(
-            _local_fused_matmul,
+            _local_products,
             method=first.method,
             group_size=first.group_size,
             impl=first.matmul_impl,
-            out_dtype=x.dtype,
+            out_dtype=out_dtype,
         ),
         in_axes=in_axes,
         out_axes=tuple(("tokens", layer.axes[1]) for layer in layers),
         sum_over=first.axes[0],
     )
-    ys = local_matmuls(rows, *arrays)
-    return tuple(y.reshape(*x.shape[:-1], layer.shape[1]) for y, layer in zip(ys, layers, strict=True))
+    return local_products(rows, *arrays)
 
 
 def _one_quantized_scheme(layers) -> bool:
@@ -136,9 +127,9 @@ def _one_quantized_scheme(layers) -> bool:
     return len({(la.method, la.group_size, la.shape[0], la.axes[0], la.matmul_impl) for la in layers}) == 1
 
 
-def _local_fused_matmul(rows, *arrays, method, group_size, impl, out_dtype) -> tuple[jax.Array, ...]:
+def _local_products(rows, *arrays, method, group_size, impl, out_dtype) -> tuple[jax.Array, ...]:
     """``rows @ W_i`` for the (shards of the) weights in ``arrays`` (values and scales of each), in one launch if it
-    can."""
+    can; the backend re-checked for the local K."""
     k = rows.shape[1]
     weights = tuple(
         shard_weight(values, scales, method, group_size, k)

@@ -356,9 +356,7 @@ def quantized_matmul_triton_fused(
     m, k = x.shape
     qw = weights[0]
     n = sum(w.num_outputs for w in weights)
-    if config is None:
-        config = default_config(m, k, n, qw.method, qw.group_size, num_cores(interpret))
-    cfg = config
+    cfg = config or default_config(m, k, n, qw.method, qw.group_size, num_cores(interpret))
     odd = _odd_one_out(weights)
     if odd is not None:
         raise ValueError(
