@@ -13,7 +13,7 @@ one host-to-device copy per device (its step arrays packed into one buffer, ``ja
 async scheduling the first stage also gathers the previous step's sampled tokens (still on the device) into its
 input ids, and the last stage pads its sampled ids to a fixed row count so any bucket's output can feed the next.
 
-``stable_step_inputs=True`` (experimental; ``JAXLLM_STABLE_STEP_INPUTS=1`` for engines, not yet timed on GPUs): each
+``stable_step_inputs=True`` (experimental; ``JAXLLM_STABLE_STEP_INPUTS=1`` for engines, no gain measured): each
 stage program reads the step's arrays from a donated copy of its packed buffer, one per stage and buffer size
 (``jaxllm.runner.stable_inputs`` says why).
 """
