@@ -10,7 +10,9 @@ built by ``jaxllm.engine.llm_engine``). KV budget: on CPU, or with ``num_gpu_blo
 bucket (the memory peak, as vLLM profiles it; the compiled step's temporaries where no fresh peak is counted).
 Experimental switches: ``JAXLLM_MESH_LAUNCH_THREAD=1`` gives each runner a launch thread (``sharding.runner``; TP 4
 batch-1 7.39 -> 5.62 ms on H200s, benchmarks/RESULTS.md); ``JAXLLM_STABLE_STEP_INPUTS=1`` makes the stage programs
-read their step inputs from a donated copy (``jaxllm.runner.stable_inputs``; no gain measured on H100s).
+read their step inputs from a donated copy (``jaxllm.runner.stable_inputs``; no gain measured on H100s);
+``JAXLLM_STABLE_STEP_OUTPUTS=1`` makes the last stage write its results into donated buffers
+(``jaxllm.runner.stable_outputs``; not yet run on a GPU).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from jaxllm.loading.model_source import ModelSource
 from jaxllm.models import ModelConfig
 from jaxllm.runner.kv_cache import measured_device_memory
 from jaxllm.runner.stable_inputs import stable_step_inputs_enabled
+from jaxllm.runner.stable_outputs import stable_step_outputs_enabled
 from jaxllm.runner.xla_options import StepCompilerOptions
 from sharding.mesh import describe, make_mesh, replica_meshes
 from sharding.model_sharding import expand_kv_heads, kv_bytes_per_block_per_device
@@ -91,6 +94,7 @@ def build_mesh_runners(
                 compiler_options=compiler_options,
                 launch_thread=bool(env_switch(LAUNCH_THREAD_ENV)),
                 stable_step_inputs=stable_step_inputs_enabled(),
+                stable_step_outputs=stable_step_outputs_enabled(),
             )
         )
     if measure:

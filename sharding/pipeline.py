@@ -15,7 +15,10 @@ input ids, and the last stage pads its sampled ids to a fixed row count so any b
 
 ``stable_step_inputs=True`` (experimental; ``JAXLLM_STABLE_STEP_INPUTS=1`` for engines, no gain measured): each
 stage program reads the step's arrays from a donated copy of its packed buffer, one per stage and buffer size
-(``jaxllm.runner.stable_inputs`` says why).
+(``jaxllm.runner.stable_inputs`` says why). ``stable_step_outputs=True`` (experimental;
+``JAXLLM_STABLE_STEP_OUTPUTS=1``, not yet run on a GPU): the last stage writes its results into donated buffers that
+callers hand back with ``release`` once read (``jaxllm.runner.stable_outputs`` says why); each result then has
+``ROW_SLACK`` rows past its own.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from jaxllm.models.attention_metadata import AttentionMetadata
 from jaxllm.runner.model_runner import feed_pending_tokens
 from jaxllm.runner.packed_transfer import PackedLayout, pack, unpack
 from jaxllm.runner.stable_inputs import StagingBuffers, read_through_copy
+from jaxllm.runner.stable_outputs import ROW_SLACK, ResultBuffers, write_into
 from jaxllm.runner.step_batch import StepBatch
 from jaxllm.runner.xla_options import CompilerOptions, ProgramsByOptions
 from sharding.mesh import stage_meshes
@@ -60,6 +64,7 @@ class Stage:
     state: nnx.State
     programs: ProgramsByOptions  # the stage's jitted program, one per set of XLA options
     staging: StagingBuffers  # donated copies of the packed inputs (off unless stable_step_inputs)
+    results: ResultBuffers  # donated result buffers of the last stage (off unless stable_step_outputs)
     kv_caches: list | None = None
 
 
@@ -97,17 +102,20 @@ class PipelinedModel:
         compiler_options: CompilerOptions = None,
         token_rows: int | None = None,
         stable_step_inputs: bool = False,
+        stable_step_outputs: bool = False,
     ):
         """``token_rows``: pad the head's ``token_ids`` to this many rows, so they can feed a later step's pending
         tokens (``run(..., pending_tokens=...)``) through one program whatever bucket produced them.
-        ``stable_step_inputs``: read the step's arrays from a donated copy (see the module docstring)."""
+        ``stable_step_inputs``: read the step's arrays from a donated copy; ``stable_step_outputs``: write the results
+        into donated buffers (see the module docstring)."""
         check_single_replica(mesh)
-        self.stable_step_inputs = stable_step_inputs
+        self.stable_step_inputs, self.stable_step_outputs = stable_step_inputs, stable_step_outputs
         self.config = model.config
         self.head_fn = head_fn
         self.token_rows = token_rows
         self.compiler_options = compiler_options  # XLA options of the stage programs, per bucket (runner.xla_options)
         self.num_traces = 0  # incremented only when a stage program is traced (compiled) anew
+        self._result_shape_cache: dict = {}  # (rows, head-argument shapes) -> the head's result shapes
         meshes = stage_meshes(mesh)
         ranges = stage_layer_ranges(self.config.num_layers, len(meshes))
         self.stages = [self._build_stage(model, meshes, ranges, s) for s in range(len(meshes))]
@@ -122,15 +130,14 @@ class PipelinedModel:
         _check_placed(state, mesh, index)
         programs = self._compile(graphdef, state, mesh, is_last)
         staging = StagingBuffers(self.stable_step_inputs, replicated(mesh))
-        return Stage(mesh, ranges[index], graphdef, state, programs, staging)
+        results = ResultBuffers(self.stable_step_outputs and is_last, replicated(mesh))
+        return Stage(mesh, ranges[index], graphdef, state, programs, staging, results)
 
     def _compile(self, graphdef, state, mesh: Mesh, is_last: bool):
-        head_fn = self.head_fn
         rules = activation_rules(self.config, mesh)
+        finish_head = self._finish_head
 
-        token_rows = self.token_rows
-
-        def program(state, kv_caches, inputs, packed, pending_tokens, staging, layout: PackedLayout):
+        def program(state, kv_caches, inputs, packed, pending_tokens, staging, result_buffers, layout: PackedLayout):
             self.num_traces += 1
             packed, staging = read_through_copy(packed, staging)  # staging None: read packed itself
             metadata, logits_indices, head_args, prev_index, input_ids = unpack(packed, layout)  # one H2D copy
@@ -144,20 +151,39 @@ class PipelinedModel:
                 out, kv_caches = stage_forward(stage, inputs, kv_caches, md, logits_indices)
             if not is_last:
                 return out, kv_caches, staging
-            out = head_fn(out, head_args)
-            if token_rows is not None:
-                out = {**out, "token_ids": jnp.pad(out["token_ids"], (0, token_rows - out["token_ids"].shape[0]))}
-            return out, kv_caches, staging
+            return write_into(result_buffers, finish_head(out, head_args)), kv_caches, staging
 
         rep, kv = replicated(mesh), kv_cache_sharding(mesh)
         return ProgramsByOptions(
             program,
             self.compiler_options,
-            donate_argnums=(1, 5),
-            static_argnums=(6,),
-            in_shardings=(state_shardings(state), kv, rep, rep, rep, rep),
+            donate_argnums=(1, 5, 6),
+            static_argnums=(7,),
+            in_shardings=(state_shardings(state), kv, rep, rep, rep, rep, rep),
             out_shardings=(rep, kv, rep),
         )
+
+    def _finish_head(self, logits, head_args) -> dict:
+        """(traced) The head's results from the last stage's logits, ``token_ids`` padded to ``token_rows``."""
+        out = self.head_fn(logits, head_args)
+        if self.token_rows is not None:
+            out = {**out, "token_ids": jnp.pad(out["token_ids"], (0, self.token_rows - out["token_ids"].shape[0]))}
+        return out
+
+    def _result_shapes(self, batch: StepBatch, head_args) -> dict:
+        """The head's result shapes for ``batch`` (traced once per shape of its arguments)."""
+        leaves, treedef = jax.tree.flatten(head_args)
+        key = (batch.logits_indices.shape[0], treedef, tuple((np.shape(x), np.result_type(x).name) for x in leaves))
+        if key not in self._result_shape_cache:
+            logits = jax.ShapeDtypeStruct((key[0], self.config.vocab_size), jnp.float32)
+            self._result_shape_cache[key] = jax.eval_shape(self._finish_head, logits, head_args)
+        return self._result_shape_cache[key]
+
+    def release(self, results: Sequence[dict]) -> None:
+        """Hands the last stage's result buffers of a ``run`` back once their values have been read (a no-op unless
+        ``stable_step_outputs``); a later call of the same shapes donates them."""
+        for result in results:
+            self.stages[-1].results.release(result)
 
     @property
     def num_stages(self) -> int:
@@ -193,7 +219,8 @@ class PipelinedModel:
 
     @functools.cached_property
     def _no_pending_tokens(self) -> jax.Array:
-        return jax.device_put(np.zeros(self.token_rows, np.int32), replicated(self.stages[0].mesh))
+        rows = self.token_rows + (ROW_SLACK if self.stable_step_outputs else 0)  # the shape fed results have
+        return jax.device_put(np.zeros(rows, np.int32), replicated(self.stages[0].mesh))
 
     def _stage_args(self, stage: Stage, inputs, batch: StepBatch, head_args, pending_tokens=None) -> tuple:
         """The stage program's arguments: the step's host arrays, the first stage's token ids among them, go over
@@ -207,7 +234,8 @@ class PipelinedModel:
             inputs = jax.device_put(inputs, replicated(stage.mesh))
         staging = stage.staging.get(packed.size)
         packed = jax.device_put(packed, replicated(stage.mesh))
-        return stage.state, stage.kv_caches, inputs, packed, pending_tokens, staging, layout
+        result_buffers = stage.results.take(self._result_shapes(batch, head_args)) if stage.results.enabled else None
+        return stage.state, stage.kv_caches, inputs, packed, pending_tokens, staging, result_buffers, layout
 
     def _run_stage(self, stage: Stage, inputs, batch: StepBatch, head_args, pending_tokens=None):
         program = stage.programs.for_tokens(batch.token_bucket)
@@ -226,4 +254,7 @@ class PipelinedModel:
             shape = (batch.input_ids.shape[0], self.config.hidden_size)
             inputs = jax.ShapeDtypeStruct(shape, dtype, sharding=replicated(stage.mesh))
         args = self._stage_args(stage, inputs, batch, head_args, pending)
-        return stage.programs.for_tokens(batch.token_bucket).lower(*args)
+        lowered = stage.programs.for_tokens(batch.token_bucket).lower(*args)
+        if args[6] is not None:
+            stage.results.release(args[6])  # (lowering runs nothing: the buffers are free again)
+        return lowered

@@ -17,7 +17,9 @@ stages or microbatches the runner stays synchronous.
 to one worker thread. A multi-GPU program's execute returns only once every GPU's host thread has launched its
 share, ~7 ms per batch-1 step at TP 4 on H200s (benchmarks/RESULTS.md), during which the engine's own host work for
 the next step would otherwise wait; with the worker, the two overlap. Launches stay in dispatch order.
-``stable_step_inputs=True`` (experimental; ``JAXLLM_STABLE_STEP_INPUTS=1``): see ``sharding.pipeline``.
+``stable_step_inputs=True`` (experimental; ``JAXLLM_STABLE_STEP_INPUTS=1``) and ``stable_step_outputs=True``
+(experimental; ``JAXLLM_STABLE_STEP_OUTPUTS=1``): see ``sharding.pipeline``; the runner releases a step's result buffers
+once it has read them.
 """
 
 from __future__ import annotations
@@ -125,6 +127,7 @@ class PipelineRunner:
         compiler_options: CompilerOptions = None,
         launch_thread: bool = False,
         stable_step_inputs: bool = False,
+        stable_step_outputs: bool = False,
     ):
         self.config = config
         max_rows = config.request_rows_for(config.token_buckets[-1])  # sampled ids padded to this, fed on device
@@ -135,6 +138,7 @@ class PipelineRunner:
             compiler_options=compiler_options,
             token_rows=max_rows,
             stable_step_inputs=stable_step_inputs,
+            stable_step_outputs=stable_step_outputs,
         )
         self.num_microbatches = num_microbatches or self.pipeline.num_stages
         if self.num_microbatches < 1:
@@ -184,6 +188,7 @@ class PipelineRunner:
         if not step.scheduler_output.wants_logprobs:  # no logprob transfers
             wanted = {key: value for key, value in wanted.items() if key not in LOGPROB_FIELDS}
         host = {key: np.asarray(value) for key, value in jax.device_get(wanted).items()}
+        self.pipeline.release([_resolved(step.result)])
         self.last_results = host
         return _to_output(step.scheduler_output.scheduled, host)
 
@@ -195,6 +200,7 @@ class PipelineRunner:
         results = self.pipeline.run([mb.batch for mb in microbatches], head_args)
         self.num_steps += 1
         self.last_results = _gather_rows(jax.device_get(results), microbatches)
+        self.pipeline.release(results)
         return _to_output(scheduled, self.last_results)
 
     def _head_args(self, index: int, microbatch: Microbatch, scheduled: list):
@@ -226,7 +232,8 @@ class PipelineRunner:
 
     def _run_padding(self, bucket: int) -> None:
         batch, head_args = self._padding_step(bucket)
-        jax.block_until_ready(self.pipeline.run([batch], [head_args]))
+        results = jax.block_until_ready(self.pipeline.run([batch], [head_args]))
+        self.pipeline.release(results)
 
     def warm_up(self) -> float:
         """Compiles every stage for every token bucket with padding-only batches; returns seconds spent."""

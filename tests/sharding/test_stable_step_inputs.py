@@ -3,8 +3,6 @@ buffer give exactly the tokens, stops, logprobs and preemptions of the plain mes
 scheduling) and on TP x PP (microbatches); each step's copy is donated, so it replaces the last; the compiled programs
 really read the copy (the moving input's only reader is the copy into the staging buffer)."""
 
-import re
-
 import numpy as np
 import pytest
 
@@ -15,29 +13,12 @@ from jaxllm.runner.stable_inputs import (
     read_through_copy,
     stable_step_inputs_enabled,
 )
-from sharding.runner import padding_batch
 from tests.engine.conftest import make_llm, random_token_prompts
 from tests.engine.test_async_scheduling import LENGTHS, assert_same_outputs, mixed_params, outputs_of
+from tests.sharding.compiled_stage import compiled_last_stage, parameter_readers
 from tests.sharding.helpers import NEEDS_8_DEVICES
 
 pytestmark = NEEDS_8_DEVICES
-
-
-def lowered_last_stage(runner) -> str:
-    bucket = runner.config.token_buckets[0]
-    rows = runner.config.request_rows_for(bucket)
-    batch = padding_batch(bucket, rows, runner.config.max_blocks_per_request)
-    pipeline = runner.pipeline
-    lowered = pipeline.lower_stage(pipeline.num_stages - 1, batch, runner.build_head_args([], rows, 0, 0))
-    return lowered.compile().as_text()
-
-
-def packed_input_readers(compiled_hlo: str) -> list[str]:
-    """The instructions of the entry computation that take the packed step input (the ``packed`` parameter)."""
-    entry = compiled_hlo[compiled_hlo.index("\nENTRY") :].splitlines()[1:]
-    parameter = re.compile(r'\s*(%\S+) = u8\[\d+\]\S* parameter\(\d+\).*op_name="packed"')
-    (name,) = [m.group(1) for line in entry if (m := parameter.match(line))]
-    return [line.strip() for line in entry if re.search(re.escape(name) + r"[,)]", line) and " parameter(" not in line]
 
 
 @pytest.mark.parametrize(
@@ -69,9 +50,9 @@ def test_stable_step_inputs_equal_the_plain_run(tiny_llama_dir, monkeypatch, eng
     assert replaced and all(buffer.is_deleted() for buffer in replaced)  # each copy was donated to the next step
     if "num_gpu_blocks_override" in engine_options:
         assert stable.llm_engine.scheduler.num_preemptions > 0
-    (copy,) = packed_input_readers(lowered_last_stage(stable.llm_engine.runner))
+    (copy,) = parameter_readers(compiled_last_stage(stable.llm_engine.runner), "packed")
     assert "dynamic-update-slice" in copy, copy
-    assert len(packed_input_readers(lowered_last_stage(plain.llm_engine.runner))) > 1  # the plain run reads it directly
+    assert len(parameter_readers(compiled_last_stage(plain.llm_engine.runner), "packed")) > 1  # read directly
 
 
 def test_staging_buffer_of_another_size_is_rejected():

@@ -1,0 +1,91 @@
+"""Step results written into donated buffers no intermediate value shares (experimental, not yet run on a GPU).
+
+Owns the ``JAXLLM_STABLE_STEP_OUTPUTS`` switch, the traced write and the pool of result buffers; the mesh runners'
+last stage uses them (``sharding.pipeline``). XLA's buffer assignment puts intermediate values whose lives end before
+a result is computed into that result's allocation: in jaxllm's compiled stage program (CPU) the padded sampled ids'
+allocation also holds the sampler's intermediates, and in a four-layer toy every layer's ``[rows]`` float
+intermediate lives in the ``[rows]`` output's allocation. A result allocation is new in every call, and with async
+scheduling step N+1's results are allocated while step N's are still held, so they alternate between addresses. XLA's
+GPU runtime updates a CUDA graph whenever an allocation its commands use has moved, so each graph holding such an
+intermediate would be updated every step. On 2 x H100 (benchmarks/RESULTS.md) the 8B shape's tensor-parallel-2 step
+updated 33 of each GPU's 65 graphs every step, two moved allocations in each layer's graph, and none with async
+scheduling off; the KV cache and the packed step input (``jaxllm.runner.stable_inputs``) were ruled out; that the two
+are these results is this module's hypothesis, not yet measured.
+
+With the switch on, the last stage's program takes one donated buffer per non-empty result, ``ROW_SLACK`` rows longer,
+and writes the result into its first rows (a dynamic-update-slice; a full-size one would be folded into the result
+itself, as the stable inputs' copy was). The buffer's value is live from the program's start to that write, so no
+intermediate can share its allocation. The returned results are the buffers (rows past the result's are stale). A
+buffer goes back to the pool once the runner has read its values (``release``); the next call of the same shapes
+takes and donates it, so in steady state two sets alternate and only the graphs that write or read the results see
+them move.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+
+from jaxllm.config import env_switch
+
+STABLE_STEP_OUTPUTS_ENV = "JAXLLM_STABLE_STEP_OUTPUTS"
+ROW_SLACK = 1  # rows each result buffer has beyond its result, so the write is not a full-size update
+
+
+def stable_step_outputs_enabled() -> bool:
+    """``JAXLLM_STABLE_STEP_OUTPUTS=1``; ValueError for a value other than 0 or 1."""
+    return bool(env_switch(STABLE_STEP_OUTPUTS_ENV))
+
+
+def write_into(buffers: dict | None, results: dict) -> dict:
+    """(traced) ``results`` with each one that has a buffer written into that buffer's first rows."""
+    if buffers is None:
+        return results
+    written = dict(results)
+    for key, buffer in buffers.items():
+        value = results[key]
+        if buffer.shape != (value.shape[0] + ROW_SLACK, *value.shape[1:]) or buffer.dtype != value.dtype:
+            have, need = f"{buffer.dtype}{list(buffer.shape)}", f"{value.dtype}{list(value.shape)}"
+            raise ValueError(f"result buffer {key!r} of {have} for a result of {need}")
+        written[key] = jax.lax.dynamic_update_slice(buffer, value, (0,) * value.ndim)
+    return written
+
+
+def _key(shapes: dict) -> tuple:
+    return tuple(sorted((name, tuple(s.shape), np.dtype(s.dtype).name) for name, s in shapes.items()))
+
+
+class ResultBuffers:
+    """Free result buffers by shapes, on ``sharding``'s devices; a set is taken for one call and released after."""
+
+    def __init__(self, enabled: bool, sharding=None):
+        self.enabled, self.sharding = enabled, sharding
+        self.free: dict[tuple, list[dict]] = {}
+        self.num_allocated = 0  # buffer sets made (not reused)
+
+    def take(self, result_shapes: dict) -> dict | None:
+        """Buffers for results of ``result_shapes`` (name -> ShapeDtypeStruct), a released set where there is one;
+        empty results get none. None when off."""
+        if not self.enabled:
+            return None
+        shapes = {
+            name: jax.ShapeDtypeStruct((s.shape[0] + ROW_SLACK, *s.shape[1:]), s.dtype)
+            for name, s in result_shapes.items()
+            if math.prod(s.shape) > 0
+        }
+        free = self.free.get(_key(shapes))
+        if free:
+            return free.pop()
+        self.num_allocated += 1
+        return {name: jax.device_put(np.zeros(s.shape, s.dtype), self.sharding) for name, s in shapes.items()}
+
+    def release(self, results: dict) -> None:
+        """Returns the buffers behind a call's ``results`` (once their values have been read) for later calls."""
+        if not self.enabled:
+            return
+        buffers = {name: value for name, value in results.items() if value.size > 0}
+        free = self.free.setdefault(_key(buffers), [])
+        if not any(any(a is b for a, b in zip(f.values(), buffers.values(), strict=True)) for f in free):
+            free.append(buffers)  # (a set released twice is kept once: it must not be donated to two calls)

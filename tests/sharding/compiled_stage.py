@@ -1,0 +1,26 @@
+"""Reading a mesh engine's compiled last-stage program: which instructions take a given entry parameter."""
+
+from __future__ import annotations
+
+import re
+
+from sharding.runner import padding_batch
+
+
+def compiled_last_stage(runner) -> str:
+    """The optimized HLO text of ``runner``'s last stage program for its smallest bucket."""
+    bucket = runner.config.token_buckets[0]
+    rows = runner.config.request_rows_for(bucket)
+    batch = padding_batch(bucket, rows, runner.config.max_blocks_per_request)
+    pipeline = runner.pipeline
+    lowered = pipeline.lower_stage(pipeline.num_stages - 1, batch, runner.build_head_args([], rows, 0, 0))
+    return lowered.compile().as_text()
+
+
+def parameter_readers(compiled_hlo: str, op_name: str) -> list[str]:
+    """The entry computation's instructions that take the parameter whose metadata ``op_name`` is ``op_name``."""
+    entry = compiled_hlo[compiled_hlo.index("\nENTRY") :].splitlines()[1:]
+    quoted = re.escape(op_name).replace("'", r"\\*'")  # XLA escapes the quotes of pytree keys
+    parameter = re.compile(r'\s*(%\S+) = \S+ parameter\(\d+\).*op_name="' + quoted + '"')
+    (name,) = [m.group(1) for line in entry if (m := parameter.match(line))]
+    return [line.strip() for line in entry if re.search(re.escape(name) + r"[,)]", line) and " parameter(" not in line]
