@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU-machine session: the GPU tests and the benchmarks, logs and JSON under $OUT (default ./gpu-out).
 #   bash benchmarks/gpu_session.sh tests kernels j8 j8sync j8ref j8cublas j8nomerge j8both j8xla j8fp8 j8fp8nocb j1 l8 l8q l8fused \
-#        l8qxla l8xla l8dump vmm j8vmm l8vmm profile profile1 profile_b1 profile_prefill profile_tp2 startup compare_hf qmm qmmsweep qmmengine qmmbitcvt qmmbundled attnsweep memj1 mesh8 mesh70 tpflags tpenv mp mp8
-# (any subset, run in the order given; mesh8 and profile_tp2 need 2+ GPUs: the Llama-3.1-8B shape at TP 1 and 2 by
+#        l8qxla l8xla l8dump vmm j8vmm l8vmm profile profile1 profile_b1 profile_prefill profile_tp2 graphupd startup compare_hf qmm qmmsweep qmmengine qmmbitcvt qmmbundled attnsweep memj1 mesh8 mesh70 tpflags tpenv mp mp8
+# (any subset, run in the order given; mesh8, profile_tp2 and graphupd need 2+ GPUs: the Llama-3.1-8B shape at TP 1 and 2 by
 # default, MESHES=...; mesh70 the Llama-3.1-70B shape, 4x1x1 by default, MESHES70=...)
 # Run from the repository root; JAXLLM_COMMIT names the commit when the tree is not a git checkout. Wheels of
 # packages the machine lacks (gguf: `pip download --no-deps -d .whl gguf==0.19.0`, carried as `.whl`) are installed
@@ -57,6 +57,15 @@ for stage in "$@"; do
                      | tee "$OUT/profile_tp${tp}_b1.log" | grep -Ev "^JSON"
                    cp "$(find /tmp/tp$tp-trace -name "*.trace.json.gz" | tail -1)" "$OUT/tp${tp}_b1.trace.json.gz"
                  done ;;
+    graphupd) IFS=';' read -ra variants <<< "${GRAPHUPD_VARIANTS:-JAXLLM_STABLE_STEP_OUTPUTS=0;JAXLLM_STABLE_STEP_OUTPUTS=1;JAXLLM_STABLE_STEP_OUTPUTS=1 JAXLLM_STABLE_STEP_INPUTS=1}"
+              for v in "${variants[@]}"; do  # J8's engine, batch-1 decode at TP ${TP_SIZES:-2}: graph updates per step per variant
+                for tp in ${TP_SIZES:-2}; do
+                  ( eval "export $v"; echo "variant: $v, TP $tp"
+                    python3 benchmarks/profile_step.py --job J8 --tensor-parallel-size $tp --num-prompts 1 --out /tmp/graphupd-trace 2>&1 \
+                      | tee -a "$OUT/graphupd.log" | grep -E "decode step|command_buffer::(update|execute)|^JSON" \
+                      | sed -E 's/^JSON .*"untraced_step_ms": (\[[^]]*\]).*/  untraced step ms \1/' )
+                done
+              done ;;
     profile_prefill) python3 benchmarks/profile_step.py --job J8 --phase prefill --out /tmp/j8-prefill-trace 2>&1 | tee "$OUT/profile_prefill.log" | grep -Ev "^JSON" ;;
     j8ref) python3 benchmarks/throughput.py --job J8 --attention-impl reference --record 2>&1 | tee "$OUT/j8ref.log" | grep -Ev "^\{" ;;
     j1) python3 benchmarks/throughput.py --job J1 --gpu-memory-utilization ${J1_GPU_MEMORY_UTILIZATION:-0.8} --record 2>&1 | tee "$OUT/j1.log" | grep -Ev "^\{" ;;
