@@ -3,8 +3,8 @@
 Owns the ``JAXLLM_STABLE_STEP_OUTPUTS`` switch, the traced write and the pool of result buffers; the mesh runners'
 last stage uses them (``sharding.pipeline``). XLA's buffer assignment puts intermediate values whose lives end before
 a result is computed into that result's allocation: in jaxllm's compiled stage program (CPU) the padded sampled ids'
-allocation also holds the sampler's intermediates, and in a four-layer toy every layer's ``[rows]`` float
-intermediate lives in the ``[rows]`` output's allocation. A result allocation is new in every call, and with async
+allocation also holds the sampler's intermediates, and in a four-layer toy three layers' ``[rows]`` float
+intermediates live in the ``[rows]`` output's allocation. A result allocation is new in every call, and with async
 scheduling step N+1's results are allocated while step N's are still held, so they alternate between addresses. XLA's
 GPU runtime updates a CUDA graph whenever an allocation its commands use has moved, so each graph holding such an
 intermediate would be updated every step. On 2 x H100 (benchmarks/RESULTS.md) the 8B shape's tensor-parallel-2 step
