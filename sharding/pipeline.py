@@ -255,6 +255,7 @@ class PipelinedModel:
             inputs = jax.ShapeDtypeStruct(shape, dtype, sharding=replicated(stage.mesh))
         args = self._stage_args(stage, inputs, batch, head_args, pending)
         lowered = stage.programs.for_tokens(batch.token_bucket).lower(*args)
-        if args[6] is not None:
-            stage.results.release(args[6])  # (lowering runs nothing: the buffers are free again)
+        *_, result_buffers, _layout = args
+        if result_buffers is not None:
+            stage.results.release(result_buffers)  # (lowering runs nothing: the buffers are free again)
         return lowered

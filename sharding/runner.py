@@ -184,11 +184,12 @@ class PipelineRunner:
 
     def collect(self, step: InFlightStep) -> ModelRunnerOutput:
         """Waits for a dispatched step and returns its sampled tokens."""
-        wanted = _resolved(step.result)
+        result = _resolved(step.result)
+        wanted = result
         if not step.scheduler_output.wants_logprobs:  # no logprob transfers
-            wanted = {key: value for key, value in wanted.items() if key not in LOGPROB_FIELDS}
+            wanted = {key: value for key, value in result.items() if key not in LOGPROB_FIELDS}
         host = {key: np.asarray(value) for key, value in jax.device_get(wanted).items()}
-        self.pipeline.release([_resolved(step.result)])
+        self.pipeline.release([result])
         self.last_results = host
         return _to_output(step.scheduler_output.scheduled, host)
 
