@@ -10,9 +10,9 @@ built by ``jaxllm.engine.llm_engine``). KV budget: on CPU, or with ``num_gpu_blo
 bucket (the memory peak, as vLLM profiles it; the compiled step's temporaries where no fresh peak is counted).
 Experimental switches: ``JAXLLM_MESH_LAUNCH_THREAD=1`` gives each runner a launch thread (``sharding.runner``; TP 4
 batch-1 7.39 -> 5.62 ms on H200s, benchmarks/RESULTS.md); ``JAXLLM_STABLE_STEP_INPUTS=1`` makes the stage programs
-read their step inputs from a donated copy (``jaxllm.runner.stable_inputs``; no gain measured on H100s);
-``JAXLLM_STABLE_STEP_OUTPUTS=1`` makes the last stage write its results into donated buffers
-(``jaxllm.runner.stable_outputs``; not yet run on a GPU).
+read their step inputs from a donated copy (``jaxllm.runner.stable_inputs``; no gain measured on H100s). On unless
+``JAXLLM_STABLE_STEP_OUTPUTS=0``: the last stage writes its results into donated buffers
+(``jaxllm.runner.stable_outputs``; J8 at TP 2 on 2 x H100: 10,120 -> 13,288 output tok/s).
 """
 
 from __future__ import annotations

@@ -15,10 +15,10 @@ input ids, and the last stage pads its sampled ids to a fixed row count so any b
 
 ``stable_step_inputs=True`` (experimental; ``JAXLLM_STABLE_STEP_INPUTS=1`` for engines, no gain measured): each
 stage program reads the step's arrays from a donated copy of its packed buffer, one per stage and buffer size
-(``jaxllm.runner.stable_inputs`` says why). ``stable_step_outputs=True`` (experimental;
-``JAXLLM_STABLE_STEP_OUTPUTS=1``, not yet run on a GPU): the last stage writes its results into donated buffers that
-callers hand back with ``release`` once read (``jaxllm.runner.stable_outputs`` says why); each result then has
-``ROW_SLACK`` rows past its own.
+(``jaxllm.runner.stable_inputs`` says why). ``stable_step_outputs=True`` (engines' default;
+``JAXLLM_STABLE_STEP_OUTPUTS=0`` turns it off): the last stage writes its results into donated buffers that callers
+hand back with ``release`` once read, so no CUDA graph holding an intermediate is updated every step
+(``jaxllm.runner.stable_outputs`` says why and what it gained); each result then has ``ROW_SLACK`` rows past its own.
 """
 
 from __future__ import annotations
@@ -234,7 +234,9 @@ class PipelinedModel:
             inputs = jax.device_put(inputs, replicated(stage.mesh))
         staging = stage.staging.get(packed.size)
         packed = jax.device_put(packed, replicated(stage.mesh))
-        result_buffers = stage.results.take(self._result_shapes(batch, head_args)) if stage.results.enabled else None
+        result_buffers = None
+        if stage.results.enabled:
+            result_buffers = stage.results.take(self._result_shapes(batch, head_args), read_by_call=(pending_tokens,))
         return stage.state, stage.kv_caches, inputs, packed, pending_tokens, staging, result_buffers, layout
 
     def _run_stage(self, stage: Stage, inputs, batch: StepBatch, head_args, pending_tokens=None):

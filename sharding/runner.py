@@ -18,8 +18,8 @@ to one worker thread. A multi-GPU program's execute returns only once every GPU'
 share, ~7 ms per batch-1 step at TP 4 on H200s (benchmarks/RESULTS.md), during which the engine's own host work for
 the next step would otherwise wait; with the worker, the two overlap. Launches stay in dispatch order.
 ``stable_step_inputs=True`` (experimental; ``JAXLLM_STABLE_STEP_INPUTS=1``) and ``stable_step_outputs=True``
-(experimental; ``JAXLLM_STABLE_STEP_OUTPUTS=1``): see ``sharding.pipeline``; the runner releases a step's result buffers
-once it has read them.
+(engines' default; ``JAXLLM_STABLE_STEP_OUTPUTS=0`` turns it off): see ``sharding.pipeline``; the runner releases a
+step's result buffers once it has read them.
 """
 
 from __future__ import annotations

@@ -1,29 +1,28 @@
-"""Step results written into donated buffers no intermediate value shares (experimental, not yet run on a GPU).
+"""Step results written into donated buffers no intermediate value shares (on by default on meshes).
 
-Owns the ``JAXLLM_STABLE_STEP_OUTPUTS`` switch, the traced write and the pool of result buffers; the mesh runners'
-last stage uses them (``sharding.pipeline``). XLA's buffer assignment puts intermediate values whose lives end before
-a result is computed into that result's allocation: in jaxllm's compiled stage program (CPU) the padded sampled ids'
-allocation also holds the sampler's intermediates, and in a four-layer toy three layers' ``[rows]`` float
-intermediates live in the ``[rows]`` output's allocation. A result allocation is new in every call, and with async
-scheduling step N+1's results are allocated while step N's are still held, so they alternate between addresses. XLA's
-GPU runtime updates a CUDA graph whenever an allocation its commands use has moved, so each graph holding such an
-intermediate would be updated every step. On 2 x H100 (benchmarks/RESULTS.md) the 8B shape's tensor-parallel-2 step
-updated 33 of each GPU's 65 graphs every step, two moved allocations in each layer's graph, and none with async
-scheduling off; the KV cache and the packed step input (``jaxllm.runner.stable_inputs``) were ruled out; that the two
-are these results is this module's hypothesis, not yet measured.
+Owns the ``JAXLLM_STABLE_STEP_OUTPUTS`` switch (``=0`` turns it off), the traced write and the pool of result buffers;
+the mesh runners' last stage uses them (``sharding.pipeline``). XLA's buffer assignment puts intermediate values whose
+lives end before a result is computed into that result's allocation: in jaxllm's compiled stage program (CPU) the
+padded sampled ids' allocation also holds the sampler's intermediates and layers' RMSNorm values. A result allocation
+is new in every call, and with async scheduling step N+1's results are allocated while step N's are still held, so
+they alternate between addresses. XLA's GPU runtime updates a CUDA graph whenever an allocation its commands use has
+moved, so each graph holding such an intermediate was updated every step: on 2 x H100 (benchmarks/RESULTS.md) the 8B
+shape's tensor-parallel-2 step updated 33 of each GPU's 65 graphs every step, and none with this switch on, which
+took J8's engine at TP 2 from 10,120 to 13,288 output tok/s and its batch-1 step from 8.18 to 4.89 ms (one lease).
 
-With the switch on, the last stage's program takes one donated buffer per non-empty result, ``ROW_SLACK`` rows longer,
-and writes the result into its first rows (a dynamic-update-slice; a full-size one would be folded into the result
-itself, as the stable inputs' copy was). The buffer's value is live from the program's start to that write, so no
-intermediate can share its allocation. The returned results are the buffers (rows past the result's are stale). A
-buffer goes back to the pool once the runner has read its values (``release``); the next call of the same shapes
-takes and donates it, so in steady state two sets alternate and only the graphs that write or read the results see
-them move.
+The last stage's program takes one donated buffer per non-empty result, ``ROW_SLACK`` rows longer, and writes the
+result into its first rows (a dynamic-update-slice; a full-size one would be folded into the result itself, as the
+stable inputs' copy was). The buffer's value is live from the program's start to that write, so no intermediate can
+share its allocation. The returned results are the buffers (rows past the result's are stale). A buffer goes back to
+the pool once the runner has read its values (``release``); the next call of the same shapes takes and donates it, so
+in steady state two sets per shape alternate. The one-device ``ModelRunner`` does not use this (its forward and sampler
+graphs are updated every step too, ~0.09 ms in all at batch 1 on an H100).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 
 import jax
 import numpy as np
@@ -35,8 +34,8 @@ ROW_SLACK = 1  # rows each result buffer has beyond its result, so the write is 
 
 
 def stable_step_outputs_enabled() -> bool:
-    """``JAXLLM_STABLE_STEP_OUTPUTS=1``; ValueError for a value other than 0 or 1."""
-    return bool(env_switch(STABLE_STEP_OUTPUTS_ENV))
+    """On unless ``JAXLLM_STABLE_STEP_OUTPUTS=0``; ValueError for a value other than 0 or 1."""
+    return env_switch(STABLE_STEP_OUTPUTS_ENV) is not False
 
 
 def write_into(buffers: dict | None, results: dict) -> dict:
@@ -58,16 +57,20 @@ def _key(shapes: dict) -> tuple:
 
 
 class ResultBuffers:
-    """Free result buffers by shapes, on ``sharding``'s devices; a set is taken for one call and released after."""
+    """Free result buffers by shapes, on ``sharding``'s devices; a set is taken for one call and released after.
+    ``take`` and ``release`` may run on different threads (the mesh runner's launch thread takes, its caller
+    releases)."""
 
     def __init__(self, enabled: bool, sharding=None):
         self.enabled, self.sharding = enabled, sharding
         self.free: dict[tuple, list[dict]] = {}
         self.num_allocated = 0  # buffer sets made (not reused)
+        self._lock = threading.Lock()
 
-    def take(self, result_shapes: dict) -> dict | None:
-        """Buffers for results of ``result_shapes`` (name -> ShapeDtypeStruct), a released set where there is one;
-        empty results get none. None when off."""
+    def take(self, result_shapes: dict, read_by_call=()) -> dict | None:
+        """Buffers for results of ``result_shapes`` (name -> ShapeDtypeStruct), a released set where there is one
+        that holds none of ``read_by_call`` (arrays the same call reads, such as the previous step's token ids fed
+        as its pending tokens: a call cannot both read and donate a buffer); empty results get none. None when off."""
         if not self.enabled:
             return None
         shapes = {
@@ -75,10 +78,12 @@ class ResultBuffers:
             for name, s in result_shapes.items()
             if math.prod(s.shape) > 0
         }
-        free = self.free.get(_key(shapes))
-        if free:
-            return free.pop()
-        self.num_allocated += 1
+        with self._lock:
+            free = self.free.get(_key(shapes), [])
+            for index, buffers in enumerate(free):
+                if not any(b is a for b in buffers.values() for a in read_by_call):
+                    return free.pop(index)
+            self.num_allocated += 1
         return {name: jax.device_put(np.zeros(s.shape, s.dtype), self.sharding) for name, s in shapes.items()}
 
     def release(self, results: dict) -> None:
@@ -86,6 +91,7 @@ class ResultBuffers:
         if not self.enabled:
             return
         buffers = {name: value for name, value in results.items() if value.size > 0}
-        free = self.free.setdefault(_key(buffers), [])
-        if not any(any(a is b for a, b in zip(f.values(), buffers.values(), strict=True)) for f in free):
-            free.append(buffers)  # (a set released twice is kept once: it must not be donated to two calls)
+        with self._lock:
+            free = self.free.setdefault(_key(buffers), [])
+            if not any(any(a is b for a, b in zip(f.values(), buffers.values(), strict=True)) for f in free):
+                free.append(buffers)  # (a set released twice is kept once: it must not be donated to two calls)

@@ -1,4 +1,4 @@
-"""On the GPU machine (marker ``gpu``): ``JAXLLM_STABLE_STEP_OUTPUTS=1`` on a tensor-parallel mesh of two GPUs gives
+"""On the GPU machine (marker ``gpu``): stable step outputs (the default) on a tensor-parallel mesh of two GPUs give
 the plain engine's outputs, and each reused result buffer was donated into its call (deleted after it), which CPU
 runs cannot show (tests/sharding/test_stable_step_outputs.py)."""
 

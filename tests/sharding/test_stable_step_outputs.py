@@ -1,8 +1,8 @@
-"""``JAXLLM_STABLE_STEP_OUTPUTS=1``: a mesh engine whose last stage writes its results into donated buffers gives
-exactly the tokens, stops, logprobs and preemptions of the plain run, on tensor parallelism (async scheduling), on
-TP x PP (microbatches) and with the stable inputs too; a buffer set is reused only after the runner released it, and
-two sets per shape suffice; in the compiled program each result buffer is read by nothing but the write into it, so no
-intermediate value can share its allocation."""
+"""Stable step outputs (mesh engines' default; ``JAXLLM_STABLE_STEP_OUTPUTS=0`` turns them off): a mesh engine whose
+last stage writes its results into donated buffers gives exactly the tokens, stops, logprobs and preemptions of the
+plain run, on tensor parallelism (async scheduling), on TP x PP (microbatches) and with the stable inputs too; a
+buffer set is reused only after the runner released it, and two sets per shape suffice; in the compiled program each
+result buffer is read by nothing but the write into it, so no intermediate value can share its allocation."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -31,9 +31,9 @@ class BufferLog:
         self.taken, self.released = [], []
         take, release = ResultBuffers.take, ResultBuffers.release
 
-        def recording_take(pool, shapes):
+        def recording_take(pool, shapes, **kwargs):
             was_free = {id(b) for sets in pool.free.values() for s in sets for b in s.values()}
-            buffers = take(pool, shapes)
+            buffers = take(pool, shapes, **kwargs)
             if buffers:
                 self.taken.append((buffers, all(id(b) in was_free for b in buffers.values())))
             return buffers
@@ -51,8 +51,9 @@ def check_stable_outputs_match_plain(model_dir, monkeypatch, engine_options, wit
     ``donates``, were donated: deleted after their call), two per shape."""
     prompts = random_token_prompts(len(LENGTHS), LENGTHS, seed=7)
     params = mixed_params(stop_token=5)
+    monkeypatch.setenv(STABLE_STEP_OUTPUTS_ENV, "0")
     plain = make_llm(model_dir, **engine_options)
-    monkeypatch.setenv(STABLE_STEP_OUTPUTS_ENV, "1")
+    monkeypatch.delenv(STABLE_STEP_OUTPUTS_ENV)  # the default
     if with_stable_inputs:
         monkeypatch.setenv(STABLE_STEP_INPUTS_ENV, "1")
     log = BufferLog(monkeypatch)  # (before the build: its warm-up takes and releases sets too)
@@ -89,6 +90,7 @@ def test_stable_step_outputs_equal_the_plain_run(tiny_llama_dir, monkeypatch, en
 
 
 def test_result_buffers_are_read_only_by_their_write(tiny_llama_dir, monkeypatch):
+    monkeypatch.setenv(STABLE_STEP_OUTPUTS_ENV, "0")
     plain = make_llm(tiny_llama_dir, tensor_parallel_size=2)
     monkeypatch.setenv(STABLE_STEP_OUTPUTS_ENV, "1")
     stable = make_llm(tiny_llama_dir, tensor_parallel_size=2)
@@ -119,7 +121,24 @@ def test_a_set_released_twice_is_pooled_once():
     assert pool.take(shapes)["token_ids"] is not buffers["token_ids"] and pool.num_allocated == 2
 
 
-def test_switch_rejects_other_values(monkeypatch):
+def test_a_set_holding_a_buffer_the_call_reads_is_not_taken():
+    # (with the launch thread, the previous step's set can be free by the time the next step, which reads its token
+    # ids as pending tokens, takes one: tests/sharding/test_launch_thread.py runs that engine)
+    pool = ResultBuffers(enabled=True)
+    shapes = {"token_ids": jnp.zeros(4, jnp.int32)}
+    first, second = pool.take(shapes), pool.take(shapes)
+    pool.release(first)
+    pool.release(second)
+    assert pool.take(shapes, read_by_call=(first["token_ids"],))["token_ids"] is second["token_ids"]
+    assert pool.take(shapes, read_by_call=(first["token_ids"],))["token_ids"] is not first["token_ids"]
+    assert pool.num_allocated == 3 and pool.take(shapes)["token_ids"] is first["token_ids"]
+
+
+def test_switch_is_on_unless_set_to_0(monkeypatch):
+    monkeypatch.delenv(STABLE_STEP_OUTPUTS_ENV, raising=False)
+    assert stable_step_outputs_enabled()
+    monkeypatch.setenv(STABLE_STEP_OUTPUTS_ENV, "0")
+    assert not stable_step_outputs_enabled()
     monkeypatch.setenv(STABLE_STEP_OUTPUTS_ENV, "yes")
     with pytest.raises(ValueError, match="JAXLLM_STABLE_STEP_OUTPUTS must be 0 or 1.*'yes'"):
         stable_step_outputs_enabled()
