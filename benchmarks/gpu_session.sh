@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU-machine session: the GPU tests and the benchmarks, logs and JSON under $OUT (default ./gpu-out).
 #   bash benchmarks/gpu_session.sh tests kernels j8 j8sync j8ref j8cublas j8nomerge j8both j8xla j8fp8 j8fp8nocb j1 l8 l8q l8fused \
-#        l8qxla l8xla l8dump vmm j8vmm l8vmm profile profile1 profile_b1 profile_prefill profile_tp2 graphupd startup compare_hf qmm qmmsweep qmmengine qmmbitcvt qmmbundled attnsweep memj1 mesh8 mesh70 tpflags tpenv mp mp8
-# (any subset, run in the order given; mesh8, profile_tp2 and graphupd need 2+ GPUs: the Llama-3.1-8B shape at TP 1 and 2 by
+#        l8qxla l8xla l8dump vmm j8vmm l8vmm profile profile1 profile_b1 profile_prefill profile_tp2 graphupd ppupd startup compare_hf qmm qmmsweep qmmengine qmmbitcvt qmmbundled attnsweep memj1 mesh8 mesh70 tpflags tpenv mp mp8
+# (any subset, run in the order given; mesh8, profile_tp2, graphupd and ppupd need 2+ GPUs: the Llama-3.1-8B shape at TP 1 and 2 by
 # default, MESHES=...; mesh70 the Llama-3.1-70B shape, 4x1x1 by default, MESHES70=...)
 # Run from the repository root; JAXLLM_COMMIT names the commit when the tree is not a git checkout. Wheels of
 # packages the machine lacks (gguf: `pip download --no-deps -d .whl gguf==0.19.0`, carried as `.whl`) are installed
@@ -66,6 +66,14 @@ for stage in "$@"; do
                       | sed -E 's/^JSON .*"untraced_step_ms": (\[[^]]*\]).*/  untraced step ms \1/' )
                 done
               done ;;
+    ppupd) IFS=';' read -ra variants <<< "${PPUPD_VARIANTS:-JAXLLM_STABLE_STAGE_OUTPUTS=0;JAXLLM_STABLE_STAGE_OUTPUTS=1}"
+           for v in "${variants[@]}"; do  # J8's engine at PP 2 (two microbatches in flight): graph updates per step, then J8 itself
+             ( eval "export $v"; echo "variant: $v, PP 2"
+               python3 benchmarks/profile_step.py --job J8 --pipeline-parallel-size 2 --num-prompts ${PPUPD_PROMPTS:-64} \
+                 --out /tmp/ppupd-trace 2>&1 | tee -a "$OUT/ppupd.log" | grep -E "decode step|command_buffer::(update|execute)|^JSON" \
+                 | sed -E 's/^JSON .*"untraced_step_ms": (\[[^]]*\]).*/  untraced step ms \1/'
+               python3 benchmarks/mesh_scaling.py --job J8 --meshes 1x2x1 2>&1 | tee -a "$OUT/ppupd.log" | grep -Ev "^JSON|^ROW" )
+           done ;;
     profile_prefill) python3 benchmarks/profile_step.py --job J8 --phase prefill --out /tmp/j8-prefill-trace 2>&1 | tee "$OUT/profile_prefill.log" | grep -Ev "^JSON" ;;
     j8ref) python3 benchmarks/throughput.py --job J8 --attention-impl reference --record 2>&1 | tee "$OUT/j8ref.log" | grep -Ev "^\{" ;;
     j1) python3 benchmarks/throughput.py --job J1 --gpu-memory-utilization ${J1_GPU_MEMORY_UTILIZATION:-0.8} --record 2>&1 | tee "$OUT/j1.log" | grep -Ev "^\{" ;;

@@ -150,6 +150,7 @@ def main(argv=None) -> dict:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--pipeline-parallel-size", type=int, default=1)
     p.add_argument("--num-prompts", type=int, help="default: the job's (1 profiles batch-1 decode)")
     add_engine_variant_arguments(p)
     p.add_argument("--smoke", action="store_true")
@@ -164,6 +165,7 @@ def main(argv=None) -> dict:
         max_num_batched_tokens=64 if args.smoke else args.max_num_batched_tokens,
         max_model_len=256 if args.smoke else 2048,
         tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
         **variant_engine_options(args),
     )
     params = SamplingParams(temperature=0.0, max_tokens=job.output_len, ignore_eos=True)
@@ -197,6 +199,7 @@ def main(argv=None) -> dict:
         **environment(),
         "phase": args.phase,
         "tensor_parallel_size": args.tensor_parallel_size,
+        "pipeline_parallel_size": args.pipeline_parallel_size,
         "num_running": len(scheduler.running),
         "untraced_step_ms": sorted(w * 1e3 for w in wall_s),
         **summarize(out, args.steps, traced_wall_s),

@@ -13,12 +13,15 @@ one host-to-device copy per device (its step arrays packed into one buffer, ``ja
 async scheduling the first stage also gathers the previous step's sampled tokens (still on the device) into its
 input ids, and the last stage pads its sampled ids to a fixed row count so any bucket's output can feed the next.
 
-``stable_step_inputs=True`` (experimental; ``JAXLLM_STABLE_STEP_INPUTS=1`` for engines, no gain measured): each
-stage program reads the step's arrays from a donated copy of its packed buffer, one per stage and buffer size
+``stable_step_inputs=True`` (experimental; ``JAXLLM_STABLE_STEP_INPUTS=1`` for engines, no gain measured): each stage
+program reads the step's arrays from a donated copy of its packed buffer, one per stage and buffer size
 (``jaxllm.runner.stable_inputs`` says why). ``stable_step_outputs=True`` (engines' default;
 ``JAXLLM_STABLE_STEP_OUTPUTS=0`` turns it off): the last stage writes its results into donated buffers that callers
 hand back with ``release`` once read, so no CUDA graph holding an intermediate is updated every step
 (``jaxllm.runner.stable_outputs`` says why and what it gained); each result then has ``ROW_SLACK`` rows past its own.
+``stable_stage_outputs=True`` (experimental; ``JAXLLM_STABLE_STAGE_OUTPUTS=1``, not yet run on a GPU): every other
+stage writes its hidden states into donated buffers the same way, released once the next stage's call is dispatched;
+the next stage drops the slack rows.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ class Stage:
     state: nnx.State
     programs: ProgramsByOptions  # the stage's jitted program, one per set of XLA options
     staging: StagingBuffers  # donated copies of the packed inputs (off unless stable_step_inputs)
-    results: ResultBuffers  # donated result buffers of the last stage (off unless stable_step_outputs)
+    results: ResultBuffers  # donated output buffers (last stage: stable_step_outputs; others: stable_stage_outputs)
     kv_caches: list | None = None
 
 
@@ -103,13 +106,16 @@ class PipelinedModel:
         token_rows: int | None = None,
         stable_step_inputs: bool = False,
         stable_step_outputs: bool = False,
+        stable_stage_outputs: bool = False,
     ):
         """``token_rows``: pad the head's ``token_ids`` to this many rows, so they can feed a later step's pending
         tokens (``run(..., pending_tokens=...)``) through one program whatever bucket produced them.
         ``stable_step_inputs``: read the step's arrays from a donated copy; ``stable_step_outputs``: write the results
-        into donated buffers (see the module docstring)."""
+        into donated buffers; ``stable_stage_outputs``: the same for every other stage's hidden states (see the module
+        docstring)."""
         check_single_replica(mesh)
         self.stable_step_inputs, self.stable_step_outputs = stable_step_inputs, stable_step_outputs
+        self.stable_stage_outputs = stable_stage_outputs
         self.config = model.config
         self.head_fn = head_fn
         self.token_rows = token_rows
@@ -130,7 +136,8 @@ class PipelinedModel:
         _check_placed(state, mesh, index)
         programs = self._compile(graphdef, state, mesh, is_last)
         staging = StagingBuffers(self.stable_step_inputs, replicated(mesh))
-        results = ResultBuffers(self.stable_step_outputs and is_last, replicated(mesh))
+        stable_outputs = self.stable_step_outputs if is_last else self.stable_stage_outputs
+        results = ResultBuffers(stable_outputs, replicated(mesh))
         return Stage(mesh, ranges[index], graphdef, state, programs, staging, results)
 
     def _compile(self, graphdef, state, mesh: Mesh, is_last: bool):
@@ -143,6 +150,9 @@ class PipelinedModel:
             metadata, logits_indices, head_args, prev_index, input_ids = unpack(packed, layout)  # one H2D copy
             if inputs is None:  # first stage: the token ids came in the packed buffer
                 inputs = input_ids
+            num_tokens = metadata["positions"].shape[0]
+            if inputs.shape[0] > num_tokens:  # the previous stage's stable output: ROW_SLACK rows past its own
+                inputs = inputs[:num_tokens]
             if pending_tokens is not None:  # first stage: the previous step's samples, still on the device
                 inputs = feed_pending_tokens(inputs, prev_index, pending_tokens)
             stage = nnx.merge(graphdef, state)
@@ -150,7 +160,7 @@ class PipelinedModel:
             with activation_sharding(mesh, rules):  # the model's activation names -> sharding constraints
                 out, kv_caches = stage_forward(stage, inputs, kv_caches, md, logits_indices)
             if not is_last:
-                return out, kv_caches, staging
+                return write_into(result_buffers, {"hidden": out})["hidden"], kv_caches, staging
             return write_into(result_buffers, finish_head(out, head_args)), kv_caches, staging
 
         rep, kv = replicated(mesh), kv_cache_sharding(mesh)
@@ -170,14 +180,22 @@ class PipelinedModel:
             out = {**out, "token_ids": jnp.pad(out["token_ids"], (0, self.token_rows - out["token_ids"].shape[0]))}
         return out
 
-    def _result_shapes(self, batch: StepBatch, head_args) -> dict:
-        """The head's result shapes for ``batch`` (traced once per shape of its arguments)."""
+    def _output_shapes(self, stage: Stage, batch: StepBatch, head_args) -> dict:
+        """The shapes of ``stage``'s outputs for ``batch``: the head's results on the last stage (traced once per shape
+        of its arguments), the hidden states on the others."""
+        if stage is not self.stages[-1]:
+            return {"hidden": jax.ShapeDtypeStruct((batch.input_ids.shape[0], self.config.hidden_size), self._dtype)}
         leaves, treedef = jax.tree.flatten(head_args)
         key = (batch.logits_indices.shape[0], treedef, tuple((np.shape(x), np.result_type(x).name) for x in leaves))
         if key not in self._result_shape_cache:
             logits = jax.ShapeDtypeStruct((key[0], self.config.vocab_size), jnp.float32)
             self._result_shape_cache[key] = jax.eval_shape(self._finish_head, logits, head_args)
         return self._result_shape_cache[key]
+
+    @functools.cached_property
+    def _dtype(self):
+        """The hidden states' dtype (the embedding table's)."""
+        return self.stages[0].state["embed_tokens"]["embedding"].get_value().dtype
 
     def release(self, results: Sequence[dict]) -> None:
         """Hands the last stage's result buffers of a ``run`` back once their values have been read (a no-op unless
@@ -213,7 +231,10 @@ class PipelinedModel:
         for batch, args in zip(batches, head_args, strict=True):
             x = batch.input_ids
             for index, stage in enumerate(self.stages):
-                x = self._run_stage(stage, x, batch, args, pending_tokens if index == 0 else None)
+                out = self._run_stage(stage, x, batch, args, pending_tokens if index == 0 else None)
+                if index > 0:  # the previous stage's hidden states, read by this call (a no-op unless stable)
+                    self.stages[index - 1].results.release({"hidden": x})
+                x = out
             results.append(x)
         return results
 
@@ -236,7 +257,8 @@ class PipelinedModel:
         packed = jax.device_put(packed, replicated(stage.mesh))
         result_buffers = None
         if stage.results.enabled:
-            result_buffers = stage.results.take(self._result_shapes(batch, head_args), read_by_call=(pending_tokens,))
+            shapes = self._output_shapes(stage, batch, head_args)
+            result_buffers = stage.results.take(shapes, read_by_call=(pending_tokens, inputs))
         return stage.state, stage.kv_caches, inputs, packed, pending_tokens, staging, result_buffers, layout
 
     def _run_stage(self, stage: Stage, inputs, batch: StepBatch, head_args, pending_tokens=None):
@@ -251,10 +273,9 @@ class PipelinedModel:
         stage = self.stages[index]
         pending = self._no_pending_tokens if index == 0 and self.token_rows is not None else None
         inputs = batch.input_ids
-        if index > 0:  # a later stage takes hidden states [T, D], not token ids
-            dtype = self.stages[0].state["embed_tokens"]["embedding"].get_value().dtype
-            shape = (batch.input_ids.shape[0], self.config.hidden_size)
-            inputs = jax.ShapeDtypeStruct(shape, dtype, sharding=replicated(stage.mesh))
+        if index > 0:  # a later stage takes hidden states [T, D] (a stable one: ROW_SLACK rows more), not token ids
+            rows = batch.input_ids.shape[0] + (ROW_SLACK if self.stages[index - 1].results.enabled else 0)
+            inputs = jax.ShapeDtypeStruct((rows, self.config.hidden_size), self._dtype, sharding=replicated(stage.mesh))
         args = self._stage_args(stage, inputs, batch, head_args, pending)
         lowered = stage.programs.for_tokens(batch.token_bucket).lower(*args)
         *_, result_buffers, _layout = args

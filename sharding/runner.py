@@ -19,7 +19,8 @@ share, ~7 ms per batch-1 step at TP 4 on H200s (benchmarks/RESULTS.md), during w
 the next step would otherwise wait; with the worker, the two overlap. Launches stay in dispatch order.
 ``stable_step_inputs=True`` (experimental; ``JAXLLM_STABLE_STEP_INPUTS=1``) and ``stable_step_outputs=True``
 (engines' default; ``JAXLLM_STABLE_STEP_OUTPUTS=0`` turns it off): see ``sharding.pipeline``; the runner releases a
-step's result buffers once it has read them.
+step's result buffers once it has read them; ``stable_stage_outputs=True`` (experimental;
+``JAXLLM_STABLE_STAGE_OUTPUTS=1``) does the same for the other stages' hidden states.
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ class PipelineRunner:
         launch_thread: bool = False,
         stable_step_inputs: bool = False,
         stable_step_outputs: bool = False,
+        stable_stage_outputs: bool = False,
     ):
         self.config = config
         max_rows = config.request_rows_for(config.token_buckets[-1])  # sampled ids padded to this, fed on device
@@ -139,6 +141,7 @@ class PipelineRunner:
             token_rows=max_rows,
             stable_step_inputs=stable_step_inputs,
             stable_step_outputs=stable_step_outputs,
+            stable_stage_outputs=stable_stage_outputs,
         )
         self.num_microbatches = num_microbatches or self.pipeline.num_stages
         if self.num_microbatches < 1:

@@ -17,6 +17,11 @@ share its allocation. The returned results are the buffers (rows past the result
 the pool once the runner has read its values (``release``); the next call of the same shapes takes and donates it, so
 in steady state two sets per shape alternate. The one-device ``ModelRunner`` does not use this (its forward and sampler
 graphs are updated every step too, ~0.09 ms in all at batch 1 on an H100).
+
+``JAXLLM_STABLE_STAGE_OUTPUTS=1`` (experimental, off, not yet run on a GPU) does the same for the hidden states every
+other pipeline stage hands on: in the CPU buffer assignment of a two-stage tiny Llama, stage 0's output allocation
+also holds the layer loop's values, and with two microbatches in flight two such outputs are live at once. A stage's
+set goes back to its pool once the next stage's call that reads it has been dispatched.
 """
 
 from __future__ import annotations
@@ -30,12 +35,18 @@ import numpy as np
 from jaxllm.config import env_switch
 
 STABLE_STEP_OUTPUTS_ENV = "JAXLLM_STABLE_STEP_OUTPUTS"
+STABLE_STAGE_OUTPUTS_ENV = "JAXLLM_STABLE_STAGE_OUTPUTS"
 ROW_SLACK = 1  # rows each result buffer has beyond its result, so the write is not a full-size update
 
 
 def stable_step_outputs_enabled() -> bool:
     """On unless ``JAXLLM_STABLE_STEP_OUTPUTS=0``; ValueError for a value other than 0 or 1."""
     return env_switch(STABLE_STEP_OUTPUTS_ENV) is not False
+
+
+def stable_stage_outputs_enabled() -> bool:
+    """``JAXLLM_STABLE_STAGE_OUTPUTS=1`` (experimental, off); ValueError for a value other than 0 or 1."""
+    return bool(env_switch(STABLE_STAGE_OUTPUTS_ENV))
 
 
 def write_into(buffers: dict | None, results: dict) -> dict:

@@ -1,4 +1,4 @@
-"""Reading a mesh engine's compiled last-stage program: which instructions take a given entry parameter."""
+"""Reading a mesh engine's compiled stage programs: which instructions take a given entry parameter."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ from sharding.runner import padding_batch
 
 def compiled_last_stage(runner) -> str:
     """The optimized HLO text of ``runner``'s last stage program for its smallest bucket."""
+    return compiled_stage(runner, runner.pipeline.num_stages - 1)
+
+
+def compiled_stage(runner, index: int) -> str:
+    """The optimized HLO text of ``runner``'s stage ``index`` program for its smallest bucket."""
     bucket = runner.config.token_buckets[0]
     rows = runner.config.request_rows_for(bucket)
     batch = padding_batch(bucket, rows, runner.config.max_blocks_per_request)
-    pipeline = runner.pipeline
-    lowered = pipeline.lower_stage(pipeline.num_stages - 1, batch, runner.build_head_args([], rows, 0, 0))
-    return lowered.compile().as_text()
+    return runner.pipeline.lower_stage(index, batch, runner.build_head_args([], rows, 0, 0)).compile().as_text()
 
 
 def parameter_readers(compiled_hlo: str, op_name: str) -> list[str]:
