@@ -13,10 +13,10 @@ from jaxllm.runner.stable_inputs import (
     read_through_copy,
     stable_step_inputs_enabled,
 )
-from tests.engine.conftest import make_llm, random_token_prompts
-from tests.engine.test_async_scheduling import LENGTHS, assert_same_outputs, mixed_params, outputs_of
+from tests.engine.test_async_scheduling import assert_same_outputs, outputs_of
 from tests.sharding.compiled_stage import compiled_last_stage, parameter_readers
 from tests.sharding.helpers import NEEDS_8_DEVICES
+from tests.sharding.switched_engines import plain_and_switched
 
 pytestmark = NEEDS_8_DEVICES
 
@@ -31,11 +31,9 @@ pytestmark = NEEDS_8_DEVICES
     ids=["tp2", "tp2-preempting", "tp2xpp2"],
 )
 def test_stable_step_inputs_equal_the_plain_run(tiny_llama_dir, monkeypatch, engine_options):
-    prompts = random_token_prompts(len(LENGTHS), LENGTHS, seed=6)
-    params = mixed_params(stop_token=5)
-    plain = make_llm(tiny_llama_dir, **engine_options)
-    monkeypatch.setenv(STABLE_STEP_INPUTS_ENV, "1")
-    stable = make_llm(tiny_llama_dir, **engine_options)
+    prompts, params, plain, stable = plain_and_switched(
+        tiny_llama_dir, monkeypatch, STABLE_STEP_INPUTS_ENV, engine_options, seed=6
+    )
 
     replaced, keep = [], StagingBuffers.keep
 
