@@ -11,9 +11,9 @@ compiles every bucket (the untimed warm-up), then times ``LLM.generate`` on the 
 ignore_eos), then a batch-1 latency run of ``--latency-output-len`` tokens (inter-token latency p50, as
 ``benchmarks/latency.py`` measures it; 0 skips it). The table gives output tokens/s, the largest per-device
 parameter and KV-cache bytes (and, on GPUs, the allocator's bytes in use per device after the runs), the scaling
-efficiency ``throughput / (devices x throughput on 1x1x1)`` (when 1x1x1 is in the sweep), the pipeline's theoretical
-bubble ``(P-1)/(M+P-1)`` and a measured one: ``1 - sum of stage busy times / (P x pipelined wall time)`` for M
-microbatches of the largest bucket, each stage timed alone with a device sync.
+efficiency (throughput per device over the base mesh's: 1x1x1 when in the sweep, else the smallest mesh), the
+pipeline's theoretical bubble ``(P-1)/(M+P-1)`` and a measured one: ``1 - sum of stage busy times / (P x pipelined
+wall time)`` for M microbatches of the largest bucket, each stage timed alone with a device sync.
 On fake CPU devices all "devices" share the host's cores, so only the GPU numbers mean anything. Prints one JSON
 record (device, jax, commit, rows). ``--process-per-mesh`` runs each mesh in a fresh process (this script again, with
 one mesh), so no engine inherits what an earlier one left on the devices: JAX's allocator peak, or under XLA's VMM
@@ -269,11 +269,26 @@ def _cores(llm: LLM) -> list:
     return core.replicas if isinstance(core, DataParallelEngine) else [core]
 
 
-def add_efficiency(rows: list[dict]) -> None:
+def scaling_base(rows: list[dict]) -> dict | None:
+    """The row efficiencies are measured against: 1x1x1 where the sweep has it, else (a sweep of meshes too large
+    for one device, e.g. the 70B shape's 4x1x1,8x1x1,4x2x1) the first of those with the fewest devices; none for a
+    sweep of one mesh."""
     base = next((r for r in rows if r["mesh"] == "1x1x1"), None)
+    if base is None and len(rows) > 1:
+        base = min(rows, key=lambda r: r["num_devices"])
+    return base
+
+
+def add_efficiency(rows: list[dict]) -> None:
+    """Each row's ``scaling_efficiency``: its throughput per device over the base row's (``scaling_base``), and
+    ``scaling_base``: that row's mesh."""
+    base = scaling_base(rows)
     for row in rows:
+        row["scaling_base"] = base["mesh"] if base else None
         row["scaling_efficiency"] = (
-            row["output_tokens_per_s"] / (row["num_devices"] * base["output_tokens_per_s"]) if base else None
+            (row["output_tokens_per_s"] / row["num_devices"]) / (base["output_tokens_per_s"] / base["num_devices"])
+            if base
+            else None
         )
 
 
@@ -294,6 +309,8 @@ def print_table(rows: list[dict]) -> None:
             f"{fmt(None if r['in_use_bytes_per_device'] is None else r['in_use_bytes_per_device'] / 2**20, '>14.0f')} "
             f"{r.get('pool_fraction') or '-':>5}"
         )
+    if rows and rows[0].get("scaling_base"):
+        print(f"efficiency: throughput per device against {rows[0]['scaling_base']}'s")
 
 
 def child_argv(argv: list[str], mesh: str) -> list[str]:

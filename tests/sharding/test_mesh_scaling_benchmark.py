@@ -65,3 +65,21 @@ def test_multiprocess_mesh_smoke_runs_one_process_per_device():
 def mesh_scaling_param_bytes_one_device() -> int:
     argv = ["--smoke", "--meshes", "1x1x1", "--num-prompts", "1", "--input-len", "8", "--output-len", "2"]
     return mesh_scaling.main([*argv, "--latency-output-len", "0"])["rows"][0]["param_bytes_per_device"]
+
+
+def test_efficiency_is_against_1x1x1_else_the_smallest_mesh():
+    def row(mesh, devices, tokens_per_s):
+        return {"mesh": mesh, "num_devices": devices, "output_tokens_per_s": tokens_per_s}
+
+    rows = [row("4x1x1", 4, 3000.0), row("8x1x1", 8, 5400.0), row("4x2x1", 8, 4000.0)]  # the 70B shape's sweep
+    mesh_scaling.add_efficiency(rows)
+    assert [r["scaling_base"] for r in rows] == ["4x1x1"] * 3
+    assert [r["scaling_efficiency"] for r in rows] == pytest.approx([1.0, 0.9, 2 / 3])
+
+    rows = [row("2x1x1", 2, 3000.0), row("1x1x1", 1, 2000.0)]
+    mesh_scaling.add_efficiency(rows)
+    assert rows[0]["scaling_base"] == "1x1x1" and rows[0]["scaling_efficiency"] == pytest.approx(0.75)
+
+    rows = [row("4x1x1 (4 processes)", 4, 3000.0)]  # one mesh: nothing to compare with
+    mesh_scaling.add_efficiency(rows)
+    assert rows[0]["scaling_efficiency"] is None and rows[0]["scaling_base"] is None
