@@ -57,7 +57,7 @@ for stage in "$@"; do
                      | tee "$OUT/profile_tp${tp}_b1.log" | grep -Ev "^JSON"
                    cp "$(find /tmp/tp$tp-trace -name "*.trace.json.gz" | tail -1)" "$OUT/tp${tp}_b1.trace.json.gz"
                  done ;;
-    graphupd) IFS=';' read -ra variants <<< "${GRAPHUPD_VARIANTS:-JAXLLM_STABLE_STEP_OUTPUTS=0;JAXLLM_STABLE_STEP_OUTPUTS=1;JAXLLM_STABLE_STEP_OUTPUTS=1 JAXLLM_STABLE_STEP_INPUTS=1}"
+    graphupd) IFS=';' read -ra variants <<< "${GRAPHUPD_VARIANTS:-JAXLLM_STABLE_STEP_OUTPUTS=0;JAXLLM_STABLE_STEP_OUTPUTS=1}"
               for v in "${variants[@]}"; do  # J8's engine, batch-1 decode at TP ${TP_SIZES:-2}: graph updates per step per variant
                 for tp in ${TP_SIZES:-2}; do
                   ( eval "export $v"; echo "variant: $v, TP $tp"

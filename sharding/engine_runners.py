@@ -9,11 +9,10 @@ built by ``jaxllm.engine.llm_engine``). KV budget: on CPU, or with ``num_gpu_blo
 ``gpu_memory_utilization`` of the device with the least memory left after the weights and one run of the largest
 bucket (the memory peak, as vLLM profiles it; the compiled step's temporaries where no fresh peak is counted).
 Experimental switches: ``JAXLLM_MESH_LAUNCH_THREAD=1`` gives each runner a launch thread (``sharding.runner``; TP 4
-batch-1 7.39 -> 5.62 ms on H200s, benchmarks/RESULTS.md); ``JAXLLM_STABLE_STEP_INPUTS=1`` makes the stage programs
-read their step inputs from a donated copy (``jaxllm.runner.stable_inputs``; no gain measured on H100s). On unless
-``JAXLLM_STABLE_STEP_OUTPUTS=0``: the last stage writes its results into donated buffers
-(``jaxllm.runner.stable_outputs``; J8 at TP 2 on 2 x H100: 10,120 -> 13,288 output tok/s);
-``JAXLLM_STABLE_STAGE_OUTPUTS=1`` does the same for the other pipeline stages' hidden states (not yet run on a GPU).
+batch-1 7.39 -> 5.62 ms on H200s, benchmarks/RESULTS.md); ``JAXLLM_STABLE_STAGE_OUTPUTS=1`` writes earlier pipeline
+stages' hidden states into donated buffers (not yet run on a GPU). On unless ``JAXLLM_STABLE_STEP_OUTPUTS=0``: the
+last stage writes its results into donated buffers (``jaxllm.runner.stable_outputs``; J8 at TP 2 on 2 x H100:
+10,120 -> 13,288 output tok/s).
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ from jaxllm.engine import setup
 from jaxllm.loading.model_source import ModelSource
 from jaxllm.models import ModelConfig
 from jaxllm.runner.kv_cache import measured_device_memory
-from jaxllm.runner.stable_inputs import stable_step_inputs_enabled
 from jaxllm.runner.stable_outputs import stable_stage_outputs_enabled, stable_step_outputs_enabled
 from jaxllm.runner.xla_options import StepCompilerOptions
 from sharding.mesh import describe, make_mesh, replica_meshes
@@ -94,7 +92,6 @@ def build_mesh_runners(
                 seed=config.seed + index,
                 compiler_options=compiler_options,
                 launch_thread=bool(env_switch(LAUNCH_THREAD_ENV)),
-                stable_step_inputs=stable_step_inputs_enabled(),
                 stable_step_outputs=stable_step_outputs_enabled(),
                 stable_stage_outputs=stable_stage_outputs_enabled(),
             )

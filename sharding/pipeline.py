@@ -13,9 +13,7 @@ one host-to-device copy per device (its step arrays packed into one buffer, ``ja
 async scheduling the first stage also gathers the previous step's sampled tokens (still on the device) into its
 input ids, and the last stage pads its sampled ids to a fixed row count so any bucket's output can feed the next.
 
-``stable_step_inputs=True`` (experimental; ``JAXLLM_STABLE_STEP_INPUTS=1`` for engines, no gain measured): each stage
-program reads the step's arrays from a donated copy of its packed buffer, one per stage and buffer size
-(``jaxllm.runner.stable_inputs`` says why). ``stable_step_outputs=True`` (engines' default;
+``stable_step_outputs=True`` (engines' default;
 ``JAXLLM_STABLE_STEP_OUTPUTS=0`` turns it off): the last stage writes its results into donated buffers that callers
 hand back with ``release`` once read, so no CUDA graph holding an intermediate is updated every step
 (``jaxllm.runner.stable_outputs`` says why and what it gained); each result then has ``ROW_SLACK`` rows past its own.
@@ -40,7 +38,6 @@ from jaxllm.models.activation_sharding import activation_sharding
 from jaxllm.models.attention_metadata import AttentionMetadata
 from jaxllm.runner.model_runner import feed_pending_tokens
 from jaxllm.runner.packed_transfer import PackedLayout, pack, unpack
-from jaxllm.runner.stable_inputs import StagingBuffers, read_through_copy
 from jaxllm.runner.stable_outputs import ROW_SLACK, ResultBuffers, write_into
 from jaxllm.runner.step_batch import StepBatch
 from jaxllm.runner.xla_options import CompilerOptions, ProgramsByOptions
@@ -66,7 +63,6 @@ class Stage:
     graphdef: nnx.GraphDef
     state: nnx.State
     programs: ProgramsByOptions  # the stage's jitted program, one per set of XLA options
-    staging: StagingBuffers  # donated copies of the packed inputs (off unless stable_step_inputs)
     results: ResultBuffers  # donated output buffers (last stage: stable_step_outputs; others: stable_stage_outputs)
     kv_caches: list | None = None
 
@@ -104,18 +100,15 @@ class PipelinedModel:
         head_fn: HeadFn = greedy_head,
         compiler_options: CompilerOptions = None,
         token_rows: int | None = None,
-        stable_step_inputs: bool = False,
         stable_step_outputs: bool = False,
         stable_stage_outputs: bool = False,
     ):
         """``token_rows``: pad the head's ``token_ids`` to this many rows, so they can feed a later step's pending
         tokens (``run(..., pending_tokens=...)``) through one program whatever bucket produced them.
-        ``stable_step_inputs``: read the step's arrays from a donated copy; ``stable_step_outputs``: write the results
-        into donated buffers; ``stable_stage_outputs``: the same for every other stage's hidden states (see the module
-        docstring)."""
+        ``stable_step_outputs``: write the results into donated buffers; ``stable_stage_outputs``: the same for
+        every other stage's hidden states (see the module docstring)."""
         check_single_replica(mesh)
-        self.stable_step_inputs, self.stable_step_outputs = stable_step_inputs, stable_step_outputs
-        self.stable_stage_outputs = stable_stage_outputs
+        self.stable_step_outputs, self.stable_stage_outputs = stable_step_outputs, stable_stage_outputs
         self.config = model.config
         self.head_fn = head_fn
         self.token_rows = token_rows
@@ -135,18 +128,16 @@ class PipelinedModel:
             state = _copy_tied_embedding(state, mesh)
         _check_placed(state, mesh, index)
         programs = self._compile(graphdef, state, mesh, is_last)
-        staging = StagingBuffers(self.stable_step_inputs, replicated(mesh))
         stable_outputs = self.stable_step_outputs if is_last else self.stable_stage_outputs
         results = ResultBuffers(stable_outputs, replicated(mesh))
-        return Stage(mesh, ranges[index], graphdef, state, programs, staging, results)
+        return Stage(mesh, ranges[index], graphdef, state, programs, results)
 
     def _compile(self, graphdef, state, mesh: Mesh, is_last: bool):
         rules = activation_rules(self.config, mesh)
         finish_head = self._finish_head
 
-        def program(state, kv_caches, inputs, packed, pending_tokens, staging, result_buffers, layout: PackedLayout):
+        def program(state, kv_caches, inputs, packed, pending_tokens, result_buffers, layout: PackedLayout):
             self.num_traces += 1
-            packed, staging = read_through_copy(packed, staging)  # staging None: read packed itself
             metadata, logits_indices, head_args, prev_index, input_ids = unpack(packed, layout)  # one H2D copy
             if inputs is None:  # first stage: the token ids came in the packed buffer
                 inputs = input_ids
@@ -160,17 +151,17 @@ class PipelinedModel:
             with activation_sharding(mesh, rules):  # the model's activation names -> sharding constraints
                 out, kv_caches = stage_forward(stage, inputs, kv_caches, md, logits_indices)
             if not is_last:
-                return write_into(result_buffers, {"hidden": out})["hidden"], kv_caches, staging
-            return write_into(result_buffers, finish_head(out, head_args)), kv_caches, staging
+                return write_into(result_buffers, {"hidden": out})["hidden"], kv_caches
+            return write_into(result_buffers, finish_head(out, head_args)), kv_caches
 
         rep, kv = replicated(mesh), kv_cache_sharding(mesh)
         return ProgramsByOptions(
             program,
             self.compiler_options,
-            donate_argnums=(1, 5, 6),
-            static_argnums=(7,),
-            in_shardings=(state_shardings(state), kv, rep, rep, rep, rep, rep),
-            out_shardings=(rep, kv, rep),
+            donate_argnums=(1, 5),
+            static_argnums=(6,),
+            in_shardings=(state_shardings(state), kv, rep, rep, rep, rep),
+            out_shardings=(rep, kv),
         )
 
     def _finish_head(self, logits, head_args) -> dict:
@@ -253,19 +244,17 @@ class PipelinedModel:
             inputs = None
         elif isinstance(inputs, jax.Array):  # the previous stage's hidden states, onto this stage's devices
             inputs = jax.device_put(inputs, replicated(stage.mesh))
-        staging = stage.staging.get(packed.size)
         packed = jax.device_put(packed, replicated(stage.mesh))
         result_buffers = None
         if stage.results.enabled:
             shapes = self._output_shapes(stage, batch, head_args)
             result_buffers = stage.results.take(shapes, read_by_call=(pending_tokens, inputs))
-        return stage.state, stage.kv_caches, inputs, packed, pending_tokens, staging, result_buffers, layout
+        return stage.state, stage.kv_caches, inputs, packed, pending_tokens, result_buffers, layout
 
     def _run_stage(self, stage: Stage, inputs, batch: StepBatch, head_args, pending_tokens=None):
         program = stage.programs.for_tokens(batch.token_bucket)
         args = self._stage_args(stage, inputs, batch, head_args, pending_tokens)
-        out, stage.kv_caches, staging = program(*args)
-        stage.staging.keep(staging)
+        out, stage.kv_caches = program(*args)
         return out
 
     def lower_stage(self, index: int, batch: StepBatch, head_args=None) -> jax.stages.Lowered:

@@ -17,10 +17,9 @@ stages or microbatches the runner stays synchronous.
 to one worker thread. A multi-GPU program's execute returns only once every GPU's host thread has launched its
 share, ~7 ms per batch-1 step at TP 4 on H200s (benchmarks/RESULTS.md), during which the engine's own host work for
 the next step would otherwise wait; with the worker, the two overlap. Launches stay in dispatch order.
-``stable_step_inputs=True`` (experimental; ``JAXLLM_STABLE_STEP_INPUTS=1``) and ``stable_step_outputs=True``
-(engines' default; ``JAXLLM_STABLE_STEP_OUTPUTS=0`` turns it off): see ``sharding.pipeline``; the runner releases a
-step's result buffers once it has read them; ``stable_stage_outputs=True`` (experimental;
-``JAXLLM_STABLE_STAGE_OUTPUTS=1``) does the same for the other stages' hidden states.
+``stable_step_outputs=True`` (engines' default; ``JAXLLM_STABLE_STEP_OUTPUTS=0`` turns it off) and
+``stable_stage_outputs=True`` (experimental; ``JAXLLM_STABLE_STAGE_OUTPUTS=1``): see ``sharding.pipeline``; the
+runner releases a step's result buffers once it has read them.
 """
 
 from __future__ import annotations
@@ -127,7 +126,6 @@ class PipelineRunner:
         build_head_args: BuildHeadArgs | None = None,
         compiler_options: CompilerOptions = None,
         launch_thread: bool = False,
-        stable_step_inputs: bool = False,
         stable_step_outputs: bool = False,
         stable_stage_outputs: bool = False,
     ):
@@ -139,7 +137,6 @@ class PipelineRunner:
             head_fn=head_fn,
             compiler_options=compiler_options,
             token_rows=max_rows,
-            stable_step_inputs=stable_step_inputs,
             stable_step_outputs=stable_step_outputs,
             stable_stage_outputs=stable_stage_outputs,
         )

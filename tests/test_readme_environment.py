@@ -22,5 +22,5 @@ def test_readme_table_lists_every_variable():
     section = section[: section.index("\n### ")]
     documented = set(re.findall(r"^\| `(JAXLLM_[A-Z0-9_]+)`", section, flags=re.MULTILINE))
     read = variables_read_by_the_code()
-    assert len(read) >= 8, read  # (the scan itself works)
+    assert {"JAXLLM_CACHE_DIR", "JAXLLM_STABLE_STEP_OUTPUTS"} <= read, read  # (the scan itself works)
     assert read <= documented, f"not in the README's table: {sorted(read - documented)}"

@@ -11,8 +11,8 @@ shape's tensor-parallel-2 step updated 33 of each GPU's 65 graphs every step, an
 took J8's engine at TP 2 from 10,120 to 13,288 output tok/s and its batch-1 step from 8.18 to 4.89 ms (one lease).
 
 The last stage's program takes one donated buffer per non-empty result, ``ROW_SLACK`` rows longer, and writes the
-result into its first rows (a dynamic-update-slice; a full-size one would be folded into the result itself, as the
-stable inputs' copy was). The buffer's value is live from the program's start to that write, so no intermediate can
+result into its first rows (a dynamic-update-slice; XLA's simplifier folds a full-size one into the result itself).
+The buffer's value is live from the program's start to that write, so no intermediate can
 share its allocation. The returned results are the buffers (rows past the result's are stale). A buffer goes back to
 the pool once the runner has read its values (``release``); the next call of the same shapes takes and donates it, so
 in steady state two sets per shape alternate. The one-device ``ModelRunner`` does not use this (its forward and sampler

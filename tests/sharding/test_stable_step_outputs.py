@@ -1,14 +1,13 @@
 """Stable step outputs (mesh engines' default; ``JAXLLM_STABLE_STEP_OUTPUTS=0`` turns them off): a mesh engine whose
 last stage writes its results into donated buffers gives exactly the tokens, stops, logprobs and preemptions of the
-plain run, on tensor parallelism (async scheduling), on TP x PP (microbatches) and with the stable inputs too; a
-buffer set is reused only after the runner released it, and two sets per shape suffice; in the compiled program each
-result buffer is read by nothing but the write into it, so no intermediate value can share its allocation."""
+plain run, on tensor parallelism (async scheduling) and on TP x PP (microbatches); a buffer set is reused only after
+the runner released it, and two sets per shape suffice; in the compiled program each result buffer is read by
+nothing but the write into it, so no intermediate value can share its allocation."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.runner.stable_inputs import STABLE_STEP_INPUTS_ENV
 from jaxllm.runner.stable_outputs import (
     ROW_SLACK,
     STABLE_STEP_OUTPUTS_ENV,
@@ -46,7 +45,7 @@ class BufferLog:
         monkeypatch.setattr(ResultBuffers, "release", recording_release)
 
 
-def check_stable_outputs_match_plain(model_dir, monkeypatch, engine_options, with_stable_inputs=False, donates=False):
+def check_stable_outputs_match_plain(model_dir, monkeypatch, engine_options, donates=False):
     """The stable-outputs engine's outputs equal the plain engine's; released sets are reused (and, where
     ``donates``, were donated: deleted after their call), two per shape."""
     prompts = random_token_prompts(len(LENGTHS), LENGTHS, seed=7)
@@ -54,8 +53,6 @@ def check_stable_outputs_match_plain(model_dir, monkeypatch, engine_options, wit
     monkeypatch.setenv(STABLE_STEP_OUTPUTS_ENV, "0")
     plain = make_llm(model_dir, **engine_options)
     monkeypatch.delenv(STABLE_STEP_OUTPUTS_ENV)  # the default
-    if with_stable_inputs:
-        monkeypatch.setenv(STABLE_STEP_INPUTS_ENV, "1")
     log = BufferLog(monkeypatch)  # (before the build: its warm-up takes and releases sets too)
     stable = make_llm(model_dir, **engine_options)
     assert_same_outputs(outputs_of(stable, prompts, params), outputs_of(plain, prompts, params))
@@ -73,20 +70,19 @@ def check_stable_outputs_match_plain(model_dir, monkeypatch, engine_options, wit
 
 
 @pytest.mark.parametrize(
-    "engine_options, with_stable_inputs",
+    "engine_options",
     [
-        ({"tensor_parallel_size": 2}, False),
-        ({"tensor_parallel_size": 2, "num_gpu_blocks_override": 24, "block_size": 4}, False),  # preempts requests
-        ({"tensor_parallel_size": 2, "pipeline_parallel_size": 2}, False),
-        ({"tensor_parallel_size": 2}, True),
+        {"tensor_parallel_size": 2},
+        {"tensor_parallel_size": 2, "num_gpu_blocks_override": 24, "block_size": 4},  # preempts requests
+        {"tensor_parallel_size": 2, "pipeline_parallel_size": 2},
     ],
-    ids=["tp2", "tp2-preempting", "tp2xpp2", "tp2-stable-inputs-too"],
+    ids=["tp2", "tp2-preempting", "tp2xpp2"],
 )
-def test_stable_step_outputs_equal_the_plain_run(tiny_llama_dir, monkeypatch, engine_options, with_stable_inputs):
+def test_stable_step_outputs_equal_the_plain_run(tiny_llama_dir, monkeypatch, engine_options):
     # Donation is not checked on CPU: JAX keeps a zero-copy host view of an array it has fetched, and PJRT does not
     # donate a buffer with such a view (the call then writes a new buffer); tests/gpu/test_stable_step_outputs_gpu.py
     # checks it.
-    check_stable_outputs_match_plain(tiny_llama_dir, monkeypatch, engine_options, with_stable_inputs)
+    check_stable_outputs_match_plain(tiny_llama_dir, monkeypatch, engine_options)
 
 
 def test_result_buffers_are_read_only_by_their_write(tiny_llama_dir, monkeypatch):
