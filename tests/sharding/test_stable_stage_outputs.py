@@ -10,11 +10,10 @@ from jaxllm.runner.stable_outputs import (
     STABLE_STEP_OUTPUTS_ENV,
     stable_stage_outputs_enabled,
 )
-from tests.engine.conftest import make_llm
-from tests.engine.test_async_scheduling import assert_same_outputs, outputs_of
+from tests.engine.conftest import make_llm, random_token_prompts
+from tests.engine.test_async_scheduling import LENGTHS, assert_same_outputs, mixed_params, outputs_of
 from tests.sharding.compiled_stage import compiled_stage, parameter_readers
 from tests.sharding.helpers import NEEDS_8_DEVICES
-from tests.sharding.switched_engines import plain_and_switched
 
 pytestmark = NEEDS_8_DEVICES
 
@@ -28,9 +27,11 @@ pytestmark = NEEDS_8_DEVICES
     ids=["pp2", "tp2xpp2-preempting"],
 )
 def test_stable_stage_outputs_equal_the_plain_run(tiny_llama_dir, monkeypatch, engine_options):
-    prompts, params, plain, stable = plain_and_switched(
-        tiny_llama_dir, monkeypatch, STABLE_STAGE_OUTPUTS_ENV, engine_options, seed=11
-    )
+    prompts = random_token_prompts(len(LENGTHS), LENGTHS, seed=11)
+    params = mixed_params(stop_token=5)
+    plain = make_llm(tiny_llama_dir, **engine_options)
+    monkeypatch.setenv(STABLE_STAGE_OUTPUTS_ENV, "1")
+    stable = make_llm(tiny_llama_dir, **engine_options)
     pipeline = stable.llm_engine.runner.pipeline
     assert all(stage.results.enabled for stage in pipeline.stages)
     assert not any(stage.results.enabled for stage in plain.llm_engine.runner.pipeline.stages[:-1])
