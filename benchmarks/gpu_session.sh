@@ -24,6 +24,13 @@ small_tp_job() {  # the Llama-3.1-8B shape on a small job (MESHES, default TP 4;
     --num-prompts 32 --input-len 128 --output-len 64 --max-num-seqs 32 --max-num-batched-tokens 512 ${SMALL_TP_ARGS:-} 2>&1 \
     | tee -a "$OUT/small_tp_job.log"
 }
+graph_updates() {  # LOG ARGS...: profile_step on J8's engine with ARGS; prints decode step, graph updates / executes
+  # per step and the untraced step times (the full output goes to $OUT/LOG)
+  local log=$1; shift
+  python3 benchmarks/profile_step.py --job J8 "$@" 2>&1 | tee -a "$OUT/$log" \
+    | grep -E "decode step|command_buffer::(update|execute)|^JSON" \
+    | sed -E 's/^JSON .*"untraced_step_ms": (\[[^]]*\]).*/  untraced step ms \1/'
+}
 for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   case $stage in
@@ -61,17 +68,13 @@ for stage in "$@"; do
               for v in "${variants[@]}"; do  # J8's engine, batch-1 decode at TP ${TP_SIZES:-2}: graph updates per step per variant
                 for tp in ${TP_SIZES:-2}; do
                   ( eval "export $v"; echo "variant: $v, TP $tp"
-                    python3 benchmarks/profile_step.py --job J8 --tensor-parallel-size $tp --num-prompts 1 --out /tmp/graphupd-trace 2>&1 \
-                      | tee -a "$OUT/graphupd.log" | grep -E "decode step|command_buffer::(update|execute)|^JSON" \
-                      | sed -E 's/^JSON .*"untraced_step_ms": (\[[^]]*\]).*/  untraced step ms \1/' )
+                    graph_updates graphupd.log --tensor-parallel-size $tp --num-prompts 1 --out /tmp/graphupd-trace )
                 done
               done ;;
     ppupd) IFS=';' read -ra variants <<< "${PPUPD_VARIANTS:-JAXLLM_STABLE_STAGE_OUTPUTS=0;JAXLLM_STABLE_STAGE_OUTPUTS=1}"
            for v in "${variants[@]}"; do  # J8's engine at PP 2 (two microbatches in flight): graph updates per step, then J8 itself
              ( eval "export $v"; echo "variant: $v, PP 2"
-               python3 benchmarks/profile_step.py --job J8 --pipeline-parallel-size 2 --num-prompts ${PPUPD_PROMPTS:-64} \
-                 --out /tmp/ppupd-trace 2>&1 | tee -a "$OUT/ppupd.log" | grep -E "decode step|command_buffer::(update|execute)|^JSON" \
-                 | sed -E 's/^JSON .*"untraced_step_ms": (\[[^]]*\]).*/  untraced step ms \1/'
+               graph_updates ppupd.log --pipeline-parallel-size 2 --num-prompts ${PPUPD_PROMPTS:-64} --out /tmp/ppupd-trace
                python3 benchmarks/mesh_scaling.py --job J8 --meshes 1x2x1 2>&1 | tee -a "$OUT/ppupd.log" | grep -Ev "^JSON|^ROW" )
            done ;;
     profile_prefill) python3 benchmarks/profile_step.py --job J8 --phase prefill --out /tmp/j8-prefill-trace 2>&1 | tee "$OUT/profile_prefill.log" | grep -Ev "^JSON" ;;
