@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_session.sh tests kernels j8 j8sync j8ref j8cublas j8nomerge j8both j8xla j8fp8 j8fp8nocb j1 l8 l8q l8fused \
 #        l8qxla l8xla l8dump vmm j8vmm l8vmm profile profile1 profile_b1 profile_prefill profile_tp2 graphupd ppupd startup compare_hf qmm qmmsweep qmmengine qmmbitcvt qmmbundled attnsweep memj1 mesh8 mesh70 tpflags tpenv mp mp8
 # (any subset, run in the order given; mesh8, profile_tp2, graphupd and ppupd need 2+ GPUs: the Llama-3.1-8B shape at TP 1 and 2 by
-# default, MESHES=...; mesh70 the Llama-3.1-70B shape, 4x1x1 by default, MESHES70=...)
+# default, MESHES=...; mesh70 the Llama-3.1-70B shape, 4x1x1 by default, MESHES70=...; both once per MESH_VARIANTS entry,
+# e.g. MESH_VARIANTS="XLA_FLAGS=;XLA_FLAGS=--xla_gpu_enable_command_buffer=+COLLECTIVES" for an A/B on one lease)
 # Run from the repository root; JAXLLM_COMMIT names the commit when the tree is not a git checkout. Wheels of
 # packages the machine lacks (gguf: `pip download --no-deps -d .whl gguf==0.19.0`, carried as `.whl`) are installed
 # into /tmp/site first.
@@ -24,12 +25,35 @@ small_tp_job() {  # the Llama-3.1-8B shape on a small job (MESHES, default TP 4;
     --num-prompts 32 --input-len 128 --output-len 64 --max-num-seqs 32 --max-num-batched-tokens 512 ${SMALL_TP_ARGS:-} 2>&1 \
     | tee -a "$OUT/small_tp_job.log"
 }
+small_tp_rows() { small_tp_job | grep -E "^ +[0-9]+x|Error"; }  # small_tp_job's table rows only
 graph_updates() {  # LOG ARGS...: profile_step on J8's engine with ARGS; prints decode step, graph updates / executes
   # per step and the untraced step times (the full output goes to $OUT/LOG)
   local log=$1; shift
   python3 benchmarks/profile_step.py --job J8 "$@" 2>&1 | tee -a "$OUT/$log" \
     | grep -E "decode step|command_buffer::(update|execute)|^JSON" \
     | sed -E 's/^JSON .*"untraced_step_ms": (\[[^]]*\]).*/  untraced step ms \1/'
+}
+with_variants() {  # LIST CMD...: CMD once per ';'-separated variant of LIST, each a set of shell assignments (e.g.
+  # JAXLLM_MESH_LAUNCH_THREAD=1 XLA_FLAGS='--a --b') exported in a subshell of its own; an empty LIST runs CMD once as is
+  local list=$1; shift
+  if [ -z "$list" ]; then "$@"; return; fi
+  local variants v
+  IFS=';' read -ra variants <<< "$list"
+  for v in "${variants[@]}"; do ( eval "export $v"; echo "variant: $v"; "$@" ); done
+}
+graph_updates_per_tp() {  # graph_updates on J8's engine, batch-1 decode, at each TP of TP_SIZES (default 2)
+  local tp
+  for tp in ${TP_SIZES:-2}; do
+    echo "TP $tp"; graph_updates graphupd.log --tensor-parallel-size $tp --num-prompts 1 --out /tmp/graphupd-trace
+  done
+}
+pipeline_updates_and_j8() {  # J8's engine at PP 2 (two microbatches in flight): graph updates per step, then J8 itself
+  graph_updates ppupd.log --pipeline-parallel-size 2 --num-prompts ${PPUPD_PROMPTS:-64} --out /tmp/ppupd-trace
+  python3 benchmarks/mesh_scaling.py --job J8 --meshes 1x2x1 2>&1 | tee -a "$OUT/ppupd.log" | grep -Ev "^JSON|^ROW"
+}
+mesh_job() {  # LOG ARGS...: mesh_scaling on J8 with ARGS and MESH_ARGS, rows appended to $OUT/LOG
+  local log=$1; shift
+  python3 benchmarks/mesh_scaling.py --job J8 "$@" ${MESH_ARGS:-} 2>&1 | tee -a "$OUT/$log" | grep -Ev "^JSON"
 }
 for stage in "$@"; do
   echo "=== $stage $(date +%T)"
@@ -64,19 +88,8 @@ for stage in "$@"; do
                      | tee "$OUT/profile_tp${tp}_b1.log" | grep -Ev "^JSON"
                    cp "$(find /tmp/tp$tp-trace -name "*.trace.json.gz" | tail -1)" "$OUT/tp${tp}_b1.trace.json.gz"
                  done ;;
-    graphupd) IFS=';' read -ra variants <<< "${GRAPHUPD_VARIANTS:-JAXLLM_STABLE_STEP_OUTPUTS=0;JAXLLM_STABLE_STEP_OUTPUTS=1}"
-              for v in "${variants[@]}"; do  # J8's engine, batch-1 decode at TP ${TP_SIZES:-2}: graph updates per step per variant
-                for tp in ${TP_SIZES:-2}; do
-                  ( eval "export $v"; echo "variant: $v, TP $tp"
-                    graph_updates graphupd.log --tensor-parallel-size $tp --num-prompts 1 --out /tmp/graphupd-trace )
-                done
-              done ;;
-    ppupd) IFS=';' read -ra variants <<< "${PPUPD_VARIANTS:-JAXLLM_STABLE_STAGE_OUTPUTS=0;JAXLLM_STABLE_STAGE_OUTPUTS=1}"
-           for v in "${variants[@]}"; do  # J8's engine at PP 2 (two microbatches in flight): graph updates per step, then J8 itself
-             ( eval "export $v"; echo "variant: $v, PP 2"
-               graph_updates ppupd.log --pipeline-parallel-size 2 --num-prompts ${PPUPD_PROMPTS:-64} --out /tmp/ppupd-trace
-               python3 benchmarks/mesh_scaling.py --job J8 --meshes 1x2x1 2>&1 | tee -a "$OUT/ppupd.log" | grep -Ev "^JSON|^ROW" )
-           done ;;
+    graphupd) with_variants "${GRAPHUPD_VARIANTS:-JAXLLM_STABLE_STEP_OUTPUTS=0;JAXLLM_STABLE_STEP_OUTPUTS=1}" graph_updates_per_tp ;;
+    ppupd) with_variants "${PPUPD_VARIANTS:-JAXLLM_STABLE_STAGE_OUTPUTS=0;JAXLLM_STABLE_STAGE_OUTPUTS=1}" pipeline_updates_and_j8 ;;
     profile_prefill) python3 benchmarks/profile_step.py --job J8 --phase prefill --out /tmp/j8-prefill-trace 2>&1 | tee "$OUT/profile_prefill.log" | grep -Ev "^JSON" ;;
     j8ref) python3 benchmarks/throughput.py --job J8 --attention-impl reference --record 2>&1 | tee "$OUT/j8ref.log" | grep -Ev "^\{" ;;
     j1) python3 benchmarks/throughput.py --job J1 --gpu-memory-utilization ${J1_GPU_MEMORY_UTILIZATION:-0.8} --record 2>&1 | tee "$OUT/j1.log" | grep -Ev "^\{" ;;
@@ -104,19 +117,15 @@ for stage in "$@"; do
     profile) python3 benchmarks/profile_step.py --job J8 --out /tmp/j8-trace 2>&1 | tee "$OUT/profile.log" | grep -Ev "^JSON"
              cp "$(find /tmp/j8-trace -name "*.trace.json.gz" | tail -1)" "$OUT/j8_decode.trace.json.gz" ;;
     profile1) python3 benchmarks/profile_step.py --job J1 --out /tmp/j1-trace 2>&1 | tee "$OUT/profile_j1.log" | grep -Ev "^JSON" ;;
-    mesh8) python3 benchmarks/mesh_scaling.py --job J8 --meshes ${MESHES:-1x1x1,2x1x1} ${MESH_ARGS:-} 2>&1 | tee "$OUT/mesh8.log" | grep -Ev "^JSON" ;;
+    mesh8) with_variants "${MESH_VARIANTS:-}" mesh_job mesh8.log --meshes ${MESHES:-1x1x1,2x1x1} ;;  # MESH_VARIANTS: A/B on one lease
     tpflags) IFS=';' read -ra variants <<< "${TPFLAGS_VARIANTS:-}"  # batch-1 latency on a small job per XLA_FLAGS variant
              for v in "${variants[@]:-}"; do XLA_FLAGS="$v" small_tp_job | grep -E "^ +[0-9]+x|^variant|Error"; done ;;
-    tpenv) IFS=';' read -ra variants <<< "${TPENV_VARIANTS:-JAXLLM_MESH_LAUNCH_THREAD=0;JAXLLM_MESH_LAUNCH_THREAD=1}"
-           for v in "${variants[@]}"; do  # each variant: shell assignments, e.g. JAXLLM_MESH_LAUNCH_THREAD=1 XLA_FLAGS='--a --b'
-             ( eval "export $v"; echo "variant: $v"; small_tp_job | grep -E "^ +[0-9]+x|Error" )
-           done ;;
+    tpenv) with_variants "${TPENV_VARIANTS:-JAXLLM_MESH_LAUNCH_THREAD=0;JAXLLM_MESH_LAUNCH_THREAD=1}" small_tp_rows ;;
     mp) python3 benchmarks/multiprocess_mesh.py --num-processes ${MP_PROCS:-4} --model benchmarks/configs/llama-3.1-8b \
           --num-prompts 32 --input-len 128 --output-len 64 --max-num-seqs 32 --max-num-batched-tokens 512 \
           2>&1 | tee -a "$OUT/mp.log" | grep -Ev "^JSON" ;;  # small_tp_job's job, one process per GPU
     mp8) python3 benchmarks/multiprocess_mesh.py --num-processes ${MP_PROCS:-4} --job J8 2>&1 | tee "$OUT/mp8.log" | grep -Ev "^JSON" ;;
-    mesh70) python3 benchmarks/mesh_scaling.py --job J8 --model benchmarks/configs/llama-3.1-70b --meshes ${MESHES70:-4x1x1} ${MESH_ARGS:-} \
-              2>&1 | tee "$OUT/mesh70.log" | grep -Ev "^JSON" ;;
+    mesh70) with_variants "${MESH_VARIANTS:-}" mesh_job mesh70.log --model benchmarks/configs/llama-3.1-70b --meshes ${MESHES70:-4x1x1} ;;
     startup) python3 benchmarks/startup.py --job J8 --record 2>&1 | tee "$OUT/startup.log" | grep -Ev "^JSON" ;;
     compare_hf) python3 benchmarks/compare_hf.py --job J8 --record 2>&1 | tee "$OUT/compare_hf.log" | grep -Ev "^JSON" ;;
     qmm) python3 benchmarks/quantized_matmul.py --rows ${QMM_ROWS:-1,16,64,256} --json "$OUT/qmm.json" 2>&1 | tee "$OUT/qmm.log" ;;
