@@ -108,7 +108,6 @@ class PipelinedModel:
         ``stable_step_outputs``: write the results into donated buffers; ``stable_stage_outputs``: the same for
         every other stage's hidden states (see the module docstring)."""
         check_single_replica(mesh)
-        self.stable_step_outputs, self.stable_stage_outputs = stable_step_outputs, stable_stage_outputs
         self.config = model.config
         self.head_fn = head_fn
         self.token_rows = token_rows
@@ -117,9 +116,14 @@ class PipelinedModel:
         self._result_shape_cache: dict = {}  # (rows, head-argument shapes) -> the head's result shapes
         meshes = stage_meshes(mesh)
         ranges = stage_layer_ranges(self.config.num_layers, len(meshes))
-        self.stages = [self._build_stage(model, meshes, ranges, s) for s in range(len(meshes))]
+        last = len(meshes) - 1
+        self.stages = [
+            self._build_stage(model, meshes, ranges, s, stable_step_outputs if s == last else stable_stage_outputs)
+            for s in range(len(meshes))
+        ]
 
-    def _build_stage(self, model, meshes, ranges, index: int) -> Stage:
+    def _build_stage(self, model, meshes, ranges, index: int, stable_outputs: bool) -> Stage:
+        """Stage ``index``; ``stable_outputs``: its outputs go into donated pooled buffers (``stage.results``)."""
         is_first, is_last = index == 0, index == len(meshes) - 1
         module = StageModule(model, ranges[index], is_first=is_first, is_last=is_last)
         graphdef, state = nnx.split(module)
@@ -128,7 +132,6 @@ class PipelinedModel:
             state = _copy_tied_embedding(state, mesh)
         _check_placed(state, mesh, index)
         programs = self._compile(graphdef, state, mesh, is_last)
-        stable_outputs = self.stable_step_outputs if is_last else self.stable_stage_outputs
         results = ResultBuffers(stable_outputs, replicated(mesh))
         return Stage(mesh, ranges[index], graphdef, state, programs, results)
 
@@ -231,7 +234,7 @@ class PipelinedModel:
 
     @functools.cached_property
     def _no_pending_tokens(self) -> jax.Array:
-        rows = self.token_rows + (ROW_SLACK if self.stable_step_outputs else 0)  # the shape fed results have
+        rows = self.token_rows + (ROW_SLACK if self.stages[-1].results.enabled else 0)  # the shape fed results have
         return jax.device_put(np.zeros(rows, np.int32), replicated(self.stages[0].mesh))
 
     def _stage_args(self, stage: Stage, inputs, batch: StepBatch, head_args, pending_tokens=None) -> tuple:
