@@ -4,7 +4,8 @@
 #        l8qxla l8xla l8dump vmm j8vmm l8vmm profile profile1 profile_b1 profile_prefill profile_tp2 graphupd ppupd startup compare_hf qmm qmmsweep qmmengine qmmbitcvt qmmbundled attnsweep memj1 mesh8 mesh70 tpflags tpenv mp mp8
 # (any subset, run in the order given; mesh8, profile_tp2, graphupd and ppupd need 2+ GPUs: the Llama-3.1-8B shape at TP 1 and 2 by
 # default, MESHES=...; mesh70 the Llama-3.1-70B shape, 4x1x1 by default, MESHES70=...; both once per MESH_VARIANTS entry,
-# e.g. MESH_VARIANTS="XLA_FLAGS=;XLA_FLAGS=--xla_gpu_enable_command_buffer=+COLLECTIVES" for an A/B on one lease)
+# e.g. MESH_VARIANTS="XLA_FLAGS=;XLA_FLAGS=--xla_gpu_enable_command_buffer=+COLLECTIVES" for an A/B on one lease;
+# a sweep split over calls: MESH_ARGS="--process-per-mesh --scaling-base-log FILE", FILE an earlier call's log carried in the tree)
 # Run from the repository root; JAXLLM_COMMIT names the commit when the tree is not a git checkout. Wheels of
 # packages the machine lacks (gguf: `pip download --no-deps -d .whl gguf==0.19.0`, carried as `.whl`) are installed
 # into /tmp/site first.

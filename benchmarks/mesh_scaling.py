@@ -17,7 +17,10 @@ wall time)`` for M microbatches of the largest bucket, each stage timed alone wi
 On fake CPU devices all "devices" share the host's cores, so only the GPU numbers mean anything. Prints one JSON
 record (device, jax, commit, rows). ``--process-per-mesh`` runs each mesh in a fresh process (this script again, with
 one mesh), so no engine inherits what an earlier one left on the devices: JAX's allocator peak, or under XLA's VMM
-allocator the memory a destroyed engine still holds, which sizes the next engine's cache from less."""
+allocator the memory a destroyed engine still holds, which sizes the next engine's cache from less.
+``--scaling-base-log PATH`` draws the efficiency against an earlier run's meshes too (its JSON record in PATH, e.g. a
+sweep split over several calls of a time-limited machine): it must name the same device, model, job and engine
+options, and must have run on the same machine, which the script cannot check."""
 
 from __future__ import annotations
 
@@ -91,6 +94,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-microbatches", type=int, help="per pipeline step (default: P)")
     p.add_argument("--smoke", action="store_true", help="tiny shape and job on 8 fake CPU devices")
     p.add_argument("--process-per-mesh", action="store_true", help="each mesh in a fresh process (needs --meshes)")
+    p.add_argument(
+        "--scaling-base-log",
+        metavar="PATH",
+        help="an earlier run's output on this machine (its JSON record): its meshes join the efficiency's base choice",
+    )
     add_engine_variant_arguments(p)
     args = p.parse_args(argv)
     if args.process_per_mesh and not args.meshes:
@@ -279,17 +287,44 @@ def scaling_base(rows: list[dict]) -> dict | None:
     return base
 
 
-def add_efficiency(rows: list[dict]) -> None:
+def add_efficiency(rows: list[dict], earlier_rows: list[dict] = ()) -> None:
     """Each row's ``scaling_efficiency``: its throughput per device over the base row's (``scaling_base``), and
-    ``scaling_base``: that row's mesh."""
-    base = scaling_base(rows)
+    ``scaling_base``: that row's mesh. The base is chosen from ``earlier_rows`` (an earlier run's, see
+    ``--scaling-base-log``) and ``rows`` together, earlier rows first."""
+    base = scaling_base([*earlier_rows, *rows])
+    base_label = None
+    if base is not None:
+        base_label = base["mesh"] + (" (earlier run)" if any(base is row for row in earlier_rows) else "")
     for row in rows:
-        row["scaling_base"] = base["mesh"] if base else None
+        row["scaling_base"] = base_label
         row["scaling_efficiency"] = (
             (row["output_tokens_per_s"] / row["num_devices"]) / (base["output_tokens_per_s"] / base["num_devices"])
             if base
             else None
         )
+
+
+RUN_IDENTITY_KEYS = ("device", "model", "reference_job", "job", "engine")  # what an earlier run must share with this
+
+
+def earlier_run_rows(path: str, record: dict) -> list[dict]:
+    """The rows of the last mesh_scaling JSON record in ``path`` (an earlier run's output, e.g. gpu_session.sh's
+    ``$OUT/mesh70.log``) whose device, model, job and engine options are this run's ``record``'s (those of them it
+    has). That the earlier run had the same machine is up to the caller. ValueError when the file has no such record,
+    naming what differs."""
+    lines = pathlib.Path(path).read_text().splitlines()
+    records = [json.loads(line[5:]) for line in lines if line.startswith("JSON ")]
+    records = [r for r in records if r.get("benchmark") == "mesh_scaling"]
+    if not records:
+        raise ValueError(f"--scaling-base-log {path!r}: no mesh_scaling JSON record in it")
+    keys = [key for key in RUN_IDENTITY_KEYS if key in record]
+    matching = [r for r in records if all(r.get(key) == record[key] for key in keys)]
+    if not matching:
+        last = records[-1]
+        differing = [key for key in keys if last.get(key) != record[key]]
+        differences = "; ".join(f"{key} {last.get(key)!r} there, {record[key]!r} here" for key in differing)
+        raise ValueError(f"--scaling-base-log {path!r}: its last run is not this one's kind: {differences}")
+    return matching[-1]["rows"]
 
 
 def print_table(rows: list[dict]) -> None:
@@ -346,6 +381,8 @@ def run_meshes_in_children(argv: list[str], meshes: str) -> tuple[list[dict], di
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.scaling_base_log:  # a wrong log fails now, not after the runs (the device is checked after them)
+        earlier_run_rows(args.scaling_base_log, run_description(args))
     if args.process_per_mesh:
         rows, child_record = run_meshes_in_children(argv, args.meshes)
         return report(args, rows, {key: child_record[key] for key in ENVIRONMENT_KEYS})
@@ -363,13 +400,9 @@ def main(argv=None) -> dict:
     return report(args, rows, environment())
 
 
-def report(args, rows: list[dict], env: dict) -> dict:
-    """Prints the table and the JSON record of ``rows``; returns the record."""
-    add_efficiency(rows)
-    print_table(rows)
-    record = {
-        "benchmark": "mesh_scaling",
-        **env,
+def run_description(args) -> dict:
+    """What this run measures, as its JSON record names it: model, job and engine options (not the device)."""
+    return {
         "model": args.model or "smoke",
         "reference_job": args.job,
         "job": {"num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len},
@@ -383,8 +416,18 @@ def report(args, rows: list[dict], env: dict) -> dict:
             **variant_engine_options(args),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
         },
-        "rows": rows,
     }
+
+
+def report(args, rows: list[dict], env: dict) -> dict:
+    """Prints the table and the JSON record of ``rows``; returns the record."""
+    record = {"benchmark": "mesh_scaling", **env, **run_description(args), "rows": rows}
+    earlier_rows = []
+    if args.scaling_base_log:
+        earlier_rows = earlier_run_rows(args.scaling_base_log, record)
+        record["scaling_base_log"] = args.scaling_base_log
+    add_efficiency(rows, earlier_rows)
+    print_table(rows)
     best = max(rows, key=lambda r: r["output_tokens_per_s"])
     print(f"variant: {variant_label(args).lstrip(', ') or 'defaults'}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     print(f"mesh_scaling on {record['device']}: best {best['mesh']} at {best['output_tokens_per_s']:.1f} output tok/s")

@@ -83,3 +83,41 @@ def test_efficiency_is_against_1x1x1_else_the_smallest_mesh():
     rows = [row("4x1x1 (4 processes)", 4, 3000.0)]  # one mesh: nothing to compare with
     mesh_scaling.add_efficiency(rows)
     assert rows[0]["scaling_efficiency"] is None and rows[0]["scaling_base"] is None
+
+
+def test_efficiency_against_an_earlier_runs_log(tmp_path, capsys):
+    """A sweep split over two invocations: the second draws its efficiency against the first's 1x1x1 row."""
+    argv = ["--smoke", "--num-prompts", "2", "--input-len", "8", "--output-len", "2", "--latency-output-len", "0"]
+    first = mesh_scaling.main([*argv, "--meshes", "1x1x1"])
+    log = tmp_path / "mesh8.log"
+    log.write_text(capsys.readouterr().out)
+    second = mesh_scaling.main([*argv, "--meshes", "2x1x1", "--scaling-base-log", str(log)])
+    [base], [row] = first["rows"], second["rows"]
+    assert row["scaling_base"] == "1x1x1 (earlier run)" and second["scaling_base_log"] == str(log)
+    expected = (row["output_tokens_per_s"] / 2) / base["output_tokens_per_s"]
+    assert row["scaling_efficiency"] == pytest.approx(expected)
+
+    other_job = [*argv[:-4], "--output-len", "3", "--latency-output-len", "0"]
+    with pytest.raises(ValueError, match=r"--scaling-base-log .*job .*'output_len': 2.* there, .*'output_len': 3"):
+        mesh_scaling.main([*other_job, "--meshes", "2x1x1", "--scaling-base-log", str(log)])
+    other_device = tmp_path / "other_device.log"  # the device is known only after the runs: checked against the record
+    other_device.write_text(log.read_text().replace(f'"device": "{first["device"]}"', '"device": "gpu:NVIDIA H200 x4"'))
+    with pytest.raises(ValueError, match="device 'gpu:NVIDIA H200 x4' there, 'cpu:cpu x8' here"):
+        mesh_scaling.earlier_run_rows(str(other_device), first)
+    empty = tmp_path / "empty.log"
+    empty.write_text("no record here\n")
+    with pytest.raises(ValueError, match="no mesh_scaling JSON record"):
+        mesh_scaling.main([*argv, "--meshes", "2x1x1", "--scaling-base-log", str(empty)])
+
+
+def test_efficiency_base_from_earlier_rows_is_marked():
+    def row(mesh, devices, tokens_per_s):
+        return {"mesh": mesh, "num_devices": devices, "output_tokens_per_s": tokens_per_s}
+
+    earlier = [row("2x1x1", 2, 2000.0)]  # the 70B shape's TP 2, run in an earlier call
+    rows = [row("4x1x1", 4, 3200.0)]
+    mesh_scaling.add_efficiency(rows, earlier)
+    assert rows[0]["scaling_base"] == "2x1x1 (earlier run)" and rows[0]["scaling_efficiency"] == pytest.approx(0.8)
+    rows = [row("1x1x1", 1, 1500.0), row("4x1x1", 4, 3000.0)]  # this run's 1x1x1 is still the base
+    mesh_scaling.add_efficiency(rows, earlier)
+    assert [r["scaling_base"] for r in rows] == ["1x1x1"] * 2 and rows[1]["scaling_efficiency"] == pytest.approx(0.5)
