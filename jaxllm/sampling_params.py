@@ -23,6 +23,15 @@ def _check_int(name: str, value) -> None:
         raise TypeError(f"SamplingParams.{name} must be an int, got {value!r} ({type(value).__name__})")
 
 
+def _as_list(name: str, value) -> list:
+    """``value`` (None, a list or a tuple) as a new list; TypeError naming the field and the value otherwise."""
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"SamplingParams.{name} must be a list, got {value!r}")
+    return list(value)
+
+
 @dataclasses.dataclass
 class SamplingParams:
     n: int = 1
@@ -44,13 +53,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        elif self.stop is None:
-            self.stop = []
-        else:
-            self.stop = list(self.stop)
-        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+        self.stop = [self.stop] if isinstance(self.stop, str) else _as_list("stop", self.stop)
+        self.stop_token_ids = _as_list("stop_token_ids", self.stop_token_ids)
         self._validate()
 
     def _validate(self) -> None:

@@ -72,6 +72,12 @@ def test_invalid_sampling_params_name_field_and_value(field, value, fragment):
     assert fragment in message and offending in message
 
 
+@pytest.mark.parametrize("field, value", [("stop", 5), ("stop_token_ids", 7), ("stop_token_ids", "12")])
+def test_stop_fields_that_are_not_lists_are_a_type_error_naming_them(field, value):
+    with pytest.raises(TypeError, match=rf"SamplingParams.{field} must be a list, got {value!r}"):
+        SamplingParams(**{field: value})
+
+
 def test_min_tokens_above_max_tokens_rejected():
     with pytest.raises(ValueError) as info:
         SamplingParams(min_tokens=9, max_tokens=3)
