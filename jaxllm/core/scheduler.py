@@ -85,16 +85,11 @@ class Scheduler:
         num_prompt = request.num_prompt_tokens
         if num_prompt == 0:
             raise ValueError(f"request {rid!r} has an empty prompt; it needs at least one token")
-        max_tokens = request.max_tokens
-        if max_tokens is None and num_prompt >= config.max_model_len:
+        # A prompt plus max_tokens past max_model_len is not an error (as in vLLM): the request stops there, "length".
+        if num_prompt >= config.max_model_len:
             raise ValueError(
                 f"request {rid!r}: prompt of {num_prompt} tokens leaves no room to generate under "
                 f"max_model_len={config.max_model_len}"
-            )
-        if max_tokens is not None and num_prompt + max_tokens > config.max_model_len:
-            raise ValueError(
-                f"request {rid!r}: prompt of {num_prompt} tokens + max_tokens={max_tokens} = "
-                f"{num_prompt + max_tokens} exceeds max_model_len={config.max_model_len}"
             )
         # The last sampled token is never fed back, so its K/V needs no slot.
         num_blocks = self.block_manager.num_blocks_for_tokens(max_total_tokens(request, config.max_model_len) - 1)

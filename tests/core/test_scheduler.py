@@ -248,7 +248,6 @@ def test_request_that_can_never_fit_is_rejected_alone():
     for request in good:
         scheduler.add_request(request)
     bad = {
-        "long": (make_request("long", random_prompt(rng, 10), max_tokens=30), ["40", "max_model_len=32"]),
         "blocks": (make_request("blocks", random_prompt(rng, 10), max_tokens=8), ["5 KV blocks", "only 4"]),
         "open": (make_request("open", random_prompt(rng, 32), max_tokens=None), ["32 tokens", "max_model_len=32"]),
         "empty": (make_request("empty", [], max_tokens=2), ["empty prompt"]),
@@ -308,9 +307,10 @@ def test_eos_on_last_allowed_token_is_a_stop():
     assert request.num_output_tokens == 4 and request.status == RequestStatus.FINISHED_STOPPED
 
 
-def test_max_tokens_none_runs_to_max_model_len():
+@pytest.mark.parametrize("max_tokens", [None, 30])  # 30: past max_model_len, which caps it as in vLLM
+def test_max_tokens_none_or_too_many_runs_to_max_model_len(max_tokens):
     prompt = random_prompt(random.Random(18), 10)
-    request = run_one(make_request("a", prompt, max_tokens=None), max_model_len=24)
+    request = run_one(make_request("a", prompt, max_tokens=max_tokens), max_model_len=24)
     assert request.output_token_ids == expected_output(prompt, 14, VOCAB)
     assert request.status == RequestStatus.FINISHED_LENGTH
 

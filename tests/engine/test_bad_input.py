@@ -90,10 +90,10 @@ def test_non_numeric_sampling_field_is_type_error():
     assert "hot" in str(info.value)
 
 
-def test_prompt_plus_max_tokens_over_max_model_len(llm, reference):
-    with pytest.raises(ValueError) as info:
-        llm.generate({"prompt_token_ids": [3] * 200}, SamplingParams(max_tokens=100), use_tqdm=False)
-    assert "256" in str(info.value)
+def test_prompt_that_fills_max_model_len_is_rejected(llm, reference):
+    with pytest.raises(ValueError) as info:  # max_model_len=256: no room for a token (past it, max_tokens is capped)
+        llm.generate({"prompt_token_ids": [3] * 256}, SamplingParams(max_tokens=1), use_tqdm=False)
+    assert "256 tokens" in str(info.value) and "max_model_len=256" in str(info.value)
     still_serves(llm, reference)
 
 

@@ -31,6 +31,23 @@ def test_tiny_model_greedy_matches_transformers(name):
     assert np.array_equal(got, data["greedy_token_ids"]), f"{name}: {got} != {data['greedy_token_ids']}"
 
 
+def test_max_tokens_past_max_model_len_stops_there_as_in_vllm():
+    """No error for a prompt plus max_tokens beyond max_model_len: the request runs up to max_model_len and finishes
+    with "length", its tokens the first ones of transformers' greedy generation."""
+    data = expected("llama")
+    prompts = fixture_prompts(data)
+    max_model_len = max(len(p) for p in prompts) + 8  # the longest prompt gets 8 of its 16 tokens
+    llm = engine_for(str(FIXTURES / "models" / "llama"), skip_tokenizer_init=True, max_model_len=max_model_len)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    num_capped = 0
+    for prompt, output, full in zip(prompts, outputs, data["greedy_token_ids"], strict=True):
+        room = min(16, max_model_len - len(prompt))
+        num_capped += room < 16
+        assert output.outputs[0].token_ids == full[:room].tolist() and output.outputs[0].finish_reason == "length"
+    assert num_capped > 0
+
+
 def test_text_prompts_with_a_local_tokenizer_match_transformers():
     data = expected("llama")
     llm = engine_for(str(FIXTURES / "models" / "llama"))
