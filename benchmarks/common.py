@@ -123,8 +123,16 @@ def random_prompts(num_prompts: int, input_len: int, vocab_size: int, seed: int 
     return [{"prompt_token_ids": row.tolist()} for row in ids]
 
 
+RECORD_PREFIX = "JSON "  # starts the line print_record prints
+
+
 def print_record(record: dict) -> None:
-    print("JSON " + json.dumps(record, sort_keys=True))
+    print(RECORD_PREFIX + json.dumps(record, sort_keys=True))
+
+
+def read_records(lines: list[str]) -> list[dict]:
+    """The records ``print_record`` printed among ``lines`` (a run's output), in order."""
+    return [json.loads(line[len(RECORD_PREFIX) :]) for line in lines if line.startswith(RECORD_PREFIX)]
 
 
 def append_result_row(line: str) -> None:

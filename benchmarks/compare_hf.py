@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import subprocess
 import sys
@@ -31,7 +30,9 @@ from benchmarks.common import (  # noqa: E402
     append_result_row,
     child_env,
     git_commit,
+    print_record,
     random_prompts,
+    read_records,
 )
 
 SMOKE_JOB = Job("smoke", SMOKE_CONFIG, 8, 24, 8)
@@ -45,8 +46,7 @@ def run_jaxllm(job: Job, args) -> dict:
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode:
         raise RuntimeError(f"jaxllm run failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    line = next(line for line in reversed(done.stdout.splitlines()) if line.startswith("JSON "))
-    return json.loads(line[len("JSON ") :])
+    return read_records(done.stdout.splitlines())[-1]
 
 
 def hf_model(config_dir: str, dtype: str, device: str):
@@ -153,7 +153,7 @@ def main(argv=None) -> dict:
     for name, run in theirs["runs"].items():
         ratio = record["ratios"][name]
         print(f"  transformers {name}: {run['output_tokens_per_s']:.0f} output tok/s (jaxllm {ratio:.1f}x)")
-    print("JSON " + json.dumps(record, sort_keys=True))
+    print_record(record)
     if args.record:
         cells = "; ".join(
             f"transformers {name} {run['output_tokens_per_s']:.0f} ({record['ratios'][name]:.1f}x)"

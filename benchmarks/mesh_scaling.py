@@ -44,11 +44,13 @@ import jax  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     ENVIRONMENT_KEYS,
     JOBS,
+    RECORD_PREFIX,
     add_engine_variant_arguments,
     child_env,
     environment,
     print_record,
     random_prompts,
+    read_records,
     variant_engine_options,
     variant_label,
 )
@@ -313,8 +315,7 @@ def earlier_run_rows(path: str, record: dict) -> list[dict]:
     has). That the earlier run had the same machine is up to the caller. ValueError when the file has no such record,
     naming what differs."""
     lines = pathlib.Path(path).read_text().splitlines()
-    records = [json.loads(line[5:]) for line in lines if line.startswith("JSON ")]
-    records = [r for r in records if r.get("benchmark") == "mesh_scaling"]
+    records = [r for r in read_records(lines) if r.get("benchmark") == "mesh_scaling"]
     if not records:
         raise ValueError(f"--scaling-base-log {path!r}: no mesh_scaling JSON record in it")
     keys = [key for key in RUN_IDENTITY_KEYS if key in record]
@@ -368,8 +369,8 @@ def run_meshes_in_children(argv: list[str], meshes: str) -> tuple[list[dict], di
         command = child_argv(argv, mesh.strip())
         done = subprocess.run(command, env=child_env(USER_PREALLOCATE), stdout=subprocess.PIPE, text=True)
         lines = done.stdout.splitlines()
-        print("\n".join(line for line in lines if not line.startswith(("JSON ", "ROW "))), flush=True)
-        records = [json.loads(line[5:]) for line in lines if line.startswith("JSON ")]
+        print("\n".join(line for line in lines if not line.startswith((RECORD_PREFIX, "ROW "))), flush=True)
+        records = read_records(lines)
         if done.returncode != 0 or not records:
             raise RuntimeError(f"mesh {mesh}: the child process failed (exit {done.returncode}); its output is above")
         rows.extend(records[-1]["rows"])
