@@ -10,6 +10,9 @@ Samples (n > 1): a prompt becomes n ``Request``s (see ``make_child_requests``) w
 ``CompletionOutput`` per sample, ordered by index) is produced once every sample has finished, or after every step
 that touched it when the request streams.
 
+Prompt logprobs (``SamplingParams.prompt_logprobs``) are the first sample's (every sample computes the same ones); the
+runner stores them on its ``Request`` by prompt position and they are turned into ``Logprob`` dicts here.
+
 Detokenization is deferred when nothing needs the text early: a request with no stop strings that does not stream
 decodes its output once, when it finishes. With ``tokenizer=None`` text stays "" and only token ids are returned.
 """
@@ -23,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from jaxllm.core.engine_core_output import EngineCoreOutput
 from jaxllm.core.step_io import SampledLogprobs
 from jaxllm.detokenizer import IncrementalDetokenizer, find_stop_string
-from jaxllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from jaxllm.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestMetrics, RequestOutput
 from jaxllm.request import Request
 from jaxllm.sampling_params import SamplingParams
 
@@ -104,14 +107,13 @@ class RequestState:
     def _make_logprobs_entry(self, token_id: int, sampled: SampledLogprobs) -> dict[int, Logprob]:
         """The sampled token first, then the top-k alternatives ranked 1..k."""
         ranks = {top_id: rank for rank, top_id in enumerate(sampled.top_token_ids, start=1)}
-        entry = {token_id: Logprob(sampled.sampled_logprob, ranks.get(token_id), self._decode_one(token_id))}
-        for top_id, top_logprob in zip(sampled.top_token_ids, sampled.top_logprobs, strict=True):
-            if top_id not in entry:
-                entry[top_id] = Logprob(top_logprob, ranks[top_id], self._decode_one(top_id))
-        return entry
-
-    def _decode_one(self, token_id: int) -> str | None:
-        return None if self.tokenizer is None else self.tokenizer.decode([token_id])
+        return _logprobs_entry(
+            token_id,
+            Logprob(sampled.sampled_logprob, ranks.get(token_id), _decode_one(self.tokenizer, token_id)),
+            sampled.top_token_ids,
+            sampled.top_logprobs,
+            self.tokenizer,
+        )
 
     def visible_text(self) -> str:
         """The text so far; while running, minus a tail that might still grow into a (trimmed) stop string."""
@@ -136,11 +138,41 @@ class RequestState:
         )
 
 
+def _decode_one(tokenizer, token_id: int) -> str | None:
+    return None if tokenizer is None else tokenizer.decode([token_id])
+
+
+def _logprobs_entry(token_id: int, logprob: Logprob, top_ids: list[int], top_logprobs: list[float], tokenizer):
+    """``{token_id: logprob}``, then the top-k alternatives ranked 1..k (vLLM's layout of a logprobs dict)."""
+    entry = {token_id: logprob}
+    for rank, (top_id, top_logprob) in enumerate(zip(top_ids, top_logprobs, strict=True), start=1):
+        if top_id not in entry:
+            entry[top_id] = Logprob(top_logprob, rank, _decode_one(tokenizer, top_id))
+    return entry
+
+
+def make_prompt_logprobs(request: Request, tokenizer) -> PromptLogprobs | None:
+    """The user's prompt logprobs from those stored on ``request`` (None when not asked for, or not all computed
+    yet): None for the first prompt token, then the prompt token's ``Logprob`` (with its rank) and the top-k."""
+    stored = request.prompt_logprobs
+    if stored is None or any(entry is None for entry in stored[1:]):
+        return None
+    out: PromptLogprobs = [None]
+    for token_id, (logprob, rank, top_ids, top_logprobs) in zip(request.prompt_token_ids[1:], stored[1:], strict=True):
+        prompt_logprob = Logprob(logprob, rank, _decode_one(tokenizer, token_id))
+        out.append(_logprobs_entry(token_id, prompt_logprob, top_ids, top_logprobs, tokenizer))
+    return out
+
+
 class ParentRequest:
     """One prompt as the user sees it: its samples (children) and the times they share."""
 
-    def __init__(self, request_id: str, prompt: str | None, requests: list[Request], stream: bool) -> None:
+    def __init__(
+        self, request_id: str, prompt: str | None, requests: list[Request], stream: bool, tokenizer=None
+    ) -> None:
         self.request_id = request_id
+        self.tokenizer = tokenizer
+        self._prompt_logprobs: PromptLogprobs | None = None  # built once, when complete
         self.prompt = prompt
         self.prompt_token_ids = requests[0].prompt_token_ids
         self.stream = stream
@@ -170,7 +202,13 @@ class ParentRequest:
             ),
             # The most prompt tokens any sample found in the prefix cache.
             num_cached_tokens=max(r.num_cached_prompt_tokens for r in requests),
+            prompt_logprobs=self._make_prompt_logprobs(),
         )
+
+    def _make_prompt_logprobs(self) -> PromptLogprobs | None:
+        if self._prompt_logprobs is None:
+            self._prompt_logprobs = make_prompt_logprobs(self.children[0].request, self.tokenizer)
+        return self._prompt_logprobs
 
 
 def _earliest(times: Iterable[float | None]) -> float | None:
@@ -208,7 +246,7 @@ class OutputProcessor:
                     f"request {request_id!r}: stop strings {request.sampling_params.stop!r} need a tokenizer "
                     "(the engine was started without one)"
                 )
-        parent = ParentRequest(request_id, prompt, requests, stream)
+        parent = ParentRequest(request_id, prompt, requests, stream, self.tokenizer)
         for request in sorted(requests, key=lambda r: r.sample_index):
             state = RequestState(request, parent, self.tokenizer, stream)
             parent.children.append(state)

@@ -20,6 +20,8 @@ class Logprob:
 
 # One dict per output token: the sampled token and the top-k alternatives.
 SampleLogprobs = list[dict[int, Logprob]]
+# One entry per prompt token: None for the first, then a dict of the prompt token and the top-k alternatives.
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclasses.dataclass
@@ -60,7 +62,8 @@ class RequestMetrics:
 
 @dataclasses.dataclass
 class RequestOutput:
-    """A prompt's result: one ``CompletionOutput`` per sample (``n`` of them, ordered by index)."""
+    """A prompt's result: one ``CompletionOutput`` per sample (``n`` of them, ordered by index).
+    ``prompt_logprobs``: when ``SamplingParams.prompt_logprobs`` is set, one entry per prompt token."""
 
     request_id: str
     prompt: str | None
@@ -69,3 +72,4 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     num_cached_tokens: int | None = None
+    prompt_logprobs: PromptLogprobs | None = None

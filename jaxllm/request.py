@@ -8,8 +8,15 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import TYPE_CHECKING
 
 from jaxllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from jaxllm.core.step_io import PromptLogprobs
+
+# One prompt position's prompt logprob: (logprob, rank, top-k token ids, top-k logprobs).
+PromptLogprobEntry = tuple[float, int, list[int], list[float]]
 
 
 class RequestStatus(enum.Enum):
@@ -72,6 +79,10 @@ class Request:
         # Logprobs of each output token, filled by the engine when sampling_params.logprobs is set.
         self.output_logprobs: list[dict[int, float]] = []
         self.cumulative_logprob = 0.0
+        # Prompt logprobs by prompt position when sampling_params.prompt_logprobs is set (position 0 has none).
+        self.prompt_logprobs: list[PromptLogprobEntry | None] | None = (
+            None if sampling_params.prompt_logprobs is None else [None] * len(self.prompt_token_ids)
+        )
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -104,6 +115,13 @@ class Request:
 
     def append_output_token(self, token_id: int) -> None:
         self.all_token_ids.append(token_id)
+
+    def record_prompt_logprobs(self, computed: PromptLogprobs) -> None:
+        """Store one step's share of the prompt logprobs by position (a recomputation after preemption rewrites the
+        same positions)."""
+        entries = zip(computed.logprobs, computed.ranks, computed.top_token_ids, computed.top_logprobs, strict=True)
+        for offset, entry in enumerate(entries):
+            self.prompt_logprobs[computed.first_position + offset] = entry
 
     def __repr__(self) -> str:
         return (

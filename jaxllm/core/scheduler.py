@@ -197,7 +197,7 @@ class Scheduler:
             request = self.waiting[0]
             if request.num_pending_tokens:  # preempted while a step sampling for it ran: wait for that token
                 break
-            computed_blocks, num_computed = self.block_manager.get_computed_blocks(request)
+            computed_blocks, num_computed = self._cached_prefix(request)
             num_new = request.num_tokens - num_computed
             if num_new > budget:
                 # With chunking off a prompt waits for a step with room, unless no step could ever hold it
@@ -212,6 +212,13 @@ class Scheduler:
             scheduled.append(self._scheduled(request, num_computed, num_new))
             budget -= num_new
         return budget
+
+    def _cached_prefix(self, request: Request) -> tuple[list[int], int]:
+        """The prefix cache's hit for ``request``; none for a request that asks for prompt logprobs (as in vLLM):
+        every prompt token must go through the model for its logprob."""
+        if request.sampling_params.prompt_logprobs is not None:
+            return [], 0
+        return self.block_manager.get_computed_blocks(request)
 
     def _admit(self, request: Request, num_computed: int) -> None:
         if request.first_scheduled_time is None:
@@ -254,6 +261,9 @@ class Scheduler:
                 continue
             if request.status == RequestStatus.RUNNING:
                 self.block_manager.cache_full_blocks(request)
+            prompt_logprobs = model_runner_output.prompt_logprobs.get(request.request_id)
+            if prompt_logprobs is not None:
+                request.record_prompt_logprobs(prompt_logprobs)
             if item.samples_token:
                 outputs.append(self._append_sample(request, model_runner_output, now))
         if any(output.finished for output in outputs):

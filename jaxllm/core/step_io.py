@@ -1,7 +1,7 @@
 """The only things that cross between the scheduler and the model runner.
 
 ``SchedulerOutput`` says which requests run this step and how many of their tokens; ``ModelRunnerOutput`` carries
-back the sampled tokens. Plain Python: imports neither jax nor flax.
+back the sampled tokens (and the logprobs asked for). Plain Python: imports neither jax nor flax.
 """
 
 from __future__ import annotations
@@ -64,8 +64,23 @@ class SampledLogprobs:
 
 
 @dataclasses.dataclass(frozen=True)
+class PromptLogprobs:
+    """Raw logprobs of prompt tokens ``first_position, first_position + 1, ...`` (one step's share of a prompt), each
+    given the tokens before it: the prompt token's logprob and its rank (1 = most likely) in the distribution, and
+    the top-k alternatives (k = ``SamplingParams.prompt_logprobs``), most likely first."""
+
+    first_position: int
+    logprobs: list[float]
+    ranks: list[int]
+    top_token_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelRunnerOutput:
-    """Sampled token per request id, only for requests whose ``ScheduledRequest.samples_token`` was True."""
+    """Sampled token per request id, only for requests whose ``ScheduledRequest.samples_token`` was True.
+    ``prompt_logprobs``: for requests that asked for them, the prompt positions this step computed."""
 
     sampled_token_ids: dict[str, int]
     logprobs: dict[str, SampledLogprobs] = dataclasses.field(default_factory=dict)
+    prompt_logprobs: dict[str, PromptLogprobs] = dataclasses.field(default_factory=dict)

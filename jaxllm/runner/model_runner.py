@@ -13,6 +13,9 @@ A step is ``dispatch`` (returns at once with an ``InFlightStep``: JAX runs it as
 for its sampled ids). Between the two the engine may dispatch the next step, whose pending tokens are the in-flight
 step's samples: they stay on the device (a fixed-size ``[R]`` vector, R the most request rows of any bucket, so one
 forward program serves every previous bucket) and the forward program gathers them into its input ids.
+
+A step with requests that ask for prompt logprobs runs the forward program's prompt-logprob variant
+(``jaxllm.runner.prompt_logprobs``; compiled per token bucket and top-k width on first use, never at warm-up).
 """
 
 from __future__ import annotations
@@ -32,6 +35,12 @@ from jaxllm.core.step_io import ModelRunnerOutput, SampledLogprobs, SchedulerOut
 from jaxllm.models.attention_metadata import AttentionMetadata
 from jaxllm.runner.kv_cache import allocate_kv_cache
 from jaxllm.runner.packed_transfer import PackedLayout, pack, unpack
+from jaxllm.runner.prompt_logprobs import (
+    compute_prompt_logprobs,
+    prompt_logprob_targets,
+    prompt_logprob_width,
+    split_prompt_logprobs,
+)
 from jaxllm.runner.step_batch import StepBatch, pack_step_batch
 from jaxllm.runner.xla_options import CompilerOptions, ProgramsByOptions
 from jaxllm.sampling import SamplingMetadata, SamplingMetadataBuilder, build_sampling_metadata, sample
@@ -46,6 +55,7 @@ class InFlightStep:
     scheduler_output: SchedulerOutput
     result: object  # SamplerOutput of device arrays; token_ids padded to the runner's max rows
     rows: dict[str, int]
+    prompt_logprobs: object = None  # PromptLogprobArrays of device arrays when the step computed them
 
 
 def feed_pending_tokens(input_ids: jax.Array, prev_index: jax.Array, prev_token_ids: jax.Array) -> jax.Array:
@@ -53,12 +63,17 @@ def feed_pending_tokens(input_ids: jax.Array, prev_index: jax.Array, prev_token_
     return jnp.where(prev_index >= 0, prev_token_ids[jnp.maximum(prev_index, 0)], input_ids)
 
 
-def _model_forward(graphdef, params, kv_caches, batch: dict):
-    """Logits ``[S, V]`` (float32) at each request row's sampled position, and the updated KV cache."""
+def _model_forward(graphdef, params, kv_caches, batch: dict, prompt_logprob_width: int | None = None):
+    """Logits ``[S, V]`` (float32) at each request row's sampled position, and the updated KV cache; with a
+    ``prompt_logprob_width`` also the ``PromptLogprobArrays`` of ``batch["prompt_targets"]``."""
     model = nnx.merge(graphdef, params)
     md = AttentionMetadata(**batch["attention"])
     hidden, kv_caches = model(batch["input_ids"], kv_caches, md)  # [T, D]
-    return model.compute_logits(hidden[batch["logits_indices"]]), kv_caches  # [S, V], only sampled rows
+    logits = model.compute_logits(hidden[batch["logits_indices"]])  # [S, V], only sampled rows
+    if prompt_logprob_width is None:
+        return logits, kv_caches
+    prompt = compute_prompt_logprobs(model.compute_logits, hidden, batch["prompt_targets"], prompt_logprob_width)
+    return logits, kv_caches, prompt
 
 
 def sampler_variants(num_rows: int) -> list[SamplingMetadata]:
@@ -96,6 +111,7 @@ class ModelRunner:
         self.num_steps = 0
         self.num_traces = 0  # incremented only when XLA traces a new forward program
         self.num_sampler_traces = 0  # likewise for sampler programs
+        self.num_prompt_logprob_traces = 0  # likewise for the forward program's prompt-logprob variants
         self.max_rows = config.request_rows_for(config.token_buckets[-1])
         self._no_pending_tokens = jnp.zeros((self.max_rows,), jnp.int32)
         self._sampling_builder = SamplingMetadataBuilder()
@@ -103,6 +119,9 @@ class ModelRunner:
         # Step inputs cross as one packed buffer per program (jaxllm.runner.packed_transfer); its layout is static.
         self._forward_programs = ProgramsByOptions(
             self._traced_forward, compiler_options, donate_argnums=(1,), static_argnums=(4,)
+        )
+        self._prompt_logprob_programs = ProgramsByOptions(
+            self._traced_forward_with_prompt_logprobs, compiler_options, donate_argnums=(1,), static_argnums=(4, 5)
         )
         self._jitted_sample = jax.jit(self._traced_sample, static_argnums=(2,))
 
@@ -113,6 +132,12 @@ class ModelRunner:
         batch = {**batch, "input_ids": feed_pending_tokens(batch["input_ids"], batch["prev_index"], prev_token_ids)}
         return _model_forward(self.graphdef, params, kv_caches, batch)
 
+    def _traced_forward_with_prompt_logprobs(self, params, kv_caches, packed_batch, prev_token_ids, layout, width):
+        self.num_prompt_logprob_traces += 1
+        batch = unpack(packed_batch, layout)
+        batch = {**batch, "input_ids": feed_pending_tokens(batch["input_ids"], batch["prev_index"], prev_token_ids)}
+        return _model_forward(self.graphdef, params, kv_caches, batch, width)
+
     def _traced_sample(self, logits, packed, layout: PackedLayout):
         self.num_sampler_traces += 1
         sampling_metadata, step_index = unpack(packed, layout)
@@ -120,6 +145,7 @@ class ModelRunner:
         return out._replace(token_ids=jnp.pad(out.token_ids, (0, self.max_rows - out.token_ids.shape[0])))
 
     supports_async = True  # dispatch / collect may overlap steps (jaxllm.engine.engine_core)
+    supports_prompt_logprobs = True  # SamplingParams.prompt_logprobs (the mesh runners do not compute them)
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.collect(self.dispatch(scheduler_output))
@@ -131,23 +157,32 @@ class ModelRunner:
         requests = [s.request for s in scheduler_output.scheduled]
         sampling_metadata = self._sampling_builder.build(requests, batch.seq_lens.shape[0])
         prev_token_ids = self._no_pending_tokens if prev is None else prev.result.token_ids
-        result = self._run(batch, sampling_metadata, prev_token_ids)
+        width = prompt_logprob_width(scheduler_output)
+        targets = None if width is None else prompt_logprob_targets(scheduler_output, batch.token_bucket)
+        result, prompt_logprobs = self._run(batch, sampling_metadata, prev_token_ids, targets, width)
         result.token_ids.copy_to_host_async()
         rows = {s.request_id: row for row, s in enumerate(scheduler_output.scheduled)}
-        return InFlightStep(scheduler_output, result, rows)
+        return InFlightStep(scheduler_output, result, rows, prompt_logprobs)
 
     def collect(self, step: InFlightStep) -> ModelRunnerOutput:
         """Waits for a dispatched step and returns its sampled tokens."""
-        return self._to_output(step.scheduler_output, step.result)
+        output = self._to_output(step.scheduler_output, step.result)
+        if step.prompt_logprobs is not None:
+            host = jax.device_get(step.prompt_logprobs)
+            output = dataclasses.replace(output, prompt_logprobs=split_prompt_logprobs(step.scheduler_output, host))
+        return output
 
-    def _batch_arrays(self, batch: StepBatch) -> tuple[jax.Array, PackedLayout]:
-        """The forward program's step inputs: one packed buffer on the device, and its layout."""
+    def _batch_arrays(self, batch: StepBatch, prompt_targets: np.ndarray | None = None):
+        """The forward program's step inputs: one packed buffer on the device, and its layout (``prompt_targets``:
+        the prompt-logprob variant's targets)."""
         arrays = {
             "input_ids": batch.input_ids,
             "attention": batch.attention_arrays(),
             "logits_indices": batch.logits_indices,
             "prev_index": batch.pending_index,
         }
+        if prompt_targets is not None:
+            arrays["prompt_targets"] = prompt_targets
         packed, layout = pack(arrays)
         return jax.device_put(packed, self.batch_sharding), layout
 
@@ -155,13 +190,28 @@ class ModelRunner:
         packed, layout = pack((sampling_metadata, np.int32(step_index)))
         return jax.device_put(packed, self.batch_sharding), layout
 
-    def _run(self, batch: StepBatch, sampling_metadata: SamplingMetadata, prev_token_ids: jax.Array):
-        packed, layout = self._batch_arrays(batch)
-        forward = self._forward_programs.for_tokens(batch.token_bucket)
-        logits, self.kv_caches = forward(self.params, self.kv_caches, packed, prev_token_ids, layout)
+    def _run(
+        self,
+        batch: StepBatch,
+        sampling_metadata: SamplingMetadata,
+        prev_token_ids: jax.Array,
+        prompt_targets: np.ndarray | None = None,
+        prompt_logprob_width: int | None = None,
+    ):
+        """Launches the step: its sampler output, and its ``PromptLogprobArrays`` (None without ``prompt_targets``)."""
+        packed, layout = self._batch_arrays(batch, prompt_targets)
+        prompt_logprobs = None
+        if prompt_targets is None:
+            forward = self._forward_programs.for_tokens(batch.token_bucket)
+            logits, self.kv_caches = forward(self.params, self.kv_caches, packed, prev_token_ids, layout)
+        else:
+            forward = self._prompt_logprob_programs.for_tokens(batch.token_bucket)
+            logits, self.kv_caches, prompt_logprobs = forward(
+                self.params, self.kv_caches, packed, prev_token_ids, layout, prompt_logprob_width
+            )
         result = self._jitted_sample(logits, *self._sampler_args(sampling_metadata, self.num_steps))
         self.num_steps += 1
-        return result
+        return result, prompt_logprobs
 
     def _to_output(self, scheduler_output: SchedulerOutput, result) -> ModelRunnerOutput:
         wants_logprobs = scheduler_output.wants_logprobs

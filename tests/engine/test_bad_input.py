@@ -60,6 +60,7 @@ def test_bad_prompt_in_a_batch_is_rejected_and_engine_recovers(llm, reference, b
         ("frequency_penalty", -2.5, "frequency_penalty"),
         ("repetition_penalty", 0.0, "repetition_penalty"),
         ("logprobs", -1, "logprobs"),
+        ("prompt_logprobs", -2, "prompt_logprobs"),
         ("stop", [""], "stop"),
         ("stop_token_ids", [-2], "stop_token_ids"),
     ],
@@ -70,6 +71,12 @@ def test_invalid_sampling_params_name_field_and_value(field, value, fragment):
     message = str(info.value)
     offending = repr(value[0]) if isinstance(value, list) else str(value)
     assert fragment in message and offending in message
+
+
+@pytest.mark.parametrize("field", ["logprobs", "prompt_logprobs"])
+def test_logprob_counts_that_are_not_ints_are_a_type_error_naming_them(field):
+    with pytest.raises(TypeError, match=rf"SamplingParams.{field} must be an int, got '3'"):
+        SamplingParams(**{field: "3"})
 
 
 @pytest.mark.parametrize("field, value", [("stop", 5), ("stop_token_ids", 7), ("stop_token_ids", "12")])

@@ -85,6 +85,14 @@ def test_preemption_on_a_mesh_matches_one_device(one_device):
     assert llm.llm_engine.scheduler.num_preemptions > 0
 
 
+def test_prompt_logprobs_on_a_mesh_are_a_value_error_and_the_engine_serves_on(one_device):
+    """Prompt logprobs are computed on one device only: a mesh engine names the option and keeps serving."""
+    llm = make_llm("llama", tensor_parallel_size=2)
+    with pytest.raises(ValueError, match=r"prompt_logprobs=1: .*one-device engines only"):
+        llm.generate(prompts(), SamplingParams(max_tokens=2, prompt_logprobs=1), use_tqdm=False)
+    assert generate(llm) == one_device("llama")
+
+
 def test_dummy_weights_on_a_mesh_equal_one_device_dummy_weights(one_device):
     llm = make_llm("llama", load_format="dummy", tensor_parallel_size=2, pipeline_parallel_size=2)
     assert generate(llm) == one_device("llama", load_format="dummy")
