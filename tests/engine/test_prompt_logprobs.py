@@ -91,6 +91,20 @@ def test_a_cached_prefix_is_recomputed_for_prompt_logprobs_as_in_vllm(chunked):
     check_against_transformers(prompt, output.prompt_logprobs, reference_logprobs(data, 3), NUM_TOP)
 
 
+def test_preempted_requests_and_a_one_token_prompt_get_complete_prompt_logprobs():
+    """Too few blocks: requests are preempted and recomputed from the start, rewriting their prompt logprobs."""
+    data = expected("llama")
+    prompts = fixture_prompts(data)
+    llm = engine(max_num_batched_tokens=16, num_gpu_blocks_override=24, block_size=4)
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, prompt_logprobs=NUM_TOP)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in [*prompts, prompts[0][:1]]], params, use_tqdm=False)
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+    for index, (prompt, output) in enumerate(zip(prompts, outputs, strict=False)):
+        check_against_transformers(prompt, output.prompt_logprobs, reference_logprobs(data, index), NUM_TOP)
+        assert output.outputs[0].token_ids[:16] == data["greedy_token_ids"][index].tolist()  # transformers' 16
+    assert outputs[-1].prompt_logprobs == [None] and len(outputs[-1].outputs[0].token_ids) == 20
+
+
 def test_decoded_tokens_come_from_the_tokenizer():
     data = expected("llama")
     llm = engine(max_num_batched_tokens=64, skip_tokenizer_init=False)
