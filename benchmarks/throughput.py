@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python3 benchmarks/throughput.py --job J8            # on the GPU machine
     python benchmarks/throughput.py --smoke                            # tiny CPU run (used by the tests)
+    PYTHONPATH=. python3 benchmarks/throughput.py --job J8 --output-len 1 --prompt-logprobs 5   # a scoring job
 
 Builds the engine (which compiles every bucket: that is the untimed warm-up), submits all requests at once and times
 ``LLM.generate`` from submit to the last output. Prints the job, device, jax version and commit, vLLM's line
@@ -45,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--attention-impl", help="ragged paged attention backend (default: the platform's)")
     add_engine_variant_arguments(p)
+    p.add_argument(
+        "--prompt-logprobs", type=int, help="SamplingParams.prompt_logprobs of every request (a scoring job)"
+    )
     p.add_argument("--smoke", action="store_true", help="tiny model and job, for a CPU check")
     p.add_argument("--record", action="store_true", help="append a row to benchmarks/RESULTS.md")
     return p.parse_args(argv)
@@ -90,7 +94,9 @@ def run(args) -> dict:
     startup_s = time.perf_counter() - start
     vocab_size = llm.llm_engine.model_config.vocab_size
     prompts = random_prompts(job.num_prompts, job.input_len, vocab_size)
-    params = SamplingParams(temperature=0.0, max_tokens=job.output_len, ignore_eos=True)
+    params = SamplingParams(
+        temperature=0.0, max_tokens=job.output_len, ignore_eos=True, prompt_logprobs=args.prompt_logprobs
+    )
     llm.llm_engine.step_times.reset()
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -111,6 +117,9 @@ def run(args) -> dict:
         "total_tokens_per_s": (num_input + num_output) / elapsed,
         "output_tokens_per_s": num_output / elapsed,
         "num_output_tokens": num_output,
+        "prompt_logprobs": args.prompt_logprobs,
+        # prompt positions with a logprob (every prompt token but the first, when asked)
+        "num_prompt_logprobs": sum(len(o.prompt_logprobs or [None]) - 1 for o in outputs),
         "num_preemptions": llm.llm_engine.scheduler.num_preemptions,
         "step_times": llm.llm_engine.step_times.summary(),
         "engine": {
@@ -148,13 +157,17 @@ def main(argv=None) -> dict:
     if args.record:
         append_result_row(
             f"| {record['date']} | throughput {record['job']} ({record['engine']['attention_impl']} attention"
-            f"{variant_label(args)}) | "
+            f"{variant_label(args)}{_prompt_logprobs_label(args)}) | "
             f"{record['device']} | jax {record['jax']} | "
             f"{record['commit']} | {record['output_tokens_per_s']:.0f} output tok/s, "
             f"{record['total_tokens_per_s']:.0f} total tok/s ({record['elapsed_s']:.1f} s; compile "
             f"{record['compile_s']:.0f} s) |"
         )
     return record
+
+
+def _prompt_logprobs_label(args) -> str:
+    return "" if args.prompt_logprobs is None else f", prompt_logprobs={args.prompt_logprobs}"
 
 
 if __name__ == "__main__":

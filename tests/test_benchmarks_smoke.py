@@ -11,6 +11,12 @@ def test_throughput_smoke_counts_every_output_token():
     assert times["num_steps"] > 0 and times["host_ms"] >= 0 and times["device_wait_ms"] >= 0
 
 
+def test_throughput_smoke_scoring_job_gets_every_prompt_logprob():
+    record = throughput.main(["--smoke", "--output-len", "1", "--prompt-logprobs", "2"])
+    assert record["num_prompt_logprobs"] == record["num_prompts"] * (record["input_len"] - 1)
+    assert record["num_output_tokens"] == record["num_prompts"]
+
+
 def test_latency_smoke_reports_percentiles():
     record = latency.main(["--smoke"])
     for stats in record["batches"].values():

@@ -99,3 +99,28 @@ def test_mosaic_prefill_logits_match_reference_attention(dtype):
     # to 7.5e-2 against transformers), float32's for float16's 10 bits (H100: 6.4e-3 here).
     assert max(errors) < (1e-1 if dtype == "bfloat16" else 2e-2), f"{dtype}: {max(errors):.2e}"
     assert agree >= 0.95 * total
+
+
+def test_gpu_prompt_logprobs_match_transformers():
+    """``prompt_logprobs`` through the engine on the GPU (the forward program's prompt-logprob variant, chunked
+    prefill under a 16-token budget) against transformers' log-softmax of the fixture logits; float32 runs its
+    matmuls in TF32, so the bound is the logits test's, relative to the logits' spread."""
+    data = expected("llama")
+    prompts = fixture_prompts(data)
+    llm = LLM(model=str(FIXTURES / "models" / "llama"), dtype="float32", skip_tokenizer_init=True, max_model_len=256,
+              max_num_batched_tokens=16, num_gpu_blocks_override=64)  # fmt: skip
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    offsets, errors, agree, total = data["logit_offsets"], [], 0, 0
+    for i, (prompt, output) in enumerate(zip(prompts, outputs, strict=True)):
+        logits = data["logits"][offsets[i] : offsets[i + 1]].astype(np.float64)
+        reference = logits - logits.max(-1, keepdims=True)
+        reference -= np.log(np.exp(reference).sum(-1, keepdims=True))
+        for position in range(1, len(prompt)):
+            entry, row = output.prompt_logprobs[position], reference[position - 1]
+            errors.append(abs(entry[prompt[position]].logprob - row[prompt[position]]) / logits.std())
+            top_1 = next(token for token, logprob in entry.items() if logprob.rank == 1)
+            agree += int(top_1 == row.argmax())
+            total += 1
+    print(f"gpu prompt logprobs: max abs error / logit std {max(errors):.2e}, top-1 agreement {agree}/{total}")
+    assert max(errors) < 2e-2 and agree >= 0.95 * total
