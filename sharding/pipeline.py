@@ -13,6 +13,10 @@ one host-to-device copy per device (its step arrays packed into one buffer, ``ja
 async scheduling the first stage also gathers the previous step's sampled tokens (still on the device) into its
 input ids, and the last stage pads its sampled ids to a fixed row count so any bucket's output can feed the next.
 
+A call with prompt-logprob targets (``SamplingParams.prompt_logprobs``) runs the last stage's program variant that
+also returns them (``jaxllm.runner.prompt_logprobs``; compiled per bucket and top-k width on first use); the other
+stages run their usual programs.
+
 ``stable_step_outputs=True`` (engines' default;
 ``JAXLLM_STABLE_STEP_OUTPUTS=0`` turns it off): the last stage writes its results into donated buffers that callers
 hand back with ``release`` once read, so no CUDA graph holding an intermediate is updated every step
@@ -38,6 +42,7 @@ from jaxllm.models.activation_sharding import activation_sharding
 from jaxllm.models.attention_metadata import AttentionMetadata
 from jaxllm.runner.model_runner import feed_pending_tokens
 from jaxllm.runner.packed_transfer import PackedLayout, pack, unpack
+from jaxllm.runner.prompt_logprobs import as_results, result_shapes
 from jaxllm.runner.stable_outputs import ROW_SLACK, ResultBuffers, write_into
 from jaxllm.runner.step_batch import StepBatch
 from jaxllm.runner.xla_options import CompilerOptions, ProgramsByOptions
@@ -139,9 +144,10 @@ class PipelinedModel:
         rules = activation_rules(self.config, mesh)
         finish_head = self._finish_head
 
-        def program(state, kv_caches, inputs, packed, pending_tokens, result_buffers, layout: PackedLayout):
+        def program(state, kv_caches, inputs, packed, pending_tokens, result_buffers, layout: PackedLayout, width):
+            # width: the prompt-logprob top-k of a last-stage call with prompt targets, else None
             self.num_traces += 1
-            metadata, logits_indices, head_args, prev_index, input_ids = unpack(packed, layout)  # one H2D copy
+            metadata, logits_indices, head_args, prev_index, input_ids, targets = unpack(packed, layout)  # one copy
             if inputs is None:  # first stage: the token ids came in the packed buffer
                 inputs = input_ids
             num_tokens = metadata["positions"].shape[0]
@@ -152,17 +158,21 @@ class PipelinedModel:
             stage = nnx.merge(graphdef, state)
             md = AttentionMetadata(**metadata)
             with activation_sharding(mesh, rules):  # the model's activation names -> sharding constraints
-                out, kv_caches = stage_forward(stage, inputs, kv_caches, md, logits_indices)
+                out, kv_caches = stage_forward(stage, inputs, kv_caches, md, logits_indices, targets, width)
             if not is_last:
                 return write_into(result_buffers, {"hidden": out})["hidden"], kv_caches
-            return write_into(result_buffers, finish_head(out, head_args)), kv_caches
+            if targets is None:
+                return write_into(result_buffers, finish_head(out, head_args)), kv_caches
+            logits, prompt_logprobs = out
+            results = {**finish_head(logits, head_args), **as_results(prompt_logprobs)}
+            return write_into(result_buffers, results), kv_caches
 
         rep, kv = replicated(mesh), kv_cache_sharding(mesh)
         return ProgramsByOptions(
             program,
             self.compiler_options,
             donate_argnums=(1, 5),
-            static_argnums=(6,),
+            static_argnums=(6, 7),
             in_shardings=(state_shardings(state), kv, rep, rep, rep, rep),
             out_shardings=(rep, kv),
         )
@@ -174,17 +184,21 @@ class PipelinedModel:
             out = {**out, "token_ids": jnp.pad(out["token_ids"], (0, self.token_rows - out["token_ids"].shape[0]))}
         return out
 
-    def _output_shapes(self, stage: Stage, batch: StepBatch, head_args) -> dict:
+    def _output_shapes(self, stage: Stage, batch: StepBatch, head_args, prompt_logprob_width: int | None) -> dict:
         """The shapes of ``stage``'s outputs for ``batch``: the head's results on the last stage (traced once per shape
-        of its arguments), the hidden states on the others."""
+        of its arguments) and its prompt logprobs when asked, the hidden states on the others."""
+        num_tokens = batch.input_ids.shape[0]
         if stage is not self.stages[-1]:
-            return {"hidden": jax.ShapeDtypeStruct((batch.input_ids.shape[0], self.config.hidden_size), self._dtype)}
+            return {"hidden": jax.ShapeDtypeStruct((num_tokens, self.config.hidden_size), self._dtype)}
         leaves, treedef = jax.tree.flatten(head_args)
         key = (batch.logits_indices.shape[0], treedef, tuple((np.shape(x), np.result_type(x).name) for x in leaves))
         if key not in self._result_shape_cache:
             logits = jax.ShapeDtypeStruct((key[0], self.config.vocab_size), jnp.float32)
             self._result_shape_cache[key] = jax.eval_shape(self._finish_head, logits, head_args)
-        return self._result_shape_cache[key]
+        if prompt_logprob_width is None:
+            return self._result_shape_cache[key]
+        prompt = result_shapes(num_tokens, prompt_logprob_width, self.config.vocab_size)
+        return {**self._result_shape_cache[key], **prompt}
 
     @functools.cached_property
     def _dtype(self):
@@ -209,23 +223,34 @@ class PipelinedModel:
             zeros = functools.partial(_zero_caches, shape, dtype, len(stage.layers))
             stage.kv_caches = jax.jit(zeros, out_shardings=kv_cache_sharding(stage.mesh))()
 
-    def run(self, batches: Sequence[StepBatch], head_args: Sequence | None = None, pending_tokens=None) -> list:
+    def run(
+        self,
+        batches: Sequence[StepBatch],
+        head_args: Sequence | None = None,
+        pending_tokens=None,
+        prompt_targets: Sequence[np.ndarray] | None = None,
+        prompt_logprob_width: int | None = None,
+    ) -> list:
         """Dispatches every (micro)batch through every stage; returns the head's results per batch (on device).
 
         ``pending_tokens``: a previous ``run``'s padded ``token_ids`` (needs ``token_rows``), gathered into the first
         stage's input ids where ``batch.prev_index`` points at them; a zero vector stands in when none are pending,
-        so both cases share one program.
+        so both cases share one program. ``prompt_targets`` (one ``[T]`` array per batch) with
+        ``prompt_logprob_width``: the last stage also returns the prompt logprobs of those targets
+        (``jaxllm.runner.prompt_logprobs``), through its program's prompt-logprob variant.
         """
         if self.stages[0].kv_caches is None:
             raise ValueError("no KV cache: call allocate_kv_cache first")
         head_args = [None] * len(batches) if head_args is None else head_args
         if self.token_rows is not None and pending_tokens is None:
             pending_tokens = self._no_pending_tokens
+        prompt_targets = [None] * len(batches) if prompt_targets is None else prompt_targets
         results = []
-        for batch, args in zip(batches, head_args, strict=True):
+        for batch, args, targets in zip(batches, head_args, prompt_targets, strict=True):
             x = batch.input_ids
             for index, stage in enumerate(self.stages):
-                out = self._run_stage(stage, x, batch, args, pending_tokens if index == 0 else None)
+                prompt = (targets, prompt_logprob_width) if stage is self.stages[-1] and targets is not None else None
+                out = self._run_stage(stage, x, batch, args, pending_tokens if index == 0 else None, prompt)
                 if index > 0:  # the previous stage's hidden states, read by this call (a no-op unless stable)
                     self.stages[index - 1].results.release({"hidden": x})
                 x = out
@@ -237,12 +262,14 @@ class PipelinedModel:
         rows = self.token_rows + (ROW_SLACK if self.stages[-1].results.enabled else 0)  # the shape fed results have
         return jax.device_put(np.zeros(rows, np.int32), replicated(self.stages[0].mesh))
 
-    def _stage_args(self, stage: Stage, inputs, batch: StepBatch, head_args, pending_tokens=None) -> tuple:
+    def _stage_args(self, stage: Stage, inputs, batch: StepBatch, head_args, pending_tokens=None, prompt=None) -> tuple:
         """The stage program's arguments: the step's host arrays, the first stage's token ids among them, go over
-        packed in one buffer (one copy per device, not one per array: see ``jaxllm.runner.packed_transfer``)."""
+        packed in one buffer (one copy per device, not one per array: see ``jaxllm.runner.packed_transfer``).
+        ``prompt``: the last stage's ``(prompt targets, top-k width)`` when it computes prompt logprobs."""
         metadata = batch.attention_arrays()
         host_ids = inputs if isinstance(inputs, np.ndarray) else None  # the first stage's token ids ride along
-        packed, layout = pack((metadata, batch.logits_indices, head_args, batch.pending_index, host_ids))
+        targets, width = (None, None) if prompt is None else prompt
+        packed, layout = pack((metadata, batch.logits_indices, head_args, batch.pending_index, host_ids, targets))
         if host_ids is not None:
             inputs = None
         elif isinstance(inputs, jax.Array):  # the previous stage's hidden states, onto this stage's devices
@@ -250,13 +277,13 @@ class PipelinedModel:
         packed = jax.device_put(packed, replicated(stage.mesh))
         result_buffers = None
         if stage.results.enabled:
-            shapes = self._output_shapes(stage, batch, head_args)
+            shapes = self._output_shapes(stage, batch, head_args, width)
             result_buffers = stage.results.take(shapes, read_by_call=(pending_tokens, inputs))
-        return stage.state, stage.kv_caches, inputs, packed, pending_tokens, result_buffers, layout
+        return stage.state, stage.kv_caches, inputs, packed, pending_tokens, result_buffers, layout, width
 
-    def _run_stage(self, stage: Stage, inputs, batch: StepBatch, head_args, pending_tokens=None):
+    def _run_stage(self, stage: Stage, inputs, batch: StepBatch, head_args, pending_tokens=None, prompt=None):
         program = stage.programs.for_tokens(batch.token_bucket)
-        args = self._stage_args(stage, inputs, batch, head_args, pending_tokens)
+        args = self._stage_args(stage, inputs, batch, head_args, pending_tokens, prompt)
         out, stage.kv_caches = program(*args)
         return out
 
@@ -270,7 +297,7 @@ class PipelinedModel:
             inputs = jax.ShapeDtypeStruct((rows, self.config.hidden_size), self._dtype, sharding=replicated(stage.mesh))
         args = self._stage_args(stage, inputs, batch, head_args, pending)
         lowered = stage.programs.for_tokens(batch.token_bucket).lower(*args)
-        *_, result_buffers, _layout = args
+        *_, result_buffers, _layout, _width = args
         if result_buffers is not None:
             stage.results.release(result_buffers)  # (lowering runs nothing: the buffers are free again)
         return lowered

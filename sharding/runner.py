@@ -34,7 +34,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxllm.config import ResolvedConfig
-from jaxllm.core.step_io import ModelRunnerOutput, SampledLogprobs, SchedulerOutput
+from jaxllm.core.step_io import ModelRunnerOutput, PromptLogprobs, SampledLogprobs, SchedulerOutput
+from jaxllm.runner import prompt_logprobs
 from jaxllm.runner.model_runner import InFlightStep
 from jaxllm.runner.step_batch import StepBatch, pack_step_batch
 from jaxllm.runner.xla_options import CompilerOptions
@@ -168,13 +169,14 @@ class PipelineRunner:
         scheduled = scheduler_output.scheduled
         batch = pack_step_batch(scheduler_output, self.config, None if prev is None else prev.rows)
         head_args = [self._head_args(0, Microbatch(batch, 0), scheduled)]
+        targets, width = _prompt_targets([Microbatch(batch, 0)], scheduled)
         prev_result = None if prev is None else prev.result
         self.num_steps += 1
         rows = {s.request_id: row for row, s in enumerate(scheduled)}
 
         def launch() -> dict:
             pending = None if prev_result is None else _resolved(prev_result)["token_ids"]  # in-flight samples
-            result = self.pipeline.run([batch], head_args, pending_tokens=pending)[0]
+            result = self.pipeline.run([batch], head_args, pending, targets, width)[0]
             result["token_ids"].copy_to_host_async()
             return result
 
@@ -190,22 +192,28 @@ class PipelineRunner:
             wanted = {key: value for key, value in result.items() if key not in LOGPROB_FIELDS}
         host = {key: np.asarray(value) for key, value in jax.device_get(wanted).items()}
         self.pipeline.release([result])
-        self.last_results = host
-        return _to_output(step.scheduler_output.scheduled, host)
+        scheduled = step.scheduler_output.scheduled
+        self.last_results = _step_rows(host)
+        return _to_output(scheduled, self.last_results, _prompt_logprobs(host, scheduled))
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         scheduled = scheduler_output.scheduled
         batch = pack_step_batch(scheduler_output, self.config)
         microbatches = split_step_batch(batch, self.num_microbatches, self.config)
         head_args = [self._head_args(index, mb, scheduled) for index, mb in enumerate(microbatches)]
-        results = self.pipeline.run([mb.batch for mb in microbatches], head_args)
+        targets, width = _prompt_targets(microbatches, scheduled)
+        results = self.pipeline.run([mb.batch for mb in microbatches], head_args, None, targets, width)
         self.num_steps += 1
-        self.last_results = _gather_rows(jax.device_get(results), microbatches)
+        host = jax.device_get(results)
+        self.last_results = _gather_rows([_step_rows(r) for r in host], microbatches)
         self.pipeline.release(results)
-        return _to_output(scheduled, self.last_results)
+        prompt = {}
+        for result, mb in zip(host, microbatches, strict=True):
+            prompt.update(_prompt_logprobs(result, _microbatch_requests(scheduled, mb)))
+        return _to_output(scheduled, self.last_results, prompt)
 
     def _head_args(self, index: int, microbatch: Microbatch, scheduled: list):
-        requests = [s.request for s in scheduled[microbatch.first_request :][: microbatch.batch.num_requests]]
+        requests = [s.request for s in _microbatch_requests(scheduled, microbatch)]
         return self.build_head_args(requests, microbatch.batch.seq_lens.shape[0], index, self.num_steps)
 
     def resize_kv_cache(self, config: ResolvedConfig) -> None:
@@ -251,6 +259,31 @@ class PipelineRunner:
         return elapsed
 
 
+def _microbatch_requests(scheduled: list, microbatch: Microbatch) -> list:
+    """The scheduled requests of ``microbatch``, in its rows' order."""
+    return scheduled[microbatch.first_request :][: microbatch.batch.num_requests]
+
+
+def _prompt_targets(microbatches: list[Microbatch], scheduled: list) -> tuple[list | None, int | None]:
+    """Each microbatch's prompt-logprob targets and the step's top-k width; (None, None) when no request asks."""
+    width = prompt_logprobs.prompt_logprob_width(scheduled)
+    if width is None:
+        return None, None
+    targets = prompt_logprobs.prompt_logprob_targets
+    return [targets(_microbatch_requests(scheduled, mb), mb.batch.token_bucket) for mb in microbatches], width
+
+
+def _prompt_logprobs(host_result: dict, requests: list) -> dict[str, PromptLogprobs]:
+    """Each asking request's ``PromptLogprobs`` from one call's host results (empty when it computed none)."""
+    arrays = prompt_logprobs.from_results(host_result)
+    return {} if arrays is None else prompt_logprobs.split_prompt_logprobs(requests, arrays)
+
+
+def _step_rows(results: dict) -> dict:
+    """The head's per-request-row results, without the per-token prompt logprobs."""
+    return {key: value for key, value in results.items() if not key.startswith(prompt_logprobs.RESULT_PREFIX)}
+
+
 def _gather_rows(results: list[dict], microbatches: list[Microbatch]) -> dict[str, np.ndarray]:
     """Per-microbatch head results -> one array per key with a row per scheduled request, in step order. Per-row
     widths (the top-logprob columns: each microbatch's widest request) are padded to the widest microbatch's; a
@@ -265,7 +298,7 @@ def _gather_rows(results: list[dict], microbatches: list[Microbatch]) -> dict[st
     return gathered
 
 
-def _to_output(scheduled: list, results: dict[str, np.ndarray]) -> ModelRunnerOutput:
+def _to_output(scheduled: list, results: dict[str, np.ndarray], prompt: dict | None = None) -> ModelRunnerOutput:
     token_ids = results["token_ids"].tolist()
     sampled, logprobs = {}, {}
     for row, s in enumerate(scheduled):
@@ -279,4 +312,4 @@ def _to_output(scheduled: list, results: dict[str, np.ndarray]) -> ModelRunnerOu
                 top_token_ids=results["top_token_ids"][row, :num_top].tolist(),
                 top_logprobs=results["top_logprobs"][row, :num_top].tolist(),
             )
-    return ModelRunnerOutput(sampled_token_ids=sampled, logprobs=logprobs)
+    return ModelRunnerOutput(sampled_token_ids=sampled, logprobs=logprobs, prompt_logprobs=prompt or {})

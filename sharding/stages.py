@@ -11,6 +11,8 @@ all-reduce after o_proj and one after down_proj): the layers name their activati
 
 from __future__ import annotations
 
+import functools
+
 import jax
 from flax import nnx
 
@@ -18,6 +20,7 @@ from jaxllm.models.activation_sharding import HIDDEN, constrain
 from jaxllm.models.attention_metadata import AttentionMetadata
 from jaxllm.models.layers import lm_head_logits
 from jaxllm.models.rope import rope_cos_sin
+from jaxllm.runner.prompt_logprobs import compute_prompt_logprobs
 
 
 def stage_layer_ranges(num_layers: int, num_stages: int) -> list[range]:
@@ -76,11 +79,20 @@ def compute_logits(stage: StageModule, hidden: jax.Array) -> jax.Array:
     return lm_head_logits(stage.lm_head, stage.tied_embedding, hidden)
 
 
-def stage_forward(stage: StageModule, inputs: jax.Array, kv_caches, md: AttentionMetadata, logits_indices):
+def stage_forward(
+    stage: StageModule,
+    inputs: jax.Array,
+    kv_caches,
+    md: AttentionMetadata,
+    logits_indices,
+    prompt_targets: jax.Array | None = None,
+    prompt_logprob_width: int | None = None,
+):
     """One stage on one (micro)batch: ``inputs`` are token ids ``[T]`` (first stage) or hidden states ``[T, D]``.
 
     Returns ``(out, kv_caches)``: hidden states ``[T, D]``, or on the last stage float32 logits ``[S, V]`` at
-    ``logits_indices``.
+    ``logits_indices``; with ``prompt_targets`` (last stage) ``out`` is ``(logits, PromptLogprobArrays)``
+    (``jaxllm.runner.prompt_logprobs``).
     """
     config = stage.config
     cos, sin = rope_cos_sin(config.rope, config.head_dim, md.positions, md.context_lens)  # [T, H] each
@@ -92,5 +104,9 @@ def stage_forward(stage: StageModule, inputs: jax.Array, kv_caches, md: Attentio
         new_caches.append(kv)
     if not stage.is_last:
         return x, new_caches
-    hidden = stage.norm(x)[logits_indices]  # [S, D]
-    return compute_logits(stage, hidden), new_caches
+    hidden = stage.norm(x)  # [T, D]
+    logits = compute_logits(stage, hidden[logits_indices])  # [S, V]
+    if prompt_targets is None:
+        return logits, new_caches
+    head = functools.partial(compute_logits, stage)
+    return (logits, compute_prompt_logprobs(head, hidden, prompt_targets, prompt_logprob_width)), new_caches

@@ -137,12 +137,6 @@ class LLMEngine:
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         if not isinstance(request_id, str):
             raise TypeError(f"request_id must be a str, got {request_id!r}")
-        if params.prompt_logprobs is not None and not getattr(self.runner, "supports_prompt_logprobs", False):
-            raise ValueError(
-                f"SamplingParams.prompt_logprobs={params.prompt_logprobs}: prompt logprobs are computed by one-device "
-                "engines only, not on a device mesh (tensor_parallel_size / pipeline_parallel_size / "
-                "data_parallel_size above 1)"
-            )
         tokenized = tokenize_prompt(prompt, self.tokenizer, self.model_config.vocab_size)
         children = make_child_requests(request_id, tokenized.token_ids, params, self.eos_token_ids, arrival_time)
         for child in children:

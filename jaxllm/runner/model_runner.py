@@ -145,7 +145,6 @@ class ModelRunner:
         return out._replace(token_ids=jnp.pad(out.token_ids, (0, self.max_rows - out.token_ids.shape[0])))
 
     supports_async = True  # dispatch / collect may overlap steps (jaxllm.engine.engine_core)
-    supports_prompt_logprobs = True  # SamplingParams.prompt_logprobs (the mesh runners do not compute them)
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.collect(self.dispatch(scheduler_output))
@@ -157,8 +156,9 @@ class ModelRunner:
         requests = [s.request for s in scheduler_output.scheduled]
         sampling_metadata = self._sampling_builder.build(requests, batch.seq_lens.shape[0])
         prev_token_ids = self._no_pending_tokens if prev is None else prev.result.token_ids
-        width = prompt_logprob_width(scheduler_output)
-        targets = None if width is None else prompt_logprob_targets(scheduler_output, batch.token_bucket)
+        scheduled = scheduler_output.scheduled
+        width = prompt_logprob_width(scheduled)
+        targets = None if width is None else prompt_logprob_targets(scheduled, batch.token_bucket)
         result, prompt_logprobs = self._run(batch, sampling_metadata, prev_token_ids, targets, width)
         result.token_ids.copy_to_host_async()
         rows = {s.request_id: row for row, s in enumerate(scheduler_output.scheduled)}
@@ -169,7 +169,8 @@ class ModelRunner:
         output = self._to_output(step.scheduler_output, step.result)
         if step.prompt_logprobs is not None:
             host = jax.device_get(step.prompt_logprobs)
-            output = dataclasses.replace(output, prompt_logprobs=split_prompt_logprobs(step.scheduler_output, host))
+            prompt_logprobs = split_prompt_logprobs(step.scheduler_output.scheduled, host)
+            output = dataclasses.replace(output, prompt_logprobs=prompt_logprobs)
         return output
 
     def _batch_arrays(self, batch: StepBatch, prompt_targets: np.ndarray | None = None):

@@ -8,21 +8,24 @@ never holds more than one chunk's ``[chunk, vocab]`` float32 logits.
 
 Host side: ``prompt_logprob_targets`` gives the program each token's target (the prompt token after it, -1 where
 none is wanted), and ``split_prompt_logprobs`` cuts the device results back into each request's share of its prompt.
+Each takes the scheduled requests of one program call: a whole step on one device, a microbatch on a mesh (where the
+last pipeline stage returns the arrays among its results, as ``as_results`` names them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.core.step_io import PromptLogprobs, ScheduledRequest, SchedulerOutput
+from jaxllm.core.step_io import PromptLogprobs, ScheduledRequest
 from jaxllm.sampling.metadata import bucket_num_logprobs
 
 PROMPT_LOGPROB_CHUNK = 256  # tokens per lm_head application
+RESULT_PREFIX = "prompt_"  # the arrays' names among a mesh program's results: prompt_target_logprob, ...
 
 
 class PromptLogprobArrays(NamedTuple):
@@ -36,22 +39,22 @@ def wants_prompt_logprobs(scheduled: ScheduledRequest) -> bool:
     return scheduled.request.sampling_params.prompt_logprobs is not None
 
 
-def prompt_logprob_width(scheduler_output: SchedulerOutput) -> int | None:
+def prompt_logprob_width(scheduled: Sequence[ScheduledRequest]) -> int | None:
     """Static top-k width of a step's prompt-logprob program (bucketed like the sampler's), None when no scheduled
     request asks for prompt logprobs; 0 when they ask for the prompt tokens' logprobs only."""
-    widths = [s.request.sampling_params.prompt_logprobs for s in scheduler_output.scheduled if wants_prompt_logprobs(s)]
+    widths = [s.request.sampling_params.prompt_logprobs for s in scheduled if wants_prompt_logprobs(s)]
     if not widths:
         return None
     return 0 if max(widths) == 0 else bucket_num_logprobs(max(widths))
 
 
-def prompt_logprob_targets(scheduler_output: SchedulerOutput, token_bucket: int) -> np.ndarray:
+def prompt_logprob_targets(scheduled: Sequence[ScheduledRequest], token_bucket: int) -> np.ndarray:
     """``[token_bucket]`` int32: for each scheduled token of a request that asks for prompt logprobs, the prompt
     token that follows it; -1 for every other token (the prompt's last token, output tokens, other requests,
     padding)."""
     targets = np.full(token_bucket, -1, np.int32)
     offset = 0
-    for s in scheduler_output.scheduled:
+    for s in scheduled:
         if wants_prompt_logprobs(s):
             prompt = s.request.prompt_token_ids
             start, stop = s.num_computed_tokens, min(s.num_computed_tokens + s.num_scheduled_tokens, len(prompt) - 1)
@@ -85,12 +88,14 @@ def compute_prompt_logprobs(
     return PromptLogprobArrays(*(x.reshape(padded, *x.shape[2:])[:num_tokens] for x in per_chunk))
 
 
-def split_prompt_logprobs(scheduler_output: SchedulerOutput, host: PromptLogprobArrays) -> dict[str, PromptLogprobs]:
+def split_prompt_logprobs(
+    scheduled: Sequence[ScheduledRequest], host: PromptLogprobArrays
+) -> dict[str, PromptLogprobs]:
     """Host copies of a step's ``PromptLogprobArrays`` -> each asking request's ``PromptLogprobs`` (requests whose
     share of the step holds no prompt token with a successor are left out)."""
     out = {}
     offset = 0
-    for s in scheduler_output.scheduled:
+    for s in scheduled:
         num_prompt = len(s.request.prompt_token_ids)
         count = min(s.num_scheduled_tokens, num_prompt - 1 - s.num_computed_tokens)
         if wants_prompt_logprobs(s) and count > 0:
@@ -105,3 +110,27 @@ def split_prompt_logprobs(scheduler_output: SchedulerOutput, host: PromptLogprob
             )
         offset += s.num_scheduled_tokens
     return out
+
+
+def as_results(arrays: PromptLogprobArrays) -> dict[str, jax.Array]:
+    """(traced) The arrays as named results of a mesh program (``prompt_target_logprob``, ...)."""
+    return {RESULT_PREFIX + name: value for name, value in arrays._asdict().items()}
+
+
+def from_results(results: dict) -> PromptLogprobArrays | None:
+    """The arrays among a mesh program's (host) results; None when the call computed none."""
+    if RESULT_PREFIX + "target_logprob" not in results:
+        return None
+    return PromptLogprobArrays(*(results[RESULT_PREFIX + name] for name in PromptLogprobArrays._fields))
+
+
+def result_shapes(num_tokens: int, width: int, vocab_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes of ``as_results`` for a call of ``num_tokens`` tokens and top-k ``width``."""
+    k = min(width, vocab_size)
+    arrays = PromptLogprobArrays(
+        jax.ShapeDtypeStruct((num_tokens,), jnp.float32),
+        jax.ShapeDtypeStruct((num_tokens,), jnp.int32),
+        jax.ShapeDtypeStruct((num_tokens, k), jnp.int32),
+        jax.ShapeDtypeStruct((num_tokens, k), jnp.float32),
+    )
+    return as_results(arrays)

@@ -85,12 +85,24 @@ def test_preemption_on_a_mesh_matches_one_device(one_device):
     assert llm.llm_engine.scheduler.num_preemptions > 0
 
 
-def test_prompt_logprobs_on_a_mesh_are_a_value_error_and_the_engine_serves_on(one_device):
-    """Prompt logprobs are computed on one device only: a mesh engine names the option and keeps serving."""
-    llm = make_llm("llama", tensor_parallel_size=2)
-    with pytest.raises(ValueError, match=r"prompt_logprobs=1: .*one-device engines only"):
-        llm.generate(prompts(), SamplingParams(max_tokens=2, prompt_logprobs=1), use_tqdm=False)
-    assert generate(llm) == one_device("llama")
+@pytest.mark.parametrize(
+    "options",
+    [dict(tensor_parallel_size=2), dict(tensor_parallel_size=2, pipeline_parallel_size=2), dict(data_parallel_size=2)],
+    ids=["tp2", "tp2xpp2", "dp2"],
+)
+def test_prompt_logprobs_on_a_mesh_equal_one_device(options):
+    """The last stage's prompt-logprob variant: scheduled ahead (TP alone), in two microbatches (PP 2), per replica
+    (DP 2); prompts prefilled in chunks under the 16-token budget. Values to float32 noise, ranks and ids exact."""
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, prompt_logprobs=2)
+    want = make_llm("llama").generate(prompts(), params, use_tqdm=False)
+    got = make_llm("llama", **options).generate(prompts(), params, use_tqdm=False)
+    for got_output, want_output in zip(got, want, strict=True):
+        assert got_output.outputs[0].token_ids == want_output.outputs[0].token_ids
+        assert len(got_output.prompt_logprobs) == len(got_output.prompt_token_ids)
+        for got_entry, want_entry in zip(got_output.prompt_logprobs[1:], want_output.prompt_logprobs[1:], strict=True):
+            assert list(got_entry) == list(want_entry)
+            for token, logprob in want_entry.items():
+                assert got_entry[token].rank == logprob.rank and abs(got_entry[token].logprob - logprob.logprob) < 1e-5
 
 
 def test_dummy_weights_on_a_mesh_equal_one_device_dummy_weights(one_device):
