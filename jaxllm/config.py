@@ -68,6 +68,8 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     # XLA options for the step programs, over the platform's defaults (jaxllm.runner.xla_options)
     xla_compiler_options: dict | None = None
+    # The most top logprobs a request may ask for (SamplingParams.logprobs / prompt_logprobs), as vLLM; -1: no cap
+    max_logprobs: int = 20
 
     def __post_init__(self) -> None:
         _positive_int("max_num_seqs", self.max_num_seqs)
@@ -102,6 +104,8 @@ class EngineConfig:
         _compiler_options(self.xla_compiler_options)
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        if isinstance(self.max_logprobs, bool) or not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
+            raise ValueError(f"max_logprobs must be an int >= 0, or -1 for no cap, got {self.max_logprobs!r}")
         if self.model is not None and not isinstance(self.model, str):
             raise TypeError(f"model must be a path string or None, got {type(self.model).__name__}")
 

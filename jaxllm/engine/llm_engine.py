@@ -137,6 +137,7 @@ class LLMEngine:
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         if not isinstance(request_id, str):
             raise TypeError(f"request_id must be a str, got {request_id!r}")
+        self._check_num_logprobs(params)
         tokenized = tokenize_prompt(prompt, self.tokenizer, self.model_config.vocab_size)
         children = make_child_requests(request_id, tokenized.token_ids, params, self.eos_token_ids, arrival_time)
         for child in children:
@@ -148,6 +149,18 @@ class LLMEngine:
                 replica = self.core.add_request(child.request_id, child, replica=replica)
             else:
                 self.core.add_request(child.request_id, child)
+
+    def _check_num_logprobs(self, params: SamplingParams) -> None:
+        """ValueError when a request asks for more top logprobs than ``max_logprobs`` (vLLM's cap: the top-k arrays
+        of a step grow with it, a prompt's by prompt length)."""
+        cap = self.config.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and cap != -1 and value > cap:
+                raise ValueError(
+                    f"SamplingParams.{name}={value} is more than the engine's max_logprobs={cap} "
+                    "(LLM(max_logprobs=...) raises the cap; -1 removes it)"
+                )
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)

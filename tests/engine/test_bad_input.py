@@ -130,3 +130,22 @@ def test_invalid_engine_option_names_it(tiny_model_dir):
     with pytest.raises(ValueError) as info:
         make_llm(tiny_model_dir, gpu_memory_utilization=1.5)
     assert "gpu_memory_utilization" in str(info.value) and "1.5" in str(info.value)
+
+
+@pytest.mark.parametrize("field, value", [("logprobs", 21), ("prompt_logprobs", 64)])
+def test_more_logprobs_than_max_logprobs_are_rejected_and_engine_recovers(llm, reference, field, value):
+    """vLLM's cap (``max_logprobs``, default 20) on the top-k a request may ask for."""
+    good = random_token_prompts(2, [4, 7], seed=5)
+    params = [GREEDY, SamplingParams(max_tokens=2, **{field: value})]
+    with pytest.raises(ValueError, match=rf"SamplingParams.{field}={value} is more than the engine's max_logprobs=20"):
+        llm.generate(good, params, use_tqdm=False)
+    still_serves(llm, reference)
+
+
+def test_max_logprobs_minus_one_lifts_the_cap_and_bad_values_are_rejected(tiny_model_dir):
+    uncapped = make_llm(tiny_model_dir, max_logprobs=-1)
+    params = SamplingParams(max_tokens=1, logprobs=40, prompt_logprobs=30)
+    output = uncapped.generate(random_token_prompts(1, [5], seed=2), params, use_tqdm=False)[0]
+    assert len(output.outputs[0].logprobs[0]) >= 40 and all(len(e) >= 30 for e in output.prompt_logprobs[1:])
+    with pytest.raises(ValueError, match="max_logprobs must be an int >= 0, or -1 for no cap, got -2"):
+        make_llm(tiny_model_dir, max_logprobs=-2)
