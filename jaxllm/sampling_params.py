@@ -7,6 +7,7 @@ Mirrors vLLM's ``SamplingParams`` by name and default. Owns validation of user i
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 # Sampling treats a temperature below this as greedy (vLLM does the same).
@@ -51,11 +52,21 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
+    allowed_token_ids: list[int] | None = None  # sample only among these
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         self.stop = [self.stop] if isinstance(self.stop, str) else _as_list("stop", self.stop)
         self.stop_token_ids = _as_list("stop_token_ids", self.stop_token_ids)
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = _as_list("allowed_token_ids", self.allowed_token_ids)
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise TypeError(
+                    f"SamplingParams.logit_bias must be a dict of token id to bias, got {self.logit_bias!r}"
+                )
+            self.logit_bias = dict(self.logit_bias)
         self._validate()
 
     def _validate(self) -> None:
@@ -93,12 +104,26 @@ class SamplingParams:
                 f"SamplingParams.min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
             )
         self._validate_stops()
+        self._validate_token_lists()
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:
                 _check_int(name, value)
                 if value < 0:
                     raise ValueError(f"SamplingParams.{name} must be non-negative, got {value}")
+
+    def _validate_token_lists(self) -> None:
+        if self.allowed_token_ids is not None:
+            if not self.allowed_token_ids:
+                raise ValueError("SamplingParams.allowed_token_ids must not be empty (None allows every token)")
+            for t in self.allowed_token_ids:
+                if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                    raise ValueError(f"SamplingParams.allowed_token_ids must hold non-negative ints, got {t!r}")
+        for t, bias in (self.logit_bias or {}).items():
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                raise ValueError(f"SamplingParams.logit_bias keys must be non-negative token ids, got {t!r}")
+            if isinstance(bias, bool) or not isinstance(bias, int | float) or not math.isfinite(bias):
+                raise ValueError(f"SamplingParams.logit_bias[{t}] must be a finite number, got {bias!r}")
 
     def _validate_stops(self) -> None:
         for s in self.stop:

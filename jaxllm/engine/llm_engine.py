@@ -137,7 +137,7 @@ class LLMEngine:
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         if not isinstance(request_id, str):
             raise TypeError(f"request_id must be a str, got {request_id!r}")
-        self._check_num_logprobs(params)
+        self._check_against_model(params)
         tokenized = tokenize_prompt(prompt, self.tokenizer, self.model_config.vocab_size)
         children = make_child_requests(request_id, tokenized.token_ids, params, self.eos_token_ids, arrival_time)
         for child in children:
@@ -150,9 +150,17 @@ class LLMEngine:
             else:
                 self.core.add_request(child.request_id, child)
 
-    def _check_num_logprobs(self, params: SamplingParams) -> None:
-        """ValueError when a request asks for more top logprobs than ``max_logprobs`` (vLLM's cap: the top-k arrays
-        of a step grow with it, a prompt's by prompt length)."""
+    def _check_against_model(self, params: SamplingParams) -> None:
+        """ValueError for token ids outside the vocabulary (``allowed_token_ids``, ``logit_bias``) and for more top
+        logprobs than ``max_logprobs`` (vLLM's cap: the top-k arrays of a step grow with it, a prompt's by prompt
+        length)."""
+        vocab_size = self.model_config.vocab_size
+        for name, ids in (("allowed_token_ids", params.allowed_token_ids), ("logit_bias", params.logit_bias)):
+            outside = [t for t in ids or () if t >= vocab_size]
+            if outside:
+                raise ValueError(
+                    f"SamplingParams.{name} names token id {outside[0]}, outside the vocabulary of {vocab_size}"
+                )
         cap = self.config.max_logprobs
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)

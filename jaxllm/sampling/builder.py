@@ -20,7 +20,7 @@ from jaxllm.sampling.metadata import (
     SamplingMetadata,
     bucket_history_width,
     bucket_num_logprobs,
-    bucket_suppressed_width,
+    bucket_token_list_width,
 )
 
 _INT32_MAX = 2**31 - 1
@@ -86,7 +86,19 @@ def _build_param_columns(requests: list[Request], num_rows: int) -> _ParamColumn
         if r.sampling_params.min_tokens > 0
     ]
     penalty_rows = [row for row, p in enumerate(params) if p.uses_penalties]
+    arrays["allowed_token_ids"] = _token_lists([p.allowed_token_ids or [] for p in params], num_rows, -1, np.int32)
+    biases = [p.logit_bias or {} for p in params]
+    arrays["logit_bias_ids"] = _token_lists([list(b) for b in biases], num_rows, -1, np.int32)
+    arrays["logit_bias_values"] = _token_lists([list(b.values()) for b in biases], num_rows, 0.0, np.float32)
     return _ParamColumns(arrays, flags, min_tokens_rows, penalty_rows)
+
+
+def _token_lists(lists: list[list], num_rows: int, fill, dtype) -> np.ndarray:
+    """[S, W] with lists[i] in row i and ``fill`` elsewhere; W from ``bucket_token_list_width`` (0 if all empty)."""
+    out = np.full((num_rows, bucket_token_list_width(max(map(len, lists), default=0))), fill, dtype)
+    for row, values in enumerate(lists):
+        out[row, : len(values)] = values
+    return out
 
 
 class _TokenHistory:
@@ -170,7 +182,7 @@ class SamplingMetadataBuilder:
             if _output_index(requests[row]) < min_tokens and len(ids)
         ]
         out = np.full(
-            (num_rows, bucket_suppressed_width(max((len(ids) for _, ids in active), default=0))), -1, np.int32
+            (num_rows, bucket_token_list_width(max((len(ids) for _, ids in active), default=0))), -1, np.int32
         )
         for row, ids in active:
             out[row, : len(ids)] = ids

@@ -1,4 +1,5 @@
-"""Pure jnp transforms of a step's logits [S, V] before sampling: penalties, suppressed tokens, top-k/top-p, min-p.
+"""Pure jnp transforms of a step's logits [S, V] before sampling: allowed tokens, logit bias, penalties, suppressed
+tokens, top-k/top-p, min-p.
 
 Each takes the logits and the per-row arrays it needs and returns new logits; removed tokens become -inf. A row whose
 parameters switch a stage off (penalties 0/0/1, top_k 0, top_p 1, min_p 0, no ids) gets its logits back bit for bit,
@@ -46,6 +47,26 @@ def suppress_tokens(logits: jax.Array, suppressed_token_ids: jax.Array) -> jax.A
         return logits
     mask = count_tokens(suppressed_token_ids, logits.shape[-1]) > 0  # [S, V]
     return jnp.where(mask, _NEG_INF, logits)
+
+
+def apply_allowed_token_ids(logits: jax.Array, allowed_token_ids: jax.Array) -> jax.Array:
+    """allowed_token_ids [S, A] (-1 padded): a row with any keeps only those logits (the rest -inf); a row with
+    none is unchanged. A == 0 costs nothing."""
+    if allowed_token_ids.shape[-1] == 0:
+        return logits
+    allowed = count_tokens(allowed_token_ids, logits.shape[-1]) > 0  # [S, V]
+    restricted = jnp.any(allowed_token_ids >= 0, axis=-1, keepdims=True)  # [S, 1]
+    return jnp.where(restricted & ~allowed, _NEG_INF, logits)
+
+
+def apply_logit_bias(logits: jax.Array, bias_ids: jax.Array, bias_values: jax.Array) -> jax.Array:
+    """Adds bias_values [S, B] to the logits of bias_ids [S, B] (-1 padding adds nothing). B == 0 costs nothing."""
+    if bias_ids.shape[-1] == 0:
+        return logits
+    vocab_size = logits.shape[-1]
+    rows = jnp.broadcast_to(jnp.arange(logits.shape[0])[:, None], bias_ids.shape)
+    ids = jnp.where(bias_ids < 0, vocab_size, bias_ids)  # out of range: dropped
+    return logits.at[rows, ids].add(bias_values, mode="drop")
 
 
 def apply_top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:

@@ -19,18 +19,19 @@ __all__ = [
     "GREEDY_TEMPERATURE_EPS",
     "LOGPROB_BUCKETS",
     "MIN_HISTORY_WIDTH",
-    "MIN_SUPPRESSED_WIDTH",
+    "MIN_TOKEN_LIST_WIDTH",
     "SamplingMetadata",
     "bucket_history_width",
     "bucket_num_logprobs",
-    "bucket_suppressed_width",
+    "bucket_token_list_width",
 ]
 
 # Static top-logprob widths: a batch whose largest request asks for k logprobs compiles for the next bucket.
 LOGPROB_BUCKETS = (1, 5, 20)
-# Token-history and suppressed-id widths are 0 (stage unused) or a power of two at least this large.
+# Token-history and token-list (suppressed, allowed, biased ids) widths are 0 (stage unused) or a power of two at
+# least this large.
 MIN_HISTORY_WIDTH = 64
-MIN_SUPPRESSED_WIDTH = 8
+MIN_TOKEN_LIST_WIDTH = 8
 
 Array = Any  # numpy on the host, jax.Array under jit
 
@@ -57,6 +58,9 @@ class SamplingMetadata:
     suppressed_token_ids: Array  # [S, E] i32, -1 padded: EOS and stop ids while num_output_tokens < min_tokens
     prompt_token_ids: Array  # [S, Lp] i32, -1 padded; Lp = 0 unless any_penalties
     output_token_ids: Array  # [S, Lo] i32, -1 padded; Lo = 0 unless any_penalties
+    allowed_token_ids: Array  # [S, A] i32, -1 padded: a row with any samples only among them; A = 0 if no row has
+    logit_bias_ids: Array  # [S, B] i32, -1 padded; B = 0 if no row has a logit bias
+    logit_bias_values: Array  # [S, B] f32, added to the logits of logit_bias_ids (0 on padding)
     all_greedy: bool = struct.field(pytree_node=False, default=True)  # skip temperature, filters and noise
     any_top_k_top_p: bool = struct.field(pytree_node=False, default=False)  # sort the vocab for top-k/top-p
     any_penalties: bool = struct.field(pytree_node=False, default=False)
@@ -76,9 +80,10 @@ def bucket_history_width(max_len: int) -> int:
     return _next_pow2(max(max_len, MIN_HISTORY_WIDTH))
 
 
-def bucket_suppressed_width(max_count: int) -> int:
-    """Width of ``suppressed_token_ids``: 0 when no row suppresses anything."""
-    return 0 if max_count == 0 else _next_pow2(max(max_count, MIN_SUPPRESSED_WIDTH))
+def bucket_token_list_width(max_count: int) -> int:
+    """Width of a per-row list of token ids (suppressed, allowed, biased) whose longest has ``max_count`` ids: 0 when
+    no row has one (the stage costs nothing), else a power of two at least ``MIN_TOKEN_LIST_WIDTH``."""
+    return 0 if max_count == 0 else _next_pow2(max(max_count, MIN_TOKEN_LIST_WIDTH))
 
 
 def bucket_num_logprobs(max_logprobs: int | None) -> int:

@@ -1,9 +1,10 @@
 """On-device sampling inside the jitted step: one token per row from logits [S, V], plus raw logprobs.
 
-Order as in vLLM: penalties -> suppressed tokens (EOS/stop ids before min_tokens) -> greedy rows take the argmax ->
-temperature -> top-k -> top-p -> min-p -> Gumbel-max sampling with each row's key. Stages a batch does not use are cut
-at trace time by SamplingMetadata's static flags (no vocab sort unless a sampled row uses top-k/top-p; no noise when
-every row is greedy). Logprobs are the model's raw log-softmax before any processing (vLLM v1's default).
+Order as in vLLM: allowed token ids -> logit bias -> penalties -> suppressed tokens (EOS/stop ids before min_tokens)
+-> greedy rows take the argmax -> temperature -> top-k -> top-p -> min-p -> Gumbel-max sampling with each row's key.
+Stages a batch does not use are cut at trace time by SamplingMetadata's static flags and array widths (no vocab sort
+unless a sampled row uses top-k/top-p; no noise when every row is greedy; no mask or bias of width 0). Logprobs are
+the model's raw log-softmax before any processing (vLLM v1's default).
 
 Keys: a seeded row uses ``seeded_request_key(seed, sample_index, output_position)``, which depends on nothing else, so
 it samples the same tokens whatever batch or row it lands in; an unseeded row's key comes from ``step_key`` and its row.
@@ -17,7 +18,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxllm.sampling.logits_processors import apply_min_p, apply_penalties, apply_top_k_top_p, suppress_tokens
+from jaxllm.sampling.logits_processors import (
+    apply_allowed_token_ids,
+    apply_logit_bias,
+    apply_min_p,
+    apply_penalties,
+    apply_top_k_top_p,
+    suppress_tokens,
+)
 from jaxllm.sampling.metadata import GREEDY_TEMPERATURE_EPS, SamplingMetadata
 
 
@@ -58,7 +66,10 @@ def _gumbel_argmax(logits: jax.Array, keys: jax.Array) -> jax.Array:
 
 
 def process_logits(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
-    """Penalties then suppressed tokens: the logits greedy rows take the argmax of. [S, V] -> [S, V]."""
+    """Allowed tokens, logit bias, penalties, then suppressed tokens: the logits greedy rows take the argmax of.
+    [S, V] -> [S, V]."""
+    logits = apply_allowed_token_ids(logits, md.allowed_token_ids)
+    logits = apply_logit_bias(logits, md.logit_bias_ids, md.logit_bias_values)
     if md.any_penalties:
         logits = apply_penalties(
             logits,

@@ -149,3 +149,27 @@ def test_max_logprobs_minus_one_lifts_the_cap_and_bad_values_are_rejected(tiny_m
     assert len(output.outputs[0].logprobs[0]) >= 40 and all(len(e) >= 30 for e in output.prompt_logprobs[1:])
     with pytest.raises(ValueError, match="max_logprobs must be an int >= 0, or -1 for no cap, got -2"):
         make_llm(tiny_model_dir, max_logprobs=-2)
+
+
+@pytest.mark.parametrize(
+    "params, error, fragment",
+    [
+        (dict(allowed_token_ids=[]), ValueError, "must not be empty"),
+        (dict(allowed_token_ids=[3, -1]), ValueError, "-1"),
+        (dict(allowed_token_ids=5), TypeError, "allowed_token_ids must be a list, got 5"),
+        (dict(logit_bias={4: float("inf")}), ValueError, "logit_bias[4]"),
+        (dict(logit_bias={"4": 1.0}), ValueError, "'4'"),
+        (dict(logit_bias=[(4, 1.0)]), TypeError, "logit_bias must be a dict"),
+    ],
+)
+def test_invalid_allowed_ids_and_logit_bias_name_the_value(params, error, fragment):
+    with pytest.raises(error) as info:
+        SamplingParams(**params)
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("field, value", [("allowed_token_ids", [1, 300]), ("logit_bias", {2: 1.0, 256: -1.0})])
+def test_token_ids_outside_the_vocabulary_are_rejected_and_engine_recovers(llm, reference, field, value):
+    with pytest.raises(ValueError, match=rf"SamplingParams.{field} names token id {max(value)}, outside the vocab"):
+        llm.generate(random_token_prompts(1, [4]), SamplingParams(max_tokens=2, **{field: value}), use_tqdm=False)
+    still_serves(llm, reference)

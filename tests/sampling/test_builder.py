@@ -51,6 +51,26 @@ def test_rows_carry_each_requests_parameters_and_padding_is_greedy():
     assert (md.all_greedy, md.any_top_k_top_p, md.any_penalties, md.max_num_logprobs) == (False, True, False, 0)
 
 
+def test_allowed_ids_and_logit_bias_fill_their_rows_and_cost_nothing_when_unused():
+    rng = np.random.default_rng(3)
+    plain = [make_request(rng, "p")]
+    md = build_sampling_metadata(plain, 3)
+    assert md.allowed_token_ids.shape == md.logit_bias_ids.shape == md.logit_bias_values.shape == (3, 0)
+    requests = [
+        make_request(rng, "a", allowed_token_ids=[7, 3, 11]),
+        make_request(rng, "b"),
+        make_request(rng, "c", logit_bias={5: -2.5, 9: 1.25}),
+    ]
+    md = build_sampling_metadata(requests, 4)
+    allowed = np.full((4, 8), -1, np.int32)
+    allowed[0, :3] = [7, 3, 11]
+    np.testing.assert_array_equal(md.allowed_token_ids, allowed)
+    bias_ids, bias_values = np.full((4, 8), -1, np.int32), np.zeros((4, 8), np.float32)
+    bias_ids[2, :2], bias_values[2, :2] = [5, 9], [-2.5, 1.25]
+    np.testing.assert_array_equal(md.logit_bias_ids, bias_ids)
+    np.testing.assert_array_equal(md.logit_bias_values, bias_values)
+
+
 def test_flags_ignore_filters_on_greedy_rows():
     rng = np.random.default_rng(1)
     greedy_with_filters = [make_request(rng, "a", temperature=0.0, top_k=3, top_p=0.5)]

@@ -24,7 +24,8 @@ WIDE_ROWS, WIDE_VOCAB = 64, 4096  # stream tests: a repeat of a near-flat draw h
 
 def make_metadata(num_rows, *, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, presence=0.0, frequency=0.0,
                   repetition=1.0, seeded=False, seed=0, sample_index=0, output_position=0, suppressed=None,
-                  prompt=None, output=None, max_num_logprobs=0):  # fmt: skip
+                  prompt=None, output=None, allowed=None, bias_ids=None, bias_values=None,
+                  max_num_logprobs=0):  # fmt: skip
     """SamplingMetadata straight from per-row values (scalars broadcast); flags follow the values."""
 
     def column(value, dtype):
@@ -48,6 +49,9 @@ def make_metadata(num_rows, *, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, p
         suppressed_token_ids=empty if suppressed is None else np.asarray(suppressed, np.int32),
         prompt_token_ids=empty if prompt is None else np.asarray(prompt, np.int32),
         output_token_ids=empty if output is None else np.asarray(output, np.int32),
+        allowed_token_ids=empty if allowed is None else np.asarray(allowed, np.int32),
+        logit_bias_ids=empty if bias_ids is None else np.asarray(bias_ids, np.int32),
+        logit_bias_values=np.asarray(np.zeros((num_rows, 0)) if bias_values is None else bias_values, np.float32),
         all_greedy=not sampled.any(),
         any_top_k_top_p=bool((sampled & ((top_k > 0) | (top_p < 1))).any()),
         any_penalties=prompt is not None,
@@ -209,6 +213,44 @@ def test_suppressed_tokens_are_never_sampled():
     allowed = np.where(np.isin(np.arange(DRAW_VOCAB), suppressed), -np.inf, logits)
     np.testing.assert_array_equal(tokens[1::2], allowed.argmax())
     assert_drawn_from(tokens[::2], ref_target_probs(allowed, 1.5))
+
+
+def test_allowed_token_ids_bound_greedy_and_sampled_rows_and_leave_other_rows_alone():
+    """Rows with an allow-list (greedy, or sampled at temperature 1.5 from the renormalised allowed set); rows
+    without one in the same call are bit-identical to a call with no allow-lists at all."""
+    rng = np.random.default_rng(12)
+    logits_row = random_logits(rng, DRAW_VOCAB)
+    allowed_ids = np.argsort(logits_row)[[0, 3, 9, 17, 30]]  # includes the least likely token
+    allowed = np.full((NUM_DRAWS, 8), -1, np.int32)
+    allowed[: NUM_DRAWS // 2, : len(allowed_ids)] = allowed_ids  # the second half has none
+    temperature = np.where(np.arange(NUM_DRAWS) % 2 == 0, 1.5, 0.0)
+    logits = np.broadcast_to(logits_row, (NUM_DRAWS, DRAW_VOCAB))
+    md = make_metadata(NUM_DRAWS, allowed=allowed, temperature=temperature)
+    tokens = np.asarray(sample_jit(logits, md, jax.random.key(5)).token_ids)
+    kept = np.where(np.isin(np.arange(DRAW_VOCAB), allowed_ids), logits_row, -np.inf)
+    half = NUM_DRAWS // 2
+    np.testing.assert_array_equal(tokens[1:half:2], kept.argmax())
+    assert_drawn_from(tokens[:half:2], ref_target_probs(kept, 1.5))
+    plain = make_metadata(NUM_DRAWS, temperature=temperature)
+    unrestricted = np.asarray(sample_jit(logits, plain, jax.random.key(5)).token_ids)
+    np.testing.assert_array_equal(tokens[half:], unrestricted[half:])
+
+
+def test_logit_bias_adds_to_the_named_logits_before_penalties():
+    """Processed logits against numpy: bias first, then vLLM's penalties; padding ids (-1) add nothing."""
+    logits, prompt, output, penalties = penalty_case(np.random.default_rng(13))
+    num_rows, vocab_size = logits.shape
+    rng = np.random.default_rng(14)
+    bias_ids = np.full((num_rows, 8), -1, np.int32)
+    bias_values = np.zeros((num_rows, 8), np.float32)
+    biased = logits.astype(np.float64).copy()
+    for s in range(0, num_rows, 2):  # odd rows have no bias
+        ids = rng.choice(vocab_size, 5, replace=False)
+        bias_ids[s, :5], bias_values[s, :5] = ids, rng.uniform(-30, 30, 5)
+        biased[s, ids] += bias_values[s, :5]
+    md = make_metadata(num_rows, prompt=prompt, output=output, bias_ids=bias_ids, bias_values=bias_values, **penalties)
+    expected = ref_penalties(biased, prompt, output, *penalties.values())
+    np.testing.assert_allclose(np.asarray(jax.jit(process_logits)(logits, md)), expected, **F32_TOL)
 
 
 # ---- filters and penalties against references ----
