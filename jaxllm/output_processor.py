@@ -246,9 +246,11 @@ class OutputProcessor:
                     f"request {request_id!r}: stop strings {request.sampling_params.stop!r} need a tokenizer "
                     "(the engine was started without one)"
                 )
-        parent = ParentRequest(request_id, prompt, requests, stream, self.tokenizer)
+        # SamplingParams.detokenize=False: no text and no decoded logprob tokens, as without a tokenizer
+        tokenizer = self.tokenizer if requests[0].sampling_params.detokenize else None
+        parent = ParentRequest(request_id, prompt, requests, stream, tokenizer)
         for request in sorted(requests, key=lambda r: r.sample_index):
-            state = RequestState(request, parent, self.tokenizer, stream)
+            state = RequestState(request, parent, tokenizer, stream)
             parent.children.append(state)
             self._states[request.request_id] = state
         self._parents[request_id] = parent

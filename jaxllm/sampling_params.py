@@ -54,6 +54,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
     allowed_token_ids: list[int] | None = None  # sample only among these
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens
+    detokenize: bool = True  # False: token ids only, text ""
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
@@ -105,6 +107,16 @@ class SamplingParams:
             )
         self._validate_stops()
         self._validate_token_lists()
+        if self.truncate_prompt_tokens is not None:
+            _check_int("truncate_prompt_tokens", self.truncate_prompt_tokens)
+            if self.truncate_prompt_tokens < 1:
+                raise ValueError(
+                    f"SamplingParams.truncate_prompt_tokens must be at least 1, got {self.truncate_prompt_tokens}"
+                )
+        if not isinstance(self.detokenize, bool):
+            raise TypeError(f"SamplingParams.detokenize must be a bool, got {self.detokenize!r}")
+        if not self.detokenize and self.stop:
+            raise ValueError(f"SamplingParams.stop={self.stop!r} needs detokenize=True (stop strings match the text)")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:

@@ -138,7 +138,8 @@ class LLMEngine:
         if not isinstance(request_id, str):
             raise TypeError(f"request_id must be a str, got {request_id!r}")
         self._check_against_model(params)
-        tokenized = tokenize_prompt(prompt, self.tokenizer, self.model_config.vocab_size)
+        vocab_size, keep_last = self.model_config.vocab_size, params.truncate_prompt_tokens
+        tokenized = tokenize_prompt(prompt, self.tokenizer, vocab_size, keep_last)
         children = make_child_requests(request_id, tokenized.token_ids, params, self.eos_token_ids, arrival_time)
         for child in children:
             self.scheduler.validate_request(child)  # raises before anything is queued (replicas share limits)

@@ -1,7 +1,8 @@
 """Turning user prompts into token ids, with the checks a user's bad input should meet.
 
 Accepts vLLM's prompt forms: a string, ``{"prompt": str}`` and ``{"prompt_token_ids": [...]}``. Empty prompts,
-token ids outside the vocabulary and other types raise ``ValueError``/``TypeError`` naming the value.
+token ids outside the vocabulary and other types raise ``ValueError``/``TypeError`` naming the value. A prompt may be
+cut to its last tokens (``SamplingParams.truncate_prompt_tokens``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def as_prompt_list(prompts) -> list:
     raise TypeError(f"prompts must be a str, a prompt dict or a list of those, got {type(prompts).__name__}")
 
 
-def tokenize_prompt(prompt, tokenizer, vocab_size: int) -> TokenizedPrompt:
+def tokenize_prompt(prompt, tokenizer, vocab_size: int, keep_last: int | None = None) -> TokenizedPrompt:
+    """The prompt's token ids (only the last ``keep_last`` when given, as vLLM's ``truncate_prompt_tokens``)."""
     if isinstance(prompt, str):
         text, token_ids = prompt, _encode(prompt, tokenizer)
     elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
@@ -45,6 +47,8 @@ def tokenize_prompt(prompt, tokenizer, vocab_size: int) -> TokenizedPrompt:
     bad = [t for t in token_ids if not 0 <= t < vocab_size]
     if bad:
         raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    if keep_last is not None:
+        token_ids = token_ids[-keep_last:]
     return TokenizedPrompt(text=text, token_ids=token_ids)
 
 

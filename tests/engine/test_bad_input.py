@@ -63,6 +63,7 @@ def test_bad_prompt_in_a_batch_is_rejected_and_engine_recovers(llm, reference, b
         ("prompt_logprobs", -2, "prompt_logprobs"),
         ("stop", [""], "stop"),
         ("stop_token_ids", [-2], "stop_token_ids"),
+        ("truncate_prompt_tokens", 0, "truncate_prompt_tokens"),
     ],
 )
 def test_invalid_sampling_params_name_field_and_value(field, value, fragment):
@@ -173,3 +174,10 @@ def test_token_ids_outside_the_vocabulary_are_rejected_and_engine_recovers(llm, 
     with pytest.raises(ValueError, match=rf"SamplingParams.{field} names token id {max(value)}, outside the vocab"):
         llm.generate(random_token_prompts(1, [4]), SamplingParams(max_tokens=2, **{field: value}), use_tqdm=False)
     still_serves(llm, reference)
+
+
+def test_detokenize_must_be_a_bool_and_stop_strings_need_it():
+    with pytest.raises(TypeError, match="SamplingParams.detokenize must be a bool, got 'no'"):
+        SamplingParams(detokenize="no")
+    with pytest.raises(ValueError, match=r"SamplingParams.stop=\['END'\] needs detokenize=True"):
+        SamplingParams(stop="END", detokenize=False)

@@ -48,6 +48,37 @@ def test_max_tokens_past_max_model_len_stops_there_as_in_vllm():
     assert num_capped > 0
 
 
+def test_truncate_prompt_tokens_keeps_the_last_tokens_as_in_vllm():
+    """Each fixture prompt behind 9 random tokens, cut back to its own length: transformers' greedy tokens of the
+    prompt alone; a cut longer than the prompt keeps it whole."""
+    data = expected("llama")
+    prompts = fixture_prompts(data)
+    llm = engine_for(str(FIXTURES / "models" / "llama"), skip_tokenizer_init=True)
+    rng = np.random.default_rng(2)
+    padded = [{"prompt_token_ids": rng.integers(0, 500, 9).tolist() + p} for p in prompts]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, truncate_prompt_tokens=len(p)) for p in prompts
+    ]
+    outputs = llm.generate(padded, params, use_tqdm=False)
+    for prompt, output, want in zip(prompts, outputs, data["greedy_token_ids"], strict=True):
+        assert output.prompt_token_ids == prompt and output.outputs[0].token_ids == want.tolist()
+    whole = SamplingParams(temperature=0.0, max_tokens=2, truncate_prompt_tokens=1000)
+    assert llm.generate(padded[:1], whole, use_tqdm=False)[0].prompt_token_ids == padded[0]["prompt_token_ids"]
+
+
+def test_detokenize_false_returns_the_same_tokens_without_text():
+    data = expected("llama")
+    llm = engine_for(str(FIXTURES / "models" / "llama"))
+    prompts = list(data["text_prompts"])
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=1)
+    with_text = llm.generate(prompts, params, use_tqdm=False)
+    without = llm.generate(prompts, params.clone(detokenize=False), use_tqdm=False)
+    for a, b in zip(with_text, without, strict=True):
+        assert a.outputs[0].text and b.outputs[0].text == ""
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert all(lp.decoded_token is None for entry in b.outputs[0].logprobs for lp in entry.values())
+
+
 def test_text_prompts_with_a_local_tokenizer_match_transformers():
     data = expected("llama")
     llm = engine_for(str(FIXTURES / "models" / "llama"))
