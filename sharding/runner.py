@@ -5,7 +5,9 @@ Owns packing the step (``jaxllm.runner.step_batch``), splitting it into microbat
 stage: by default jaxllm's sampler (``jaxllm.sampling.sample``, with per-microbatch SamplingMetadata and the step key
 ``fold_in(key(seed), step)`` as ``ModelRunner`` uses), so the runner is a drop-in for ``ModelRunner`` on a mesh;
 tests pass a head returning logits. A head returns a dict with at least ``token_ids [S]`` (and the SamplerOutput
-logprob fields when asked). Results of a step are kept in ``last_results`` (host numpy, one row per request).
+logprob fields when asked). Results of a step are kept in ``last_results`` (host numpy, one row per request). Prompt
+logprobs (``SamplingParams.prompt_logprobs``) come back beside the head's results, one row per token of each call, and
+are split per microbatch into each request's share (``jaxllm.runner.prompt_logprobs``).
 
 With one stage and one microbatch (tensor parallelism alone) the runner also offers ``dispatch``/``collect``, so the
 engine core schedules ahead as it does on one device: a step's pending tokens (the in-flight step's samples) are
