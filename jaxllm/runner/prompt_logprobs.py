@@ -36,7 +36,12 @@ class PromptLogprobArrays(NamedTuple):
 
 
 def wants_prompt_logprobs(scheduled: ScheduledRequest) -> bool:
-    return scheduled.request.sampling_params.prompt_logprobs is not None
+    """Whether this share of a request has prompt tokens whose successor's logprob is wanted (a decode step of a
+    request that asked for prompt logprobs has none, and runs the plain program)."""
+    request = scheduled.request
+    return request.sampling_params.prompt_logprobs is not None and (
+        scheduled.num_computed_tokens < len(request.prompt_token_ids) - 1
+    )
 
 
 def prompt_logprob_width(scheduled: Sequence[ScheduledRequest]) -> int | None:

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from jaxllm import LLM, SamplingParams
-from jaxllm.runner.prompt_logprobs import PROMPT_LOGPROB_CHUNK, compute_prompt_logprobs
+from jaxllm.core.step_io import ScheduledRequest
+from jaxllm.request import Request
+from jaxllm.runner.prompt_logprobs import PROMPT_LOGPROB_CHUNK, compute_prompt_logprobs, prompt_logprob_width
 from tests.models.test_parity import expected, fixture_prompts
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures"
@@ -135,3 +137,15 @@ def test_chunked_device_reduction_matches_a_whole_log_softmax():
     )
     np.testing.assert_array_equal(np.asarray(got.top_token_ids), np.argsort(-logprobs, axis=-1)[:, :num_top])
     np.testing.assert_allclose(np.asarray(got.top_logprobs), -np.sort(-logprobs, axis=-1)[:, :num_top], atol=1e-5)
+
+
+def test_only_prompt_chunks_run_the_prompt_logprob_program():
+    """A request's decode steps (and the chunk holding only its last prompt token) need no prompt logprob: the step
+    runs the plain forward program; a mid-prompt chunk asks for the bucketed top-k width."""
+    request = Request("r", list(range(10)), SamplingParams(prompt_logprobs=3))
+    plain = Request("p", list(range(10)), SamplingParams())
+    assert prompt_logprob_width([ScheduledRequest(request, 4, 4, False)]) == 5
+    assert prompt_logprob_width([ScheduledRequest(request, 9, 1, True), ScheduledRequest(plain, 0, 8, False)]) is None
+    assert prompt_logprob_width([ScheduledRequest(request, 12, 1, True)]) is None
+    two_tokens = Request("z", [1, 2], SamplingParams(prompt_logprobs=0))
+    assert prompt_logprob_width([ScheduledRequest(two_tokens, 0, 2, True)]) == 0  # the prompt token's logprob only
