@@ -109,32 +109,23 @@ class ModelRunner:
         )
         self.base_key = jax.random.key(seed)
         self.num_steps = 0
-        self.num_traces = 0  # incremented only when XLA traces a new forward program
+        self.num_traces = 0  # incremented only when XLA traces a new forward program (prompt-logprob variants too)
         self.num_sampler_traces = 0  # likewise for sampler programs
-        self.num_prompt_logprob_traces = 0  # likewise for the forward program's prompt-logprob variants
         self.max_rows = config.request_rows_for(config.token_buckets[-1])
         self._no_pending_tokens = jnp.zeros((self.max_rows,), jnp.int32)
         self._sampling_builder = SamplingMetadataBuilder()
         # compiler_options: XLA options of the forward program per token bucket (jaxllm.runner.xla_options)
-        # Step inputs cross as one packed buffer per program (jaxllm.runner.packed_transfer); its layout is static.
+        # Step inputs cross as one packed buffer per program (jaxllm.runner.packed_transfer); its layout is static, as
+        # is the prompt-logprob width (None: the plain program).
         self._forward_programs = ProgramsByOptions(
-            self._traced_forward, compiler_options, donate_argnums=(1,), static_argnums=(4,)
-        )
-        self._prompt_logprob_programs = ProgramsByOptions(
-            self._traced_forward_with_prompt_logprobs, compiler_options, donate_argnums=(1,), static_argnums=(4, 5)
+            self._traced_forward, compiler_options, donate_argnums=(1,), static_argnums=(4, 5)
         )
         self._jitted_sample = jax.jit(self._traced_sample, static_argnums=(2,))
 
-    def _traced_forward(self, params, kv_caches, packed_batch, prev_token_ids, layout: PackedLayout):
+    def _traced_forward(self, params, kv_caches, packed_batch, prev_token_ids, layout: PackedLayout, width):
         self.num_traces += 1
         batch = unpack(packed_batch, layout)
         # pending tokens: the previous step's samples, still on the device
-        batch = {**batch, "input_ids": feed_pending_tokens(batch["input_ids"], batch["prev_index"], prev_token_ids)}
-        return _model_forward(self.graphdef, params, kv_caches, batch)
-
-    def _traced_forward_with_prompt_logprobs(self, params, kv_caches, packed_batch, prev_token_ids, layout, width):
-        self.num_prompt_logprob_traces += 1
-        batch = unpack(packed_batch, layout)
         batch = {**batch, "input_ids": feed_pending_tokens(batch["input_ids"], batch["prev_index"], prev_token_ids)}
         return _model_forward(self.graphdef, params, kv_caches, batch, width)
 
@@ -201,15 +192,11 @@ class ModelRunner:
     ):
         """Launches the step: its sampler output, and its ``PromptLogprobArrays`` (None without ``prompt_targets``)."""
         packed, layout = self._batch_arrays(batch, prompt_targets)
-        prompt_logprobs = None
-        if prompt_targets is None:
-            forward = self._forward_programs.for_tokens(batch.token_bucket)
-            logits, self.kv_caches = forward(self.params, self.kv_caches, packed, prev_token_ids, layout)
-        else:
-            forward = self._prompt_logprob_programs.for_tokens(batch.token_bucket)
-            logits, self.kv_caches, prompt_logprobs = forward(
-                self.params, self.kv_caches, packed, prev_token_ids, layout, prompt_logprob_width
-            )
+        forward = self._forward_programs.for_tokens(batch.token_bucket)
+        logits, self.kv_caches, *prompt = forward(
+            self.params, self.kv_caches, packed, prev_token_ids, layout, prompt_logprob_width
+        )
+        prompt_logprobs = prompt[0] if prompt else None
         result = self._jitted_sample(logits, *self._sampler_args(sampling_metadata, self.num_steps))
         self.num_steps += 1
         return result, prompt_logprobs
@@ -261,7 +248,7 @@ class ModelRunner:
         kv = [(jax.ShapeDtypeStruct(shape, self.kv_dtype),) * 2 for _ in range(self.model_config.num_layers)]
         forward = self._forward_programs.for_tokens(bucket)
         packed, layout = self._batch_arrays(batch)
-        return forward.lower(self.params, kv, packed, self._no_pending_tokens, layout)
+        return forward.lower(self.params, kv, packed, self._no_pending_tokens, layout, None)
 
     def resize_kv_cache(self, config: ResolvedConfig) -> None:
         self.config = config
@@ -275,7 +262,7 @@ class ModelRunner:
         batch = empty_step_batch(bucket, rows, self.config.max_blocks_per_request)
         packed, layout = self._batch_arrays(batch)
         logits, self.kv_caches = self._forward_programs.for_tokens(bucket)(
-            self.params, self.kv_caches, packed, self._no_pending_tokens, layout
+            self.params, self.kv_caches, packed, self._no_pending_tokens, layout, None
         )
         for metadata in sampler_variants(rows):
             jax.block_until_ready(self._jitted_sample(logits, *self._sampler_args(metadata, 0)))

@@ -35,19 +35,21 @@ class PromptLogprobArrays(NamedTuple):
     top_logprobs: jax.Array  # [T, k] f32
 
 
-def wants_prompt_logprobs(scheduled: ScheduledRequest) -> bool:
-    """Whether this share of a request has prompt tokens whose successor's logprob is wanted (a decode step of a
-    request that asked for prompt logprobs has none, and runs the plain program)."""
+def num_scored_tokens(scheduled: ScheduledRequest) -> int:
+    """How many of this share's tokens (its first ones) have a prompt token after them whose logprob is wanted: 0
+    unless the request asked for prompt logprobs, and 0 in its decode steps (which run the plain program)."""
     request = scheduled.request
-    return request.sampling_params.prompt_logprobs is not None and (
-        scheduled.num_computed_tokens < len(request.prompt_token_ids) - 1
+    if request.sampling_params.prompt_logprobs is None:
+        return 0
+    return max(
+        0, min(scheduled.num_scheduled_tokens, len(request.prompt_token_ids) - 1 - scheduled.num_computed_tokens)
     )
 
 
 def prompt_logprob_width(scheduled: Sequence[ScheduledRequest]) -> int | None:
     """Static top-k width of a step's prompt-logprob program (bucketed like the sampler's), None when no scheduled
     request asks for prompt logprobs; 0 when they ask for the prompt tokens' logprobs only."""
-    widths = [s.request.sampling_params.prompt_logprobs for s in scheduled if wants_prompt_logprobs(s)]
+    widths = [s.request.sampling_params.prompt_logprobs for s in scheduled if num_scored_tokens(s)]
     if not widths:
         return None
     return 0 if max(widths) == 0 else bucket_num_logprobs(max(widths))
@@ -60,11 +62,8 @@ def prompt_logprob_targets(scheduled: Sequence[ScheduledRequest], token_bucket: 
     targets = np.full(token_bucket, -1, np.int32)
     offset = 0
     for s in scheduled:
-        if wants_prompt_logprobs(s):
-            prompt = s.request.prompt_token_ids
-            start, stop = s.num_computed_tokens, min(s.num_computed_tokens + s.num_scheduled_tokens, len(prompt) - 1)
-            if stop > start:
-                targets[offset : offset + stop - start] = prompt[start + 1 : stop + 1]
+        count, start = num_scored_tokens(s), s.num_computed_tokens
+        targets[offset : offset + count] = s.request.prompt_token_ids[start + 1 : start + 1 + count]
         offset += s.num_scheduled_tokens
     return targets
 
@@ -101,9 +100,8 @@ def split_prompt_logprobs(
     out = {}
     offset = 0
     for s in scheduled:
-        num_prompt = len(s.request.prompt_token_ids)
-        count = min(s.num_scheduled_tokens, num_prompt - 1 - s.num_computed_tokens)
-        if wants_prompt_logprobs(s) and count > 0:
+        count = num_scored_tokens(s)
+        if count:
             rows = slice(offset, offset + count)
             num_top = s.request.sampling_params.prompt_logprobs
             out[s.request_id] = PromptLogprobs(

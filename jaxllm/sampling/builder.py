@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -86,17 +87,20 @@ def _build_param_columns(requests: list[Request], num_rows: int) -> _ParamColumn
         if r.sampling_params.min_tokens > 0
     ]
     penalty_rows = [row for row, p in enumerate(params) if p.uses_penalties]
-    arrays["allowed_token_ids"] = _token_lists([p.allowed_token_ids or [] for p in params], num_rows, -1, np.int32)
-    biases = [p.logit_bias or {} for p in params]
-    arrays["logit_bias_ids"] = _token_lists([list(b) for b in biases], num_rows, -1, np.int32)
-    arrays["logit_bias_values"] = _token_lists([list(b.values()) for b in biases], num_rows, 0.0, np.float32)
+    allowed = [(row, p.allowed_token_ids) for row, p in enumerate(params) if p.allowed_token_ids]
+    arrays["allowed_token_ids"] = _token_lists(allowed, num_rows, -1, np.int32)
+    biases = [(row, p.logit_bias) for row, p in enumerate(params) if p.logit_bias]
+    arrays["logit_bias_ids"] = _token_lists([(row, list(b)) for row, b in biases], num_rows, -1, np.int32)
+    values = [(row, list(b.values())) for row, b in biases]
+    arrays["logit_bias_values"] = _token_lists(values, num_rows, 0.0, np.float32)
     return _ParamColumns(arrays, flags, min_tokens_rows, penalty_rows)
 
 
-def _token_lists(lists: list[list], num_rows: int, fill, dtype) -> np.ndarray:
-    """[S, W] with lists[i] in row i and ``fill`` elsewhere; W from ``bucket_token_list_width`` (0 if all empty)."""
-    out = np.full((num_rows, bucket_token_list_width(max(map(len, lists), default=0))), fill, dtype)
-    for row, values in enumerate(lists):
+def _token_lists(rows: list[tuple[int, Sequence]], num_rows: int, fill, dtype) -> np.ndarray:
+    """[S, W] with each ``(row, values)``'s values at the start of its row and ``fill`` elsewhere; W from
+    ``bucket_token_list_width`` (0 when no row has any)."""
+    out = np.full((num_rows, bucket_token_list_width(max((len(v) for _, v in rows), default=0))), fill, dtype)
+    for row, values in rows:
         out[row, : len(values)] = values
     return out
 
@@ -181,12 +185,7 @@ class SamplingMetadataBuilder:
             for row, min_tokens, ids in columns.min_tokens_rows
             if _output_index(requests[row]) < min_tokens and len(ids)
         ]
-        out = np.full(
-            (num_rows, bucket_token_list_width(max((len(ids) for _, ids in active), default=0))), -1, np.int32
-        )
-        for row, ids in active:
-            out[row, : len(ids)] = ids
-        return out
+        return _token_lists(active, num_rows, -1, np.int32)
 
     def _token_histories(
         self, requests: list[Request], columns: _ParamColumns, num_rows: int
