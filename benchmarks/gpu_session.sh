@@ -86,10 +86,11 @@ for stage in "$@"; do
                 done ;;
     l8xla) python3 benchmarks/latency.py --batch-sizes 1 --xla-compiler-options "$XLA_DEFAULTS" 2>&1 | tee "$OUT/l8_xla.log" | grep -Ev "^JSON"
            python3 benchmarks/latency.py --batch-sizes 1 --xla-compiler-options '{"xla_gpu_enable_triton_gemm": true}' 2>&1 | tee "$OUT/l8_triton.log" | grep -Ev "^JSON" ;;
-    profile_tp2) for tp in ${TP_SIZES:-2 1}; do  # batch-1 decode steps per tensor-parallel size, traces kept
-                   python3 benchmarks/profile_step.py --job J8 --tensor-parallel-size $tp --num-prompts 1 --out /tmp/tp$tp-trace 2>&1 \
-                     | tee "$OUT/profile_tp${tp}_b1.log" | grep -Ev "^JSON"
-                   cp "$(find /tmp/tp$tp-trace -name "*.trace.json.gz" | tail -1)" "$OUT/tp${tp}_b1.trace.json.gz"
+    profile_tp2) n=${PROFILE_PROMPTS:-1}  # decode steps of n requests (1: batch 1; 256: J8's) per tensor-parallel size, traces kept
+                 for tp in ${TP_SIZES:-2 1}; do
+                   python3 benchmarks/profile_step.py --job J8 --tensor-parallel-size $tp --num-prompts $n --out /tmp/tp$tp-trace 2>&1 \
+                     | tee "$OUT/profile_tp${tp}_b$n.log" | grep -Ev "^JSON"
+                   cp "$(find /tmp/tp$tp-trace -name "*.trace.json.gz" | tail -1)" "$OUT/tp${tp}_b$n.trace.json.gz"
                  done ;;
     graphupd) with_variants "${GRAPHUPD_VARIANTS:-JAXLLM_STABLE_STEP_OUTPUTS=0;JAXLLM_STABLE_STEP_OUTPUTS=1}" graph_updates_per_tp ;;
     ppupd) with_variants "${PPUPD_VARIANTS:-JAXLLM_STABLE_STAGE_OUTPUTS=0;JAXLLM_STABLE_STAGE_OUTPUTS=1}" pipeline_updates_and_j8 ;;
