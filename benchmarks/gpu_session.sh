@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU-machine session: the GPU tests and the benchmarks, logs and JSON under $OUT (default ./gpu-out).
 #   bash benchmarks/gpu_session.sh tests kernels j8 j8sync scoring j8ref j8cublas j8nomerge j8both j8xla j8fp8 j8fp8nocb j1 l8 l8q l8fused \
-#        l8qxla l8xla l8dump vmm j8vmm l8vmm profile profile1 profile_b1 profile_prefill profile_tp2 graphupd ppupd startup compare_hf qmm qmmsweep qmmengine qmmbitcvt qmmbundled attnsweep memj1 mesh8 mesh70 tpflags tpenv mp mp8
-# (any subset, run in the order given; mesh8, profile_tp2, graphupd and ppupd need 2+ GPUs: the Llama-3.1-8B shape at TP 1 and 2 by
+#        l8qxla l8xla l8dump vmm j8vmm l8vmm profile profile1 profile_b1 profile_prefill profile_tp2 graphupd ppupd ppasync startup compare_hf qmm qmmsweep qmmengine qmmbitcvt qmmbundled attnsweep memj1 mesh8 mesh70 tpflags tpenv mp mp8
+# (any subset, run in the order given; mesh8, profile_tp2, graphupd, ppupd and ppasync need 2+ GPUs: the Llama-3.1-8B shape at TP 1 and 2 by
 # default, MESHES=...; mesh70 the Llama-3.1-70B shape, 4x1x1 by default, MESHES70=...; both once per MESH_VARIANTS entry,
 # e.g. MESH_VARIANTS="XLA_FLAGS=;XLA_FLAGS=--xla_gpu_enable_command_buffer=+COLLECTIVES" for an A/B on one lease;
 # a sweep split over calls: MESH_ARGS="--process-per-mesh --scaling-base-log FILE", FILE an earlier call's log carried in the tree)
@@ -93,6 +93,8 @@ for stage in "$@"; do
                    cp "$(find /tmp/tp$tp-trace -name "*.trace.json.gz" | tail -1)" "$OUT/tp${tp}_b$n.trace.json.gz"
                  done ;;
     graphupd) with_variants "${GRAPHUPD_VARIANTS:-JAXLLM_STABLE_STEP_OUTPUTS=0;JAXLLM_STABLE_STEP_OUTPUTS=1}" graph_updates_per_tp ;;
+    ppasync) for a in --no-async-scheduling ""; do  # pipelines one step at a time, then scheduled ahead (MESHES, default PP 2)
+               mesh_job ppasync.log --meshes ${MESHES:-1x2x1} $a; done ;;
     ppupd) with_variants "${PPUPD_VARIANTS:-JAXLLM_STABLE_STAGE_OUTPUTS=0;JAXLLM_STABLE_STAGE_OUTPUTS=1}" pipeline_updates_and_j8 ;;
     profile_prefill) python3 benchmarks/profile_step.py --job J8 --phase prefill --out /tmp/j8-prefill-trace 2>&1 | tee "$OUT/profile_prefill.log" | grep -Ev "^JSON" ;;
     j8ref) python3 benchmarks/throughput.py --job J8 --attention-impl reference --record 2>&1 | tee "$OUT/j8ref.log" | grep -Ev "^\{" ;;

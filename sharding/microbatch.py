@@ -3,7 +3,8 @@
 A request's tokens never straddle two microbatches (its KV cache rows are written and read in one stage call).
 Groups are contiguous runs of requests with balanced token counts; each is re-packed as its own padded
 ``StepBatch`` (token axis padded to a token bucket, request rows to that bucket's row count), so the pipeline's
-stage programs are compiled per bucket exactly like the one-program step.
+stage programs are compiled per bucket exactly like the one-program step. A step's ``prev_index`` (pending tokens
+under async scheduling) is sliced with its tokens.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ def _slice(batch: StepBatch, requests: range, config: ResolvedConfig) -> StepBat
         padded = np.zeros((rows, *source.shape[1:]), np.int32)  # padding rows: seq_len 0
         padded[:num_requests] = source[requests.start : requests.stop]
         fields[name] = padded
+    prev_index = None
+    if batch.prev_index is not None:  # padding tokens: nothing pending
+        prev_index = np.full(bucket, -1, np.int32)
+        prev_index[:num_tokens] = batch.prev_index[first_token:end_token]
     query_start_loc = np.full(rows + 1, num_tokens, np.int32)
     query_start_loc[: num_requests + 1] = qsl[requests.start : requests.stop + 1] - first_token
     logits_indices = np.zeros(rows, np.int32)
@@ -69,6 +74,7 @@ def _slice(batch: StepBatch, requests: range, config: ResolvedConfig) -> StepBat
         logits_indices=logits_indices,
         num_requests=num_requests,
         num_tokens=num_tokens,
+        prev_index=prev_index,
     )
 
 
@@ -77,7 +83,10 @@ def split_step_batch(batch: StepBatch, num_microbatches: int, config: ResolvedCo
     if batch.num_requests == 0:
         return [Microbatch(batch, 0)]
     counts = np.diff(batch.query_start_loc[: batch.num_requests + 1])  # [S real]
-    return [Microbatch(_slice(batch, group, config), group.start) for group in request_groups(counts, num_microbatches)]
+    groups = request_groups(counts, num_microbatches)
+    if len(groups) == 1:  # the step as it is (re-slicing it would give the same batch)
+        return [Microbatch(batch, 0)]
+    return [Microbatch(_slice(batch, group, config), group.start) for group in groups]
 
 
 def bubble_fraction(num_stages: int, num_microbatches: int) -> float:

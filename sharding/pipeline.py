@@ -4,7 +4,10 @@ Owns the stage programs, each stage's slice of the KV cache (donated into every 
 and dispatching microbatches through the stages. Stage ``s`` of microbatch ``m`` is dispatched right after stage
 ``s-1`` of it, and every call returns at once (JAX dispatch is asynchronous), so while stage 1 runs microbatch 0,
 stage 0 already runs microbatch 1; activations move between sub-meshes with ``jax.device_put``. With P = 1 this is
-the whole model in one program: tensor parallelism alone runs the same code.
+the whole model in one program: tensor parallelism alone runs the same code. Nothing waits between ``run`` calls
+either: a later call's first stage takes an earlier call's sampled tokens as they are on the device (pending
+tokens, copied from the last stage's devices), so the next step's microbatch 0 can start on stage 0 while the
+previous step's last microbatch is still on the later stages.
 
 Inside a stage, tensor parallelism is GSPMD: the parameters arrive as NamedShardings from ``sharding.rules``, the
 program's in/out shardings are pinned, and the residual stream is constrained to be replicated between layers.
@@ -233,34 +236,40 @@ class PipelinedModel:
     ) -> list:
         """Dispatches every (micro)batch through every stage; returns the head's results per batch (on device).
 
-        ``pending_tokens``: a previous ``run``'s padded ``token_ids`` (needs ``token_rows``), gathered into the first
-        stage's input ids where ``batch.prev_index`` points at them; a zero vector stands in when none are pending,
-        so both cases share one program. ``prompt_targets`` (one ``[T]`` array per batch) with
+        ``pending_tokens``: per batch, a padded ``token_ids`` of an earlier ``run`` (needs ``token_rows``) or None,
+        gathered into the first stage's input ids where ``batch.prev_index`` points at them; a zero vector stands in
+        where none are pending, so both cases share one program. ``prompt_targets`` (one ``[T]`` array per batch) with
         ``prompt_logprob_width``: the last stage also returns the prompt logprobs of those targets
         (``jaxllm.runner.prompt_logprobs``), through its program's prompt-logprob variant.
         """
         if self.stages[0].kv_caches is None:
             raise ValueError("no KV cache: call allocate_kv_cache first")
         head_args = [None] * len(batches) if head_args is None else head_args
-        if self.token_rows is not None and pending_tokens is None:
-            pending_tokens = self._no_pending_tokens
+        pending_tokens = [None] * len(batches) if pending_tokens is None else pending_tokens
+        if self.token_rows is not None:
+            pending_tokens = [self._no_pending_tokens if p is None else p for p in pending_tokens]
         prompt_targets = [None] * len(batches) if prompt_targets is None else prompt_targets
         results = []
-        for batch, args, targets in zip(batches, head_args, prompt_targets, strict=True):
+        for batch, args, pending, targets in zip(batches, head_args, pending_tokens, prompt_targets, strict=True):
             x = batch.input_ids
             for index, stage in enumerate(self.stages):
                 prompt = (targets, prompt_logprob_width) if stage is self.stages[-1] and targets is not None else None
-                out = self._run_stage(stage, x, batch, args, pending_tokens if index == 0 else None, prompt)
+                out = self._run_stage(stage, x, batch, args, pending if index == 0 else None, prompt)
                 if index > 0:  # the previous stage's hidden states, read by this call (a no-op unless stable)
                     self.stages[index - 1].results.release({"hidden": x})
                 x = out
             results.append(x)
         return results
 
+    @property
+    def pending_rows(self) -> int:
+        """The rows of a result's ``token_ids`` that can feed pending tokens (``token_rows``, plus the stable buffers'
+        slack)."""
+        return self.token_rows + (ROW_SLACK if self.stages[-1].results.enabled else 0)
+
     @functools.cached_property
     def _no_pending_tokens(self) -> jax.Array:
-        rows = self.token_rows + (ROW_SLACK if self.stages[-1].results.enabled else 0)  # the shape fed results have
-        return jax.device_put(np.zeros(rows, np.int32), replicated(self.stages[0].mesh))
+        return jax.device_put(np.zeros(self.pending_rows, np.int32), replicated(self.stages[0].mesh))
 
     def _stage_args(self, stage: Stage, inputs, batch: StepBatch, head_args, pending_tokens=None, prompt=None) -> tuple:
         """The stage program's arguments: the step's host arrays, the first stage's token ids among them, go over
@@ -274,6 +283,8 @@ class PipelinedModel:
             inputs = None
         elif isinstance(inputs, jax.Array):  # the previous stage's hidden states, onto this stage's devices
             inputs = jax.device_put(inputs, replicated(stage.mesh))
+        if pending_tokens is not None:  # sampled on the last stage: onto the first stage's devices (a no-op on one)
+            pending_tokens = jax.device_put(pending_tokens, replicated(stage.mesh))
         packed = jax.device_put(packed, replicated(stage.mesh))
         result_buffers = None
         if stage.results.enabled:

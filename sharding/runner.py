@@ -9,11 +9,13 @@ logprob fields when asked). Results of a step are kept in ``last_results`` (host
 logprobs (``SamplingParams.prompt_logprobs``) come back beside the head's results, one row per token of each call, and
 are split per microbatch into each request's share (``jaxllm.runner.prompt_logprobs``).
 
-With one stage and one microbatch (tensor parallelism alone) the runner also offers ``dispatch``/``collect``, so the
-engine core schedules ahead as it does on one device: a step's pending tokens (the in-flight step's samples) are
-gathered into its input ids inside the first stage's program, from the in-flight step's token ids, which the last
-stage pads to the most rows of any bucket (so one program per bucket serves every previous bucket). With several
-stages or microbatches the runner stays synchronous.
+The runner offers ``dispatch``/``collect`` (``execute`` is the two in a row), so the engine core schedules ahead as it
+does on one device, on every mesh: a step's pending tokens (the in-flight step's samples) are gathered into its input
+ids inside the first stage's program, from the in-flight step's token ids, which the last stage pads to the most rows
+of any bucket (so one program per bucket serves every previous bucket). With several microbatches each reads the
+previous step's microbatch that holds its requests (``sharding.pending``), so on a pipeline the next step's first
+microbatch enters stage 0 while the step in flight still occupies the later stages, and the host's work for a step
+overlaps the devices' instead of leaving every stage idle between steps.
 
 ``launch_thread=True`` (experimental; ``JAXLLM_MESH_LAUNCH_THREAD=1`` for engines) hands each dispatched step's launch
 to one worker thread. A multi-GPU program's execute returns only once every GPU's host thread has launched its
@@ -26,6 +28,7 @@ runner releases a step's result buffers once it has read them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -43,6 +46,7 @@ from jaxllm.runner.step_batch import StepBatch, pack_step_batch
 from jaxllm.runner.xla_options import CompilerOptions
 from jaxllm.sampling import SamplingMetadataBuilder, sample
 from sharding.microbatch import Microbatch, split_step_batch
+from sharding.pending import fed_tokens, plan_feed
 from sharding.pipeline import HeadFn, PipelinedModel
 
 logger = logging.getLogger(__name__)
@@ -79,22 +83,30 @@ class SamplerHeadArgs:
         return builder.build(requests, num_rows), self.base_key_data, np.int32(step)
 
 
+@dataclasses.dataclass
+class MeshStep(InFlightStep):
+    """A dispatched mesh step: ``result`` holds one head-result dict per microbatch (device arrays; or the launch
+    thread's ``LaunchedResult`` of that list), ``rows`` each request's flat row (``sharding.pending``)."""
+
+    microbatches: list[Microbatch] = dataclasses.field(default_factory=list)
+
+
 class LaunchedResult:
     """A step's head results while its launch runs on the worker thread: ``get()`` waits for the launch and returns
-    the results (device arrays); ``block_until_ready()`` (what ``jax.block_until_ready`` calls on a leaf) also waits
-    for the device."""
+    the results (one dict of device arrays per microbatch); ``block_until_ready()`` (what ``jax.block_until_ready``
+    calls on a leaf) also waits for the device."""
 
     def __init__(self, future: Future):
         self._future = future
 
-    def get(self) -> dict:
+    def get(self) -> list[dict]:
         return self._future.result()
 
     def block_until_ready(self):
         return jax.block_until_ready(self.get())
 
 
-def _resolved(result) -> dict:
+def _resolved(result) -> list[dict]:
     return result.get() if isinstance(result, LaunchedResult) else result
 
 
@@ -157,62 +169,61 @@ class PipelineRunner:
     def num_traces(self) -> int:
         return self.pipeline.num_traces
 
-    @property
-    def supports_async(self) -> bool:
-        """Whether ``dispatch``/``collect`` may overlap steps: one stage and one microbatch."""
-        return self.pipeline.num_stages == 1 and self.num_microbatches == 1
+    supports_async = True  # dispatch / collect may overlap steps (jaxllm.engine.engine_core)
 
-    def dispatch(self, scheduler_output: SchedulerOutput, prev: InFlightStep | None = None) -> InFlightStep:
-        """Launches a one-stage, one-microbatch step without waiting; ``prev`` supplies its pending tokens."""
-        if not self.supports_async:
-            raise ValueError(
-                f"dispatch needs one stage and one microbatch, not {self.pipeline.num_stages} x {self.num_microbatches}"
-            )
+    def dispatch(self, scheduler_output: SchedulerOutput, prev: MeshStep | None = None) -> MeshStep:
+        """Launches a step's microbatches through the stages without waiting; ``prev``, the step in flight, supplies
+        its pending tokens (``sharding.pending``)."""
         scheduled = scheduler_output.scheduled
         batch = pack_step_batch(scheduler_output, self.config, None if prev is None else prev.rows)
-        head_args = [self._head_args(0, Microbatch(batch, 0), scheduled)]
-        targets, width = _prompt_targets([Microbatch(batch, 0)], scheduled)
-        prev_result = None if prev is None else prev.result
-        self.num_steps += 1
-        rows = {s.request_id: row for row, s in enumerate(scheduled)}
-
-        def launch() -> dict:
-            pending = None if prev_result is None else _resolved(prev_result)["token_ids"]  # in-flight samples
-            result = self.pipeline.run([batch], head_args, pending, targets, width)[0]
-            result["token_ids"].copy_to_host_async()
-            return result
-
-        if self._launcher is None:
-            return InFlightStep(scheduler_output, launch(), rows)
-        return InFlightStep(scheduler_output, LaunchedResult(self._launcher.submit(launch)), rows)
-
-    def collect(self, step: InFlightStep) -> ModelRunnerOutput:
-        """Waits for a dispatched step and returns its sampled tokens."""
-        result = _resolved(step.result)
-        wanted = result
-        if not step.scheduler_output.wants_logprobs:  # no logprob transfers
-            wanted = {key: value for key, value in result.items() if key not in LOGPROB_FIELDS}
-        host = {key: np.asarray(value) for key, value in jax.device_get(wanted).items()}
-        self.pipeline.release([result])
-        scheduled = step.scheduler_output.scheduled
-        self.last_results = _step_rows(host)
-        return _to_output(scheduled, self.last_results, _prompt_logprobs(host, scheduled))
-
-    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        scheduled = scheduler_output.scheduled
-        batch = pack_step_batch(scheduler_output, self.config)
         microbatches = split_step_batch(batch, self.num_microbatches, self.config)
+        rows_per_result = self.pipeline.pending_rows
+        feeds = [plan_feed(mb.batch.prev_index, rows_per_result) for mb in microbatches]
+        batches = [
+            dataclasses.replace(mb.batch, prev_index=feed.prev_index)
+            for mb, feed in zip(microbatches, feeds, strict=True)
+        ]
         head_args = [self._head_args(index, mb, scheduled) for index, mb in enumerate(microbatches)]
         targets, width = _prompt_targets(microbatches, scheduled)
-        results = self.pipeline.run([mb.batch for mb in microbatches], head_args, None, targets, width)
+        prev_result = None if prev is None else prev.result
         self.num_steps += 1
-        host = jax.device_get(results)
-        self.last_results = _gather_rows([_step_rows(r) for r in host], microbatches)
+        rows = {
+            s.request_id: index * rows_per_result + row
+            for index, mb in enumerate(microbatches)
+            for row, s in enumerate(_microbatch_requests(scheduled, mb))
+        }
+
+        def launch() -> list[dict]:
+            prev_results = None if prev_result is None else _resolved(prev_result)  # in flight: still on the device
+            pending = [fed_tokens(feed, prev_results) for feed in feeds]
+            results = self.pipeline.run(batches, head_args, pending, targets, width)
+            for result in results:
+                result["token_ids"].copy_to_host_async()
+            return results
+
+        if self._launcher is None:
+            return MeshStep(scheduler_output, launch(), rows, microbatches=microbatches)
+        return MeshStep(
+            scheduler_output, LaunchedResult(self._launcher.submit(launch)), rows, microbatches=microbatches
+        )
+
+    def collect(self, step: MeshStep) -> ModelRunnerOutput:
+        """Waits for a dispatched step and returns its sampled tokens (and logprobs where asked)."""
+        results = _resolved(step.result)
+        wanted = results
+        if not step.scheduler_output.wants_logprobs:  # no logprob transfers
+            wanted = [{key: value for key, value in r.items() if key not in LOGPROB_FIELDS} for r in results]
+        host = jax.device_get(wanted)
         self.pipeline.release(results)
+        scheduled = step.scheduler_output.scheduled
+        self.last_results = _gather_rows([_step_rows(r) for r in host], step.microbatches)
         prompt = {}
-        for result, mb in zip(host, microbatches, strict=True):
+        for result, mb in zip(host, step.microbatches, strict=True):
             prompt.update(_prompt_logprobs(result, _microbatch_requests(scheduled, mb)))
         return _to_output(scheduled, self.last_results, prompt)
+
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.collect(self.dispatch(scheduler_output))
 
     def _head_args(self, index: int, microbatch: Microbatch, scheduled: list):
         requests = [s.request for s in _microbatch_requests(scheduled, microbatch)]

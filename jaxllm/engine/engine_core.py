@@ -7,7 +7,7 @@ mesh). ``LLMEngine`` runs one core, or one per data-parallel replica behind ``sh
 takes the same interface.
 
 Async scheduling (``async_scheduling=True``, the default, for runners whose ``supports_async`` is true, which
-offer ``dispatch``/``collect``: ``ModelRunner``, and ``sharding.PipelineRunner`` with one stage): each
+offer ``dispatch``/``collect``: ``ModelRunner``, and ``sharding.PipelineRunner`` on any mesh): each
 ``step()`` dispatches the next step before it waits for the one in flight, so the host's scheduling, packing and
 output handling overlap the device's work and the device never waits on the host. The in-flight step's sampled
 tokens feed the next one on the device (see ``ModelRunner``). A step is not scheduled ahead while a request in flight

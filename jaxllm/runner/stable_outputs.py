@@ -15,8 +15,8 @@ result into its first rows (a dynamic-update-slice; XLA's simplifier folds a ful
 The buffer's value is live from the program's start to that write, so no intermediate can
 share its allocation. The returned results are the buffers (rows past the result's are stale). A buffer goes back to
 the pool once the runner has read its values (``release``); the next call of the same shapes takes and donates it, so
-in steady state two sets per shape alternate. The one-device ``ModelRunner`` does not use this (its forward and sampler
-graphs are updated every step too, ~0.09 ms in all at batch 1 on an H100).
+in steady state two sets per shape (and pipeline microbatch) alternate. The one-device ``ModelRunner`` does not use
+this (its forward and sampler graphs are updated every step too, ~0.09 ms in all at batch 1 on an H100).
 
 ``JAXLLM_STABLE_STAGE_OUTPUTS=1`` (experimental, off, not yet run on a GPU) does the same for the hidden states every
 other pipeline stage hands on: in the CPU buffer assignment of a two-stage tiny Llama, stage 0's output allocation

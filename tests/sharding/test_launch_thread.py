@@ -1,5 +1,5 @@
-"""``JAXLLM_MESH_LAUNCH_THREAD=1``: a tensor-parallel engine launching each step on a worker thread (and scheduling
-ahead) gives exactly the tokens, stops, logprobs and preemptions of the same mesh run one step at a time
+"""``JAXLLM_MESH_LAUNCH_THREAD=1``: a tensor- or pipeline-parallel engine launching each step on a worker thread (and
+scheduling ahead) gives exactly the tokens, stops, logprobs and preemptions of the same mesh run one step at a time
 (``async_scheduling=False``: no dispatch, no launch thread), over mixed sampling parameters; the launches do run on
 the worker."""
 
@@ -18,15 +18,19 @@ pytestmark = NEEDS_8_DEVICES
 
 @pytest.mark.parametrize(
     "engine_options",
-    [{}, {"num_gpu_blocks_override": 24, "block_size": 4}],  # the second preempts requests
-    ids=["default", "preempting"],
+    [
+        {"tensor_parallel_size": 2},
+        {"tensor_parallel_size": 2, "num_gpu_blocks_override": 24, "block_size": 4},  # preempts requests
+        {"pipeline_parallel_size": 2},  # two microbatches per launch
+    ],
+    ids=["tp2", "tp2-preempting", "pp2"],
 )
 def test_launch_thread_equals_launching_inline(tiny_llama_dir, monkeypatch, engine_options):
     prompts = random_token_prompts(len(LENGTHS), LENGTHS, seed=4)
     params = mixed_params(stop_token=5)
-    sync = make_llm(tiny_llama_dir, tensor_parallel_size=2, async_scheduling=False, **engine_options)
+    sync = make_llm(tiny_llama_dir, async_scheduling=False, **engine_options)
     monkeypatch.setenv(LAUNCH_THREAD_ENV, "1")
-    threaded = make_llm(tiny_llama_dir, tensor_parallel_size=2, **engine_options)
+    threaded = make_llm(tiny_llama_dir, **engine_options)
     runner = threaded.llm_engine.runner
     assert runner._launcher is not None and threaded.llm_engine.core.async_scheduling
 
@@ -47,5 +51,5 @@ def test_launch_thread_equals_launching_inline(tiny_llama_dir, monkeypatch, engi
     assert_same_outputs(outputs_of(threaded, prompts, params), expected)
     assert launch_threads and all(name.startswith("jaxllm-launch") for name in launch_threads)
     assert results and all(isinstance(result, LaunchedResult) for result in results)
-    if engine_options:
+    if "num_gpu_blocks_override" in engine_options:
         assert threaded.llm_engine.scheduler.num_preemptions > 0

@@ -1,8 +1,8 @@
 """Stable step outputs (mesh engines' default; ``JAXLLM_STABLE_STEP_OUTPUTS=0`` turns them off): a mesh engine whose
 last stage writes its results into donated buffers gives exactly the tokens, stops, logprobs and preemptions of the
-plain run, on tensor parallelism (async scheduling) and on TP x PP (microbatches); a buffer set is reused only after
-the runner released it, and two sets per shape suffice; in the compiled program each result buffer is read by
-nothing but the write into it, so no intermediate value can share its allocation."""
+plain run, on tensor parallelism and on TP x PP (microbatches), both scheduled ahead; a buffer set is reused only
+after the runner released it, and two sets per shape and microbatch suffice; in the compiled program each result
+buffer is read by nothing but the write into it, so no intermediate value can share its allocation."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -47,7 +47,7 @@ class BufferLog:
 
 def check_stable_outputs_match_plain(model_dir, monkeypatch, engine_options, donates=False):
     """The stable-outputs engine's outputs equal the plain engine's; released sets are reused (and, where
-    ``donates``, were donated: deleted after their call), two per shape."""
+    ``donates``, were donated: deleted after their call), two per shape and microbatch."""
     prompts = random_token_prompts(len(LENGTHS), LENGTHS, seed=7)
     params = mixed_params(stop_token=5)
     monkeypatch.setenv(STABLE_STEP_OUTPUTS_ENV, "0")
@@ -65,8 +65,10 @@ def check_stable_outputs_match_plain(model_dir, monkeypatch, engine_options, don
         assert any(all(r.get(k) is b for k, b in buffers.items()) for r in log.released)
     if donates:
         assert all(b.is_deleted() for buffers in reused for b in buffers.values())
-    pool = stable.llm_engine.runner.pipeline.stages[-1].results
-    assert pool.num_allocated <= 2 * len(pool.free)  # steady state: two sets per shape alternate
+    runner = stable.llm_engine.runner
+    pool = runner.pipeline.stages[-1].results
+    # steady state: two steps' sets per shape alternate, one set per microbatch each
+    assert pool.num_allocated <= 2 * runner.num_microbatches * len(pool.free)
 
 
 @pytest.mark.parametrize(
