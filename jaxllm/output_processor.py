@@ -37,16 +37,16 @@ def make_child_requests(
     sampling_params: SamplingParams,
     eos_token_ids: frozenset[int] = frozenset(),
     arrival_time: float | None = None,
+    bad_words_token_ids: Sequence[tuple[int, ...]] = (),
 ) -> list[Request]:
     """The Requests the scheduler runs for one prompt: ``request_id`` itself when n == 1, else n samples with ids
     ``f"{request_id}-{i}"`` and ``sample_index`` i."""
     arrival_time = time.monotonic() if arrival_time is None else arrival_time
     n = sampling_params.n
-    if n == 1:
-        return [Request(request_id, prompt_token_ids, sampling_params, eos_token_ids, arrival_time)]
+    ids = [request_id] if n == 1 else [f"{request_id}-{i}" for i in range(n)]
     return [
-        Request(f"{request_id}-{i}", prompt_token_ids, sampling_params, eos_token_ids, arrival_time, sample_index=i)
-        for i in range(n)
+        Request(id_, prompt_token_ids, sampling_params, eos_token_ids, arrival_time, i, bad_words_token_ids)
+        for i, id_ in enumerate(ids)
     ]
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from jaxllm.bad_words import needs_output_history
 from jaxllm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -55,6 +57,7 @@ class Request:
         eos_token_ids: frozenset[int] = frozenset(),
         arrival_time: float | None = None,
         sample_index: int = 0,
+        bad_words_token_ids: Sequence[tuple[int, ...]] = (),
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -62,6 +65,8 @@ class Request:
         self.eos_token_ids = eos_token_ids
         # Index of this sample among its parent's n samples; folded into the seed so siblings differ.
         self.sample_index = sample_index
+        # SamplingParams.bad_words as token sequences (jaxllm.bad_words), tokenized by the engine.
+        self.bad_words_token_ids = list(bad_words_token_ids)
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
         # Tokens sampled by dispatched steps whose ids have not reached the host yet (async scheduling): the
@@ -104,6 +109,12 @@ class Request:
     @property
     def output_token_ids(self) -> list[int]:
         return self.all_token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def needs_host_outputs(self) -> bool:
+        """Whether sampling this request's next token needs all its earlier output tokens on the host (penalties,
+        bad words of several tokens), so the engine does not schedule ahead of it."""
+        return self.sampling_params.uses_penalties or needs_output_history(self.bad_words_token_ids)
 
     @property
     def max_tokens(self) -> int | None:

@@ -54,6 +54,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
     allowed_token_ids: list[int] | None = None  # sample only among these
+    bad_words: list[str] | None = None  # words never generated (jaxllm.bad_words)
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens
     detokenize: bool = True  # False: token ids only, text ""
     skip_special_tokens: bool = True
@@ -63,6 +64,8 @@ class SamplingParams:
         self.stop_token_ids = _as_list("stop_token_ids", self.stop_token_ids)
         if self.allowed_token_ids is not None:
             self.allowed_token_ids = _as_list("allowed_token_ids", self.allowed_token_ids)
+        if self.bad_words is not None:
+            self.bad_words = _as_list("bad_words", self.bad_words)
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 raise TypeError(
@@ -131,6 +134,9 @@ class SamplingParams:
             for t in self.allowed_token_ids:
                 if isinstance(t, bool) or not isinstance(t, int) or t < 0:
                     raise ValueError(f"SamplingParams.allowed_token_ids must hold non-negative ints, got {t!r}")
+        for word in self.bad_words or ():
+            if not isinstance(word, str) or not word.strip():
+                raise ValueError(f"SamplingParams.bad_words must hold non-blank strings, got {word!r}")
         for t, bias in (self.logit_bias or {}).items():
             if isinstance(t, bool) or not isinstance(t, int) or t < 0:
                 raise ValueError(f"SamplingParams.logit_bias keys must be non-negative token ids, got {t!r}")

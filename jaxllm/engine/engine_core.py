@@ -11,7 +11,8 @@ offer ``dispatch``/``collect``: ``ModelRunner``, and ``sharding.PipelineRunner``
 ``step()`` dispatches the next step before it waits for the one in flight, so the host's scheduling, packing and
 output handling overlap the device's work and the device never waits on the host. The in-flight step's sampled
 tokens feed the next one on the device (see ``ModelRunner``). A step is not scheduled ahead while a request in flight
-uses repetition/presence/frequency penalties (their token history must be on the host first). Each ``step()`` still
+uses repetition/presence/frequency penalties or bad words of several tokens (their token history must be on the host
+first: ``Request.needs_host_outputs``). Each ``step()`` still
 returns one step's outputs. ``step_times`` (``jaxllm.engine.step_times``) splits the steps' time into host work and
 waiting for the device.
 """
@@ -105,4 +106,4 @@ class EngineCore:
 
     @staticmethod
     def _can_schedule_ahead(scheduler_output) -> bool:
-        return not any(s.samples_token and s.request.sampling_params.uses_penalties for s in scheduler_output.scheduled)
+        return not any(s.samples_token and s.request.needs_host_outputs for s in scheduler_output.scheduled)

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 import jax
 
 from jaxllm import process_env
+from jaxllm.bad_words import bad_words_token_ids
 from jaxllm.config import EngineConfig
 from jaxllm.engine import setup
 from jaxllm.engine.engine_core import EngineCore
@@ -140,7 +141,10 @@ class LLMEngine:
         self._check_against_model(params)
         vocab_size, keep_last = self.model_config.vocab_size, params.truncate_prompt_tokens
         tokenized = tokenize_prompt(prompt, self.tokenizer, vocab_size, keep_last)
-        children = make_child_requests(request_id, tokenized.token_ids, params, self.eos_token_ids, arrival_time)
+        bad_words = self._bad_words_token_ids(params)
+        children = make_child_requests(
+            request_id, tokenized.token_ids, params, self.eos_token_ids, arrival_time, bad_words
+        )
         for child in children:
             self.scheduler.validate_request(child)  # raises before anything is queued (replicas share limits)
         self.output_processor.add_request(request_id, tokenized.text, children, stream=stream)
@@ -170,6 +174,23 @@ class LLMEngine:
                     f"SamplingParams.{name}={value} is more than the engine's max_logprobs={cap} "
                     "(LLM(max_logprobs=...) raises the cap; -1 removes it)"
                 )
+
+    def _bad_words_token_ids(self, params: SamplingParams) -> list[tuple[int, ...]]:
+        """``params.bad_words`` as token sequences; ValueError without a tokenizer or for ids outside the vocabulary."""
+        if not params.bad_words:
+            return []
+        if self.tokenizer is None:
+            raise ValueError(
+                f"SamplingParams.bad_words={params.bad_words!r} needs a tokenizer (the engine has skip_tokenizer_init)"
+            )
+        sequences = bad_words_token_ids(params.bad_words, self.tokenizer)
+        vocab_size = self.model_config.vocab_size
+        outside = [t for word_ids in sequences for t in word_ids if t >= vocab_size]
+        if outside:
+            raise ValueError(
+                f"SamplingParams.bad_words encodes to token id {outside[0]}, outside the vocabulary of {vocab_size}"
+            )
+        return sequences
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)

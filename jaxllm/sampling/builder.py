@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxllm.bad_words import banned_token_ids
 from jaxllm.request import Request
 from jaxllm.sampling.metadata import (
     GREEDY_TEMPERATURE_EPS,
@@ -38,6 +39,7 @@ class _ParamColumns:
     flags: dict[str, bool | int]  # the static SamplingMetadata flags
     min_tokens_rows: list[tuple[int, int, np.ndarray]]  # (row, min_tokens, ids to suppress until then)
     penalty_rows: list[int]
+    bad_word_rows: list[tuple[int, list[tuple[int, ...]]]]  # (row, the request's bad-word token sequences)
 
 
 def _pad(values: np.ndarray, num_rows: int, fill, dtype) -> np.ndarray:
@@ -93,7 +95,8 @@ def _build_param_columns(requests: list[Request], num_rows: int) -> _ParamColumn
     arrays["logit_bias_ids"] = _token_lists([(row, list(b)) for row, b in biases], num_rows, -1, np.int32)
     values = [(row, list(b.values())) for row, b in biases]
     arrays["logit_bias_values"] = _token_lists(values, num_rows, 0.0, np.float32)
-    return _ParamColumns(arrays, flags, min_tokens_rows, penalty_rows)
+    bad_word_rows = [(row, r.bad_words_token_ids) for row, r in enumerate(requests) if r.bad_words_token_ids]
+    return _ParamColumns(arrays, flags, min_tokens_rows, penalty_rows, bad_word_rows)
 
 
 def _token_lists(rows: list[tuple[int, Sequence]], num_rows: int, fill, dtype) -> np.ndarray:
@@ -180,12 +183,16 @@ class SamplingMetadataBuilder:
 
     @staticmethod
     def _suppressed_ids(requests: list[Request], columns: _ParamColumns, num_rows: int) -> np.ndarray:
-        active = [
-            (row, ids)
-            for row, min_tokens, ids in columns.min_tokens_rows
-            if _output_index(requests[row]) < min_tokens and len(ids)
-        ]
-        return _token_lists(active, num_rows, -1, np.int32)
+        """EOS and stop ids of rows still short of ``min_tokens``, and the ids that would complete a bad word."""
+        suppressed: dict[int, list[int]] = {}
+        for row, min_tokens, ids in columns.min_tokens_rows:
+            if _output_index(requests[row]) < min_tokens and len(ids):
+                suppressed[row] = ids.tolist()
+        for row, sequences in columns.bad_word_rows:
+            banned = banned_token_ids(sequences, requests[row].output_token_ids)
+            if banned:
+                suppressed.setdefault(row, []).extend(banned)
+        return _token_lists(sorted(suppressed.items()), num_rows, -1, np.int32)
 
     def _token_histories(
         self, requests: list[Request], columns: _ParamColumns, num_rows: int

@@ -55,7 +55,8 @@ class SamplingMetadata:
     seed: Array  # [S] u32 (the request's seed mod 2**32)
     sample_index: Array  # [S] i32; which of the parent's n samples
     output_position: Array  # [S] i32; output tokens generated so far
-    suppressed_token_ids: Array  # [S, E] i32, -1 padded: EOS and stop ids while num_output_tokens < min_tokens
+    suppressed_token_ids: Array  # [S, E] i32, -1 padded: EOS and stop ids while num_output_tokens < min_tokens;
+    # the ids that would complete a bad word (jaxllm.bad_words)
     prompt_token_ids: Array  # [S, Lp] i32, -1 padded; Lp = 0 unless any_penalties
     output_token_ids: Array  # [S, Lo] i32, -1 padded; Lo = 0 unless any_penalties
     allowed_token_ids: Array  # [S, A] i32, -1 padded: a row with any samples only among them; A = 0 if no row has

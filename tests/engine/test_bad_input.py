@@ -161,9 +161,12 @@ def test_max_logprobs_minus_one_lifts_the_cap_and_bad_values_are_rejected(tiny_m
         (dict(logit_bias={4: float("inf")}), ValueError, "logit_bias[4]"),
         (dict(logit_bias={"4": 1.0}), ValueError, "'4'"),
         (dict(logit_bias=[(4, 1.0)]), TypeError, "logit_bias must be a dict"),
+        (dict(bad_words="word"), TypeError, "bad_words must be a list, got 'word'"),
+        (dict(bad_words=["ok", "  "]), ValueError, "bad_words must hold non-blank strings, got '  '"),
+        (dict(bad_words=[7]), ValueError, "got 7"),
     ],
 )
-def test_invalid_allowed_ids_and_logit_bias_name_the_value(params, error, fragment):
+def test_invalid_token_lists_and_words_name_the_value(params, error, fragment):
     with pytest.raises(error) as info:
         SamplingParams(**params)
     assert fragment in str(info.value)
@@ -173,6 +176,12 @@ def test_invalid_allowed_ids_and_logit_bias_name_the_value(params, error, fragme
 def test_token_ids_outside_the_vocabulary_are_rejected_and_engine_recovers(llm, reference, field, value):
     with pytest.raises(ValueError, match=rf"SamplingParams.{field} names token id {max(value)}, outside the vocab"):
         llm.generate(random_token_prompts(1, [4]), SamplingParams(max_tokens=2, **{field: value}), use_tqdm=False)
+    still_serves(llm, reference)
+
+
+def test_bad_words_without_a_tokenizer_are_rejected_and_engine_recovers(llm, reference):
+    with pytest.raises(ValueError, match=r"SamplingParams.bad_words=\['word'\] needs a tokenizer"):
+        llm.generate(random_token_prompts(1, [4]), SamplingParams(max_tokens=2, bad_words=["word"]), use_tqdm=False)
     still_serves(llm, reference)
 
 
