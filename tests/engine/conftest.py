@@ -46,3 +46,13 @@ def make_llm(model_dir, **overrides):
 def random_token_prompts(num_prompts, lengths, seed=0, vocab=250):
     rng = np.random.default_rng(seed)
     return [{"prompt_token_ids": rng.integers(0, vocab, int(n)).tolist()} for n in lengths[:num_prompts]]
+
+
+def raw_distributions(completion, vocab_size: int) -> np.ndarray:
+    """[steps, V] raw logprobs of each step of ``completion``, from a full-vocabulary ``logprobs`` request."""
+    rows = np.full((len(completion.logprobs), vocab_size), -np.inf)
+    for step, entry in enumerate(completion.logprobs):
+        for token, logprob in entry.items():
+            rows[step, token] = logprob.logprob
+    assert np.isfinite(rows).all()
+    return rows

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxllm import SamplingParams
-from tests.engine.conftest import TINY_CONFIG, make_llm, random_token_prompts
+from tests.engine.conftest import TINY_CONFIG, make_llm, random_token_prompts, raw_distributions
 
 VOCAB = TINY_CONFIG["vocab_size"]
 
@@ -19,16 +19,6 @@ def llm(tiny_model_dir):
     return make_llm(tiny_model_dir, max_logprobs=-1)
 
 
-def raw_distributions(completion) -> np.ndarray:
-    """[steps, V] raw logprobs of each step, from a full-vocabulary ``logprobs`` request."""
-    rows = np.full((len(completion.logprobs), VOCAB), -np.inf)
-    for step, entry in enumerate(completion.logprobs):
-        for token, logprob in entry.items():
-            rows[step, token] = logprob.logprob
-    assert np.isfinite(rows).all()
-    return rows
-
-
 def test_greedy_with_an_allow_list_takes_the_most_likely_allowed_token(llm):
     rng = np.random.default_rng(3)
     allowed = rng.choice(VOCAB - 1, 6, replace=False).tolist()
@@ -36,7 +26,7 @@ def test_greedy_with_an_allow_list_takes_the_most_likely_allowed_token(llm):
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=VOCAB, allowed_token_ids=allowed)
     for output in llm.generate(prompts, params, use_tqdm=False):
         completion = output.outputs[0]
-        raw = raw_distributions(completion)
+        raw = raw_distributions(completion, VOCAB)
         assert completion.token_ids == [allowed[i] for i in raw[:, allowed].argmax(-1)]
 
 
@@ -49,7 +39,7 @@ def test_greedy_with_a_logit_bias_takes_the_argmax_of_the_biased_logits(llm):
     changed = 0
     for output in llm.generate(prompts, params, use_tqdm=False):
         completion = output.outputs[0]
-        raw = raw_distributions(completion)
+        raw = raw_distributions(completion, VOCAB)
         biased = raw.copy()
         for token, value in bias.items():
             biased[:, token] += value

@@ -15,6 +15,7 @@ import pytest
 
 from jaxllm import LLM, SamplingParams
 from jaxllm.bad_words import bad_words_token_ids, banned_token_ids
+from tests.engine.conftest import raw_distributions
 from tests.models.test_parity import expected
 
 LLAMA = str(pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "models" / "llama")
@@ -50,15 +51,6 @@ def test_a_word_becomes_its_tokens_with_and_without_a_leading_space():
 @pytest.fixture(scope="module")
 def llm():
     return LLM(model=LLAMA, dtype="float32", max_model_len=256, num_gpu_blocks_override=64, max_logprobs=-1)
-
-
-def raw_distributions(completion, vocab_size) -> np.ndarray:
-    rows = np.full((len(completion.logprobs), vocab_size), -np.inf)
-    for step, entry in enumerate(completion.logprobs):
-        for token, logprob in entry.items():
-            rows[step, token] = logprob.logprob
-    assert np.isfinite(rows).all()
-    return rows
 
 
 def contains(tokens: list[int], sequence: tuple[int, ...]) -> bool:
