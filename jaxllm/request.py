@@ -67,6 +67,7 @@ class Request:
         self.sample_index = sample_index
         # SamplingParams.bad_words as token sequences (jaxllm.bad_words), tokenized by the engine.
         self.bad_words_token_ids = list(bad_words_token_ids)
+        self._bad_words_need_outputs = needs_output_history(self.bad_words_token_ids)
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
         # Tokens sampled by dispatched steps whose ids have not reached the host yet (async scheduling): the
@@ -114,7 +115,7 @@ class Request:
     def needs_host_outputs(self) -> bool:
         """Whether sampling this request's next token needs all its earlier output tokens on the host (penalties,
         bad words of several tokens), so the engine does not schedule ahead of it."""
-        return self.sampling_params.uses_penalties or needs_output_history(self.bad_words_token_ids)
+        return self._bad_words_need_outputs or self.sampling_params.uses_penalties
 
     @property
     def max_tokens(self) -> int | None:
