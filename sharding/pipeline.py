@@ -283,8 +283,9 @@ class PipelinedModel:
             inputs = None
         elif isinstance(inputs, jax.Array):  # the previous stage's hidden states, onto this stage's devices
             inputs = jax.device_put(inputs, replicated(stage.mesh))
-        if pending_tokens is not None:  # sampled on the last stage: onto the first stage's devices (a no-op on one)
-            pending_tokens = jax.device_put(pending_tokens, replicated(stage.mesh))
+        here = replicated(stage.mesh)
+        if pending_tokens is not None and not pending_tokens.sharding.is_equivalent_to(here, 1):
+            pending_tokens = jax.device_put(pending_tokens, here)  # sampled on the last stage's devices
         packed = jax.device_put(packed, replicated(stage.mesh))
         result_buffers = None
         if stage.results.enabled:
