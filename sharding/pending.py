@@ -10,7 +10,7 @@ the stages overlap across steps: the next step's microbatch 0 needs only the pre
 leaves the last stage while its microbatch 1 is still there. A decode-only step keeps its requests in order, and so in
 the same microbatches, step after step. When the cuts between microbatches move (requests finish or join), a
 microbatch may need tokens of several results; ``merge_pending``, a small program on the last stage's devices,
-gathers them into one array of R rows first (compiled once per number of results read).
+gathers them into one array of R rows first (compiled per number of results read, at the engine's warm-up).
 """
 
 from __future__ import annotations
@@ -56,6 +56,14 @@ def plan_feed(flat_prev_index: np.ndarray | None, rows_per_result: int) -> Pendi
 def merge_pending(token_ids: tuple, merge_index: jax.Array) -> jax.Array:
     """The rows ``merge_index`` (flat over the results, in order) of the results' ``token_ids``."""
     return jnp.concatenate(token_ids)[merge_index]
+
+
+def warm_up_merges(num_microbatches: int, rows_per_result: int, sharding) -> None:
+    """Compiles ``merge_pending`` for every number of results a step of up to ``num_microbatches`` can merge, on the
+    last stage's devices (``sharding``), so no merge compiles while requests are being served."""
+    zeros = jax.device_put(np.zeros(rows_per_result, np.int32), sharding)
+    for num_results in range(2, num_microbatches + 1):
+        jax.block_until_ready(merge_pending((zeros,) * num_results, np.zeros(rows_per_result, np.int32)))
 
 
 def fed_tokens(feed: PendingFeed, results: list[dict] | None) -> jax.Array | None:

@@ -46,8 +46,9 @@ from jaxllm.runner.step_batch import StepBatch, pack_step_batch
 from jaxllm.runner.xla_options import CompilerOptions
 from jaxllm.sampling import SamplingMetadataBuilder, sample
 from sharding.microbatch import Microbatch, split_step_batch
-from sharding.pending import fed_tokens, plan_feed
+from sharding.pending import fed_tokens, plan_feed, warm_up_merges
 from sharding.pipeline import HeadFn, PipelinedModel
+from sharding.rules import replicated
 
 logger = logging.getLogger(__name__)
 
@@ -262,6 +263,8 @@ class PipelineRunner:
         start = time.perf_counter()
         for bucket in self.config.token_buckets:
             self._run_padding(bucket)
+        last_stage = replicated(self.pipeline.stages[-1].mesh)
+        warm_up_merges(self.num_microbatches, self.pipeline.pending_rows, last_stage)
         elapsed = time.perf_counter() - start
         logger.info(
             "compiled %d buckets x %d stages in %.1f s",

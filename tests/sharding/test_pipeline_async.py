@@ -10,7 +10,7 @@ import pytest
 
 import sharding.runner
 from jaxllm import SamplingParams
-from sharding.pending import fed_tokens, plan_feed
+from sharding.pending import fed_tokens, merge_pending, plan_feed
 from tests.engine.conftest import make_llm, random_token_prompts
 from tests.engine.test_async_scheduling import LENGTHS, assert_same_outputs, mixed_params, outputs_of
 from tests.sharding.helpers import NEEDS_8_DEVICES
@@ -109,6 +109,17 @@ def test_pipeline_scheduled_ahead_equals_one_step_at_a_time(tiny_llama_dir, monk
     assert any(len(s) > 1 for s in sources), "no microbatch merged several results"
     if "num_gpu_blocks_override" in engine_options:
         assert ahead.llm_engine.scheduler.num_preemptions > 0
+
+
+def test_merges_compile_at_warm_up_not_while_serving(tiny_llama_dir, monkeypatch):
+    merge_pending.clear_cache()
+    llm = make_llm(tiny_llama_dir, pipeline_parallel_size=2)
+    compiled = merge_pending._cache_size()
+    assert compiled == 1  # two microbatches: one way to merge (both results)
+    log = FeedLog(monkeypatch, llm.llm_engine.runner)
+    outputs_of(llm, random_token_prompts(len(LENGTHS), LENGTHS, seed=4), mixed_params(stop_token=5))
+    assert any(len(feed.sources) > 1 for _, feed in log.feeds)
+    assert merge_pending._cache_size() == compiled
 
 
 def test_steady_decode_feeds_each_microbatch_from_its_own_predecessor(tiny_llama_dir, monkeypatch):
