@@ -29,12 +29,16 @@ def bad_words_token_ids(words: Sequence[str], tokenizer) -> list[tuple[int, ...]
     return sequences
 
 
-def banned_token_ids(sequences: Sequence[tuple[int, ...]], output_token_ids: Sequence[int]) -> list[int]:
-    """The ids that would complete one of ``sequences`` as the next output token (each once, in first-seen order)."""
+def banned_token_ids(
+    sequences: Sequence[tuple[int, ...]], token_ids: Sequence[int], first_output: int = 0
+) -> list[int]:
+    """The ids that would complete one of ``sequences`` as the next output token (each once, in first-seen order).
+    ``token_ids[first_output:]`` are the outputs so far (a request's ``all_token_ids`` and its prompt length: only the
+    tail is read, nothing is copied)."""
     banned: dict[int, None] = {}
     for sequence in sequences:
-        prefix, start = sequence[:-1], len(output_token_ids) - len(sequence) + 1
-        if start >= 0 and tuple(output_token_ids[start:]) == prefix:
+        prefix, start = sequence[:-1], len(token_ids) - len(sequence) + 1
+        if start >= first_output and tuple(token_ids[start:]) == prefix:
             banned[sequence[-1]] = None
     return list(banned)
 

@@ -129,6 +129,8 @@ def padding_batch(num_tokens: int, num_rows: int, max_blocks: int) -> StepBatch:
 
 
 class PipelineRunner:
+    supports_async = True  # dispatch / collect may overlap steps (jaxllm.engine.engine_core)
+
     def __init__(
         self,
         model,
@@ -169,8 +171,6 @@ class PipelineRunner:
     @property
     def num_traces(self) -> int:
         return self.pipeline.num_traces
-
-    supports_async = True  # dispatch / collect may overlap steps (jaxllm.engine.engine_core)
 
     def dispatch(self, scheduler_output: SchedulerOutput, prev: MeshStep | None = None) -> MeshStep:
         """Launches a step's microbatches through the stages without waiting; ``prev``, the step in flight, supplies

@@ -9,6 +9,7 @@ so a rejected request never affects the others.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterable
@@ -46,6 +47,8 @@ class LLMEngine:
         get_model_class((source.hf_config.get("architectures") or ["<missing>"])[0])  # unsupported: fail first
         self.model_config = ModelConfig.from_hf_config(source.hf_config)
         self.tokenizer = None if config.skip_tokenizer_init else source.load_tokenizer()
+        # checked token sequences once per word list (a batch usually shares one SamplingParams); errors are not kept
+        self._bad_word_sequences = functools.lru_cache(maxsize=64)(self._tokenize_bad_words)
         self.eos_token_ids = _eos_token_ids(self.model_config, source.generation_config, self.tokenizer)
         model_dtype = resolve_dtype(config.dtype, self.model_config.checkpoint_dtype)
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, model_dtype)
@@ -183,7 +186,10 @@ class LLMEngine:
             raise ValueError(
                 f"SamplingParams.bad_words={params.bad_words!r} needs a tokenizer (the engine has skip_tokenizer_init)"
             )
-        sequences = bad_words_token_ids(params.bad_words, self.tokenizer)
+        return self._bad_word_sequences(tuple(params.bad_words))
+
+    def _tokenize_bad_words(self, words: tuple[str, ...]) -> list[tuple[int, ...]]:
+        sequences = bad_words_token_ids(words, self.tokenizer)
         vocab_size = self.model_config.vocab_size
         outside = [t for word_ids in sequences for t in word_ids if t >= vocab_size]
         if outside:

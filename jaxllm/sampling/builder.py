@@ -189,7 +189,8 @@ class SamplingMetadataBuilder:
             if _output_index(requests[row]) < min_tokens and len(ids):
                 suppressed[row] = ids.tolist()
         for row, sequences in columns.bad_word_rows:
-            banned = banned_token_ids(sequences, requests[row].output_token_ids)
+            request = requests[row]
+            banned = banned_token_ids(sequences, request.all_token_ids, request.num_prompt_tokens)
             if banned:
                 suppressed.setdefault(row, []).extend(banned)
         return _token_lists(sorted(suppressed.items()), num_rows, -1, np.int32)

@@ -36,6 +36,8 @@ def test_banned_ids_equal_a_brute_force_reference():
         got = banned_token_ids(sequences, output)
         assert len(got) == len(set(got))
         assert set(got) == reference_banned([list(s) for s in sequences], output, 6)
+        prompt = rng.integers(0, 6, rng.integers(1, 4)).tolist()  # prompt tokens never count as outputs
+        assert set(banned_token_ids(sequences, prompt + output, len(prompt))) == set(got)
 
 
 def test_a_word_becomes_its_tokens_with_and_without_a_leading_space():
