@@ -17,10 +17,11 @@ previous step's microbatch that holds its requests (``sharding.pending``), so on
 microbatch enters stage 0 while the step in flight still occupies the later stages, and the host's work for a step
 overlaps the devices' instead of leaving every stage idle between steps.
 
-``launch_thread=True`` (experimental; ``JAXLLM_MESH_LAUNCH_THREAD=1`` for engines) hands each dispatched step's launch
-to one worker thread. A multi-GPU program's execute returns only once every GPU's host thread has launched its
-share, ~7 ms per batch-1 step at TP 4 on H200s (benchmarks/RESULTS.md), during which the engine's own host work for
-the next step would otherwise wait; with the worker, the two overlap. Launches stay in dispatch order.
+``launch_thread=True`` (experimental; ``JAXLLM_MESH_LAUNCH_THREAD=1`` for engines) hands each dispatched step's
+launch to one worker thread. A multi-GPU program's execute returns only once every GPU's host thread has launched
+its share, ~7 ms per batch-1 step at TP 4 on H200s (benchmarks/RESULTS.md), during which the engine's own host work
+for the next step would otherwise wait; with the worker, the two overlap. Launches stay in dispatch order, and a
+collected step's buffers go back to the pool on the same worker, after the launch that reads them as pending tokens.
 ``stable_step_outputs=True`` (engines' default; ``JAXLLM_STABLE_STEP_OUTPUTS=0`` turns it off) and
 ``stable_stage_outputs=True`` (experimental; ``JAXLLM_STABLE_STAGE_OUTPUTS=1``): see ``sharding.pipeline``; the
 runner releases a step's result buffers once it has read them.
@@ -215,13 +216,22 @@ class PipelineRunner:
         if not step.scheduler_output.wants_logprobs:  # no logprob transfers
             wanted = [{key: value for key, value in r.items() if key not in LOGPROB_FIELDS} for r in results]
         host = jax.device_get(wanted)
-        self.pipeline.release(results)
+        self._release(results)
         scheduled = step.scheduler_output.scheduled
         self.last_results = _gather_rows([_step_rows(r) for r in host], step.microbatches)
         prompt = {}
         for result, mb in zip(host, step.microbatches, strict=True):
             prompt.update(_prompt_logprobs(result, _microbatch_requests(scheduled, mb)))
         return _to_output(scheduled, self.last_results, prompt)
+
+    def _release(self, results: list[dict]) -> None:
+        """Hands a collected step's result buffers back to the pool. With the launch thread the release queues behind
+        the launches already submitted: the next step's launch may not have read these token ids (its pending
+        tokens) yet, and a buffer back in the pool is one a later call donates."""
+        if self._launcher is None:
+            self.pipeline.release(results)
+        else:
+            self._launcher.submit(self.pipeline.release, results)
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.collect(self.dispatch(scheduler_output))

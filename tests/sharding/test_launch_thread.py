@@ -1,9 +1,11 @@
 """``JAXLLM_MESH_LAUNCH_THREAD=1``: a tensor- or pipeline-parallel engine launching each step on a worker thread (and
 scheduling ahead) gives exactly the tokens, stops, logprobs and preemptions of the same mesh run one step at a time
 (``async_scheduling=False``: no dispatch, no launch thread), over mixed sampling parameters; the launches do run on
-the worker."""
+the worker. A step's result buffers go back to the pool only after the next step's launch, which reads them as its
+pending tokens, has run."""
 
 import threading
+import time
 
 import pytest
 
@@ -53,3 +55,41 @@ def test_launch_thread_equals_launching_inline(tiny_llama_dir, monkeypatch, engi
     assert results and all(isinstance(result, LaunchedResult) for result in results)
     if "num_gpu_blocks_override" in engine_options:
         assert threaded.llm_engine.scheduler.num_preemptions > 0
+
+
+def test_results_are_released_only_after_the_next_launch_read_them(tiny_llama_dir, monkeypatch):
+    """Launches slowed down so the engine collects step N (and would hand its buffers back) while step N+1's launch,
+    which feeds N's token ids to its microbatches, has not run: on GPUs (PP 2, session 20) a later microbatch's
+    stage took and donated a buffer an earlier one had not read yet ("Array has been deleted")."""
+    prompts = random_token_prompts(len(LENGTHS), LENGTHS, seed=5)
+    params = mixed_params(stop_token=5)
+    sync = make_llm(tiny_llama_dir, async_scheduling=False, pipeline_parallel_size=2)
+    monkeypatch.setenv(LAUNCH_THREAD_ENV, "1")
+    threaded = make_llm(tiny_llama_dir, pipeline_parallel_size=2)
+    runner = threaded.llm_engine.runner
+    assert runner.pipeline.stages[-1].results.enabled  # stable step outputs: released buffers are donated later
+    readers, early_releases, num_releases = [], [], [0]  # readers: (step's result, the next step's launch)
+    run, dispatch, release = runner.pipeline.run, runner.dispatch, runner.pipeline.release
+
+    def slow_run(*args, **kwargs):
+        time.sleep(0.02)
+        return run(*args, **kwargs)
+
+    def recording_dispatch(scheduler_output, prev=None):
+        step = dispatch(scheduler_output, prev)
+        if prev is not None:
+            readers.append((prev.result, step.result))
+        return step
+
+    def checked_release(results):
+        num_releases[0] += 1
+        for read, reader in list(readers):
+            if read._future.done() and read.get() is results and not reader._future.done():
+                early_releases.append(len(early_releases))
+        return release(results)
+
+    runner.pipeline.run, runner.dispatch, runner.pipeline.release = slow_run, recording_dispatch, checked_release
+    expected = outputs_of(sync, prompts, params)
+    assert_same_outputs(outputs_of(threaded, prompts, params), expected)
+    assert readers and num_releases[0] >= len(readers)
+    assert not early_releases, f"{len(early_releases)} of {num_releases[0]} releases came before the reading launch"
