@@ -64,7 +64,8 @@ def variant_engine_options(args) -> dict:
 
 
 def variant_label(args) -> str:
-    """``", fp8 weights, fp8 KV cache, XLA {...}, sync steps"`` for the variant options not at their defaults."""
+    """``", fp8 weights, fp8 KV cache, XLA {...}, sync steps, JAXLLM_...=1"`` for the variant options not at their
+    defaults and the ``JAXLLM_*`` switches set."""
     parts = [f"{args.quantization} weights"] if args.quantization else []
     if args.quantize_lm_head:
         parts.append(f"{args.quantization} lm_head")
@@ -74,7 +75,22 @@ def variant_label(args) -> str:
         parts.append(f"XLA {json.dumps(args.xla_compiler_options)}")
     if not args.async_scheduling:
         parts.append("sync steps")
+    parts += [f"{name}={value}" for name, value in jaxllm_switches().items()]
     return "".join(", " + part for part in parts)
+
+
+# name the run, place its cache or tell jaxllm's own defaults from a user's: no engine code path changes with them
+BOOKKEEPING_ENV = ("JAXLLM_COMMIT", "JAXLLM_CACHE_DIR", "JAXLLM_DEFAULTED_ENV")
+
+
+def jaxllm_switches() -> dict[str, str]:
+    """The ``JAXLLM_*`` switches set in this process (``JAXLLM_MESH_LAUNCH_THREAD``, ``JAXLLM_STABLE_STEP_OUTPUTS``,
+    ...), for a record and its variant line: a run with a switch must not read as one at the defaults."""
+    return {
+        name: value
+        for name, value in sorted(os.environ.items())
+        if name.startswith("JAXLLM_") and name not in BOOKKEEPING_ENV
+    }
 
 
 def child_env(user_preallocate: str | None, **overrides: str) -> dict:

@@ -48,6 +48,7 @@ from benchmarks.common import (  # noqa: E402
     add_engine_variant_arguments,
     child_env,
     environment,
+    jaxllm_switches,
     print_record,
     random_prompts,
     read_records,
@@ -416,6 +417,7 @@ def run_description(args) -> dict:
             "gpu_memory_utilization": args.gpu_memory_utilization,
             **variant_engine_options(args),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "switches": jaxllm_switches(),
         },
     }
 

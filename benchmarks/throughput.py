@@ -23,6 +23,7 @@ from benchmarks.common import (
     add_engine_variant_arguments,
     append_result_row,
     environment,
+    jaxllm_switches,
     print_record,
     random_prompts,
     variant_engine_options,
@@ -134,6 +135,7 @@ def run(args) -> dict:
             "gpu_memory_utilization": args.gpu_memory_utilization,
             "async_scheduling": args.async_scheduling,
             "num_kv_blocks": llm.llm_engine.resolved.num_blocks,
+            "switches": jaxllm_switches(),
         },
         "architecture": llm.llm_engine.model_config.architecture,
     }

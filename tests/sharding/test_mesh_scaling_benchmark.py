@@ -25,6 +25,17 @@ def test_mesh_scaling_smoke_sweeps_meshes_through_llm():
     assert rows["2x2x1"]["kv_bytes_per_device"] < rows["1x1x1"]["kv_bytes_per_device"] / 3
 
 
+def test_a_run_with_a_jaxllm_switch_records_and_labels_it(monkeypatch, capsys):
+    """A run with ``JAXLLM_MESH_LAUNCH_THREAD=1`` must not read as one at the defaults (session 20's A/B printed
+    "variant: defaults" for both sides); bookkeeping variables such as ``JAXLLM_COMMIT`` are not switches."""
+    monkeypatch.setenv("JAXLLM_MESH_LAUNCH_THREAD", "1")
+    monkeypatch.setenv("JAXLLM_COMMIT", "abc1234")
+    argv = ["--smoke", "--meshes", "2x1x1", "--num-prompts", "2", "--input-len", "8", "--output-len", "2"]
+    record = mesh_scaling.main([*argv, "--latency-output-len", "0"])
+    assert record["engine"]["switches"] == {"JAXLLM_MESH_LAUNCH_THREAD": "1"} and record["commit"] == "abc1234"
+    assert "variant: JAXLLM_MESH_LAUNCH_THREAD=1; XLA_FLAGS=" in capsys.readouterr().out
+
+
 def test_process_per_mesh_runs_each_mesh_in_its_own_child():
     argv = ["--smoke", "--meshes", "1x1x1,2x1x1", "--num-prompts", "4", "--input-len", "8", "--output-len", "4"]
     record = mesh_scaling.main([*argv, "--process-per-mesh", "--latency-output-len", "0"])
