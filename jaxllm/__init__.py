@@ -16,6 +16,8 @@ _PUBLIC = {
     "LLM": "jaxllm.entrypoints.llm",
     "LLMEngine": "jaxllm.engine.llm_engine",
     "SamplingParams": "jaxllm.sampling_params",
+    "StructuredOutputsParams": "jaxllm.sampling_params",
+    "GuidedDecodingParams": "jaxllm.sampling_params",
     "RequestOutput": "jaxllm.outputs",
     "CompletionOutput": "jaxllm.outputs",
 }

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from jaxllm.core.engine_core_output import EngineCoreOutput
 from jaxllm.core.step_io import SampledLogprobs
@@ -29,6 +30,9 @@ from jaxllm.detokenizer import IncrementalDetokenizer, find_stop_string
 from jaxllm.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestMetrics, RequestOutput
 from jaxllm.request import Request
 from jaxllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from jaxllm.structured_output import StructuredOutputMatcher
 
 
 def make_child_requests(
@@ -38,14 +42,24 @@ def make_child_requests(
     eos_token_ids: frozenset[int] = frozenset(),
     arrival_time: float | None = None,
     bad_words_token_ids: Sequence[tuple[int, ...]] = (),
+    structured_output: Callable[[], StructuredOutputMatcher] | None = None,
 ) -> list[Request]:
     """The Requests the scheduler runs for one prompt: ``request_id`` itself when n == 1, else n samples with ids
-    ``f"{request_id}-{i}"`` and ``sample_index`` i."""
+    ``f"{request_id}-{i}"`` and ``sample_index`` i; ``structured_output`` makes each one's own grammar matcher."""
     arrival_time = time.monotonic() if arrival_time is None else arrival_time
     n = sampling_params.n
     ids = [request_id] if n == 1 else [f"{request_id}-{i}" for i in range(n)]
     return [
-        Request(id_, prompt_token_ids, sampling_params, eos_token_ids, arrival_time, i, bad_words_token_ids)
+        Request(
+            id_,
+            prompt_token_ids,
+            sampling_params,
+            eos_token_ids,
+            arrival_time,
+            i,
+            bad_words_token_ids,
+            None if structured_output is None else structured_output(),
+        )
         for i, id_ in enumerate(ids)
     ]
 

@@ -16,6 +16,7 @@ from jaxllm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from jaxllm.core.step_io import PromptLogprobs
+    from jaxllm.structured_output import StructuredOutputMatcher
 
 # One prompt position's prompt logprob: (logprob, rank, top-k token ids, top-k logprobs).
 PromptLogprobEntry = tuple[float, int, list[int], list[float]]
@@ -58,6 +59,7 @@ class Request:
         arrival_time: float | None = None,
         sample_index: int = 0,
         bad_words_token_ids: Sequence[tuple[int, ...]] = (),
+        structured_output: StructuredOutputMatcher | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -68,6 +70,8 @@ class Request:
         # SamplingParams.bad_words as token sequences (jaxllm.bad_words), tokenized by the engine.
         self.bad_words_token_ids = list(bad_words_token_ids)
         self._bad_words_need_outputs = needs_output_history(self.bad_words_token_ids)
+        # SamplingParams.structured_outputs as a grammar matcher (jaxllm.structured_output); follows each output token
+        self.structured_output = structured_output
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
         # Tokens sampled by dispatched steps whose ids have not reached the host yet (async scheduling): the
@@ -114,8 +118,8 @@ class Request:
     @property
     def needs_host_outputs(self) -> bool:
         """Whether sampling this request's next token needs all its earlier output tokens on the host (penalties,
-        bad words of several tokens), so the engine does not schedule ahead of it."""
-        return self._bad_words_need_outputs or self.sampling_params.uses_penalties
+        bad words of several tokens, a grammar), so the engine does not schedule ahead of it."""
+        return self._bad_words_need_outputs or self.sampling_params.uses_penalties or self.structured_output is not None
 
     @property
     def max_tokens(self) -> int | None:
@@ -127,6 +131,8 @@ class Request:
 
     def append_output_token(self, token_id: int) -> None:
         self.all_token_ids.append(token_id)
+        if self.structured_output is not None:
+            self.structured_output.accept(token_id)
 
     def record_prompt_logprobs(self, computed: PromptLogprobs) -> None:
         """Store one step's share of the prompt logprobs by position (a recomputation after preemption rewrites the

@@ -7,6 +7,7 @@ Mirrors vLLM's ``SamplingParams`` by name and default. Owns validation of user i
 from __future__ import annotations
 
 import dataclasses
+import json as _json
 import math
 from collections.abc import Sequence
 
@@ -31,6 +32,77 @@ def _as_list(name: str, value) -> list:
     if not isinstance(value, (list, tuple)):
         raise TypeError(f"SamplingParams.{name} must be a list, got {value!r}")
     return list(value)
+
+
+STRUCTURED_OUTPUT_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredOutputsParams:
+    """vLLM's structured outputs: exactly one of ``json`` (a JSON schema, as a dict or its JSON text), ``regex``,
+    ``choice`` (the output is one of these strings), ``grammar`` (Lark or GBNF) or ``json_object=True`` (any JSON
+    object). ``disable_any_whitespace``: JSON without whitespace between its tokens (by default any is allowed, as in
+    vLLM). ``GuidedDecodingParams`` is the same class under vLLM's older name."""
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: Sequence[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        given = [kind for kind in STRUCTURED_OUTPUT_KINDS if getattr(self, kind) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(
+                f"StructuredOutputsParams takes exactly one of {', '.join(STRUCTURED_OUTPUT_KINDS)}, got "
+                f"{given or 'none'}"
+            )
+        if self.json is not None:
+            if isinstance(self.json, str):
+                try:
+                    _json.loads(self.json)
+                except ValueError as error:
+                    raise ValueError(
+                        f"StructuredOutputsParams.json is not valid JSON ({error}): {self.json!r}"
+                    ) from None
+            elif not isinstance(self.json, dict):
+                raise TypeError(f"StructuredOutputsParams.json must be a dict or a JSON string, got {self.json!r}")
+        for kind in ("regex", "grammar"):
+            value = getattr(self, kind)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"StructuredOutputsParams.{kind} must be a non-empty string, got {value!r}")
+        if self.choice is not None:
+            if isinstance(self.choice, str) or not isinstance(self.choice, (list, tuple)) or not self.choice:
+                raise ValueError(
+                    f"StructuredOutputsParams.choice must be a non-empty list of strings, got {self.choice!r}"
+                )
+            if not all(isinstance(c, str) and c for c in self.choice):
+                raise ValueError(f"StructuredOutputsParams.choice must hold non-empty strings, got {self.choice!r}")
+            object.__setattr__(self, "choice", tuple(self.choice))
+        for flag in ("json_object", "disable_any_whitespace"):
+            value = getattr(self, flag)
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"StructuredOutputsParams.{flag} must be a bool, got {value!r}")
+
+    @property
+    def kind(self) -> str:
+        return next(kind for kind in STRUCTURED_OUTPUT_KINDS if getattr(self, kind) not in (None, False))
+
+    def grammar_spec(self) -> tuple[str, str]:
+        """``(format, text)``: a JSON schema (``"json"``, or ``"json_compact"`` without free whitespace; as sorted JSON
+        text), or a regex, a choice list (JSON text) or a grammar as given; equal specs compile to the same grammar."""
+        kind = self.kind
+        if kind in ("json", "json_object"):
+            schema = {"type": "object"} if kind == "json_object" else self.json
+            schema = _json.loads(schema) if isinstance(schema, str) else schema
+            return ("json_compact" if self.disable_any_whitespace else "json"), _json.dumps(schema, sort_keys=True)
+        if kind == "choice":
+            return "choice", _json.dumps(list(self.choice))
+        return kind, getattr(self, kind)  # regex, grammar
+
+
+GuidedDecodingParams = StructuredOutputsParams  # vLLM's earlier name
 
 
 @dataclasses.dataclass
@@ -58,8 +130,21 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens
     detokenize: bool = True  # False: token ids only, text ""
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None  # the output follows a grammar (jaxllm.structured_output)
+    guided_decoding: StructuredOutputsParams | None = None  # vLLM's earlier name: moved into structured_outputs
 
     def __post_init__(self) -> None:
+        if self.guided_decoding is not None:
+            if self.structured_outputs is not None:
+                raise ValueError(
+                    "SamplingParams takes structured_outputs or guided_decoding (its earlier name), not both: got "
+                    f"{self.structured_outputs!r} and {self.guided_decoding!r}"
+                )
+            self.structured_outputs, self.guided_decoding = self.guided_decoding, None
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise TypeError(
+                f"SamplingParams.structured_outputs must be a StructuredOutputsParams, got {self.structured_outputs!r}"
+            )
         self.stop = [self.stop] if isinstance(self.stop, str) else _as_list("stop", self.stop)
         self.stop_token_ids = _as_list("stop_token_ids", self.stop_token_ids)
         if self.allowed_token_ids is not None:

@@ -40,10 +40,14 @@ def check_stop(request: Request, max_model_len: int) -> RequestStatus | None:
     """Finish status after the request's newest token, or None to continue. Sets ``request.stop_reason``.
 
     Order: EOS (unless ignore_eos), stop token ids (both only once ``num_output_tokens >= min_tokens``), then
-    ``max_tokens``, then ``max_model_len``.
+    ``max_tokens``, then ``max_model_len``. A request whose grammar (structured outputs) saw a token outside it stops
+    at once (its grammar then allows only EOS, which ``min_tokens`` or ``ignore_eos`` may hold back).
     """
     params = request.sampling_params
     num_output_tokens = request.num_output_tokens
+    if request.structured_output is not None and request.structured_output.failed:
+        request.stop_reason = None
+        return RequestStatus.FINISHED_STOPPED
     if num_output_tokens >= params.min_tokens:
         token_id = request.all_token_ids[-1]
         if token_id in request.eos_token_ids and not params.ignore_eos:

@@ -32,6 +32,7 @@ from jaxllm.runner.kv_cache import resolve_kv_cache_dtype
 from jaxllm.runner.model_runner import ModelRunner
 from jaxllm.runner.xla_options import StepCompilerOptions, check_compiler_options
 from jaxllm.sampling_params import SamplingParams
+from jaxllm.structured_output import StructuredOutputCompiler
 from sharding.data_parallel import DataParallelEngine
 from sharding.engine_runners import build_mesh_runners, engine_mesh
 
@@ -49,6 +50,7 @@ class LLMEngine:
         self.tokenizer = None if config.skip_tokenizer_init else source.load_tokenizer()
         # checked token sequences once per word list (a batch usually shares one SamplingParams); errors are not kept
         self._bad_word_sequences = functools.lru_cache(maxsize=64)(self._tokenize_bad_words)
+        self._structured_output_compiler: StructuredOutputCompiler | None = None  # built with the first grammar
         self.eos_token_ids = _eos_token_ids(self.model_config, source.generation_config, self.tokenizer)
         model_dtype = resolve_dtype(config.dtype, self.model_config.checkpoint_dtype)
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, model_dtype)
@@ -145,8 +147,9 @@ class LLMEngine:
         vocab_size, keep_last = self.model_config.vocab_size, params.truncate_prompt_tokens
         tokenized = tokenize_prompt(prompt, self.tokenizer, vocab_size, keep_last)
         bad_words = self._bad_words_token_ids(params)
+        structured_output = self._structured_output_matchers(params)
         children = make_child_requests(
-            request_id, tokenized.token_ids, params, self.eos_token_ids, arrival_time, bad_words
+            request_id, tokenized.token_ids, params, self.eos_token_ids, arrival_time, bad_words, structured_output
         )
         for child in children:
             self.scheduler.validate_request(child)  # raises before anything is queued (replicas share limits)
@@ -187,6 +190,25 @@ class LLMEngine:
                 f"SamplingParams.bad_words={params.bad_words!r} needs a tokenizer (the engine has skip_tokenizer_init)"
             )
         return self._bad_word_sequences(tuple(params.bad_words))
+
+    def _structured_output_matchers(self, params: SamplingParams):
+        """None, or a factory of fresh grammar matchers for ``params.structured_outputs`` (one per sample; the grammar
+        compiles here, once per distinct grammar); ValueError without a tokenizer or for a grammar that does not
+        compile."""
+        if params.structured_outputs is None:
+            return None
+        if self.tokenizer is None:
+            raise ValueError(
+                f"SamplingParams.structured_outputs={params.structured_outputs!r} needs a tokenizer (the engine has "
+                "skip_tokenizer_init)"
+            )
+        if self._structured_output_compiler is None:
+            self._structured_output_compiler = StructuredOutputCompiler(
+                self.tokenizer, self.model_config.vocab_size, self.eos_token_ids
+            )
+        compiler, spec = self._structured_output_compiler, params.structured_outputs
+        compiler.matcher(spec)  # compiles (or raises) before any sample is made
+        return functools.partial(compiler.matcher, spec)
 
     def _tokenize_bad_words(self, words: tuple[str, ...]) -> list[tuple[int, ...]]:
         sequences = bad_words_token_ids(words, self.tokenizer)

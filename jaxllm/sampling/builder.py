@@ -40,6 +40,7 @@ class _ParamColumns:
     min_tokens_rows: list[tuple[int, int, np.ndarray]]  # (row, min_tokens, ids to suppress until then)
     penalty_rows: list[int]
     bad_word_rows: list[tuple[int, list[tuple[int, ...]]]]  # (row, the request's bad-word token sequences)
+    structured_rows: list[int]  # rows whose request follows a grammar (structured outputs)
 
 
 def _pad(values: np.ndarray, num_rows: int, fill, dtype) -> np.ndarray:
@@ -96,7 +97,8 @@ def _build_param_columns(requests: list[Request], num_rows: int) -> _ParamColumn
     values = [(row, list(b.values())) for row, b in biases]
     arrays["logit_bias_values"] = _token_lists(values, num_rows, 0.0, np.float32)
     bad_word_rows = [(row, r.bad_words_token_ids) for row, r in enumerate(requests) if r.bad_words_token_ids]
-    return _ParamColumns(arrays, flags, min_tokens_rows, penalty_rows, bad_word_rows)
+    structured_rows = [row for row, r in enumerate(requests) if r.structured_output is not None]
+    return _ParamColumns(arrays, flags, min_tokens_rows, penalty_rows, bad_word_rows, structured_rows)
 
 
 def _token_lists(rows: list[tuple[int, Sequence]], num_rows: int, fill, dtype) -> np.ndarray:
@@ -166,6 +168,7 @@ class SamplingMetadataBuilder:
             suppressed_token_ids=self._suppressed_ids(requests, columns, num_rows),
             prompt_token_ids=prompt_ids,
             output_token_ids=output_ids,
+            token_bitmask=self._token_bitmask(requests, columns, num_rows),
             **columns.flags,
         )
 
@@ -194,6 +197,21 @@ class SamplingMetadataBuilder:
             if banned:
                 suppressed.setdefault(row, []).extend(banned)
         return _token_lists(sorted(suppressed.items()), num_rows, -1, np.int32)
+
+    @staticmethod
+    def _token_bitmask(requests: list[Request], columns: _ParamColumns, num_rows: int) -> np.ndarray | None:
+        """[S, W] int32, each grammar row's allowed next tokens and every token elsewhere (W from the grammars'
+        vocabulary, the model's); None without grammar rows. A grammar row has no token on the device but this
+        step's own (the engine does not schedule ahead of it)."""
+        if not columns.structured_rows:
+            return None
+        matchers = [requests[row].structured_output for row in columns.structured_rows]
+        out = np.full((num_rows, matchers[0].bitmask_width), -1, np.int32)
+        for row, matcher in zip(columns.structured_rows, matchers, strict=True):
+            if requests[row].num_pending_tokens > 1:
+                raise RuntimeError(f"request {requests[row].request_id!r} follows a grammar but has tokens in flight")
+            matcher.fill_bitmask(out[row])
+        return out
 
     def _token_histories(
         self, requests: list[Request], columns: _ParamColumns, num_rows: int

@@ -1,5 +1,5 @@
-"""Pure jnp transforms of a step's logits [S, V] before sampling: allowed tokens, logit bias, penalties, suppressed
-tokens, top-k/top-p, min-p.
+"""Pure jnp transforms of a step's logits [S, V] before sampling: a grammar's token bitmask, allowed tokens, logit
+bias, penalties, suppressed tokens, top-k/top-p, min-p.
 
 Each takes the logits and the per-row arrays it needs and returns new logits; removed tokens become -inf. A row whose
 parameters switch a stage off (penalties 0/0/1, top_k 0, top_p 1, min_p 0, no ids) gets its logits back bit for bit,
@@ -39,6 +39,17 @@ def apply_penalties(
     logits = jnp.where(seen, jnp.where(logits > 0, logits / repetition, logits * repetition), logits)
     logits = logits - frequency_penalty[:, None] * output_counts
     return logits - presence_penalty[:, None] * in_output
+
+
+def apply_token_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
+    """bitmask [S, W] int32 with W * 32 >= V (``jaxllm.structured_output``): token t of a row stays where bit t % 32 of
+    word t // 32 is set, the rest become -inf; a row of all ones (-1) is unchanged."""
+    num_rows, vocab_size = logits.shape
+    if bitmask.shape[-1] * 32 < vocab_size:
+        raise ValueError(f"a token bitmask of {bitmask.shape[-1]} words cannot cover a vocabulary of {vocab_size}")
+    bits = (bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [S, W, 32]
+    allowed = bits.reshape(num_rows, -1)[:, :vocab_size] != 0
+    return jnp.where(allowed, logits, _NEG_INF)
 
 
 def suppress_tokens(logits: jax.Array, suppressed_token_ids: jax.Array) -> jax.Array:

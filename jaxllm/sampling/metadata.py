@@ -62,6 +62,9 @@ class SamplingMetadata:
     allowed_token_ids: Array  # [S, A] i32, -1 padded: a row with any samples only among them; A = 0 if no row has
     logit_bias_ids: Array  # [S, B] i32, -1 padded; B = 0 if no row has a logit bias
     logit_bias_values: Array  # [S, B] f32, added to the logits of logit_bias_ids (0 on padding)
+    # [S, ceil(V / 32)] i32: the tokens each row's grammar allows next (jaxllm.structured_output; -1 rows allow every
+    # token); None, a leaf-less field, when no row has a grammar
+    token_bitmask: Array | None = None
     all_greedy: bool = struct.field(pytree_node=False, default=True)  # skip temperature, filters and noise
     any_top_k_top_p: bool = struct.field(pytree_node=False, default=False)  # sort the vocab for top-k/top-p
     any_penalties: bool = struct.field(pytree_node=False, default=False)

@@ -1,10 +1,12 @@
 """On-device sampling inside the jitted step: one token per row from logits [S, V], plus raw logprobs.
 
-Order as in vLLM: allowed token ids -> logit bias -> penalties -> suppressed tokens (EOS/stop ids before min_tokens)
--> greedy rows take the argmax -> temperature -> top-k -> top-p -> min-p -> Gumbel-max sampling with each row's key.
+Order as in vLLM: a grammar's token bitmask (structured outputs) -> allowed token ids -> logit bias -> penalties ->
+suppressed tokens (EOS/stop ids before min_tokens) -> greedy rows take the argmax -> temperature -> top-k -> top-p ->
+min-p -> Gumbel-max sampling with each row's key.
 Stages a batch does not use are cut at trace time by SamplingMetadata's static flags and array widths (no vocab sort
 unless a sampled row uses top-k/top-p; no noise when every row is greedy; no mask or bias of width 0). Logprobs are
-the model's raw log-softmax before any processing (vLLM v1's default).
+the model's raw log-softmax before any processing (vLLM v1's default) but a grammar's mask, which vLLM also applies
+to the logits before its sampler.
 
 Keys: a seeded row uses ``seeded_request_key(seed, sample_index, output_position)``, which depends on nothing else, so
 it samples the same tokens whatever batch or row it lands in; an unseeded row's key comes from ``step_key`` and its row.
@@ -23,6 +25,7 @@ from jaxllm.sampling.logits_processors import (
     apply_logit_bias,
     apply_min_p,
     apply_penalties,
+    apply_token_bitmask,
     apply_top_k_top_p,
     suppress_tokens,
 )
@@ -96,6 +99,8 @@ def sample(logits: jax.Array, md: SamplingMetadata, step_key: jax.Array) -> Samp
     if logits.ndim != 2 or logits.shape[0] != md.num_rows:
         raise ValueError(f"logits must be [S={md.num_rows}, V], got shape {logits.shape}")
     logits = logits.astype(jnp.float32)
+    if md.token_bitmask is not None:  # a grammar's mask comes first, so logprobs see it too (as vLLM's do)
+        logits = apply_token_bitmask(logits, md.token_bitmask)
     processed = process_logits(logits, md)
     token_ids = jnp.argmax(processed, axis=-1).astype(jnp.int32)  # [S] greedy choice
     if not md.all_greedy:
