@@ -72,6 +72,9 @@ class EngineConfig:
     max_logprobs: int = 20
 
     def __post_init__(self) -> None:
+        for name in ("model", "tokenizer", "quantized_weights_path"):  # a pathlib.Path is a path too
+            if isinstance(getattr(self, name), os.PathLike):
+                object.__setattr__(self, name, os.fspath(getattr(self, name)))
         _positive_int("max_num_seqs", self.max_num_seqs)
         _positive_int("max_model_len", self.max_model_len, allow_none=True)
         _positive_int("max_num_batched_tokens", self.max_num_batched_tokens, allow_none=True)

@@ -24,6 +24,7 @@ from jaxllm.sampling.metadata import (
     bucket_num_logprobs,
     bucket_token_list_width,
 )
+from jaxllm.structured_output import fill_bitmasks
 
 _INT32_MAX = 2**31 - 1
 # Padding value of each float column, in _FLOAT_FIELDS order. Padding rows are greedy (temperature 0).
@@ -205,12 +206,12 @@ class SamplingMetadataBuilder:
         step's own (the engine does not schedule ahead of it)."""
         if not columns.structured_rows:
             return None
-        matchers = [requests[row].structured_output for row in columns.structured_rows]
-        out = np.full((num_rows, matchers[0].bitmask_width), -1, np.int32)
-        for row, matcher in zip(columns.structured_rows, matchers, strict=True):
+        rows = [(row, requests[row].structured_output) for row in columns.structured_rows]
+        for row, _ in rows:
             if requests[row].num_pending_tokens > 1:
                 raise RuntimeError(f"request {requests[row].request_id!r} follows a grammar but has tokens in flight")
-            matcher.fill_bitmask(out[row])
+        out = np.full((num_rows, rows[0][1].bitmask_width), -1, np.int32)
+        fill_bitmasks(rows, out)
         return out
 
     def _token_histories(

@@ -1,5 +1,7 @@
 """Bad input gets a clear ValueError/TypeError naming the value, and the engine then serves other requests."""
 
+import pathlib
+
 import pytest
 
 from jaxllm import LLM, SamplingParams
@@ -117,6 +119,14 @@ def test_missing_model_path_names_it(tmp_path):
     with pytest.raises(ValueError) as info:
         LLM(model=missing)
     assert missing in str(info.value)
+
+
+def test_a_pathlib_model_path_is_a_path_and_a_number_is_a_type_error(tiny_model_dir):
+    """``LLM(model=pathlib.Path(...))`` loads as its string does; a model that is no path is a TypeError naming it."""
+    engine = make_llm(pathlib.Path(tiny_model_dir)).llm_engine
+    assert engine.config.model == str(tiny_model_dir)
+    with pytest.raises(TypeError, match="model must be a path string or None, got int"):
+        make_llm(5)
 
 
 def test_unsupported_architecture_names_it_and_lists_supported(tmp_path):

@@ -75,6 +75,28 @@ def test_structured_outputs_params_take_exactly_one_valid_kind():
         SamplingParams(structured_outputs={"regex": "a"})
 
 
+def test_many_rows_fill_in_parallel_as_one_by_one(llm):
+    """From PARALLEL_MIN_ROWS grammar rows the masks come from llguidance's thread pool: the same bits as row by row."""
+    from jaxllm.structured_output import PARALLEL_MIN_ROWS, StructuredOutputCompiler, fill_bitmasks
+
+    tokenizer, vocab_size = llm.get_tokenizer(), llm.llm_engine.model_config.vocab_size
+    compiler = StructuredOutputCompiler(tokenizer, vocab_size, frozenset({tokenizer.eos_token_id}))
+    specs = [StructuredOutputsParams(choice=CHOICES), StructuredOutputsParams(regex="[a-z]{2,5}[0-9]?")]
+    rows = []
+    for row in range(2 * PARALLEL_MIN_ROWS):
+        matcher = compiler.matcher(specs[row % 2])
+        for token in tokenizer.encode(["Par", "Lon", "ab", "xyz1"][row % 4][: row % 3 + 1], add_special_tokens=False):
+            matcher.accept(token)
+        rows.append((row + 1, matcher))  # row 0 stays a row without a grammar
+    serial = np.full((len(rows) + 1, rows[0][1].bitmask_width), -1, np.int32)
+    for row, matcher in rows:
+        matcher.fill_bitmask(serial[row])
+    parallel = np.full_like(serial, -1)
+    fill_bitmasks(rows, parallel)
+    np.testing.assert_array_equal(parallel, serial)
+    assert (serial[0] == -1).all() and len({serial[row].tobytes() for row, _ in rows}) > 2
+
+
 @pytest.fixture(scope="module")
 def llm():
     return LLM(model=LLAMA, dtype="float32", max_model_len=256, num_gpu_blocks_override=96, max_logprobs=-1)
