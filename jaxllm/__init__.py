@@ -18,6 +18,7 @@ _PUBLIC = {
     "SamplingParams": "jaxllm.sampling_params",
     "StructuredOutputsParams": "jaxllm.sampling_params",
     "GuidedDecodingParams": "jaxllm.sampling_params",
+    "BeamSearchParams": "jaxllm.sampling_params",
     "RequestOutput": "jaxllm.outputs",
     "CompletionOutput": "jaxllm.outputs",
 }

@@ -105,6 +105,35 @@ class StructuredOutputsParams:
 GuidedDecodingParams = StructuredOutputsParams  # vLLM's earlier name
 
 
+@dataclasses.dataclass(frozen=True)
+class BeamSearchParams:
+    """``LLM.beam_search``'s parameters (``jaxllm.beam_search``), vLLM's: ``beam_width`` beams kept per prompt, at
+    most ``max_tokens`` new tokens each; a beam ends at EOS unless ``ignore_eos``. Each round also samples one token
+    per beam at ``temperature`` (0: the best one), which joins its candidates; logprobs are the model's raw ones."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False  # vLLM's field; EOS never shows in the text
+
+    def __post_init__(self) -> None:
+        for name in ("beam_width", "max_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"BeamSearchParams.{name} must be an int of at least 1, got {value!r}")
+        for name in ("temperature", "length_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"BeamSearchParams.{name} must be a finite number, got {value!r}")
+        if self.temperature < 0:
+            raise ValueError(f"BeamSearchParams.temperature must be non-negative, got {self.temperature}")
+        for name in ("ignore_eos", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"BeamSearchParams.{name} must be a bool, got {getattr(self, name)!r}")
+
+
 @dataclasses.dataclass
 class SamplingParams:
     n: int = 1

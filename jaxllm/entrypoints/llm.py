@@ -1,4 +1,4 @@
-"""LLM: vLLM's offline API (``generate``, ``chat``, ``get_tokenizer``) over an LLMEngine.
+"""LLM: vLLM's offline API (``generate``, ``chat``, ``beam_search``, ``get_tokenizer``) over an LLMEngine.
 
 Owns turning a batch of prompts into requests, driving the engine to completion with a tqdm progress bar, and
 returning outputs in input order. A bad prompt or parameter raises before anything runs, and any request of the
@@ -12,11 +12,12 @@ import time
 
 from tqdm.auto import tqdm
 
+from jaxllm.beam_search import BeamSearchOutput, beam_search
 from jaxllm.config import EngineConfig
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.engine.prompts import as_prompt_list
 from jaxllm.outputs import RequestOutput
-from jaxllm.sampling_params import SamplingParams, expand_sampling_params
+from jaxllm.sampling_params import BeamSearchParams, SamplingParams, expand_sampling_params
 
 
 class LLM:
@@ -100,6 +101,10 @@ class LLM:
             for conversation in conversations
         ]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """vLLM's beam search: the ``params.beam_width`` best continuations of each prompt (``jaxllm.beam_search``)."""
+        return beam_search(self, prompts, params, use_tqdm=use_tqdm)
 
     def _add_requests(self, prompts: list, params: list[SamplingParams]) -> list[str]:
         request_ids: list[str] = []
