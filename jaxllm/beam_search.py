@@ -3,9 +3,10 @@
 Owns the search over the engine's ordinary steps: each round every live beam of every prompt is one request of one
 token asking for ``2 * beam_width`` logprobs (the prefix cache keeps a beam's earlier tokens, so a round computes
 little more than one token per beam); each beam's children are its candidate tokens, a child ending in EOS is
-complete, and the ``beam_width`` best children of a prompt live on. After ``max_tokens`` rounds (or when no beam is
-left) the completed and the live beams are ranked together. A beam's score is its cumulative logprob over its length
-(prompt included, EOS not) to the power ``length_penalty``. Plain Python over ``LLM.generate``.
+complete, and the ``beam_width`` best children of a prompt live on; a beam at ``max_model_len`` ends there. After
+``max_tokens`` rounds (or when no beam is left) the completed and the live beams are ranked together. A beam's
+score is its cumulative logprob over its length (prompt included, EOS not) to the power ``length_penalty``. Plain
+Python over ``LLM.generate``.
 """
 
 from __future__ import annotations
@@ -61,7 +62,11 @@ def beam_search(llm, prompts, params: BeamSearchParams, use_tqdm: bool = False) 
 
     live = [[BeamSearchSequence(list(ids), [])] for ids in prompt_ids]
     completed: list[list[BeamSearchSequence]] = [[] for _ in prompt_ids]
+    max_model_len = engine.resolved.max_model_len
     for _ in tqdm(range(params.max_tokens), desc="Beam search", disable=not use_tqdm):
+        for index, prompt_beams in enumerate(live):  # a beam at max_model_len ends there, by length
+            completed[index] += [b for b in prompt_beams if len(b.tokens) >= max_model_len]
+            live[index] = [b for b in prompt_beams if len(b.tokens) < max_model_len]
         beams = [(index, beam) for index, prompt_beams in enumerate(live) for beam in prompt_beams]
         if not beams:
             break

@@ -122,6 +122,16 @@ def test_cumulative_logprobs_equal_the_rescored_sequences(llm):
             assert len(beam.logprobs) == len(beam.tokens) - start
 
 
+def test_beams_end_at_max_model_len():
+    short = LLM(model=LLAMA, dtype="float32", max_model_len=12, num_gpu_blocks_override=32)
+    (output,) = short.beam_search(
+        [{"prompt_token_ids": list(range(5, 14))}], BeamSearchParams(beam_width=3, max_tokens=8)
+    )
+    assert len(output.sequences) == 3
+    assert all(len(b.tokens) <= 12 and (b.finish_reason == "length") == (len(b.tokens) == 12) for b in output.sequences)
+    assert any(len(b.tokens) == 12 for b in output.sequences)
+
+
 def test_score_is_the_cumulative_logprob_over_the_length_without_a_final_eos():
     assert beam_score([5, 6, 7, 1], -3.0, {1}, 1.0) == pytest.approx(-1.0)  # vLLM's get_beam_search_score
     assert beam_score([5, 6, 1, 7], -3.0, {1}, 1.0) == pytest.approx(-0.75)
