@@ -1,6 +1,7 @@
-"""SamplingParams: how one request's tokens are chosen and when its generation stops.
+"""SamplingParams: how one request's tokens are chosen and when its generation stops; with it vLLM's
+``StructuredOutputsParams`` (a grammar the output follows) and ``BeamSearchParams`` (``LLM.beam_search``).
 
-Mirrors vLLM's ``SamplingParams`` by name and default. Owns validation of user input (every bad value raises
+Mirrors vLLM's classes by name and default. Owns validation of user input (every bad value raises
 ``ValueError``/``TypeError`` naming the field and the value). Plain Python: imports neither jax nor flax.
 """
 
@@ -68,6 +69,11 @@ class StructuredOutputsParams:
                     ) from None
             elif not isinstance(self.json, dict):
                 raise TypeError(f"StructuredOutputsParams.json must be a dict or a JSON string, got {self.json!r}")
+            else:
+                try:
+                    _json.dumps(self.json)
+                except (TypeError, ValueError) as error:
+                    raise TypeError(f"StructuredOutputsParams.json is not JSON-serialisable ({error})") from None
         for kind in ("regex", "grammar"):
             value = getattr(self, kind)
             if value is not None and (not isinstance(value, str) or not value):

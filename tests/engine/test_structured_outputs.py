@@ -58,6 +58,7 @@ def test_structured_outputs_params_take_exactly_one_valid_kind():
         ({"regex": "a", "choice": ["a"]}, ValueError, r"got \['regex', 'choice'\]"),
         ({"json": "{not json"}, ValueError, "json is not valid JSON"),
         ({"json": 5}, TypeError, "json must be a dict or a JSON string, got 5"),
+        ({"json": {"type": object}}, TypeError, "json is not JSON-serialisable"),
         ({"regex": ""}, ValueError, "regex must be a non-empty string, got ''"),
         ({"choice": "Paris"}, ValueError, "choice must be a non-empty list of strings, got 'Paris'"),
         ({"choice": ["a", ""]}, ValueError, "choice must hold non-empty strings"),
