@@ -214,8 +214,14 @@ def test_a_grammar_that_does_not_compile_is_rejected_and_the_engine_serves_on(ll
 
 @pytest.mark.multidevice
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices: XLA_FLAGS from tests/conftest.py")
-def test_a_tensor_and_pipeline_parallel_engine_follows_grammars_as_one_device_does(llm):
-    """TP 2 x PP 2 (two microbatches, each with its own bitmask rows) gives the one-device engine's tokens."""
+@pytest.mark.parametrize(
+    "mesh_options",
+    [{"tensor_parallel_size": 2, "pipeline_parallel_size": 2}, {"data_parallel_size": 2}],
+    ids=["tp2-pp2", "dp2"],
+)
+def test_mesh_engines_follow_grammars_as_one_device_does(llm, mesh_options):
+    """TP 2 x PP 2 (two microbatches, each with its own bitmask rows) and two data-parallel replicas (each building
+    its steps' masks on its own thread, 18 grammar rows: the thread pool) give the one-device engine's tokens."""
     params = [
         SamplingParams(temperature=0.0, max_tokens=12, structured_outputs=StructuredOutputsParams(choice=CHOICES)),
         SamplingParams(
@@ -223,14 +229,7 @@ def test_a_tensor_and_pipeline_parallel_engine_follows_grammars_as_one_device_do
         ),
         SamplingParams(temperature=0.8, seed=8, max_tokens=8, ignore_eos=True),
     ]
-    mesh = LLM(
-        model=LLAMA,
-        dtype="float32",
-        max_model_len=256,
-        num_gpu_blocks_override=96,
-        tensor_parallel_size=2,
-        pipeline_parallel_size=2,
-    )
-    prompts = PROMPTS * 2
-    want = [o.outputs[0].token_ids for o in llm.generate(prompts, params * 2, use_tqdm=False)]
-    assert [o.outputs[0].token_ids for o in mesh.generate(prompts, params * 2, use_tqdm=False)] == want
+    mesh = LLM(model=LLAMA, dtype="float32", max_model_len=256, num_gpu_blocks_override=96, **mesh_options)
+    prompts = PROMPTS * 9
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, params * 9, use_tqdm=False)]
+    assert [o.outputs[0].token_ids for o in mesh.generate(prompts, params * 9, use_tqdm=False)] == want
