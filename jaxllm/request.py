@@ -69,9 +69,16 @@ class Request:
         self.sample_index = sample_index
         # SamplingParams.bad_words as token sequences (jaxllm.bad_words), tokenized by the engine.
         self.bad_words_token_ids = list(bad_words_token_ids)
-        self._bad_words_need_outputs = needs_output_history(self.bad_words_token_ids)
         # SamplingParams.structured_outputs as a grammar matcher (jaxllm.structured_output); follows each output token
         self.structured_output = structured_output
+        # Whether sampling this request's next token needs all its earlier output tokens on the host (penalties, bad
+        # words of several tokens, a grammar), so the engine does not schedule ahead of it. Fixed for the request's
+        # life, so the per-step check reads one attribute.
+        self.needs_host_outputs = (
+            sampling_params.uses_penalties
+            or needs_output_history(self.bad_words_token_ids)
+            or structured_output is not None
+        )
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
         # Tokens sampled by dispatched steps whose ids have not reached the host yet (async scheduling): the
@@ -114,12 +121,6 @@ class Request:
     @property
     def output_token_ids(self) -> list[int]:
         return self.all_token_ids[len(self.prompt_token_ids) :]
-
-    @property
-    def needs_host_outputs(self) -> bool:
-        """Whether sampling this request's next token needs all its earlier output tokens on the host (penalties,
-        bad words of several tokens, a grammar), so the engine does not schedule ahead of it."""
-        return self._bad_words_need_outputs or self.sampling_params.uses_penalties or self.structured_output is not None
 
     @property
     def max_tokens(self) -> int | None:

@@ -11,6 +11,7 @@ imported with the first grammar (an engine that never sees one does not need it)
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -101,7 +102,13 @@ class StructuredOutputCompiler:
 
     def matcher(self, params: StructuredOutputsParams) -> StructuredOutputMatcher:
         """A fresh matcher for one request; ValueError naming the grammar when it does not compile."""
-        return StructuredOutputMatcher(self._compiled(params.grammar_spec()).deep_copy(), self.vocab_size)
+        return self.matcher_factory(params)()
+
+    def matcher_factory(self, params: StructuredOutputsParams) -> Callable[[], StructuredOutputMatcher]:
+        """Compiles the grammar now (ValueError naming it when it does not compile); each call of the result makes a
+        fresh matcher (a copy of the compiled one) for one request."""
+        compiled = self._compiled(params.grammar_spec())
+        return lambda: StructuredOutputMatcher(compiled.deep_copy(), self.vocab_size)
 
     def _compile(self, spec: tuple[str, str]) -> llguidance.LLMatcher:
         import llguidance

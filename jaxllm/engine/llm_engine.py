@@ -50,7 +50,6 @@ class LLMEngine:
         self.tokenizer = None if config.skip_tokenizer_init else source.load_tokenizer()
         # checked token sequences once per word list (a batch usually shares one SamplingParams); errors are not kept
         self._bad_word_sequences = functools.lru_cache(maxsize=64)(self._tokenize_bad_words)
-        self._structured_output_compiler: StructuredOutputCompiler | None = None  # built with the first grammar
         self.eos_token_ids = _eos_token_ids(self.model_config, source.generation_config, self.tokenizer)
         model_dtype = resolve_dtype(config.dtype, self.model_config.checkpoint_dtype)
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, model_dtype)
@@ -185,10 +184,7 @@ class LLMEngine:
         """``params.bad_words`` as token sequences; ValueError without a tokenizer or for ids outside the vocabulary."""
         if not params.bad_words:
             return []
-        if self.tokenizer is None:
-            raise ValueError(
-                f"SamplingParams.bad_words={params.bad_words!r} needs a tokenizer (the engine has skip_tokenizer_init)"
-            )
+        self._require_tokenizer("bad_words", params.bad_words)
         return self._bad_word_sequences(tuple(params.bad_words))
 
     def _structured_output_matchers(self, params: SamplingParams):
@@ -197,18 +193,17 @@ class LLMEngine:
         compile."""
         if params.structured_outputs is None:
             return None
+        self._require_tokenizer("structured_outputs", params.structured_outputs)
+        return self._structured_output_compiler.matcher_factory(params.structured_outputs)
+
+    def _require_tokenizer(self, field: str, value) -> None:
         if self.tokenizer is None:
-            raise ValueError(
-                f"SamplingParams.structured_outputs={params.structured_outputs!r} needs a tokenizer (the engine has "
-                "skip_tokenizer_init)"
-            )
-        if self._structured_output_compiler is None:
-            self._structured_output_compiler = StructuredOutputCompiler(
-                self.tokenizer, self.model_config.vocab_size, self.eos_token_ids
-            )
-        compiler, spec = self._structured_output_compiler, params.structured_outputs
-        compiler.matcher(spec)  # compiles (or raises) before any sample is made
-        return functools.partial(compiler.matcher, spec)
+            raise ValueError(f"SamplingParams.{field}={value!r} needs a tokenizer (the engine has skip_tokenizer_init)")
+
+    @functools.cached_property
+    def _structured_output_compiler(self) -> StructuredOutputCompiler:
+        """Built with the first grammar (llguidance's tokenizer takes a while to build)."""
+        return StructuredOutputCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
 
     def _tokenize_bad_words(self, words: tuple[str, ...]) -> list[tuple[int, ...]]:
         sequences = bad_words_token_ids(words, self.tokenizer)

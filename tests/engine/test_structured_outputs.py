@@ -12,13 +12,13 @@ import json
 import pathlib
 import re
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxllm import LLM, GuidedDecodingParams, SamplingParams, StructuredOutputsParams
 from jaxllm.sampling.logits_processors import apply_token_bitmask
+from tests.sharding.helpers import NEEDS_8_DEVICES
 
 LLAMA = str(pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "models" / "llama")
 PROMPTS = ["The capital of France is", "Hello, my name is", "One, two, three,"]
@@ -212,12 +212,12 @@ def test_a_grammar_that_does_not_compile_is_rejected_and_the_engine_serves_on(ll
         )
 
 
-@pytest.mark.multidevice
-@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices: XLA_FLAGS from tests/conftest.py")
 @pytest.mark.parametrize(
     "mesh_options",
-    [{"tensor_parallel_size": 2, "pipeline_parallel_size": 2}, {"data_parallel_size": 2}],
-    ids=["tp2-pp2", "dp2"],
+    [
+        pytest.param({"tensor_parallel_size": 2, "pipeline_parallel_size": 2}, marks=NEEDS_8_DEVICES, id="tp2-pp2"),
+        pytest.param({"data_parallel_size": 2}, marks=NEEDS_8_DEVICES, id="dp2"),
+    ],
 )
 def test_mesh_engines_follow_grammars_as_one_device_does(llm, mesh_options):
     """TP 2 x PP 2 (two microbatches, each with its own bitmask rows) and two data-parallel replicas (each building
