@@ -279,14 +279,14 @@ class PipelinedModel:
         host_ids = inputs if isinstance(inputs, np.ndarray) else None  # the first stage's token ids ride along
         targets, width = (None, None) if prompt is None else prompt
         packed, layout = pack((metadata, batch.logits_indices, head_args, batch.pending_index, host_ids, targets))
+        here = replicated(stage.mesh)
         if host_ids is not None:
             inputs = None
         elif isinstance(inputs, jax.Array):  # the previous stage's hidden states, onto this stage's devices
-            inputs = jax.device_put(inputs, replicated(stage.mesh))
-        here = replicated(stage.mesh)
+            inputs = jax.device_put(inputs, here)
         if pending_tokens is not None and not pending_tokens.sharding.is_equivalent_to(here, 1):
             pending_tokens = jax.device_put(pending_tokens, here)  # sampled on the last stage's devices
-        packed = jax.device_put(packed, replicated(stage.mesh))
+        packed = jax.device_put(packed, here)
         result_buffers = None
         if stage.results.enabled:
             shapes = self._output_shapes(stage, batch, head_args, width)
