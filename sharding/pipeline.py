@@ -16,14 +16,20 @@ one host-to-device copy per device (its step arrays packed into one buffer, ``ja
 async scheduling the first stage also gathers the previous step's sampled tokens (still on the device) into its
 input ids, and the last stage pads its sampled ids to a fixed row count so any bucket's output can feed the next.
 
-A call with prompt-logprob targets (``SamplingParams.prompt_logprobs``) runs the last stage's program variant that
-also returns them (``jaxllm.runner.prompt_logprobs``; compiled per bucket and top-k width on first use); the other
-stages run their usual programs.
+The last stage's program ends at the logits of the sampled rows; the head (the sampler) runs after it in a program of
+its own on the last stage's devices, as the one-device runner's sampler does. The stage programs depend only on the
+token bucket, so a sampling variant seen first while serving (penalties, logprobs, allowed or banned ids, a grammar's
+bitmask) compiles only the small head program, never a stage: with the head inside the last stage, a request asking
+for logprobs compiled every stage anew (the head arguments rode in every stage's packed buffer), minutes for an 8B
+model on GPUs. A call with prompt-logprob targets (``SamplingParams.prompt_logprobs``) runs the last stage's
+program variant that also returns them (``jaxllm.runner.prompt_logprobs``; compiled per bucket and top-k width on
+first use); the other stages run their usual programs.
 
 ``stable_step_outputs=True`` (engines' default;
-``JAXLLM_STABLE_STEP_OUTPUTS=0`` turns it off): the last stage writes its results into donated buffers that callers
-hand back with ``release`` once read, so no CUDA graph holding an intermediate is updated every step
-(``jaxllm.runner.stable_outputs`` says why and what it gained); each result then has ``ROW_SLACK`` rows past its own.
+``JAXLLM_STABLE_STEP_OUTPUTS=0`` turns it off): the head writes its results into donated buffers that callers
+hand back with ``release`` once read, and the last stage its logits (released once the head's call is dispatched),
+so no CUDA graph holding an intermediate is updated every step (``jaxllm.runner.stable_outputs`` says why and what
+it gained); each result then has ``ROW_SLACK`` rows past its own.
 ``stable_stage_outputs=True`` (experimental; ``JAXLLM_STABLE_STAGE_OUTPUTS=1``, not yet run on a GPU): every other
 stage writes its hidden states into donated buffers the same way, released once the next stage's call is dispatched;
 the next stage drops the slack rows.
@@ -45,7 +51,7 @@ from jaxllm.models.activation_sharding import activation_sharding
 from jaxllm.models.attention_metadata import AttentionMetadata
 from jaxllm.runner.model_runner import feed_pending_tokens
 from jaxllm.runner.packed_transfer import PackedLayout, pack, unpack
-from jaxllm.runner.prompt_logprobs import as_results, result_shapes
+from jaxllm.runner.prompt_logprobs import RESULT_PREFIX, as_results
 from jaxllm.runner.stable_outputs import ROW_SLACK, ResultBuffers, write_into
 from jaxllm.runner.step_batch import StepBatch
 from jaxllm.runner.xla_options import CompilerOptions, ProgramsByOptions
@@ -121,6 +127,7 @@ class PipelinedModel:
         self.token_rows = token_rows
         self.compiler_options = compiler_options  # XLA options of the stage programs, per bucket (runner.xla_options)
         self.num_traces = 0  # incremented only when a stage program is traced (compiled) anew
+        self.num_head_traces = 0  # likewise for the head program
         self._result_shape_cache: dict = {}  # (rows, head-argument shapes) -> the head's result shapes
         meshes = stage_meshes(mesh)
         ranges = stage_layer_ranges(self.config.num_layers, len(meshes))
@@ -129,6 +136,8 @@ class PipelinedModel:
             self._build_stage(model, meshes, ranges, s, stable_step_outputs if s == last else stable_stage_outputs)
             for s in range(len(meshes))
         ]
+        self.head_results = ResultBuffers(stable_step_outputs, replicated(meshes[last]))  # the head's donated outputs
+        self._head_program = self._compile_head(meshes[last])
 
     def _build_stage(self, model, meshes, ranges, index: int, stable_outputs: bool) -> Stage:
         """Stage ``index``; ``stable_outputs``: its outputs go into donated pooled buffers (``stage.results``)."""
@@ -145,12 +154,11 @@ class PipelinedModel:
 
     def _compile(self, graphdef, state, mesh: Mesh, is_last: bool):
         rules = activation_rules(self.config, mesh)
-        finish_head = self._finish_head
 
         def program(state, kv_caches, inputs, packed, pending_tokens, result_buffers, layout: PackedLayout, width):
             # width: the prompt-logprob top-k of a last-stage call with prompt targets, else None
             self.num_traces += 1
-            metadata, logits_indices, head_args, prev_index, input_ids, targets = unpack(packed, layout)  # one copy
+            metadata, logits_indices, prev_index, input_ids, targets = unpack(packed, layout)  # one copy
             if inputs is None:  # first stage: the token ids came in the packed buffer
                 inputs = input_ids
             num_tokens = metadata["positions"].shape[0]
@@ -165,10 +173,9 @@ class PipelinedModel:
             if not is_last:
                 return write_into(result_buffers, {"hidden": out})["hidden"], kv_caches
             if targets is None:
-                return write_into(result_buffers, finish_head(out, head_args)), kv_caches
-            logits, prompt_logprobs = out
-            results = {**finish_head(logits, head_args), **as_results(prompt_logprobs)}
-            return write_into(result_buffers, results), kv_caches
+                return write_into(result_buffers, {"logits": out}), kv_caches
+            logits, prompt_logprobs = out  # (the prompt logprobs are plain outputs: only the logits have a buffer)
+            return write_into(result_buffers, {"logits": logits, **as_results(prompt_logprobs)}), kv_caches
 
         rep, kv = replicated(mesh), kv_cache_sharding(mesh)
         return ProgramsByOptions(
@@ -180,6 +187,17 @@ class PipelinedModel:
             out_shardings=(rep, kv),
         )
 
+    def _compile_head(self, mesh: Mesh):
+        finish_head = self._finish_head
+
+        def head(logits, packed, result_buffers, layout: PackedLayout, rows: int):
+            # logits: the last stage's [rows, V] (a stable buffer: ROW_SLACK rows more); rows: the batch's rows
+            self.num_head_traces += 1
+            return write_into(result_buffers, finish_head(logits[:rows], unpack(packed, layout)))
+
+        rep = replicated(mesh)
+        return jax.jit(head, donate_argnums=(2,), static_argnums=(3, 4), in_shardings=rep, out_shardings=rep)
+
     def _finish_head(self, logits, head_args) -> dict:
         """(traced) The head's results from the last stage's logits, ``token_ids`` padded to ``token_rows``."""
         out = self.head_fn(logits, head_args)
@@ -187,21 +205,21 @@ class PipelinedModel:
             out = {**out, "token_ids": jnp.pad(out["token_ids"], (0, self.token_rows - out["token_ids"].shape[0]))}
         return out
 
-    def _output_shapes(self, stage: Stage, batch: StepBatch, head_args, prompt_logprob_width: int | None) -> dict:
-        """The shapes of ``stage``'s outputs for ``batch``: the head's results on the last stage (traced once per shape
-        of its arguments) and its prompt logprobs when asked, the hidden states on the others."""
-        num_tokens = batch.input_ids.shape[0]
+    def _stage_output_shapes(self, stage: Stage, batch: StepBatch) -> dict:
+        """The shapes of ``stage``'s outputs that get stable buffers: its hidden states, on the last stage its logits
+        at the sampled rows."""
         if stage is not self.stages[-1]:
-            return {"hidden": jax.ShapeDtypeStruct((num_tokens, self.config.hidden_size), self._dtype)}
+            return {"hidden": jax.ShapeDtypeStruct((batch.input_ids.shape[0], self.config.hidden_size), self._dtype)}
+        return {"logits": jax.ShapeDtypeStruct((batch.logits_indices.shape[0], self.config.vocab_size), jnp.float32)}
+
+    def _head_output_shapes(self, rows: int, head_args) -> dict:
+        """The shapes of the head's results for ``rows`` rows (traced once per shape of its arguments)."""
         leaves, treedef = jax.tree.flatten(head_args)
-        key = (batch.logits_indices.shape[0], treedef, tuple((np.shape(x), np.result_type(x).name) for x in leaves))
+        key = (rows, treedef, tuple((np.shape(x), np.result_type(x).name) for x in leaves))
         if key not in self._result_shape_cache:
-            logits = jax.ShapeDtypeStruct((key[0], self.config.vocab_size), jnp.float32)
+            logits = jax.ShapeDtypeStruct((rows, self.config.vocab_size), jnp.float32)
             self._result_shape_cache[key] = jax.eval_shape(self._finish_head, logits, head_args)
-        if prompt_logprob_width is None:
-            return self._result_shape_cache[key]
-        prompt = result_shapes(num_tokens, prompt_logprob_width, self.config.vocab_size)
-        return {**self._result_shape_cache[key], **prompt}
+        return self._result_shape_cache[key]
 
     @functools.cached_property
     def _dtype(self):
@@ -209,10 +227,10 @@ class PipelinedModel:
         return self.stages[0].state["embed_tokens"]["embedding"].get_value().dtype
 
     def release(self, results: Sequence[dict]) -> None:
-        """Hands the last stage's result buffers of a ``run`` back once their values have been read (a no-op unless
+        """Hands the head's result buffers of a ``run`` back once their values have been read (a no-op unless
         ``stable_step_outputs``); a later call of the same shapes donates them."""
         for result in results:
-            self.stages[-1].results.release(result)
+            self.head_results.release({k: v for k, v in result.items() if not k.startswith(RESULT_PREFIX)})
 
     @property
     def num_stages(self) -> int:
@@ -234,7 +252,8 @@ class PipelinedModel:
         prompt_targets: Sequence[np.ndarray] | None = None,
         prompt_logprob_width: int | None = None,
     ) -> list:
-        """Dispatches every (micro)batch through every stage; returns the head's results per batch (on device).
+        """Dispatches every (micro)batch through every stage and the head; returns the head's results per batch (on
+        device).
 
         ``pending_tokens``: per batch, a padded ``token_ids`` of an earlier ``run`` (needs ``token_rows``) or None,
         gathered into the first stage's input ids where ``batch.prev_index`` points at them; a zero vector stands in
@@ -249,17 +268,42 @@ class PipelinedModel:
         if self.token_rows is not None:
             pending_tokens = [self._no_pending_tokens if p is None else p for p in pending_tokens]
         prompt_targets = [None] * len(batches) if prompt_targets is None else prompt_targets
+        read = tuple(p for p in pending_tokens if p is not None)  # earlier results this run reads: not for donating
         results = []
         for batch, args, pending, targets in zip(batches, head_args, pending_tokens, prompt_targets, strict=True):
             x = batch.input_ids
             for index, stage in enumerate(self.stages):
                 prompt = (targets, prompt_logprob_width) if stage is self.stages[-1] and targets is not None else None
-                out = self._run_stage(stage, x, batch, args, pending if index == 0 else None, prompt)
+                out = self._run_stage(stage, x, batch, pending if index == 0 else None, prompt)
                 if index > 0:  # the previous stage's hidden states, read by this call (a no-op unless stable)
                     self.stages[index - 1].results.release({"hidden": x})
                 x = out
-            results.append(x)
+            logits = x.pop("logits")  # what is left: the prompt logprobs, when asked
+            results.append({**self._run_head(logits, batch, args, read), **x})
+            self.stages[-1].results.release({"logits": logits})  # read by the head's call
         return results
+
+    def _head_args(self, logits, batch: StepBatch, head_args, read_by_run=()) -> tuple:
+        """The head program's arguments; its result buffers hold none of ``read_by_run`` (results of an earlier run
+        that this run's first stage reads as pending tokens)."""
+        packed, layout = pack(head_args)
+        packed = jax.device_put(packed, replicated(self.stages[-1].mesh))
+        rows = batch.logits_indices.shape[0]
+        result_buffers = self.head_results.take(self._head_output_shapes(rows, head_args), read_by_call=read_by_run)
+        return logits, packed, result_buffers, layout, rows
+
+    def _run_head(self, logits, batch: StepBatch, head_args, read_by_run=()) -> dict:
+        return self._head_program(*self._head_args(logits, batch, head_args, read_by_run))
+
+    def warm_up_head(self, batch: StepBatch, head_args) -> None:
+        """Compiles (and runs, on a zero logits buffer) the head program for ``batch``'s rows and ``head_args``' kind,
+        as the stage programs give it its logits."""
+        shape = self._stage_output_shapes(self.stages[-1], batch)
+        logits = self.stages[-1].results.take(shape) or {
+            "logits": jax.device_put(np.zeros(shape["logits"].shape, np.float32), replicated(self.stages[-1].mesh))
+        }
+        self.release([jax.block_until_ready(self._run_head(logits["logits"], batch, head_args))])
+        self.stages[-1].results.release(logits)
 
     @property
     def pending_rows(self) -> int:
@@ -271,14 +315,14 @@ class PipelinedModel:
     def _no_pending_tokens(self) -> jax.Array:
         return jax.device_put(np.zeros(self.pending_rows, np.int32), replicated(self.stages[0].mesh))
 
-    def _stage_args(self, stage: Stage, inputs, batch: StepBatch, head_args, pending_tokens=None, prompt=None) -> tuple:
+    def _stage_args(self, stage: Stage, inputs, batch: StepBatch, pending_tokens=None, prompt=None) -> tuple:
         """The stage program's arguments: the step's host arrays, the first stage's token ids among them, go over
         packed in one buffer (one copy per device, not one per array: see ``jaxllm.runner.packed_transfer``).
         ``prompt``: the last stage's ``(prompt targets, top-k width)`` when it computes prompt logprobs."""
         metadata = batch.attention_arrays()
         host_ids = inputs if isinstance(inputs, np.ndarray) else None  # the first stage's token ids ride along
         targets, width = (None, None) if prompt is None else prompt
-        packed, layout = pack((metadata, batch.logits_indices, head_args, batch.pending_index, host_ids, targets))
+        packed, layout = pack((metadata, batch.logits_indices, batch.pending_index, host_ids, targets))
         here = replicated(stage.mesh)
         if host_ids is not None:
             inputs = None
@@ -287,19 +331,16 @@ class PipelinedModel:
         if pending_tokens is not None and not pending_tokens.sharding.is_equivalent_to(here, 1):
             pending_tokens = jax.device_put(pending_tokens, here)  # sampled on the last stage's devices
         packed = jax.device_put(packed, here)
-        result_buffers = None
-        if stage.results.enabled:
-            shapes = self._output_shapes(stage, batch, head_args, width)
-            result_buffers = stage.results.take(shapes, read_by_call=(pending_tokens, inputs))
+        result_buffers = stage.results.take(self._stage_output_shapes(stage, batch))
         return stage.state, stage.kv_caches, inputs, packed, pending_tokens, result_buffers, layout, width
 
-    def _run_stage(self, stage: Stage, inputs, batch: StepBatch, head_args, pending_tokens=None, prompt=None):
+    def _run_stage(self, stage: Stage, inputs, batch: StepBatch, pending_tokens=None, prompt=None):
         program = stage.programs.for_tokens(batch.token_bucket)
-        args = self._stage_args(stage, inputs, batch, head_args, pending_tokens, prompt)
+        args = self._stage_args(stage, inputs, batch, pending_tokens, prompt)
         out, stage.kv_caches = program(*args)
         return out
 
-    def lower_stage(self, index: int, batch: StepBatch, head_args=None) -> jax.stages.Lowered:
+    def lower_stage(self, index: int, batch: StepBatch) -> jax.stages.Lowered:
         """Stage ``index``'s program lowered for ``batch``'s bucket (``.compile().as_text()`` shows its collectives)."""
         stage = self.stages[index]
         pending = self._no_pending_tokens if index == 0 and self.token_rows is not None else None
@@ -307,9 +348,20 @@ class PipelinedModel:
         if index > 0:  # a later stage takes hidden states [T, D] (a stable one: ROW_SLACK rows more), not token ids
             rows = batch.input_ids.shape[0] + (ROW_SLACK if self.stages[index - 1].results.enabled else 0)
             inputs = jax.ShapeDtypeStruct((rows, self.config.hidden_size), self._dtype, sharding=replicated(stage.mesh))
-        args = self._stage_args(stage, inputs, batch, head_args, pending)
+        args = self._stage_args(stage, inputs, batch, pending)
         lowered = stage.programs.for_tokens(batch.token_bucket).lower(*args)
         *_, result_buffers, _layout, _width = args
         if result_buffers is not None:
             stage.results.release(result_buffers)  # (lowering runs nothing: the buffers are free again)
+        return lowered
+
+    def lower_head(self, batch: StepBatch, head_args=None) -> jax.stages.Lowered:
+        """The head program lowered for ``batch``'s rows and ``head_args``' kind."""
+        shape = self._stage_output_shapes(self.stages[-1], batch)["logits"]
+        rows = shape.shape[0] + (ROW_SLACK if self.stages[-1].results.enabled else 0)
+        logits = jax.ShapeDtypeStruct((rows, shape.shape[1]), shape.dtype, sharding=replicated(self.stages[-1].mesh))
+        args = self._head_args(logits, batch, head_args)
+        lowered = self._head_program.lower(*args)
+        if args[2] is not None:
+            self.head_results.release(args[2])
         return lowered

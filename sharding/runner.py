@@ -1,8 +1,9 @@
 """PipelineRunner: the model runner's seam (``execute(SchedulerOutput) -> ModelRunnerOutput``) on a replica mesh.
 
 Owns packing the step (``jaxllm.runner.step_batch``), splitting it into microbatches, running them through a
-``PipelinedModel`` and the one device->host copy of the results. Sampling is the head function run on the last
-stage: by default jaxllm's sampler (``jaxllm.sampling.sample``, with per-microbatch SamplingMetadata and the step key
+``PipelinedModel`` and the one device->host copy of the results. Sampling is the head function, run after the last
+stage on its devices in a program of its own (so a new sampling variant never recompiles a stage): by default
+jaxllm's sampler (``jaxllm.sampling.sample``, with per-microbatch SamplingMetadata and the step key
 ``fold_in(key(seed), step)`` as ``ModelRunner`` uses), so the runner is a drop-in for ``ModelRunner`` on a mesh;
 tests pass a head returning logits. A head returns a dict with at least ``token_ids [S]`` (and the SamplerOutput
 logprob fields when asked). Results of a step are kept in ``last_results`` (host numpy, one row per request). Prompt
@@ -42,7 +43,7 @@ from jax.sharding import Mesh
 from jaxllm.config import ResolvedConfig
 from jaxllm.core.step_io import ModelRunnerOutput, PromptLogprobs, SampledLogprobs, SchedulerOutput
 from jaxllm.runner import prompt_logprobs
-from jaxllm.runner.model_runner import InFlightStep
+from jaxllm.runner.model_runner import InFlightStep, sampler_variants
 from jaxllm.runner.step_batch import StepBatch, pack_step_batch
 from jaxllm.runner.xla_options import CompilerOptions
 from jaxllm.sampling import SamplingMetadataBuilder, sample
@@ -83,6 +84,11 @@ class SamplerHeadArgs:
     def __call__(self, requests: list, num_rows: int, microbatch: int, step: int):
         builder = self.builders.setdefault(microbatch, SamplingMetadataBuilder())
         return builder.build(requests, num_rows), self.base_key_data, np.int32(step)
+
+    def warm_up_variants(self, num_rows: int) -> list:
+        """Padding-only arguments of the head programs compiled at warm-up, as ``ModelRunner`` compiles its sampler:
+        greedy, random, random with top-k/top-p."""
+        return [(metadata, self.base_key_data, np.int32(0)) for metadata in sampler_variants(num_rows)]
 
 
 @dataclasses.dataclass
@@ -173,6 +179,10 @@ class PipelineRunner:
     def num_traces(self) -> int:
         return self.pipeline.num_traces
 
+    @property
+    def num_head_traces(self) -> int:
+        return self.pipeline.num_head_traces
+
     def dispatch(self, scheduler_output: SchedulerOutput, prev: MeshStep | None = None) -> MeshStep:
         """Launches a step's microbatches through the stages without waiting; ``prev``, the step in flight, supplies
         its pending tokens (``sharding.pending``)."""
@@ -250,13 +260,24 @@ class PipelineRunner:
         self._run_padding(bucket)
 
     def largest_step_temp_bytes(self) -> int:
-        """XLA's temporary memory of the largest bucket's step (compiled, not run): the most of any stage's program,
-        for an allocator that keeps no peak (each stage's devices run only their own program)."""
+        """XLA's temporary memory of the largest bucket's step (compiled, not run): the most of any stage's program
+        and the head's (its logits input plus the vocabulary sort of top-k/top-p, as ``ModelRunner.step_temp_bytes``
+        counts its sampler), for an allocator that keeps no peak (each stage's devices run only their own programs)."""
         batch, head_args = self._padding_step(self.config.token_buckets[-1])
-        return max(
-            self.pipeline.lower_stage(index, batch, head_args).compile().memory_analysis().temp_size_in_bytes
+        stages = [
+            self.pipeline.lower_stage(index, batch).compile().memory_analysis().temp_size_in_bytes
             for index in range(self.pipeline.num_stages)
-        )
+        ]
+        costliest = self._head_variants(batch, head_args)[-1]
+        head = self.pipeline.lower_head(batch, costliest).compile().memory_analysis().temp_size_in_bytes
+        logits_bytes = batch.logits_indices.shape[0] * self.pipeline.config.vocab_size * 4
+        return max(*stages, head + logits_bytes)
+
+    def _head_variants(self, batch: StepBatch, head_args) -> list:
+        """The head arguments compiled at warm-up for ``batch`` (``head_args`` first): the builder's
+        ``warm_up_variants`` where it has them."""
+        variants = getattr(self.build_head_args, "warm_up_variants", None)
+        return [head_args] if variants is None else variants(batch.logits_indices.shape[0])
 
     def _padding_step(self, bucket: int):
         """A padding-only batch of ``bucket`` tokens and its head arguments."""
@@ -269,17 +290,22 @@ class PipelineRunner:
         self.pipeline.release(results)
 
     def warm_up(self) -> float:
-        """Compiles every stage for every token bucket with padding-only batches; returns seconds spent."""
+        """Compiles every stage for every token bucket with padding-only batches, and the common head programs of
+        each bucket's rows (greedy, random, top-k/top-p: ``warm_up_variants``); returns seconds spent."""
         start = time.perf_counter()
         for bucket in self.config.token_buckets:
             self._run_padding(bucket)
+            batch, head_args = self._padding_step(bucket)
+            for variant in self._head_variants(batch, head_args):
+                self.pipeline.warm_up_head(batch, variant)
         last_stage = replicated(self.pipeline.stages[-1].mesh)
         warm_up_merges(self.num_microbatches, self.pipeline.pending_rows, last_stage)
         elapsed = time.perf_counter() - start
         logger.info(
-            "compiled %d buckets x %d stages in %.1f s",
+            "compiled %d buckets x %d stages and %d head programs in %.1f s",
             len(self.config.token_buckets),
             self.pipeline.num_stages,
+            self.pipeline.num_head_traces,
             elapsed,
         )
         return elapsed

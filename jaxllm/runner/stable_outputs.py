@@ -1,22 +1,23 @@
 """Step results written into donated buffers no intermediate value shares (on by default on meshes).
 
 Owns the ``JAXLLM_STABLE_STEP_OUTPUTS`` switch (``=0`` turns it off), the traced write and the pool of result buffers;
-the mesh runners' last stage uses them (``sharding.pipeline``). XLA's buffer assignment puts intermediate values whose
-lives end before a result is computed into that result's allocation: in jaxllm's compiled stage program (CPU) the
-padded sampled ids' allocation also holds the sampler's intermediates and layers' RMSNorm values. A result allocation
-is new in every call, and with async scheduling step N+1's results are allocated while step N's are still held, so
-they alternate between addresses. XLA's GPU runtime updates a CUDA graph whenever an allocation its commands use has
-moved, so each graph holding such an intermediate was updated every step: on 2 x H100 (benchmarks/RESULTS.md) the 8B
-shape's tensor-parallel-2 step updated 33 of each GPU's 65 graphs every step, and none with this switch on, which
-took J8's engine at TP 2 from 10,120 to 13,288 output tok/s and its batch-1 step from 8.18 to 4.89 ms (one lease).
+the mesh runners' last stage and head use them (``sharding.pipeline``). XLA's buffer assignment puts intermediate values
+whose lives end before a result is computed into that result's allocation: in jaxllm's compiled stage program (CPU) the
+padded sampled ids' allocation also holds the sampler's intermediates and layers' RMSNorm values. A result allocation is
+new in every call, and with async scheduling step N+1's results are allocated while step N's are still held, so they
+alternate between addresses. XLA's GPU runtime updates a CUDA graph whenever an allocation its commands use has moved,
+so each graph holding such an intermediate was updated every step: on 2 x H100 (benchmarks/RESULTS.md) the 8B shape's
+tensor-parallel-2 step updated 33 of each GPU's 65 graphs every step, and none with this switch on, which took J8's
+engine at TP 2 from 10,120 to 13,288 output tok/s and its batch-1 step from 8.18 to 4.89 ms (one lease).
 
-The last stage's program takes one donated buffer per non-empty result, ``ROW_SLACK`` rows longer, and writes the
-result into its first rows (a dynamic-update-slice; XLA's simplifier folds a full-size one into the result itself).
-The buffer's value is live from the program's start to that write, so no intermediate can
-share its allocation. The returned results are the buffers (rows past the result's are stale). A buffer goes back to
-the pool once the runner has read its values (``release``); the next call of the same shapes takes and donates it, so
-in steady state two sets per shape (and pipeline microbatch) alternate. The one-device ``ModelRunner`` does not use
-this (its forward and sampler graphs are updated every step too, ~0.09 ms in all at batch 1 on an H100).
+The mesh head's program (the sampler after the last stage) takes one donated buffer per non-empty result, and the last
+stage's program one for its logits (released once the head's call that reads it is dispatched), each ``ROW_SLACK`` rows
+longer, and writes the result into its first rows (a dynamic-update-slice; XLA's simplifier folds a full-size one into
+the result itself). The buffer's value is live from the program's start to that write, so no intermediate can share its
+allocation. The returned results are the buffers (rows past the result's are stale). A buffer goes back to the pool once
+the runner has read its values (``release``); the next call of the same shapes takes and donates it, so in steady state
+two sets per shape (and pipeline microbatch) alternate. The one-device ``ModelRunner`` does not use this (its forward
+and sampler graphs are updated every step too, ~0.09 ms in all at batch 1 on an H100).
 
 ``JAXLLM_STABLE_STAGE_OUTPUTS=1`` (experimental, off, not yet run on a GPU) does the same for the hidden states every
 other pipeline stage hands on: in the CPU buffer assignment of a two-stage tiny Llama, stage 0's output allocation

@@ -1,4 +1,4 @@
-"""Reading a mesh engine's compiled stage programs: which instructions take a given entry parameter."""
+"""Reading a mesh engine's compiled stage and head programs: which instructions take a given entry parameter."""
 
 from __future__ import annotations
 
@@ -12,12 +12,22 @@ def compiled_last_stage(runner) -> str:
     return compiled_stage(runner, runner.pipeline.num_stages - 1)
 
 
-def compiled_stage(runner, index: int) -> str:
-    """The optimized HLO text of ``runner``'s stage ``index`` program for its smallest bucket."""
+def _smallest_batch(runner):
     bucket = runner.config.token_buckets[0]
     rows = runner.config.request_rows_for(bucket)
-    batch = padding_batch(bucket, rows, runner.config.max_blocks_per_request)
-    return runner.pipeline.lower_stage(index, batch, runner.build_head_args([], rows, 0, 0)).compile().as_text()
+    return padding_batch(bucket, rows, runner.config.max_blocks_per_request), rows
+
+
+def compiled_stage(runner, index: int) -> str:
+    """The optimized HLO text of ``runner``'s stage ``index`` program for its smallest bucket."""
+    batch, _ = _smallest_batch(runner)
+    return runner.pipeline.lower_stage(index, batch).compile().as_text()
+
+
+def compiled_head(runner) -> str:
+    """The optimized HLO text of ``runner``'s head program for its smallest bucket's rows (greedy)."""
+    batch, rows = _smallest_batch(runner)
+    return runner.pipeline.lower_head(batch, runner.build_head_args([], rows, 0, 0)).compile().as_text()
 
 
 def parameter_readers(compiled_hlo: str, op_name: str) -> list[str]:

@@ -77,6 +77,48 @@ def test_tensor_and_pipeline_parallel_match_one_device(one_device, name, tensor,
     assert engine.scheduler.num_preemptions == 0
 
 
+@pytest.mark.parametrize(
+    "options",
+    [dict(tensor_parallel_size=2), dict(tensor_parallel_size=2, pipeline_parallel_size=2)],
+    ids=["tp2", "tp2xpp2"],
+)
+def test_sampling_variants_compile_the_head_never_a_stage(options):
+    """As on one device (tests/engine/test_invariance.py): after warm-up, greedy, random and top-k/top-p requests in
+    one batch compile nothing; penalties, logprobs, a logit bias, allowed ids and min_tokens compile head programs,
+    never a stage (they once recompiled every stage, the whole model); the sampled tokens and logprobs equal the one
+    device's."""
+    llm = make_llm("llama", **options)
+    runner = llm.llm_engine.runner
+    stage_traces, head_traces = runner.num_traces, runner.num_head_traces
+    mixed = [
+        GREEDY,
+        SamplingParams(temperature=0.8, max_tokens=6, ignore_eos=True, seed=1),
+        SamplingParams(temperature=0.7, top_p=0.9, top_k=20, min_p=0.05, max_tokens=6, ignore_eos=True, seed=2),
+    ]
+    job = prompts()
+    llm.generate(job, [mixed[i % 3] for i in range(len(job))], use_tqdm=False)
+    assert (runner.num_traces, runner.num_head_traces) == (stage_traces, head_traces)
+    variants = [
+        SamplingParams(temperature=0.8, repetition_penalty=1.2, presence_penalty=0.5, logprobs=3, seed=3, max_tokens=6),
+        SamplingParams(temperature=0.0, logit_bias={7: 5.0, 11: -3.0}, allowed_token_ids=list(range(5, 300))),
+        SamplingParams(temperature=0.9, min_tokens=4, stop_token_ids=[9], seed=4, max_tokens=6),
+    ]
+    params = [variants[i % 3] for i in range(len(job))]
+    got = llm.generate(job, params, use_tqdm=False)
+    assert runner.num_traces == stage_traces and runner.num_head_traces > head_traces
+    want = make_llm("llama").generate(job, params, use_tqdm=False)
+    for got_output, want_output in zip(got, want, strict=True):
+        got_sample, want_sample = got_output.outputs[0], want_output.outputs[0]
+        assert got_sample.token_ids == want_sample.token_ids
+    got_logprobs, want_logprobs = got[0].outputs[0].logprobs, want[0].outputs[0].logprobs
+    assert len(got_logprobs) == len(want_logprobs) == 6  # (the first prompt's request: penalties and logprobs)
+    for got_step, want_step in zip(got_logprobs, want_logprobs, strict=True):
+        assert got_step.keys() == want_step.keys()
+        np.testing.assert_allclose(
+            [got_step[t].logprob for t in want_step], [want_step[t].logprob for t in want_step], rtol=1e-5, atol=1e-5
+        )
+
+
 def test_preemption_on_a_mesh_matches_one_device(one_device):
     # 12 blocks of 4 tokens hold the longest request (33 + 6 tokens) but not the whole job: requests get preempted
     # and recomputed, on the mesh exactly as on one device.
@@ -273,7 +315,7 @@ def test_one_kv_head_per_device_writes_the_cache_in_place():
     bucket = runner.config.token_buckets[0]
     rows = runner.config.request_rows_for(bucket)
     batch = padding_batch(bucket, rows, runner.config.max_blocks_per_request)
-    compiled = runner.pipeline.lower_stage(0, batch, runner.build_head_args([], rows, 0, 0)).compile()
+    compiled = runner.pipeline.lower_stage(0, batch).compile()
     k_cache = runner.pipeline.stages[0].kv_caches[0][0]
     local_shape = k_cache.addressable_shards[0].data.shape
     assert local_shape[2] == 1
@@ -296,7 +338,7 @@ def test_xla_compiler_options_reach_every_stage_program():
         bucket = runner.config.token_buckets[0]
         rows = runner.config.request_rows_for(bucket)
         batch = padding_batch(bucket, rows, runner.config.max_blocks_per_request)
-        text = runner.pipeline.lower_stage(0, batch, runner.build_head_args([], rows, 0, 0)).compile().as_text()
+        text = runner.pipeline.lower_stage(0, batch).compile().as_text()
         return sum(" fusion(" in line for line in text.splitlines())
 
     options = {"xla_disable_hlo_passes": "fusion"}

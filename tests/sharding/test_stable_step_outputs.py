@@ -1,8 +1,9 @@
 """Stable step outputs (mesh engines' default; ``JAXLLM_STABLE_STEP_OUTPUTS=0`` turns them off): a mesh engine whose
-last stage writes its results into donated buffers gives exactly the tokens, stops, logprobs and preemptions of the
-plain run, on tensor parallelism and on TP x PP (microbatches), both scheduled ahead; a buffer set is reused only
-after the runner released it, and two sets per shape and microbatch suffice; in the compiled program each result
-buffer is read by nothing but the write into it, so no intermediate value can share its allocation."""
+last stage writes its logits, and whose head its results, into donated buffers gives exactly the tokens, stops,
+logprobs and preemptions of the plain run, on tensor parallelism and on TP x PP (microbatches), both scheduled ahead;
+a buffer set is reused only after the runner released it, and two sets per shape and microbatch suffice; in the
+compiled programs each result buffer is read by nothing but the write into it, so no intermediate value can share
+its allocation."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +18,7 @@ from jaxllm.runner.stable_outputs import (
 )
 from tests.engine.conftest import make_llm, random_token_prompts
 from tests.engine.test_async_scheduling import LENGTHS, assert_same_outputs, mixed_params, outputs_of
-from tests.sharding.compiled_stage import compiled_last_stage, parameter_readers
+from tests.sharding.compiled_stage import compiled_head, compiled_last_stage, parameter_readers
 from tests.sharding.helpers import NEEDS_8_DEVICES
 
 pytestmark = NEEDS_8_DEVICES
@@ -66,9 +67,9 @@ def check_stable_outputs_match_plain(model_dir, monkeypatch, engine_options, don
     if donates:
         assert all(b.is_deleted() for buffers in reused for b in buffers.values())
     runner = stable.llm_engine.runner
-    pool = runner.pipeline.stages[-1].results
-    # steady state: two steps' sets per shape alternate, one set per microbatch each
-    assert pool.num_allocated <= 2 * runner.num_microbatches * len(pool.free)
+    for pool in (runner.pipeline.stages[-1].results, runner.pipeline.head_results):  # logits; the head's results
+        # steady state: two steps' sets per shape alternate, one set per microbatch each
+        assert 0 < pool.num_allocated <= 2 * runner.num_microbatches * len(pool.free)
 
 
 @pytest.mark.parametrize(
@@ -92,11 +93,16 @@ def test_result_buffers_are_read_only_by_their_write(tiny_llama_dir, monkeypatch
     plain = make_llm(tiny_llama_dir, tensor_parallel_size=2)
     monkeypatch.setenv(STABLE_STEP_OUTPUTS_ENV, "1")
     stable = make_llm(tiny_llama_dir, tensor_parallel_size=2)
-    program = compiled_last_stage(stable.llm_engine.runner)
+    # (the logits are split over the vocabulary until the end: each device writes its shard in a fusion XLA names
+    # after its first op, whose metadata still names the update)
+    (write,) = parameter_readers(compiled_last_stage(stable.llm_engine.runner), "result_buffers['logits']")
+    assert 'op_name="jit(program)/dynamic_update_slice"' in write, write
+    head = compiled_head(stable.llm_engine.runner)
     for name in ("token_ids", "sampled_logprob"):
-        (write,) = parameter_readers(program, f"result_buffers['{name}']")
+        (write,) = parameter_readers(head, f"result_buffers['{name}']")
         assert "dynamic-update-slice" in write, write
     assert "result_buffers" not in compiled_last_stage(plain.llm_engine.runner)
+    assert "result_buffers" not in compiled_head(plain.llm_engine.runner)
 
 
 def test_write_into_checks_the_buffer_shape():
