@@ -20,8 +20,8 @@ The last stage's program ends at the logits of the sampled rows; the head (the s
 its own on the last stage's devices, as the one-device runner's sampler does. The stage programs depend only on the
 token bucket, so a sampling variant seen first while serving (penalties, logprobs, allowed or banned ids, a grammar's
 bitmask) compiles only the small head program, never a stage: with the head inside the last stage, a request asking
-for logprobs compiled every stage anew (the head arguments rode in every stage's packed buffer), minutes for an 8B
-model on GPUs. A call with prompt-logprob targets (``SamplingParams.prompt_logprobs``) runs the last stage's
+for logprobs compiled every stage anew (the head arguments rode in every stage's packed buffer), bucket by bucket
+while serving. A call with prompt-logprob targets (``SamplingParams.prompt_logprobs``) runs the last stage's
 program variant that also returns them (``jaxllm.runner.prompt_logprobs``; compiled per bucket and top-k width on
 first use); the other stages run their usual programs.
 
