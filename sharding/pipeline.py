@@ -136,8 +136,9 @@ class PipelinedModel:
             self._build_stage(model, meshes, ranges, s, stable_step_outputs if s == last else stable_stage_outputs)
             for s in range(len(meshes))
         ]
-        self.head_results = ResultBuffers(stable_step_outputs, replicated(meshes[last]))  # the head's donated outputs
-        self._head_program = self._compile_head(meshes[last])
+        self._head_placement = replicated(meshes[last])  # the head's inputs and outputs, on the last stage's devices
+        self.head_results = ResultBuffers(stable_step_outputs, self._head_placement)  # the head's donated outputs
+        self._head_program = self._compile_head()
 
     def _build_stage(self, model, meshes, ranges, index: int, stable_outputs: bool) -> Stage:
         """Stage ``index``; ``stable_outputs``: its outputs go into donated pooled buffers (``stage.results``)."""
@@ -187,7 +188,7 @@ class PipelinedModel:
             out_shardings=(rep, kv),
         )
 
-    def _compile_head(self, mesh: Mesh):
+    def _compile_head(self):
         finish_head = self._finish_head
 
         def head(logits, packed, result_buffers, layout: PackedLayout, rows: int):
@@ -195,8 +196,8 @@ class PipelinedModel:
             self.num_head_traces += 1
             return write_into(result_buffers, finish_head(logits[:rows], unpack(packed, layout)))
 
-        rep = replicated(mesh)
-        return jax.jit(head, donate_argnums=(2,), static_argnums=(3, 4), in_shardings=rep, out_shardings=rep)
+        here = self._head_placement
+        return jax.jit(head, donate_argnums=(2,), static_argnums=(3, 4), in_shardings=here, out_shardings=here)
 
     def _finish_head(self, logits, head_args) -> dict:
         """(traced) The head's results from the last stage's logits, ``token_ids`` padded to ``token_rows``."""
@@ -287,7 +288,7 @@ class PipelinedModel:
         """The head program's arguments; its result buffers hold none of ``read_by_run`` (results of an earlier run
         that this run's first stage reads as pending tokens)."""
         packed, layout = pack(head_args)
-        packed = jax.device_put(packed, replicated(self.stages[-1].mesh))
+        packed = jax.device_put(packed, self._head_placement)
         rows = batch.logits_indices.shape[0]
         result_buffers = self.head_results.take(self._head_output_shapes(rows, head_args), read_by_call=read_by_run)
         return logits, packed, result_buffers, layout, rows
@@ -300,7 +301,7 @@ class PipelinedModel:
         as the stage programs give it its logits."""
         shape = self._stage_output_shapes(self.stages[-1], batch)
         logits = self.stages[-1].results.take(shape) or {
-            "logits": jax.device_put(np.zeros(shape["logits"].shape, np.float32), replicated(self.stages[-1].mesh))
+            "logits": jax.device_put(np.zeros(shape["logits"].shape, np.float32), self._head_placement)
         }
         self.release([jax.block_until_ready(self._run_head(logits["logits"], batch, head_args))])
         self.stages[-1].results.release(logits)
@@ -359,7 +360,7 @@ class PipelinedModel:
         """The head program lowered for ``batch``'s rows and ``head_args``' kind."""
         shape = self._stage_output_shapes(self.stages[-1], batch)["logits"]
         rows = shape.shape[0] + (ROW_SLACK if self.stages[-1].results.enabled else 0)
-        logits = jax.ShapeDtypeStruct((rows, shape.shape[1]), shape.dtype, sharding=replicated(self.stages[-1].mesh))
+        logits = jax.ShapeDtypeStruct((rows, shape.shape[1]), shape.dtype, sharding=self._head_placement)
         args = self._head_args(logits, batch, head_args)
         lowered = self._head_program.lower(*args)
         if args[2] is not None:

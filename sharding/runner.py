@@ -284,18 +284,19 @@ class PipelineRunner:
         rows = self.config.request_rows_for(bucket)
         return padding_batch(bucket, rows, self.config.max_blocks_per_request), self.build_head_args([], rows, 0, 0)
 
-    def _run_padding(self, bucket: int) -> None:
+    def _run_padding(self, bucket: int) -> tuple[StepBatch, object]:
+        """Runs a padding-only step of ``bucket`` tokens; returns its batch and head arguments."""
         batch, head_args = self._padding_step(bucket)
         results = jax.block_until_ready(self.pipeline.run([batch], [head_args]))
         self.pipeline.release(results)
+        return batch, head_args
 
     def warm_up(self) -> float:
         """Compiles every stage for every token bucket with padding-only batches, and the common head programs of
         each bucket's rows (greedy, random, top-k/top-p: ``warm_up_variants``); returns seconds spent."""
         start = time.perf_counter()
         for bucket in self.config.token_buckets:
-            self._run_padding(bucket)
-            batch, head_args = self._padding_step(bucket)
+            batch, head_args = self._run_padding(bucket)
             for variant in self._head_variants(batch, head_args):
                 self.pipeline.warm_up_head(batch, variant)
         last_stage = replicated(self.pipeline.stages[-1].mesh)
