@@ -8,11 +8,12 @@ built by ``jaxllm.engine.llm_engine``). KV budget: on CPU, or with ``num_gpu_blo
 ``kv_cache_memory_bytes``, ``jaxllm.engine.setup.num_kv_blocks`` with the per-device block cost; on an accelerator,
 ``gpu_memory_utilization`` of the device with the least memory left after the weights and one run of the largest
 bucket (the memory peak, as vLLM profiles it; the compiled step's temporaries where no fresh peak is counted).
-Experimental switches: ``JAXLLM_MESH_LAUNCH_THREAD=1`` gives each runner a launch thread (``sharding.runner``; TP 4
-batch-1 7.39 -> 5.62 ms on H200s, benchmarks/RESULTS.md); ``JAXLLM_STABLE_STAGE_OUTPUTS=1`` writes earlier pipeline
-stages' hidden states into donated buffers (not yet run on a GPU). On unless ``JAXLLM_STABLE_STEP_OUTPUTS=0``: the
-last stage writes its results into donated buffers (``jaxllm.runner.stable_outputs``; J8 at TP 2 on 2 x H100:
-10,120 -> 13,288 output tok/s).
+On GPUs unless ``JAXLLM_MESH_LAUNCH_THREAD=0`` (elsewhere only with ``=1``): each runner launches its steps from a
+worker thread (``sharding.runner``; J8 at TP 4 on 4 x H200, alternating runs on one lease: 1.14x output tok/s,
+batch-1 4.65-5.40 against 5.52-6.67 ms, benchmarks/RESULTS.md). Experimental: ``JAXLLM_STABLE_STAGE_OUTPUTS=1``
+writes earlier pipeline stages' hidden states into donated buffers (not yet run on a GPU). On unless
+``JAXLLM_STABLE_STEP_OUTPUTS=0``: the last stage writes its results into donated buffers
+(``jaxllm.runner.stable_outputs``; J8 at TP 2 on 2 x H100: 10,120 -> 13,288 output tok/s).
 """
 
 from __future__ import annotations
@@ -37,6 +38,14 @@ from sharding.runner import PipelineRunner
 logger = logging.getLogger(__name__)
 
 LAUNCH_THREAD_ENV = "JAXLLM_MESH_LAUNCH_THREAD"
+
+
+def launch_thread_enabled(backend: str) -> bool:
+    """``JAXLLM_MESH_LAUNCH_THREAD`` when set; unset, on for GPUs, whose multi-device execute returns only once every
+    GPU's host thread has launched its share (the measured case), and off elsewhere (not measured on TPUs; on CPU
+    the "devices" share the host's cores)."""
+    setting = env_switch(LAUNCH_THREAD_ENV)
+    return backend == "gpu" if setting is None else setting
 
 
 def engine_mesh(config: EngineConfig) -> Mesh | None:
@@ -91,7 +100,7 @@ def build_mesh_runners(
                 kv_dtype,
                 seed=config.seed + index,
                 compiler_options=compiler_options,
-                launch_thread=bool(env_switch(LAUNCH_THREAD_ENV)),
+                launch_thread=launch_thread_enabled(jax.default_backend()),
                 stable_step_outputs=stable_step_outputs_enabled(),
                 stable_stage_outputs=stable_stage_outputs_enabled(),
             )

@@ -297,14 +297,11 @@ class PipelinedModel:
         return self._head_program(*self._head_args(logits, batch, head_args, read_by_run))
 
     def warm_up_head(self, batch: StepBatch, head_args) -> None:
-        """Compiles (and runs, on a zero logits buffer) the head program for ``batch``'s rows and ``head_args``' kind,
-        as the stage programs give it its logits."""
-        shape = self._stage_output_shapes(self.stages[-1], batch)
-        logits = self.stages[-1].results.take(shape) or {
-            "logits": jax.device_put(np.zeros(shape["logits"].shape, np.float32), self._head_placement)
-        }
-        self.release([jax.block_until_ready(self._run_head(logits["logits"], batch, head_args))])
-        self.stages[-1].results.release(logits)
+        """Compiles (and runs) the head program for ``batch``'s rows and ``head_args``' kind, on zero logits of its
+        own placed as the stage programs give them: the logits pool feeds only the stage calls, which donate."""
+        shape = self._stage_output_shapes(self.stages[-1], batch)["logits"].shape
+        logits = jax.device_put(np.zeros(shape, np.float32), self._head_placement)
+        self.release([jax.block_until_ready(self._run_head(logits, batch, head_args))])
 
     @property
     def pending_rows(self) -> int:

@@ -18,7 +18,7 @@ previous step's microbatch that holds its requests (``sharding.pending``), so on
 microbatch enters stage 0 while the step in flight still occupies the later stages, and the host's work for a step
 overlaps the devices' instead of leaving every stage idle between steps.
 
-``launch_thread=True`` (experimental; ``JAXLLM_MESH_LAUNCH_THREAD=1`` for engines) hands each dispatched step's
+``launch_thread=True`` (engines' default on GPUs; ``JAXLLM_MESH_LAUNCH_THREAD`` sets it) hands each dispatched step's
 launch to one worker thread. A multi-GPU program's execute returns only once every GPU's host thread has launched
 its share, ~7 ms per batch-1 step at TP 4 on H200s (benchmarks/RESULTS.md), during which the engine's own host work
 for the next step would otherwise wait; with the worker, the two overlap. Launches stay in dispatch order, and a

@@ -1,6 +1,6 @@
 """On the GPU machine (marker ``gpu``): stable step outputs (the default) on a tensor-parallel mesh of two GPUs give
-the plain engine's outputs, and each reused result buffer was donated into its call (deleted after it), which CPU
-runs cannot show (tests/sharding/test_stable_step_outputs.py)."""
+the plain engine's outputs, and each reused result buffer was donated into its call (deleted after it): CPU runs
+show it for the logits only (tests/sharding/test_stable_step_outputs.py)."""
 
 import jax
 import pytest
@@ -16,4 +16,4 @@ pytestmark = [
 
 
 def test_stable_step_outputs_on_two_gpus(tiny_llama_dir, monkeypatch):  # noqa: F811
-    check_stable_outputs_match_plain(tiny_llama_dir, monkeypatch, {"tensor_parallel_size": 2}, donates=True)
+    check_stable_outputs_match_plain(tiny_llama_dir, monkeypatch, {"tensor_parallel_size": 2}, all_donated=True)
