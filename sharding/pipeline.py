@@ -299,9 +299,16 @@ class PipelinedModel:
     def warm_up_head(self, batch: StepBatch, head_args) -> None:
         """Compiles (and runs) the head program for ``batch``'s rows and ``head_args``' kind, on zero logits of its
         own placed as the stage programs give them: the logits pool feeds only the stage calls, which donate."""
-        shape = self._stage_output_shapes(self.stages[-1], batch)["logits"].shape
-        logits = jax.device_put(np.zeros(shape, np.float32), self._head_placement)
+        shape = self._head_logits(batch)
+        logits = jax.device_put(np.zeros(shape.shape, shape.dtype), self._head_placement)
         self.release([jax.block_until_ready(self._run_head(logits, batch, head_args))])
+
+    def _head_logits(self, batch: StepBatch) -> jax.ShapeDtypeStruct:
+        """The logits the last stage hands the head for ``batch``: ``ROW_SLACK`` rows past the batch's in a stable
+        buffer (``stable_step_outputs``), on the head's devices."""
+        shape = self._stage_output_shapes(self.stages[-1], batch)["logits"]
+        rows = shape.shape[0] + (ROW_SLACK if self.stages[-1].results.enabled else 0)
+        return jax.ShapeDtypeStruct((rows, shape.shape[1]), shape.dtype, sharding=self._head_placement)
 
     @property
     def pending_rows(self) -> int:
@@ -355,10 +362,7 @@ class PipelinedModel:
 
     def lower_head(self, batch: StepBatch, head_args=None) -> jax.stages.Lowered:
         """The head program lowered for ``batch``'s rows and ``head_args``' kind."""
-        shape = self._stage_output_shapes(self.stages[-1], batch)["logits"]
-        rows = shape.shape[0] + (ROW_SLACK if self.stages[-1].results.enabled else 0)
-        logits = jax.ShapeDtypeStruct((rows, shape.shape[1]), shape.dtype, sharding=self._head_placement)
-        args = self._head_args(logits, batch, head_args)
+        args = self._head_args(self._head_logits(batch), batch, head_args)
         lowered = self._head_program.lower(*args)
         if args[2] is not None:
             self.head_results.release(args[2])
