@@ -52,7 +52,7 @@ from jaxllm.models.attention_metadata import AttentionMetadata
 from jaxllm.runner.model_runner import feed_pending_tokens
 from jaxllm.runner.packed_transfer import PackedLayout, pack, unpack
 from jaxllm.runner.prompt_logprobs import RESULT_PREFIX, as_results
-from jaxllm.runner.stable_outputs import ROW_SLACK, ResultBuffers, write_into
+from jaxllm.runner.stable_outputs import ResultBuffers, write_into
 from jaxllm.runner.step_batch import StepBatch
 from jaxllm.runner.xla_options import CompilerOptions, ProgramsByOptions
 from sharding.mesh import stage_meshes
@@ -300,21 +300,21 @@ class PipelinedModel:
         """Compiles (and runs) the head program for ``batch``'s rows and ``head_args``' kind, on zero logits of its
         own placed as the stage programs give them: the logits pool feeds only the stage calls, which donate."""
         shape = self._head_logits(batch)
-        logits = jax.device_put(np.zeros(shape.shape, shape.dtype), self._head_placement)
+        logits = jnp.zeros(shape.shape, shape.dtype, device=self._head_placement)
         self.release([jax.block_until_ready(self._run_head(logits, batch, head_args))])
 
     def _head_logits(self, batch: StepBatch) -> jax.ShapeDtypeStruct:
         """The logits the last stage hands the head for ``batch``: ``ROW_SLACK`` rows past the batch's in a stable
         buffer (``stable_step_outputs``), on the head's devices."""
         shape = self._stage_output_shapes(self.stages[-1], batch)["logits"]
-        rows = shape.shape[0] + (ROW_SLACK if self.stages[-1].results.enabled else 0)
+        rows = self.stages[-1].results.buffer_rows(shape.shape[0])
         return jax.ShapeDtypeStruct((rows, shape.shape[1]), shape.dtype, sharding=self._head_placement)
 
     @property
     def pending_rows(self) -> int:
         """The rows of a result's ``token_ids`` that can feed pending tokens (``token_rows``, plus the stable buffers'
         slack)."""
-        return self.token_rows + (ROW_SLACK if self.stages[-1].results.enabled else 0)
+        return self.head_results.buffer_rows(self.token_rows)
 
     @functools.cached_property
     def _no_pending_tokens(self) -> jax.Array:
@@ -351,7 +351,7 @@ class PipelinedModel:
         pending = self._no_pending_tokens if index == 0 and self.token_rows is not None else None
         inputs = batch.input_ids
         if index > 0:  # a later stage takes hidden states [T, D] (a stable one: ROW_SLACK rows more), not token ids
-            rows = batch.input_ids.shape[0] + (ROW_SLACK if self.stages[index - 1].results.enabled else 0)
+            rows = self.stages[index - 1].results.buffer_rows(batch.input_ids.shape[0])
             inputs = jax.ShapeDtypeStruct((rows, self.config.hidden_size), self._dtype, sharding=replicated(stage.mesh))
         args = self._stage_args(stage, inputs, batch, pending)
         lowered = stage.programs.for_tokens(batch.token_bucket).lower(*args)

@@ -79,6 +79,10 @@ class ResultBuffers:
         self.num_allocated = 0  # buffer sets made (not reused)
         self._lock = threading.Lock()
 
+    def buffer_rows(self, rows: int) -> int:
+        """The rows a reader of a ``rows``-row result gets: its buffer's, ``ROW_SLACK`` more, when the pool is on."""
+        return rows + ROW_SLACK if self.enabled else rows
+
     def take(self, result_shapes: dict, read_by_call=()) -> dict | None:
         """Buffers for results of ``result_shapes`` (name -> ShapeDtypeStruct), a released set where there is one
         that holds none of ``read_by_call`` (arrays the same call reads, such as the previous step's token ids fed
@@ -86,7 +90,7 @@ class ResultBuffers:
         if not self.enabled:
             return None
         shapes = {
-            name: jax.ShapeDtypeStruct((s.shape[0] + ROW_SLACK, *s.shape[1:]), s.dtype)
+            name: jax.ShapeDtypeStruct((self.buffer_rows(s.shape[0]), *s.shape[1:]), s.dtype)
             for name, s in result_shapes.items()
             if math.prod(s.shape) > 0
         }
