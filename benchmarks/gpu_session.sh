@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU-machine session: the GPU tests and the benchmarks, logs and JSON under $OUT (default ./gpu-out).
-#   bash benchmarks/gpu_session.sh tests kernels j8 j8sync scoring j8ref j8cublas j8nomerge j8both j8xla j8fp8 j8fp8nocb j1 l8 l8q l8fused \
+#   bash benchmarks/gpu_session.sh tests kernels j8 j8sync j8pen scoring j8ref j8cublas j8nomerge j8both j8xla j8fp8 j8fp8nocb j1 l8 l8q l8fused \
 #        l8qxla l8xla l8dump vmm j8vmm l8vmm profile profile1 profile_b1 profile_prefill profile_tp2 graphupd ppupd ppasync startup compare_hf qmm qmmsweep qmmengine qmmbitcvt qmmbundled attnsweep memj1 mesh8 mesh70 tpflags tpenv mp mp8
 # (any subset, run in the order given; mesh8, profile_tp2, graphupd, ppupd and ppasync need 2+ GPUs: the Llama-3.1-8B shape at TP 1 and 2 by
 # default, MESHES=...; mesh70 the Llama-3.1-70B shape, 4x1x1 by default, MESHES70=...; both once per MESH_VARIANTS entry,
@@ -65,6 +65,8 @@ for stage in "$@"; do
     kernels) python3 benchmarks/kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" ;;
     j8) python3 benchmarks/throughput.py --job J8 --record 2>&1 | tee "$OUT/j8.log" | grep -Ev "^\{" ;;
     j8sync) python3 benchmarks/throughput.py --job J8 --no-async-scheduling --record 2>&1 | tee "$OUT/j8sync.log" | grep -Ev "^\{" ;;
+    j8pen) for a in --no-async-scheduling ""; do  # J8 with repetition_penalty=1.1: one step at a time, then scheduled ahead
+             python3 benchmarks/throughput.py --job J8 --repetition-penalty 1.1 $a --record 2>&1 | tee -a "$OUT/j8pen.log" | grep -Ev "^\{"; done ;;
     scoring) for plp in "" "--prompt-logprobs ${PROMPT_LOGPROBS:-5}"; do  # J8's prompts, 1 output token: without, then with prompt logprobs
                python3 benchmarks/throughput.py --job J8 --output-len 1 $plp --record 2>&1 | tee -a "$OUT/scoring.log" | grep -Ev "^\{"; done ;;
     j8fp8nocb) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" python3 benchmarks/throughput.py --job J8 --quantization fp8 \

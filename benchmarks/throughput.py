@@ -50,6 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--prompt-logprobs", type=int, help="SamplingParams.prompt_logprobs of every request (a scoring job)"
     )
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="SamplingParams.repetition_penalty of every request (with async scheduling, penalties run ahead too)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny model and job, for a CPU check")
     p.add_argument("--record", action="store_true", help="append a row to benchmarks/RESULTS.md")
     return p.parse_args(argv)
@@ -96,7 +102,11 @@ def run(args) -> dict:
     vocab_size = llm.llm_engine.model_config.vocab_size
     prompts = random_prompts(job.num_prompts, job.input_len, vocab_size)
     params = SamplingParams(
-        temperature=0.0, max_tokens=job.output_len, ignore_eos=True, prompt_logprobs=args.prompt_logprobs
+        temperature=0.0,
+        max_tokens=job.output_len,
+        ignore_eos=True,
+        prompt_logprobs=args.prompt_logprobs,
+        repetition_penalty=args.repetition_penalty,
     )
     llm.llm_engine.step_times.reset()
     start = time.perf_counter()
@@ -119,6 +129,7 @@ def run(args) -> dict:
         "output_tokens_per_s": num_output / elapsed,
         "num_output_tokens": num_output,
         "prompt_logprobs": args.prompt_logprobs,
+        "repetition_penalty": args.repetition_penalty,
         # prompt positions with a logprob (every prompt token but the first, when asked)
         "num_prompt_logprobs": sum(len(o.prompt_logprobs or [None]) - 1 for o in outputs),
         "num_preemptions": llm.llm_engine.scheduler.num_preemptions,
@@ -169,7 +180,10 @@ def main(argv=None) -> dict:
 
 
 def _prompt_logprobs_label(args) -> str:
-    return "" if args.prompt_logprobs is None else f", prompt_logprobs={args.prompt_logprobs}"
+    label = "" if args.prompt_logprobs is None else f", prompt_logprobs={args.prompt_logprobs}"
+    if args.repetition_penalty != 1.0:
+        label += f", repetition_penalty={args.repetition_penalty}"
+    return label
 
 
 if __name__ == "__main__":

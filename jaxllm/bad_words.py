@@ -7,7 +7,8 @@ bans its last token where the request's output so far ends with the sequence's o
 never be completed. The banned ids join the step's suppressed ids (``SamplingMetadata.suppressed_token_ids``).
 
 Longer sequences need the request's latest output token on the host, so while such a request is in flight the engine
-does not schedule the next step ahead (``Request.needs_host_outputs``), as for penalties.
+does not schedule the next step ahead (``Request.needs_host_outputs``), as for a grammar. (Penalties need no such
+stop: the token still in flight reaches the sampler on the device.)
 """
 
 from __future__ import annotations

@@ -71,14 +71,11 @@ class Request:
         self.bad_words_token_ids = list(bad_words_token_ids)
         # SamplingParams.structured_outputs as a grammar matcher (jaxllm.structured_output); follows each output token
         self.structured_output = structured_output
-        # Whether sampling this request's next token needs all its earlier output tokens on the host (penalties, bad
-        # words of several tokens, a grammar), so the engine does not schedule ahead of it. Fixed for the request's
-        # life, so the per-step check reads one attribute.
-        self.needs_host_outputs = (
-            sampling_params.uses_penalties
-            or needs_output_history(self.bad_words_token_ids)
-            or structured_output is not None
-        )
+        # Whether sampling this request's next token needs all its earlier output tokens on the host (bad words of
+        # several tokens, a grammar), so the engine does not schedule ahead of it. Penalties do not: the one output
+        # token still in flight reaches the sampler on the device (StepBatch.in_flight_rows). Fixed for the
+        # request's life, so the per-step check reads one attribute.
+        self.needs_host_outputs = needs_output_history(self.bad_words_token_ids) or structured_output is not None
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
         # Tokens sampled by dispatched steps whose ids have not reached the host yet (async scheduling): the

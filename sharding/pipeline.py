@@ -17,7 +17,9 @@ async scheduling the first stage also gathers the previous step's sampled tokens
 input ids, and the last stage pads its sampled ids to a fixed row count so any bucket's output can feed the next.
 
 The last stage's program ends at the logits of the sampled rows; the head (the sampler) runs after it in a program of
-its own on the last stage's devices, as the one-device runner's sampler does. The stage programs depend only on the
+its own on the last stage's devices, as the one-device runner's sampler does; it also reads the vector its
+microbatch's pending tokens came from, since a penalised row's newest output may be one of them
+(``StepBatch.in_flight_rows``). The stage programs depend only on the
 token bucket, so a sampling variant seen first while serving (penalties, logprobs, allowed or banned ids, a grammar's
 bitmask) compiles only the small head program, never a stage: with the head inside the last stage, a request asking
 for logprobs compiled every stage anew (the head arguments rode in every stage's packed buffer), bucket by bucket
@@ -55,14 +57,17 @@ from jaxllm.runner.prompt_logprobs import RESULT_PREFIX, as_results
 from jaxllm.runner.stable_outputs import ResultBuffers, write_into
 from jaxllm.runner.step_batch import StepBatch
 from jaxllm.runner.xla_options import CompilerOptions, ProgramsByOptions
+from jaxllm.sampling import in_flight_output_tokens
 from sharding.mesh import stage_meshes
 from sharding.rules import activation_rules, check_single_replica, kv_cache_sharding, replicated, state_shardings
 from sharding.stages import StageModule, stage_forward, stage_layer_ranges
 
-HeadFn = Callable[[jax.Array, object], object]  # (logits [S, V] float32, head_args) -> results, on the last stage
+# (logits [S, V] float32, head_args, in-flight tokens [S]) -> results, on the last stage. The in-flight tokens are
+# each row's newest output still on the device (the pending token its step fed in, -1 none; StepBatch.in_flight_rows)
+HeadFn = Callable[[jax.Array, object, jax.Array], object]
 
 
-def greedy_head(logits: jax.Array, head_args) -> dict:
+def greedy_head(logits: jax.Array, head_args, in_flight_tokens: jax.Array) -> dict:
     return {"token_ids": jnp.argmax(logits, axis=-1).astype(jnp.int32)}  # [S]
 
 
@@ -191,17 +196,20 @@ class PipelinedModel:
     def _compile_head(self):
         finish_head = self._finish_head
 
-        def head(logits, packed, result_buffers, layout: PackedLayout, rows: int):
-            # logits: the last stage's [rows, V] (a stable buffer: ROW_SLACK rows more); rows: the batch's rows
+        def head(logits, packed, pending_tokens, result_buffers, layout: PackedLayout, rows: int):
+            # logits: the last stage's [rows, V] (a stable buffer: ROW_SLACK rows more); rows: the batch's rows;
+            # pending_tokens: the vector the first stage took its pending tokens from (the step in flight's samples)
             self.num_head_traces += 1
-            return write_into(result_buffers, finish_head(logits[:rows], unpack(packed, layout)))
+            head_args, in_flight_rows = unpack(packed, layout)
+            in_flight = in_flight_output_tokens(pending_tokens, in_flight_rows)
+            return write_into(result_buffers, finish_head(logits[:rows], head_args, in_flight))
 
         here = self._head_placement
-        return jax.jit(head, donate_argnums=(2,), static_argnums=(3, 4), in_shardings=here, out_shardings=here)
+        return jax.jit(head, donate_argnums=(3,), static_argnums=(4, 5), in_shardings=here, out_shardings=here)
 
-    def _finish_head(self, logits, head_args) -> dict:
+    def _finish_head(self, logits, head_args, in_flight_tokens) -> dict:
         """(traced) The head's results from the last stage's logits, ``token_ids`` padded to ``token_rows``."""
-        out = self.head_fn(logits, head_args)
+        out = self.head_fn(logits, head_args, in_flight_tokens)
         if self.token_rows is not None:
             out = {**out, "token_ids": jnp.pad(out["token_ids"], (0, self.token_rows - out["token_ids"].shape[0]))}
         return out
@@ -219,7 +227,8 @@ class PipelinedModel:
         key = (rows, treedef, tuple((np.shape(x), np.result_type(x).name) for x in leaves))
         if key not in self._result_shape_cache:
             logits = jax.ShapeDtypeStruct((rows, self.config.vocab_size), jnp.float32)
-            self._result_shape_cache[key] = jax.eval_shape(self._finish_head, logits, head_args)
+            in_flight = jax.ShapeDtypeStruct((rows,), jnp.int32)
+            self._result_shape_cache[key] = jax.eval_shape(self._finish_head, logits, head_args, in_flight)
         return self._result_shape_cache[key]
 
     @functools.cached_property
@@ -266,35 +275,38 @@ class PipelinedModel:
             raise ValueError("no KV cache: call allocate_kv_cache first")
         head_args = [None] * len(batches) if head_args is None else head_args
         pending_tokens = [None] * len(batches) if pending_tokens is None else pending_tokens
-        if self.token_rows is not None:
-            pending_tokens = [self._no_pending_tokens if p is None else p for p in pending_tokens]
         prompt_targets = [None] * len(batches) if prompt_targets is None else prompt_targets
         read = tuple(p for p in pending_tokens if p is not None)  # earlier results this run reads: not for donating
         results = []
         for batch, args, pending, targets in zip(batches, head_args, pending_tokens, prompt_targets, strict=True):
             x = batch.input_ids
+            first_stage_pending = pending
+            if pending is None and self.token_rows is not None:  # one program whether or not tokens are pending
+                first_stage_pending = self._no_pending_tokens
             for index, stage in enumerate(self.stages):
                 prompt = (targets, prompt_logprob_width) if stage is self.stages[-1] and targets is not None else None
-                out = self._run_stage(stage, x, batch, pending if index == 0 else None, prompt)
+                out = self._run_stage(stage, x, batch, first_stage_pending if index == 0 else None, prompt)
                 if index > 0:  # the previous stage's hidden states, read by this call (a no-op unless stable)
                     self.stages[index - 1].results.release({"hidden": x})
                 x = out
             logits = x.pop("logits")  # what is left: the prompt logprobs, when asked
-            results.append({**self._run_head(logits, batch, args, read), **x})
+            results.append({**self._run_head(logits, batch, args, pending, read), **x})
             self.stages[-1].results.release({"logits": logits})  # read by the head's call
         return results
 
-    def _head_args(self, logits, batch: StepBatch, head_args, read_by_run=()) -> tuple:
-        """The head program's arguments; its result buffers hold none of ``read_by_run`` (results of an earlier run
-        that this run's first stage reads as pending tokens)."""
-        packed, layout = pack(head_args)
+    def _head_args(self, logits, batch: StepBatch, head_args, pending_tokens=None, read_by_run=()) -> tuple:
+        """The head program's arguments; ``pending_tokens``: the vector ``batch``'s pending tokens come from (None:
+        nothing pending); its result buffers hold none of ``read_by_run`` (results of an earlier run that this run
+        reads as pending tokens)."""
+        packed, layout = pack((head_args, batch.in_flight_rows))
         packed = jax.device_put(packed, self._head_placement)
+        pending_tokens = self._no_in_flight_tokens if pending_tokens is None else pending_tokens
         rows = batch.logits_indices.shape[0]
         result_buffers = self.head_results.take(self._head_output_shapes(rows, head_args), read_by_call=read_by_run)
-        return logits, packed, result_buffers, layout, rows
+        return logits, packed, pending_tokens, result_buffers, layout, rows
 
-    def _run_head(self, logits, batch: StepBatch, head_args, read_by_run=()) -> dict:
-        return self._head_program(*self._head_args(logits, batch, head_args, read_by_run))
+    def _run_head(self, logits, batch: StepBatch, head_args, pending_tokens=None, read_by_run=()) -> dict:
+        return self._head_program(*self._head_args(logits, batch, head_args, pending_tokens, read_by_run))
 
     def warm_up_head(self, batch: StepBatch, head_args) -> None:
         """Compiles (and runs) the head program for ``batch``'s rows and ``head_args``' kind, on zero logits of its
@@ -319,6 +331,12 @@ class PipelinedModel:
     @functools.cached_property
     def _no_pending_tokens(self) -> jax.Array:
         return jax.device_put(np.zeros(self.pending_rows, np.int32), replicated(self.stages[0].mesh))
+
+    @functools.cached_property
+    def _no_in_flight_tokens(self) -> jax.Array:
+        """The head's pending-token vector when nothing is pending: zeros shaped as a fed one, on the head's devices."""
+        rows = 1 if self.token_rows is None else self.pending_rows
+        return jax.device_put(np.zeros(rows, np.int32), self._head_placement)
 
     def _stage_args(self, stage: Stage, inputs, batch: StepBatch, pending_tokens=None, prompt=None) -> tuple:
         """The stage program's arguments: the step's host arrays, the first stage's token ids among them, go over
@@ -364,6 +382,6 @@ class PipelinedModel:
         """The head program lowered for ``batch``'s rows and ``head_args``' kind."""
         args = self._head_args(self._head_logits(batch), batch, head_args)
         lowered = self._head_program.lower(*args)
-        if args[2] is not None:
-            self.head_results.release(args[2])
+        if args[3] is not None:
+            self.head_results.release(args[3])
         return lowered

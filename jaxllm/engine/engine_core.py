@@ -10,8 +10,9 @@ Async scheduling (``async_scheduling=True``, the default, for runners whose ``su
 offer ``dispatch``/``collect``: ``ModelRunner``, and ``sharding.PipelineRunner`` on any mesh): each
 ``step()`` dispatches the next step before it waits for the one in flight, so the host's scheduling, packing and
 output handling overlap the device's work and the device never waits on the host. The in-flight step's sampled
-tokens feed the next one on the device (see ``ModelRunner``). A step is not scheduled ahead while a request in flight
-uses repetition/presence/frequency penalties or bad words of several tokens (their token history must be on the host
+tokens feed the next one on the device (see ``ModelRunner``), and so do they the penalties (repetition, presence,
+frequency), which count a request's output token still in flight with those on the host. A step is not scheduled
+ahead while a request in flight has bad words of several tokens or a grammar (they need its latest token on the host
 first: ``Request.needs_host_outputs``). Each ``step()`` still
 returns one step's outputs. ``step_times`` (``jaxllm.engine.step_times``) splits the steps' time into host work and
 waiting for the device.

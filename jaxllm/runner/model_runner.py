@@ -12,7 +12,9 @@ when asked).
 A step is ``dispatch`` (returns at once with an ``InFlightStep``: JAX runs it asynchronously) then ``collect`` (waits
 for its sampled ids). Between the two the engine may dispatch the next step, whose pending tokens are the in-flight
 step's samples: they stay on the device (a fixed-size ``[R]`` vector, R the most request rows of any bucket, so one
-forward program serves every previous bucket) and the forward program gathers them into its input ids.
+forward program serves every previous bucket) and the forward program gathers them into its input ids. The sampler
+program reads the same vector: a pending token is its request's newest output, which penalties must count
+(``StepBatch.in_flight_rows``).
 
 A step with requests that ask for prompt logprobs runs the forward program's prompt-logprob variant
 (``jaxllm.runner.prompt_logprobs``; compiled per token bucket and top-k width on first use, never at warm-up).
@@ -43,7 +45,13 @@ from jaxllm.runner.prompt_logprobs import (
 )
 from jaxllm.runner.step_batch import StepBatch, pack_step_batch
 from jaxllm.runner.xla_options import CompilerOptions, ProgramsByOptions
-from jaxllm.sampling import SamplingMetadata, SamplingMetadataBuilder, build_sampling_metadata, sample
+from jaxllm.sampling import (
+    SamplingMetadata,
+    SamplingMetadataBuilder,
+    build_sampling_metadata,
+    in_flight_output_tokens,
+    sample,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +128,7 @@ class ModelRunner:
         self._forward_programs = ProgramsByOptions(
             self._traced_forward, compiler_options, donate_argnums=(1,), static_argnums=(4, 5)
         )
-        self._jitted_sample = jax.jit(self._traced_sample, static_argnums=(2,))
+        self._jitted_sample = jax.jit(self._traced_sample, static_argnums=(3,))
 
     def _traced_forward(self, params, kv_caches, packed_batch, prev_token_ids, layout: PackedLayout, width):
         self.num_traces += 1
@@ -129,10 +137,12 @@ class ModelRunner:
         batch = {**batch, "input_ids": feed_pending_tokens(batch["input_ids"], batch["prev_index"], prev_token_ids)}
         return _model_forward(self.graphdef, params, kv_caches, batch, width)
 
-    def _traced_sample(self, logits, packed, layout: PackedLayout):
+    def _traced_sample(self, logits, packed, prev_token_ids, layout: PackedLayout):
+        # prev_token_ids: the pending tokens the forward program took (the step in flight's samples), for penalties
         self.num_sampler_traces += 1
-        sampling_metadata, step_index = unpack(packed, layout)
-        out = sample(logits, sampling_metadata, jax.random.fold_in(self.base_key, step_index))
+        sampling_metadata, step_index, in_flight_rows = unpack(packed, layout)
+        in_flight = in_flight_output_tokens(prev_token_ids, in_flight_rows)
+        out = sample(logits, sampling_metadata, jax.random.fold_in(self.base_key, step_index), in_flight)
         return out._replace(token_ids=jnp.pad(out.token_ids, (0, self.max_rows - out.token_ids.shape[0])))
 
     supports_async = True  # dispatch / collect may overlap steps (jaxllm.engine.engine_core)
@@ -178,9 +188,20 @@ class ModelRunner:
         packed, layout = pack(arrays)
         return jax.device_put(packed, self.batch_sharding), layout
 
-    def _sampler_args(self, sampling_metadata: SamplingMetadata, step_index: int) -> tuple[jax.Array, PackedLayout]:
-        packed, layout = pack((sampling_metadata, np.int32(step_index)))
-        return jax.device_put(packed, self.batch_sharding), layout
+    def _sampler_args(
+        self,
+        sampling_metadata: SamplingMetadata,
+        step_index: int,
+        in_flight_rows: np.ndarray | None = None,
+        prev_token_ids: jax.Array | None = None,
+    ) -> tuple:
+        """The sampler program's arguments after the logits; ``in_flight_rows`` (``StepBatch.in_flight_rows``) and
+        ``prev_token_ids`` default to nothing in flight."""
+        if in_flight_rows is None:
+            in_flight_rows = np.full(sampling_metadata.num_rows, -1, np.int32)
+        prev_token_ids = self._no_pending_tokens if prev_token_ids is None else prev_token_ids
+        packed, layout = pack((sampling_metadata, np.int32(step_index), in_flight_rows))
+        return jax.device_put(packed, self.batch_sharding), prev_token_ids, layout
 
     def _run(
         self,
@@ -197,7 +218,8 @@ class ModelRunner:
             self.params, self.kv_caches, packed, prev_token_ids, layout, prompt_logprob_width
         )
         prompt_logprobs = prompt[0] if prompt else None
-        result = self._jitted_sample(logits, *self._sampler_args(sampling_metadata, self.num_steps))
+        sampler_args = self._sampler_args(sampling_metadata, self.num_steps, batch.in_flight_rows, prev_token_ids)
+        result = self._jitted_sample(logits, *sampler_args)
         self.num_steps += 1
         return result, prompt_logprobs
 

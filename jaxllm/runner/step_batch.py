@@ -48,6 +48,16 @@ class StepBatch:
         """``prev_index`` as the step programs take it: all -1 (nothing pending) when the batch has none."""
         return self.prev_index if self.prev_index is not None else np.full(self.input_ids.shape, -1, np.int32)
 
+    @property
+    def in_flight_rows(self) -> np.ndarray:
+        """[S] int32: for each request row whose last scheduled token is pending, that token's ``prev_index``, else
+        -1. Such a token is the request's newest output, sampled by the step in flight and not yet on the host, so
+        the sampler's penalties read it from the same pending-token vector (``jaxllm.sampling.sample``)."""
+        rows = np.full(self.logits_indices.shape, -1, np.int32)
+        if self.prev_index is not None:
+            rows[: self.num_requests] = self.prev_index[self.logits_indices[: self.num_requests]]
+        return rows
+
 
 def token_bucket_for(config: ResolvedConfig, num_tokens: int) -> int:
     index = bisect.bisect_left(config.token_buckets, num_tokens)

@@ -8,6 +8,10 @@ unless a sampled row uses top-k/top-p; no noise when every row is greedy; no mas
 the model's raw log-softmax before any processing (vLLM v1's default) but a grammar's mask, which vLLM also applies
 to the logits before its sampler.
 
+With async scheduling a row's newest output token may still be on the device (sampled by the step in flight, so
+missing from ``SamplingMetadata.output_token_ids``): the caller's program passes it as ``in_flight_tokens`` and the
+penalties count it with the rest (``in_flight_output_tokens`` gathers it from the in-flight step's samples).
+
 Keys: a seeded row uses ``seeded_request_key(seed, sample_index, output_position)``, which depends on nothing else, so
 it samples the same tokens whatever batch or row it lands in; an unseeded row's key comes from ``step_key`` and its row.
 Pure and jittable; no host syncs.
@@ -68,16 +72,25 @@ def _gumbel_argmax(logits: jax.Array, keys: jax.Array) -> jax.Array:
     return jnp.argmax(logits + noise, axis=-1).astype(jnp.int32)
 
 
-def process_logits(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
+def in_flight_output_tokens(pending_tokens: jax.Array, row_index: jax.Array) -> jax.Array:
+    """Each sampled row's output token still on the device: ``pending_tokens[row_index]`` (the in-flight step's
+    samples, ``[R]``) where ``row_index [S] >= 0``, else -1."""
+    return jnp.where(row_index >= 0, pending_tokens[jnp.maximum(row_index, 0)], -1)
+
+
+def process_logits(logits: jax.Array, md: SamplingMetadata, in_flight_tokens: jax.Array | None = None) -> jax.Array:
     """Allowed tokens, logit bias, penalties, then suppressed tokens: the logits greedy rows take the argmax of.
-    [S, V] -> [S, V]."""
+    [S, V] -> [S, V]. ``in_flight_tokens [S]``: each row's output token not yet in ``md.output_token_ids`` (-1 none)."""
     logits = apply_allowed_token_ids(logits, md.allowed_token_ids)
     logits = apply_logit_bias(logits, md.logit_bias_ids, md.logit_bias_values)
     if md.any_penalties:
+        output_token_ids = md.output_token_ids
+        if in_flight_tokens is not None:
+            output_token_ids = jnp.concatenate([output_token_ids, in_flight_tokens[:, None]], axis=1)
         logits = apply_penalties(
             logits,
             md.prompt_token_ids,
-            md.output_token_ids,
+            output_token_ids,
             md.presence_penalty,
             md.frequency_penalty,
             md.repetition_penalty,
@@ -94,14 +107,17 @@ def sampling_logits(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
     return apply_min_p(logits, md.min_p)
 
 
-def sample(logits: jax.Array, md: SamplingMetadata, step_key: jax.Array) -> SamplerOutput:
-    """logits [S, V] -> one token per row (and logprobs when md.max_num_logprobs > 0). Jittable; md is an argument."""
+def sample(
+    logits: jax.Array, md: SamplingMetadata, step_key: jax.Array, in_flight_tokens: jax.Array | None = None
+) -> SamplerOutput:
+    """logits [S, V] -> one token per row (and logprobs when md.max_num_logprobs > 0). Jittable; md is an argument.
+    ``in_flight_tokens [S]`` (-1 none): each row's output token still on the device, for the penalties."""
     if logits.ndim != 2 or logits.shape[0] != md.num_rows:
         raise ValueError(f"logits must be [S={md.num_rows}, V], got shape {logits.shape}")
     logits = logits.astype(jnp.float32)
     if md.token_bitmask is not None:  # a grammar's mask comes first, so logprobs see it too (as vLLM's do)
         logits = apply_token_bitmask(logits, md.token_bitmask)
-    processed = process_logits(logits, md)
+    processed = process_logits(logits, md, in_flight_tokens)
     token_ids = jnp.argmax(processed, axis=-1).astype(jnp.int32)  # [S] greedy choice
     if not md.all_greedy:
         sampled = _gumbel_argmax(sampling_logits(processed, md), row_keys(md, step_key))

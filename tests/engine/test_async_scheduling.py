@@ -1,7 +1,7 @@
 """Async scheduling (step N+1 dispatched before step N's tokens reach the host) gives the synchronous engine's tokens
 exactly (logprob values to float32 noise where the step composition differs): greedy and seeded sampling, logprobs,
-min_tokens, stops on EOS / stop tokens mid-flight, chunked prefill, prefix caching, preemption, penalties (which
-fall back to one step at a time) and aborts between steps."""
+min_tokens, stops on EOS / stop tokens mid-flight, chunked prefill, prefix caching, preemption, penalties (scheduled
+ahead too: they count the output token still in flight) and aborts between steps."""
 
 import time
 
@@ -144,11 +144,77 @@ def test_step_times_split_host_work_from_device_wait(tiny_model_dir, prompts):
     assert times["host_ms"] is None and times["device_wait_ms"] is None  # a synchronous step cannot tell them apart
 
 
-def test_penalties_run_one_step_at_a_time_and_match(tiny_model_dir, prompts):
-    params = SamplingParams(temperature=0.0, max_tokens=10, repetition_penalty=1.3, frequency_penalty=0.4)
-    sync = make_llm(tiny_model_dir, async_scheduling=False)
-    fast = make_llm(tiny_model_dir)
-    assert outputs_of(fast, prompts[:6], params) == outputs_of(sync, prompts[:6], params)
+def penalty_params() -> list[SamplingParams]:
+    """One per prompt: frequency, presence and repetition penalties on greedy and seeded random rows (one with
+    logprobs), beside greedy rows without any."""
+    params = []
+    for i in range(len(LENGTHS)):
+        kind, max_tokens = i % 4, 6 + i % 7
+        if kind == 0:
+            params.append(SamplingParams(temperature=0.0, max_tokens=max_tokens, frequency_penalty=0.8))
+        elif kind == 1:
+            params.append(
+                SamplingParams(
+                    temperature=0.0, max_tokens=max_tokens, repetition_penalty=1.5, presence_penalty=0.6, logprobs=2
+                )
+            )
+        elif kind == 2:
+            params.append(
+                SamplingParams(
+                    temperature=0.9, seed=i, max_tokens=max_tokens, frequency_penalty=0.5, repetition_penalty=1.2
+                )
+            )
+        else:
+            params.append(SamplingParams(temperature=0.0, max_tokens=max_tokens))
+    return params
+
+
+class StepLog:
+    """Records ``runner``'s dispatches and collects in order."""
+
+    def __init__(self, runner):
+        self.kinds: list[str] = []
+        dispatch, collect = runner.dispatch, runner.collect
+
+        def recording_dispatch(scheduler_output, prev=None):
+            self.kinds.append("dispatch")
+            return dispatch(scheduler_output, prev)
+
+        def recording_collect(step):
+            self.kinds.append("collect")
+            return collect(step)
+
+        runner.dispatch, runner.collect = recording_dispatch, recording_collect
+
+    @property
+    def num_ahead(self) -> int:
+        """Dispatches made while another step was in flight (not yet collected)."""
+        in_flight, ahead = 0, 0
+        for kind in self.kinds:
+            if kind == "dispatch":
+                ahead += in_flight > 0
+                in_flight += 1
+            else:
+                in_flight -= 1
+        return ahead
+
+
+@pytest.mark.parametrize(
+    "engine_options",
+    [{}, {"num_gpu_blocks_override": 24, "block_size": 4}],
+    ids=["default", "preempting"],
+)
+def test_penalties_schedule_ahead_and_match(tiny_model_dir, prompts, engine_options):
+    """Penalised requests are scheduled ahead: the penalties count the output token still in flight on the device,
+    so the tokens equal one step at a time's."""
+    params = penalty_params()
+    sync = make_llm(tiny_model_dir, async_scheduling=False, **engine_options)
+    fast = make_llm(tiny_model_dir, **engine_options)
+    log = StepLog(fast.llm_engine.runner)
+    assert_same_outputs(outputs_of(fast, prompts, params), outputs_of(sync, prompts, params))
+    assert log.num_ahead >= log.kinds.count("collect") // 2  # most steps were dispatched ahead
+    if "num_gpu_blocks_override" in engine_options:
+        assert fast.llm_engine.scheduler.num_preemptions > 0
 
 
 def test_abort_between_steps_keeps_others(tiny_model_dir, prompts):

@@ -145,7 +145,7 @@ def no_head_args(requests, num_rows, microbatch, step) -> None:
     return None
 
 
-def logits_head(logits, head_args) -> dict:
+def logits_head(logits, head_args, in_flight_tokens) -> dict:
     """A pipeline head that returns the logits with the greedy ids, so tests can compare both."""
     return {"token_ids": jnp.argmax(logits, axis=-1).astype(jnp.int32), "logits": logits}
 

@@ -2,6 +2,7 @@
 fed its pending tokens from the in-flight step's microbatch results) give exactly the tokens, stops, logprobs and
 preemptions of the same mesh run one step at a time; both feeds occur (one result read alone, several merged), and in
 steady decode each microbatch reads only its own predecessor, which is what lets the stages overlap across steps.
+Penalties are scheduled ahead on PP 2 and TP 2 with the same tokens as one step at a time.
 The feed planning and merge against a numpy gather."""
 
 import jax
@@ -12,7 +13,14 @@ import sharding.runner
 from jaxllm import SamplingParams
 from sharding.pending import fed_tokens, merge_pending, plan_feed
 from tests.engine.conftest import make_llm, random_token_prompts
-from tests.engine.test_async_scheduling import LENGTHS, assert_same_outputs, mixed_params, outputs_of
+from tests.engine.test_async_scheduling import (
+    LENGTHS,
+    StepLog,
+    assert_same_outputs,
+    mixed_params,
+    outputs_of,
+    penalty_params,
+)
 from tests.sharding.helpers import NEEDS_8_DEVICES
 
 pytestmark = NEEDS_8_DEVICES
@@ -109,6 +117,19 @@ def test_pipeline_scheduled_ahead_equals_one_step_at_a_time(tiny_llama_dir, monk
     assert any(len(s) > 1 for s in sources), "no microbatch merged several results"
     if "num_gpu_blocks_override" in engine_options:
         assert ahead.llm_engine.scheduler.num_preemptions > 0
+
+
+@pytest.mark.parametrize("mesh", [{"pipeline_parallel_size": 2}, {"tensor_parallel_size": 2}], ids=["pp2", "tp2"])
+def test_penalties_scheduled_ahead_on_a_mesh_equal_one_step_at_a_time(tiny_llama_dir, mesh):
+    """The mesh's head counts each penalised row's output token still in flight (read from the vector its microbatch's
+    pending tokens came from), so penalties need not wait for the host here either."""
+    prompts = random_token_prompts(len(LENGTHS), LENGTHS, seed=4)
+    params = penalty_params()
+    sync = make_llm(tiny_llama_dir, async_scheduling=False, **mesh)
+    ahead = make_llm(tiny_llama_dir, **mesh)
+    log = StepLog(ahead.llm_engine.runner)
+    assert_same_outputs(outputs_of(ahead, prompts, params), outputs_of(sync, prompts, params))
+    assert log.num_ahead >= log.kinds.count("collect") // 2
 
 
 def test_merges_compile_at_warm_up_not_while_serving(tiny_llama_dir, monkeypatch):
