@@ -52,6 +52,11 @@ def beam_search(llm, prompts, params: BeamSearchParams, use_tqdm: bool = False) 
     if not isinstance(params, BeamSearchParams):
         raise TypeError(f"params must be BeamSearchParams, got {type(params).__name__}")
     engine = llm.llm_engine
+    if engine.config.logprobs_mode.endswith("logits"):
+        raise ValueError(
+            f"beam search scores beams by their logprobs; this engine's logprobs_mode="
+            f"{engine.config.logprobs_mode!r} returns logits (build the LLM with raw_logprobs or processed_logprobs)"
+        )
     eos, tokenizer = engine.eos_token_ids, engine.get_tokenizer()
     vocab_size = engine.model_config.vocab_size
     prompt_ids = [tokenize_prompt(p, tokenizer, vocab_size).token_ids for p in as_prompt_list(prompts)]

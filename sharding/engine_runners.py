@@ -18,6 +18,7 @@ writes earlier pipeline stages' hidden states into donated buffers (not yet run 
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
@@ -33,7 +34,7 @@ from jaxllm.runner.xla_options import StepCompilerOptions
 from sharding.mesh import describe, make_mesh, replica_meshes
 from sharding.model_sharding import expand_kv_heads, kv_bytes_per_block_per_device
 from sharding.rules import param_placement
-from sharding.runner import PipelineRunner
+from sharding.runner import PipelineRunner, sampler_head
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ def build_mesh_runners(
                 resolved,
                 kv_dtype,
                 seed=config.seed + index,
+                head_fn=functools.partial(sampler_head, logprobs_mode=config.logprobs_mode),
                 compiler_options=compiler_options,
                 launch_thread=launch_thread_enabled(jax.default_backend()),
                 stable_step_outputs=stable_step_outputs_enabled(),

@@ -60,13 +60,14 @@ LOGPROB_FIELDS = ("sampled_logprob", "top_token_ids", "top_logprobs")  # Sampler
 BuildHeadArgs = Callable[[list, int, int, int], object]
 
 
-def sampler_head(logits, head_args, in_flight_tokens) -> dict:
+def sampler_head(logits, head_args, in_flight_tokens, logprobs_mode: str = "raw_logprobs") -> dict:
     """jaxllm's sampler on the last stage; ``head_args`` is ``(SamplingMetadata, base key data, step index)``. The
     step key is folded in here, inside the program, as ModelRunner folds its own; ``in_flight_tokens`` (each row's
-    newest output still on the device) go to the penalties."""
+    newest output still on the device) go to the penalties; ``logprobs_mode``: the engine's (bind it with
+    ``functools.partial``)."""
     metadata, base_key_data, step = head_args
     step_key = jax.random.fold_in(jax.random.wrap_key_data(base_key_data), step)
-    return sample(logits, metadata, step_key, in_flight_tokens)._asdict()
+    return sample(logits, metadata, step_key, in_flight_tokens, logprobs_mode)._asdict()
 
 
 class SamplerHeadArgs:

@@ -105,8 +105,10 @@ class ModelRunner:
         kv_sharding=None,
         batch_sharding=None,
         compiler_options: CompilerOptions = None,
+        logprobs_mode: str = "raw_logprobs",
     ):
         self.config = config
+        self.logprobs_mode = logprobs_mode  # what the sampled tokens' logprobs hold (jaxllm.sampling.sampler)
         self.model_config = model.config
         self.graphdef, self.params = nnx.split(model)
         self.kv_dtype = kv_dtype
@@ -142,7 +144,8 @@ class ModelRunner:
         self.num_sampler_traces += 1
         sampling_metadata, step_index, in_flight_rows = unpack(packed, layout)
         in_flight = in_flight_output_tokens(prev_token_ids, in_flight_rows)
-        out = sample(logits, sampling_metadata, jax.random.fold_in(self.base_key, step_index), in_flight)
+        step_key = jax.random.fold_in(self.base_key, step_index)
+        out = sample(logits, sampling_metadata, step_key, in_flight, self.logprobs_mode)
         return out._replace(token_ids=jnp.pad(out.token_ids, (0, self.max_rows - out.token_ids.shape[0])))
 
     supports_async = True  # dispatch / collect may overlap steps (jaxllm.engine.engine_core)

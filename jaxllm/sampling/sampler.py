@@ -12,6 +12,12 @@ With async scheduling a row's newest output token may still be on the device (sa
 missing from ``SamplingMetadata.output_token_ids``): the caller's program passes it as ``in_flight_tokens`` and the
 penalties count it with the rest (``in_flight_output_tokens`` gathers it from the in-flight step's samples).
 
+What the logprobs hold is the engine's ``logprobs_mode`` (vLLM's): ``raw_logprobs`` (the default) and
+``raw_logits`` take the model's logits before any processing (log-softmaxed or as they are); ``processed_logprobs``
+and ``processed_logits`` take the values each row's token was chosen from: for a sampled row its logits after every
+processor, temperature, top-k/top-p and min-p (filtered tokens -inf), for a greedy row after the processors (allowed
+ids, logit bias, penalties, bans). Prompt logprobs are not affected (vLLM's are not either).
+
 Keys: a seeded row uses ``seeded_request_key(seed, sample_index, output_position)``, which depends on nothing else, so
 it samples the same tokens whatever batch or row it lands in; an unseeded row's key comes from ``step_key`` and its row.
 Pure and jittable; no host syncs.
@@ -24,6 +30,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxllm.config import LOGPROBS_MODES
 from jaxllm.sampling.logits_processors import (
     apply_allowed_token_ids,
     apply_logit_bias,
@@ -108,10 +115,17 @@ def sampling_logits(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
 
 
 def sample(
-    logits: jax.Array, md: SamplingMetadata, step_key: jax.Array, in_flight_tokens: jax.Array | None = None
+    logits: jax.Array,
+    md: SamplingMetadata,
+    step_key: jax.Array,
+    in_flight_tokens: jax.Array | None = None,
+    logprobs_mode: str = "raw_logprobs",
 ) -> SamplerOutput:
     """logits [S, V] -> one token per row (and logprobs when md.max_num_logprobs > 0). Jittable; md is an argument.
-    ``in_flight_tokens [S]`` (-1 none): each row's output token still on the device, for the penalties."""
+    ``in_flight_tokens [S]`` (-1 none): each row's output token still on the device, for the penalties;
+    ``logprobs_mode`` (static, one of ``LOGPROBS_MODES``): what the logprobs hold (module docstring)."""
+    if logprobs_mode not in LOGPROBS_MODES:
+        raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {logprobs_mode!r}")
     if logits.ndim != 2 or logits.shape[0] != md.num_rows:
         raise ValueError(f"logits must be [S={md.num_rows}, V], got shape {logits.shape}")
     logits = logits.astype(jnp.float32)
@@ -119,14 +133,23 @@ def sample(
         logits = apply_token_bitmask(logits, md.token_bitmask)
     processed = process_logits(logits, md, in_flight_tokens)
     token_ids = jnp.argmax(processed, axis=-1).astype(jnp.int32)  # [S] greedy choice
+    chosen_from = processed  # what each row's token was chosen from
     if not md.all_greedy:
-        sampled = _gumbel_argmax(sampling_logits(processed, md), row_keys(md, step_key))
-        token_ids = jnp.where(md.temperature < GREEDY_TEMPERATURE_EPS, token_ids, sampled)
-    return _with_logprobs(logits, token_ids, md.max_num_logprobs)
+        is_greedy = md.temperature < GREEDY_TEMPERATURE_EPS
+        drawn_from = sampling_logits(processed, md)
+        sampled = _gumbel_argmax(drawn_from, row_keys(md, step_key))
+        token_ids = jnp.where(is_greedy, token_ids, sampled)
+        chosen_from = jnp.where(is_greedy[:, None], processed, drawn_from)
+    source = logits if logprobs_mode.startswith("raw") else chosen_from
+    return _with_logprobs(source, token_ids, md.max_num_logprobs, as_logits=logprobs_mode.endswith("logits"))
 
 
-def _with_logprobs(raw_logits: jax.Array, token_ids: jax.Array, max_num_logprobs: int) -> SamplerOutput:
-    num_rows, vocab_size = raw_logits.shape
+def _with_logprobs(
+    source: jax.Array, token_ids: jax.Array, max_num_logprobs: int, as_logits: bool = False
+) -> SamplerOutput:
+    """The sampled tokens' values and the top ``max_num_logprobs`` of ``source`` per row: its log-softmax, or
+    ``source`` itself with ``as_logits``."""
+    num_rows, vocab_size = source.shape
     if max_num_logprobs == 0:
         return SamplerOutput(
             token_ids,
@@ -134,7 +157,7 @@ def _with_logprobs(raw_logits: jax.Array, token_ids: jax.Array, max_num_logprobs
             jnp.zeros((num_rows, 0), jnp.int32),
             jnp.zeros((num_rows, 0), jnp.float32),
         )
-    logprobs = jax.nn.log_softmax(raw_logits, axis=-1)  # [S, V]
+    logprobs = source if as_logits else jax.nn.log_softmax(source, axis=-1)  # [S, V]
     sampled_logprob = jnp.take_along_axis(logprobs, token_ids[:, None], axis=-1)[:, 0]  # [S]
     top_logprobs, top_token_ids = jax.lax.top_k(logprobs, min(max_num_logprobs, vocab_size))  # [S, k]
     return SamplerOutput(token_ids, sampled_logprob, top_token_ids.astype(jnp.int32), top_logprobs)

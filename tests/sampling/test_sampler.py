@@ -323,6 +323,68 @@ def test_logprobs_are_the_raw_log_softmax_not_the_processed_one():
     np.testing.assert_array_equal(np.asarray(no_logprobs.token_ids), tokens)
 
 
+def test_in_flight_tokens_count_as_outputs_in_the_penalties():
+    """A row's output token still on the device (async scheduling) is penalised as if it were in its history."""
+    rng = np.random.default_rng(21)
+    logits, prompt, output, penalties = penalty_case(rng)
+    in_flight = rng.integers(0, 12, len(logits)).astype(np.int32)
+    in_flight[::3] = -1  # rows with nothing in flight
+    md = make_metadata(len(logits), prompt=prompt, output=output, **penalties)
+    with_token = np.concatenate([output, in_flight[:, None]], axis=1)
+    expected = ref_penalties(logits, prompt, with_token, *penalties.values())
+    got = jax.jit(process_logits)(logits, md, in_flight)
+    np.testing.assert_allclose(np.asarray(got), expected, **F32_TOL)
+    without = ref_penalties(logits, prompt, output, *penalties.values())
+    assert not np.allclose(expected, without), "the in-flight tokens should change some penalised logit"
+
+
+def ref_log_softmax_masked(x):
+    """log-softmax over the finite entries; -inf stays -inf."""
+    x = np.asarray(x, np.float64)
+    finite = np.isfinite(x)
+    out = np.full(x.shape, -np.inf)
+    for s in range(len(x)):
+        row = x[s, finite[s]]
+        out[s, finite[s]] = row - row.max() - np.log(np.exp(row - row.max()).sum())
+    return out
+
+
+@pytest.mark.parametrize("mode", ["raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits"])
+def test_logprobs_modes_hold_what_each_names(mode):
+    """vLLM's logprobs_mode: raw values from the model's logits; processed ones from what each row's token was chosen
+    from (greedy rows: after the penalties; sampled rows: after temperature, top-k, top-p and min-p too)."""
+    rng = np.random.default_rng(17)
+    logits, prompt, output, penalties = penalty_case(rng)
+    num_rows = len(logits)
+    temperature = np.where(np.arange(num_rows) % 2 == 0, 0.0, 0.7).astype(np.float32)
+    filters = dict(top_k=6, top_p=0.9, min_p=0.05)
+    md = make_metadata(num_rows, temperature=temperature, prompt=prompt, output=output, max_num_logprobs=1,
+                       **filters, **penalties)  # fmt: skip
+    out = jax.jit(sample, static_argnames="logprobs_mode")(logits, md, jax.random.key(3), logprobs_mode=mode)
+    penalised = ref_penalties(logits, prompt, output, *penalties.values())
+    processed = penalised.copy()
+    for s in np.flatnonzero(temperature > 0):
+        scaled = penalised[s] / temperature[s]
+        processed[s] = np.where(ref_kept_tokens(scaled, **filters), scaled, -np.inf)
+    expected = {
+        "raw_logprobs": ref_log_softmax(logits),
+        "raw_logits": np.asarray(logits, np.float64),
+        "processed_logprobs": ref_log_softmax_masked(processed),
+        "processed_logits": processed,
+    }[mode]
+    tokens = np.asarray(out.token_ids)
+    assert np.isfinite(processed[np.arange(num_rows), tokens]).all()  # every token was among its row's kept ones
+    np.testing.assert_allclose(np.asarray(out.sampled_logprob), expected[np.arange(num_rows), tokens], **F32_TOL)
+    np.testing.assert_array_equal(np.asarray(out.top_token_ids)[:, 0], expected.argmax(-1))
+    np.testing.assert_allclose(np.asarray(out.top_logprobs)[:, 0], expected.max(-1), **F32_TOL)
+
+
+def test_an_unknown_logprobs_mode_is_an_error():
+    md = make_metadata(2, max_num_logprobs=1)
+    with pytest.raises(ValueError, match="logprobs_mode"):
+        sample(np.zeros((2, 8), np.float32) + 1.0, md, jax.random.key(0), logprobs_mode="logits")
+
+
 # ---- keys and seeds ----
 
 
