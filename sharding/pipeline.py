@@ -71,6 +71,10 @@ def greedy_head(logits: jax.Array, head_args, in_flight_tokens: jax.Array) -> di
     return {"token_ids": jnp.argmax(logits, axis=-1).astype(jnp.int32)}  # [S]
 
 
+def _zero_pending_tokens(rows: int, placement) -> jax.Array:
+    return jax.device_put(np.zeros(rows, np.int32), placement)
+
+
 def _zero_caches(shape, dtype, num_layers: int) -> list:
     return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(num_layers)]
 
@@ -330,13 +334,13 @@ class PipelinedModel:
 
     @functools.cached_property
     def _no_pending_tokens(self) -> jax.Array:
-        return jax.device_put(np.zeros(self.pending_rows, np.int32), replicated(self.stages[0].mesh))
+        """The first stage's pending-token vector when nothing is pending: zeros shaped as a fed one."""
+        return _zero_pending_tokens(self.pending_rows, replicated(self.stages[0].mesh))
 
     @functools.cached_property
     def _no_in_flight_tokens(self) -> jax.Array:
-        """The head's pending-token vector when nothing is pending: zeros shaped as a fed one, on the head's devices."""
-        rows = 1 if self.token_rows is None else self.pending_rows
-        return jax.device_put(np.zeros(rows, np.int32), self._head_placement)
+        """The same for the head, on its devices (a vector of one without ``token_rows``: nothing can be fed)."""
+        return _zero_pending_tokens(1 if self.token_rows is None else self.pending_rows, self._head_placement)
 
     def _stage_args(self, stage: Stage, inputs, batch: StepBatch, pending_tokens=None, prompt=None) -> tuple:
         """The stage program's arguments: the step's host arrays, the first stage's token ids among them, go over

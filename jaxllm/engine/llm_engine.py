@@ -92,8 +92,9 @@ class LLMEngine:
             return [runner], resolved
         return build_mesh_runners(self.config, source, self.model_config, self.kv_dtype, mesh)
 
-    def _runner_options(self, config: EngineConfig) -> dict:
+    def _runner_options(self) -> dict:
         """The one-device runner's keyword arguments from the engine's config."""
+        config = self.config
         return {"seed": config.seed, "compiler_options": self.compiler_options, "logprobs_mode": config.logprobs_mode}
 
     def _build_runner(self, model) -> tuple[ModelRunner, object]:
@@ -109,10 +110,10 @@ class LLMEngine:
                 config, model_config, setup.num_kv_blocks(config, model_config, self.kv_dtype)
             )
             setup.log_kv_cache(resolved, model_config, self.kv_dtype)
-            runner = ModelRunner(model, resolved, self.kv_dtype, **self._runner_options(config))
+            runner = ModelRunner(model, resolved, self.kv_dtype, **self._runner_options())
             return runner, resolved
         probe = setup.resolve_limits(config, model_config, num_blocks=2)
-        runner = ModelRunner(model, probe, self.kv_dtype, **self._runner_options(config))
+        runner = ModelRunner(model, probe, self.kv_dtype, **self._runner_options())
         small = probe.max_blocks_per_request + 1
         temp_small, temp_large = runner.step_temp_bytes(small), runner.step_temp_bytes(2 * small)
         temp_per_block = max(0, temp_large - temp_small) / small

@@ -94,25 +94,42 @@ def test_async_equals_sync(tiny_model_dir, prompts, stop_token, engine_options):
     assert_same_outputs(outputs_of(fast, prompts, params), outputs_of(sync, prompts, params))
 
 
+class StepLog:
+    """Records ``runner``'s dispatches and collects in order."""
+
+    def __init__(self, runner):
+        self.kinds: list[str] = []
+        dispatch, collect = runner.dispatch, runner.collect
+
+        def recording_dispatch(scheduler_output, prev=None):
+            self.kinds.append("dispatch")
+            return dispatch(scheduler_output, prev)
+
+        def recording_collect(step):
+            self.kinds.append("collect")
+            return collect(step)
+
+        runner.dispatch, runner.collect = recording_dispatch, recording_collect
+
+    @property
+    def num_ahead(self) -> int:
+        """Dispatches made while another step was in flight (not yet collected)."""
+        in_flight, ahead = 0, 0
+        for kind in self.kinds:
+            if kind == "dispatch":
+                ahead += in_flight > 0
+                in_flight += 1
+            else:
+                in_flight -= 1
+        return ahead
+
+
 def test_steps_overlap(tiny_model_dir, prompts):
     """The next step is dispatched before the previous one is collected (that is the point)."""
     llm = make_llm(tiny_model_dir)
-    runner = llm.llm_engine.runner
-    events = []
-    dispatch, collect = runner.dispatch, runner.collect
-
-    def recording_dispatch(scheduler_output, prev=None):
-        step = dispatch(scheduler_output, prev)
-        events.append(("dispatch", id(step)))
-        return step
-
-    def recording_collect(step):
-        events.append(("collect", id(step)))
-        return collect(step)
-
-    runner.dispatch, runner.collect = recording_dispatch, recording_collect
+    log = StepLog(llm.llm_engine.runner)
     llm.generate(prompts[:4], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), use_tqdm=False)
-    kinds = [kind for kind, _ in events]
+    kinds = log.kinds
     assert kinds[:3] == ["dispatch", "dispatch", "collect"]
     assert kinds.count("collect") == 6 + 1  # 1 prefill step + 5 decode steps
     assert kinds.count("dispatch") >= kinds.count("collect")
@@ -167,36 +184,6 @@ def penalty_params() -> list[SamplingParams]:
         else:
             params.append(SamplingParams(temperature=0.0, max_tokens=max_tokens))
     return params
-
-
-class StepLog:
-    """Records ``runner``'s dispatches and collects in order."""
-
-    def __init__(self, runner):
-        self.kinds: list[str] = []
-        dispatch, collect = runner.dispatch, runner.collect
-
-        def recording_dispatch(scheduler_output, prev=None):
-            self.kinds.append("dispatch")
-            return dispatch(scheduler_output, prev)
-
-        def recording_collect(step):
-            self.kinds.append("collect")
-            return collect(step)
-
-        runner.dispatch, runner.collect = recording_dispatch, recording_collect
-
-    @property
-    def num_ahead(self) -> int:
-        """Dispatches made while another step was in flight (not yet collected)."""
-        in_flight, ahead = 0, 0
-        for kind in self.kinds:
-            if kind == "dispatch":
-                ahead += in_flight > 0
-                in_flight += 1
-            else:
-                in_flight -= 1
-        return ahead
 
 
 @pytest.mark.parametrize(
