@@ -10,6 +10,11 @@ Ops the partitioner cannot split (Pallas kernels are opaque custom calls, which 
 operands) go through ``per_shard``: with rules installed they run under ``jax.shard_map``, each device on its own
 shard of the arguments as their logical axes place them (attention and the KV-cache write work per head, so no
 communication is needed).
+
+The sums over shards that ``per_shard`` makes (row-parallel products) are ``jax.lax.psum`` by default; with
+``JAXLLM_PALLAS_ALL_REDUCE=1`` those a single GPU process can do with ``pallas_kernels.all_reduce``'s one-shot Mosaic
+GPU kernel use it (small operands on a mesh of the process's devices in id order), so XLA can keep them inside the
+step's CUDA graph; ``reduces_in_kernel`` says when a bf16 ``Linear`` should route its product here for that.
 """
 
 from __future__ import annotations
@@ -19,7 +24,11 @@ import contextvars
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxllm.config import env_switch
+from pallas_kernels import all_reduce as all_reduce_kernel
 
 HIDDEN = ("tokens", "embed")  # [T, D] residual stream
 Q_HEADS = ("tokens", "q_heads")  # [T, N*H] query projection and attention output
@@ -31,6 +40,7 @@ KV_CACHE = ("kv_blocks", "block_slots", "kv_heads", "head_dim")  # [P, L, K, H] 
 REPLICATED = None  # an argument every shard gets whole (step metadata)
 
 LogicalAxes = Sequence[str] | None
+PALLAS_ALL_REDUCE_ENV = "JAXLLM_PALLAS_ALL_REDUCE"
 
 _installed: contextvars.ContextVar[tuple[Mesh, Mapping[str, str | None]] | None] = contextvars.ContextVar(
     "jaxllm_activation_sharding", default=None
@@ -78,7 +88,7 @@ def per_shard(
     if reduce_axis is not None:
 
         def per_device(*args):
-            return tuple(jax.lax.psum(out, reduce_axis) for out in fn(*args))
+            return tuple(_sum_over_shards(out, reduce_axis, mesh) for out in fn(*args))
 
     def spec(axes: LogicalAxes) -> PartitionSpec:
         return PartitionSpec() if axes is None else PartitionSpec(*(rules[name] for name in axes))
@@ -90,3 +100,31 @@ def per_shard(
         out_specs=tuple(spec(axes) for axes in out_axes),
         check_vma=False,  # Pallas kernels do not declare how their outputs vary over the mesh
     )
+
+
+def reduces_in_kernel(contracted_axis: str) -> bool:
+    """Whether a product contracting ``contracted_axis`` should go through ``per_shard`` so that its sum over shards
+    can be the Pallas all-reduce: the switch is on and the installed rules split that axis."""
+    installed = _installed.get()
+    if installed is None or not env_switch(PALLAS_ALL_REDUCE_ENV):
+        return False
+    mesh, rules = installed
+    axis = rules.get(contracted_axis)
+    return axis is not None and mesh.shape[axis] > 1
+
+
+def _sum_over_shards(x: jax.Array, axis: str, mesh: Mesh) -> jax.Array:
+    """``x`` summed over mesh axis ``axis`` inside ``shard_map``: the Pallas one-shot all-reduce where it applies (see
+    the module docstring), else ``psum``."""
+    return all_reduce_kernel.all_reduce(x, axis, impl=_all_reduce_impl(x, mesh))
+
+
+def _all_reduce_impl(x: jax.Array, mesh: Mesh) -> str:
+    if not env_switch(PALLAS_ALL_REDUCE_ENV):
+        return "xla"
+    devices = mesh.devices.ravel()
+    one_gpu_process = all(d.platform == "gpu" and d.process_index == devices[0].process_index for d in devices)
+    in_id_order = np.array_equal(mesh.device_ids.ravel(), np.arange(mesh.size))  # Mosaic GPU's rule for peer ids
+    small = x.size * x.dtype.itemsize <= all_reduce_kernel.MAX_OPERAND_BYTES
+    usable = one_gpu_process and in_id_order and small and all_reduce_kernel.supports(x.shape, x.dtype)
+    return "pallas_gpu" if usable else "xla"
