@@ -8,32 +8,39 @@ exits, waits until every peer has read its operand. It is one custom call: XLA c
 step around it, where its own all-reduce kernel always ends the graph (``benchmarks/RESULTS.md``).
 
 ``all_reduce(x, axis_name, impl=)``: ``"pallas_gpu"`` (this kernel; NVIDIA Hopper, one process driving the mesh's
-devices) or ``"xla"`` (``jax.lax.psum``, the reference). ``supports(shape, dtype)`` says which operands the kernel
-takes.
+devices, which must be in device-id order) or ``"xla"`` (``jax.lax.psum``, the reference). ``supports(shape, dtype)``
+says which operands the kernel takes.
+
+Measured in jax 0.11.2 (``benchmarks/RESULTS.md``, session 24): correct and inside the graph, but slower than XLA's
+own all-reduce there, because XLA re-runs each kernel's peer-address exchange (a host rendezvous and a copy) and a
+cross-device barrier kernel on every execution, and a graph's launch costs the host about the same per kernel node
+however the nodes are grouped. Hence opt-in (``JAXLLM_PALLAS_ALL_REDUCE``, ``jaxllm.models.activation_sharding``).
 """
 
 from __future__ import annotations
 
-import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 IMPLS = ("xla", "pallas_gpu")
+DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 _LANES = 128  # threads of one warpgroup, which runs one block
-_VECTOR = 8  # bf16 elements per 16-byte load
-ROW_ELEMENTS = _LANES * _VECTOR * 2  # elements one block adds per loop step
+_LOADS_PER_ROW = 2  # 16-byte loads per thread per row
 MAX_BLOCKS = 16
 MAX_OPERAND_BYTES = 4 << 20  # larger sums (prefill) stay with XLA, whose kernels are not launch-bound there
 
 
+def row_elements(dtype) -> int:
+    """Elements one block adds per loop step: every thread of the warpgroup makes ``_LOADS_PER_ROW`` 16-byte loads."""
+    return _LANES * _LOADS_PER_ROW * 16 // jnp.dtype(dtype).itemsize
+
+
 def supports(shape: tuple[int, ...], dtype) -> bool:
-    """Whether the kernel takes an operand of ``shape`` / ``dtype`` (bf16 or f16, a whole number of rows)."""
-    size = 1
-    for dim in shape:
-        size *= dim
-    return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and size % ROW_ELEMENTS == 0
+    """Whether the kernel takes an operand of ``shape`` / ``dtype``: one of ``DTYPES``, whole rows of the kernel."""
+    return jnp.dtype(dtype) in DTYPES and math.prod(shape) % row_elements(dtype) == 0
 
 
 def all_reduce(x: jax.Array, axis_name: str, impl: str = "xla") -> jax.Array:
@@ -42,10 +49,11 @@ def all_reduce(x: jax.Array, axis_name: str, impl: str = "xla") -> jax.Array:
         raise ValueError(f"unknown all_reduce impl {impl!r}; expected one of {IMPLS}")
     if impl == "xla":
         return lax.psum(x, axis_name)
+    if jnp.dtype(x.dtype) not in DTYPES:
+        raise ValueError(f"the pallas_gpu all-reduce takes {[str(d) for d in DTYPES]} operands, got {x.dtype}")
     if not supports(x.shape, x.dtype):
         raise ValueError(
-            f"the pallas_gpu all-reduce takes bf16/f16 operands of a multiple of {ROW_ELEMENTS} elements, "
-            f"got {x.dtype} {x.shape}"
+            f"the pallas_gpu all-reduce takes a multiple of {row_elements(x.dtype)} {x.dtype} elements, got {x.shape}"
         )
     return _one_shot(x, axis_name)
 
@@ -55,9 +63,9 @@ def _one_shot(x: jax.Array, axis_name: str) -> jax.Array:
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     num_devices = lax.axis_size(axis_name)
-    rows = x.size // ROW_ELEMENTS
+    rows = x.size // row_elements(x.dtype)
     num_blocks = min(rows, MAX_BLOCKS)
-    flat = x.reshape(rows, ROW_ELEMENTS)
+    flat = x.reshape(rows, row_elements(x.dtype))
 
     def kernel(x_ref, y_ref, ready, done):
         me = lax.axis_index(axis_name)
@@ -87,6 +95,3 @@ def _one_shot(x: jax.Array, axis_name: str) -> jax.Array:
         scratch_types=[plgpu.SemaphoreType.REGULAR, plgpu.SemaphoreType.REGULAR],
     )(flat)
     return reduced.reshape(x.shape)
-
-
-all_reduce_xla = functools.partial(all_reduce, impl="xla")
