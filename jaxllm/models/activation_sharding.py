@@ -14,7 +14,7 @@ communication is needed).
 The sums over shards that ``per_shard`` makes (row-parallel products) are ``jax.lax.psum`` by default; with
 ``JAXLLM_PALLAS_ALL_REDUCE=1`` those a single GPU process can do with ``pallas_kernels.all_reduce``'s one-shot Mosaic
 GPU kernel use it (small operands on a mesh of the process's devices in id order), so XLA can keep them inside the
-step's CUDA graph; ``reduces_in_kernel`` says when a bf16 ``Linear`` should route its product here for that.
+step's CUDA graph; ``reduces_in_kernel`` says when an unquantized ``Linear`` should route its product here for that.
 """
 
 from __future__ import annotations

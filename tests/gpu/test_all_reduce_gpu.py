@@ -1,9 +1,8 @@
 """On the GPU machine (marker ``gpu``): the one-shot Mosaic GPU all-reduce (``pallas_kernels.all_reduce``) compiled
-and run on two or more GPUs of one process. Its sums equal XLA's ``psum`` bit for bit (both add in device order in
-float32 and round once), and a tensor-parallel mesh with ``JAXLLM_PALLAS_ALL_REDUCE=1`` produces one device's greedy
+and run on two or more GPUs of one process. Its sums (float32 additions in device order, rounded
+once) equal XLA's ``psum`` bit for bit, and a tensor-parallel mesh with ``JAXLLM_PALLAS_ALL_REDUCE=1`` produces one device's greedy
 tokens and logits with the row-parallel sums in the kernel (one XLA all-reduce left: the vocab-split embedding)."""
 
-import functools
 import re
 
 import jax
@@ -14,26 +13,14 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxllm.models import activation_sharding as act
-from pallas_kernels.all_reduce import all_reduce
 from sharding.runner import padding_batch
+from tests.kernels.test_all_reduce import summed_over
 
 ON_GPU = jax.default_backend() == "gpu"
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not (ON_GPU and jax.device_count() >= 2), reason="needs 2 GPUs of one process"),
 ]
-
-
-def summed_over(mesh: Mesh, impl: str):
-    return jax.jit(
-        jax.shard_map(
-            functools.partial(all_reduce, axis_name="tp", impl=impl),
-            mesh=mesh,
-            in_specs=P("tp"),
-            out_specs=P(),
-            check_vma=False,
-        )
-    )
 
 
 @pytest.mark.parametrize("num_devices", sorted({2, jax.device_count()}))
