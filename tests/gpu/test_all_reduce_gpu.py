@@ -1,6 +1,6 @@
 """On the GPU machine (marker ``gpu``): the one-shot Mosaic GPU all-reduce (``pallas_kernels.all_reduce``) compiled
-and run on two or more GPUs of one process. Its sums (float32 additions in device order, rounded
-once) equal XLA's ``psum`` bit for bit, and a tensor-parallel mesh with ``JAXLLM_PALLAS_ALL_REDUCE=1`` produces one device's greedy
+and run on two or more GPUs of one process. Its sums (float32 additions in device order, rounded once) equal XLA's
+``psum`` bit for bit, and a tensor-parallel mesh with ``JAXLLM_PALLAS_ALL_REDUCE=1`` produces one device's greedy
 tokens and logits with the row-parallel sums in the kernel (one XLA all-reduce left: the vocab-split embedding)."""
 
 import re
