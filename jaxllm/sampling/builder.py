@@ -201,17 +201,20 @@ class SamplingMetadataBuilder:
 
     @staticmethod
     def _token_bitmask(requests: list[Request], columns: _ParamColumns, num_rows: int) -> np.ndarray | None:
-        """[S, W] int32, each grammar row's allowed next tokens and every token elsewhere (W from the grammars'
-        vocabulary, the model's); None without grammar rows. A grammar row has no token on the device but this
-        step's own (the engine does not schedule ahead of it)."""
+        """[S, W] int32, each sampling grammar row's allowed next tokens and every token elsewhere (W from the
+        grammars' vocabulary, the model's); None without grammar rows. A grammar row has no token on the device but
+        this step's own (the engine does not schedule ahead of it), so it samples this step exactly when it has one
+        pending token; a prompt chunk before the last (none pending) keeps every token, its sample being dropped,
+        and its grammar is not asked for a mask (host time per row and step)."""
         if not columns.structured_rows:
             return None
-        rows = [(row, requests[row].structured_output) for row in columns.structured_rows]
-        for row, _ in rows:
+        for row in columns.structured_rows:
             if requests[row].num_pending_tokens > 1:
                 raise RuntimeError(f"request {requests[row].request_id!r} follows a grammar but has tokens in flight")
-        out = np.full((num_rows, rows[0][1].bitmask_width), -1, np.int32)
-        fill_bitmasks(rows, out)
+        width = requests[columns.structured_rows[0]].structured_output.bitmask_width
+        out = np.full((num_rows, width), -1, np.int32)
+        sampling = [row for row in columns.structured_rows if requests[row].num_pending_tokens == 1]
+        fill_bitmasks([(row, requests[row].structured_output) for row in sampling], out)
         return out
 
     def _token_histories(

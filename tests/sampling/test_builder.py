@@ -157,3 +157,32 @@ def test_more_requests_than_rows_raises():
     with pytest.raises(ValueError) as e:
         build_sampling_metadata(requests, 2)
     assert "num_rows=2" in str(e.value) and "(3)" in str(e.value)
+
+
+class CountingMatcher:
+    """A grammar matcher stand-in: allows only token 3 and counts the masks asked of it."""
+
+    bitmask_width = 2
+
+    def __init__(self):
+        self.masks = 0
+
+    def fill_bitmask(self, row):
+        self.masks += 1
+        row[:] = [1 << 3, 0]
+
+
+def test_grammar_rows_get_a_mask_only_when_they_sample():
+    """A grammar row whose prompt chunk is not its last (nothing pending: its sample is dropped) keeps every token
+    and its matcher is not asked; the row that samples (one pending token) gets its grammar's mask."""
+    rng = np.random.default_rng(7)
+    chunked, sampling = CountingMatcher(), CountingMatcher()
+    requests = [make_request(rng, "plain"), make_request(rng, "chunked"), make_request(rng, "sampling")]
+    requests[1].structured_output, requests[2].structured_output = chunked, sampling
+    requests[2].num_pending_tokens = 1
+    md = build_sampling_metadata(requests, 4)
+    np.testing.assert_array_equal(md.token_bitmask, [[-1, -1], [-1, -1], [1 << 3, 0], [-1, -1]])
+    assert (chunked.masks, sampling.masks) == (0, 1)
+    requests[2].num_pending_tokens = 2
+    with pytest.raises(RuntimeError, match="'sampling' follows a grammar but has tokens in flight"):
+        build_sampling_metadata(requests, 4)
