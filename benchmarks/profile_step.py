@@ -14,7 +14,9 @@ device threads, so only the wall time is reported.
 The launch path: host events whose names say CUDA graph or command-buffer work (``cuGraphLaunch``,
 ``cuGraphExecUpdate``, XLA's command-buffer record / update / execute spans, kernel launches), with calls and time per
 step, summed over every host thread (one per GPU on a mesh). A multi-GPU step whose graphs are updated every step
-shows about one update per graph per GPU."""
+shows about one update per graph per GPU. ``cuGraphLaunch`` time per device op: the host's cost of launching a
+graph grows with the kernels in it (2.3-2.8 us per op on two H200s, however the kernels are grouped into graphs:
+``benchmarks/RESULTS.md``, session 24), so a step's device-op count is what a fusion has to lower."""
 
 from __future__ import annotations
 
@@ -87,6 +89,18 @@ def launch_path_ops(trace: dict, num_steps: int) -> list[dict]:
     ]
 
 
+def graph_launch_cost(launch_path: list[dict], num_device_ops: float) -> dict:
+    """Device ops per step (every device; kernels and copies, about a step's graph nodes), ``cuGraphLaunch`` host
+    time per step (every host thread) and that time per device op, from ``launch_path_ops`` rows."""
+    launch_ms = sum(op["ms_per_step"] for op in launch_path if op["name"].startswith("cuGraphLaunch"))
+    per_op_us = launch_ms * 1e3 / num_device_ops if num_device_ops else None
+    return {
+        "device_ops_per_step": num_device_ops,
+        "graph_launch_ms_per_step": launch_ms,
+        "graph_launch_us_per_device_op": per_op_us,
+    }
+
+
 def busy_time_us(events: list[dict]) -> float:
     """Length of the union of the events' intervals (streams overlap)."""
     total, end = 0.0, float("-inf")
@@ -116,6 +130,7 @@ def summarize(trace_dir: pathlib.Path, num_steps: int, wall_s: float) -> dict:
     step_us = wall_s * 1e6 / num_steps
     busy_us = busy_time_us(events) / num_steps
     per_step = {label: us / num_steps for label, us in sorted(split.items())}
+    launch_path = launch_path_ops(trace, num_steps)
     return {
         "trace": str(paths[-1]),
         "step_wall_ms": step_us / 1e3,
@@ -132,7 +147,8 @@ def summarize(trace_dir: pathlib.Path, num_steps: int, wall_s: float) -> dict:
             }
             for name, (us, n) in top
         ],
-        "launch_path": launch_path_ops(trace, num_steps),
+        "launch_path": launch_path,
+        **graph_launch_cost(launch_path, len(events) / num_steps),
     }
 
 
@@ -214,6 +230,13 @@ def main(argv=None) -> dict:
     print("costliest device ops (ms per step, calls per step, class, name):")
     for op in record["top_ops"]:
         print(f"  {op['ms_per_step']:8.3f} {op['calls_per_step']:6.1f}  {op['class']:9s} {op['name'][:100]}")
+    if record["graph_launch_us_per_device_op"] is not None:
+        ops, launch_ms = record["device_ops_per_step"], record["graph_launch_ms_per_step"]
+        per_op = record["graph_launch_us_per_device_op"]
+        print(
+            f"device ops per step {ops:.0f} (all devices); cuGraphLaunch {launch_ms:.2f} ms per step, "
+            f"{per_op:.2f} us per op"
+        )
     print("launch path, host events summed over host threads (ms per step, calls per step, name):")
     for op in record["launch_path"][:TOP_OPS]:
         print(f"  {op['ms_per_step']:8.3f} {op['calls_per_step']:6.1f}  {op['name'][:100]}")

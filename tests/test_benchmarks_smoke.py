@@ -69,6 +69,19 @@ def test_profile_step_launch_path_counts_host_graph_work_per_step():
     assert ops[1]["calls_per_step"] == 3 and ops[1]["ms_per_step"] == 0.09
 
 
+def test_profile_step_graph_launch_cost_is_per_device_op():
+    from benchmarks.profile_step import graph_launch_cost
+
+    launch_path = [
+        {"name": "cuGraphLaunch (CudaGraph:7)", "ms_per_step": 2.0, "calls_per_step": 1.0},
+        {"name": "cuGraphLaunch (CudaGraph:9)", "ms_per_step": 0.5, "calls_per_step": 1.0},
+        {"name": "command_buffer::execute", "ms_per_step": 3.0, "calls_per_step": 2.0},  # encloses the launches
+    ]
+    cost = graph_launch_cost(launch_path, num_device_ops=1000.0)
+    assert cost["graph_launch_ms_per_step"] == 2.5 and cost["graph_launch_us_per_device_op"] == 2.5
+    assert graph_launch_cost(launch_path, num_device_ops=0.0)["graph_launch_us_per_device_op"] is None  # CPU
+
+
 def test_compare_hf_smoke_reports_ratios():
     import pytest
 
