@@ -208,13 +208,16 @@ class SamplingMetadataBuilder:
         and its grammar is not asked for a mask (host time per row and step)."""
         if not columns.structured_rows:
             return None
+        sampling = []
         for row in columns.structured_rows:
-            if requests[row].num_pending_tokens > 1:
-                raise RuntimeError(f"request {requests[row].request_id!r} follows a grammar but has tokens in flight")
+            request = requests[row]
+            if request.num_pending_tokens > 1:
+                raise RuntimeError(f"request {request.request_id!r} follows a grammar but has tokens in flight")
+            if request.num_pending_tokens == 1:
+                sampling.append((row, request.structured_output))
         width = requests[columns.structured_rows[0]].structured_output.bitmask_width
         out = np.full((num_rows, width), -1, np.int32)
-        sampling = [row for row in columns.structured_rows if requests[row].num_pending_tokens == 1]
-        fill_bitmasks([(row, requests[row].structured_output) for row in sampling], out)
+        fill_bitmasks(sampling, out)
         return out
 
     def _token_histories(
