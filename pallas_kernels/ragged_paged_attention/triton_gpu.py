@@ -35,7 +35,6 @@ from pallas_kernels.ragged_paged_attention import tile_plan as plan_lib
 _LOG2E = math.log2(math.e)
 _EXACT = lax.Precision.HIGHEST  # float32 inputs multiply in IEEE float32, never TF32; bf16 is unaffected
 _INIT_MAX = -1e30  # finite start of the running max; masked scores are -inf, so exp2 turns them into exact zeros
-WHOLE_BUCKET_SHORT_ROWS = 64  # the widest short tile default_configs picks to cover a whole token bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,24 +320,16 @@ def default_configs(
     itemsize: int = 2,
     num_cores: int = 132,
 ) -> tuple[KernelConfig, KernelConfig]:
-    """(short-query config, long-query config) for these static shapes on a GPU with ``num_cores`` SMs.
-
-    A bucket small enough that one short tile holds all its tokens (``T x G`` rows, rounded up to a power of two, at
-    most ``WHOLE_BUCKET_SHORT_ROWS``: the batch-1 and small-batch decode buckets) gets short tiles that wide, so no
-    query is long and the long-query launch (on Hopper the Mosaic kernel with its padding and tile metadata) is
-    never issued: three to four fewer device ops per layer in a decode step whose bucket holds a few tokens."""
-    group = num_heads // num_kv_heads
-    group_rows = _next_power_of_two(group)
+    """(short-query config, long-query config) for these static shapes on a GPU with ``num_cores`` SMs."""
+    group_rows = _next_power_of_two(num_heads // num_kv_heads)
     wide_head = head_dim * itemsize > 256 or itemsize > 2  # big rows or f32 math: smaller tiles fit registers
     splits = 1  # split the KV axis of short queries only while the (request, KV head) programs underfill the GPU
     partial_bytes = num_tokens * num_heads * head_dim * 4
     while num_requests * num_kv_heads * splits < num_cores and splits < 16 and 2 * splits * partial_bytes <= 2**26:
         splits *= 2
-    short_rows, short_kv = max(16, group_rows), 64 if wide_head else 128
-    whole_bucket_rows = _next_power_of_two(num_tokens * group)
-    if short_rows < whole_bucket_rows <= WHOLE_BUCKET_SHORT_ROWS:
-        short_rows, short_kv = whole_bucket_rows, 32 if wide_head else 64  # wider tiles, narrower KV steps
-    short = KernelConfig(block_rows=short_rows, block_kv=short_kv, num_kv_splits=splits, num_warps=4)
+    short = KernelConfig(
+        block_rows=max(16, group_rows), block_kv=64 if wide_head else 128, num_kv_splits=splits, num_warps=4
+    )
     long = KernelConfig(
         block_rows=max(64 if wide_head else 256, group_rows),
         block_kv=32 if wide_head else 64,

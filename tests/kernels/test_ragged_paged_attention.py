@@ -191,35 +191,3 @@ def test_mosaic_sliding_window_soft_cap_and_unused_rows(impl):
     """Window and soft cap on a chunk over a cached prefix; every cache row holding no position is NaN."""
     geo = Geometry(num_heads=4, num_kv_heads=2, head_dim=64, **MOSAIC_GEOMETRY)
     _check_mosaic(impl, geo, "chunked_mixed", seed=8, poison_unused=True, sliding_window=40, soft_cap=2.0)
-
-
-# A bucket of 16 tokens at G = 4: one 64-row short tile holds all its tokens, so queries of up to 16 tokens take the
-# short launch and no long-query launch is issued (triton_gpu.default_configs).
-SMALL_BUCKET_GEOMETRY = dict(num_heads=8, num_kv_heads=2, head_dim=64, num_tokens=16, num_requests=16)
-SMALL_BUCKET_SCENARIO = ([1, 5, 10], [700, 40, 10])  # a decode, a chunk over a cached prefix, a whole prompt
-
-
-@pytest.mark.parametrize("impl", KERNEL_IMPLS + MOSAIC_IMPLS)
-def test_small_bucket_queries_of_every_length_match_naive(impl):
-    geo = Geometry(**SMALL_BUCKET_GEOMETRY)
-    batch = make_batch(9, *SMALL_BUCKET_SCENARIO, geo, jnp.bfloat16, poison_unused=True)
-    options = dict(sm_scale=geo.head_dim**-0.5)
-    out = ragged_paged_attention(*batch.args, impl=impl, **options)
-    check_against_naive(out, batch, jnp.bfloat16, **options)
-
-
-@pytest.mark.parametrize("num_tokens, long_launch", [(16, False), (32, True)], ids=["whole-bucket-tile", "long-launch"])
-def test_small_buckets_lower_to_the_short_launch_alone(num_tokens, long_launch):
-    """Lowered for an H100 (from this host, through an abstract device): the 16-token bucket has one Triton launch
-    and no Mosaic GPU kernel; a 32-token bucket (128 rows, wider than the widest whole-bucket tile) still launches
-    the Mosaic kernel for its long queries."""
-    geo = Geometry(**{**SMALL_BUCKET_GEOMETRY, "num_tokens": num_tokens})
-    short, _ = triton_gpu.default_configs(num_tokens, geo.num_requests, geo.num_heads, geo.num_kv_heads, geo.head_dim)
-    assert (short.block_rows // 4 < num_tokens) == long_launch
-    batch = make_batch(9, *SMALL_BUCKET_SCENARIO, geo, jnp.bfloat16)
-    attend = jax.jit(functools.partial(ragged_paged_attention, impl="pallas_mosaic_gpu", sm_scale=0.125))
-    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
-        module = attend.trace(*batch.args).lower(lowering_platforms=("cuda",)).as_text()
-    assert module.count("__gpu$xla.gpu.triton") == 1
-    assert ("mosaic_gpu" in module) == long_launch
