@@ -15,8 +15,14 @@ The launch path: host events whose names say CUDA graph or command-buffer work (
 ``cuGraphExecUpdate``, XLA's command-buffer record / update / execute spans, kernel launches), with calls and time per
 step, summed over every host thread (one per GPU on a mesh). A multi-GPU step whose graphs are updated every step
 shows about one update per graph per GPU. ``cuGraphLaunch`` time per device op: the host's cost of launching a
-graph grows with the kernels in it (2.3-2.8 us per op on two H200s, however the kernels are grouped into graphs:
-``benchmarks/RESULTS.md``, session 24), so a step's device-op count is what a fusion has to lower."""
+graph grows with the kernels in it (2.3-2.8 us per op on two H200s in session 24), though cutting about a fifth of a
+layer's device ops did not shorten a TP 4 batch-1 step (session 25; both in ``benchmarks/RESULTS.md``).
+
+The forward program's host work: every host event inside the forward program's launches on the first GPU's thread,
+by name with numbers folded, per step: on a mesh it splits the launch into graph launches (one graph per stretch
+between two all-reduces), the all-reduce thunks, and per-step work outside any graph (clique acquisition,
+rendezvous, slices and copies). ``--model`` profiles another config directory, e.g. the job's shape with two layers
+(a quick compile; the per-layer ops are the same)."""
 
 from __future__ import annotations
 
@@ -51,6 +57,8 @@ OP_CLASSES = (  # first match wins; names as XLA, Triton and cuBLAS print them
 
 
 TOP_OPS = 25  # the costliest device ops by name, listed under the split
+FIRST_DEVICE_EXECUTION = "[0] GpuExecutable::ExecuteThunks"  # XLA's span of one device's program launch
+FORWARD_PROGRAM = re.compile(r"jit__traced_forward|jit_program")  # one GPU's forward program, a mesh stage's
 LAUNCH_PATH = re.compile(r"graph|command.?buffer|cuLaunch|LaunchKernel|ExecuteThunks|LaunchOnDevice", re.I)
 
 
@@ -83,6 +91,34 @@ def launch_path_ops(trace: dict, num_steps: int) -> list[dict]:
         if LAUNCH_PATH.search(name):
             total, count = by_name.get(name, (0.0, 0))
             by_name[name] = (total + event["dur"], count + 1)
+    ranked = sorted(by_name.items(), key=lambda item: -item[1][0])
+    return [
+        {"name": name, "ms_per_step": us / 1e3 / num_steps, "calls_per_step": n / num_steps} for name, (us, n) in ranked
+    ]
+
+
+def forward_host_work(trace: dict, num_steps: int) -> list[dict]:
+    """Host events inside the forward program's executions on the first GPU's launch thread (``[0]
+    GpuExecutable::ExecuteThunks`` spans that run ``FORWARD_PROGRAM``), by name with numbers folded
+    (``all-reduce.3.0-fusion.1`` -> ``all-reduce_N_N-fusion_N``): ms and calls per step, costliest first, the
+    execution itself included. Splits a mesh step's host time into graph launches, collective thunks and per-step
+    work (clique acquisition, rendezvous, thunks outside any graph); spans nest, so rows overlap."""
+    device_pids = _device_pids(trace)
+    by_thread: dict[tuple, list[dict]] = {}
+    for event in trace.get("traceEvents", []):
+        if event.get("ph") == "X" and "dur" in event and event.get("pid") not in device_pids:
+            by_thread.setdefault((event["pid"], event["tid"]), []).append(event)
+    by_name: dict[str, tuple[float, int]] = {}
+    for events in by_thread.values():
+        for execution in (e for e in events if e["name"].startswith(FIRST_DEVICE_EXECUTION)):
+            end = execution["ts"] + execution["dur"]
+            inside = [e for e in events if execution["ts"] <= e["ts"] <= end]
+            if not any(FORWARD_PROGRAM.search(e["name"]) for e in inside):
+                continue
+            for event in inside:
+                name = re.sub(r"[._]\d+", "_N", event["name"].split(" (")[0])
+                total, count = by_name.get(name, (0.0, 0))
+                by_name[name] = (total + event["dur"], count + 1)
     ranked = sorted(by_name.items(), key=lambda item: -item[1][0])
     return [
         {"name": name, "ms_per_step": us / 1e3 / num_steps, "calls_per_step": n / num_steps} for name, (us, n) in ranked
@@ -148,6 +184,7 @@ def summarize(trace_dir: pathlib.Path, num_steps: int, wall_s: float) -> dict:
             for name, (us, n) in top
         ],
         "launch_path": launch_path,
+        "forward_host_work": forward_host_work(trace, num_steps),
         **graph_launch_cost(launch_path, len(events) / num_steps),
     }
 
@@ -155,6 +192,7 @@ def summarize(trace_dir: pathlib.Path, num_steps: int, wall_s: float) -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--job", choices=sorted(JOBS), default="J8")
+    p.add_argument("--model", help="a directory holding config.json, instead of the job's (e.g. fewer layers)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument(
         "--phase",
@@ -173,7 +211,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     job = SMOKE_JOB if args.smoke else JOBS[args.job]
     engine = LLMEngine.from_engine_args(
-        model=job.model_config,
+        model=args.model or job.model_config,
         load_format="dummy",
         dtype="float32" if args.smoke else args.dtype,
         skip_tokenizer_init=True,
@@ -240,6 +278,10 @@ def main(argv=None) -> dict:
     print("launch path, host events summed over host threads (ms per step, calls per step, name):")
     for op in record["launch_path"][:TOP_OPS]:
         print(f"  {op['ms_per_step']:8.3f} {op['calls_per_step']:6.1f}  {op['name'][:100]}")
+    if record["forward_host_work"]:
+        print("forward program on the first GPU's launch thread (ms per step, calls per step, name; spans nest):")
+        for op in record["forward_host_work"][:TOP_OPS]:
+            print(f"  {op['ms_per_step']:8.3f} {op['calls_per_step']:6.1f}  {op['name'][:100]}")
     print_record(record)
     return record
 

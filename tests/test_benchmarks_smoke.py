@@ -69,6 +69,38 @@ def test_profile_step_launch_path_counts_host_graph_work_per_step():
     assert ops[1]["calls_per_step"] == 3 and ops[1]["ms_per_step"] == 0.09
 
 
+def test_profile_step_forward_host_work_is_the_first_gpus_forward_program():
+    from benchmarks.profile_step import forward_host_work
+
+    def complete(tid, name, ts, dur):
+        return {"ph": "X", "pid": 1, "tid": tid, "ts": ts, "name": name, "dur": dur}
+
+    def execution(tid, device, program, ts):  # one program launch on a device's host thread
+        return [
+            complete(tid, f"[{device}] GpuExecutable::ExecuteThunks", ts, 100),
+            complete(tid, f"{program}:XLA GPU module", ts + 1, 98),
+            complete(tid, "cuGraphLaunch (CudaGraph:12)", ts + 10, 20),
+            complete(tid, "cuGraphLaunch (CudaGraph:31)", ts + 40, 25),
+            complete(tid, "all-reduce.3.0-fusion.1", ts + 70, 10),
+        ]
+
+    trace = {
+        "traceEvents": [
+            {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+            *execution(7, 0, "jit_program", 0),
+            *execution(7, 0, "jit_head", 200),  # the sampler's program: not the forward
+            *execution(8, 1, "jit_program", 0),  # the second GPU's thread
+            *execution(7, 0, "jit_program", 400),
+        ]
+    }
+    rows = {row["name"]: row for row in forward_host_work(trace, num_steps=2)}
+    assert rows["cuGraphLaunch"]["calls_per_step"] == 2 and rows["cuGraphLaunch"]["ms_per_step"] == 0.045
+    all_reduce = rows["all-reduce_N_N-fusion_N"]  # numbers folded
+    assert all_reduce["calls_per_step"] == 1 and all_reduce["ms_per_step"] == 0.01
+    assert rows["[0] GpuExecutable::ExecuteThunks"]["ms_per_step"] == 0.1
+    assert "jit_head:XLA GPU module" not in rows and not any(name.startswith("[1]") for name in rows)
+
+
 def test_profile_step_graph_launch_cost_is_per_device_op():
     from benchmarks.profile_step import graph_launch_cost
 
