@@ -73,6 +73,7 @@ class EngineConfig:
     # The most top logprobs a request may ask for (SamplingParams.logprobs / prompt_logprobs), as vLLM; -1: no cap
     max_logprobs: int = 20
     logprobs_mode: str = "raw_logprobs"  # one of LOGPROBS_MODES
+    enforce_eager: bool = False  # vLLM's: no CUDA graphs (XLA's command buffers off on GPU; jaxllm.runner.xla_options)
 
     def __post_init__(self) -> None:
         for name in ("model", "tokenizer", "quantized_weights_path"):  # a pathlib.Path is a path too
@@ -103,8 +104,9 @@ class EngineConfig:
                 f"quantized_weights_path={self.quantized_weights_path!r} needs a str path and quantization set "
                 f"(quantization={self.quantization!r})"
             )
-        if not isinstance(self.quantize_lm_head, bool):
-            raise TypeError(f"quantize_lm_head must be a bool, got {self.quantize_lm_head!r}")
+        for name in ("quantize_lm_head", "enforce_eager"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.quantize_lm_head and self.quantization is None:
             raise ValueError("quantize_lm_head=True needs quantization set (int8, int4 or fp8), got quantization=None")
         _compiler_options(self.xla_compiler_options)

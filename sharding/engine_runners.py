@@ -92,7 +92,7 @@ def build_mesh_runners(
     runners = []
     for index, replica_mesh in enumerate(replica_meshes(mesh)):
         model = load_replica_model(config, source, model_config, replica_mesh)
-        compiler_options = StepCompilerOptions(jax.default_backend(), config.xla_compiler_options, config.quantization)
+        compiler_options = StepCompilerOptions.for_engine(config, jax.default_backend())
         runners.append(
             PipelineRunner(
                 model,

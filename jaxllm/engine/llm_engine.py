@@ -22,6 +22,7 @@ from jaxllm.config import EngineConfig
 from jaxllm.engine import setup
 from jaxllm.engine.engine_core import EngineCore
 from jaxllm.engine.prompts import tokenize_prompt
+from jaxllm.engine.vllm_arguments import engine_arguments
 from jaxllm.loading.model_loader import resolve_dtype
 from jaxllm.loading.model_source import resolve_model_source
 from jaxllm.models import ModelConfig, get_model_class
@@ -53,9 +54,7 @@ class LLMEngine:
         self.eos_token_ids = _eos_token_ids(self.model_config, source.generation_config, self.tokenizer)
         model_dtype = resolve_dtype(config.dtype, self.model_config.checkpoint_dtype)
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, model_dtype)
-        self.compiler_options = StepCompilerOptions(
-            jax.default_backend(), config.xla_compiler_options, config.quantization
-        )
+        self.compiler_options = StepCompilerOptions.for_engine(config, jax.default_backend())
         check_compiler_options(config.xla_compiler_options)
         logger.info("XLA options of the step programs: %s", self.compiler_options.describe())
         start = time.perf_counter()
@@ -82,7 +81,9 @@ class LLMEngine:
 
     @classmethod
     def from_engine_args(cls, **kwargs) -> LLMEngine:
-        return cls(EngineConfig(**kwargs))
+        """An engine from ``LLM``'s keyword arguments (vLLM's arguments without a counterpart are checked, then
+        dropped: ``jaxllm.engine.vllm_arguments``)."""
+        return cls(EngineConfig(**engine_arguments(kwargs)))
 
     def _build_runners(self, source) -> tuple[list, object]:
         """One runner per data-parallel replica: a ``ModelRunner`` on one device, ``PipelineRunner``s on a mesh."""

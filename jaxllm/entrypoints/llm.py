@@ -16,6 +16,7 @@ from jaxllm.beam_search import BeamSearchOutput, beam_search
 from jaxllm.config import EngineConfig
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.engine.prompts import as_prompt_list
+from jaxllm.engine.vllm_arguments import engine_arguments
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import BeamSearchParams, SamplingParams, expand_sampling_params
 
@@ -54,7 +55,7 @@ class LLM:
             enable_chunked_prefill=enable_chunked_prefill,
             load_format=load_format,
             skip_tokenizer_init=skip_tokenizer_init,
-            **kwargs,
+            **engine_arguments(kwargs),
         )
         self.llm_engine = LLMEngine(config)
         self._request_counter = itertools.count()
@@ -67,7 +68,12 @@ class LLM:
         prompts,
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        *,
+        lora_request=None,
+        priority: list[int] | None = None,
     ) -> list[RequestOutput]:
+        """vLLM's ``generate``; ``lora_request`` and ``priority`` exist for vLLM scripts and must stay None."""
+        _check_unsupported_request_options(lora_request, priority)
         prompt_list = as_prompt_list(prompts)
         params = expand_sampling_params(sampling_params, len(prompt_list))
         request_ids = self._add_requests(prompt_list, params)
@@ -78,24 +84,37 @@ class LLM:
         messages,
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request=None,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict] | None = None,
+        chat_template_kwargs: dict | None = None,
     ) -> list[RequestOutput]:
-        """One conversation (a list of {"role", "content"} dicts) or a list of conversations."""
+        """One conversation (a list of {"role", "content"} dicts) or a list of conversations, through the tokenizer's
+        chat template (or ``chat_template``), as vLLM's ``chat``: ``continue_final_message`` extends the last
+        message instead of opening a new one, ``tools`` and ``chat_template_kwargs`` (e.g. Qwen3's
+        ``{"enable_thinking": False}``) go to the template."""
+        _check_unsupported_request_options(lora_request, None)
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("continue_final_message=True needs add_generation_prompt=False (vLLM's rule)")
+        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+            raise TypeError(f"chat_template_kwargs must be a dict or None, got {chat_template_kwargs!r}")
         tokenizer = self.get_tokenizer()
         if tokenizer is None:
             raise ValueError("chat needs a tokenizer; it is unavailable with skip_tokenizer_init=True")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        template_options = dict(
+            chat_template=chat_template,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tools=tools,
+            **(chat_template_kwargs or {}),
+        )
         prompts = [
             {
                 "prompt_token_ids": list(
-                    tokenizer.apply_chat_template(
-                        conversation,
-                        chat_template=chat_template,
-                        add_generation_prompt=add_generation_prompt,
-                        tokenize=True,
-                        return_dict=False,
-                    )
+                    tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=False, **template_options)
                 )
             }
             for conversation in conversations
@@ -128,6 +147,13 @@ class LLM:
                     progress.update(output)
         progress.close()
         return [finished[request_id] for request_id in request_ids]
+
+
+def _check_unsupported_request_options(lora_request, priority) -> None:
+    if lora_request is not None:
+        raise ValueError(f"LoRA adapters are not supported, got lora_request={lora_request!r}")
+    if priority is not None:
+        raise ValueError(f"priority scheduling is not supported (first come, first served), got priority={priority!r}")
 
 
 class _Progress:

@@ -11,7 +11,9 @@ among Triton GEMMs only, which read the int8 weight and convert it in registers.
 on one H100 lease: L8 int8 batch-1 ITL 4.91 against 5.46 ms (bf16 6.45); the defaults had given 4.60-6.58 ms on
 other leases. Why the defaults were slower is not established (the HLO of their compile shows no cuBLAS call in the
 int8 layers either). Other platforms keep XLA's defaults throughout.
-``EngineConfig.xla_compiler_options`` adds to (or, with a key of the same name, replaces) these for every step.
+``EngineConfig.enforce_eager`` (vLLM's name: run without CUDA graphs) turns off XLA's command buffers on GPU, so every
+kernel is launched by itself. ``EngineConfig.xla_compiler_options`` adds to (or, with a key of the same name,
+replaces) these for every step.
 
 A runner takes ``compiler_options`` as a dict (every program alike), None (XLA's defaults) or a callable from a
 step's token count to a dict; ``ProgramsByOptions`` keeps one ``jax.jit`` per distinct set.
@@ -30,6 +32,7 @@ WIDE_STEP_GPU_OPTIONS: dict[str, object] = {
 }
 NARROW_STEP_MAX_TOKENS = 64  # token buckets up to this size compile with XLA's defaults on GPU
 NARROW_INT8_STEP_GPU_OPTIONS: dict[str, object] = {"xla_gpu_cublas_fallback": False}  # ... but these with int8 weights
+EAGER_GPU_OPTIONS: dict[str, object] = {"xla_gpu_enable_command_buffer": ""}  # enforce_eager: no CUDA graphs
 
 CompilerOptions = Mapping[str, object] | Callable[[int], Mapping[str, object] | None] | None
 
@@ -37,11 +40,17 @@ CompilerOptions = Mapping[str, object] | Callable[[int], Mapping[str, object] | 
 @dataclasses.dataclass(frozen=True)
 class StepCompilerOptions:
     """The options of a step program of ``num_tokens`` tokens on ``platform`` for a model with ``quantization``
-    (None: unquantized), with ``overrides`` on top."""
+    (None: unquantized), without CUDA graphs when ``eager``, with ``overrides`` on top."""
 
     platform: str
     overrides: Mapping[str, object] | None = None
     quantization: str | None = None
+    eager: bool = False
+
+    @classmethod
+    def for_engine(cls, config, platform: str) -> StepCompilerOptions:
+        """The step programs' options of an engine built from ``config`` (an ``EngineConfig``) on ``platform``."""
+        return cls(platform, config.xla_compiler_options, config.quantization, config.enforce_eager)
 
     def __call__(self, num_tokens: int) -> dict[str, object] | None:
         return {**self._platform_options(num_tokens), **(self.overrides or {})} or None
@@ -50,8 +59,10 @@ class StepCompilerOptions:
         if self.platform != "gpu":
             return {}
         if num_tokens > NARROW_STEP_MAX_TOKENS:
-            return WIDE_STEP_GPU_OPTIONS
-        return NARROW_INT8_STEP_GPU_OPTIONS if self.quantization == "int8" else {}
+            options = WIDE_STEP_GPU_OPTIONS
+        else:
+            options = NARROW_INT8_STEP_GPU_OPTIONS if self.quantization == "int8" else {}
+        return {**options, **EAGER_GPU_OPTIONS} if self.eager else options
 
     def describe(self) -> str:
         narrow, wide = self(NARROW_STEP_MAX_TOKENS), self(NARROW_STEP_MAX_TOKENS + 1)

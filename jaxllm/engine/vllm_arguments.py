@@ -1,0 +1,97 @@
+"""vLLM engine arguments with no counterpart in jaxllm, accepted so that a vLLM script runs after changing its import.
+
+``LLM(...)`` and ``LLMEngine.from_engine_args(...)`` pass their keyword arguments through ``engine_arguments``, which
+takes these out. Each is checked as vLLM checks it; then:
+- ``NO_EFFECT`` ones have nothing to configure here (the reason is in the table) and are dropped;
+- ``DEFAULT_ONLY`` ones would change what runs (a Hub revision, weights offloaded to the host): vLLM's default is
+  accepted and anything else is a ``ValueError`` saying why jaxllm cannot honour it.
+vLLM names that jaxllm implements (``enforce_eager``, ``tensor_parallel_size``, ...) are ``EngineConfig`` fields.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from collections.abc import Callable, Mapping
+
+
+def _is_bool(value) -> bool:
+    return isinstance(value, bool)
+
+
+def _is_optional_path(value) -> bool:
+    return value is None or isinstance(value, str | os.PathLike)
+
+
+def _is_non_negative_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value >= 0
+
+
+def _is_optional_positive_int(value) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
+
+
+# name -> (check, what a valid value is, why it has no effect here)
+NO_EFFECT: dict[str, tuple[Callable[[object], bool], str, str]] = {
+    "trust_remote_code": (
+        _is_bool,
+        "a bool",
+        "jaxllm runs its own model code for the architectures it supports; a checkpoint's own code never runs",
+    ),
+    "disable_log_stats": (_is_bool, "a bool", "the engine logs no periodic statistics"),
+    "swap_space": (
+        _is_non_negative_number,
+        "a number of GiB >= 0",
+        "a preempted request is recomputed, never swapped to host memory",
+    ),
+    "download_dir": (_is_optional_path, "a path or None", "models load from local directories; nothing is downloaded"),
+    "hf_token": (
+        lambda value: value is None or isinstance(value, bool | str),
+        "a str, bool or None",
+        "models load from local directories; nothing is downloaded",
+    ),
+    "disable_custom_all_reduce": (_is_bool, "a bool", "XLA chooses the all-reduce kernels on a mesh"),
+    "max_seq_len_to_capture": (
+        _is_optional_positive_int,
+        "a positive int or None",
+        "every token bucket is compiled, CUDA graph included, whatever its length",
+    ),
+    "compilation_config": (
+        lambda value: value is None or isinstance(value, int | Mapping),
+        "an int, a dict or None",
+        "these are torch.compile settings; XLA compiles the step programs",
+    ),
+    "distributed_executor_backend": (
+        lambda value: value in (None, "mp", "uni", "ray"),
+        'None, "mp", "uni" or "ray"',
+        "one JAX process drives every local device (several hosts: sharding.initialize_distributed)",
+    ),
+}
+
+# name -> (vLLM's default, why no other value can be honoured)
+DEFAULT_ONLY: dict[str, tuple[object, str]] = {
+    "cpu_offload_gb": (0, "weights stay in device memory"),
+    "revision": (None, "models load from local directories, which have no revisions"),
+    "tokenizer_revision": (None, "tokenizers load from local directories, which have no revisions"),
+    "code_revision": (None, "a checkpoint's own code never runs"),
+    "tokenizer_mode": ("auto", "the tokenizer loads through transformers' AutoTokenizer"),
+    "hf_overrides": (None, "the checkpoint's config.json is used as it is"),
+}
+
+
+def engine_arguments(kwargs: Mapping[str, object]) -> dict[str, object]:
+    """``kwargs`` without the vLLM arguments above, each checked first (``TypeError`` / ``ValueError`` naming it)."""
+    remaining = dict(kwargs)
+    for name, (is_valid, expected, _) in NO_EFFECT.items():
+        if name in remaining and not is_valid(value := remaining.pop(name)):
+            raise TypeError(f"{name} must be {expected}, got {value!r}")
+    for name, (default, reason) in DEFAULT_ONLY.items():
+        if name in remaining and not _is_default(value := remaining.pop(name), default):
+            raise ValueError(f"{name}={value!r} is not supported ({reason}); leave it at {default!r}")
+    return remaining
+
+
+def _is_default(value, default) -> bool:
+    if isinstance(value, Mapping):
+        return default is None and not value  # hf_overrides={} overrides nothing
+    return not isinstance(value, bool) and value == default

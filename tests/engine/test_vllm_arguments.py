@@ -1,0 +1,154 @@
+"""A vLLM script runs unchanged: vLLM's engine arguments without a counterpart here are accepted (and checked),
+those jaxllm cannot honour are ValueErrors naming them, ``enforce_eager`` turns CUDA graphs off, ``generate`` takes
+``lora_request`` / ``priority`` and ``chat`` vLLM's template options."""
+
+import pathlib
+
+import pytest
+
+from jaxllm import LLM, SamplingParams
+from jaxllm.config import EngineConfig
+from jaxllm.engine.vllm_arguments import DEFAULT_ONLY, NO_EFFECT, engine_arguments
+from jaxllm.runner.xla_options import EAGER_GPU_OPTIONS, NARROW_STEP_MAX_TOKENS, StepCompilerOptions
+from tests.engine.conftest import make_llm, random_token_prompts
+
+LLAMA = str(pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "models" / "llama")
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+# What vLLM scripts pass beside the options jaxllm implements, each at a valid non-default value where one exists.
+VLLM_SCRIPT_ARGUMENTS = dict(
+    trust_remote_code=True,
+    disable_log_stats=False,
+    swap_space=8,
+    download_dir="/tmp/unused",
+    hf_token="unused",
+    disable_custom_all_reduce=True,
+    max_seq_len_to_capture=8192,
+    compilation_config={"level": 3},
+    distributed_executor_backend="mp",
+    cpu_offload_gb=0,
+    revision=None,
+    tokenizer_revision=None,
+    code_revision=None,
+    tokenizer_mode="auto",
+    hf_overrides={},
+)
+
+
+def test_a_vllm_scripts_engine_arguments_are_accepted_and_change_nothing(tiny_model_dir):
+    prompts = random_token_prompts(3, [5, 9, 30], seed=4)
+    plain = make_llm(tiny_model_dir).generate(prompts, GREEDY, use_tqdm=False)
+    vllm_style = make_llm(tiny_model_dir, enforce_eager=True, **VLLM_SCRIPT_ARGUMENTS)
+    assert vllm_style.llm_engine.config.enforce_eager
+    outputs = vllm_style.generate(prompts, GREEDY, use_tqdm=False, lora_request=None, priority=None)
+    assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in plain]
+
+
+def test_every_vllm_argument_is_known_and_none_is_an_engine_option():
+    assert set(VLLM_SCRIPT_ARGUMENTS) == set(NO_EFFECT) | set(DEFAULT_ONLY)
+    fields = {field.name for field in EngineConfig.__dataclass_fields__.values()}
+    assert not fields & (set(NO_EFFECT) | set(DEFAULT_ONLY))
+    assert engine_arguments({**VLLM_SCRIPT_ARGUMENTS, "max_num_seqs": 3}) == {"max_num_seqs": 3}
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("trust_remote_code", "yes"),
+        ("swap_space", -1),
+        ("hf_token", 3),
+        ("max_seq_len_to_capture", 0),
+        ("compilation_config", "O3"),
+        ("distributed_executor_backend", "external_launcher"),
+    ],
+)
+def test_a_bad_value_of_an_accepted_argument_is_a_type_error_naming_it(name, value):
+    with pytest.raises(TypeError) as error:
+        engine_arguments({name: value})
+    assert name in str(error.value) and repr(value) in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("cpu_offload_gb", 4),
+        ("cpu_offload_gb", False),
+        ("revision", "main"),
+        ("tokenizer_revision", "v2"),
+        ("code_revision", "abc123"),
+        ("tokenizer_mode", "mistral"),
+        ("hf_overrides", {"num_hidden_layers": 1}),
+    ],
+)
+def test_an_argument_jaxllm_cannot_honour_is_a_value_error_before_anything_loads(name, value):
+    with pytest.raises(ValueError) as error:
+        LLM(model="/no/such/checkpoint", **{name: value})  # raises before the path is looked at
+    assert f"{name}={value!r}" in str(error.value)
+
+
+def test_enforce_eager_turns_off_cuda_graphs_on_gpu_only():
+    eager = StepCompilerOptions.for_engine(EngineConfig(enforce_eager=True), "gpu")
+    for num_tokens in (16, NARROW_STEP_MAX_TOKENS + 1):
+        assert eager(num_tokens) == {**(StepCompilerOptions("gpu")(num_tokens) or {}), **EAGER_GPU_OPTIONS}
+    assert StepCompilerOptions.for_engine(EngineConfig(), "gpu")(16) is None
+    assert StepCompilerOptions.for_engine(EngineConfig(enforce_eager=True), "cpu")(16) is None
+    overridden = EngineConfig(enforce_eager=True, xla_compiler_options={"xla_gpu_enable_command_buffer": "FUSION"})
+    assert StepCompilerOptions.for_engine(overridden, "gpu")(16) == {"xla_gpu_enable_command_buffer": "FUSION"}
+    with pytest.raises(TypeError) as error:
+        EngineConfig(enforce_eager="yes")
+    assert "enforce_eager" in str(error.value)
+
+
+def test_lora_and_priority_requests_are_refused_and_the_engine_keeps_serving(tiny_model_dir):
+    llm = make_llm(tiny_model_dir)
+    prompts = random_token_prompts(2, [5, 9], seed=5)
+    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    with pytest.raises(ValueError) as error:
+        llm.generate(prompts, GREEDY, use_tqdm=False, lora_request="adapter")
+    assert "lora_request='adapter'" in str(error.value)
+    with pytest.raises(ValueError) as error:
+        llm.generate(prompts, GREEDY, use_tqdm=False, priority=[1, 0])
+    assert "priority=[1, 0]" in str(error.value)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == expected
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return LLM(model=LLAMA, dtype="float32", max_model_len=128, num_gpu_blocks_override=32)
+
+
+def test_chat_template_kwargs_and_tools_reach_the_template(llama):
+    template = (
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if tools %}tools: {{ tools | length }}\n{% endif %}{% if style %}style: {{ style }}\n{% endif %}"
+    )
+    messages = [{"role": "user", "content": "the capital"}]
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
+    output = llama.chat(
+        messages,
+        SamplingParams(max_tokens=1),
+        use_tqdm=False,
+        chat_template=template,
+        add_generation_prompt=False,
+        tools=tools,
+        chat_template_kwargs={"style": "terse"},
+    )[0]
+    tokenizer = llama.get_tokenizer()
+    rendered = "<|begin_of_text|>user: the capital\ntools: 1\nstyle: terse\n"
+    assert output.prompt_token_ids == tokenizer.encode(rendered, add_special_tokens=False)
+
+
+def test_continue_final_message_extends_the_last_message(llama):
+    messages = [{"role": "user", "content": "Name a city"}, {"role": "assistant", "content": "The city of"}]
+    output = llama.chat(
+        messages, SamplingParams(max_tokens=1), use_tqdm=False, add_generation_prompt=False, continue_final_message=True
+    )[0]
+    tokenizer = llama.get_tokenizer()
+    opened = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    assert opened.endswith("The city of<|im_end|>\n")  # the fixture's template closes every message
+    assert output.prompt_token_ids == tokenizer.encode(opened[: -len("<|im_end|>\n")], add_special_tokens=False)
+    with pytest.raises(ValueError) as error:
+        llama.chat(messages, use_tqdm=False, continue_final_message=True)  # add_generation_prompt defaults to True
+    assert "continue_final_message" in str(error.value)
+    with pytest.raises(TypeError) as error:
+        llama.chat(messages, use_tqdm=False, add_generation_prompt=False, chat_template_kwargs=["style"])
+    assert "chat_template_kwargs" in str(error.value)
