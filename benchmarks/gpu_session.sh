@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One GPU-machine session: the GPU tests and the benchmarks, logs and JSON under $OUT (default ./gpu-out).
 #   bash benchmarks/gpu_session.sh tests kernels j8 j8sync j8pen scoring j8ref j8cublas j8nomerge j8both j8xla j8fp8 j8fp8nocb j1 l8 l8q l8fused \
-#        l8qxla l8xla l8dump vmm j8vmm l8vmm profile profile1 profile_b1 profile_prefill profile_tp2 graphupd ppupd ppasync startup compare_hf qmm qmmsweep qmmengine qmmbitcvt qmmbundled attnsweep memj1 mesh8 mesh70 tpflags tpenv mp mp8
-# (any subset, run in the order given; mesh8, profile_tp2, graphupd, ppupd and ppasync need 2+ GPUs: the Llama-3.1-8B shape at TP 1 and 2 by
-# default, MESHES=...; mesh70 the Llama-3.1-70B shape, 4x1x1 by default, MESHES70=...; both once per MESH_VARIANTS entry,
+#        l8qxla l8xla l8dump vmm j8vmm l8vmm profile profile1 profile_b1 profile_prefill profile_tp2 layers2 graphupd ppupd ppasync startup compare_hf qmm qmmsweep qmmengine qmmbitcvt qmmbundled attnsweep memj1 mesh8 mesh70 tpflags tpenv mp mp8
+# (any subset, run in the order given; mesh8, profile_tp2, graphupd, ppupd and ppasync need 2+ GPUs, layers2 4 at its
+# default TP_SIZES; mesh8 runs the Llama-3.1-8B shape at TP 1 and 2 by default, MESHES=...; mesh70 the Llama-3.1-70B shape, 4x1x1 by default, MESHES70=...; both once per MESH_VARIANTS entry,
 # e.g. MESH_VARIANTS="XLA_FLAGS=;XLA_FLAGS=--xla_gpu_enable_command_buffer=+COLLECTIVES" for an A/B on one lease;
 # a sweep split over calls: MESH_ARGS="--process-per-mesh --scaling-base-log FILE", FILE an earlier call's log carried in the tree)
 # Run from the repository root; JAXLLM_COMMIT names the commit when the tree is not a git checkout. Wheels of
@@ -88,6 +88,14 @@ for stage in "$@"; do
                 done ;;
     l8xla) python3 benchmarks/latency.py --batch-sizes 1 --xla-compiler-options "$XLA_DEFAULTS" 2>&1 | tee "$OUT/l8_xla.log" | grep -Ev "^JSON"
            python3 benchmarks/latency.py --batch-sizes 1 --xla-compiler-options '{"xla_gpu_enable_triton_gemm": true}' 2>&1 | tee "$OUT/l8_triton.log" | grep -Ev "^JSON" ;;
+    layers2) cfg=/tmp/jaxllm-llama-3.1-8b-2-layers; mkdir -p $cfg  # a batch-1 step of the 8B shape with 2 layers (quick to
+             # compile, the same per-layer ops) per TP of TP_SIZES: device ops and the forward program's host work per layer
+             python3 -c "import json; c = json.load(open('benchmarks/configs/llama-3.1-8b/config.json')); c['num_hidden_layers'] = 2; json.dump(c, open('$cfg/config.json', 'w'))"
+             for tp in ${TP_SIZES:-1 2 4}; do
+               python3 benchmarks/profile_step.py --job J8 --model $cfg --num-prompts 1 --tensor-parallel-size $tp \
+                 --out /tmp/layers2-tp$tp-trace 2>&1 | tee "$OUT/layers2_tp$tp.log" | grep -Ev "^JSON"
+               cp "$(find /tmp/layers2-tp$tp-trace -name "*.trace.json.gz" | tail -1)" "$OUT/layers2_tp$tp.trace.json.gz"
+             done ;;
     profile_tp2) n=${PROFILE_PROMPTS:-1}  # decode steps of n requests (1: batch 1; 256: J8's) per tensor-parallel size, traces kept
                  for tp in ${TP_SIZES:-2 1}; do
                    python3 benchmarks/profile_step.py --job J8 --tensor-parallel-size $tp --num-prompts $n --out /tmp/tp$tp-trace 2>&1 \

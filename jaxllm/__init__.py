@@ -21,6 +21,9 @@ _PUBLIC = {
     "BeamSearchParams": "jaxllm.sampling_params",
     "RequestOutput": "jaxllm.outputs",
     "CompletionOutput": "jaxllm.outputs",
+    "TextPrompt": "jaxllm.inputs",
+    "TokensPrompt": "jaxllm.inputs",
+    "PromptType": "jaxllm.inputs",
 }
 __all__ = list(_PUBLIC)
 

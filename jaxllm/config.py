@@ -74,9 +74,13 @@ class EngineConfig:
     max_logprobs: int = 20
     logprobs_mode: str = "raw_logprobs"  # one of LOGPROBS_MODES
     enforce_eager: bool = False  # vLLM's: no CUDA graphs (XLA's command buffers off on GPU; jaxllm.runner.xla_options)
+    # vLLM's: where generate / chat find sampling parameters when given none: "auto" (the model's
+    # generation_config.json), "vllm" (SamplingParams' defaults) or a directory; jaxllm.engine.default_sampling
+    generation_config: str = "auto"
+    override_generation_config: dict | None = None  # on top of that source, e.g. {"temperature": 0.0}
 
     def __post_init__(self) -> None:
-        for name in ("model", "tokenizer", "quantized_weights_path"):  # a pathlib.Path is a path too
+        for name in ("model", "tokenizer", "quantized_weights_path", "generation_config"):  # a Path is a path too
             if isinstance(getattr(self, name), os.PathLike):
                 object.__setattr__(self, name, os.fspath(getattr(self, name)))
         _positive_int("max_num_seqs", self.max_num_seqs)
@@ -116,6 +120,11 @@ class EngineConfig:
             raise ValueError(f"max_logprobs must be an int >= 0, or -1 for no cap, got {self.max_logprobs!r}")
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}")
+        if not isinstance(self.generation_config, str):
+            raise TypeError(f"generation_config must be 'auto', 'vllm' or a directory, got {self.generation_config!r}")
+        override = self.override_generation_config
+        if override is not None and not isinstance(override, Mapping):
+            raise TypeError(f"override_generation_config must be a dict or None, got {override!r}")
         if self.model is not None and not isinstance(self.model, str):
             raise TypeError(f"model must be a path string or None, got {type(self.model).__name__}")
 

@@ -20,6 +20,7 @@ from jaxllm import process_env
 from jaxllm.bad_words import bad_words_token_ids
 from jaxllm.config import EngineConfig
 from jaxllm.engine import setup
+from jaxllm.engine.default_sampling import default_sampling_fields
 from jaxllm.engine.engine_core import EngineCore
 from jaxllm.engine.prompts import tokenize_prompt
 from jaxllm.engine.vllm_arguments import engine_arguments
@@ -52,6 +53,9 @@ class LLMEngine:
         # checked token sequences once per word list (a batch usually shares one SamplingParams); errors are not kept
         self._bad_word_sequences = functools.lru_cache(maxsize=64)(self._tokenize_bad_words)
         self.eos_token_ids = _eos_token_ids(self.model_config, source.generation_config, self.tokenizer)
+        self.default_sampling_fields = default_sampling_fields(config, source.generation_config)
+        if self.default_sampling_fields:
+            logger.info("default sampling parameters from the generation config: %s", self.default_sampling_fields)
         model_dtype = resolve_dtype(config.dtype, self.model_config.checkpoint_dtype)
         self.kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, model_dtype)
         self.compiler_options = StepCompilerOptions.for_engine(config, jax.default_backend())

@@ -63,6 +63,11 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.get_tokenizer()
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: what ``generate`` and ``chat`` sample with when given no ``SamplingParams``: the model's
+        recommended fields from its generation config (``jaxllm.engine.default_sampling``) over the defaults."""
+        return SamplingParams(**self.llm_engine.default_sampling_fields)
+
     def generate(
         self,
         prompts,
@@ -72,9 +77,12 @@ class LLM:
         lora_request=None,
         priority: list[int] | None = None,
     ) -> list[RequestOutput]:
-        """vLLM's ``generate``; ``lora_request`` and ``priority`` exist for vLLM scripts and must stay None."""
+        """vLLM's ``generate``: without ``sampling_params``, ``get_default_sampling_params()``; ``lora_request``
+        and ``priority`` exist for vLLM scripts and must stay None."""
         _check_unsupported_request_options(lora_request, priority)
         prompt_list = as_prompt_list(prompts)
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
         params = expand_sampling_params(sampling_params, len(prompt_list))
         request_ids = self._add_requests(prompt_list, params)
         return self._run_engine(request_ids, use_tqdm)

@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from jaxllm import LLM, SamplingParams
+from jaxllm import LLM, SamplingParams, TextPrompt, TokensPrompt
 from jaxllm.config import EngineConfig
 from jaxllm.engine.vllm_arguments import DEFAULT_ONLY, NO_EFFECT, engine_arguments
 from jaxllm.runner.xla_options import EAGER_GPU_OPTIONS, NARROW_STEP_MAX_TOKENS, StepCompilerOptions
@@ -41,6 +41,17 @@ def test_a_vllm_scripts_engine_arguments_are_accepted_and_change_nothing(tiny_mo
     assert vllm_style.llm_engine.config.enforce_eager
     outputs = vllm_style.generate(prompts, GREEDY, use_tqdm=False, lora_request=None, priority=None)
     assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in plain]
+
+
+def test_vllm_prompt_types_are_the_dicts_generate_takes(llama):
+    tokenizer = llama.get_tokenizer()
+    ids = tokenizer.encode("the capital of", add_special_tokens=False)
+    typed = [TextPrompt(prompt="the capital of"), TokensPrompt(prompt_token_ids=ids, prompt="the capital of")]
+    assert typed[1] == {"prompt_token_ids": ids, "prompt": "the capital of"}
+    outputs = llama.generate(typed, SamplingParams(temperature=0.0, max_tokens=3), use_tqdm=False)
+    assert [o.prompt for o in outputs] == ["the capital of"] * 2
+    assert outputs[1].prompt_token_ids == ids
+    assert outputs[0].prompt_token_ids == tokenizer.encode("the capital of")  # the engine's tokenization
 
 
 def test_every_vllm_argument_is_known_and_none_is_an_engine_option():
