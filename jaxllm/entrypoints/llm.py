@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from jaxllm.beam_search import BeamSearchOutput, beam_search
 from jaxllm.config import EngineConfig
+from jaxllm.engine.chat import chat_prompts
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.engine.prompts import as_prompt_list
 from jaxllm.engine.vllm_arguments import engine_arguments
@@ -94,39 +95,27 @@ class LLM:
         use_tqdm: bool = True,
         lora_request=None,
         chat_template: str | None = None,
+        chat_template_content_format: str = "auto",
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         tools: list[dict] | None = None,
         chat_template_kwargs: dict | None = None,
     ) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"} dicts) or a list of conversations, through the tokenizer's
-        chat template (or ``chat_template``), as vLLM's ``chat``: ``continue_final_message`` extends the last
-        message instead of opening a new one, ``tools`` and ``chat_template_kwargs`` (e.g. Qwen3's
+        chat template (or ``chat_template``), as vLLM's ``chat`` (``jaxllm.engine.chat``): ``continue_final_message``
+        extends the last message instead of opening a new one, ``tools`` and ``chat_template_kwargs`` (e.g. Qwen3's
         ``{"enable_thinking": False}``) go to the template."""
         _check_unsupported_request_options(lora_request, None)
-        if add_generation_prompt and continue_final_message:
-            raise ValueError("continue_final_message=True needs add_generation_prompt=False (vLLM's rule)")
-        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
-            raise TypeError(f"chat_template_kwargs must be a dict or None, got {chat_template_kwargs!r}")
-        tokenizer = self.get_tokenizer()
-        if tokenizer is None:
-            raise ValueError("chat needs a tokenizer; it is unavailable with skip_tokenizer_init=True")
-        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        template_options = dict(
+        prompts = chat_prompts(
+            self.get_tokenizer(),
+            messages,
             chat_template=chat_template,
+            content_format=chat_template_content_format,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
             tools=tools,
-            **(chat_template_kwargs or {}),
+            chat_template_kwargs=chat_template_kwargs,
         )
-        prompts = [
-            {
-                "prompt_token_ids": list(
-                    tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=False, **template_options)
-                )
-            }
-            for conversation in conversations
-        ]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = False) -> list[BeamSearchOutput]:

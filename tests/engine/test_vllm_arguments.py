@@ -163,3 +163,33 @@ def test_continue_final_message_extends_the_last_message(llama):
     with pytest.raises(TypeError) as error:
         llama.chat(messages, use_tqdm=False, add_generation_prompt=False, chat_template_kwargs=["style"])
     assert "chat_template_kwargs" in str(error.value)
+
+
+def test_openai_style_content_parts_in_either_content_format(llama):
+    parts = [{"type": "text", "text": "the"}, {"type": "text", "text": "capital"}]
+    tokenizer = llama.get_tokenizer()
+    one_token = SamplingParams(max_tokens=1)
+    as_parts = llama.chat([{"role": "user", "content": parts}], one_token, use_tqdm=False)[0]
+    as_string = llama.chat([{"role": "user", "content": "the\ncapital"}], one_token, use_tqdm=False)[0]
+    assert as_parts.prompt_token_ids == as_string.prompt_token_ids  # "auto" / "string": parts joined by newlines
+    template = "{% for m in messages %}{% for p in m['content'] %}[{{ p['text'] }}]{% endfor %}{% endfor %}"
+    openai = llama.chat(
+        [{"role": "user", "content": parts}, {"role": "user", "content": "city"}],
+        one_token,
+        use_tqdm=False,
+        chat_template=template,
+        chat_template_content_format="openai",
+        add_generation_prompt=False,
+    )[0]
+    assert openai.prompt_token_ids == tokenizer.encode("[the][capital][city]", add_special_tokens=False)
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x.png"}}]}]
+    with pytest.raises(ValueError) as error:
+        llama.chat(image, use_tqdm=False)
+    assert "image_url" in str(error.value)
+    with pytest.raises(ValueError) as error:
+        llama.chat([{"role": "user", "content": "hi"}], use_tqdm=False, chat_template_content_format="html")
+    assert "'html'" in str(error.value)
+    with pytest.raises(TypeError) as error:
+        llama.chat([{"content": "no role"}], use_tqdm=False)
+    assert "role" in str(error.value)
+    assert not llama.llm_engine.has_unfinished_requests()
