@@ -139,13 +139,23 @@ class LLMEngine:
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
         stream: bool = True,
+        *,
+        lora_request=None,
+        priority: int = 0,
     ) -> None:
         """Validates and queues a request (n > 1 becomes n sibling requests sharing the prompt's cached blocks).
 
         With ``stream`` (vLLM's engine default) ``step()`` returns the request's cumulative output whenever it gains
-        tokens; without it, only once it finishes (what ``LLM.generate`` uses: no per-step detokenization).
+        tokens; without it, only once it finishes (what ``LLM.generate`` uses: no per-step detokenization). Without
+        ``params``, the generation config's defaults (``default_sampling_fields``). ``lora_request`` and ``priority``
+        are vLLM's and must keep their defaults (no LoRA adapters; first come, first served).
         """
-        params = SamplingParams() if params is None else params
+        if lora_request is not None or priority != 0:
+            raise ValueError(
+                f"LoRA adapters and priority scheduling are not supported, got lora_request={lora_request!r}, "
+                f"priority={priority!r}"
+            )
+        params = SamplingParams(**self.default_sampling_fields) if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         if not isinstance(request_id, str):

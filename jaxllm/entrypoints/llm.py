@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 
 from tqdm.auto import tqdm
 
@@ -73,7 +74,7 @@ class LLM:
         self,
         prompts,
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
-        use_tqdm: bool = True,
+        use_tqdm: bool | Callable = True,
         *,
         lora_request=None,
         priority: list[int] | None = None,
@@ -92,7 +93,7 @@ class LLM:
         self,
         messages,
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
-        use_tqdm: bool = True,
+        use_tqdm: bool | Callable = True,
         lora_request=None,
         chat_template: str | None = None,
         chat_template_content_format: str = "auto",
@@ -134,7 +135,7 @@ class LLM:
             raise
         return request_ids
 
-    def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _run_engine(self, request_ids: list[str], use_tqdm: bool | Callable) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
         progress = _Progress(len(request_ids), use_tqdm)
         while self.llm_engine.has_unfinished_requests():
@@ -154,10 +155,12 @@ def _check_unsupported_request_options(lora_request, priority) -> None:
 
 
 class _Progress:
-    """vLLM-style bar: finished prompts with estimated input and output tokens/s."""
+    """vLLM-style bar: finished prompts with estimated input and output tokens/s. ``use_tqdm`` is a bool or, as in
+    vLLM, a tqdm-like class to build the bar with."""
 
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.bar = tqdm(total=total, desc="Processed prompts", dynamic_ncols=True, disable=not enabled)
+    def __init__(self, total: int, use_tqdm) -> None:
+        bar_class = use_tqdm if callable(use_tqdm) else tqdm
+        self.bar = bar_class(total=total, desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
         self.start = time.perf_counter()
         self.input_tokens = 0
         self.output_tokens = 0

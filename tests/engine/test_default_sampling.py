@@ -49,6 +49,12 @@ def test_generate_without_params_samples_as_the_generation_config_recommends(rec
     explicit = llm.generate(prompts, SamplingParams(**RECOMMENDED_FIELDS), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in implicit] == [o.outputs[0].token_ids for o in explicit]
     assert max(len(o.outputs[0].token_ids) for o in implicit) == 5  # max_new_tokens, not SamplingParams' 16
+    engine = llm.llm_engine
+    engine.add_request("no-params", prompts[0], stream=False)  # LLMEngine too
+    finished = []
+    while engine.has_unfinished_requests():
+        finished += [o for o in engine.step() if o.finished]
+    assert finished[0].outputs[0].token_ids == implicit[0].outputs[0].token_ids
     given = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) <= 2 for o in given)  # explicit params are not touched
 

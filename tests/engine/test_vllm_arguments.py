@@ -193,3 +193,29 @@ def test_openai_style_content_parts_in_either_content_format(llama):
         llama.chat([{"content": "no role"}], use_tqdm=False)
     assert "role" in str(error.value)
     assert not llama.llm_engine.has_unfinished_requests()
+
+
+def test_a_tqdm_class_builds_the_progress_bar_and_engine_requests_take_vllms_options(tiny_model_dir):
+    from tqdm import tqdm
+
+    built = []
+
+    class CountingBar(tqdm):
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs["total"])
+            super().__init__(*args, **kwargs)
+
+    llm = make_llm(tiny_model_dir)
+    prompts = random_token_prompts(2, [5, 9], seed=7)
+    outputs = llm.generate(prompts, GREEDY, use_tqdm=CountingBar)
+    assert built == [2] and len(outputs) == 2
+    engine = llm.llm_engine
+    engine.add_request("vllm-style", prompts[0], GREEDY, lora_request=None, priority=0)
+    for bad in (dict(lora_request="adapter"), dict(priority=1)):
+        with pytest.raises(ValueError) as error:
+            engine.add_request("refused", prompts[0], GREEDY, **bad)
+        assert repr(next(iter(bad.values()))) in str(error.value)
+    finished = []
+    while engine.has_unfinished_requests():
+        finished += [o.request_id for o in engine.step() if o.finished]
+    assert finished == ["vllm-style"]
