@@ -23,7 +23,7 @@ from jaxllm.engine import setup
 from jaxllm.engine.default_sampling import default_sampling_fields
 from jaxllm.engine.engine_core import EngineCore
 from jaxllm.engine.prompts import tokenize_prompt
-from jaxllm.engine.vllm_arguments import engine_arguments
+from jaxllm.engine.vllm_arguments import check_request_options, engine_arguments
 from jaxllm.loading.model_loader import resolve_dtype
 from jaxllm.loading.model_source import resolve_model_source
 from jaxllm.models import ModelConfig, get_model_class
@@ -150,11 +150,7 @@ class LLMEngine:
         ``params``, the generation config's defaults (``default_sampling_fields``). ``lora_request`` and ``priority``
         are vLLM's and must keep their defaults (no LoRA adapters; first come, first served).
         """
-        if lora_request is not None or priority != 0:
-            raise ValueError(
-                f"LoRA adapters and priority scheduling are not supported, got lora_request={lora_request!r}, "
-                f"priority={priority!r}"
-            )
+        check_request_options(lora_request, priority)
         params = SamplingParams(**self.default_sampling_fields) if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")

@@ -6,6 +6,7 @@ takes these out. Each is checked as vLLM checks it; then:
 - ``DEFAULT_ONLY`` ones would change what runs (a Hub revision, weights offloaded to the host): vLLM's default is
   accepted and anything else is a ``ValueError`` saying why jaxllm cannot honour it.
 vLLM names that jaxllm implements (``enforce_eager``, ``tensor_parallel_size``, ...) are ``EngineConfig`` fields.
+``check_request_options`` does the same for a request's ``lora_request`` and ``priority``.
 """
 
 from __future__ import annotations
@@ -95,3 +96,12 @@ def _is_default(value, default) -> bool:
     if isinstance(value, Mapping):
         return default is None and not value  # hf_overrides={} overrides nothing
     return not isinstance(value, bool) and value == default
+
+
+def check_request_options(lora_request=None, priority=0) -> None:
+    """vLLM's per-request options without a counterpart: only their defaults pass (no LoRA adapters; requests run
+    first come, first served, as vLLM's default scheduling policy runs them)."""
+    if lora_request is not None:
+        raise ValueError(f"LoRA adapters are not supported, got lora_request={lora_request!r}")
+    if priority != 0:
+        raise ValueError(f"priority scheduling is not enabled (first come, first served), got priority={priority!r}")

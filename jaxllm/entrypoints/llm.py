@@ -18,7 +18,7 @@ from jaxllm.config import EngineConfig
 from jaxllm.engine.chat import chat_prompts
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.engine.prompts import as_prompt_list
-from jaxllm.engine.vllm_arguments import engine_arguments
+from jaxllm.engine.vllm_arguments import check_request_options, engine_arguments
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import BeamSearchParams, SamplingParams, expand_sampling_params
 
@@ -80,9 +80,11 @@ class LLM:
         priority: list[int] | None = None,
     ) -> list[RequestOutput]:
         """vLLM's ``generate``: without ``sampling_params``, ``get_default_sampling_params()``; ``lora_request``
-        and ``priority`` exist for vLLM scripts and must stay None."""
-        _check_unsupported_request_options(lora_request, priority)
+        and ``priority`` (one per prompt) exist for vLLM scripts and pass only at their defaults (None, zeros)."""
+        check_request_options(lora_request)
         prompt_list = as_prompt_list(prompts)
+        for request_priority in priority or ():
+            check_request_options(priority=request_priority)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         params = expand_sampling_params(sampling_params, len(prompt_list))
@@ -106,7 +108,7 @@ class LLM:
         chat template (or ``chat_template``), as vLLM's ``chat`` (``jaxllm.engine.chat``): ``continue_final_message``
         extends the last message instead of opening a new one, ``tools`` and ``chat_template_kwargs`` (e.g. Qwen3's
         ``{"enable_thinking": False}``) go to the template."""
-        _check_unsupported_request_options(lora_request, None)
+        check_request_options(lora_request)
         prompts = chat_prompts(
             self.get_tokenizer(),
             messages,
@@ -145,13 +147,6 @@ class LLM:
                     progress.update(output)
         progress.close()
         return [finished[request_id] for request_id in request_ids]
-
-
-def _check_unsupported_request_options(lora_request, priority) -> None:
-    if lora_request is not None:
-        raise ValueError(f"LoRA adapters are not supported, got lora_request={lora_request!r}")
-    if priority is not None:
-        raise ValueError(f"priority scheduling is not supported (first come, first served), got priority={priority!r}")
 
 
 class _Progress:
