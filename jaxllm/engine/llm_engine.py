@@ -80,6 +80,7 @@ class LLMEngine:
         # One queue: a data-parallel engine hands each request to its least-loaded replica.
         self.core = cores[0] if len(cores) == 1 else DataParallelEngine(cores)
         self.runner, self.scheduler = cores[0].runner, cores[0].scheduler  # replica 0's (the only one unless D > 1)
+        self._schedulers = [core.scheduler for core in cores]  # every replica's
         self.step_times = cores[0].step_times  # replica 0's: host work vs device wait per step
         self.output_processor = OutputProcessor(self.tokenizer)
 
@@ -236,6 +237,13 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished_requests()
+
+    def reset_prefix_cache(self) -> bool:
+        """vLLM's: forgets every cached prefix (on every replica), e.g. between benchmark runs. Only while no request
+        holds KV blocks; returns whether it did."""
+        if self.has_unfinished_requests():
+            return False
+        return all([scheduler.block_manager.reset_prefix_cache() for scheduler in self._schedulers])
 
     def get_num_unfinished_requests(self) -> int:
         return self.core.get_num_unfinished_requests()

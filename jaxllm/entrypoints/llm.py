@@ -65,6 +65,13 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.get_tokenizer()
 
+    def reset_prefix_cache(self, device=None) -> bool:
+        """vLLM's: forgets every cached prefix, so the next prompts are computed in full (e.g. between benchmark
+        runs); False while requests are in flight. ``device`` (vLLM's cache tier) must stay None."""
+        if device is not None:
+            raise ValueError(f"device={device!r}: jaxllm has one prefix cache, on the accelerator; leave it None")
+        return self.llm_engine.reset_prefix_cache()
+
     def get_default_sampling_params(self) -> SamplingParams:
         """vLLM's: what ``generate`` and ``chat`` sample with when given no ``SamplingParams``: the model's
         recommended fields from its generation config (``jaxllm.engine.default_sampling``) over the defaults."""

@@ -219,3 +219,21 @@ def test_a_tqdm_class_builds_the_progress_bar_and_engine_requests_take_vllms_opt
     while engine.has_unfinished_requests():
         finished += [o.request_id for o in engine.step() if o.finished]
     assert finished == ["vllm-style"]
+
+
+def test_reset_prefix_cache_makes_the_next_prompts_compute_in_full(tiny_model_dir):
+    llm = make_llm(tiny_model_dir)
+    prompts = random_token_prompts(2, [40, 56], seed=9)  # several full 16-token blocks each
+    first = llm.generate(prompts, GREEDY, use_tqdm=False)
+    cached = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert all(o.num_cached_tokens >= 32 for o in cached)
+    assert llm.reset_prefix_cache()
+    again = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert all(o.num_cached_tokens == 0 for o in again)
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in first]
+    llm.llm_engine.add_request("in-flight", prompts[0], GREEDY)
+    assert not llm.reset_prefix_cache()  # a request holds blocks
+    llm.llm_engine.abort_request("in-flight")
+    with pytest.raises(ValueError) as error:
+        llm.reset_prefix_cache(device="cpu")
+    assert "device='cpu'" in str(error.value)
