@@ -56,7 +56,7 @@ from jaxllm.runner.packed_transfer import PackedLayout, pack, unpack
 from jaxllm.runner.prompt_logprobs import RESULT_PREFIX, as_results
 from jaxllm.runner.stable_outputs import ResultBuffers, write_into
 from jaxllm.runner.step_batch import StepBatch
-from jaxllm.runner.xla_options import CompilerOptions, ProgramsByOptions
+from jaxllm.runner.xla_options import CompilerOptions, ProgramsByOptions, sampler_options
 from jaxllm.sampling import in_flight_output_tokens
 from sharding.mesh import stage_meshes
 from sharding.rules import activation_rules, check_single_replica, kv_cache_sharding, replicated, state_shardings
@@ -209,7 +209,14 @@ class PipelinedModel:
             return write_into(result_buffers, finish_head(logits[:rows], head_args, in_flight))
 
         here = self._head_placement
-        return jax.jit(head, donate_argnums=(3,), static_argnums=(4, 5), in_shardings=here, out_shardings=here)
+        return jax.jit(
+            head,
+            donate_argnums=(3,),
+            static_argnums=(4, 5),
+            in_shardings=here,
+            out_shardings=here,
+            compiler_options=sampler_options(self.compiler_options),
+        )
 
     def _finish_head(self, logits, head_args, in_flight_tokens) -> dict:
         """(traced) The head's results from the last stage's logits, ``token_ids`` padded to ``token_rows``."""

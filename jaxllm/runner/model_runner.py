@@ -44,7 +44,7 @@ from jaxllm.runner.prompt_logprobs import (
     split_prompt_logprobs,
 )
 from jaxllm.runner.step_batch import StepBatch, pack_step_batch
-from jaxllm.runner.xla_options import CompilerOptions, ProgramsByOptions
+from jaxllm.runner.xla_options import CompilerOptions, ProgramsByOptions, sampler_options
 from jaxllm.sampling import (
     SamplingMetadata,
     SamplingMetadataBuilder,
@@ -130,7 +130,9 @@ class ModelRunner:
         self._forward_programs = ProgramsByOptions(
             self._traced_forward, compiler_options, donate_argnums=(1,), static_argnums=(4, 5)
         )
-        self._jitted_sample = jax.jit(self._traced_sample, static_argnums=(3,))
+        self._jitted_sample = jax.jit(
+            self._traced_sample, static_argnums=(3,), compiler_options=sampler_options(compiler_options)
+        )
 
     def _traced_forward(self, params, kv_caches, packed_batch, prev_token_ids, layout: PackedLayout, width):
         self.num_traces += 1

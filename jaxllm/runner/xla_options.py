@@ -12,8 +12,8 @@ on one H100 lease: L8 int8 batch-1 ITL 4.91 against 5.46 ms (bf16 6.45); the def
 other leases. Why the defaults were slower is not established (the HLO of their compile shows no cuBLAS call in the
 int8 layers either). Other platforms keep XLA's defaults throughout.
 ``EngineConfig.enforce_eager`` (vLLM's name: run without CUDA graphs) turns off XLA's command buffers on GPU, so every
-kernel is launched by itself. ``EngineConfig.xla_compiler_options`` adds to (or, with a key of the same name,
-replaces) these for every step.
+kernel is launched by itself, in the sampler's (and a mesh head's) program too (``sampler_options``).
+``EngineConfig.xla_compiler_options`` adds to (or, with a key of the same name, replaces) these for every step.
 
 A runner takes ``compiler_options`` as a dict (every program alike), None (XLA's defaults) or a callable from a
 step's token count to a dict; ``ProgramsByOptions`` keeps one ``jax.jit`` per distinct set.
@@ -69,6 +69,13 @@ class StepCompilerOptions:
         if narrow == wide:
             return str(narrow or "XLA's defaults")
         return f"{narrow or 'XLA defaults'} up to {NARROW_STEP_MAX_TOKENS} tokens, {wide} above"
+
+
+def sampler_options(compiler_options: CompilerOptions) -> dict[str, object] | None:
+    """The XLA options of a step's other programs (the sampler, a mesh's head): only ``enforce_eager``'s, so that no
+    program of an eager engine's step runs as a CUDA graph."""
+    eager = isinstance(compiler_options, StepCompilerOptions) and compiler_options.eager
+    return dict(EAGER_GPU_OPTIONS) if eager and compiler_options.platform == "gpu" else None
 
 
 def options_for(compiler_options: CompilerOptions, num_tokens: int) -> dict[str, object] | None:
