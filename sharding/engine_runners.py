@@ -90,9 +90,9 @@ def build_mesh_runners(
         num_blocks = setup.num_kv_blocks(config, model_config, kv_dtype, bytes_per_block=per_block)
         resolved = setup.resolve_limits(config, model_config, num_blocks)
     runners = []
+    compiler_options = StepCompilerOptions.for_engine(config, jax.default_backend())  # every replica's alike
     for index, replica_mesh in enumerate(replica_meshes(mesh)):
         model = load_replica_model(config, source, model_config, replica_mesh)
-        compiler_options = StepCompilerOptions.for_engine(config, jax.default_backend())
         runners.append(
             PipelineRunner(
                 model,

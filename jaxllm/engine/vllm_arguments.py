@@ -11,9 +11,12 @@ vLLM names that jaxllm implements (``enforce_eager``, ``tensor_parallel_size``, 
 
 from __future__ import annotations
 
+import logging
 import numbers
 import os
 from collections.abc import Callable, Mapping
+
+logger = logging.getLogger(__name__)
 
 
 def _is_bool(value) -> bool:
@@ -83,9 +86,12 @@ DEFAULT_ONLY: dict[str, tuple[object, str]] = {
 def engine_arguments(kwargs: Mapping[str, object]) -> dict[str, object]:
     """``kwargs`` without the vLLM arguments above, each checked first (``TypeError`` / ``ValueError`` naming it)."""
     remaining = dict(kwargs)
-    for name, (is_valid, expected, _) in NO_EFFECT.items():
-        if name in remaining and not is_valid(value := remaining.pop(name)):
+    for name, (is_valid, expected, why) in NO_EFFECT.items():
+        if name not in remaining:
+            continue
+        if not is_valid(value := remaining.pop(name)):
             raise TypeError(f"{name} must be {expected}, got {value!r}")
+        logger.debug("%s=%r has no effect: %s", name, value, why)
     for name, (default, reason) in DEFAULT_ONLY.items():
         if name in remaining and not _is_default(value := remaining.pop(name), default):
             raise ValueError(f"{name}={value!r} is not supported ({reason}); leave it at {default!r}")

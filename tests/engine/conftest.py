@@ -1,9 +1,13 @@
-"""Engine test fixtures: a tiny random Llama (config only, ``load_format="dummy"``) and engines built on it."""
+"""Engine test fixtures: a tiny random Llama (config only, ``load_format="dummy"``) and engines built on it; the path
+of the fixture Llama checkpoint with its tokenizer."""
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
+
+LLAMA = str(pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "models" / "llama")  # weights and tokenizer
 
 TINY_CONFIG = {
     "architectures": ["LlamaForCausalLM"],

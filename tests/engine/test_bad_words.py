@@ -8,17 +8,13 @@ it; no output holds a banned sequence; the ban changes the greedy tokens; schedu
 one step at a time give the same tokens.
 """
 
-import pathlib
-
 import numpy as np
 import pytest
 
 from jaxllm import LLM, SamplingParams
 from jaxllm.bad_words import bad_words_token_ids, banned_token_ids
-from tests.engine.conftest import raw_distributions
+from tests.engine.conftest import LLAMA, raw_distributions
 from tests.models.test_parity import expected
-
-LLAMA = str(pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "models" / "llama")
 
 
 def reference_banned(sequences, output, vocab_size) -> set[int]:

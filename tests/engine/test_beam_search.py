@@ -8,7 +8,6 @@ of its tokens' logprobs rescored through the prompt-logprob path; bad parameters
 
 import collections
 import json
-import pathlib
 import shutil
 
 import numpy as np
@@ -16,8 +15,8 @@ import pytest
 
 from jaxllm import LLM, BeamSearchParams, SamplingParams
 from jaxllm.beam_search import beam_score
+from tests.engine.conftest import LLAMA
 
-LLAMA = str(pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "models" / "llama")
 PROMPTS = ["The capital of France is", {"prompt_token_ids": [5, 6, 7, 8]}]
 
 

@@ -9,7 +9,6 @@ step at a time and scheduled ahead agree; bad grammars are ValueErrors and the e
 """
 
 import json
-import pathlib
 import re
 
 import jax.numpy as jnp
@@ -18,9 +17,9 @@ import pytest
 
 from jaxllm import LLM, GuidedDecodingParams, SamplingParams, StructuredOutputsParams
 from jaxllm.sampling.logits_processors import apply_token_bitmask
+from tests.engine.conftest import LLAMA
 from tests.sharding.helpers import NEEDS_8_DEVICES
 
-LLAMA = str(pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "models" / "llama")
 PROMPTS = ["The capital of France is", "Hello, my name is", "One, two, three,"]
 CHOICES = ["Paris", "London", "Berlin", "Par"]  # "Par" is a prefix of "Paris": EOS and more text both allowed there
 

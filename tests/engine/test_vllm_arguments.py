@@ -2,17 +2,14 @@
 those jaxllm cannot honour are ValueErrors naming them, ``enforce_eager`` turns CUDA graphs off, ``generate`` takes
 ``lora_request`` / ``priority`` and ``chat`` vLLM's template options."""
 
-import pathlib
-
 import pytest
 
 from jaxllm import LLM, SamplingParams, TextPrompt, TokensPrompt
 from jaxllm.config import EngineConfig
 from jaxllm.engine.vllm_arguments import DEFAULT_ONLY, NO_EFFECT, engine_arguments
 from jaxllm.runner.xla_options import EAGER_GPU_OPTIONS, NARROW_STEP_MAX_TOKENS, StepCompilerOptions, sampler_options
-from tests.engine.conftest import make_llm, random_token_prompts
+from tests.engine.conftest import LLAMA, make_llm, random_token_prompts
 
-LLAMA = str(pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "models" / "llama")
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 # What vLLM scripts pass beside the options jaxllm implements, each at a valid non-default value where one exists.
 VLLM_SCRIPT_ARGUMENTS = dict(

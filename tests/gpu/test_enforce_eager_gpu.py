@@ -12,7 +12,8 @@ from benchmarks.profile_step import launch_path_ops
 from jaxllm import SamplingParams
 from tests.engine.conftest import TINY_CONFIG, make_llm, random_token_prompts
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")]
+ON_GPU = jax.default_backend() == "gpu"
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a GPU: CUDA graphs exist only there")]
 
 
 def generate_traced(llm, prompts, params, trace_dir):
