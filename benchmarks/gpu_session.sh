@@ -39,7 +39,7 @@ with_variants() {  # LIST CMD...: CMD once per ';'-separated variant of LIST, ea
   local list=$1; shift
   if [ -z "$list" ]; then "$@"; return; fi
   local variants v
-  IFS=';' read -ra variants <<< "$list"
+  IFS=';' read -ra variants <<< "$list;"  # the extra ";" keeps a trailing empty variant (read drops one)
   for v in "${variants[@]}"; do ( eval "export $v"; echo "variant: $v"; "$@" ); done
 }
 graph_updates_per_tp() {  # graph_updates on J8's engine, batch-1 decode, at each TP of TP_SIZES (default 2)
@@ -134,7 +134,7 @@ for stage in "$@"; do
              cp "$(find /tmp/j8-trace -name "*.trace.json.gz" | tail -1)" "$OUT/j8_decode.trace.json.gz" ;;
     profile1) python3 benchmarks/profile_step.py --job J1 --out /tmp/j1-trace 2>&1 | tee "$OUT/profile_j1.log" | grep -Ev "^JSON" ;;
     mesh8) with_variants "${MESH_VARIANTS:-}" mesh_job mesh8.log --meshes ${MESHES:-1x1x1,2x1x1} ;;  # MESH_VARIANTS: A/B on one lease
-    tpflags) IFS=';' read -ra variants <<< "${TPFLAGS_VARIANTS:-}"  # batch-1 latency on a small job per XLA_FLAGS variant
+    tpflags) IFS=';' read -ra variants <<< "${TPFLAGS_VARIANTS:-};"  # batch-1 latency on a small job per XLA_FLAGS variant
              for v in "${variants[@]:-}"; do XLA_FLAGS="$v" small_tp_job | grep -E "^ +[0-9]+x|^variant|Error"; done ;;
     tpenv) with_variants "${TPENV_VARIANTS:-JAXLLM_MESH_LAUNCH_THREAD=0;JAXLLM_MESH_LAUNCH_THREAD=1}" small_tp_rows ;;
     mp) python3 benchmarks/multiprocess_mesh.py --num-processes ${MP_PROCS:-4} --model benchmarks/configs/llama-3.1-8b \
