@@ -45,7 +45,7 @@ from benchmarks.common import (
     random_prompts,
     variant_engine_options,
 )
-from jaxllm import LLMEngine, SamplingParams
+from jaxllm import LLMEngine, RequestOutputKind, SamplingParams
 
 SMOKE_JOB = Job("smoke", SMOKE_CONFIG, 8, 24, 16)
 
@@ -222,10 +222,12 @@ def main(argv=None) -> dict:
         pipeline_parallel_size=args.pipeline_parallel_size,
         **variant_engine_options(args),
     )
-    params = SamplingParams(temperature=0.0, max_tokens=job.output_len, ignore_eos=True)
+    params = SamplingParams(
+        temperature=0.0, max_tokens=job.output_len, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY
+    )
     num_prompts = args.num_prompts or job.num_prompts
     for i, prompt in enumerate(random_prompts(num_prompts, job.input_len, engine.model_config.vocab_size)):
-        engine.add_request(f"r{i}", prompt, params, stream=False)
+        engine.add_request(f"r{i}", prompt, params)
     scheduler = engine.scheduler
 
     def all_decoding() -> bool:

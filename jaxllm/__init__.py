@@ -19,6 +19,7 @@ _PUBLIC = {
     "StructuredOutputsParams": "jaxllm.sampling_params",
     "GuidedDecodingParams": "jaxllm.sampling_params",
     "BeamSearchParams": "jaxllm.sampling_params",
+    "RequestOutputKind": "jaxllm.sampling_params",
     "RequestOutput": "jaxllm.outputs",
     "CompletionOutput": "jaxllm.outputs",
     "TextPrompt": "jaxllm.inputs",

@@ -10,6 +10,10 @@ Samples (n > 1): a prompt becomes n ``Request``s (see ``make_child_requests``) w
 ``CompletionOutput`` per sample, ordered by index) is produced once every sample has finished, or after every step
 that touched it when the request streams.
 
+Streaming follows vLLM's ``SamplingParams.output_kind``: CUMULATIVE outputs hold everything so far; DELTA outputs hold
+only the tokens, text and logprobs new since the prompt's last output, only the samples that have something new (or
+just finished), and the prompt logprobs only in the first; FINAL_ONLY requests are returned once, when finished.
+
 Prompt logprobs (``SamplingParams.prompt_logprobs``) are the first sample's (every sample computes the same ones); the
 runner stores them on its ``Request`` by prompt position and they are turned into ``Logprob`` dicts here.
 
@@ -29,7 +33,7 @@ from jaxllm.core.step_io import SampledLogprobs
 from jaxllm.detokenizer import IncrementalDetokenizer, find_stop_string
 from jaxllm.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestMetrics, RequestOutput
 from jaxllm.request import Request
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
 if TYPE_CHECKING:
     from jaxllm.structured_output import StructuredOutputMatcher
@@ -65,7 +69,8 @@ def make_child_requests(
 
 
 class RequestState:
-    """Output state of one sample: its token ids, text, logprobs and finish reason."""
+    """Output state of one sample: its token ids, text, logprobs and finish reason, and (for DELTA outputs) how much
+    of them its earlier outputs carried."""
 
     def __init__(self, request: Request, parent: ParentRequest, tokenizer, stream: bool) -> None:
         params = request.sampling_params
@@ -83,6 +88,9 @@ class RequestState:
         self.cumulative_logprob: float | None = None if params.logprobs is None else 0.0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
+        self.num_sent_tokens = 0  # DELTA: token ids, logprobs and characters already returned
+        self.num_sent_chars = 0
+        self.sent_finish = False
 
     @property
     def finished(self) -> bool:
@@ -151,6 +159,28 @@ class RequestState:
             stop_reason=self.stop_reason,
         )
 
+    @property
+    def has_delta(self) -> bool:
+        """Something a DELTA output has not carried yet: new tokens, or the finish."""
+        return len(self.token_ids) > self.num_sent_tokens or (self.finished and not self.sent_finish)
+
+    def make_delta_output(self) -> CompletionOutput:
+        """The tokens, logprobs and text new since the last call (the cumulative logprob stays the running sum, as in
+        vLLM); marks them sent."""
+        text = self.visible_text()
+        start = self.num_sent_tokens
+        output = CompletionOutput(
+            index=self.request.sample_index,
+            text=text[self.num_sent_chars :],
+            token_ids=self.token_ids[start:],
+            cumulative_logprob=self.cumulative_logprob,
+            logprobs=None if self.logprobs is None else self.logprobs[start:],
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+        )
+        self.num_sent_tokens, self.num_sent_chars, self.sent_finish = len(self.token_ids), len(text), self.finished
+        return output
+
 
 def _decode_one(tokenizer, token_id: int) -> str | None:
     return None if tokenizer is None else tokenizer.decode([token_id])
@@ -182,14 +212,21 @@ class ParentRequest:
     """One prompt as the user sees it: its samples (children) and the times they share."""
 
     def __init__(
-        self, request_id: str, prompt: str | None, requests: list[Request], stream: bool, tokenizer=None
+        self,
+        request_id: str,
+        prompt: str | None,
+        requests: list[Request],
+        output_kind: RequestOutputKind,
+        tokenizer=None,
     ) -> None:
         self.request_id = request_id
         self.tokenizer = tokenizer
         self._prompt_logprobs: PromptLogprobs | None = None  # built once, when complete
+        self._sent_prompt_logprobs = False  # DELTA: only the first output that has them carries them
         self.prompt = prompt
         self.prompt_token_ids = requests[0].prompt_token_ids
-        self.stream = stream
+        self.output_kind = output_kind
+        self.stream = output_kind is not RequestOutputKind.FINAL_ONLY
         self.children: list[RequestState] = []  # ordered by sample index
         self.num_unfinished = len(requests)
         self.last_token_time: float | None = None
@@ -199,13 +236,25 @@ class ParentRequest:
     def finished(self) -> bool:
         return self.num_unfinished == 0
 
+    @property
+    def has_news(self) -> bool:
+        """False only for a DELTA request none of whose samples has anything new to return."""
+        return self.output_kind is not RequestOutputKind.DELTA or any(child.has_delta for child in self.children)
+
     def make_request_output(self) -> RequestOutput:
         requests = [child.request for child in self.children]
+        if self.output_kind is RequestOutputKind.DELTA:
+            outputs = [child.make_delta_output() for child in self.children if child.has_delta]
+            prompt_logprobs = None if self._sent_prompt_logprobs else self._make_prompt_logprobs()
+            self._sent_prompt_logprobs = prompt_logprobs is not None
+        else:
+            outputs = [child.make_completion_output() for child in self.children]
+            prompt_logprobs = self._make_prompt_logprobs()
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=list(self.prompt_token_ids),
-            outputs=[child.make_completion_output() for child in self.children],
+            outputs=outputs,
             finished=self.finished,
             metrics=RequestMetrics(
                 arrival_time=min(r.arrival_time for r in requests),
@@ -216,7 +265,7 @@ class ParentRequest:
             ),
             # The most prompt tokens any sample found in the prefix cache.
             num_cached_tokens=max(r.num_cached_prompt_tokens for r in requests),
-            prompt_logprobs=self._make_prompt_logprobs(),
+            prompt_logprobs=prompt_logprobs,
         )
 
     def _make_prompt_logprobs(self) -> PromptLogprobs | None:
@@ -246,8 +295,9 @@ class OutputProcessor:
         self._parents: dict[str, ParentRequest] = {}
         self._states: dict[str, RequestState] = {}  # unfinished samples by request id
 
-    def add_request(self, request_id: str, prompt: str | None, requests: list[Request], stream: bool = False) -> None:
-        """Track the samples of one prompt (from ``make_child_requests``). Raises ValueError before any change."""
+    def add_request(self, request_id: str, prompt: str | None, requests: list[Request]) -> None:
+        """Track the samples of one prompt (from ``make_child_requests``; their ``SamplingParams.output_kind`` says
+        when it is returned). Raises ValueError before any change."""
         if request_id in self._parents:
             raise ValueError(f"request id {request_id!r} is already in use by an unfinished request")
         if not requests:
@@ -262,9 +312,9 @@ class OutputProcessor:
                 )
         # SamplingParams.detokenize=False: no text and no decoded logprob tokens, as without a tokenizer
         tokenizer = self.tokenizer if requests[0].sampling_params.detokenize else None
-        parent = ParentRequest(request_id, prompt, requests, stream, tokenizer)
+        parent = ParentRequest(request_id, prompt, requests, requests[0].sampling_params.output_kind, tokenizer)
         for request in sorted(requests, key=lambda r: r.sample_index):
-            state = RequestState(request, parent, tokenizer, stream)
+            state = RequestState(request, parent, tokenizer, parent.stream)
             parent.children.append(state)
             self._states[request.request_id] = state
         self._parents[request_id] = parent
@@ -287,7 +337,7 @@ class OutputProcessor:
                 self._finish_sample(state, now)
             if parent.stream or parent.finished:
                 touched[parent.request_id] = parent
-        request_outputs = [parent.make_request_output() for parent in touched.values()]
+        request_outputs = [parent.make_request_output() for parent in touched.values() if parent.has_news]
         return ProcessedOutputs(request_outputs, stopped_request_ids)
 
     def _finish_sample(self, state: RequestState, now: float) -> None:

@@ -8,9 +8,11 @@ Mirrors vLLM's classes by name and default. Owns validation of user input (every
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json as _json
 import math
 from collections.abc import Sequence
+from typing import Any
 
 # Sampling treats a temperature below this as greedy (vLLM does the same).
 GREEDY_TEMPERATURE_EPS = 1e-5
@@ -33,6 +35,16 @@ def _as_list(name: str, value) -> list:
     if not isinstance(value, (list, tuple)):
         raise TypeError(f"SamplingParams.{name} must be a list, got {value!r}")
     return list(value)
+
+
+class RequestOutputKind(enum.Enum):
+    """vLLM's ``SamplingParams.output_kind``: what ``LLMEngine.step()`` returns for a request while it runs.
+    CUMULATIVE (the default): its whole output so far whenever it gains tokens; DELTA: only what is new since its last
+    output; FINAL_ONLY: one output, when it finishes (``LLM.generate`` always uses this)."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 STRUCTURED_OUTPUT_KINDS = ("json", "regex", "choice", "grammar", "json_object")
@@ -165,6 +177,10 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens
     detokenize: bool = True  # False: token ids only, text ""
     skip_special_tokens: bool = True
+    # vLLM's; it only changes tokenizers whose decode takes it (slow ones), and transformers 5 loads fast ones only
+    spaces_between_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # what LLMEngine.step() returns while running
+    extra_args: dict[str, Any] | None = None  # vLLM's free-form extras for plugins; carried, never read by jaxllm
     structured_outputs: StructuredOutputsParams | None = None  # the output follows a grammar (jaxllm.structured_output)
     guided_decoding: StructuredOutputsParams | None = None  # vLLM's earlier name: moved into structured_outputs
 
@@ -236,8 +252,13 @@ class SamplingParams:
                 raise ValueError(
                     f"SamplingParams.truncate_prompt_tokens must be at least 1, got {self.truncate_prompt_tokens}"
                 )
-        if not isinstance(self.detokenize, bool):
-            raise TypeError(f"SamplingParams.detokenize must be a bool, got {self.detokenize!r}")
+        for name in ("detokenize", "skip_special_tokens", "spaces_between_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"SamplingParams.{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise TypeError(f"SamplingParams.output_kind must be a RequestOutputKind, got {self.output_kind!r}")
+        if self.extra_args is not None and not isinstance(self.extra_args, dict):
+            raise TypeError(f"SamplingParams.extra_args must be a dict or None, got {self.extra_args!r}")
         if not self.detokenize and self.stop:
             raise ValueError(f"SamplingParams.stop={self.stop!r} needs detokenize=True (stop strings match the text)")
         for name in ("logprobs", "prompt_logprobs"):

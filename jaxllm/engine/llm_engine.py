@@ -139,15 +139,15 @@ class LLMEngine:
         prompt,
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
-        stream: bool = True,
         *,
         lora_request=None,
         priority: int = 0,
     ) -> None:
         """Validates and queues a request (n > 1 becomes n sibling requests sharing the prompt's cached blocks).
 
-        With ``stream`` (vLLM's engine default) ``step()`` returns the request's cumulative output whenever it gains
-        tokens; without it, only once it finishes (what ``LLM.generate`` uses: no per-step detokenization). Without
+        ``params.output_kind`` says what ``step()`` returns for it, as in vLLM: CUMULATIVE (the default) its whole
+        output whenever it gains tokens, DELTA only what is new, FINAL_ONLY one output when it finishes (what
+        ``LLM.generate`` uses: no per-step detokenization unless stop strings need it). Without
         ``params``, the generation config's defaults (``default_sampling_fields``). ``lora_request`` and ``priority``
         are vLLM's and must keep their defaults (no LoRA adapters; first come, first served).
         """
@@ -167,7 +167,7 @@ class LLMEngine:
         )
         for child in children:
             self.scheduler.validate_request(child)  # raises before anything is queued (replicas share limits)
-        self.output_processor.add_request(request_id, tokenized.text, children, stream=stream)
+        self.output_processor.add_request(request_id, tokenized.text, children)
         replica = None  # with data parallelism, every sibling on the first one's replica (shared prompt blocks)
         for child in children:
             if isinstance(self.core, DataParallelEngine):

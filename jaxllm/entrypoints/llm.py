@@ -20,7 +20,7 @@ from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.engine.prompts import as_prompt_list
 from jaxllm.engine.vllm_arguments import check_request_options, engine_arguments
 from jaxllm.outputs import RequestOutput
-from jaxllm.sampling_params import BeamSearchParams, SamplingParams, expand_sampling_params
+from jaxllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams, expand_sampling_params
 
 
 class LLM:
@@ -133,11 +133,16 @@ class LLM:
         return beam_search(self, prompts, params, use_tqdm=use_tqdm)
 
     def _add_requests(self, prompts: list, params: list[SamplingParams]) -> list[str]:
+        """Queues every prompt, returned once finished (``output_kind`` FINAL_ONLY, as vLLM's ``generate`` sets it;
+        the user's params are copied, once per distinct object, not changed)."""
         request_ids: list[str] = []
+        final_only: dict[int, SamplingParams] = {}
         try:
             for prompt, sampling_params in zip(prompts, params, strict=True):
                 request_id = str(next(self._request_counter))
-                self.llm_engine.add_request(request_id, prompt, sampling_params, stream=False)
+                if id(sampling_params) not in final_only:
+                    final_only[id(sampling_params)] = sampling_params.clone(output_kind=RequestOutputKind.FINAL_ONLY)
+                self.llm_engine.add_request(request_id, prompt, final_only[id(sampling_params)])
                 request_ids.append(request_id)
         except Exception:
             self.llm_engine.abort_request(request_ids)

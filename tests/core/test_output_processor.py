@@ -18,7 +18,7 @@ from jaxllm.detokenizer import IncrementalDetokenizer
 from jaxllm.output_processor import OutputProcessor, make_child_requests
 from jaxllm.outputs import Logprob
 from jaxllm.request import RequestStatus
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 from tests.core.toy_runner import ToyRunner, toy_logprobs
 
 TRAINING_TEXT = [
@@ -62,8 +62,10 @@ def random_text(rng: random.Random, n: int) -> str:
 
 
 def add(processor, request_id, prompt_ids, stream=False, **params):
+    """``stream``: CUMULATIVE outputs, else FINAL_ONLY (unless ``params`` names an ``output_kind``)."""
+    params.setdefault("output_kind", RequestOutputKind.CUMULATIVE if stream else RequestOutputKind.FINAL_ONLY)
     requests = make_child_requests(request_id, prompt_ids, SamplingParams(**params), frozenset([0]))
-    processor.add_request(request_id, "a prompt", requests, stream=stream)
+    processor.add_request(request_id, "a prompt", requests)
     return requests
 
 
@@ -298,3 +300,69 @@ def test_engine_loop_finishes_request_on_stop_string(tokenizer):
     assert finished["runs"].outputs[0].text == tokenizer.decode(expected_ids[:12])
     assert scheduler.block_manager.num_free_blocks == config.num_usable_blocks
     assert not processor.has_unfinished_requests()
+
+
+def run_both_kinds(tokenizer, output_ids, finish=RequestStatus.FINISHED_LENGTH, **params):
+    """The same tokens through a CUMULATIVE and a DELTA request; each step's outputs of both."""
+    rng = random.Random(len(output_ids))
+    sampled = [toy_logprobs(t if rng.random() < 0.5 else (t + 3) % 300, 2, 300) for t in output_ids]  # some unranked
+    steps = {}
+    for kind in (RequestOutputKind.CUMULATIVE, RequestOutputKind.DELTA):
+        processor = OutputProcessor(tokenizer)
+        add(processor, "r", tokenizer.encode("go"), output_kind=kind, logprobs=2, **params)
+        steps[kind] = [r.request_outputs for r in feed(processor, "r", output_ids, finish=finish, logprobs=sampled)]
+    return steps[RequestOutputKind.CUMULATIVE], steps[RequestOutputKind.DELTA]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("stop", [None, "fox"])
+def test_delta_outputs_add_up_to_the_cumulative_ones(tokenizer, seed, stop):
+    rng = random.Random(seed)
+    text = random_text(rng, 20) + " the fox " + random_text(rng, 20)
+    output_ids = tokenizer.encode(text)
+    cumulative, delta = run_both_kinds(tokenizer, output_ids, stop=[stop] if stop else None)
+    assert [len(step) for step in delta] == [len(step) for step in cumulative]  # an output whenever it gains tokens
+    text_so_far, ids_so_far, logprobs_so_far = "", [], []
+    for whole_outputs, new_outputs in zip(cumulative, delta, strict=True):
+        if not whole_outputs:
+            continue  # after the stop string: nothing more for either
+        (whole,), (new,) = whole_outputs, new_outputs
+        (whole_completion,), (new_completion,) = whole.outputs, new.outputs
+        text_so_far += new_completion.text
+        ids_so_far += new_completion.token_ids
+        logprobs_so_far += new_completion.logprobs
+        assert len(new_completion.token_ids) == 1  # one token per step here
+        assert (text_so_far, ids_so_far) == (whole_completion.text, whole_completion.token_ids)
+        assert logprobs_so_far == whole_completion.logprobs
+        assert new_completion.cumulative_logprob == whole_completion.cumulative_logprob  # a running sum, as in vLLM
+        assert (new.finished, new_completion.finish_reason) == (whole.finished, whole_completion.finish_reason)
+    assert whole.finished and (whole_completion.stop_reason == stop)
+    assert whole_completion.text == (text[: text.index(stop)] if stop else text)
+
+
+def test_delta_outputs_carry_only_the_samples_with_news_and_the_prompt_logprobs_once(tokenizer):
+    processor = OutputProcessor(tokenizer)
+    prompt_ids = tokenizer.encode("go on")
+    requests = add(processor, "p", prompt_ids, n=2, output_kind=RequestOutputKind.DELTA, prompt_logprobs=1)
+    stored = [None] + [(-0.5 - i, 2, [t], [-0.25]) for i, t in enumerate(prompt_ids[1:])]
+    requests[0].prompt_logprobs = stored  # as the runner records them (every sample computes the same)
+    ids = tokenizer.encode("brown fox")
+    (first,) = feed(processor, "p-1", ids[:1], finish=None)[0].request_outputs
+    assert [c.index for c in first.outputs] == [1] and first.outputs[0].token_ids == ids[:1]
+    assert [entry and list(entry) for entry in first.prompt_logprobs] == [None] + [[t] for t in prompt_ids[1:]]
+    (second,) = feed(processor, "p-0", ids, finish=None)[0].request_outputs
+    assert [c.index for c in second.outputs] == [0] and second.prompt_logprobs is None
+    last = feed(processor, "p-1", ids[1:])[-1].request_outputs[0]  # p-1 finishes; p-0 is still running
+    assert [(c.index, c.finish_reason) for c in last.outputs] == [(1, "length")] and not last.finished
+
+
+def test_output_kind_and_string_fields_are_checked():
+    for bad in (dict(output_kind="delta"), dict(output_kind=1)):
+        with pytest.raises(TypeError, match=f"output_kind must be a RequestOutputKind, got {bad['output_kind']!r}"):
+            SamplingParams(**bad)
+    with pytest.raises(TypeError, match="spaces_between_special_tokens must be a bool, got 'yes'"):
+        SamplingParams(spaces_between_special_tokens="yes")
+    with pytest.raises(TypeError, match="extra_args must be a dict or None, got"):
+        SamplingParams(extra_args=["plugin"])
+    kept = SamplingParams(extra_args={"plugin": 1}, spaces_between_special_tokens=False)
+    assert kept.extra_args == {"plugin": 1} and kept.clone().output_kind is RequestOutputKind.CUMULATIVE

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from jaxllm import SamplingParams
+from jaxllm import RequestOutputKind, SamplingParams
 from tests.engine.conftest import make_llm, random_token_prompts
 
 LENGTHS = np.random.default_rng(11).integers(1, 70, size=24)
@@ -209,7 +209,7 @@ def test_abort_between_steps_keeps_others(tiny_model_dir, prompts):
     expected = outputs_of(make_llm(tiny_model_dir, async_scheduling=False), prompts[:5], greedy)
     engine = make_llm(tiny_model_dir).llm_engine
     for i, prompt in enumerate(prompts[:6]):
-        engine.add_request(f"r{i}", prompt, greedy, stream=False)
+        engine.add_request(f"r{i}", prompt, greedy.clone(output_kind=RequestOutputKind.FINAL_ONLY))
     engine.step()
     engine.step()  # r5 now has a step in flight
     engine.abort_request("r5")

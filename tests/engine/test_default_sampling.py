@@ -50,7 +50,7 @@ def test_generate_without_params_samples_as_the_generation_config_recommends(rec
     assert [o.outputs[0].token_ids for o in implicit] == [o.outputs[0].token_ids for o in explicit]
     assert max(len(o.outputs[0].token_ids) for o in implicit) == 5  # max_new_tokens, not SamplingParams' 16
     engine = llm.llm_engine
-    engine.add_request("no-params", prompts[0], stream=False)  # LLMEngine too
+    engine.add_request("no-params", prompts[0])  # LLMEngine too
     finished = []
     while engine.has_unfinished_requests():
         finished += [o for o in engine.step() if o.finished]

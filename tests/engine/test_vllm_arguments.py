@@ -1,10 +1,13 @@
 """A vLLM script runs unchanged: vLLM's engine arguments without a counterpart here are accepted (and checked),
 those jaxllm cannot honour are ValueErrors naming them, ``enforce_eager`` turns CUDA graphs off, ``generate`` takes
-``lora_request`` / ``priority`` and ``chat`` vLLM's template options."""
+``lora_request`` / ``priority`` and ``chat`` vLLM's template options; ``SamplingParams.output_kind`` streams as in
+vLLM."""
+
+import itertools
 
 import pytest
 
-from jaxllm import LLM, SamplingParams, TextPrompt, TokensPrompt
+from jaxllm import LLM, RequestOutputKind, SamplingParams, TextPrompt, TokensPrompt
 from jaxllm.config import EngineConfig
 from jaxllm.engine.vllm_arguments import DEFAULT_ONLY, NO_EFFECT, engine_arguments
 from jaxllm.runner.xla_options import EAGER_GPU_OPTIONS, NARROW_STEP_MAX_TOKENS, StepCompilerOptions, sampler_options
@@ -194,6 +197,35 @@ def test_openai_style_content_parts_in_either_content_format(llama):
         llama.chat([{"content": "no role"}], use_tqdm=False)
     assert "role" in str(error.value)
     assert not llama.llm_engine.has_unfinished_requests()
+
+
+def test_output_kinds_stream_as_in_vllm_and_generate_returns_whole_outputs(llama):
+    prompts = ["The capital of France is", "One, two, three,"]
+    delta = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+    final = llama.generate(prompts, delta, use_tqdm=False)
+    assert delta.output_kind is RequestOutputKind.DELTA  # generate works on a copy: the user's params stay as given
+    assert [len(o.outputs[0].token_ids) for o in final] == [12, 12] and all(o.finished for o in final)
+    engine = llama.llm_engine
+    for kind in RequestOutputKind:
+        for i, prompt in enumerate(prompts):
+            engine.add_request(f"{kind.name}-{i}", prompt, delta.clone(output_kind=kind))
+    seen = {f"{kind.name}-{i}": [] for kind in RequestOutputKind for i in range(len(prompts))}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            seen[output.request_id].append(output)
+    for i, whole in enumerate(final):
+        want = whole.outputs[0]
+        pieces = seen[f"DELTA-{i}"]
+        assert "".join(o.outputs[0].text for o in pieces) == want.text
+        assert sum((o.outputs[0].token_ids for o in pieces), []) == want.token_ids
+        assert len(pieces) > 1 and [o.finished for o in pieces].index(True) == len(pieces) - 1
+        cumulative = seen[f"CUMULATIVE-{i}"]
+        assert len(cumulative) == len(pieces) and cumulative[-1].outputs[0].text == want.text
+        assert [len(o.outputs[0].token_ids) for o in cumulative] == list(
+            itertools.accumulate(len(o.outputs[0].token_ids) for o in pieces)
+        )
+        (only,) = seen[f"FINAL_ONLY-{i}"]
+        assert only.finished and only.outputs[0].token_ids == want.token_ids
 
 
 def test_a_tqdm_class_builds_the_progress_bar_and_engine_requests_take_vllms_options(tiny_model_dir):

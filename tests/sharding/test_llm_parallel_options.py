@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxllm import LLM, SamplingParams
+from jaxllm import LLM, RequestOutputKind, SamplingParams
 from sharding import DataParallelEngine
 from sharding.runner import PipelineRunner
 from tests.sharding.helpers import NEEDS_8_DEVICES
@@ -232,8 +232,9 @@ def test_stop_strings_and_aborts_reach_the_owning_replica():
     assert all(stops)
     engine = make_llm("llama", skip_tokenizer_init=False, data_parallel_size=2).llm_engine
     for i, (prompt, stop) in enumerate(zip(text_prompts, stops, strict=True)):
-        params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, stop=[stop])
-        engine.add_request(f"r{i}", prompt, params, stream=False)
+        final_only = RequestOutputKind.FINAL_ONLY
+        params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, stop=[stop], output_kind=final_only)
+        engine.add_request(f"r{i}", prompt, params)
     finished = {}
     while engine.has_unfinished_requests():
         for output in engine.step():
