@@ -78,6 +78,8 @@ class EngineConfig:
     # generation_config.json), "vllm" (SamplingParams' defaults) or a directory; jaxllm.engine.default_sampling
     generation_config: str = "auto"
     override_generation_config: dict | None = None  # on top of that source, e.g. {"temperature": 0.0}
+    # vLLM's: False keeps statistics (Prometheus metrics, LLM.get_metrics(), a periodic log line; jaxllm.metrics)
+    disable_log_stats: bool = True
 
     def __post_init__(self) -> None:
         for name in ("model", "tokenizer", "quantized_weights_path", "generation_config"):  # a Path is a path too
@@ -108,7 +110,7 @@ class EngineConfig:
                 f"quantized_weights_path={self.quantized_weights_path!r} needs a str path and quantization set "
                 f"(quantization={self.quantization!r})"
             )
-        for name in ("quantize_lm_head", "enforce_eager"):
+        for name in ("quantize_lm_head", "enforce_eager", "disable_log_stats"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.quantize_lm_head and self.quantization is None:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from jaxllm.core.engine_core_output import EngineCoreOutput
 from jaxllm.core.step_io import SampledLogprobs
 from jaxllm.detokenizer import IncrementalDetokenizer, find_stop_string
+from jaxllm.metrics.stats import IterationStats
 from jaxllm.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestMetrics, RequestOutput
 from jaxllm.request import Request
 from jaxllm.sampling_params import RequestOutputKind, SamplingParams
@@ -88,6 +89,7 @@ class RequestState:
         self.cumulative_logprob: float | None = None if params.logprobs is None else 0.0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
+        self.last_token_time: float | None = None  # when the latest tokens arrived (statistics)
         self.num_sent_tokens = 0  # DELTA: token ids, logprobs and characters already returned
         self.num_sent_chars = 0
         self.sent_finish = False
@@ -319,8 +321,11 @@ class OutputProcessor:
             self._states[request.request_id] = state
         self._parents[request_id] = parent
 
-    def process_outputs(self, engine_core_outputs: Iterable[EngineCoreOutput]) -> ProcessedOutputs:
-        """Apply one step's outputs. Outputs of requests already finished or aborted here are ignored."""
+    def process_outputs(
+        self, engine_core_outputs: Iterable[EngineCoreOutput], stats: IterationStats | None = None
+    ) -> ProcessedOutputs:
+        """Apply one step's outputs (and add their tokens, latencies and finished samples to ``stats``, when given).
+        Outputs of requests already finished or aborted here are ignored."""
         now = time.monotonic()
         touched: dict[str, ParentRequest] = {}
         stopped_request_ids = []
@@ -329,12 +334,17 @@ class OutputProcessor:
             if state is None:
                 continue
             parent = state.parent
+            if stats is not None and output.new_token_ids:
+                stats.record_new_tokens(state.request, len(output.new_token_ids), state.last_token_time, now)
+            state.last_token_time = now
             stop = state.update(output)
             if stop is not None and not output.finished:
                 stopped_request_ids.append(output.request_id)
             parent.last_token_time = now
             if state.finished:
                 self._finish_sample(state, now)
+                if stats is not None:
+                    stats.record_finished(state.request, state.finish_reason, len(state.token_ids), now)
             if parent.stream or parent.finished:
                 touched[parent.request_id] = parent
         request_outputs = [parent.make_request_output() for parent in touched.values() if parent.has_news]

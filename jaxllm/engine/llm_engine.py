@@ -26,6 +26,9 @@ from jaxllm.engine.prompts import tokenize_prompt
 from jaxllm.engine.vllm_arguments import check_request_options, engine_arguments
 from jaxllm.loading.model_loader import resolve_dtype
 from jaxllm.loading.model_source import resolve_model_source
+from jaxllm.metrics import reader
+from jaxllm.metrics.prometheus import EngineMetrics
+from jaxllm.metrics.stats import IterationStats
 from jaxllm.models import ModelConfig, get_model_class
 from jaxllm.output_processor import OutputProcessor, make_child_requests
 from jaxllm.outputs import RequestOutput
@@ -83,6 +86,7 @@ class LLMEngine:
         self._schedulers = [core.scheduler for core in cores]  # every replica's
         self.step_times = cores[0].step_times  # replica 0's: host work vs device wait per step
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.metrics = None if config.disable_log_stats else EngineMetrics(config.model, self.resolved.max_model_len)
 
     @classmethod
     def from_engine_args(cls, **kwargs) -> LLMEngine:
@@ -234,6 +238,19 @@ class LLMEngine:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         child_ids = self.output_processor.abort_requests(ids)
         self.core.abort_request(child_ids)
+        if self.metrics is not None:
+            for _ in child_ids:
+                self.metrics.request_success["abort"].inc()
+            self.metrics.record_schedulers(self._schedulers)
+
+    def get_metrics(self) -> list[reader.Metric]:
+        """vLLM's: a snapshot of the engine's statistics (``jaxllm.metrics.reader``); ValueError when they are off."""
+        if self.metrics is None:
+            raise ValueError(
+                "statistics are off (disable_log_stats=True, the default): build the engine with "
+                "disable_log_stats=False to keep them"
+            )
+        return reader.snapshot(self.metrics.collectors)
 
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished_requests()
@@ -252,9 +269,12 @@ class LLMEngine:
         core_outputs = self.core.step()  # schedule -> execute -> update, on every replica with work
         if not core_outputs:
             return []
-        processed = self.output_processor.process_outputs(core_outputs)
+        stats = None if self.metrics is None else IterationStats()
+        processed = self.output_processor.process_outputs(core_outputs, stats)
         if processed.stopped_request_ids:
             self.core.finish_requests(processed.stopped_request_ids, RequestStatus.FINISHED_STOPPED)
+        if stats is not None:
+            self.metrics.record_step(stats, self._schedulers)
         return processed.request_outputs
 
 

@@ -42,7 +42,6 @@ NO_EFFECT: dict[str, tuple[Callable[[object], bool], str, str]] = {
         "a bool",
         "jaxllm runs its own model code for the architectures it supports; a checkpoint's own code never runs",
     ),
-    "disable_log_stats": (_is_bool, "a bool", "the engine logs no periodic statistics"),
     "swap_space": (
         _is_non_negative_number,
         "a number of GiB >= 0",

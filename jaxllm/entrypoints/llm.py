@@ -19,6 +19,7 @@ from jaxllm.engine.chat import chat_prompts
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.engine.prompts import as_prompt_list
 from jaxllm.engine.vllm_arguments import check_request_options, engine_arguments
+from jaxllm.metrics.reader import Metric
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams, expand_sampling_params
 
@@ -71,6 +72,11 @@ class LLM:
         if device is not None:
             raise ValueError(f"device={device!r}: jaxllm has one prefix cache, on the accelerator; leave it None")
         return self.llm_engine.reset_prefix_cache()
+
+    def get_metrics(self) -> list[Metric]:
+        """vLLM's: the engine's statistics now (counters, gauges, histograms; ``jaxllm.metrics.reader``), kept when
+        the engine is built with ``disable_log_stats=False``; ValueError otherwise."""
+        return self.llm_engine.get_metrics()
 
     def get_default_sampling_params(self) -> SamplingParams:
         """vLLM's: what ``generate`` and ``chat`` sample with when given no ``SamplingParams``: the model's

@@ -17,7 +17,6 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 # What vLLM scripts pass beside the options jaxllm implements, each at a valid non-default value where one exists.
 VLLM_SCRIPT_ARGUMENTS = dict(
     trust_remote_code=True,
-    disable_log_stats=False,
     swap_space=8,
     download_dir="/tmp/unused",
     hf_token="unused",
@@ -37,7 +36,7 @@ VLLM_SCRIPT_ARGUMENTS = dict(
 def test_a_vllm_scripts_engine_arguments_are_accepted_and_change_nothing(tiny_model_dir):
     prompts = random_token_prompts(3, [5, 9, 30], seed=4)
     plain = make_llm(tiny_model_dir).generate(prompts, GREEDY, use_tqdm=False)
-    vllm_style = make_llm(tiny_model_dir, enforce_eager=True, **VLLM_SCRIPT_ARGUMENTS)
+    vllm_style = make_llm(tiny_model_dir, enforce_eager=True, disable_log_stats=False, **VLLM_SCRIPT_ARGUMENTS)
     assert vllm_style.llm_engine.config.enforce_eager
     outputs = vllm_style.generate(prompts, GREEDY, use_tqdm=False, lora_request=None, priority=[0, 0, 0])
     assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in plain]

@@ -1,0 +1,169 @@
+"""``EngineMetrics``: the engine's Prometheus metrics under vLLM's names (``vllm:...``, labels ``model_name`` and
+``engine``), so vLLM's dashboards and scripts read them unchanged, and vLLM's periodic log line (throughput, queue,
+KV cache usage, prefix-cache hit rate). Updated once per engine step from the step's ``IterationStats`` and the
+schedulers' state; registered in ``prometheus_client``'s default registry (the previous engine's are unregistered,
+so a process can build engines one after another, as vLLM does).
+
+    vllm:num_requests_running / vllm:num_requests_waiting      gauges, every replica's scheduler
+    vllm:kv_cache_usage_perc                                    gauge, fraction of KV blocks held (0..1)
+    vllm:prompt_tokens / vllm:generation_tokens                 counters
+    vllm:request_success{finished_reason=stop|length|abort}     counter, finished samples
+    vllm:num_preemptions, vllm:prefix_cache_queries / _hits     counters (tokens for the prefix cache)
+    vllm:time_to_first_token_seconds, vllm:inter_token_latency_seconds, vllm:e2e_request_latency_seconds,
+    vllm:request_queue_time_seconds, vllm:request_prompt_tokens, vllm:request_generation_tokens,
+    vllm:iteration_tokens_total                                 histograms
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import prometheus_client
+
+from jaxllm.metrics.stats import IterationStats
+
+logger = logging.getLogger(__name__)
+
+LOG_INTERVAL_S = 10.0  # vLLM's default interval between log lines
+FINISH_REASONS = ("stop", "length", "abort")
+TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0,
+                  80.0, 160.0, 640.0)  # fmt: skip
+ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
+                 0.75, 1.0, 2.5, 5.0, 10.0)  # fmt: skip
+REQUEST_LATENCY_BUCKETS_S = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 240.0, 480.0,
+                             960.0, 1920.0, 7680.0)  # fmt: skip
+ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+_registered: list = []  # the collectors of the engine built last, unregistered when the next one registers its own
+
+
+def token_count_buckets(max_model_len: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, ... up to ``max_model_len`` (and one bucket past it)."""
+    buckets, scale = [], 1
+    while True:
+        for mantissa in (1, 2, 5):
+            buckets.append(mantissa * scale)
+            if buckets[-1] >= max_model_len:
+                return buckets
+        scale *= 10
+
+
+class EngineMetrics:
+    def __init__(self, model_name: str, max_model_len: int, log_interval_s: float = LOG_INTERVAL_S) -> None:
+        labels = {"model_name": model_name, "engine": "0"}
+        names = list(labels)
+        for collector in _registered:
+            prometheus_client.REGISTRY.unregister(collector)
+        _registered.clear()
+
+        def make(kind, name, documentation, extra_labels=(), **kwargs):
+            collector = kind(name, documentation, names + list(extra_labels), **kwargs)
+            _registered.append(collector)
+            self.collectors.append(collector)
+            return collector if extra_labels else collector.labels(**labels)
+
+        self.collectors: list = []
+        gauge, counter, histogram = prometheus_client.Gauge, prometheus_client.Counter, prometheus_client.Histogram
+        self.running = make(gauge, "vllm:num_requests_running", "Requests being computed (samples).")
+        self.waiting = make(gauge, "vllm:num_requests_waiting", "Requests waiting to be scheduled (samples).")
+        self.kv_cache_usage = make(gauge, "vllm:kv_cache_usage_perc", "Fraction of KV-cache blocks held (0-1).")
+        self.prompt_tokens = make(counter, "vllm:prompt_tokens", "Prompt tokens of requests that got a token.")
+        self.generation_tokens = make(counter, "vllm:generation_tokens", "Generated tokens.")
+        success = make(counter, "vllm:request_success", "Finished samples by reason.", ("finished_reason",))
+        self.request_success = {reason: success.labels(**labels, finished_reason=reason) for reason in FINISH_REASONS}
+        self.preemptions = make(counter, "vllm:num_preemptions", "Preemptions (a running request lost its blocks).")
+        self.prefix_queries = make(counter, "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = make(counter, "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.ttft = make(
+            histogram, "vllm:time_to_first_token_seconds", "Arrival to first token.", buckets=TTFT_BUCKETS_S
+        )
+        self.itl = make(
+            histogram, "vllm:inter_token_latency_seconds", "Between a sample's tokens.", buckets=ITL_BUCKETS_S
+        )
+        self.e2e = make(
+            histogram, "vllm:e2e_request_latency_seconds", "Arrival to finish.", buckets=REQUEST_LATENCY_BUCKETS_S
+        )
+        self.queue_time = make(
+            histogram,
+            "vllm:request_queue_time_seconds",
+            "Arrival to first scheduled.",
+            buckets=REQUEST_LATENCY_BUCKETS_S,
+        )
+        token_buckets = token_count_buckets(max_model_len)
+        self.request_prompt_tokens = make(
+            histogram, "vllm:request_prompt_tokens", "Prompt tokens per finished sample.", buckets=token_buckets
+        )
+        self.request_generation_tokens = make(
+            histogram, "vllm:request_generation_tokens", "Generated tokens per finished sample.", buckets=token_buckets
+        )
+        self.iteration_tokens = make(
+            histogram,
+            "vllm:iteration_tokens_total",
+            "Prompt + generated tokens per step.",
+            buckets=ITERATION_TOKEN_BUCKETS,
+        )
+        self.log_interval_s = log_interval_s
+        self._totals = {"preemptions": 0, "queries": 0, "hits": 0}  # the schedulers' counts already added
+        self._since_log = {"prompt": 0, "generation": 0}
+        self._last_log_time = time.monotonic()
+
+    def record_step(self, stats: IterationStats, schedulers: Sequence) -> None:
+        """Adds one step's statistics and the schedulers' state (every data-parallel replica's)."""
+        self.prompt_tokens.inc(stats.num_prompt_tokens)
+        self.generation_tokens.inc(stats.num_generation_tokens)
+        self.iteration_tokens.observe(stats.num_prompt_tokens + stats.num_generation_tokens)
+        for seconds in stats.time_to_first_tokens_s:
+            self.ttft.observe(seconds)
+        for seconds in stats.inter_token_latencies_s:
+            self.itl.observe(seconds)
+        for finished in stats.finished:
+            self.record_finished(finished)
+        self._since_log["prompt"] += stats.num_prompt_tokens
+        self._since_log["generation"] += stats.num_generation_tokens
+        self.record_schedulers(schedulers)
+        now = time.monotonic()
+        if now - self._last_log_time >= self.log_interval_s:
+            self._log(now, schedulers)
+
+    def record_finished(self, finished) -> None:
+        self.request_success[finished.finish_reason].inc()
+        self.e2e.observe(finished.e2e_latency_s)
+        if finished.queue_time_s is not None:
+            self.queue_time.observe(finished.queue_time_s)
+        self.request_prompt_tokens.observe(finished.num_prompt_tokens)
+        self.request_generation_tokens.observe(finished.num_generation_tokens)
+
+    def record_schedulers(self, schedulers: Sequence) -> None:
+        self.running.set(sum(len(s.running) for s in schedulers))
+        self.waiting.set(sum(len(s.waiting) for s in schedulers))
+        self.kv_cache_usage.set(sum(s.block_manager.usage for s in schedulers) / len(schedulers))
+        totals = {
+            "preemptions": sum(s.num_preemptions for s in schedulers),
+            "queries": sum(s.block_manager.num_prefix_cache_queries for s in schedulers),
+            "hits": sum(s.block_manager.num_prefix_cache_hits for s in schedulers),
+        }
+        for key, counter in (
+            ("preemptions", self.preemptions),
+            ("queries", self.prefix_queries),
+            ("hits", self.prefix_hits),
+        ):
+            counter.inc(totals[key] - self._totals[key])
+        self._totals = totals
+
+    def _log(self, now: float, schedulers: Sequence) -> None:
+        elapsed = now - self._last_log_time
+        queries, hits = self._totals["queries"], self._totals["hits"]
+        logger.info(
+            "Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, Running: %d reqs, "
+            "Waiting: %d reqs, KV cache usage: %.1f%%, Prefix cache hit rate: %.1f%%",
+            self._since_log["prompt"] / elapsed,
+            self._since_log["generation"] / elapsed,
+            sum(len(s.running) for s in schedulers),
+            sum(len(s.waiting) for s in schedulers),
+            100.0 * sum(s.block_manager.usage for s in schedulers) / len(schedulers),
+            100.0 * hits / queries if queries else 0.0,
+        )
+        self._since_log = {"prompt": 0, "generation": 0}
+        self._last_log_time = now
