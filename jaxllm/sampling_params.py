@@ -166,8 +166,8 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
-    logprobs: int | None = None
-    prompt_logprobs: int | None = None
+    logprobs: int | None = None  # top logprobs per output token; -1: the whole vocabulary (the engine resolves it)
+    prompt_logprobs: int | None = None  # the same per prompt token
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -265,8 +265,8 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None:
                 _check_int(name, value)
-                if value < 0:
-                    raise ValueError(f"SamplingParams.{name} must be non-negative, got {value}")
+                if value < -1:
+                    raise ValueError(f"SamplingParams.{name} must be non-negative, or -1 for every token, got {value}")
 
     def _validate_token_lists(self) -> None:
         if self.allowed_token_ids is not None:

@@ -161,6 +161,7 @@ class LLMEngine:
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         if not isinstance(request_id, str):
             raise TypeError(f"request_id must be a str, got {request_id!r}")
+        params = self._with_whole_vocabulary_logprobs(params)
         self._check_against_model(params)
         vocab_size, keep_last = self.model_config.vocab_size, params.truncate_prompt_tokens
         tokenized = tokenize_prompt(prompt, self.tokenizer, vocab_size, keep_last)
@@ -178,6 +179,19 @@ class LLMEngine:
                 replica = self.core.add_request(child.request_id, child, replica=replica)
             else:
                 self.core.add_request(child.request_id, child)
+
+    def _with_whole_vocabulary_logprobs(self, params: SamplingParams) -> SamplingParams:
+        """``logprobs`` / ``prompt_logprobs`` of -1 (vLLM's "every token") as the vocabulary size; a copy, so the
+        caller's params stay as given."""
+        vocab_size, cap = self.model_config.vocab_size, self.config.max_logprobs
+        whole = {name: vocab_size for name in ("logprobs", "prompt_logprobs") if getattr(params, name) == -1}
+        for name in whole:
+            if cap != -1 and vocab_size > cap:
+                raise ValueError(
+                    f"SamplingParams.{name}=-1 asks for all {vocab_size} tokens' logprobs, more than the engine's "
+                    f"max_logprobs={cap} (LLM(max_logprobs=-1) lifts the cap)"
+                )
+        return params.clone(**whole) if whole else params
 
     def _check_against_model(self, params: SamplingParams) -> None:
         """ValueError for token ids outside the vocabulary (``allowed_token_ids``, ``logit_bias``) and for more top

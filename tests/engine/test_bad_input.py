@@ -5,7 +5,7 @@ import pathlib
 import pytest
 
 from jaxllm import LLM, SamplingParams
-from tests.engine.conftest import make_llm, random_token_prompts
+from tests.engine.conftest import TINY_CONFIG, make_llm, random_token_prompts
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
@@ -61,7 +61,7 @@ def test_bad_prompt_in_a_batch_is_rejected_and_engine_recovers(llm, reference, b
         ("presence_penalty", 3.0, "presence_penalty"),
         ("frequency_penalty", -2.5, "frequency_penalty"),
         ("repetition_penalty", 0.0, "repetition_penalty"),
-        ("logprobs", -1, "logprobs"),
+        ("logprobs", -2, "logprobs"),
         ("prompt_logprobs", -2, "prompt_logprobs"),
         ("stop", [""], "stop"),
         ("stop_token_ids", [-2], "stop_token_ids"),
@@ -160,6 +160,23 @@ def test_max_logprobs_minus_one_lifts_the_cap_and_bad_values_are_rejected(tiny_m
     assert len(output.outputs[0].logprobs[0]) >= 40 and all(len(e) >= 30 for e in output.prompt_logprobs[1:])
     with pytest.raises(ValueError, match="max_logprobs must be an int >= 0, or -1 for no cap, got -2"):
         make_llm(tiny_model_dir, max_logprobs=-2)
+
+
+def test_minus_one_logprobs_are_the_whole_vocabulary_and_need_the_cap_lifted(tiny_model_dir, llm, reference):
+    prompts = random_token_prompts(2, [5, 9], seed=3)
+    every = SamplingParams(temperature=0.0, max_tokens=3, logprobs=-1, prompt_logprobs=-1)
+    uncapped = make_llm(tiny_model_dir, max_logprobs=-1)
+    got = uncapped.generate(prompts, every, use_tqdm=False)
+    assert every.logprobs == every.prompt_logprobs == -1  # the engine resolved a copy
+    vocab = TINY_CONFIG["vocab_size"]
+    want = uncapped.generate(prompts, every.clone(logprobs=vocab, prompt_logprobs=vocab), use_tqdm=False)
+    for g, w in zip(got, want, strict=True):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+        assert g.outputs[0].logprobs == w.outputs[0].logprobs and g.prompt_logprobs == w.prompt_logprobs
+        assert all(len(entry) == vocab for entry in g.outputs[0].logprobs)
+    with pytest.raises(ValueError, match=f"logprobs=-1 asks for all {vocab} tokens' logprobs, more than .*=20"):
+        llm.generate(prompts, SamplingParams(logprobs=-1), use_tqdm=False)
+    still_serves(llm, reference)
 
 
 @pytest.mark.parametrize(
