@@ -80,6 +80,7 @@ class EngineConfig:
     override_generation_config: dict | None = None  # on top of that source, e.g. {"temperature": 0.0}
     # vLLM's: False keeps statistics (Prometheus metrics, LLM.get_metrics(), a periodic log line; jaxllm.metrics)
     disable_log_stats: bool = True
+    served_model_name: str | list[str] | None = None  # vLLM's: the metrics' model_name label (the first name); model
 
     def __post_init__(self) -> None:
         for name in ("model", "tokenizer", "quantized_weights_path", "generation_config"):  # a Path is a path too
@@ -110,6 +111,12 @@ class EngineConfig:
                 f"quantized_weights_path={self.quantized_weights_path!r} needs a str path and quantization set "
                 f"(quantization={self.quantization!r})"
             )
+        names = self.served_model_name
+        if names is not None and not (
+            (isinstance(names, str) and names)
+            or (isinstance(names, list) and names and all(isinstance(n, str) and n for n in names))
+        ):
+            raise TypeError(f"served_model_name must be a non-empty str, a list of them or None, got {names!r}")
         for name in ("quantize_lm_head", "enforce_eager", "disable_log_stats"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -129,6 +136,12 @@ class EngineConfig:
             raise TypeError(f"override_generation_config must be a dict or None, got {override!r}")
         if self.model is not None and not isinstance(self.model, str):
             raise TypeError(f"model must be a path string or None, got {type(self.model).__name__}")
+
+    @property
+    def model_name(self) -> str:
+        """The name the metrics carry: the first ``served_model_name``, else the model path."""
+        names = self.served_model_name
+        return (names if isinstance(names, str) else names[0]) if names else str(self.model)
 
 
 def power_of_two_buckets(smallest: int, largest: int) -> tuple[int, ...]:

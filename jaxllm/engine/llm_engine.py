@@ -86,7 +86,9 @@ class LLMEngine:
         self._schedulers = [core.scheduler for core in cores]  # every replica's
         self.step_times = cores[0].step_times  # replica 0's: host work vs device wait per step
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.metrics = None if config.disable_log_stats else EngineMetrics(config.model, self.resolved.max_model_len)
+        self.metrics = (
+            None if config.disable_log_stats else EngineMetrics(config.model_name, self.resolved.max_model_len)
+        )
 
     @classmethod
     def from_engine_args(cls, **kwargs) -> LLMEngine:

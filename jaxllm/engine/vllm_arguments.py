@@ -3,14 +3,16 @@
 ``LLM(...)`` and ``LLMEngine.from_engine_args(...)`` pass their keyword arguments through ``engine_arguments``, which
 takes these out. Each is checked as vLLM checks it; then:
 - ``NO_EFFECT`` ones have nothing to configure here (the reason is in the table) and are dropped;
-- ``DEFAULT_ONLY`` ones would change what runs (a Hub revision, weights offloaded to the host): vLLM's default is
-  accepted and anything else is a ``ValueError`` saying why jaxllm cannot honour it.
+- ``DEFAULT_ONLY`` ones would change what runs (a Hub revision, weights offloaded to the host, LoRA, speculative
+  decoding): vLLM's default is accepted (or, for a ``OneOf``, any value that means what jaxllm does, e.g.
+  ``task="generate"``) and anything else is a ``ValueError`` saying why jaxllm cannot honour it.
 vLLM names that jaxllm implements (``enforce_eager``, ``tensor_parallel_size``, ...) are ``EngineConfig`` fields.
 ``check_request_options`` does the same for a request's ``lora_request`` and ``priority``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import numbers
 import os
@@ -33,6 +35,17 @@ def _is_non_negative_number(value) -> bool:
 
 def _is_optional_positive_int(value) -> bool:
     return value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
+
+
+def _is_non_negative_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+@dataclasses.dataclass(frozen=True)
+class OneOf:
+    """The values of a ``DEFAULT_ONLY`` argument that ask for what jaxllm does anyway."""
+
+    values: tuple
 
 
 # name -> (check, what a valid value is, why it has no effect here)
@@ -69,6 +82,20 @@ NO_EFFECT: dict[str, tuple[Callable[[object], bool], str, str]] = {
         'None, "mp", "uni" or "ray"',
         "one JAX process drives every local device (several hosts: sharding.initialize_distributed)",
     ),
+    "disable_async_output_proc": (
+        _is_bool,
+        "a bool",
+        "outputs are processed on the host after each step (async scheduling overlaps them with the next)",
+    ),
+    "max_parallel_loading_workers": (_is_optional_positive_int, "a positive int or None", "one process loads"),
+    "tokenizer_pool_size": (_is_non_negative_int, "an int >= 0", "prompts are tokenized in the calling thread"),
+    "use_v2_block_manager": (_is_bool, "a bool", "there is one block manager (paged, with prefix sharing)"),
+    "max_loras": (_is_optional_positive_int, "a positive int or None", "no LoRA adapters (enable_lora stays False)"),
+    "max_lora_rank": (
+        _is_optional_positive_int,
+        "a positive int or None",
+        "no LoRA adapters (enable_lora stays False)",
+    ),
 }
 
 # name -> (vLLM's default, why no other value can be honoured)
@@ -79,6 +106,20 @@ DEFAULT_ONLY: dict[str, tuple[object, str]] = {
     "code_revision": (None, "a checkpoint's own code never runs"),
     "tokenizer_mode": ("auto", "the tokenizer loads through transformers' AutoTokenizer"),
     "hf_overrides": (None, "the checkpoint's config.json is used as it is"),
+    "task": (OneOf(("auto", "generate")), "the engine generates text; pooling / embedding models are not supported"),
+    "runner": (OneOf(("auto", "generate")), "the engine generates text; pooling models are not supported"),
+    "convert": (OneOf(("auto", "none")), "models run as the checkpoint's causal LM, never converted"),
+    "model_impl": (OneOf(("auto", "vllm")), "jaxllm's own model code runs (transformers' modelling never does)"),
+    "enable_lora": (False, "LoRA adapters are not supported"),
+    "speculative_config": (None, "speculative decoding is not implemented"),
+    "enable_expert_parallel": (False, "the supported architectures are dense: there are no experts"),
+    "enable_sleep_mode": (False, "LLM.sleep / wake_up are not implemented"),
+    "kv_transfer_config": (None, "KV transfer between instances (disaggregated prefill) is not implemented"),
+    "limit_mm_per_prompt": (None, "the supported models take text only"),
+    "mm_processor_kwargs": (None, "the supported models take text only"),
+    "scheduling_policy": ("fcfs", "requests are scheduled first come, first served"),
+    "num_scheduler_steps": (1, "each step is scheduled on its own (async scheduling overlaps the next one)"),
+    "preemption_mode": (OneOf((None, "recompute")), "a preempted request is recomputed, never swapped"),
 }
 
 
@@ -93,14 +134,17 @@ def engine_arguments(kwargs: Mapping[str, object]) -> dict[str, object]:
         logger.debug("%s=%r has no effect: %s", name, value, why)
     for name, (default, reason) in DEFAULT_ONLY.items():
         if name in remaining and not _is_default(value := remaining.pop(name), default):
-            raise ValueError(f"{name}={value!r} is not supported ({reason}); leave it at {default!r}")
+            accepted = f"use one of {default.values!r}" if isinstance(default, OneOf) else f"leave it at {default!r}"
+            raise ValueError(f"{name}={value!r} is not supported ({reason}); {accepted}")
     return remaining
 
 
 def _is_default(value, default) -> bool:
     if isinstance(value, Mapping):
         return default is None and not value  # hf_overrides={} overrides nothing
-    return not isinstance(value, bool) and value == default
+    if isinstance(default, OneOf):
+        return any(_is_default(value, one) for one in default.values)
+    return isinstance(value, bool) == isinstance(default, bool) and value == default
 
 
 def check_request_options(lora_request=None, priority=0) -> None:

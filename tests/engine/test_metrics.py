@@ -57,7 +57,7 @@ def test_counts_match_what_the_requests_returned(tiny_model_dir):
 
 
 def test_prefix_hits_stops_and_aborts_are_counted(tiny_model_dir):
-    llm = make_llm(tiny_model_dir, disable_log_stats=False)
+    llm = make_llm(tiny_model_dir, disable_log_stats=False, served_model_name="tiny")
     prompts = random_token_prompts(2, [40, 56], seed=12)  # full 16-token blocks
     greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     llm.generate(prompts, greedy, use_tqdm=False)
@@ -75,6 +75,7 @@ def test_prefix_hits_stops_and_aborts_are_counted(tiny_model_dir):
         engine.step()
     counts = {k: c.value for k, c in by_name(llm.get_metrics())["vllm:request_success"].items()}
     assert counts == {"length": 5, "stop": 0, "abort": 1}
+    assert all(metric.labels["model_name"] == "tiny" for metric in llm.get_metrics())  # served_model_name
 
 
 def test_stop_string_finishes_count_as_stop():

@@ -30,6 +30,26 @@ VLLM_SCRIPT_ARGUMENTS = dict(
     code_revision=None,
     tokenizer_mode="auto",
     hf_overrides={},
+    disable_async_output_proc=True,
+    max_parallel_loading_workers=4,
+    tokenizer_pool_size=0,
+    use_v2_block_manager=True,
+    max_loras=2,
+    max_lora_rank=32,
+    task="generate",
+    runner="generate",
+    convert="none",
+    model_impl="vllm",
+    enable_lora=False,
+    speculative_config=None,
+    enable_expert_parallel=False,
+    enable_sleep_mode=False,
+    kv_transfer_config=None,
+    limit_mm_per_prompt={},
+    mm_processor_kwargs=None,
+    scheduling_policy="fcfs",
+    num_scheduler_steps=1,
+    preemption_mode="recompute",
 )
 
 
@@ -69,6 +89,9 @@ def test_every_vllm_argument_is_known_and_none_is_an_engine_option():
         ("max_seq_len_to_capture", 0),
         ("compilation_config", "O3"),
         ("distributed_executor_backend", "external_launcher"),
+        ("disable_async_output_proc", 1),
+        ("tokenizer_pool_size", -1),
+        ("max_loras", 0),
     ],
 )
 def test_a_bad_value_of_an_accepted_argument_is_a_type_error_naming_it(name, value):
@@ -87,12 +110,30 @@ def test_a_bad_value_of_an_accepted_argument_is_a_type_error_naming_it(name, val
         ("code_revision", "abc123"),
         ("tokenizer_mode", "mistral"),
         ("hf_overrides", {"num_hidden_layers": 1}),
+        ("task", "embed"),
+        ("model_impl", "transformers"),
+        ("enable_lora", True),
+        ("speculative_config", {"method": "ngram", "num_speculative_tokens": 3}),
+        ("scheduling_policy", "priority"),
+        ("num_scheduler_steps", 8),
+        ("num_scheduler_steps", True),
+        ("preemption_mode", "swap"),
     ],
 )
 def test_an_argument_jaxllm_cannot_honour_is_a_value_error_before_anything_loads(name, value):
     with pytest.raises(ValueError) as error:
         LLM(model="/no/such/checkpoint", **{name: value})  # raises before the path is looked at
     assert f"{name}={value!r}" in str(error.value)
+
+
+def test_served_model_name_names_the_metrics():
+    assert EngineConfig(model="/m", served_model_name=["llama", "alias"]).model_name == "llama"
+    assert EngineConfig(model="/m", served_model_name="llama").model_name == "llama"
+    assert EngineConfig(model="/m").model_name == "/m"
+    for bad in ("", [], ["ok", 3]):
+        with pytest.raises(TypeError) as error:
+            EngineConfig(model="/m", served_model_name=bad)
+        assert f"served_model_name must be a non-empty str, a list of them or None, got {bad!r}" in str(error.value)
 
 
 def test_enforce_eager_turns_off_cuda_graphs_on_gpu_only():
