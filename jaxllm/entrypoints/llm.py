@@ -8,6 +8,7 @@ batch already queued is aborted, so the engine stays clean for the next call.
 from __future__ import annotations
 
 import itertools
+import pathlib
 import time
 from collections.abc import Callable
 
@@ -17,6 +18,7 @@ from jaxllm.beam_search import BeamSearchOutput, beam_search
 from jaxllm.config import EngineConfig
 from jaxllm.engine.chat import chat_prompts
 from jaxllm.engine.llm_engine import LLMEngine
+from jaxllm.engine.profiler import EngineProfiler
 from jaxllm.engine.prompts import as_prompt_list
 from jaxllm.engine.vllm_arguments import check_request_options, engine_arguments
 from jaxllm.metrics.reader import Metric
@@ -62,6 +64,7 @@ class LLM:
         )
         self.llm_engine = LLMEngine(config)
         self._request_counter = itertools.count()
+        self._profiler = EngineProfiler()
 
     def get_tokenizer(self):
         return self.llm_engine.get_tokenizer()
@@ -72,6 +75,16 @@ class LLM:
         if device is not None:
             raise ValueError(f"device={device!r}: jaxllm has one prefix cache, on the accelerator; leave it None")
         return self.llm_engine.reset_prefix_cache()
+
+    def start_profile(self, profile_prefix: str | None = None) -> None:
+        """vLLM's: records a JAX profiler trace of what runs until ``stop_profile()``, under ``$JAXLLM_PROFILER_DIR``
+        (or vLLM's ``$VLLM_TORCH_PROFILER_DIR``), in its subdirectory ``profile_prefix`` when given
+        (``jaxllm.engine.profiler``)."""
+        self._profiler.start(profile_prefix)
+
+    def stop_profile(self) -> pathlib.Path:
+        """vLLM's: stops the trace ``start_profile()`` began and writes it; returns its directory."""
+        return self._profiler.stop()
 
     def get_metrics(self) -> list[Metric]:
         """vLLM's: the engine's statistics now (counters, gauges, histograms; ``jaxllm.metrics.reader``), kept when
