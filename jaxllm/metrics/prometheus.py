@@ -76,34 +76,20 @@ class EngineMetrics:
         self.preemptions = make(counter, "vllm:num_preemptions", "Preemptions (a running request lost its blocks).")
         self.prefix_queries = make(counter, "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         self.prefix_hits = make(counter, "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.")
-        self.ttft = make(
-            histogram, "vllm:time_to_first_token_seconds", "Arrival to first token.", buckets=TTFT_BUCKETS_S
-        )
-        self.itl = make(
-            histogram, "vllm:inter_token_latency_seconds", "Between a sample's tokens.", buckets=ITL_BUCKETS_S
-        )
-        self.e2e = make(
-            histogram, "vllm:e2e_request_latency_seconds", "Arrival to finish.", buckets=REQUEST_LATENCY_BUCKETS_S
-        )
-        self.queue_time = make(
-            histogram,
-            "vllm:request_queue_time_seconds",
-            "Arrival to first scheduled.",
-            buckets=REQUEST_LATENCY_BUCKETS_S,
-        )
         token_buckets = token_count_buckets(max_model_len)
-        self.request_prompt_tokens = make(
-            histogram, "vllm:request_prompt_tokens", "Prompt tokens per finished sample.", buckets=token_buckets
-        )
-        self.request_generation_tokens = make(
-            histogram, "vllm:request_generation_tokens", "Generated tokens per finished sample.", buckets=token_buckets
-        )
-        self.iteration_tokens = make(
-            histogram,
-            "vllm:iteration_tokens_total",
-            "Prompt + generated tokens per step.",
-            buckets=ITERATION_TOKEN_BUCKETS,
-        )
+        histograms = {  # attribute: (name, documentation, bucket upper bounds)
+            "ttft": ("vllm:time_to_first_token_seconds", "Arrival to first token.", TTFT_BUCKETS_S),
+            "itl": ("vllm:inter_token_latency_seconds", "Between a sample's tokens.", ITL_BUCKETS_S),
+            "e2e": ("vllm:e2e_request_latency_seconds", "Arrival to finish.", REQUEST_LATENCY_BUCKETS_S),
+            "queue_time": ("vllm:request_queue_time_seconds", "Arrival to first scheduled.", REQUEST_LATENCY_BUCKETS_S),
+            "request_prompt_tokens": ("vllm:request_prompt_tokens", "Prompt tokens per sample.", token_buckets),
+            "request_generation_tokens": ("vllm:request_generation_tokens", "Tokens generated per sample.",
+                                          token_buckets),
+            "iteration_tokens": ("vllm:iteration_tokens_total", "Prompt + generated tokens per step.",
+                                 ITERATION_TOKEN_BUCKETS),
+        }  # fmt: skip
+        for attribute, (name, documentation, buckets) in histograms.items():
+            setattr(self, attribute, make(histogram, name, documentation, buckets=buckets))
         self.log_interval_s = log_interval_s
         self._totals = {"preemptions": 0, "queries": 0, "hits": 0}  # the schedulers' counts already added
         self._since_log = {"prompt": 0, "generation": 0}
