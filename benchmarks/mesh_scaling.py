@@ -231,9 +231,9 @@ def measured_bubble(runner) -> float | None:
         inputs = batch.input_ids
         for stage in pipeline.stages:
             start = time.perf_counter()
-            inputs = jax.block_until_ready(pipeline._run_stage(stage, inputs, batch))
+            inputs = jax.block_until_ready(pipeline.run_stage(stage, inputs, batch))
             if stage is pipeline.stages[-1]:  # the head (sampler) runs on the last stage's devices too
-                jax.block_until_ready(pipeline._run_head(inputs["logits"], batch, args))
+                jax.block_until_ready(pipeline.run_head(inputs["logits"], batch, args))
             busy += time.perf_counter() - start
     return max(0.0, 1.0 - busy / (pipeline.num_stages * wall))
 

@@ -296,12 +296,12 @@ class PipelinedModel:
                 first_stage_pending = self._no_pending_tokens
             for index, stage in enumerate(self.stages):
                 prompt = (targets, prompt_logprob_width) if stage is self.stages[-1] and targets is not None else None
-                out = self._run_stage(stage, x, batch, first_stage_pending if index == 0 else None, prompt)
+                out = self.run_stage(stage, x, batch, first_stage_pending if index == 0 else None, prompt)
                 if index > 0:  # the previous stage's hidden states, read by this call (a no-op unless stable)
                     self.stages[index - 1].results.release({"hidden": x})
                 x = out
             logits = x.pop("logits")  # what is left: the prompt logprobs, when asked
-            results.append({**self._run_head(logits, batch, args, pending, read), **x})
+            results.append({**self.run_head(logits, batch, args, pending, read), **x})
             self.stages[-1].results.release({"logits": logits})  # read by the head's call
         return results
 
@@ -316,7 +316,9 @@ class PipelinedModel:
         result_buffers = self.head_results.take(self._head_output_shapes(rows, head_args), read_by_call=read_by_run)
         return logits, packed, pending_tokens, result_buffers, layout, rows
 
-    def _run_head(self, logits, batch: StepBatch, head_args, pending_tokens=None, read_by_run=()) -> dict:
+    def run_head(self, logits, batch: StepBatch, head_args, pending_tokens=None, read_by_run=()) -> dict:
+        """The head (sampler) program on the last stage's ``logits`` for ``batch``; ``run`` calls it after the last
+        stage, and ``benchmarks/mesh_scaling.py`` on its own to time it."""
         return self._head_program(*self._head_args(logits, batch, head_args, pending_tokens, read_by_run))
 
     def warm_up_head(self, batch: StepBatch, head_args) -> None:
@@ -324,7 +326,7 @@ class PipelinedModel:
         own placed as the stage programs give them: the logits pool feeds only the stage calls, which donate."""
         shape = self._head_logits(batch)
         logits = jnp.zeros(shape.shape, shape.dtype, device=self._head_placement)
-        self.release([jax.block_until_ready(self._run_head(logits, batch, head_args))])
+        self.release([jax.block_until_ready(self.run_head(logits, batch, head_args))])
 
     def _head_logits(self, batch: StepBatch) -> jax.ShapeDtypeStruct:
         """The logits the last stage hands the head for ``batch``: ``ROW_SLACK`` rows past the batch's in a stable
@@ -368,7 +370,10 @@ class PipelinedModel:
         result_buffers = stage.results.take(self._stage_output_shapes(stage, batch))
         return stage.state, stage.kv_caches, inputs, packed, pending_tokens, result_buffers, layout, width
 
-    def _run_stage(self, stage: Stage, inputs, batch: StepBatch, pending_tokens=None, prompt=None):
+    def run_stage(self, stage: Stage, inputs, batch: StepBatch, pending_tokens=None, prompt=None):
+        """``stage``'s program for ``batch`` on ``inputs`` (token ids for the first stage, the previous stage's
+        outputs after it), updating the stage's KV cache; ``run`` chains them, ``benchmarks/mesh_scaling.py`` times
+        each on its own."""
         program = stage.programs.for_tokens(batch.token_bucket)
         args = self._stage_args(stage, inputs, batch, pending_tokens, prompt)
         out, stage.kv_caches = program(*args)
