@@ -73,7 +73,7 @@ class RequestState:
     """Output state of one sample: its token ids, text, logprobs and finish reason, and (for DELTA outputs) how much
     of them its earlier outputs carried."""
 
-    def __init__(self, request: Request, parent: ParentRequest, tokenizer, stream: bool) -> None:
+    def __init__(self, request: Request, parent: ParentRequest, tokenizer) -> None:
         params = request.sampling_params
         self.request = request
         self.parent = parent
@@ -83,7 +83,7 @@ class RequestState:
             if tokenizer is None
             else IncrementalDetokenizer(tokenizer, request.prompt_token_ids, params.skip_special_tokens)
         )
-        self.decode_every_step = stream or bool(params.stop)
+        self.decode_every_step = parent.stream or bool(params.stop)
         self.token_ids: list[int] = []
         self.logprobs: list[dict[int, Logprob]] | None = None if params.logprobs is None else []
         self.cumulative_logprob: float | None = None if params.logprobs is None else 0.0
@@ -316,7 +316,7 @@ class OutputProcessor:
         tokenizer = self.tokenizer if requests[0].sampling_params.detokenize else None
         parent = ParentRequest(request_id, prompt, requests, requests[0].sampling_params.output_kind, tokenizer)
         for request in sorted(requests, key=lambda r: r.sample_index):
-            state = RequestState(request, parent, tokenizer, parent.stream)
+            state = RequestState(request, parent, tokenizer)
             parent.children.append(state)
             self._states[request.request_id] = state
         self._parents[request_id] = parent

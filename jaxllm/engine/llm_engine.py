@@ -255,8 +255,7 @@ class LLMEngine:
         child_ids = self.output_processor.abort_requests(ids)
         self.core.abort_request(child_ids)
         if self.metrics is not None:
-            for _ in child_ids:
-                self.metrics.request_success["abort"].inc()
+            self.metrics.request_success["abort"].inc(len(child_ids))
             self.metrics.record_schedulers(self._schedulers)
 
     def get_metrics(self) -> list[reader.Metric]:

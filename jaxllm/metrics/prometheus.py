@@ -92,6 +92,8 @@ class EngineMetrics:
             setattr(self, attribute, make(histogram, name, documentation, buckets=buckets))
         self.log_interval_s = log_interval_s
         self._totals = {"preemptions": 0, "queries": 0, "hits": 0}  # the schedulers' counts already added
+        self._num_running = self._num_waiting = 0  # the schedulers' state at the last step (for the log line)
+        self._kv_usage = 0.0
         self._since_log = {"prompt": 0, "generation": 0}
         self._last_log_time = time.monotonic()
 
@@ -111,7 +113,7 @@ class EngineMetrics:
         self.record_schedulers(schedulers)
         now = time.monotonic()
         if now - self._last_log_time >= self.log_interval_s:
-            self._log(now, schedulers)
+            self._log(now)
 
     def record_finished(self, finished) -> None:
         self.request_success[finished.finish_reason].inc()
@@ -122,9 +124,12 @@ class EngineMetrics:
         self.request_generation_tokens.observe(finished.num_generation_tokens)
 
     def record_schedulers(self, schedulers: Sequence) -> None:
-        self.running.set(sum(len(s.running) for s in schedulers))
-        self.waiting.set(sum(len(s.waiting) for s in schedulers))
-        self.kv_cache_usage.set(sum(s.block_manager.usage for s in schedulers) / len(schedulers))
+        self._num_running = sum(len(s.running) for s in schedulers)
+        self._num_waiting = sum(len(s.waiting) for s in schedulers)
+        self._kv_usage = sum(s.block_manager.usage for s in schedulers) / len(schedulers)
+        self.running.set(self._num_running)
+        self.waiting.set(self._num_waiting)
+        self.kv_cache_usage.set(self._kv_usage)
         totals = {
             "preemptions": sum(s.num_preemptions for s in schedulers),
             "queries": sum(s.block_manager.num_prefix_cache_queries for s in schedulers),
@@ -138,7 +143,7 @@ class EngineMetrics:
             counter.inc(totals[key] - self._totals[key])
         self._totals = totals
 
-    def _log(self, now: float, schedulers: Sequence) -> None:
+    def _log(self, now: float) -> None:
         elapsed = now - self._last_log_time
         queries, hits = self._totals["queries"], self._totals["hits"]
         logger.info(
@@ -146,9 +151,9 @@ class EngineMetrics:
             "Waiting: %d reqs, KV cache usage: %.1f%%, Prefix cache hit rate: %.1f%%",
             self._since_log["prompt"] / elapsed,
             self._since_log["generation"] / elapsed,
-            sum(len(s.running) for s in schedulers),
-            sum(len(s.waiting) for s in schedulers),
-            100.0 * sum(s.block_manager.usage for s in schedulers) / len(schedulers),
+            self._num_running,
+            self._num_waiting,
+            100.0 * self._kv_usage,
             100.0 * hits / queries if queries else 0.0,
         )
         self._since_log = {"prompt": 0, "generation": 0}
