@@ -70,6 +70,12 @@ class GGUFCheckpoint:
                 f"GGUF checkpoint {str(path)!r} has architecture {self.architecture!r}; supported "
                 f"architectures: {sorted(SUPPORTED_ARCHITECTURES)}"
             )
+        num_experts = int(self._model_metadata(gguf.Keys.LLM.EXPERT_COUNT, 0))
+        if num_experts:
+            raise ValueError(
+                f"GGUF checkpoint {str(path)!r} is a mixture of experts ({num_experts} experts); jaxllm reads "
+                "mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE) from Hugging Face safetensors directories"
+            )
         self.config = self._build_config()
         self.generation_config = self._build_generation_config()
         # Named up front so that an unknown tensor fails here, not halfway through loading the weights.

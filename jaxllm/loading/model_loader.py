@@ -4,7 +4,9 @@ Owns the mapping from Hugging Face tensor names to NNX parameter paths, shape ch
 tensor and both shapes, dtype casting, and placing each tensor straight onto its device(s) (a sharding per
 parameter when a mesh is used), one tensor at a time. A quantized model (``QuantizedLinear`` layers) gets each linear
 weight quantized as it arrives, so no full-precision copy of the whole model ever exists; its dummy weights are the
-quantized dummy weights of the same model unquantized.
+quantized dummy weights of the same model unquantized. A mixture of experts' checkpoint holds one tensor per expert
+(``...experts.{e}.gate_proj.weight``); the model stacks them (``[E, in, out]``), so each stack is assembled on the
+host and placed once its last expert arrives (one layer's projection at a time, not the whole model).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ _DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "bf16": "bfloat16", "ha
 Placement = Callable[[tuple, nnx.Variable], jax.sharding.Sharding | None]
 # vLLM's fp8 KV-cache scales are skipped: the fp8 cache runs with scale 1.0 (jaxllm.models.decoder.Attention).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "self_attn.k_scale", "self_attn.v_scale")
+# Linear layers whose names do not end in _proj: the head, the experts' routers and Qwen2-MoE's shared-expert gate
+# (an expert's own projections, Mixtral's w1 / w2 / w3, are told by their path).
+_LINEAR_OWNERS = ("lm_head", "gate", "shared_expert_gate")
 LM_HEAD_KERNEL = ("lm_head", "kernel")  # NNX paths the loader fills specially
 EMBEDDING = ("model", "embed_tokens", "embedding")
 _DUMMY_STDDEV = 0.02
@@ -61,13 +66,63 @@ def hf_name_to_path(name: str) -> tuple[tuple, bool]:
     owner, leaf = path[-2] if len(path) > 1 else "", path[-1]
     if leaf == "weight" and owner == "embed_tokens":
         return path[:-1] + ("embedding",), False
-    if leaf == "weight" and (str(owner).endswith("_proj") or owner == "lm_head"):
+    linear = str(owner).endswith("_proj") or owner in _LINEAR_OWNERS or split_expert(path) is not None
+    if leaf == "weight" and linear:
         return path[:-1] + ("kernel",), True
     return path, False
 
 
 def _default_placement(path, variable) -> None:
     return None
+
+
+def split_expert(path: tuple) -> tuple[tuple, int] | None:
+    """``(..., "experts", e, proj, "kernel")`` -> the stacked parameter's path ``(..., "experts", proj, "kernel")``
+    and ``e``; None for a path that is not one expert's."""
+    for i in range(len(path) - 1):
+        if path[i] == "experts" and isinstance(path[i + 1], int):
+            return path[: i + 1] + path[i + 2 :], path[i + 1]
+    return None
+
+
+class _ExpertStacks:
+    """Host buffers that assemble stacked expert kernels ``[E, in, out]`` one expert's tensor at a time."""
+
+    def __init__(self):
+        self._buffers: dict[tuple, np.ndarray] = {}
+        self._arrived: dict[tuple, set[int]] = {}
+
+    def add(self, name: str, path: tuple, expert: int, value: np.ndarray, variable) -> np.ndarray | None:
+        """Stores expert ``expert``'s kernel (already ``[in, out]``); returns the whole stack once complete."""
+        shape = tuple(variable.get_value().shape)
+        if not 0 <= expert < shape[0]:
+            raise ValueError(f"unexpected tensor {name!r}: expert {expert} of a model with {shape[0]} experts")
+        if value.shape != shape[1:]:
+            raise ValueError(
+                f"tensor {name!r} has shape {tuple(value.shape[::-1])}, model expects {shape[1:][::-1]} per expert"
+            )
+        arrived = self._arrived.setdefault(path, set())
+        if expert in arrived:
+            raise ValueError(f"tensor {name!r} appears twice in the checkpoint")
+        buffer = self._buffers.setdefault(path, np.empty(shape, variable.get_value().dtype))
+        buffer[expert] = value
+        arrived.add(expert)
+        if len(arrived) < shape[0]:
+            return None
+        del self._arrived[path]
+        return self._buffers.pop(path)
+
+    def started(self, path: tuple) -> bool:
+        """Whether some but not all of the stack at ``path`` arrived."""
+        return path in self._arrived
+
+    def missing(self) -> list[str]:
+        """The experts' tensors not seen, for stacks that got some."""
+        names = []
+        for path, arrived in self._arrived.items():
+            absent = sorted(set(range(self._buffers[path].shape[0])) - arrived)
+            names.append(".".join(map(str, path[:-2])) + f".{{{','.join(map(str, absent))}}}." + str(path[-2]))
+        return names
 
 
 def load_weights(
@@ -83,10 +138,20 @@ def load_weights(
     tied = abstract.config.tie_word_embeddings
     # A quantized lm_head of a tied model is the embedding table, quantized (the lookup keeps the table itself).
     tied_quantized_head = _quantized_linear_at(abstract, flat, LM_HEAD_KERNEL) if tied else None
+    expert_stacks = _ExpertStacks()
     for name, array in tensors:
         if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
         path, transpose = hf_name_to_path(name)
+        expert = split_expert(path)
+        if expert is not None and expert[0] in flat:
+            path, index = expert
+            variable = flat[path]
+            stack = expert_stacks.add(name, path, index, np.asarray(array).T, variable)
+            if stack is not None:
+                variable.set_value(jax.device_put(stack, placement(path, variable)))
+                loaded.add(path)
+            continue
         linear = _quantized_linear_at(abstract, flat, path)
         if linear is not None:
             got = tuple(array.shape[::-1]) if transpose else tuple(array.shape)
@@ -111,7 +176,8 @@ def load_weights(
         loaded.add(path)
         if tied_quantized_head is not None and path == EMBEDDING:
             loaded.update(_set_quantized(flat, LM_HEAD_KERNEL[:-1], tied_quantized_head, value.T, placement))
-    missing = [".".join(map(str, p)) for p in flat if p not in loaded]
+    missing = [".".join(map(str, p)) for p in flat if p not in loaded and not expert_stacks.started(p)]
+    missing += expert_stacks.missing()
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")

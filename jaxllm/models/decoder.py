@@ -1,9 +1,11 @@
-"""The decoder-only transformer shared by the Llama family (Llama, Mistral, Qwen2, Qwen3).
+"""The decoder-only transformer shared by the Llama family (Llama, Mistral, Qwen2, Qwen3) and its mixture-of-experts
+relatives (Mixtral, Qwen2-MoE, Qwen3-MoE).
 
 Owns the NNX module tree, named as in Hugging Face checkpoints (``model.layers.{i}.self_attn.q_proj``...), and the
-forward pass over a ragged step batch: embed -> N x (attention over the paged KV cache, SwiGLU MLP) -> norm, and
-``compute_logits`` for the rows that are sampled. Family differences are config flags (q/k/v bias, q/k norm,
-sliding window, tied embeddings). The KV cache is an explicit argument and result, never module state.
+forward pass over a ragged step batch: embed -> N x (attention over the paged KV cache, SwiGLU MLP or a sparse
+mixture of experts) -> norm, and ``compute_logits`` for the rows that are sampled. Family differences are config flags
+(q/k/v bias, q/k norm, sliding window, tied embeddings, experts) and two class attributes naming the experts' modules
+as each family's checkpoints do. The KV cache is an explicit argument and result, never module state.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from jaxllm.models.layers import (
     make_linear,
     project,
 )
+from jaxllm.models.moe import QWEN_EXPERT_NAMES, SparseMoeBlock
 from jaxllm.models.rope import apply_rope, rope_cos_sin
 from pallas_kernels import ragged_paged_attention, update_kv_cache
 
@@ -92,29 +95,46 @@ def _write_and_attend(
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, attention_impl=None, quantization=None):
+    """Attention then the MLP, each pre-normed with a residual. A sparse layer's MLP is a ``SparseMoeBlock`` held
+    under ``moe_block_name`` (``mlp``, or Mixtral's ``block_sparse_moe``) with experts named ``expert_names``."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer: int,
+        *,
+        dtype,
+        rngs: nnx.Rngs,
+        attention_impl=None,
+        quantization=None,
+        moe_block_name="mlp",
+        expert_names=QWEN_EXPERT_NAMES,
+    ):
         c = config
         self.input_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.self_attn = Attention(c, dtype=dtype, rngs=rngs, attention_impl=attention_impl, quantization=quantization)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype, rngs=rngs)
-        self.mlp = SwiGLUMLP(c.hidden_size, c.intermediate_size, dtype=dtype, rngs=rngs, quantization=quantization)
+        self.mlp_name = moe_block_name if c.is_sparse_layer(layer) else "mlp"
+        if c.is_sparse_layer(layer):
+            mlp = SparseMoeBlock(c.hidden_size, c.moe, dtype=dtype, rngs=rngs, expert_names=expert_names)
+        else:
+            mlp = SwiGLUMLP(c.hidden_size, c.intermediate_size, dtype=dtype, rngs=rngs, quantization=quantization)
+        setattr(self, self.mlp_name, mlp)
 
     def __call__(self, x, kv, md: AttentionMetadata, cos, sin):
         attn_out, kv = self.self_attn(self.input_layernorm(x), kv, md, cos, sin)
         x = x + attn_out
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+        return x + getattr(self, self.mlp_name)(self.post_attention_layernorm(x)), kv
 
 
 class DecoderModel(nnx.Module):
     """The ``model.*`` part of a HF checkpoint: embeddings, layers, final norm."""
 
-    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, attention_impl=None, quantization=None):
+    def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, **layer_options):
         c = config
         self.embed_tokens = Embed(c.vocab_size, c.hidden_size, dtype=dtype, rngs=rngs)
-        layer = functools.partial(
-            DecoderLayer, c, dtype=dtype, rngs=rngs, attention_impl=attention_impl, quantization=quantization
-        )
-        self.layers = nnx.List([layer() for _ in range(c.num_layers)])
+        layer = functools.partial(DecoderLayer, c, dtype=dtype, rngs=rngs, **layer_options)
+        self.layers = nnx.List([layer(i) for i in range(c.num_layers)])
         self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype, rngs=rngs)
 
 
@@ -123,14 +143,28 @@ class DecoderForCausalLM(nnx.Module):
 
     ``quantization`` (a ``QuantizationConfig``) makes the decoder layers' linear layers ``QuantizedLinear``s, and
     lm_head one too when ``quantization.lm_head`` (also when tied: the loader fills it from the embedding table);
-    the embeddings keep ``dtype``.
+    the embeddings keep ``dtype``. Mixture-of-experts models are not quantized (a ``ValueError``).
     """
 
+    MOE_BLOCK_NAME = "mlp"  # where a sparse layer's checkpoint tensors live: model.layers.{i}.<this>.experts...
+    EXPERT_NAMES = QWEN_EXPERT_NAMES  # the experts' (gate, up, down) projections as the checkpoint names them
+
     def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs, attention_impl=None, quantization=None):
+        if quantization is not None and config.moe is not None:
+            raise ValueError(
+                f"quantization={quantization.method!r} is not supported for the mixture-of-experts model "
+                f"{config.architecture}: its expert weights have no quantized kernel here; run it unquantized"
+            )
         self.config = config
         self.quantization = quantization
         self.model = DecoderModel(
-            config, dtype=dtype, rngs=rngs, attention_impl=attention_impl, quantization=quantization
+            config,
+            dtype=dtype,
+            rngs=rngs,
+            attention_impl=attention_impl,
+            quantization=quantization,
+            moe_block_name=self.MOE_BLOCK_NAME,
+            expert_names=self.EXPERT_NAMES,
         )
         lm_head_axes = ("embed", "vocab")
         if quantization is not None and quantization.lm_head:

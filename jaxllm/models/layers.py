@@ -27,7 +27,7 @@ _INIT_STDDEV = 0.02
 FUSED_PROJECTIONS_ENV = "JAXLLM_FUSED_PROJECTIONS"
 
 
-def _normal(rngs: nnx.Rngs, shape, dtype, stddev=_INIT_STDDEV):
+def normal_init(rngs: nnx.Rngs, shape, dtype, stddev=_INIT_STDDEV):
     return (jax.random.normal(rngs.params(), shape, jnp.float32) * stddev).astype(dtype)
 
 
@@ -35,8 +35,8 @@ class Linear(nnx.Module):
     """y = x @ kernel (+ bias); kernel ``[in, out]`` (the transpose of a torch Linear weight)."""
 
     def __init__(self, in_features: int, out_features: int, *, axes, dtype, rngs: nnx.Rngs, use_bias=False):
-        self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), dtype), logical_axes=axes)
-        self.bias = nnx.Param(_normal(rngs, (out_features,), dtype), logical_axes=axes[1:]) if use_bias else None
+        self.kernel = nnx.Param(normal_init(rngs, (in_features, out_features), dtype), logical_axes=axes)
+        self.bias = nnx.Param(normal_init(rngs, (out_features,), dtype), logical_axes=axes[1:]) if use_bias else None
         self.axes = tuple(axes)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -192,7 +192,7 @@ def lm_head_logits(lm_head: Linear | QuantizedLinear | None, embed_tokens, hidde
 
 class Embed(nnx.Module):
     def __init__(self, vocab_size: int, features: int, *, dtype, rngs: nnx.Rngs):
-        self.embedding = nnx.Param(_normal(rngs, (vocab_size, features), dtype), logical_axes=("vocab", "embed"))
+        self.embedding = nnx.Param(normal_init(rngs, (vocab_size, features), dtype), logical_axes=("vocab", "embed"))
 
     def __call__(self, token_ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding.get_value(), token_ids, axis=0)  # [T, D]
@@ -207,7 +207,7 @@ class RMSNorm(nnx.Module):
     """Normalizes in float32, scales by ``weight``, returns the input dtype (as transformers' Llama does)."""
 
     def __init__(self, features: int, *, eps: float, dtype, rngs: nnx.Rngs):
-        self.weight = nnx.Param(1.0 + _normal(rngs, (features,), dtype), logical_axes=("norm",))
+        self.weight = nnx.Param(1.0 + normal_init(rngs, (features,), dtype), logical_axes=("norm",))
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:

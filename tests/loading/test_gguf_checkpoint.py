@@ -236,6 +236,13 @@ def test_unknown_tensor_is_named_when_opening(tmp_path):
     assert "'blk.0.attn_qkv.weight'" in str(error.value)
 
 
+def test_mixture_of_experts_gguf_is_refused_by_name(tmp_path):
+    weights = random_hf_weights(np.random.default_rng(10), qwen2=False, tied=True)
+    path = write_tiny_gguf(tmp_path / "t.gguf", weights, "llama", extra_metadata={"add_expert_count": 8})
+    with pytest.raises(ValueError, match=r"'.*t\.gguf' is a mixture of experts \(8 experts\)"):
+        load_gguf_checkpoint(path)
+
+
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ValueError) as error:
         load_gguf_checkpoint(tmp_path / "absent.gguf")

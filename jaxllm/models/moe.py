@@ -1,0 +1,114 @@
+"""The sparse mixture-of-experts MLP of Mixtral, Qwen2-MoE and Qwen3-MoE.
+
+Owns the router (a softmax over the experts' logits, each token's ``top_k`` experts, their weights optionally
+renormalized) and the experts' SwiGLU as grouped matmuls: the step's (token, expert) pairs are sorted by expert so
+each expert's rows are contiguous, and ``jax.lax.ragged_dot`` multiplies every group by its own expert's weights
+(each expert's weights are read once per step, however many tokens chose it). The outputs are put back in token
+order and summed with the router's weights in float32. Qwen2-MoE's shared expert (a dense SwiGLU every token runs,
+scaled by a sigmoid gate) is added on top.
+
+The expert weights are stacked ``[E, in, out]`` parameters (``ExpertLinear``); the loader fills one expert's slice
+per checkpoint tensor (``...experts.{e}.gate_proj.weight``). Under tensor parallelism each device holds every
+expert's share of the intermediate dimension (the ``mlp`` axis, as the dense MLP splits it), so the router and the
+sort run replicated, the grouped matmuls need no communication, and the block ends in one all-reduce of ``[T, D]``
+(``per_shard`` with ``sum_over="mlp"``), as the dense MLP does.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxllm.models import activation_sharding as act
+from jaxllm.models.config import MoEConfig
+from jaxllm.models.layers import Linear, SwiGLUMLP, normal_init
+
+# The experts' projections as (gate, up, down) parameter names: Qwen's checkpoints say gate_proj / up_proj /
+# down_proj, Mixtral's w1 / w3 / w2.
+QWEN_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
+MIXTRAL_EXPERT_NAMES = ("w1", "w3", "w2")
+
+EXPERT_IN = ("experts", "embed", "mlp")  # [E, D, I] gate / up
+EXPERT_OUT = ("experts", "mlp", "embed")  # [E, I, D] down
+
+
+class ExpertLinear(nnx.Module):
+    """One projection of every expert: ``kernel [E, in, out]`` (expert ``e``'s slice is the transpose of its torch
+    Linear weight)."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int, *, axes, dtype, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(normal_init(rngs, (num_experts, in_features, out_features), dtype), logical_axes=axes)
+
+
+class Experts(nnx.Module):
+    """Every expert's gate, up and down projections, as three ``ExpertLinear``s under the checkpoint's names."""
+
+    def __init__(self, hidden_size: int, moe: MoEConfig, names: tuple[str, str, str], *, dtype, rngs: nnx.Rngs):
+        experts = functools.partial(ExpertLinear, moe.num_experts, dtype=dtype, rngs=rngs)
+        gate_name, up_name, down_name = names
+        setattr(self, gate_name, experts(hidden_size, moe.intermediate_size, axes=EXPERT_IN))
+        setattr(self, up_name, experts(hidden_size, moe.intermediate_size, axes=EXPERT_IN))
+        setattr(self, down_name, experts(moe.intermediate_size, hidden_size, axes=EXPERT_OUT))
+
+
+class SparseMoeBlock(nnx.Module):
+    """Router ``gate`` (``[D, E]``) and ``experts`` (``ExpertLinear``s named as the checkpoint names them); with
+    ``shared_expert_intermediate_size`` also Qwen2-MoE's ``shared_expert`` and ``shared_expert_gate``."""
+
+    def __init__(self, hidden_size: int, moe: MoEConfig, *, dtype, rngs: nnx.Rngs, expert_names=QWEN_EXPERT_NAMES):
+        self.num_experts, self.top_k, self.normalize_top_k = moe.num_experts, moe.top_k, moe.normalize_top_k
+        self.gate = Linear(hidden_size, moe.num_experts, axes=("embed", "experts"), dtype=dtype, rngs=rngs)
+        self.expert_names = tuple(expert_names)
+        self.experts = Experts(hidden_size, moe, self.expert_names, dtype=dtype, rngs=rngs)
+        if moe.shared_expert_intermediate_size:
+            self.shared_expert = SwiGLUMLP(hidden_size, moe.shared_expert_intermediate_size, dtype=dtype, rngs=rngs)
+            self.shared_expert_gate = Linear(hidden_size, 1, axes=("embed", "shared_gate"), dtype=dtype, rngs=rngs)
+        else:
+            self.shared_expert = self.shared_expert_gate = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x [T, D]`` -> ``[T, D]``."""
+        expert_weights, expert_ids = route(self.gate(x), self.top_k, self.normalize_top_k)
+        kernels = [getattr(self.experts, name).kernel.get_value() for name in self.expert_names]
+        (y,) = act.per_shard(
+            lambda *args: (routed_swiglu(*args, num_experts=self.num_experts),),
+            in_axes=(act.HIDDEN, act.REPLICATED, act.REPLICATED, EXPERT_IN, EXPERT_IN, EXPERT_OUT),
+            out_axes=(act.HIDDEN,),
+            sum_over="mlp",
+        )(x, expert_ids, expert_weights, *kernels)
+        y = act.constrain(y, act.HIDDEN)
+        if self.shared_expert is not None:
+            shared_gate = jax.nn.sigmoid(self.shared_expert_gate(x).astype(jnp.float32))
+            y = (y.astype(jnp.float32) + shared_gate * self.shared_expert(x).astype(jnp.float32)).astype(x.dtype)
+        return y
+
+
+def route(router_logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
+    """``router_logits [T, E]`` -> float32 weights and int32 expert ids, each ``[T, top_k]``: the softmax over all
+    experts (in float32), its ``top_k`` largest, renormalized to sum to 1 when ``normalize``."""
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+    weights, ids = jax.lax.top_k(probs, top_k)
+    if normalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, ids.astype(jnp.int32)
+
+
+def routed_swiglu(x, expert_ids, expert_weights, w_gate, w_up, w_down, *, num_experts: int) -> jax.Array:
+    """The experts' SwiGLU for every token: ``sum_k weight[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t))`` with
+    ``e = expert_ids[t, k]``, as ``[T, D]`` in ``x``'s dtype. On a shard of the intermediate dimension it is that
+    shard's partial sum. Each product accumulates in float32 and rounds to the weights' dtype (as ``Linear``)."""
+    num_tokens, top_k = expert_ids.shape
+    flat_ids = expert_ids.reshape(-1)  # [T*k], pair p = token p // k's (p % k)-th expert
+    order = jnp.argsort(flat_ids, stable=True)  # pairs grouped by expert
+    rows = jnp.take(x, order // top_k, axis=0)  # [T*k, D]
+    group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
+    dtype = w_gate.dtype
+    rows = rows.astype(dtype)
+    gate = jax.lax.ragged_dot(rows, w_gate, group_sizes, preferred_element_type=dtype)
+    up = jax.lax.ragged_dot(rows, w_up, group_sizes, preferred_element_type=dtype)
+    out = jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down, group_sizes, preferred_element_type=dtype)
+    out = jnp.take(out, jnp.argsort(order), axis=0).reshape(num_tokens, top_k, -1)  # back in pair order
+    return jnp.einsum("tkd,tk->td", out.astype(jnp.float32), expert_weights).astype(x.dtype)
