@@ -160,3 +160,13 @@ def test_memory_report_smoke_analyses_every_bucket():
     programs = {row["program"]: row for row in record["programs"]}
     assert record["num_kv_blocks"] > 1 and any(name.startswith("forward") for name in programs)
     assert all(row["temp"] >= 0 and row["argument"] > 0 for row in programs.values())
+
+
+def test_moe_experts_smoke_times_every_backend():
+    from benchmarks import moe_experts
+
+    record = moe_experts.main(["--smoke"])
+    assert {(r["tokens"], r["impl"]) for r in record["rows"]} == {
+        (t, impl) for t in moe_experts.SMOKE_TOKENS for impl in ("pallas_gpu_interpret", "ragged_dot")
+    }
+    assert all(r["us"] > 0 and r["experts_read"] >= 2 for r in record["rows"])

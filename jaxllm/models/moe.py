@@ -1,11 +1,19 @@
 """The sparse mixture-of-experts MLP of Mixtral, Qwen2-MoE and Qwen3-MoE.
 
 Owns the router (a softmax over the experts' logits, each token's ``top_k`` experts, their weights optionally
-renormalized) and the experts' SwiGLU as grouped matmuls: the step's (token, expert) pairs are sorted by expert so
-each expert's rows are contiguous, and ``jax.lax.ragged_dot`` multiplies every group by its own expert's weights
-(each expert's weights are read once per step, however many tokens chose it). The outputs are put back in token
-order and summed with the router's weights in float32. Qwen2-MoE's shared expert (a dense SwiGLU every token runs,
-scaled by a sigmoid gate) is added on top.
+renormalized) and the experts' SwiGLU as grouped matmuls over the step's (token, expert) pairs, in one of two ways
+(``EXPERT_IMPLS``):
+
+- ``pallas_gpu`` (the GPU default): ``pallas_kernels.grouped_matmul.plan_tiles`` sorts the pairs by expert and pads
+  each expert's run to whole row tiles; the Pallas kernel multiplies each tile by its expert's weights, so a step
+  reads each chosen expert's weights once per tile and never an unchosen one's (``reference`` /
+  ``pallas_gpu_interpret``: the same plan with the pure-jnp product or the kernel interpreted, for tests).
+- ``ragged_dot`` (CPU and TPU): the pairs sorted by expert through ``jax.lax.ragged_dot``. XLA's GPU backend in
+  jax 0.11.2 rewrites it into a dense product padded over every expert (an H100 took 29 ms for a Qwen3-30B-A3B
+  layer's experts at 2,048 tokens, 110x a dense SwiGLU of the same rows; benchmarks/RESULTS.md), hence the kernel.
+
+The outputs are put back in token order and summed with the router's weights in float32. Qwen2-MoE's shared expert (a
+dense SwiGLU every token runs, scaled by a sigmoid gate) is added on top.
 
 The expert weights are stacked ``[E, in, out]`` parameters (``ExpertLinear``); the loader fills one expert's slice
 per checkpoint tensor (``...experts.{e}.gate_proj.weight``). Under tensor parallelism each device holds every
@@ -25,11 +33,15 @@ from flax import nnx
 from jaxllm.models import activation_sharding as act
 from jaxllm.models.config import MoEConfig
 from jaxllm.models.layers import Linear, SwiGLUMLP, normal_init
+from pallas_kernels import grouped_matmul as gmm
 
 # The experts' projections as (gate, up, down) parameter names: Qwen's checkpoints say gate_proj / up_proj /
 # down_proj, Mixtral's w1 / w3 / w2.
 QWEN_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
 MIXTRAL_EXPERT_NAMES = ("w1", "w3", "w2")
+
+EXPERT_IMPLS = ("ragged_dot", "reference", "pallas_gpu", "pallas_gpu_interpret")
+MAX_TILE_ROWS = 64  # the largest row tile plan_tiles pads experts' runs to
 
 EXPERT_IN = ("experts", "embed", "mlp")  # [E, D, I] gate / up
 EXPERT_OUT = ("experts", "mlp", "embed")  # [E, I, D] down
@@ -60,6 +72,7 @@ class SparseMoeBlock(nnx.Module):
 
     def __init__(self, hidden_size: int, moe: MoEConfig, *, dtype, rngs: nnx.Rngs, expert_names=QWEN_EXPERT_NAMES):
         self.num_experts, self.top_k, self.normalize_top_k = moe.num_experts, moe.top_k, moe.normalize_top_k
+        self.experts_impl = None  # one of EXPERT_IMPLS; None: the platform's default
         self.gate = Linear(hidden_size, moe.num_experts, axes=("embed", "experts"), dtype=dtype, rngs=rngs)
         self.expert_names = tuple(expert_names)
         self.experts = Experts(hidden_size, moe, self.expert_names, dtype=dtype, rngs=rngs)
@@ -74,7 +87,7 @@ class SparseMoeBlock(nnx.Module):
         expert_weights, expert_ids = route(self.gate(x), self.top_k, self.normalize_top_k)
         kernels = [getattr(self.experts, name).kernel.get_value() for name in self.expert_names]
         (y,) = act.per_shard(
-            lambda *args: (routed_swiglu(*args, num_experts=self.num_experts),),
+            lambda *args: (routed_swiglu(*args, num_experts=self.num_experts, impl=self.experts_impl),),
             in_axes=(act.HIDDEN, act.REPLICATED, act.REPLICATED, EXPERT_IN, EXPERT_IN, EXPERT_OUT),
             out_axes=(act.HIDDEN,),
             sum_over="mlp",
@@ -96,19 +109,51 @@ def route(router_logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Ar
     return weights, ids.astype(jnp.int32)
 
 
-def routed_swiglu(x, expert_ids, expert_weights, w_gate, w_up, w_down, *, num_experts: int) -> jax.Array:
+def default_experts_impl(hidden: int, width: int, platform: str | None = None) -> str:
+    """``pallas_gpu`` on a GPU where the kernel tiles the dims (multiples of 16), ``ragged_dot`` elsewhere."""
+    on_gpu = (platform or jax.default_backend()) == "gpu"
+    return "pallas_gpu" if on_gpu and not hidden % gmm.MIN_DIM and not width % gmm.MIN_DIM else "ragged_dot"
+
+
+def tile_rows(num_pairs: int, num_experts: int) -> int:
+    """The row tile for ``num_pairs`` routed rows: the next power of two above the rows an expert gets on average
+    (when every chosen expert gets some), between 16 and ``MAX_TILE_ROWS``."""
+    average = -(-num_pairs // min(num_experts, num_pairs))
+    return min(MAX_TILE_ROWS, max(16, 1 << (average - 1).bit_length()))
+
+
+def routed_swiglu(
+    x, expert_ids, expert_weights, w_gate, w_up, w_down, *, num_experts: int, impl: str | None = None
+) -> jax.Array:
     """The experts' SwiGLU for every token: ``sum_k weight[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t))`` with
     ``e = expert_ids[t, k]``, as ``[T, D]`` in ``x``'s dtype. On a shard of the intermediate dimension it is that
     shard's partial sum. Each product accumulates in float32 and rounds to the weights' dtype (as ``Linear``)."""
+    impl = impl or default_experts_impl(*w_gate.shape[1:])
+    if impl not in EXPERT_IMPLS:
+        raise ValueError(f"experts impl must be one of {EXPERT_IMPLS}, got {impl!r}")
     num_tokens, top_k = expert_ids.shape
     flat_ids = expert_ids.reshape(-1)  # [T*k], pair p = token p // k's (p % k)-th expert
+    dtype = w_gate.dtype
+    if impl == "ragged_dot":
+        out = _ragged_dot_swiglu(x.astype(dtype), flat_ids, top_k, w_gate, w_up, w_down, num_experts)
+    else:
+        plan = gmm.plan_tiles(flat_ids, num_experts, tile_rows(flat_ids.shape[0], num_experts))
+        rows = jnp.take(x.astype(dtype), plan.row_of_slot // top_k, axis=0)  # [P, D], each tile one expert's
+        product = functools.partial(gmm.grouped_matmul, tile_groups=plan.tile_groups, block_m=plan.block_m, impl=impl)
+        hidden = jax.nn.silu(product(rows, w_gate)) * product(rows, w_up)
+        out = jnp.take(product(hidden, w_down), plan.slot_of_row, axis=0)  # [T*k, D] in pair order
+    out = out.reshape(num_tokens, top_k, -1)
+    return jnp.einsum("tkd,tk->td", out.astype(jnp.float32), expert_weights).astype(x.dtype)
+
+
+def _ragged_dot_swiglu(x, flat_ids, top_k: int, w_gate, w_up, w_down, num_experts: int) -> jax.Array:
+    """The pairs' expert outputs ``[T*k, D]`` (pair order) through ``jax.lax.ragged_dot`` over the pairs sorted by
+    expert."""
     order = jnp.argsort(flat_ids, stable=True)  # pairs grouped by expert
     rows = jnp.take(x, order // top_k, axis=0)  # [T*k, D]
     group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
     dtype = w_gate.dtype
-    rows = rows.astype(dtype)
     gate = jax.lax.ragged_dot(rows, w_gate, group_sizes, preferred_element_type=dtype)
     up = jax.lax.ragged_dot(rows, w_up, group_sizes, preferred_element_type=dtype)
     out = jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down, group_sizes, preferred_element_type=dtype)
-    out = jnp.take(out, jnp.argsort(order), axis=0).reshape(num_tokens, top_k, -1)  # back in pair order
-    return jnp.einsum("tkd,tk->td", out.astype(jnp.float32), expert_weights).astype(x.dtype)
+    return jnp.take(out, jnp.argsort(order), axis=0)

@@ -18,7 +18,7 @@ from jaxllm import LLM
 from jaxllm.loading.model_loader import abstract_model, load_weights, split_expert
 from jaxllm.loading.model_source import resolve_model_source
 from jaxllm.models import ModelConfig, get_model_class
-from jaxllm.models.moe import route, routed_swiglu
+from jaxllm.models.moe import default_experts_impl, route, routed_swiglu
 from sharding.rules import model_rules
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "models"
@@ -53,21 +53,24 @@ def reference_experts(x, ids, weights, w_gate, w_up, w_down):
     return out
 
 
+@pytest.mark.parametrize("impl", ["ragged_dot", "reference", "pallas_gpu_interpret"])
 @pytest.mark.parametrize("num_tokens", [1, 5, 64])
-def test_routed_swiglu_equals_a_per_token_loop(num_tokens):
+def test_routed_swiglu_equals_a_per_token_loop(num_tokens, impl):
     rng = np.random.default_rng(num_tokens)
-    num_experts, top_k, d, i = 6, 2, 16, 24
+    num_experts, top_k, d, i = 6, 2, 16, 32
     x = rng.normal(size=(num_tokens, d)).astype(np.float32)
     ids = np.stack([rng.choice(num_experts, top_k, replace=False) for _ in range(num_tokens)]).astype(np.int32)
     weights = rng.uniform(0.1, 1.0, size=(num_tokens, top_k)).astype(np.float32)
     w_gate, w_up = (rng.normal(size=(num_experts, d, i)).astype(np.float32) * 0.3 for _ in range(2))
     w_down = rng.normal(size=(num_experts, i, d)).astype(np.float32) * 0.3
-    got = routed_swiglu(*map(jnp.asarray, (x, ids, weights, w_gate, w_up, w_down)), num_experts=num_experts)
+    arrays = map(jnp.asarray, (x, ids, weights, w_gate, w_up, w_down))
+    got = routed_swiglu(*arrays, num_experts=num_experts, impl=impl)
     expected = reference_experts(x, ids, weights, w_gate, w_up, w_down)
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_routed_swiglu_in_bfloat16_stays_close_to_float64():
+@pytest.mark.parametrize("impl", ["ragged_dot", "pallas_gpu_interpret"])
+def test_routed_swiglu_in_bfloat16_stays_close_to_float64(impl):
     rng = np.random.default_rng(7)
     num_experts, top_k, d, i, t = 8, 2, 64, 32, 48
     x = rng.normal(size=(t, d)).astype(np.float32)
@@ -76,7 +79,9 @@ def test_routed_swiglu_in_bfloat16_stays_close_to_float64():
     w_gate, w_up = (rng.normal(size=(num_experts, d, i)).astype(np.float32) * 0.2 for _ in range(2))
     w_down = rng.normal(size=(num_experts, i, d)).astype(np.float32) * 0.2
     as_bf16 = [jnp.asarray(a, jnp.bfloat16) for a in (x, w_gate, w_up, w_down)]
-    got = routed_swiglu(as_bf16[0], jnp.asarray(ids), jnp.asarray(weights), *as_bf16[1:], num_experts=num_experts)
+    got = routed_swiglu(
+        as_bf16[0], jnp.asarray(ids), jnp.asarray(weights), *as_bf16[1:], num_experts=num_experts, impl=impl
+    )
     assert got.dtype == jnp.bfloat16
     rounded = [np.asarray(a.astype(jnp.float32)) for a in as_bf16]
     expected = reference_experts(rounded[0], ids, weights, *rounded[1:])
@@ -96,6 +101,18 @@ QWEN3_MOE = {
     "num_experts_per_tok": 2,
     "moe_intermediate_size": 16,
 }
+
+
+def test_the_gpu_kernel_serves_dims_it_tiles():
+    assert default_experts_impl(2048, 768, "gpu") == "pallas_gpu"
+    assert default_experts_impl(2048, 24, "gpu") == "ragged_dot"  # e.g. a tensor shard too narrow to tile
+    assert default_experts_impl(2048, 768, "cpu") == "ragged_dot"
+
+
+def test_unknown_experts_impl_is_named():
+    args = (jnp.ones((2, 16)), jnp.zeros((2, 1), jnp.int32), jnp.ones((2, 1)), *[jnp.ones((2, 16, 16))] * 3)
+    with pytest.raises(ValueError, match="experts impl must be one of .* got 'megablox'"):
+        routed_swiglu(*args, num_experts=2, impl="megablox")
 
 
 def test_qwen_sparse_layers_follow_the_step_and_the_dense_list():

@@ -1,0 +1,77 @@
+"""The grouped matmul over tile-aligned groups: ``plan_tiles``' layout and the Pallas kernel (interpreted on CPU)
+against a numpy product per tile; the kernel itself on a GPU in ``tests/gpu``."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.grouped_matmul import grouped_matmul, plan_tiles
+from pallas_kernels.grouped_matmul.op import num_slots
+
+
+def random_groups(rng, num_rows, num_groups, skew=False):
+    p = rng.dirichlet(np.full(num_groups, 0.3 if skew else 5.0))
+    return rng.choice(num_groups, num_rows, p=p).astype(np.int32)
+
+
+@pytest.mark.parametrize(("num_rows", "num_groups", "block_m"), [(1, 8, 16), (40, 6, 16), (300, 8, 32), (64, 128, 16)])
+def test_plan_puts_every_row_in_a_tile_of_its_group(num_rows, num_groups, block_m):
+    rng = np.random.default_rng(num_rows)
+    groups = random_groups(rng, num_rows, num_groups, skew=num_rows == 300)
+    plan = plan_tiles(jnp.asarray(groups), num_groups, block_m)
+    slots, row_of_slot, tile_groups = (np.asarray(a) for a in (plan.slot_of_row, plan.row_of_slot, plan.tile_groups))
+    assert len(row_of_slot) == num_slots(num_rows, num_groups, block_m) and len(row_of_slot) % block_m == 0
+    assert len(set(slots.tolist())) == num_rows  # one slot per row
+    np.testing.assert_array_equal(tile_groups[slots // block_m], groups)  # each row's tile is its group's
+    np.testing.assert_array_equal(row_of_slot[slots], np.arange(num_rows))
+    used = tile_groups >= 0
+    assert used[: used.sum()].all()  # used tiles first, then only unused ones
+    expected_tiles = sum(-(-np.sum(groups == g) // block_m) for g in range(num_groups))
+    assert used.sum() == expected_tiles  # no tile more than each group needs
+    assert np.all(np.diff(tile_groups[used]) >= 0)  # groups in order
+
+
+def numpy_grouped(lhs, rhs, tile_groups, block_m):
+    out = np.zeros((lhs.shape[0], rhs.shape[2]))
+    for t, g in enumerate(tile_groups):
+        if g >= 0:
+            rows = slice(t * block_m, (t + 1) * block_m)
+            out[rows] = np.asarray(lhs[rows], np.float64) @ np.asarray(rhs[g], np.float64)
+    return out
+
+
+@pytest.mark.parametrize("impl", ["reference", "pallas_gpu_interpret"])
+@pytest.mark.parametrize(("dtype", "rtol"), [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+def test_grouped_matmul_equals_numpy_per_tile(impl, dtype, rtol):
+    rng = np.random.default_rng(3)
+    num_rows, num_groups, k, n, block_m = 50, 5, 64, 48, 16
+    groups = random_groups(rng, num_rows, num_groups)
+    plan = plan_tiles(jnp.asarray(groups), num_groups, block_m)
+    lhs = rng.normal(size=(len(plan.row_of_slot), k)).astype(np.float32)
+    rhs = rng.normal(size=(num_groups, k, n)).astype(np.float32)
+    lhs_d, rhs_d = jnp.asarray(lhs, dtype), jnp.asarray(rhs, dtype)
+    got = grouped_matmul(lhs_d, rhs_d, plan.tile_groups, block_m=block_m, impl=impl)
+    assert got.dtype == dtype
+    tile_groups = np.asarray(plan.tile_groups)
+    expected = numpy_grouped(
+        np.asarray(lhs_d.astype(jnp.float32)), np.asarray(rhs_d.astype(jnp.float32)), tile_groups, block_m
+    )
+    used_rows = np.repeat(tile_groups >= 0, block_m)
+    got = np.asarray(got.astype(jnp.float32))[used_rows]
+    np.testing.assert_allclose(got, expected[used_rows], rtol=rtol, atol=rtol * np.abs(expected).max())
+
+
+@pytest.mark.parametrize(
+    ("shapes", "block_m", "message"),
+    [
+        (((48, 64), (4, 32, 16)), 16, "lhs has K=64 columns but rhs is"),
+        (((40, 64), (4, 64, 16)), 16, "must be whole tiles of block_m=16"),
+        (((48, 64), (4, 64, 24)), 16, "needs K and N multiples of 16"),
+        (((48, 64), (4, 64, 16)), 24, "block_m a power of two >= 16, got 24"),
+    ],
+)
+def test_bad_shapes_name_the_values(shapes, block_m, message):
+    (p, k), rhs_shape = shapes
+    lhs, rhs = jnp.ones((p, k)), jnp.ones(rhs_shape)
+    with pytest.raises(ValueError, match=message):
+        grouped_matmul(lhs, rhs, jnp.zeros(p // block_m, jnp.int32), block_m=block_m, impl="pallas_gpu_interpret")
