@@ -82,9 +82,15 @@ class SparseMoeBlock(nnx.Module):
         else:
             self.shared_expert = self.shared_expert_gate = None
 
+    def router_logits(self, x: jax.Array) -> jax.Array:
+        """``[T, E]`` in float32 at full precision (no TF32 on a GPU): a tiny product whose rounding would decide
+        near-tied expert choices; 16-bit inputs multiply exactly either way."""
+        kernel = self.gate.kernel.get_value()
+        return jnp.dot(x, kernel, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x [T, D]`` -> ``[T, D]``."""
-        expert_weights, expert_ids = route(self.gate(x), self.top_k, self.normalize_top_k)
+        expert_weights, expert_ids = route(self.router_logits(x), self.top_k, self.normalize_top_k)
         kernels = [getattr(self.experts, name).kernel.get_value() for name in self.expert_names]
         (y,) = act.per_shard(
             lambda *args: (routed_swiglu(*args, num_experts=self.num_experts, impl=self.experts_impl),),
