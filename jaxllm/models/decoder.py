@@ -124,7 +124,9 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, kv, md: AttentionMetadata, cos, sin):
         attn_out, kv = self.self_attn(self.input_layernorm(x), kv, md, cos, sin)
         x = x + attn_out
-        return x + getattr(self, self.mlp_name)(self.post_attention_layernorm(x)), kv
+        mlp, h = getattr(self, self.mlp_name), self.post_attention_layernorm(x)
+        # The experts skip a bucket's padding tokens (query_start_loc's padded tail holds the real token count).
+        return x + (mlp(h, md.query_start_loc[-1]) if isinstance(mlp, SparseMoeBlock) else mlp(h)), kv
 
 
 class DecoderModel(nnx.Module):

@@ -88,16 +88,18 @@ class SparseMoeBlock(nnx.Module):
         kernel = self.gate.kernel.get_value()
         return jnp.dot(x, kernel, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """``x [T, D]`` -> ``[T, D]``."""
+    def __call__(self, x: jax.Array, num_tokens: jax.Array | None = None) -> jax.Array:
+        """``x [T, D]`` -> ``[T, D]``. ``num_tokens``: the step's real tokens (the rest of ``T`` is a bucket's
+        padding, whose rows come out unspecified and whose experts are never read)."""
         expert_weights, expert_ids = route(self.router_logits(x), self.top_k, self.normalize_top_k)
         kernels = [getattr(self.experts, name).kernel.get_value() for name in self.expert_names]
+        num_tokens = x.shape[0] if num_tokens is None else num_tokens
         (y,) = act.per_shard(
             lambda *args: (routed_swiglu(*args, num_experts=self.num_experts, impl=self.experts_impl),),
-            in_axes=(act.HIDDEN, act.REPLICATED, act.REPLICATED, EXPERT_IN, EXPERT_IN, EXPERT_OUT),
+            in_axes=(act.HIDDEN, act.REPLICATED, act.REPLICATED, EXPERT_IN, EXPERT_IN, EXPERT_OUT, act.REPLICATED),
             out_axes=(act.HIDDEN,),
             sum_over="mlp",
-        )(x, expert_ids, expert_weights, *kernels)
+        )(x, expert_ids, expert_weights, *kernels, jnp.asarray(num_tokens, jnp.int32))
         y = act.constrain(y, act.HIDDEN)
         if self.shared_expert is not None:
             shared_gate = jax.nn.sigmoid(self.shared_expert_gate(x).astype(jnp.float32))
@@ -129,11 +131,13 @@ def tile_rows(num_pairs: int, num_experts: int) -> int:
 
 
 def routed_swiglu(
-    x, expert_ids, expert_weights, w_gate, w_up, w_down, *, num_experts: int, impl: str | None = None
+    x, expert_ids, expert_weights, w_gate, w_up, w_down, num_tokens=None, *, num_experts: int, impl: str | None = None
 ) -> jax.Array:
     """The experts' SwiGLU for every token: ``sum_k weight[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t))`` with
     ``e = expert_ids[t, k]``, as ``[T, D]`` in ``x``'s dtype. On a shard of the intermediate dimension it is that
-    shard's partial sum. Each product accumulates in float32 and rounds to the weights' dtype (as ``Linear``)."""
+    shard's partial sum. Each product accumulates in float32 and rounds to the weights' dtype (as ``Linear``).
+    ``num_tokens`` (traced): only the first tokens are real; on the tile plan's path the others run no expert (at
+    batch 1 a bucket's padding tokens would otherwise add their own experts' weights to the step's reads)."""
     impl = impl or default_experts_impl(*w_gate.shape[1:])
     if impl not in EXPERT_IMPLS:
         raise ValueError(f"experts impl must be one of {EXPERT_IMPLS}, got {impl!r}")
@@ -143,7 +147,8 @@ def routed_swiglu(
     if impl == "ragged_dot":
         out = _ragged_dot_swiglu(x.astype(dtype), flat_ids, top_k, w_gate, w_up, w_down, num_experts)
     else:
-        plan = gmm.plan_tiles(flat_ids, num_experts, tile_rows(flat_ids.shape[0], num_experts))
+        num_pairs = None if num_tokens is None else num_tokens * top_k
+        plan = gmm.plan_tiles(flat_ids, num_experts, tile_rows(flat_ids.shape[0], num_experts), num_pairs)
         rows = jnp.take(x.astype(dtype), plan.row_of_slot // top_k, axis=0)  # [P, D], each tile one expert's
         product = functools.partial(gmm.grouped_matmul, tile_groups=plan.tile_groups, block_m=plan.block_m, impl=impl)
         hidden = jax.nn.silu(product(rows, w_gate)) * product(rows, w_up)

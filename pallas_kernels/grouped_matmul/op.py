@@ -47,20 +47,27 @@ def num_slots(num_rows: int, num_groups: int, block_m: int) -> int:
     return -(-padded // block_m) * block_m
 
 
-def plan_tiles(group_ids: jax.Array, num_groups: int, block_m: int) -> TilePlan:
-    """The tile layout of routed rows whose groups are ``group_ids [R]`` (int32 in ``[0, num_groups)``)."""
+def plan_tiles(group_ids: jax.Array, num_groups: int, block_m: int, num_valid: jax.Array | None = None) -> TilePlan:
+    """The tile layout of routed rows whose groups are ``group_ids [R]`` (int32 in ``[0, num_groups)``). With
+    ``num_valid`` (a traced count) only the first ``num_valid`` rows are laid out: the rest (a step's padding) get no
+    slot of their own and no tile (their ``slot_of_row`` is 0, a valid row's slot, so reading it back is harmless)."""
     num_rows = group_ids.shape[0]
-    order = jnp.argsort(group_ids, stable=True)  # routed rows by group
-    counts = jnp.bincount(group_ids, length=num_groups)
+    if num_valid is not None:
+        group_ids = jnp.where(jnp.arange(num_rows) < num_valid, group_ids, num_groups)  # past every group
+    order = jnp.argsort(group_ids, stable=True)  # routed rows by group, the padding last
+    counts = jnp.bincount(group_ids, length=num_groups)  # the padding's out-of-range id is not counted
     padded = -(-counts // block_m) * block_m
     padded_ends = jnp.cumsum(padded)
     padded_starts = padded_ends - padded
     starts = jnp.cumsum(counts) - counts
-    sorted_groups = group_ids[order]
-    sorted_slots = padded_starts[sorted_groups] + jnp.arange(num_rows) - starts[sorted_groups]
-    slot_of_row = jnp.zeros(num_rows, jnp.int32).at[order].set(sorted_slots.astype(jnp.int32))
     size = num_slots(num_rows, num_groups, block_m)
-    row_of_slot = jnp.zeros(size, jnp.int32).at[sorted_slots].set(order.astype(jnp.int32))
+    sorted_groups = group_ids[order]
+    in_group = sorted_groups < num_groups
+    safe_groups = jnp.minimum(sorted_groups, num_groups - 1)
+    sorted_slots = padded_starts[safe_groups] + jnp.arange(num_rows) - starts[safe_groups]
+    sorted_slots = jnp.where(in_group, sorted_slots, size).astype(jnp.int32)  # size: dropped by the scatters
+    slot_of_row = jnp.zeros(num_rows, jnp.int32).at[order].set(jnp.where(in_group, sorted_slots, 0))
+    row_of_slot = jnp.zeros(size, jnp.int32).at[sorted_slots].set(order.astype(jnp.int32), mode="drop")
     tile_starts = jnp.arange(size // block_m) * block_m
     tile_groups = jnp.searchsorted(padded_ends, tile_starts, side="right").astype(jnp.int32)
     tile_groups = jnp.where(tile_starts < padded_ends[-1], tile_groups, -1)

@@ -31,6 +31,21 @@ def test_plan_puts_every_row_in_a_tile_of_its_group(num_rows, num_groups, block_
     assert np.all(np.diff(tile_groups[used]) >= 0)  # groups in order
 
 
+@pytest.mark.parametrize("num_valid", [1, 23, 40])
+def test_plan_leaves_padding_rows_out(num_valid):
+    rng = np.random.default_rng(num_valid)
+    num_rows, num_groups, block_m = 40, 16, 16
+    groups = random_groups(rng, num_rows, num_groups)
+    plan = plan_tiles(jnp.asarray(groups), num_groups, block_m, num_valid=jnp.int32(num_valid))
+    slots, row_of_slot, tile_groups = (np.asarray(a) for a in (plan.slot_of_row, plan.row_of_slot, plan.tile_groups))
+    valid = groups[:num_valid]
+    np.testing.assert_array_equal(tile_groups[slots[:num_valid] // block_m], valid)
+    np.testing.assert_array_equal(row_of_slot[slots[:num_valid]], np.arange(num_valid))
+    assert (tile_groups >= 0).sum() == sum(-(-np.sum(valid == g) // block_m) for g in range(num_groups))
+    assert set(row_of_slot[np.repeat(tile_groups >= 0, block_m)]) <= set(range(num_valid))  # no padding row read
+    assert np.all((slots[num_valid:] >= 0) & (slots[num_valid:] < len(row_of_slot)))  # harmless to read back
+
+
 def numpy_grouped(lhs, rhs, tile_groups, block_m):
     out = np.zeros((lhs.shape[0], rhs.shape[2]))
     for t, g in enumerate(tile_groups):

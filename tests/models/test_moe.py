@@ -69,6 +69,21 @@ def test_routed_swiglu_equals_a_per_token_loop(num_tokens, impl):
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("impl", ["ragged_dot", "reference"])
+def test_padding_tokens_leave_the_real_tokens_alone(impl):
+    rng = np.random.default_rng(11)
+    num_experts, top_k, d, i, t, real = 8, 2, 16, 32, 12, 5
+    x = rng.normal(size=(t, d)).astype(np.float32)
+    ids = np.stack([rng.choice(num_experts, top_k, replace=False) for _ in range(t)]).astype(np.int32)
+    weights = rng.uniform(0.1, 1.0, size=(t, top_k)).astype(np.float32)
+    w_gate, w_up = (rng.normal(size=(num_experts, d, i)).astype(np.float32) * 0.3 for _ in range(2))
+    w_down = rng.normal(size=(num_experts, i, d)).astype(np.float32) * 0.3
+    arrays = list(map(jnp.asarray, (x, ids, weights, w_gate, w_up, w_down)))
+    got = routed_swiglu(*arrays, jnp.int32(real), num_experts=num_experts, impl=impl)
+    expected = reference_experts(x[:real], ids[:real], weights[:real], w_gate, w_up, w_down)
+    np.testing.assert_allclose(np.asarray(got)[:real], expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("impl", ["ragged_dot", "pallas_gpu_interpret"])
 def test_routed_swiglu_in_bfloat16_stays_close_to_float64(impl):
     rng = np.random.default_rng(7)
