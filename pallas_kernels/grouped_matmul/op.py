@@ -69,7 +69,8 @@ def plan_tiles(group_ids: jax.Array, num_groups: int, block_m: int, num_valid: j
     slot_of_row = jnp.zeros(num_rows, jnp.int32).at[order].set(jnp.where(in_group, sorted_slots, 0))
     row_of_slot = jnp.zeros(size, jnp.int32).at[sorted_slots].set(order.astype(jnp.int32), mode="drop")
     tile_starts = jnp.arange(size // block_m) * block_m
-    tile_groups = jnp.searchsorted(padded_ends, tile_starts, side="right").astype(jnp.int32)
+    # compare_all: one fused comparison (the default "scan" method is a while loop of log2(E) dependent iterations)
+    tile_groups = jnp.searchsorted(padded_ends, tile_starts, side="right", method="compare_all").astype(jnp.int32)
     tile_groups = jnp.where(tile_starts < padded_ends[-1], tile_groups, -1)
     return TilePlan(slot_of_row, row_of_slot, tile_groups, block_m)
 
