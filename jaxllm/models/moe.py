@@ -25,6 +25,7 @@ sort run replicated, the grouped matmuls need no communication, and the block en
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,7 @@ MIXTRAL_EXPERT_NAMES = ("w1", "w3", "w2")
 
 EXPERT_IMPLS = ("ragged_dot", "reference", "pallas_gpu", "pallas_gpu_interpret")
 MAX_TILE_ROWS = 64  # the largest row tile plan_tiles pads experts' runs to
+EXPERTS_IMPL_ENV = "JAXLLM_MOE_EXPERTS_IMPL"  # forces one of EXPERT_IMPLS (read when a step program is traced)
 
 EXPERT_IN = ("experts", "embed", "mlp")  # [E, D, I] gate / up
 EXPERT_OUT = ("experts", "mlp", "embed")  # [E, I, D] down
@@ -118,7 +120,13 @@ def route(router_logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Ar
 
 
 def default_experts_impl(hidden: int, width: int, platform: str | None = None) -> str:
-    """``pallas_gpu`` on a GPU where the kernel tiles the dims (multiples of 16), ``ragged_dot`` elsewhere."""
+    """``$JAXLLM_MOE_EXPERTS_IMPL`` when set (one of ``EXPERT_IMPLS``; tests and A/B runs); else ``pallas_gpu`` on a
+    GPU where the kernel tiles the dims (multiples of 16), ``ragged_dot`` elsewhere."""
+    forced = os.environ.get(EXPERTS_IMPL_ENV)
+    if forced:
+        if forced not in EXPERT_IMPLS:
+            raise ValueError(f"{EXPERTS_IMPL_ENV} must be one of {EXPERT_IMPLS}, got {forced!r}")
+        return forced
     on_gpu = (platform or jax.default_backend()) == "gpu"
     return "pallas_gpu" if on_gpu and not hidden % gmm.MIN_DIM and not width % gmm.MIN_DIM else "ragged_dot"
 

@@ -31,6 +31,27 @@ def test_tiny_model_greedy_matches_transformers(name):
     assert np.array_equal(got, data["greedy_token_ids"]), f"{name}: {got} != {data['greedy_token_ids']}"
 
 
+@pytest.mark.parametrize(
+    ("name", "impl"),
+    [
+        ("mixtral", "reference"),
+        ("qwen2_moe", "reference"),
+        ("qwen3_moe", "reference"),
+        ("qwen3_moe", "pallas_gpu_interpret"),
+    ],
+)
+def test_experts_on_the_tile_plan_match_transformers(name, impl, monkeypatch):
+    """The GPU path's tile plan (with the pure-jnp product, or the Pallas kernel interpreted) through the engine: four
+    prompts batched in padded token buckets, whose padding tokens run no expert."""
+    monkeypatch.setenv("JAXLLM_MOE_EXPERTS_IMPL", impl)
+    data = expected(name)
+    llm = engine_for(str(FIXTURES / "models" / name), skip_tokenizer_init=True, max_num_batched_tokens=32)
+    prompts = [{"prompt_token_ids": p} for p in fixture_prompts(data)]
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    got = np.array([o.outputs[0].token_ids for o in outputs])
+    assert np.array_equal(got, data["greedy_token_ids"]), f"{name} {impl}: {got} != {data['greedy_token_ids']}"
+
+
 def test_max_tokens_past_max_model_len_stops_there_as_in_vllm():
     """No error for a prompt plus max_tokens beyond max_model_len: the request runs up to max_model_len and finishes
     with "length", its tokens the first ones of transformers' greedy generation."""

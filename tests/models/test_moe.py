@@ -130,6 +130,14 @@ def test_unknown_experts_impl_is_named():
         routed_swiglu(*args, num_experts=2, impl="megablox")
 
 
+def test_the_experts_impl_variable_forces_a_backend_and_names_a_bad_one(monkeypatch):
+    monkeypatch.setenv("JAXLLM_MOE_EXPERTS_IMPL", "reference")
+    assert default_experts_impl(2048, 768, "cpu") == "reference"
+    monkeypatch.setenv("JAXLLM_MOE_EXPERTS_IMPL", "cuBLAS")
+    with pytest.raises(ValueError, match="JAXLLM_MOE_EXPERTS_IMPL must be one of .* got 'cuBLAS'"):
+        default_experts_impl(2048, 768, "cpu")
+
+
 def test_qwen_sparse_layers_follow_the_step_and_the_dense_list():
     config = ModelConfig.from_hf_config({**QWEN3_MOE, "decoder_sparse_step": 2, "mlp_only_layers": [3]})
     assert config.moe.sparse_layers == (1, 5)
