@@ -13,7 +13,8 @@ renormalized) and the experts' SwiGLU as grouped matmuls over the step's (token,
   tokens: 28.4 ms against the Pallas kernel's 1.26 ms; benchmarks/RESULTS.md), hence the kernel there.
 
 The outputs are put back in token order and summed with the router's weights in float32. Qwen2-MoE's shared expert (a
-dense SwiGLU every token runs, scaled by a sigmoid gate) is added on top.
+dense SwiGLU every token runs, scaled by a sigmoid gate) is added on top, inside the same per-shard function, so
+under tensor parallelism its partial sums join the experts' in the block's one all-reduce.
 
 The expert weights are stacked ``[E, in, out]`` parameters (``ExpertLinear``); the loader fills one expert's slice
 per checkpoint tensor (``...experts.{e}.gate_proj.weight``). Under tensor parallelism each device holds every
@@ -95,18 +96,37 @@ class SparseMoeBlock(nnx.Module):
         padding, whose rows come out unspecified and whose experts are never read)."""
         expert_weights, expert_ids = route(self.router_logits(x), self.top_k, self.normalize_top_k)
         kernels = [getattr(self.experts, name).kernel.get_value() for name in self.expert_names]
-        num_tokens = x.shape[0] if num_tokens is None else num_tokens
+        num_tokens = jnp.asarray(x.shape[0] if num_tokens is None else num_tokens, jnp.int32)
+        args = [x, expert_ids, expert_weights, *kernels, num_tokens]
+        in_axes = [act.HIDDEN, act.REPLICATED, act.REPLICATED, EXPERT_IN, EXPERT_IN, EXPERT_OUT, act.REPLICATED]
+        if self.shared_expert is not None:  # summed into the experts' partial sums: one all-reduce for both
+            shared = self.shared_expert
+            args += [layer.kernel.get_value() for layer in (shared.gate_proj, shared.up_proj, shared.down_proj)]
+            args.append(jax.nn.sigmoid(self.shared_expert_gate(x).astype(jnp.float32)))  # [T, 1]
+            in_axes += [("embed", "mlp"), ("embed", "mlp"), ("mlp", "embed"), act.REPLICATED]
         (y,) = act.per_shard(
-            lambda *args: (routed_swiglu(*args, num_experts=self.num_experts, impl=self.experts_impl),),
-            in_axes=(act.HIDDEN, act.REPLICATED, act.REPLICATED, EXPERT_IN, EXPERT_IN, EXPERT_OUT, act.REPLICATED),
+            functools.partial(_experts_and_shared, num_experts=self.num_experts, impl=self.experts_impl),
+            in_axes=in_axes,
             out_axes=(act.HIDDEN,),
             sum_over="mlp",
-        )(x, expert_ids, expert_weights, *kernels, jnp.asarray(num_tokens, jnp.int32))
-        y = act.constrain(y, act.HIDDEN)
-        if self.shared_expert is not None:
-            shared_gate = jax.nn.sigmoid(self.shared_expert_gate(x).astype(jnp.float32))
-            y = (y.astype(jnp.float32) + shared_gate * self.shared_expert(x).astype(jnp.float32)).astype(x.dtype)
-        return y
+        )(*args)
+        return act.constrain(y, act.HIDDEN)
+
+
+def _experts_and_shared(x, expert_ids, expert_weights, w_gate, w_up, w_down, num_tokens, *shared, num_experts, impl):
+    """One shard's share of the block: the routed experts, plus ``shared = (gate, up, down, sigmoid gate [T, 1])``
+    (Qwen2-MoE's shared expert, a SwiGLU of its own width) when given. A 1-tuple, for ``per_shard``."""
+    y = routed_swiglu(
+        x, expert_ids, expert_weights, w_gate, w_up, w_down, num_tokens, num_experts=num_experts, impl=impl
+    )
+    if not shared:
+        return (y,)
+    gate_kernel, up_kernel, down_kernel, scale = shared
+    rows = x.astype(gate_kernel.dtype)
+    gate = jnp.dot(rows, gate_kernel, preferred_element_type=gate_kernel.dtype)
+    up = jnp.dot(rows, up_kernel, preferred_element_type=up_kernel.dtype)
+    out = jnp.dot(jax.nn.silu(gate) * up, down_kernel, preferred_element_type=down_kernel.dtype)
+    return ((y.astype(jnp.float32) + scale * out.astype(jnp.float32)).astype(x.dtype),)
 
 
 def route(router_logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
