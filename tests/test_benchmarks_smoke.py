@@ -1,5 +1,10 @@
 """The benchmark scripts run end to end on a tiny model (a smoke run: correctness of the scripts, not timing)."""
 
+import json
+import pathlib
+
+import pytest
+
 from benchmarks import latency, roofline, throughput
 
 
@@ -27,6 +32,24 @@ def test_roofline_j8_floor_matches_shared_benchmarks():
     result = roofline.main(["--job", "J8"])
     # shared/BENCHMARKS.md: about 5.9 s, at most ~11,100 output tok/s on an H100
     assert 5.0 < result["floor_s"] < 6.5
+
+
+def test_roofline_of_experts_all_active_equals_the_dense_model_of_their_width(tmp_path):
+    """A mixture whose every token uses every expert multiplies and reads what a dense SwiGLU of E times the width
+    does, plus the router; with top 2 of 8 its prefill needs a quarter of the experts' FLOPs."""
+    dense = json.loads((pathlib.Path(roofline.JOBS["J8"].model_config) / "config.json").read_text())
+    moe = {**dense, "architectures": ["MixtralForCausalLM"], "num_local_experts": 8, "num_experts_per_tok": 8,
+           "intermediate_size": dense["intermediate_size"] // 8}  # fmt: skip
+    results = {}
+    for name, config in (("dense", dense), ("all_active", moe), ("top2", {**moe, "num_experts_per_tok": 2})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        results[name] = roofline.main(["--job", "J8", "--model", str(tmp_path / name)])
+    # the router adds hidden * 8 parameters per layer: ~1e-4 of the model
+    assert results["all_active"]["floor_s"] == pytest.approx(results["dense"]["floor_s"], rel=1e-3)
+    assert results["all_active"]["floor_s"] > results["dense"]["floor_s"]  # the router's extra parameters
+    assert results["top2"]["prefill_s"] < 0.6 * results["all_active"]["prefill_s"]
+    assert results["top2"]["decode_s"] == pytest.approx(results["all_active"]["decode_s"], rel=1e-3)  # 256 seqs
 
 
 def test_profile_step_smoke_traces_decode_steps(tmp_path):
