@@ -169,7 +169,7 @@ def routed_swiglu(
     impl = impl or default_experts_impl(*w_gate.shape[1:])
     if impl not in EXPERT_IMPLS:
         raise ValueError(f"experts impl must be one of {EXPERT_IMPLS}, got {impl!r}")
-    num_tokens, top_k = expert_ids.shape
+    bucket_tokens, top_k = expert_ids.shape  # the bucket's tokens; num_tokens of them are real
     flat_ids = expert_ids.reshape(-1)  # [T*k], pair p = token p // k's (p % k)-th expert
     dtype = w_gate.dtype
     if impl == "ragged_dot":
@@ -181,7 +181,7 @@ def routed_swiglu(
         product = functools.partial(gmm.grouped_matmul, tile_groups=plan.tile_groups, block_m=plan.block_m, impl=impl)
         hidden = jax.nn.silu(product(rows, w_gate)) * product(rows, w_up)
         out = jnp.take(product(hidden, w_down), plan.slot_of_row, axis=0)  # [T*k, D] in pair order
-    out = out.reshape(num_tokens, top_k, -1)
+    out = out.reshape(bucket_tokens, top_k, -1)
     return jnp.einsum("tkd,tk->td", out.astype(jnp.float32), expert_weights).astype(x.dtype)
 
 

@@ -19,6 +19,7 @@ from jaxllm.loading.model_loader import abstract_model, load_weights, split_expe
 from jaxllm.loading.model_source import resolve_model_source
 from jaxllm.models import ModelConfig, get_model_class
 from jaxllm.models.moe import default_experts_impl, route, routed_swiglu
+from pallas_kernels import grouped_matmul as gmm
 from sharding.rules import model_rules
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "models"
@@ -82,6 +83,21 @@ def test_padding_tokens_leave_the_real_tokens_alone(impl):
     got = routed_swiglu(*arrays, jnp.int32(real), num_experts=num_experts, impl=impl)
     expected = reference_experts(x[:real], ids[:real], weights[:real], w_gate, w_up, w_down)
     np.testing.assert_allclose(np.asarray(got)[:real], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_tile_plan_lays_out_only_the_real_tokens_pairs(monkeypatch):
+    """The padding tokens' pairs get no tiles: the plan is told how many pairs are real (``num_tokens * top_k``)."""
+    planned = []
+    real_plan_tiles = gmm.plan_tiles
+
+    def spy(group_ids, num_groups, block_m, num_valid=None):
+        planned.append(num_valid)
+        return real_plan_tiles(group_ids, num_groups, block_m, num_valid)
+
+    monkeypatch.setattr(gmm, "plan_tiles", spy)
+    args = (jnp.ones((12, 16)), jnp.zeros((12, 2), jnp.int32), jnp.ones((12, 2)), *[jnp.ones((4, 16, 16))] * 3)
+    routed_swiglu(*args, jnp.int32(5), num_experts=4, impl="reference")
+    assert [int(n) for n in planned] == [10]
 
 
 @pytest.mark.parametrize("impl", ["ragged_dot", "pallas_gpu_interpret"])
