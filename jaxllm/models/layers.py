@@ -44,12 +44,12 @@ class Linear(nnx.Module):
         if self.bias is None and act.reduces_in_kernel(self.axes[0]):
             return _row_parallel_product(x, kernel, self.axes)
         if self.bias is None:
-            return _product(x, kernel)
+            return dense_product(x, kernel)
         y = jnp.dot(x.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
         return (y + self.bias.get_value().astype(jnp.float32)).astype(kernel.dtype)
 
 
-def _product(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def dense_product(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """``x @ kernel`` accumulated in float32 by the matmul units, rounded once to the model dtype. Under tensor
     parallelism a row-parallel layer's partial products are summed in that dtype too (half the bytes of float32)."""
     return jnp.dot(x.astype(kernel.dtype), kernel, preferred_element_type=kernel.dtype)
@@ -60,7 +60,7 @@ def _row_parallel_product(x: jax.Array, kernel: jax.Array, axes) -> jax.Array:
     ``per_shard`` sums the partial products (where GSPMD would insert its own all-reduce)."""
     rows = x.reshape(-1, x.shape[-1])
     (y,) = act.per_shard(
-        lambda rows, kernel: (_product(rows, kernel),),
+        lambda rows, kernel: (dense_product(rows, kernel),),
         in_axes=[("tokens", axes[0]), axes],
         out_axes=[("tokens", axes[1])],
         sum_over=axes[0],

@@ -34,7 +34,7 @@ from flax import nnx
 
 from jaxllm.models import activation_sharding as act
 from jaxllm.models.config import MoEConfig
-from jaxllm.models.layers import Linear, SwiGLUMLP, normal_init
+from jaxllm.models.layers import Linear, SwiGLUMLP, dense_product, normal_init
 from pallas_kernels import grouped_matmul as gmm
 
 # The experts' projections as (gate, up, down) parameter names: Qwen's checkpoints say gate_proj / up_proj /
@@ -122,10 +122,7 @@ def _experts_and_shared(x, expert_ids, expert_weights, w_gate, w_up, w_down, num
     if not shared:
         return (y,)
     gate_kernel, up_kernel, down_kernel, scale = shared
-    rows = x.astype(gate_kernel.dtype)
-    gate = jnp.dot(rows, gate_kernel, preferred_element_type=gate_kernel.dtype)
-    up = jnp.dot(rows, up_kernel, preferred_element_type=up_kernel.dtype)
-    out = jnp.dot(jax.nn.silu(gate) * up, down_kernel, preferred_element_type=down_kernel.dtype)
+    out = dense_product(jax.nn.silu(dense_product(x, gate_kernel)) * dense_product(x, up_kernel), down_kernel)
     return ((y.astype(jnp.float32) + scale * out.astype(jnp.float32)).astype(x.dtype),)
 
 
@@ -181,6 +178,8 @@ def routed_swiglu(
         product = functools.partial(gmm.grouped_matmul, tile_groups=plan.tile_groups, block_m=plan.block_m, impl=impl)
         hidden = jax.nn.silu(product(rows, w_gate)) * product(rows, w_up)
         out = jnp.take(product(hidden, w_down), plan.slot_of_row, axis=0)  # [T*k, D] in pair order
+        if num_pairs is not None:  # padding pairs read a slot that may be an unwritten row: zeros, never garbage
+            out = jnp.where((jnp.arange(flat_ids.shape[0]) < num_pairs)[:, None], out, 0)
     out = out.reshape(bucket_tokens, top_k, -1)
     return jnp.einsum("tkd,tk->td", out.astype(jnp.float32), expert_weights).astype(x.dtype)
 

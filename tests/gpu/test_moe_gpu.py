@@ -10,7 +10,10 @@ from jaxllm.models.moe import routed_swiglu
 from tests.kernels.test_grouped_matmul import test_grouped_matmul_equals_numpy_per_tile as check_grouped
 from tests.models.test_moe import reference_experts
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU to compile the Triton kernel"),
+]
 
 
 @pytest.mark.parametrize(("dtype", "rtol"), [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])

@@ -85,6 +85,18 @@ def test_padding_tokens_leave_the_real_tokens_alone(impl):
     np.testing.assert_allclose(np.asarray(got)[:real], expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("impl", ["reference", "pallas_gpu_interpret"])
+def test_a_step_of_padding_only_gives_zeros_not_unwritten_rows(impl):
+    """Warm-up runs steps with no real token: every tile is skipped, and the kernel leaves its rows unwritten. The
+    padding tokens must still come out finite (their K/V go to the null block every request's attention reads)."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(8, 16)), jnp.float32)
+    ids = jnp.asarray(np.stack([rng.choice(4, 2, replace=False) for _ in range(8)]), jnp.int32)
+    kernels = [jnp.asarray(rng.normal(size=(4, 16, 16)), jnp.float32) for _ in range(3)]
+    got = routed_swiglu(x, ids, jnp.ones((8, 2)), *kernels, jnp.int32(0), num_experts=4, impl=impl)
+    np.testing.assert_array_equal(np.asarray(got), 0.0)
+
+
 def test_the_tile_plan_lays_out_only_the_real_tokens_pairs(monkeypatch):
     """The padding tokens' pairs get no tiles: the plan is told how many pairs are real (``num_tokens * top_k``)."""
     planned = []
