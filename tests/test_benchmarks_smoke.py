@@ -185,11 +185,12 @@ def test_memory_report_smoke_analyses_every_bucket():
     assert all(row["temp"] >= 0 and row["argument"] > 0 for row in programs.values())
 
 
-def test_moe_experts_smoke_times_every_backend():
+def test_moe_experts_smoke_times_every_backend_and_path():
     from benchmarks import moe_experts
 
     record = moe_experts.main(["--smoke"])
-    assert {(r["tokens"], r["impl"]) for r in record["rows"]} == {
-        (t, impl) for t in moe_experts.SMOKE_TOKENS for impl in ("pallas_gpu_interpret", "ragged_dot")
+    paths = (("pallas_gpu_interpret", "tiles"), ("pallas_gpu_interpret", "pairs"), ("ragged_dot", "sorted"))
+    assert {(r["bucket"], r["tokens"], r["impl"], r["path"]) for r in record["rows"]} == {
+        (bucket, tokens, impl, path) for bucket, tokens in moe_experts.SMOKE_STEPS for impl, path in paths
     }
     assert all(r["us"] > 0 and r["experts_read"] >= 2 for r in record["rows"])

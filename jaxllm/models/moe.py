@@ -7,7 +7,10 @@ renormalized) and the experts' SwiGLU as grouped matmuls over the step's (token,
 - ``pallas_gpu`` (the GPU default): ``pallas_kernels.grouped_matmul.plan_tiles`` sorts the pairs by expert and pads
   each expert's run to whole row tiles; the Pallas kernel multiplies each tile by its expert's weights, so a step
   reads each chosen expert's weights once per tile and never an unchosen one's (``reference`` /
-  ``pallas_gpu_interpret``: the same plan with the pure-jnp product or the kernel interpreted, for tests).
+  ``pallas_gpu_interpret``: the same plan with the pure-jnp product or the kernel interpreted, for tests). Steps of
+  at most ``pair_path_max_tokens()`` tokens (decode buckets) whose pairs are no more than the experts skip the plan:
+  each pair multiplies its row by its expert's weight on its own (``grouped_matmul.pair_swiglu`` / ``pair_matmul``,
+  two launches and no sort), since at a few tokens the plan's device ops cost more than the products (``use_pairs``).
 - ``ragged_dot`` (CPU and TPU): the pairs sorted by expert through ``jax.lax.ragged_dot``. XLA's GPU backend in
   jax 0.11.2 rewrites it into a product padded over every expert (H100, a Qwen3-30B-A3B layer's experts at 2,048
   tokens: 28.4 ms against the Pallas kernel's 1.26 ms; benchmarks/RESULTS.md), hence the kernel there.
@@ -45,6 +48,8 @@ MIXTRAL_EXPERT_NAMES = ("w1", "w3", "w2")
 EXPERT_IMPLS = ("ragged_dot", "reference", "pallas_gpu", "pallas_gpu_interpret")
 MAX_TILE_ROWS = 64  # the largest row tile plan_tiles pads experts' runs to
 EXPERTS_IMPL_ENV = "JAXLLM_MOE_EXPERTS_IMPL"  # forces one of EXPERT_IMPLS (read when a step program is traced)
+PAIR_PATH_MAX_TOKENS = 16  # steps of at most this many tokens (bucket size) run the per-pair products
+PAIR_PATH_ENV = "JAXLLM_MOE_PAIR_PATH_MAX_TOKENS"  # overrides PAIR_PATH_MAX_TOKENS (0: always the tile plan)
 
 EXPERT_IN = ("experts", "embed", "mlp")  # [E, D, I] gate / up
 EXPERT_OUT = ("experts", "mlp", "embed")  # [E, I, D] down
@@ -148,6 +153,27 @@ def default_experts_impl(hidden: int, width: int, platform: str | None = None) -
     return "pallas_gpu" if on_gpu and not hidden % gmm.MIN_DIM and not width % gmm.MIN_DIM else "ragged_dot"
 
 
+def pair_path_max_tokens() -> int:
+    """The largest step (in tokens, a bucket's size) whose experts run pair by pair instead of on the tile plan:
+    ``$JAXLLM_MOE_PAIR_PATH_MAX_TOKENS`` when set (A/B runs; 0 turns the pair path off), else
+    ``PAIR_PATH_MAX_TOKENS``."""
+    value = os.environ.get(PAIR_PATH_ENV)
+    if value is None:
+        return PAIR_PATH_MAX_TOKENS
+    if not value.isdigit():
+        raise ValueError(f"{PAIR_PATH_ENV} must be a whole number of tokens (0 or more), got {value!r}")
+    return int(value)
+
+
+def use_pairs(bucket_tokens: int, top_k: int, num_experts: int) -> bool:
+    """Whether a step of ``bucket_tokens`` runs the per-pair products: a bucket of at most
+    ``pair_path_max_tokens()`` tokens whose pairs can all choose different experts (``bucket_tokens * top_k <=
+    num_experts``), so reading one expert per pair reads no more than the tile plan's distinct experts could. On an
+    H100 (benchmarks/RESULTS.md) Qwen3-30B-A3B's layer at batch 1 took 46.7 us against 85.5 us on the plan, and
+    16 tokens about the same; Mixtral's 2 of 8 experts, whose 16 tokens' 32 pairs reread experts, 1.7x longer."""
+    return bucket_tokens <= pair_path_max_tokens() and bucket_tokens * top_k <= num_experts
+
+
 def tile_rows(num_pairs: int, num_experts: int) -> int:
     """The row tile for ``num_pairs`` routed rows: the next power of two above the rows an expert gets on average
     (when every chosen expert gets some), between 16 and ``MAX_TILE_ROWS``."""
@@ -156,23 +182,37 @@ def tile_rows(num_pairs: int, num_experts: int) -> int:
 
 
 def routed_swiglu(
-    x, expert_ids, expert_weights, w_gate, w_up, w_down, num_tokens=None, *, num_experts: int, impl: str | None = None
+    x,
+    expert_ids,
+    expert_weights,
+    w_gate,
+    w_up,
+    w_down,
+    num_tokens=None,
+    *,
+    num_experts: int,
+    impl: str | None = None,
+    pair_path: bool | None = None,
 ) -> jax.Array:
     """The experts' SwiGLU for every token: ``sum_k weight[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t))`` with
     ``e = expert_ids[t, k]``, as ``[T, D]`` in ``x``'s dtype. On a shard of the intermediate dimension it is that
     shard's partial sum. Each product accumulates in float32 and rounds to the weights' dtype (as ``Linear``).
-    ``num_tokens`` (traced): only the first tokens are real; on the tile plan's path the others run no expert (at
-    batch 1 a bucket's padding tokens would otherwise add their own experts' weights to the step's reads)."""
+    ``num_tokens`` (traced): only the first tokens are real; off ``ragged_dot`` the others run no expert (at batch 1
+    a bucket's padding tokens would otherwise add their own experts' weights to the step's reads). ``pair_path``
+    (not for ``ragged_dot``): the per-pair products (True) or the tile plan (False); None: ``use_pairs``."""
     impl = impl or default_experts_impl(*w_gate.shape[1:])
     if impl not in EXPERT_IMPLS:
         raise ValueError(f"experts impl must be one of {EXPERT_IMPLS}, got {impl!r}")
     bucket_tokens, top_k = expert_ids.shape  # the bucket's tokens; num_tokens of them are real
     flat_ids = expert_ids.reshape(-1)  # [T*k], pair p = token p // k's (p % k)-th expert
     dtype = w_gate.dtype
+    num_pairs = None if num_tokens is None else num_tokens * top_k
     if impl == "ragged_dot":
         out = _ragged_dot_swiglu(x.astype(dtype), flat_ids, top_k, w_gate, w_up, w_down, num_experts)
+    elif pair_path or (pair_path is None and use_pairs(bucket_tokens, top_k, num_experts)):  # padding pairs: zeros
+        hidden = gmm.pair_swiglu(x, flat_ids, w_gate, w_up, num_pairs, top_k=top_k, impl=impl)
+        out = gmm.pair_matmul(hidden, flat_ids, w_down, num_pairs, top_k=top_k, impl=impl)  # float32
     else:
-        num_pairs = None if num_tokens is None else num_tokens * top_k
         plan = gmm.plan_tiles(flat_ids, num_experts, tile_rows(flat_ids.shape[0], num_experts), num_pairs)
         rows = jnp.take(x.astype(dtype), plan.row_of_slot // top_k, axis=0)  # [P, D], each tile one expert's
         product = functools.partial(gmm.grouped_matmul, tile_groups=plan.tile_groups, block_m=plan.block_m, impl=impl)

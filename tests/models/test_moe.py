@@ -18,7 +18,7 @@ from jaxllm import LLM
 from jaxllm.loading.model_loader import abstract_model, load_weights, split_expert
 from jaxllm.loading.model_source import resolve_model_source
 from jaxllm.models import ModelConfig, get_model_class
-from jaxllm.models.moe import default_experts_impl, route, routed_swiglu
+from jaxllm.models.moe import default_experts_impl, pair_path_max_tokens, route, routed_swiglu
 from pallas_kernels import grouped_matmul as gmm
 from sharding.rules import model_rules
 
@@ -54,9 +54,18 @@ def reference_experts(x, ids, weights, w_gate, w_up, w_down):
     return out
 
 
-@pytest.mark.parametrize("impl", ["ragged_dot", "reference", "pallas_gpu_interpret"])
+PATHS = [  # (impl, pair_path): XLA's ragged_dot, and each plan backend on the tile plan and on the per-pair products
+    ("ragged_dot", None),
+    ("reference", False),
+    ("reference", True),
+    ("pallas_gpu_interpret", False),
+    ("pallas_gpu_interpret", True),
+]
+
+
+@pytest.mark.parametrize(("impl", "pair_path"), PATHS)
 @pytest.mark.parametrize("num_tokens", [1, 5, 64])
-def test_routed_swiglu_equals_a_per_token_loop(num_tokens, impl):
+def test_routed_swiglu_equals_a_per_token_loop(num_tokens, impl, pair_path):
     rng = np.random.default_rng(num_tokens)
     num_experts, top_k, d, i = 6, 2, 16, 32
     x = rng.normal(size=(num_tokens, d)).astype(np.float32)
@@ -65,13 +74,13 @@ def test_routed_swiglu_equals_a_per_token_loop(num_tokens, impl):
     w_gate, w_up = (rng.normal(size=(num_experts, d, i)).astype(np.float32) * 0.3 for _ in range(2))
     w_down = rng.normal(size=(num_experts, i, d)).astype(np.float32) * 0.3
     arrays = map(jnp.asarray, (x, ids, weights, w_gate, w_up, w_down))
-    got = routed_swiglu(*arrays, num_experts=num_experts, impl=impl)
+    got = routed_swiglu(*arrays, num_experts=num_experts, impl=impl, pair_path=pair_path)
     expected = reference_experts(x, ids, weights, w_gate, w_up, w_down)
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("impl", ["ragged_dot", "reference"])
-def test_padding_tokens_leave_the_real_tokens_alone(impl):
+@pytest.mark.parametrize(("impl", "pair_path"), PATHS)
+def test_padding_tokens_leave_the_real_tokens_alone(impl, pair_path):
     rng = np.random.default_rng(11)
     num_experts, top_k, d, i, t, real = 8, 2, 16, 32, 12, 5
     x = rng.normal(size=(t, d)).astype(np.float32)
@@ -80,20 +89,21 @@ def test_padding_tokens_leave_the_real_tokens_alone(impl):
     w_gate, w_up = (rng.normal(size=(num_experts, d, i)).astype(np.float32) * 0.3 for _ in range(2))
     w_down = rng.normal(size=(num_experts, i, d)).astype(np.float32) * 0.3
     arrays = list(map(jnp.asarray, (x, ids, weights, w_gate, w_up, w_down)))
-    got = routed_swiglu(*arrays, jnp.int32(real), num_experts=num_experts, impl=impl)
+    got = routed_swiglu(*arrays, jnp.int32(real), num_experts=num_experts, impl=impl, pair_path=pair_path)
     expected = reference_experts(x[:real], ids[:real], weights[:real], w_gate, w_up, w_down)
     np.testing.assert_allclose(np.asarray(got)[:real], expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("impl", ["reference", "pallas_gpu_interpret"])
-def test_a_step_of_padding_only_gives_zeros_not_unwritten_rows(impl):
-    """Warm-up runs steps with no real token: every tile is skipped, and the kernel leaves its rows unwritten. The
-    padding tokens must still come out finite (their K/V go to the null block every request's attention reads)."""
+@pytest.mark.parametrize(("impl", "pair_path"), PATHS[1:])
+def test_a_step_of_padding_only_gives_zeros_not_unwritten_rows(impl, pair_path):
+    """Warm-up runs steps with no real token: every tile (every pair) is skipped, and the tile kernel leaves its rows
+    unwritten. The padding tokens must still come out finite (their K/V go to the null block every request's
+    attention reads)."""
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.normal(size=(8, 16)), jnp.float32)
     ids = jnp.asarray(np.stack([rng.choice(4, 2, replace=False) for _ in range(8)]), jnp.int32)
     kernels = [jnp.asarray(rng.normal(size=(4, 16, 16)), jnp.float32) for _ in range(3)]
-    got = routed_swiglu(x, ids, jnp.ones((8, 2)), *kernels, jnp.int32(0), num_experts=4, impl=impl)
+    got = routed_swiglu(x, ids, jnp.ones((8, 2)), *kernels, jnp.int32(0), num_experts=4, impl=impl, pair_path=pair_path)
     np.testing.assert_array_equal(np.asarray(got), 0.0)
 
 
@@ -108,12 +118,39 @@ def test_the_tile_plan_lays_out_only_the_real_tokens_pairs(monkeypatch):
 
     monkeypatch.setattr(gmm, "plan_tiles", spy)
     args = (jnp.ones((12, 16)), jnp.zeros((12, 2), jnp.int32), jnp.ones((12, 2)), *[jnp.ones((4, 16, 16))] * 3)
-    routed_swiglu(*args, jnp.int32(5), num_experts=4, impl="reference")
+    routed_swiglu(*args, jnp.int32(5), num_experts=4, impl="reference", pair_path=False)
     assert [int(n) for n in planned] == [10]
 
 
-@pytest.mark.parametrize("impl", ["ragged_dot", "pallas_gpu_interpret"])
-def test_routed_swiglu_in_bfloat16_stays_close_to_float64(impl):
+@pytest.mark.parametrize(
+    ("bucket", "num_experts", "setting", "pairs"),
+    [(16, 64, None, True), (16, 8, None, False), (32, 64, None, False), (32, 64, "32", True), (8, 64, "0", False)],
+)
+def test_small_steps_take_the_pair_path(bucket, num_experts, setting, pairs, monkeypatch):
+    """Buckets up to ``PAIR_PATH_MAX_TOKENS`` (16) whose pairs (2 per token here) are no more than the experts run
+    the per-pair products and no tile plan; the variable moves the token bound (0: never)."""
+    if setting is not None:
+        monkeypatch.setenv("JAXLLM_MOE_PAIR_PATH_MAX_TOKENS", setting)
+    calls = []
+    for name in ("plan_tiles", "pair_swiglu"):
+        real = getattr(gmm, name)
+        monkeypatch.setattr(gmm, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    rng = np.random.default_rng(bucket)
+    ids = jnp.asarray(np.stack([rng.choice(num_experts, 2, replace=False) for _ in range(bucket)]), jnp.int32)
+    kernels = [jnp.asarray(rng.normal(size=(num_experts, 16, 16)), jnp.float32) for _ in range(3)]
+    x, weights = jnp.ones((bucket, 16)), jnp.ones((bucket, 2))
+    routed_swiglu(x, ids, weights, *kernels, jnp.int32(3), num_experts=num_experts, impl="reference")
+    assert calls == (["pair_swiglu"] if pairs else ["plan_tiles"])
+
+
+def test_a_bad_pair_path_bound_is_named(monkeypatch):
+    monkeypatch.setenv("JAXLLM_MOE_PAIR_PATH_MAX_TOKENS", "sixteen")
+    with pytest.raises(ValueError, match="JAXLLM_MOE_PAIR_PATH_MAX_TOKENS must be .* got 'sixteen'"):
+        pair_path_max_tokens()
+
+
+@pytest.mark.parametrize(("impl", "pair_path"), [("ragged_dot", None), *PATHS[3:]])
+def test_routed_swiglu_in_bfloat16_stays_close_to_float64(impl, pair_path):
     rng = np.random.default_rng(7)
     num_experts, top_k, d, i, t = 8, 2, 64, 32, 48
     x = rng.normal(size=(t, d)).astype(np.float32)
@@ -123,7 +160,13 @@ def test_routed_swiglu_in_bfloat16_stays_close_to_float64(impl):
     w_down = rng.normal(size=(num_experts, i, d)).astype(np.float32) * 0.2
     as_bf16 = [jnp.asarray(a, jnp.bfloat16) for a in (x, w_gate, w_up, w_down)]
     got = routed_swiglu(
-        as_bf16[0], jnp.asarray(ids), jnp.asarray(weights), *as_bf16[1:], num_experts=num_experts, impl=impl
+        as_bf16[0],
+        jnp.asarray(ids),
+        jnp.asarray(weights),
+        *as_bf16[1:],
+        num_experts=num_experts,
+        impl=impl,
+        pair_path=pair_path,
     )
     assert got.dtype == jnp.bfloat16
     rounded = [np.asarray(a.astype(jnp.float32)) for a in as_bf16]
