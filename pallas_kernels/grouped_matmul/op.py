@@ -40,6 +40,14 @@ def default_impl(platform: str | None = None) -> str:
     return "pallas_gpu" if (platform or jax.default_backend()) == "gpu" else "reference"
 
 
+def largest_power_of_two_dividing(n: int, at_most: int) -> int:
+    """The largest power of two up to ``at_most`` (itself one) that divides ``n``: the kernels' block edges."""
+    block = at_most
+    while n % block:
+        block //= 2
+    return block
+
+
 def num_slots(num_rows: int, num_groups: int, block_m: int) -> int:
     """The laid-out rows ``plan_tiles`` needs at most: every non-empty group (at most ``min(E, R)``) pads by less
     than ``block_m`` rows."""

@@ -27,6 +27,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.grouped_matmul.op import largest_power_of_two_dividing
+
 MAX_BLOCK_N = 64
 MAX_BLOCK_K = 256
 TARGET_PROGRAMS = 1024  # programs for one token's pairs (about 8 per SM of an H100's 132) that the K split aims at
@@ -41,21 +43,14 @@ class GemvConfig:
     num_stages: int = 3
 
 
-def _largest_power_of_two_dividing(n: int, at_most: int) -> int:
-    block = at_most
-    while n % block:
-        block //= 2
-    return block
-
-
 def default_config(k: int, n: int, top_k: int) -> GemvConfig:
     """``block_n`` up to 64; K split in the most powers of two that keep one token's programs (``top_k`` pairs times
     the N tiles) within ``TARGET_PROGRAMS`` and each split a multiple of 16; ``block_k`` up to 256 within a split."""
-    block_n = _largest_power_of_two_dividing(n, MAX_BLOCK_N)
+    block_n = largest_power_of_two_dividing(n, MAX_BLOCK_N)
     programs, splits = top_k * (n // block_n), 1
     while programs * splits * 2 <= TARGET_PROGRAMS and (k // (splits * 2)) % 16 == 0 and k % (splits * 2) == 0:
         splits *= 2
-    return GemvConfig(block_n, _largest_power_of_two_dividing(k // splits, MAX_BLOCK_K), splits)
+    return GemvConfig(block_n, largest_power_of_two_dividing(k // splits, MAX_BLOCK_K), splits)
 
 
 def _row_times_weights(row_ref, row, weight_refs, expert, cols, split, cfg: GemvConfig, num_k_steps: int):

@@ -22,6 +22,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.grouped_matmul.op import largest_power_of_two_dividing
+
 _NN = (((1,), (0,)), ((), ()))  # [BM, BK] x [BK, BN]
 MAX_BLOCK_N = 128
 MAX_BLOCK_K = 64
@@ -35,17 +37,10 @@ class KernelConfig:
     num_stages: int = 3
 
 
-def _largest_power_of_two_dividing(n: int, at_most: int) -> int:
-    block = at_most
-    while n % block:
-        block //= 2
-    return block
-
-
 def default_config(k: int, n: int) -> KernelConfig:
     """Tiles that divide K and N (both multiples of 16, checked by the op)."""
     return KernelConfig(
-        block_n=_largest_power_of_two_dividing(n, MAX_BLOCK_N), block_k=_largest_power_of_two_dividing(k, MAX_BLOCK_K)
+        block_n=largest_power_of_two_dividing(n, MAX_BLOCK_N), block_k=largest_power_of_two_dividing(k, MAX_BLOCK_K)
     )
 
 
