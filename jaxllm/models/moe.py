@@ -196,10 +196,11 @@ def routed_swiglu(
 ) -> jax.Array:
     """The experts' SwiGLU for every token: ``sum_k weight[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t))`` with
     ``e = expert_ids[t, k]``, as ``[T, D]`` in ``x``'s dtype. On a shard of the intermediate dimension it is that
-    shard's partial sum. Each product accumulates in float32 and rounds to the weights' dtype (as ``Linear``).
-    ``num_tokens`` (traced): only the first tokens are real; off ``ragged_dot`` the others run no expert (at batch 1
-    a bucket's padding tokens would otherwise add their own experts' weights to the step's reads). ``pair_path``
-    (not for ``ragged_dot``): the per-pair products (True) or the tile plan (False); None: ``use_pairs``."""
+    shard's partial sum. Each product accumulates in float32 and rounds to the weights' dtype (as ``Linear``; on the
+    per-pair path the down product stays float32 up to the weighted sum). ``num_tokens`` (traced): only the first
+    tokens are real; off ``ragged_dot`` the others run no expert (at batch 1 a bucket's padding tokens would otherwise
+    add their own experts' weights to the step's reads). ``pair_path`` (not for ``ragged_dot``): the per-pair
+    products (True) or the tile plan (False); None: ``use_pairs``."""
     impl = impl or default_experts_impl(*w_gate.shape[1:])
     if impl not in EXPERT_IMPLS:
         raise ValueError(f"experts impl must be one of {EXPERT_IMPLS}, got {impl!r}")
