@@ -1,4 +1,6 @@
-"""Latency (job L8): time to first token and inter-token latency percentiles at batch 1 and batch 32.
+"""Latency (job L8): time to first token and inter-token latency percentiles at batch 1 and batch 32; the mean time
+per output token (TPOT) and how many arrivals brought a request's tokens (fewer than its tokens when steps bring
+two at once, which widens the ITL percentiles but not TPOT).
 
     PYTHONPATH=. python3 benchmarks/latency.py                  # Llama-3.1-8B shape, dummy weights, on the GPU
     python benchmarks/latency.py --smoke                         # tiny CPU run
@@ -28,7 +30,9 @@ from benchmarks.common import (
 from jaxllm import LLMEngine, SamplingParams
 
 
-def run_batch(engine: LLMEngine, prompts: list[dict], output_len: int, tag: str) -> tuple[list[float], list[float]]:
+def arrivals(engine: LLMEngine, prompts: list[dict], output_len: int, tag: str):
+    """Runs ``prompts`` to ``output_len`` tokens each. Returns the submit time, each request's token arrival times
+    (one per step that brought it new tokens) and its number of tokens."""
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     submit = time.perf_counter()
     for i, prompt in enumerate(prompts):
@@ -43,9 +47,26 @@ def run_batch(engine: LLMEngine, prompts: list[dict], output_len: int, tag: str)
             if count > seen.get(out.request_id, 0):
                 stamps.setdefault(out.request_id, []).append(now)
                 seen[out.request_id] = count
+    return submit, stamps, seen
+
+
+def latencies(submit: float, stamps: dict[str, list[float]]) -> tuple[list[float], list[float]]:
+    """Times to first token and inter-token latencies (between two arrivals of a request's tokens), in seconds."""
     ttft = [s[0] - submit for s in stamps.values()]
     itl = [b - a for s in stamps.values() for a, b in zip(s, s[1:], strict=False)]
     return ttft, itl
+
+
+def run_batch(engine: LLMEngine, prompts: list[dict], output_len: int, tag: str) -> tuple[list[float], list[float]]:
+    """``latencies`` of ``prompts`` run to ``output_len`` tokens each."""
+    submit, stamps, _ = arrivals(engine, prompts, output_len, tag)
+    return latencies(submit, stamps)
+
+
+def time_per_output_token(stamps: dict[str, list[float]], counts: dict[str, int]) -> list[float]:
+    """Each request's (last arrival - first) / (tokens - 1), vLLM's TPOT: unlike the ITL percentiles it does not
+    depend on how its tokens were grouped into arrivals."""
+    return [(s[-1] - s[0]) / (counts[r] - 1) for r, s in stamps.items() if counts[r] > 1]
 
 
 def percentiles(values: list[float]) -> dict:
@@ -96,14 +117,20 @@ def main(argv=None) -> dict:
     }
     label = f"{record['job']}{variant_label(args)}"
     for batch in (int(b) for b in args.batch_sizes.split(",")):
-        ttft, itl = run_batch(
-            engine, random_prompts(batch, args.input_len, vocab, seed=batch), args.output_len, f"b{batch}"
-        )
-        record["batches"][batch] = {"ttft_ms": percentiles(ttft), "itl_ms": percentiles(itl)}
-        t, i = record["batches"][batch]["ttft_ms"], record["batches"][batch]["itl_ms"]
+        prompts = random_prompts(batch, args.input_len, vocab, seed=batch)
+        submit, stamps, counts = arrivals(engine, prompts, args.output_len, f"b{batch}")
+        ttft, itl = latencies(submit, stamps)
+        record["batches"][batch] = stats = {
+            "ttft_ms": percentiles(ttft),
+            "itl_ms": percentiles(itl),
+            "tpot_mean_ms": float(np.mean(time_per_output_token(stamps, counts))) * 1e3,
+            "arrivals_per_request": float(np.mean([len(s) for s in stamps.values()])),
+        }
+        t, i = stats["ttft_ms"], stats["itl_ms"]
         print(
             f"{label} batch {batch}: TTFT p50 {t['p50']:.1f} ms p99 {t['p99']:.1f} ms | ITL p50 {i['p50']:.2f} ms "
-            f"p90 {i['p90']:.2f} ms p99 {i['p99']:.2f} ms"
+            f"p90 {i['p90']:.2f} ms p99 {i['p99']:.2f} ms | TPOT mean {stats['tpot_mean_ms']:.2f} ms, "
+            f"{stats['arrivals_per_request']:.1f} arrivals for {args.output_len} tokens"
         )
         if args.record:
             append_result_row(

@@ -26,6 +26,7 @@ def test_latency_smoke_reports_percentiles():
     record = latency.main(["--smoke"])
     for stats in record["batches"].values():
         assert stats["itl_ms"]["p50"] > 0 and stats["ttft_ms"]["p99"] >= stats["ttft_ms"]["p50"]
+        assert stats["tpot_mean_ms"] > 0 and 1 < stats["arrivals_per_request"] <= 4  # --smoke: 4 output tokens
 
 
 def test_roofline_j8_floor_matches_shared_benchmarks():
