@@ -10,8 +10,8 @@ the splits up (an XLA fusion) and masks the padding pairs, whose partials are ne
 
 K is split so that one token's ``top_k`` pairs alone fill the GPU (``TARGET_PROGRAMS``): at batch 1 a Qwen3-30B-A3B
 layer has 8 pairs, whose unsplit gate / up products are 96 programs of 12 K steps, too few loads in flight to read
-at memory speed (about 1 TB/s on an H100 against 2.4 TB/s from 16 tokens' 1,536 programs). ``pair_swiglu_triton``
-carries two accumulators, gate and up, over one pass of the row.
+at memory speed (about 1 TB/s on an H100 against 2.4 TB/s from 16 tokens' 1,536 programs). Given two weights
+(gate and up), a program carries two accumulators over one pass of the row.
 
 Every dimension is whole tiles (``block_n`` / ``block_k`` divide N and K's split, multiples of 16): nothing is masked.
 """

@@ -7,7 +7,7 @@ import pytest
 
 from jaxllm import LLM, SamplingParams
 from jaxllm.models import moe
-from pallas_kernels import grouped_matmul as gmm
+from tests.models.test_moe import record_expert_paths
 from tests.models.test_parity import TINY_MODELS, expected, fixture_prompts
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures"
@@ -49,19 +49,14 @@ def test_experts_on_the_gpu_paths_match_transformers(name, impl, monkeypatch):
     bucket's pairs, so ``use_pairs`` would keep them on the plan: here buckets of 16 take the pairs regardless.)"""
     monkeypatch.setenv("JAXLLM_MOE_EXPERTS_IMPL", impl)
     monkeypatch.setattr(moe, "use_pairs", lambda bucket_tokens, top_k, num_experts: bucket_tokens <= 16)
-    paths = set()
-    for path, name_in_gmm in (("tiles", "plan_tiles"), ("pairs", "pair_swiglu")):
-        real = getattr(gmm, name_in_gmm)
-        monkeypatch.setattr(
-            gmm, name_in_gmm, lambda *a, _real=real, _path=path, **k: paths.add(_path) or _real(*a, **k)
-        )
+    paths = record_expert_paths(monkeypatch)
     data = expected(name)
     llm = engine_for(str(FIXTURES / "models" / name), skip_tokenizer_init=True, max_num_batched_tokens=32)
     prompts = [{"prompt_token_ids": p} for p in fixture_prompts(data)]
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True), use_tqdm=False)
     got = np.array([o.outputs[0].token_ids for o in outputs])
     assert np.array_equal(got, data["greedy_token_ids"]), f"{name} {impl}: {got} != {data['greedy_token_ids']}"
-    assert paths == {"tiles", "pairs"}
+    assert set(paths) == {"tiles", "pairs"}
 
 
 def test_max_tokens_past_max_model_len_stops_there_as_in_vllm():

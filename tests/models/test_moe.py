@@ -122,6 +122,16 @@ def test_the_tile_plan_lays_out_only_the_real_tokens_pairs(monkeypatch):
     assert [int(n) for n in planned] == [10]
 
 
+def record_expert_paths(monkeypatch) -> list[str]:
+    """A list that gets "tiles" each time the experts lay out the tile plan and "pairs" each time they take the
+    per-pair products (both happen when a step program is traced)."""
+    calls = []
+    for path, name in (("tiles", "plan_tiles"), ("pairs", "pair_swiglu")):
+        real = getattr(gmm, name)
+        monkeypatch.setattr(gmm, name, lambda *a, _real=real, _path=path, **k: calls.append(_path) or _real(*a, **k))
+    return calls
+
+
 @pytest.mark.parametrize(
     ("bucket", "num_experts", "setting", "pairs"),
     [(16, 64, None, True), (16, 8, None, False), (32, 64, None, False), (32, 64, "32", True), (8, 64, "0", False)],
@@ -131,16 +141,13 @@ def test_small_steps_take_the_pair_path(bucket, num_experts, setting, pairs, mon
     the per-pair products and no tile plan; the variable moves the token bound (0: never)."""
     if setting is not None:
         monkeypatch.setenv("JAXLLM_MOE_PAIR_PATH_MAX_TOKENS", setting)
-    calls = []
-    for name in ("plan_tiles", "pair_swiglu"):
-        real = getattr(gmm, name)
-        monkeypatch.setattr(gmm, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    calls = record_expert_paths(monkeypatch)
     rng = np.random.default_rng(bucket)
     ids = jnp.asarray(np.stack([rng.choice(num_experts, 2, replace=False) for _ in range(bucket)]), jnp.int32)
     kernels = [jnp.asarray(rng.normal(size=(num_experts, 16, 16)), jnp.float32) for _ in range(3)]
     x, weights = jnp.ones((bucket, 16)), jnp.ones((bucket, 2))
     routed_swiglu(x, ids, weights, *kernels, jnp.int32(3), num_experts=num_experts, impl="reference")
-    assert calls == (["pair_swiglu"] if pairs else ["plan_tiles"])
+    assert calls == (["pairs"] if pairs else ["tiles"])
 
 
 def test_a_bad_pair_path_bound_is_named(monkeypatch):

@@ -45,14 +45,11 @@ def test_the_gpu_paths_on_a_mesh_match_one_device(one_device, monkeypatch):
     """The GPU's paths (here with pure-jnp products) on each device's expert shard at TP 2: decode buckets of 16 take
     the per-pair products, prefill steps of 32 the tile plan; greedy tokens equal one device's (``ragged_dot``)."""
     from jaxllm.models import moe
-    from pallas_kernels import grouped_matmul as gmm
+    from tests.models.test_moe import record_expert_paths
 
     expected = one_device("qwen3_moe")
     monkeypatch.setenv("JAXLLM_MOE_EXPERTS_IMPL", "reference")
     monkeypatch.setattr(moe, "use_pairs", lambda bucket_tokens, top_k, num_experts: bucket_tokens <= 16)
-    paths = set()
-    for path, name in (("tiles", "plan_tiles"), ("pairs", "pair_swiglu")):
-        real = getattr(gmm, name)
-        monkeypatch.setattr(gmm, name, lambda *a, _real=real, _path=path, **k: paths.add(_path) or _real(*a, **k))
+    paths = record_expert_paths(monkeypatch)
     assert generate(make_llm("qwen3_moe", tensor_parallel_size=2, max_num_batched_tokens=32)) == expected
-    assert paths == {"tiles", "pairs"}
+    assert set(paths) == {"tiles", "pairs"}
