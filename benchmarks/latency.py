@@ -81,6 +81,8 @@ def main(argv=None) -> dict:
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="the engine's (fewer: fewer buckets to compile)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="the engine's step budget (--smoke: 64)")
     add_engine_variant_arguments(p)
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--record", action="store_true")
@@ -98,8 +100,8 @@ def main(argv=None) -> dict:
         load_format="dummy",
         dtype=args.dtype,
         skip_tokenizer_init=True,
-        max_num_seqs=64,
-        max_num_batched_tokens=64 if args.smoke else 8192,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=64 if args.smoke else args.max_num_batched_tokens,
         max_model_len=256 if args.smoke else 2048,
         enable_prefix_caching=False,
         **variant_engine_options(args),
@@ -112,6 +114,8 @@ def main(argv=None) -> dict:
         "model": args.model,
         "quantization": args.quantization,
         "kv_cache_dtype": args.kv_cache_dtype,
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": engine.resolved.max_num_batched_tokens,
         "xla_compiler_options": engine.compiler_options.describe(),
         "batches": {},
     }
