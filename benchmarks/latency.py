@@ -95,13 +95,14 @@ def main(argv=None) -> dict:
             "float32",
             "1,2",
         )
+        args.max_num_batched_tokens = 64
     engine = LLMEngine.from_engine_args(
         model=args.model,
         load_format="dummy",
         dtype=args.dtype,
         skip_tokenizer_init=True,
         max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=64 if args.smoke else args.max_num_batched_tokens,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=256 if args.smoke else 2048,
         enable_prefix_caching=False,
         **variant_engine_options(args),
@@ -115,7 +116,7 @@ def main(argv=None) -> dict:
         "quantization": args.quantization,
         "kv_cache_dtype": args.kv_cache_dtype,
         "max_num_seqs": args.max_num_seqs,
-        "max_num_batched_tokens": engine.resolved.max_num_batched_tokens,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
         "xla_compiler_options": engine.compiler_options.describe(),
         "batches": {},
     }
