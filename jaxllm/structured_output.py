@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from jaxllm.sampling_params import StructuredOutputsParams
+from jaxllm.weak_methods import weakly_bound
 
 if TYPE_CHECKING:
     import llguidance
@@ -87,7 +88,7 @@ class StructuredOutputCompiler:
         self._hf_tokenizer = tokenizer
         self.vocab_size = vocab_size
         self._eos_token_ids = sorted(eos_token_ids)
-        self._compiled = functools.lru_cache(maxsize=64)(self._compile)
+        self._compiled = functools.lru_cache(maxsize=64)(weakly_bound(self._compile))
 
     @functools.cached_property
     def _tokenizer(self) -> llguidance.LLTokenizer:

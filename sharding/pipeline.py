@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 from collections.abc import Callable, Sequence
 
 import jax
@@ -164,10 +165,11 @@ class PipelinedModel:
 
     def _compile(self, graphdef, state, mesh: Mesh, is_last: bool):
         rules = activation_rules(self.config, mesh)
+        owner = weakref.proxy(self)  # the programs are this model's: a strong reference would keep it alive in a cycle
 
         def program(state, kv_caches, inputs, packed, pending_tokens, result_buffers, layout: PackedLayout, width):
             # width: the prompt-logprob top-k of a last-stage call with prompt targets, else None
-            self.num_traces += 1
+            owner.num_traces += 1
             metadata, logits_indices, prev_index, input_ids, targets = unpack(packed, layout)  # one copy
             if inputs is None:  # first stage: the token ids came in the packed buffer
                 inputs = input_ids
@@ -198,15 +200,15 @@ class PipelinedModel:
         )
 
     def _compile_head(self):
-        finish_head = self._finish_head
+        owner = weakref.proxy(self)  # no cycle, as in _compile
 
         def head(logits, packed, pending_tokens, result_buffers, layout: PackedLayout, rows: int):
             # logits: the last stage's [rows, V] (a stable buffer: ROW_SLACK rows more); rows: the batch's rows;
             # pending_tokens: the vector the first stage took its pending tokens from (the step in flight's samples)
-            self.num_head_traces += 1
+            owner.num_head_traces += 1
             head_args, in_flight_rows = unpack(packed, layout)
             in_flight = in_flight_output_tokens(pending_tokens, in_flight_rows)
-            return write_into(result_buffers, finish_head(logits[:rows], head_args, in_flight))
+            return write_into(result_buffers, owner._finish_head(logits[:rows], head_args, in_flight))
 
         here = self._head_placement
         return jax.jit(

@@ -38,6 +38,7 @@ from jaxllm.runner.model_runner import ModelRunner
 from jaxllm.runner.xla_options import StepCompilerOptions, check_compiler_options
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.structured_output import StructuredOutputCompiler
+from jaxllm.weak_methods import weakly_bound
 from sharding.data_parallel import DataParallelEngine
 from sharding.engine_runners import build_mesh_runners, engine_mesh
 
@@ -55,7 +56,7 @@ class LLMEngine:
         self.model_config = ModelConfig.from_hf_config(source.hf_config)
         self.tokenizer = None if config.skip_tokenizer_init else source.load_tokenizer()
         # checked token sequences once per word list (a batch usually shares one SamplingParams); errors are not kept
-        self._bad_word_sequences = functools.lru_cache(maxsize=64)(self._tokenize_bad_words)
+        self._bad_word_sequences = functools.lru_cache(maxsize=64)(weakly_bound(self._tokenize_bad_words))
         self.eos_token_ids = _eos_token_ids(self.model_config, source.generation_config, self.tokenizer)
         self.default_sampling_fields = default_sampling_fields(config, source.generation_config)
         if self.default_sampling_fields:

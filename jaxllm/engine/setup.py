@@ -125,12 +125,13 @@ def with_num_blocks(resolved: ResolvedConfig, num_blocks: int) -> ResolvedConfig
 
 
 def free_unreachable_engines() -> None:
-    """Runs a full garbage collection before an engine takes device memory. An engine's objects refer to each other
-    (its runner, scheduler and bound callbacks), so an ``LLM`` the user dropped (``del llm``) is freed only by a full
-    collection, which Python runs rarely (none in a 3,000-request offline job on CPU); until then its weights and KV
-    cache hold the device memory the next engine sizes its own cache from. Costs one collection per engine start:
-    150 ms on a 2-core CPU host after a 1B-parameter engine's start-up; 0.9 s on average in the test suite's
-    processes, which hold many earlier engines' programs (225 starts, 201 s over two workers)."""
+    """Runs a full garbage collection before an engine takes device memory. A dropped engine is freed at ``del`` (no
+    object of it refers back to itself: ``jaxllm.weak_methods``), but one a user keeps in a reference cycle, or one
+    whose start raised (its half-built objects sit in the traceback's frames, and flax's flattening leaves
+    self-referencing closures over the parameters it walked), waits for a full collection, which Python runs rarely
+    (none in a 3,000-request offline job on CPU); until then its buffers hold the device memory the next engine sizes
+    its own cache from. Costs one collection per engine start: 150 ms on a 2-core CPU host after a 1B-parameter
+    engine's start-up; 0.9 s on average in the test suite's processes, which hold many earlier engines' programs."""
     gc.collect()
 
 

@@ -52,6 +52,7 @@ from jaxllm.sampling import (
     in_flight_output_tokens,
     sample,
 )
+from jaxllm.weak_methods import weakly_bound
 
 logger = logging.getLogger(__name__)
 
@@ -128,10 +129,10 @@ class ModelRunner:
         # Step inputs cross as one packed buffer per program (jaxllm.runner.packed_transfer); its layout is static, as
         # is the prompt-logprob width (None: the plain program).
         self._forward_programs = ProgramsByOptions(
-            self._traced_forward, compiler_options, donate_argnums=(1,), static_argnums=(4, 5)
+            weakly_bound(self._traced_forward), compiler_options, donate_argnums=(1,), static_argnums=(4, 5)
         )
         self._jitted_sample = jax.jit(
-            self._traced_sample, static_argnums=(3,), compiler_options=sampler_options(compiler_options)
+            weakly_bound(self._traced_sample), static_argnums=(3,), compiler_options=sampler_options(compiler_options)
         )
 
     def _traced_forward(self, params, kv_caches, packed_batch, prev_token_ids, layout: PackedLayout, width):
