@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -176,6 +177,11 @@ class PipelineRunner:
         self.pipeline.allocate_kv_cache(config.num_blocks, config.block_size, kv_dtype)
         self.last_results: dict[str, np.ndarray] | None = None
         self._launcher = ThreadPoolExecutor(1, thread_name_prefix="jaxllm-launch") if launch_thread else None
+        if self._launcher is not None:
+            # When the runner is freed, its launches and releases finish and the thread ends before its buffers go:
+            # a dropped engine frees its device memory at `del` and leaves no thread behind. (Work queued on the
+            # thread holds the pipeline, never the runner, so the runner is never freed on that thread.)
+            weakref.finalize(self, self._launcher.shutdown, wait=True)
 
     @property
     def num_traces(self) -> int:
@@ -207,10 +213,12 @@ class PipelineRunner:
             for row, s in enumerate(_microbatch_requests(scheduled, mb))
         }
 
+        pipeline = self.pipeline  # (not self: see __init__)
+
         def launch() -> list[dict]:
             prev_results = None if prev_result is None else _resolved(prev_result)  # in flight: still on the device
             pending = [fed_tokens(feed, prev_results) for feed in feeds]
-            results = self.pipeline.run(batches, head_args, pending, targets, width)
+            results = pipeline.run(batches, head_args, pending, targets, width)
             for result in results:
                 result["token_ids"].copy_to_host_async()
             return results

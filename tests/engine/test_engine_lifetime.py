@@ -6,6 +6,7 @@ sits in a cycle is freed by the full collection every engine start runs first.""
 
 import contextlib
 import gc
+import threading
 import weakref
 
 import pytest
@@ -46,13 +47,25 @@ def _device_buffers(llm) -> list[weakref.ref]:
     return [weakref.ref(a) for a in arrays]
 
 
+def _launch_threads() -> set:
+    return {t for t in threading.enumerate() if t.name.startswith("jaxllm-launch")}
+
+
 @pytest.mark.parametrize(
-    "mesh",
-    [{}, dict(tensor_parallel_size=2, pipeline_parallel_size=2), dict(data_parallel_size=2)],
-    ids=["one-device", "tp2-pp2", "dp2"],
+    "mesh, launch_thread",
+    [
+        ({}, None),
+        (dict(tensor_parallel_size=2, pipeline_parallel_size=2), "0"),
+        (dict(tensor_parallel_size=2), "1"),  # the GPU default: steps launched from a thread of the runner's
+        (dict(data_parallel_size=2), None),
+    ],
+    ids=["one-device", "tp2-pp2", "tp2-launch-thread", "dp2"],
 )
-def test_del_frees_the_engine_and_its_device_buffers(tiny_model_dir, mesh):
+def test_del_frees_the_engine_and_its_device_buffers(tiny_model_dir, monkeypatch, mesh, launch_thread):
+    if launch_thread is not None:
+        monkeypatch.setenv("JAXLLM_MESH_LAUNCH_THREAD", launch_thread)
     prompts = random_token_prompts(2, [7, 12], seed=3)
+    threads_before = _launch_threads()
     llm = make_llm(tiny_model_dir, **mesh)
     expected = _greedy_tokens(llm, prompts)
     engine, buffers = weakref.ref(llm.llm_engine), _device_buffers(llm)
@@ -62,6 +75,7 @@ def test_del_frees_the_engine_and_its_device_buffers(tiny_model_dir, mesh):
         del llm
         assert engine() is None
         assert [b for b in buffers if b() is not None] == []
+        assert _launch_threads() <= threads_before  # the runner's launch thread ended with it
     assert _greedy_tokens(make_llm(tiny_model_dir, **mesh), prompts) == expected  # the next engine works alike
 
 
