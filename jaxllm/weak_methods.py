@@ -4,7 +4,8 @@ An engine keeps caches and jitted programs of its own methods (``functools.lru_c
 ``jax.jit(self._method)``). Each holds the bound method, the bound method holds the object, and the object holds the
 cache: a reference cycle, so a dropped ``LLM`` keeps its weights and KV cache until Python's next full garbage
 collection, which may come late or never. Wrapping the method in ``weakly_bound`` breaks the cycle, so ``del llm``
-frees the engine's device memory at once.
+frees the engine's device memory at once. (Closures that need their object, such as a pipeline's stage programs,
+hold a ``weakref.proxy`` of it for the same reason.)
 """
 
 from __future__ import annotations
@@ -33,6 +34,5 @@ def weakly_bound(method: MethodType) -> Callable:
         return function(obj, *args, **kwargs)
 
     functools.update_wrapper(call, function, updated=())
-    del call.__wrapped__  # the unbound function is harmless, but the signature below is the one to read
-    call.__signature__ = inspect.signature(method)
+    call.__signature__ = inspect.signature(method)  # read before __wrapped__ (the unbound function, with self)
     return call
