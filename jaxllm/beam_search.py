@@ -57,9 +57,21 @@ def beam_search(llm, prompts, params: BeamSearchParams, use_tqdm: bool = False) 
             f"beam search scores beams by their logprobs; this engine's logprobs_mode="
             f"{engine.config.logprobs_mode!r} returns logits (build the LLM with raw_logprobs or processed_logprobs)"
         )
+    max_logprobs = engine.config.max_logprobs
+    if max_logprobs != -1 and 2 * params.beam_width > max_logprobs:
+        raise ValueError(
+            f"beam_width={params.beam_width} needs each round's top {2 * params.beam_width} logprobs, more than the "
+            f"engine's max_logprobs={max_logprobs} (LLM(max_logprobs=...) raises the cap; -1 removes it)"
+        )
     eos, tokenizer = engine.eos_token_ids, engine.get_tokenizer()
     vocab_size = engine.model_config.vocab_size
     prompt_ids = [tokenize_prompt(p, tokenizer, vocab_size).token_ids for p in as_prompt_list(prompts)]
+    max_model_len = engine.resolved.max_model_len
+    for index, ids in enumerate(prompt_ids):  # as generate() rejects it, before any round runs
+        if len(ids) >= max_model_len:
+            raise ValueError(
+                f"prompt {index}: {len(ids)} tokens leave no room to generate under max_model_len={max_model_len}"
+            )
     round_params = SamplingParams(max_tokens=1, temperature=params.temperature, logprobs=2 * params.beam_width)
 
     def score(beam: BeamSearchSequence) -> float:
@@ -67,7 +79,6 @@ def beam_search(llm, prompts, params: BeamSearchParams, use_tqdm: bool = False) 
 
     live = [[BeamSearchSequence(list(ids), [])] for ids in prompt_ids]
     completed: list[list[BeamSearchSequence]] = [[] for _ in prompt_ids]
-    max_model_len = engine.resolved.max_model_len
     for _ in tqdm(range(params.max_tokens), desc="Beam search", disable=not use_tqdm):
         for index, prompt_beams in enumerate(live):  # a beam at max_model_len ends there, by length
             completed[index] += [b for b in prompt_beams if len(b.tokens) >= max_model_len]

@@ -107,7 +107,7 @@ class RequestState:
                 self.cumulative_logprob += sampled.sampled_logprob
         stop = None
         if self.detokenizer is not None:
-            self.detokenizer.append(output.new_token_ids)
+            self.detokenizer.append(self._tokens_with_text(output))
             if self.decode_every_step or output.finished:
                 delta = self.detokenizer.decode_pending(final=output.finished)
                 stop = self._check_stop_strings(delta)
@@ -117,9 +117,20 @@ class RequestState:
             self.finish_reason, self.stop_reason = output.finish_reason, output.stop_reason
         return stop
 
+    def _tokens_with_text(self, output: EngineCoreOutput) -> list[int]:
+        """The step's tokens whose text joins the output: as vLLM does, an EOS or stop token that ended the request
+        stays in ``token_ids`` but not in the text, unless ``include_stop_str_in_output``."""
+        tokens = output.new_token_ids
+        params = self.request.sampling_params
+        if output.finish_reason != "stop" or params.include_stop_str_in_output or not tokens:
+            return tokens
+        last = tokens[-1]
+        stopped_on_it = last in params.stop_token_ids or (last in self.request.eos_token_ids and not params.ignore_eos)
+        return tokens[:-1] if stopped_on_it else tokens
+
     def _check_stop_strings(self, delta: str) -> str | None:
         params = self.request.sampling_params
-        if not params.stop or not delta or len(self.token_ids) < params.min_tokens:
+        if not params.stop or not delta or len(self.token_ids) <= params.min_tokens:  # vLLM's: tokens after min_tokens
             return None
         hit = find_stop_string(self.detokenizer.text, len(delta), params.stop)
         if hit is None:
@@ -129,11 +140,13 @@ class RequestState:
         return stop
 
     def _make_logprobs_entry(self, token_id: int, sampled: SampledLogprobs) -> dict[int, Logprob]:
-        """The sampled token first, then the top-k alternatives ranked 1..k."""
-        ranks = {top_id: rank for rank, top_id in enumerate(sampled.top_token_ids, start=1)}
+        """The sampled token first, with its rank in the vocabulary, then the top-k alternatives ranked 1..k."""
+        rank = sampled.sampled_rank
+        if rank is None:
+            rank = {top_id: r for r, top_id in enumerate(sampled.top_token_ids, start=1)}.get(token_id)
         return _logprobs_entry(
             token_id,
-            Logprob(sampled.sampled_logprob, ranks.get(token_id), _decode_one(self.tokenizer, token_id)),
+            Logprob(sampled.sampled_logprob, rank, _decode_one(self.tokenizer, token_id)),
             sampled.top_token_ids,
             sampled.top_logprobs,
             self.tokenizer,

@@ -11,6 +11,7 @@ import dataclasses
 import enum
 import json as _json
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,9 +19,41 @@ from typing import Any
 GREEDY_TEMPERATURE_EPS = 1e-5
 
 
+# The numeric fields; numpy's scalars are taken for them (and inside the token-id lists) as the Python value they hold.
+NUMERIC_FIELDS = (
+    "n",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "seed",
+    "max_tokens",
+    "min_tokens",
+    "truncate_prompt_tokens",
+    "logprobs",
+    "prompt_logprobs",
+)
+
+
+def _plain_number(value):
+    """A numpy scalar (``np.int64(5)``, ``np.float32(0.7)``) as the Python int or float it holds; anything else
+    (bools, numpy's included, and non-numbers) unchanged, for the checks to judge."""
+    if isinstance(value, numbers.Number) and not isinstance(value, bool | int | float | complex):
+        if isinstance(value, numbers.Integral):
+            return int(value)
+        if isinstance(value, numbers.Real):
+            return float(value)
+    return value
+
+
 def _check_number(name: str, value, *, types=(int, float)) -> None:
     if isinstance(value, bool) or not isinstance(value, types):
         raise TypeError(f"SamplingParams.{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"SamplingParams.{name} must be finite, got {value!r}")
 
 
 def _check_int(name: str, value) -> None:
@@ -34,7 +67,7 @@ def _as_list(name: str, value) -> list:
         return []
     if not isinstance(value, (list, tuple)):
         raise TypeError(f"SamplingParams.{name} must be a list, got {value!r}")
-    return list(value)
+    return [_plain_number(item) for item in value]
 
 
 class RequestOutputKind(enum.Enum):
@@ -185,6 +218,8 @@ class SamplingParams:
     guided_decoding: StructuredOutputsParams | None = None  # vLLM's earlier name: moved into structured_outputs
 
     def __post_init__(self) -> None:
+        for name in NUMERIC_FIELDS:
+            setattr(self, name, _plain_number(getattr(self, name)))
         if self.guided_decoding is not None:
             if self.structured_outputs is not None:
                 raise ValueError(
@@ -207,7 +242,7 @@ class SamplingParams:
                 raise TypeError(
                     f"SamplingParams.logit_bias must be a dict of token id to bias, got {self.logit_bias!r}"
                 )
-            self.logit_bias = dict(self.logit_bias)
+            self.logit_bias = {_plain_number(t): _plain_number(bias) for t, bias in self.logit_bias.items()}
         self._validate()
 
     def _validate(self) -> None:
@@ -312,6 +347,11 @@ def expand_sampling_params(
         return [SamplingParams() for _ in range(num_prompts)]
     if isinstance(sampling_params, SamplingParams):
         return [sampling_params] * num_prompts
+    if not isinstance(sampling_params, list | tuple):
+        raise TypeError(
+            f"sampling_params must be SamplingParams or a list of them (one per prompt), got "
+            f"{type(sampling_params).__name__}: {sampling_params!r}"
+        )
     params = list(sampling_params)
     if len(params) != num_prompts:
         raise ValueError(f"got {len(params)} SamplingParams for {num_prompts} prompts; pass one or one per prompt")

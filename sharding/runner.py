@@ -55,7 +55,12 @@ from sharding.rules import replicated
 
 logger = logging.getLogger(__name__)
 
-LOGPROB_FIELDS = ("sampled_logprob", "top_token_ids", "top_logprobs")  # SamplerOutput's, fetched only when asked
+LOGPROB_FIELDS = (
+    "sampled_logprob",
+    "sampled_rank",
+    "top_token_ids",
+    "top_logprobs",
+)  # SamplerOutput's, fetched only when asked
 
 # (requests of one microbatch, its padded row count, microbatch index, step index) -> its head_args pytree
 BuildHeadArgs = Callable[[list, int, int, int], object]
@@ -372,6 +377,7 @@ def _to_output(scheduled: list, results: dict[str, np.ndarray], prompt: dict | N
         if num_top is not None and "top_logprobs" in results:
             logprobs[s.request_id] = SampledLogprobs(
                 sampled_logprob=float(results["sampled_logprob"][row]),
+                sampled_rank=int(results["sampled_rank"][row]),
                 top_token_ids=results["top_token_ids"][row, :num_top].tolist(),
                 top_logprobs=results["top_logprobs"][row, :num_top].tolist(),
             )

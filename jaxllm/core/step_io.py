@@ -56,11 +56,14 @@ class SchedulerOutput:
 
 @dataclasses.dataclass(frozen=True)
 class SampledLogprobs:
-    """Logprob of the sampled token and the top-k alternatives (k = SamplingParams.logprobs)."""
+    """Logprob of the sampled token and the top-k alternatives (k = SamplingParams.logprobs). ``sampled_rank``: the
+    sampled token's rank in the whole vocabulary (1 = most likely), as the runners' sampler computes it; None from a
+    runner that does not (the output then ranks the token among the top k only)."""
 
     sampled_logprob: float
     top_token_ids: list[int]
     top_logprobs: list[float]
+    sampled_rank: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,7 @@ def chat_prompts(
         raise TypeError(f"chat_template_kwargs must be a dict or None, got {chat_template_kwargs!r}")
     if tokenizer is None:
         raise ValueError("chat needs a tokenizer; it is unavailable with skip_tokenizer_init=True")
-    conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+    conversations = _conversations(messages)
     options = dict(
         chat_template=chat_template,
         add_generation_prompt=add_generation_prompt,
@@ -48,11 +48,27 @@ def chat_prompts(
     return prompts
 
 
+def _conversations(messages) -> list[list]:
+    """One conversation (a list of message dicts) or a list of them, as a list of conversations."""
+    if isinstance(messages, list | tuple) and messages and isinstance(messages[0], dict):
+        return [messages]
+    if isinstance(messages, list | tuple) and all(isinstance(c, list | tuple) for c in messages):
+        return list(messages)
+    raise TypeError(
+        "messages must be one conversation (a list of {'role': ..., 'content': ...} dicts) or a list of "
+        f"conversations, got {messages!r:.80}"
+    )
+
+
 def _message(message, content_format: str) -> dict:
     """``message`` with its content in the template's format."""
     if not isinstance(message, dict) or "role" not in message:
         raise TypeError(f"a chat message must be a dict with a 'role', got {message!r:.80}")
     content = message.get("content")
+    if content is None and message["role"] != "assistant":  # an assistant's may be None (it made tool calls)
+        raise ValueError(
+            f"a {message['role']!r} chat message needs a 'content' (a string or text parts), got {message!r:.80}"
+        )
     if isinstance(content, list):
         texts = [_text_of(part) for part in content]
         content = [{"type": "text", "text": text} for text in texts] if content_format == "openai" else "\n".join(texts)

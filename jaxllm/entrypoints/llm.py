@@ -109,6 +109,8 @@ class LLM:
         and ``priority`` (one per prompt) exist for vLLM scripts and pass only at their defaults (None, zeros)."""
         check_request_options(lora_request)
         prompt_list = as_prompt_list(prompts)
+        if priority is not None and len(priority) != len(prompt_list):
+            raise ValueError(f"priority has {len(priority)} values for {len(prompt_list)} prompts; give one per prompt")
         for request_priority in priority or ():
             check_request_options(priority=request_priority)
         if sampling_params is None:

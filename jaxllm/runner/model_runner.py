@@ -242,6 +242,7 @@ class ModelRunner:
             if num_top is not None:
                 logprobs[s.request_id] = SampledLogprobs(
                     sampled_logprob=float(host.sampled_logprob[row]),
+                    sampled_rank=int(host.sampled_rank[row]),
                     top_token_ids=host.top_token_ids[row, :num_top].tolist(),
                     top_logprobs=host.top_logprobs[row, :num_top].tolist(),
                 )

@@ -46,6 +46,7 @@ from jaxllm.sampling.metadata import GREEDY_TEMPERATURE_EPS, SamplingMetadata
 class SamplerOutput(NamedTuple):
     token_ids: jax.Array  # [S] i32
     sampled_logprob: jax.Array  # [S] f32 raw logprob of token_ids; zeros when max_num_logprobs == 0
+    sampled_rank: jax.Array  # [S] i32, 1 + the tokens more likely than token_ids; zeros when max_num_logprobs == 0
     top_token_ids: jax.Array  # [S, k] i32, k = min(max_num_logprobs, V), most likely first
     top_logprobs: jax.Array  # [S, k] f32
 
@@ -154,10 +155,13 @@ def _with_logprobs(
         return SamplerOutput(
             token_ids,
             jnp.zeros((num_rows,), jnp.float32),
+            jnp.zeros((num_rows,), jnp.int32),
             jnp.zeros((num_rows, 0), jnp.int32),
             jnp.zeros((num_rows, 0), jnp.float32),
         )
     logprobs = source if as_logits else jax.nn.log_softmax(source, axis=-1)  # [S, V]
     sampled_logprob = jnp.take_along_axis(logprobs, token_ids[:, None], axis=-1)[:, 0]  # [S]
+    # vLLM reports the sampled token's rank in the whole vocabulary, whether or not it is among the top k
+    sampled_rank = 1 + jnp.sum(logprobs > sampled_logprob[:, None], axis=-1, dtype=jnp.int32)  # [S]
     top_logprobs, top_token_ids = jax.lax.top_k(logprobs, min(max_num_logprobs, vocab_size))  # [S, k]
-    return SamplerOutput(token_ids, sampled_logprob, top_token_ids.astype(jnp.int32), top_logprobs)
+    return SamplerOutput(token_ids, sampled_logprob, sampled_rank, top_token_ids.astype(jnp.int32), top_logprobs)

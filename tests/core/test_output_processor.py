@@ -4,6 +4,7 @@ Uses a real byte-level BPE tokenizer trained here on a short text (the SmolLM2 G
 wrapped in transformers' PreTrainedTokenizerFast. References are the tokenizer's own full ``decode``.
 """
 
+import dataclasses
 import random
 
 import pytest
@@ -137,9 +138,39 @@ def test_skip_special_tokens(tokenizer, skip):
     add(processor, "r", tokenizer.encode("hello"), skip_special_tokens=skip)
     result = feed(processor, "r", output_ids, finish=RequestStatus.FINISHED_STOPPED)[-1]
     completion = result.request_outputs[0].outputs[0]
-    assert completion.text == tokenizer.decode(output_ids, skip_special_tokens=skip)
-    assert ("<|endoftext|>" in completion.text) != skip and completion.token_ids == output_ids
+    # the EOS that ended the request is in token_ids but never in the text (vLLM's rule); the inner special token
+    # follows skip_special_tokens
+    assert completion.text == tokenizer.decode(output_ids[:-1], skip_special_tokens=skip)
+    assert ("<|im_start|>" in completion.text) != skip and "<|endoftext|>" not in completion.text
+    assert completion.token_ids == output_ids
     assert completion.finish_reason == "stop" and completion.stop_reason is None
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("include", [False, True])
+@pytest.mark.parametrize("stopper", ["eos", "stop_token"])
+def test_token_that_stops_the_request_is_in_the_text_only_when_asked(tokenizer, stream, include, stopper):
+    rng = random.Random(7)
+    output_ids = tokenizer.encode(random_text(rng, 20))
+    stop_id = 0 if stopper == "eos" else output_ids[-1]  # add() makes 0 the EOS id
+    if stopper == "eos":
+        output_ids = output_ids + [0]
+    processor = OutputProcessor(tokenizer)
+    params = dict(include_stop_str_in_output=include, skip_special_tokens=False)
+    if stopper == "stop_token":
+        params["stop_token_ids"] = [stop_id]
+    add(processor, "r", tokenizer.encode("hello"), stream=stream, **params)
+    result = feed(processor, "r", output_ids, finish=RequestStatus.FINISHED_STOPPED)[-1]
+    completion = result.request_outputs[0].outputs[0]
+    kept = output_ids if include else output_ids[:-1]
+    assert completion.text == tokenizer.decode(kept, skip_special_tokens=False)
+    assert completion.token_ids == output_ids and completion.finish_reason == "stop"
+    # a length finish on the same token keeps its text: only a stop ends without it
+    processor = OutputProcessor(tokenizer)
+    add(processor, "s", tokenizer.encode("hello"), stream=stream, **params)
+    completion = feed(processor, "s", output_ids)[-1].request_outputs[0].outputs[0]
+    assert completion.finish_reason == "length"
+    assert completion.text == tokenizer.decode(output_ids, skip_special_tokens=False)
 
 
 def first_step_containing(tokenizer, output_ids, stop):
@@ -188,6 +219,23 @@ def test_min_tokens_delays_stop_string(tokenizer):
     results = feed(processor, "r", output_ids, finish=None)
     completion = next(r for r in results if r.request_outputs).request_outputs[0].outputs[0]
     assert completion.text == text[: text.index("stop", 1)]
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_stop_string_ends_a_request_only_in_a_token_after_the_first_min_tokens(tokenizer, extra):
+    """vLLM's boundary: a stop string completed by token k stops the request when min_tokens < k, not at k."""
+    text = "go on then stop here and keep going to the end"
+    output_ids = tokenizer.encode(text)
+    k = first_step_containing(tokenizer, output_ids, "stop")
+    processor = OutputProcessor(tokenizer)
+    add(processor, "r", tokenizer.encode("go"), stop=["stop"], min_tokens=k - 1 + extra)
+    results = feed(processor, "r", output_ids)
+    stopped_at = next(i for i, r in enumerate(results, start=1) if r.request_outputs)
+    completion = results[stopped_at - 1].request_outputs[0].outputs[0]
+    if extra:
+        assert stopped_at == len(output_ids) and completion.finish_reason == "length"
+    else:
+        assert stopped_at == k and completion.finish_reason == "stop" and completion.text == text[: text.index("stop")]
 
 
 def test_streaming_holds_back_possible_stop_prefix(tokenizer):
@@ -251,6 +299,21 @@ def test_logprobs_objects(tokenizer):
     assert second[output_ids[1]].rank is None
     assert [second[t].rank for t in sampled[1].top_token_ids] == [1, 2, 3]
     assert [second[t].logprob for t in sampled[1].top_token_ids] == sampled[1].top_logprobs
+
+
+def test_sampled_token_rank_comes_from_the_runner(tokenizer):
+    """A runner that ranks the sampled token in the whole vocabulary (the samplers do) sets its Logprob.rank, also
+    outside the top k."""
+    processor = OutputProcessor(tokenizer)
+    add(processor, "r", tokenizer.encode("go"), logprobs=2)
+    output_ids = tokenizer.encode("lazy dog")
+    ranks = [random.Random(i).randint(3, 300) for i in range(len(output_ids))]
+    sampled = [
+        dataclasses.replace(toy_logprobs((t + 1) % 300, 2, 300), sampled_rank=rank)
+        for t, rank in zip(output_ids, ranks, strict=True)
+    ]
+    completion = feed(processor, "r", output_ids, logprobs=sampled)[-1].request_outputs[0].outputs[0]
+    assert [entry[t].rank for entry, t in zip(completion.logprobs, output_ids, strict=True)] == ranks
 
 
 def test_abort_returns_child_ids_and_ignores_later_outputs(tokenizer):

@@ -2,6 +2,7 @@
 
 import pathlib
 
+import numpy as np
 import pytest
 
 from jaxllm import LLM, SamplingParams
@@ -88,6 +89,45 @@ def test_stop_fields_that_are_not_lists_are_a_type_error_naming_them(field, valu
         SamplingParams(**{field: value})
 
 
+@pytest.mark.parametrize("field", ["temperature", "top_p", "min_p", "presence_penalty", "repetition_penalty"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_sampling_numbers_are_rejected_naming_them(field, value):
+    with pytest.raises(ValueError, match=rf"SamplingParams.{field} must be finite, got {value!r}"):
+        SamplingParams(**{field: value})
+
+
+def test_numpy_scalars_are_taken_as_the_numbers_they_hold():
+    """As vLLM accepts them: numpy ints and floats (also inside the token-id lists and logit_bias) become Python
+    numbers, so a params object built from numpy values equals one built from Python values; numpy bools do not."""
+    from_numpy = SamplingParams(
+        n=np.int64(2),
+        temperature=np.float32(0.5),
+        top_k=np.int32(7),
+        max_tokens=np.int64(5),
+        seed=np.uint32(9),
+        logprobs=np.int16(1),
+        stop_token_ids=[np.int64(3)],
+        allowed_token_ids=(np.int32(4), np.int32(5)),
+        logit_bias={np.int64(4): np.float64(1.5)},
+    )
+    plain = SamplingParams(
+        n=2,
+        temperature=0.5,
+        top_k=7,
+        max_tokens=5,
+        seed=9,
+        logprobs=1,
+        stop_token_ids=[3],
+        allowed_token_ids=[4, 5],
+        logit_bias={4: 1.5},
+    )
+    assert from_numpy == plain
+    assert type(from_numpy.max_tokens) is int and type(from_numpy.temperature) is float
+    assert all(type(t) is int for t in from_numpy.stop_token_ids + from_numpy.allowed_token_ids)
+    with pytest.raises(TypeError, match="max_tokens must be an int, got np.True_"):
+        SamplingParams(max_tokens=np.bool_(True))
+
+
 def test_min_tokens_above_max_tokens_rejected():
     with pytest.raises(ValueError) as info:
         SamplingParams(min_tokens=9, max_tokens=3)
@@ -111,6 +151,18 @@ def test_wrong_number_of_sampling_params(llm, reference):
     with pytest.raises(ValueError) as info:
         llm.generate(random_token_prompts(2, [3, 4]), [GREEDY] * 3, use_tqdm=False)
     assert "3" in str(info.value) and "2" in str(info.value)
+    still_serves(llm, reference)
+
+
+def test_sampling_params_that_are_not_params_or_a_list_are_a_type_error(llm, reference):
+    with pytest.raises(TypeError, match="sampling_params must be SamplingParams or a list of them.*dict"):
+        llm.generate(random_token_prompts(1, [3]), {"max_tokens": 3}, use_tqdm=False)
+    still_serves(llm, reference)
+
+
+def test_priority_needs_one_value_per_prompt(llm, reference):
+    with pytest.raises(ValueError, match="priority has 1 values for 2 prompts"):
+        llm.generate(random_token_prompts(2, [3, 4]), GREEDY, use_tqdm=False, priority=[0])
     still_serves(llm, reference)
 
 

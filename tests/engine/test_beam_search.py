@@ -154,8 +154,11 @@ def test_bad_beam_search_parameters_are_rejected():
 
 def test_a_width_past_max_logprobs_is_rejected_and_the_engine_serves_on():
     capped = LLM(model=LLAMA, dtype="float32", max_model_len=64, num_gpu_blocks_override=32)  # max_logprobs 20
-    with pytest.raises(ValueError, match="logprobs=22 is more than the engine's max_logprobs=20"):
+    with pytest.raises(ValueError, match="beam_width=11 needs each round's top 22 logprobs, more than the engine's "
+                       "max_logprobs=20"):  # fmt: skip
         capped.beam_search(PROMPTS, BeamSearchParams(beam_width=11, max_tokens=2))
+    with pytest.raises(ValueError, match="prompt 1: 64 tokens leave no room to generate under max_model_len=64"):
+        capped.beam_search([PROMPTS[1], {"prompt_token_ids": [3] * 64}], BeamSearchParams(beam_width=2, max_tokens=2))
     with pytest.raises(TypeError, match="params must be BeamSearchParams, got SamplingParams"):
         capped.beam_search(PROMPTS, SamplingParams())
     assert len(capped.beam_search(PROMPTS, BeamSearchParams(beam_width=10, max_tokens=2))[0].sequences) == 10

@@ -209,6 +209,61 @@ def test_continue_final_message_extends_the_last_message(llama):
     assert "chat_template_kwargs" in str(error.value)
 
 
+def test_malformed_chat_messages_are_errors_naming_them(llama):
+    with pytest.raises(TypeError, match="messages must be one conversation .* got \\['hello'\\]"):
+        llama.chat(["hello"], use_tqdm=False)
+    with pytest.raises(TypeError, match="messages must be one conversation"):
+        llama.chat("hello", use_tqdm=False)
+    with pytest.raises(ValueError, match="a 'user' chat message needs a 'content'"):
+        llama.chat([{"role": "user"}], use_tqdm=False)
+    with pytest.raises(TypeError, match="a chat message must be a dict with a 'role'"):
+        llama.chat([[{"content": "hi"}]], use_tqdm=False)
+
+
+def test_the_token_that_stops_a_request_is_in_its_token_ids_not_its_text(llama):
+    """vLLM's rule for an EOS or stop token: in ``token_ids``, in the text only with ``include_stop_str_in_output``."""
+    tokenizer = llama.get_tokenizer()
+    token = tokenizer.encode(" the", add_special_tokens=False)[-1]
+    forced = dict(max_tokens=5, logit_bias={token: 100.0}, stop_token_ids=[token])
+    prompts = ["Hello", "The capital of France is"]
+    for include in (False, True):
+        outputs = llama.generate(prompts, SamplingParams(**forced, include_stop_str_in_output=include), use_tqdm=False)
+        for output in outputs:
+            completion = output.outputs[0]
+            assert completion.token_ids == [token] and completion.finish_reason == "stop"
+            assert completion.stop_reason == token
+            assert completion.text == (tokenizer.decode([token]) if include else "")
+    eos = llama.llm_engine.eos_token_ids
+    eos_token = min(eos)
+    params = SamplingParams(max_tokens=5, logit_bias={eos_token: 100.0}, skip_special_tokens=False)
+    completion = llama.generate("Hello", params, use_tqdm=False)[0].outputs[0]
+    assert completion.token_ids == [eos_token] and completion.finish_reason == "stop" and completion.text == ""
+
+
+def test_a_sampled_token_rank_is_its_rank_in_the_vocabulary(llama):
+    """Greedy tokens rank 1. Drawn at a high temperature, a token keeps its own rank beside the top 3 returned: ranks
+    1-3 are one token each, most likely first, and a token ranked past them is less likely than the third (the rank
+    counts the whole vocabulary, not only the returned top)."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, logprobs=0, ignore_eos=True)
+    completion = llama.generate("Hello", greedy, use_tqdm=False)[0].outputs[0]
+    assert [entry[t].rank for entry, t in zip(completion.logprobs, completion.token_ids, strict=True)] == [1] * 6
+    drawn = SamplingParams(temperature=5.0, seed=11, max_tokens=12, logprobs=3, ignore_eos=True)
+    completion = llama.generate("Hello", drawn, use_tqdm=False)[0].outputs[0]
+    outside_top = 0
+    for entry, token in zip(completion.logprobs, completion.token_ids, strict=True):
+        rank = entry[token].rank
+        by_rank = {v.rank: t for t, v in entry.items() if t != token}  # the top 3, less the token if among them
+        if rank <= 3:
+            by_rank[rank] = token
+        assert sorted(by_rank) == [1, 2, 3]
+        top_logprobs = [entry[by_rank[r]].logprob for r in (1, 2, 3)]
+        assert top_logprobs == sorted(top_logprobs, reverse=True)
+        if rank > 3:  # outside the returned top 3: less likely than each of them
+            outside_top += 1
+            assert entry[token].logprob <= top_logprobs[-1]
+    assert outside_top >= 3  # the temperature drew most tokens from outside the top 3
+
+
 def test_openai_style_content_parts_in_either_content_format(llama):
     parts = [{"type": "text", "text": "the"}, {"type": "text", "text": "capital"}]
     tokenizer = llama.get_tokenizer()

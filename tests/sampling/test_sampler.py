@@ -323,6 +323,27 @@ def test_logprobs_are_the_raw_log_softmax_not_the_processed_one():
     np.testing.assert_array_equal(np.asarray(no_logprobs.token_ids), tokens)
 
 
+def test_sampled_rank_is_the_rank_in_the_whole_vocabulary():
+    """Sampled at temperature 3 the token is often far from the top: its rank counts every token of the row more
+    likely than it (from the raw log-softmax, as the logprob), whatever the top-k width; 0 when no logprobs are
+    asked."""
+    rng = np.random.default_rng(17)
+    num_rows, vocab_size = 16, 300
+    logits = rng.standard_normal((num_rows, vocab_size)).astype(np.float32)
+    md = make_metadata(num_rows, temperature=3.0, max_num_logprobs=2)
+    out = sample_jit(logits, md, jax.random.key(4))
+    tokens = np.asarray(out.token_ids)
+    expected = ref_log_softmax(logits)
+    chosen = expected[np.arange(num_rows), tokens]
+    want = 1 + (expected > chosen[:, None]).sum(-1)
+    np.testing.assert_array_equal(np.asarray(out.sampled_rank), want)
+    assert (want > 2).sum() >= num_rows // 2  # most sampled tokens lie outside the top 2 the output carries
+    greedy = sample_jit(logits, make_metadata(num_rows, max_num_logprobs=1), jax.random.key(4))
+    np.testing.assert_array_equal(np.asarray(greedy.sampled_rank), np.ones(num_rows))
+    no_logprobs = sample_jit(logits, md.replace(max_num_logprobs=0), jax.random.key(4))
+    np.testing.assert_array_equal(np.asarray(no_logprobs.sampled_rank), np.zeros(num_rows))
+
+
 def test_in_flight_tokens_count_as_outputs_in_the_penalties():
     """A row's output token still on the device (async scheduling) is penalised as if it were in its history."""
     rng = np.random.default_rng(21)

@@ -47,6 +47,7 @@ def test_seeded_sampling_and_logprobs_match_model_runner():
             assert got.top_token_ids == want.top_token_ids
             np.testing.assert_allclose(got.sampled_logprob, want.sampled_logprob, rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose(got.top_logprobs, want.top_logprobs, rtol=1e-5, atol=1e-5)
+            assert got.sampled_rank == want.sampled_rank and want.sampled_rank >= 1
     # really sampled: some drawn token is not the most likely one
     drawn_and_top = [
         (token, step.top_token_ids[0])
@@ -54,6 +55,8 @@ def test_seeded_sampling_and_logprobs_match_model_runner():
         for token, step in zip(tokens, want_logprobs[request_id], strict=True)
     ]
     assert any(token != top for token, top in drawn_and_top)
+    ranks = [step.sampled_rank for steps in want_logprobs.values() for step in steps]
+    assert [rank == 1 for rank in ranks] == [token == top for token, top in drawn_and_top]  # ties aside
 
 
 def test_microbatches_with_and_without_logprobs():
