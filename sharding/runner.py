@@ -47,7 +47,7 @@ from jaxllm.runner import prompt_logprobs
 from jaxllm.runner.model_runner import InFlightStep, sampler_variants
 from jaxllm.runner.step_batch import StepBatch, pack_step_batch
 from jaxllm.runner.xla_options import CompilerOptions
-from jaxllm.sampling import SamplingMetadataBuilder, sample
+from jaxllm.sampling import SamplerOutput, SamplingMetadataBuilder, sample
 from sharding.microbatch import Microbatch, split_step_batch
 from sharding.pending import fed_tokens, plan_feed, warm_up_merges
 from sharding.pipeline import HeadFn, PipelinedModel
@@ -55,12 +55,8 @@ from sharding.rules import replicated
 
 logger = logging.getLogger(__name__)
 
-LOGPROB_FIELDS = (
-    "sampled_logprob",
-    "sampled_rank",
-    "top_token_ids",
-    "top_logprobs",
-)  # SamplerOutput's, fetched only when asked
+# SamplerOutput's fields past the token ids, fetched only when a step's requests ask for logprobs
+LOGPROB_FIELDS = tuple(name for name in SamplerOutput._fields if name != "token_ids")
 
 # (requests of one microbatch, its padded row count, microbatch index, step index) -> its head_args pytree
 BuildHeadArgs = Callable[[list, int, int, int], object]
