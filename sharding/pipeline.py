@@ -10,11 +10,14 @@ tokens, copied from the last stage's devices), so the next step's microbatch 0 c
 previous step's last microbatch is still on the later stages.
 
 Inside a stage, tensor parallelism is GSPMD: the parameters arrive as NamedShardings from ``sharding.rules``, the
-program's in/out shardings are pinned, and the residual stream is constrained to be replicated between layers.
-The host side never blocks here; callers fetch what they need from the returned device arrays. A stage call costs
-one host-to-device copy per device (its step arrays packed into one buffer, ``jaxllm.runner.packed_transfer``); with
-async scheduling the first stage also gathers the previous step's sampled tokens (still on the device) into its
-input ids, and the last stage pads its sampled ids to a fixed row count so any bucket's output can feed the next.
+program's in/out shardings are pinned, and the residual stream is constrained to be replicated between layers. The
+host side never blocks here; callers fetch what they need from the returned device arrays. A (micro)batch's host work
+comes first and apart (``prepare``: every stage's and the head's step arrays packed into one buffer each and copied
+in one ``device_put``, ``sharding.step_inputs``), then ``launch`` only calls programs, so a runner can prepare a step
+on one thread while another launches the step before (``run`` is the two in a row). The parameters go to each stage's
+program as a flat list (``jaxllm.runner.flat_state``). With async scheduling the first stage also gathers the
+previous step's sampled tokens (still on the device) into its input ids, and the last stage pads its sampled ids to a
+fixed row count so any bucket's output can feed the next.
 
 The last stage's program ends at the logits of the sampled rows; the head (the sampler) runs after it in a program of
 its own on the last stage's devices, as the one-device runner's sampler does; it also reads the vector its
@@ -52,16 +55,18 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxllm.models.activation_sharding import activation_sharding
 from jaxllm.models.attention_metadata import AttentionMetadata
+from jaxllm.runner.flat_state import FlatState
 from jaxllm.runner.model_runner import feed_pending_tokens
-from jaxllm.runner.packed_transfer import PackedLayout, pack, unpack
+from jaxllm.runner.packed_transfer import PackedLayout, PlacedInput, place, unpack
 from jaxllm.runner.prompt_logprobs import RESULT_PREFIX, as_results
 from jaxllm.runner.stable_outputs import ResultBuffers, write_into
 from jaxllm.runner.step_batch import StepBatch
 from jaxllm.runner.xla_options import CompilerOptions, ProgramsByOptions, sampler_options
 from jaxllm.sampling import in_flight_output_tokens
 from sharding.mesh import stage_meshes
-from sharding.rules import activation_rules, check_single_replica, kv_cache_sharding, replicated, state_shardings
+from sharding.rules import activation_rules, check_single_replica, kv_cache_sharding, replicated
 from sharding.stages import StageModule, stage_forward, stage_layer_ranges
+from sharding.step_inputs import PreparedCall, head_arrays, stage_arrays
 
 # (logits [S, V] float32, head_args, in-flight tokens [S]) -> results, on the last stage. The in-flight tokens are
 # each row's newest output still on the device (the pending token its step fed in, -1 none; StepBatch.in_flight_rows)
@@ -85,10 +90,15 @@ class Stage:
     mesh: Mesh
     layers: range
     graphdef: nnx.GraphDef
-    state: nnx.State
+    params: FlatState  # the stage's parameters, passed to its program as a flat list (jaxllm.runner.flat_state)
     programs: ProgramsByOptions  # the stage's jitted program, one per set of XLA options
     results: ResultBuffers  # donated output buffers (last stage: stable_step_outputs; others: stable_stage_outputs)
     kv_caches: list | None = None
+
+    @property
+    def state(self) -> nnx.State:
+        """The stage's parameters as an NNX State."""
+        return self.params.unflatten()
 
 
 def _copy_tied_embedding(state, mesh: Mesh):
@@ -146,6 +156,7 @@ class PipelinedModel:
             self._build_stage(model, meshes, ranges, s, stable_step_outputs if s == last else stable_stage_outputs)
             for s in range(len(meshes))
         ]
+        self._stage_placements = [replicated(stage.mesh) for stage in self.stages]  # each stage's step inputs
         self._head_placement = replicated(meshes[last])  # the head's inputs and outputs, on the last stage's devices
         self.head_results = ResultBuffers(stable_step_outputs, self._head_placement)  # the head's donated outputs
         self._head_program = self._compile_head()
@@ -159,15 +170,18 @@ class PipelinedModel:
         if module.tied_embedding is not None and not is_first:
             state = _copy_tied_embedding(state, mesh)
         _check_placed(state, mesh, index)
-        programs = self._compile(graphdef, state, mesh, is_last)
+        params = FlatState.of(state)
+        programs = self._compile(graphdef, params, mesh, is_last)
         results = ResultBuffers(stable_outputs, replicated(mesh))
-        return Stage(mesh, ranges[index], graphdef, state, programs, results)
+        return Stage(mesh, ranges[index], graphdef, params, programs, results)
 
-    def _compile(self, graphdef, state, mesh: Mesh, is_last: bool):
+    def _compile(self, graphdef, params: FlatState, mesh: Mesh, is_last: bool):
         rules = activation_rules(self.config, mesh)
         owner = weakref.proxy(self)  # the programs are this model's: a strong reference would keep it alive in a cycle
 
-        def program(state, kv_caches, inputs, packed, pending_tokens, result_buffers, layout: PackedLayout, width):
+        def program(
+            param_leaves, kv_caches, inputs, packed, pending_tokens, result_buffers, layout: PackedLayout, width
+        ):
             # width: the prompt-logprob top-k of a last-stage call with prompt targets, else None
             owner.num_traces += 1
             metadata, logits_indices, prev_index, input_ids, targets = unpack(packed, layout)  # one copy
@@ -178,7 +192,7 @@ class PipelinedModel:
                 inputs = inputs[:num_tokens]
             if pending_tokens is not None:  # first stage: the previous step's samples, still on the device
                 inputs = feed_pending_tokens(inputs, prev_index, pending_tokens)
-            stage = nnx.merge(graphdef, state)
+            stage = nnx.merge(graphdef, params.unflatten(param_leaves))
             md = AttentionMetadata(**metadata)
             with activation_sharding(mesh, rules):  # the model's activation names -> sharding constraints
                 out, kv_caches = stage_forward(stage, inputs, kv_caches, md, logits_indices, targets, width)
@@ -195,7 +209,7 @@ class PipelinedModel:
             self.compiler_options,
             donate_argnums=(1, 5),
             static_argnums=(6, 7),
-            in_shardings=(state_shardings(state), kv, rep, rep, rep, rep),
+            in_shardings=([leaf.sharding for leaf in params.leaves], kv, rep, rep, rep, rep),
             out_shardings=(rep, kv),
         )
 
@@ -234,10 +248,10 @@ class PipelinedModel:
             return {"hidden": jax.ShapeDtypeStruct((batch.input_ids.shape[0], self.config.hidden_size), self._dtype)}
         return {"logits": jax.ShapeDtypeStruct((batch.logits_indices.shape[0], self.config.vocab_size), jnp.float32)}
 
-    def _head_output_shapes(self, rows: int, head_args) -> dict:
-        """The shapes of the head's results for ``rows`` rows (traced once per shape of its arguments)."""
-        leaves, treedef = jax.tree.flatten(head_args)
-        key = (rows, treedef, tuple((np.shape(x), np.result_type(x).name) for x in leaves))
+    def _head_output_shapes(self, rows: int, head_args, layout: PackedLayout) -> dict:
+        """The shapes of the head's results for ``rows`` rows (traced once per layout of its packed arguments, which
+        holds their tree and each leaf's shape and dtype)."""
+        key = (rows, layout)
         if key not in self._result_shape_cache:
             logits = jax.ShapeDtypeStruct((rows, self.config.vocab_size), jnp.float32)
             in_flight = jax.ShapeDtypeStruct((rows,), jnp.int32)
@@ -276,52 +290,80 @@ class PipelinedModel:
         prompt_logprob_width: int | None = None,
     ) -> list:
         """Dispatches every (micro)batch through every stage and the head; returns the head's results per batch (on
-        device).
+        device). ``prepare`` then ``launch``; the arguments are theirs, one entry per batch."""
+        head_args = [None] * len(batches) if head_args is None else head_args
+        prompt_targets = [None] * len(batches) if prompt_targets is None else prompt_targets
+        calls = [
+            self.prepare(batch, args, targets, prompt_logprob_width)
+            for batch, args, targets in zip(batches, head_args, prompt_targets, strict=True)
+        ]
+        return self.launch(calls, pending_tokens)
 
-        ``pending_tokens``: per batch, a padded ``token_ids`` of an earlier ``run`` (needs ``token_rows``) or None,
+    def prepare(
+        self,
+        batch: StepBatch,
+        head_args=None,
+        prompt_targets: np.ndarray | None = None,
+        prompt_logprob_width: int | None = None,
+    ) -> PreparedCall:
+        """(host) ``batch``'s inputs for ``launch``: every stage's and the head's step arrays packed and copied to
+        their devices (``sharding.step_inputs``); calls no program, so the caller's thread may prepare a step while
+        another launches the one before. ``head_args``: the head function's arguments; ``prompt_targets`` (``[T]``)
+        with ``prompt_logprob_width``: the last stage also returns the prompt logprobs of those targets
+        (``jaxllm.runner.prompt_logprobs``), through its program's prompt-logprob variant."""
+        num_stages = len(self.stages)
+        trees = [stage_arrays(batch, index, num_stages, prompt_targets) for index in range(num_stages)]
+        *stages, head = place([*trees, head_arrays(batch, head_args)], [*self._stage_placements, self._head_placement])
+        rows = batch.logits_indices.shape[0]
+        width = None if prompt_targets is None else prompt_logprob_width
+        return PreparedCall(batch, stages, head, self._head_output_shapes(rows, head_args, head.layout), width)
+
+    def launch(self, calls: Sequence[PreparedCall], pending_tokens=None) -> list:
+        """Runs prepared (micro)batches through every stage and the head without waiting; returns the head's results
+        per batch (on device).
+
+        ``pending_tokens``: per batch, a padded ``token_ids`` of an earlier run (needs ``token_rows``) or None,
         gathered into the first stage's input ids where ``batch.prev_index`` points at them; a zero vector stands in
-        where none are pending, so both cases share one program. ``prompt_targets`` (one ``[T]`` array per batch) with
-        ``prompt_logprob_width``: the last stage also returns the prompt logprobs of those targets
-        (``jaxllm.runner.prompt_logprobs``), through its program's prompt-logprob variant.
+        where none are pending, so both cases share one program.
         """
         if self.stages[0].kv_caches is None:
             raise ValueError("no KV cache: call allocate_kv_cache first")
-        head_args = [None] * len(batches) if head_args is None else head_args
-        pending_tokens = [None] * len(batches) if pending_tokens is None else pending_tokens
-        prompt_targets = [None] * len(batches) if prompt_targets is None else prompt_targets
+        pending_tokens = [None] * len(calls) if pending_tokens is None else pending_tokens
         read = tuple(p for p in pending_tokens if p is not None)  # earlier results this run reads: not for donating
         results = []
-        for batch, args, pending, targets in zip(batches, head_args, pending_tokens, prompt_targets, strict=True):
-            x = batch.input_ids
+        for call, pending in zip(calls, pending_tokens, strict=True):
+            x = None  # the first stage's token ids ride in its packed inputs
             first_stage_pending = pending
             if pending is None and self.token_rows is not None:  # one program whether or not tokens are pending
                 first_stage_pending = self._no_pending_tokens
             for index, stage in enumerate(self.stages):
-                prompt = (targets, prompt_logprob_width) if stage is self.stages[-1] and targets is not None else None
-                out = self.run_stage(stage, x, batch, first_stage_pending if index == 0 else None, prompt)
+                width = call.prompt_logprob_width if stage is self.stages[-1] else None
+                pending_here = first_stage_pending if index == 0 else None
+                out = self._call_stage(index, x, call.batch, call.stages[index], pending_here, width)
                 if index > 0:  # the previous stage's hidden states, read by this call (a no-op unless stable)
                     self.stages[index - 1].results.release({"hidden": x})
                 x = out
             logits = x.pop("logits")  # what is left: the prompt logprobs, when asked
-            results.append({**self.run_head(logits, batch, args, pending, read), **x})
+            results.append({**self._call_head(logits, call, pending, read), **x})
             self.stages[-1].results.release({"logits": logits})  # read by the head's call
         return results
 
-    def _head_args(self, logits, batch: StepBatch, head_args, pending_tokens=None, read_by_run=()) -> tuple:
-        """The head program's arguments; ``pending_tokens``: the vector ``batch``'s pending tokens come from (None:
+    def _head_call_args(self, logits, call: PreparedCall, pending_tokens=None, read_by_run=()) -> tuple:
+        """The head program's arguments; ``pending_tokens``: the vector the batch's pending tokens come from (None:
         nothing pending); its result buffers hold none of ``read_by_run`` (results of an earlier run that this run
         reads as pending tokens)."""
-        packed, layout = pack((head_args, batch.in_flight_rows))
-        packed = jax.device_put(packed, self._head_placement)
         pending_tokens = self._no_in_flight_tokens if pending_tokens is None else pending_tokens
-        rows = batch.logits_indices.shape[0]
-        result_buffers = self.head_results.take(self._head_output_shapes(rows, head_args), read_by_call=read_by_run)
-        return logits, packed, pending_tokens, result_buffers, layout, rows
+        rows = call.batch.logits_indices.shape[0]
+        result_buffers = self.head_results.take(call.head_shapes, read_by_call=read_by_run)
+        return logits, call.head.buffer, pending_tokens, result_buffers, call.head.layout, rows
 
-    def run_head(self, logits, batch: StepBatch, head_args, pending_tokens=None, read_by_run=()) -> dict:
-        """The head (sampler) program on the last stage's ``logits`` for ``batch``; ``run`` calls it after the last
-        stage, and ``benchmarks/mesh_scaling.py`` on its own to time it."""
-        return self._head_program(*self._head_args(logits, batch, head_args, pending_tokens, read_by_run))
+    def _call_head(self, logits, call: PreparedCall, pending_tokens=None, read_by_run=()) -> dict:
+        return self._head_program(*self._head_call_args(logits, call, pending_tokens, read_by_run))
+
+    def run_head(self, logits, batch: StepBatch, head_args, pending_tokens=None) -> dict:
+        """The head (sampler) program on the last stage's ``logits`` for ``batch``, on its own (``launch`` runs it
+        after the last stage; ``benchmarks/mesh_scaling.py`` times it alone)."""
+        return self._call_head(logits, self.prepare(batch, head_args), pending_tokens)
 
     def warm_up_head(self, batch: StepBatch, head_args) -> None:
         """Compiles (and runs) the head program for ``batch``'s rows and ``head_args``' kind, on zero logits of its
@@ -353,43 +395,57 @@ class PipelinedModel:
         """The same for the head, on its devices (a vector of one without ``token_rows``: nothing can be fed)."""
         return _zero_pending_tokens(1 if self.token_rows is None else self.pending_rows, self._head_placement)
 
-    def _stage_args(self, stage: Stage, inputs, batch: StepBatch, pending_tokens=None, prompt=None) -> tuple:
-        """The stage program's arguments: the step's host arrays, the first stage's token ids among them, go over
-        packed in one buffer (one copy per device, not one per array: see ``jaxllm.runner.packed_transfer``).
-        ``prompt``: the last stage's ``(prompt targets, top-k width)`` when it computes prompt logprobs."""
-        metadata = batch.attention_arrays()
-        host_ids = inputs if isinstance(inputs, np.ndarray) else None  # the first stage's token ids ride along
-        targets, width = (None, None) if prompt is None else prompt
-        packed, layout = pack((metadata, batch.logits_indices, batch.pending_index, host_ids, targets))
-        here = replicated(stage.mesh)
-        if host_ids is not None:
-            inputs = None
-        elif isinstance(inputs, jax.Array):  # the previous stage's hidden states, onto this stage's devices
+    def _stage_call_args(
+        self, index: int, inputs, batch: StepBatch, placed: PlacedInput, pending_tokens=None, width=None
+    ) -> tuple:
+        """The stage program's arguments: ``placed``, its packed step arrays (``prepare``), and ``inputs``, the
+        previous stage's hidden states (None on the first stage, whose token ids are in ``placed``), moved onto this
+        stage's devices. ``width``: the last stage's prompt-logprob top-k when it computes prompt logprobs."""
+        stage, here = self.stages[index], self._stage_placements[index]
+        if isinstance(inputs, jax.Array):  # the previous stage's hidden states, onto this stage's devices
             inputs = jax.device_put(inputs, here)
         if pending_tokens is not None and not pending_tokens.sharding.is_equivalent_to(here, 1):
             pending_tokens = jax.device_put(pending_tokens, here)  # sampled on the last stage's devices
-        packed = jax.device_put(packed, here)
         result_buffers = stage.results.take(self._stage_output_shapes(stage, batch))
-        return stage.state, stage.kv_caches, inputs, packed, pending_tokens, result_buffers, layout, width
+        return (
+            stage.params.leaves,
+            stage.kv_caches,
+            inputs,
+            placed.buffer,
+            pending_tokens,
+            result_buffers,
+            placed.layout,
+            width,
+        )
 
-    def run_stage(self, stage: Stage, inputs, batch: StepBatch, pending_tokens=None, prompt=None):
-        """``stage``'s program for ``batch`` on ``inputs`` (token ids for the first stage, the previous stage's
-        outputs after it), updating the stage's KV cache; ``run`` chains them, ``benchmarks/mesh_scaling.py`` times
-        each on its own."""
+    def _call_stage(self, index: int, inputs, batch: StepBatch, placed: PlacedInput, pending_tokens=None, width=None):
+        stage = self.stages[index]
         program = stage.programs.for_tokens(batch.token_bucket)
-        args = self._stage_args(stage, inputs, batch, pending_tokens, prompt)
-        out, stage.kv_caches = program(*args)
+        out, stage.kv_caches = program(*self._stage_call_args(index, inputs, batch, placed, pending_tokens, width))
         return out
+
+    def run_stage(self, stage: Stage, inputs, batch: StepBatch, pending_tokens=None):
+        """``stage``'s program for ``batch`` on its own, on ``inputs`` (the previous stage's outputs; ignored on the
+        first stage, which reads the batch's token ids), updating the stage's KV cache; ``launch`` chains them,
+        ``benchmarks/mesh_scaling.py`` times each alone."""
+        index = next(i for i, s in enumerate(self.stages) if s is stage)
+        placed = self._place_stage_inputs(index, batch)
+        return self._call_stage(index, None if index == 0 else inputs, batch, placed, pending_tokens)
+
+    def _place_stage_inputs(self, index: int, batch: StepBatch) -> PlacedInput:
+        """Stage ``index``'s step arrays for ``batch`` alone, on its devices (``prepare`` places every program's)."""
+        tree = stage_arrays(batch, index, len(self.stages))
+        return place([tree], [self._stage_placements[index]])[0]
 
     def lower_stage(self, index: int, batch: StepBatch) -> jax.stages.Lowered:
         """Stage ``index``'s program lowered for ``batch``'s bucket (``.compile().as_text()`` shows its collectives)."""
         stage = self.stages[index]
         pending = self._no_pending_tokens if index == 0 and self.token_rows is not None else None
-        inputs = batch.input_ids
+        inputs = None
         if index > 0:  # a later stage takes hidden states [T, D] (a stable one: ROW_SLACK rows more), not token ids
             rows = self.stages[index - 1].results.buffer_rows(batch.input_ids.shape[0])
             inputs = jax.ShapeDtypeStruct((rows, self.config.hidden_size), self._dtype, sharding=replicated(stage.mesh))
-        args = self._stage_args(stage, inputs, batch, pending)
+        args = self._stage_call_args(index, inputs, batch, self._place_stage_inputs(index, batch), pending)
         lowered = stage.programs.for_tokens(batch.token_bucket).lower(*args)
         *_, result_buffers, _layout, _width = args
         if result_buffers is not None:
@@ -398,7 +454,7 @@ class PipelinedModel:
 
     def lower_head(self, batch: StepBatch, head_args=None) -> jax.stages.Lowered:
         """The head program lowered for ``batch``'s rows and ``head_args``' kind."""
-        args = self._head_args(self._head_logits(batch), batch, head_args)
+        args = self._head_call_args(self._head_logits(batch), self.prepare(batch, head_args))
         lowered = self._head_program.lower(*args)
         if args[3] is not None:
             self.head_results.release(args[3])

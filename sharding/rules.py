@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -142,11 +141,6 @@ def kv_cache_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
-
-
-def state_shardings(state) -> object:
-    """The sharding of every array in an NNX state (same tree), for ``jax.jit(in_shardings=...)``."""
-    return jax.tree.map(lambda a: a.sharding, state)
 
 
 def check_single_replica(mesh: Mesh) -> None:

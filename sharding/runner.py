@@ -204,8 +204,12 @@ class PipelineRunner:
             dataclasses.replace(mb.batch, prev_index=feed.prev_index)
             for mb, feed in zip(microbatches, feeds, strict=True)
         ]
-        head_args = [self._head_args(index, mb, scheduled) for index, mb in enumerate(microbatches)]
         targets, width = _prompt_targets(microbatches, scheduled)
+        targets = targets or [None] * len(batches)
+        calls = [  # the host work: packed and copied to the devices here, before the launch (sharding.step_inputs)
+            self.pipeline.prepare(batch, self._head_args(index, mb, scheduled), targets[index], width)
+            for index, (batch, mb) in enumerate(zip(batches, microbatches, strict=True))
+        ]
         prev_result = None if prev is None else prev.result
         self.num_steps += 1
         rows = {
@@ -219,7 +223,7 @@ class PipelineRunner:
         def launch() -> list[dict]:
             prev_results = None if prev_result is None else _resolved(prev_result)  # in flight: still on the device
             pending = [fed_tokens(feed, prev_results) for feed in feeds]
-            results = pipeline.run(batches, head_args, pending, targets, width)
+            results = pipeline.launch(calls, pending)
             for result in results:
                 result["token_ids"].copy_to_host_async()
             return results

@@ -1,13 +1,13 @@
 """ModelRunner: executes one SchedulerOutput on the device and returns the sampled tokens.
 
-Owns the model parameters (split from the NNX module), the KV cache (donated into every step so XLA updates it in
-place), the two jitted programs of a step and their warm-up. The forward program (model -> logits at each request's
-last scheduled token) is compiled per token bucket; the sampler program per request-row count and sampling variant
-(greedy, random, random with top-k/top-p; penalties and logprob widths compile on first use, a sampler-sized
-compile). Keeping them apart means a new sampling mix never recompiles the model. Per step the host packs numpy
-arrays into two byte buffers (``jaxllm.runner.packed_transfer``: the forward's and the sampler's inputs), copies
-each to the device in one transfer, does two dispatches and one device->host copy of the sampled ids (+ logprobs
-when asked).
+Owns the model parameters (split from the NNX module, passed as a flat list: ``jaxllm.runner.flat_state``), the KV
+cache (donated into every step so XLA updates it in place), the two jitted programs of a step and their warm-up. The
+forward program (model -> logits at each request's last scheduled token) is compiled per token bucket; the sampler
+program per request-row count and sampling variant (greedy, random, random with top-k/top-p; penalties and logprob
+widths compile on first use, a sampler-sized compile). Keeping them apart means a new sampling mix never recompiles
+the model. Per step the host packs numpy arrays into two byte buffers (``jaxllm.runner.packed_transfer``: the
+forward's and the sampler's inputs), copies both to the device in one ``device_put``, does two dispatches and one
+device->host copy of the sampled ids (+ logprobs when asked).
 
 A step is ``dispatch`` (returns at once with an ``InFlightStep``: JAX runs it asynchronously) then ``collect`` (waits
 for its sampled ids). Between the two the engine may dispatch the next step, whose pending tokens are the in-flight
@@ -35,8 +35,9 @@ from flax import nnx
 from jaxllm.config import ResolvedConfig
 from jaxllm.core.step_io import ModelRunnerOutput, SampledLogprobs, SchedulerOutput
 from jaxllm.models.attention_metadata import AttentionMetadata
+from jaxllm.runner.flat_state import FlatState
 from jaxllm.runner.kv_cache import allocate_kv_cache
-from jaxllm.runner.packed_transfer import PackedLayout, pack, unpack
+from jaxllm.runner.packed_transfer import PackedLayout, place, unpack
 from jaxllm.runner.prompt_logprobs import (
     compute_prompt_logprobs,
     prompt_logprob_targets,
@@ -111,7 +112,8 @@ class ModelRunner:
         self.config = config
         self.logprobs_mode = logprobs_mode  # what the sampled tokens' logprobs hold (jaxllm.sampling.sampler)
         self.model_config = model.config
-        self.graphdef, self.params = nnx.split(model)
+        self.graphdef, params = nnx.split(model)
+        self.flat_params = FlatState.of(params)  # passed as a flat list: see jaxllm.runner.flat_state
         self.kv_dtype = kv_dtype
         self.kv_sharding = kv_sharding
         self.batch_sharding = batch_sharding
@@ -135,8 +137,14 @@ class ModelRunner:
             weakly_bound(self._traced_sample), static_argnums=(3,), compiler_options=sampler_options(compiler_options)
         )
 
-    def _traced_forward(self, params, kv_caches, packed_batch, prev_token_ids, layout: PackedLayout, width):
+    @property
+    def params(self):
+        """The model's parameters as an NNX State (the arrays the forward program takes, as a flat list)."""
+        return self.flat_params.unflatten()
+
+    def _traced_forward(self, param_leaves, kv_caches, packed_batch, prev_token_ids, layout: PackedLayout, width):
         self.num_traces += 1
+        params = self.flat_params.unflatten(param_leaves)
         batch = unpack(packed_batch, layout)
         # pending tokens: the previous step's samples, still on the device
         batch = {**batch, "input_ids": feed_pending_tokens(batch["input_ids"], batch["prev_index"], prev_token_ids)}
@@ -180,9 +188,9 @@ class ModelRunner:
             output = dataclasses.replace(output, prompt_logprobs=prompt_logprobs)
         return output
 
-    def _batch_arrays(self, batch: StepBatch, prompt_targets: np.ndarray | None = None):
-        """The forward program's step inputs: one packed buffer on the device, and its layout (``prompt_targets``:
-        the prompt-logprob variant's targets)."""
+    @staticmethod
+    def _forward_arrays(batch: StepBatch, prompt_targets: np.ndarray | None = None) -> dict:
+        """The forward program's step inputs (``prompt_targets``: the prompt-logprob variant's targets)."""
         arrays = {
             "input_ids": batch.input_ids,
             "attention": batch.attention_arrays(),
@@ -191,23 +199,25 @@ class ModelRunner:
         }
         if prompt_targets is not None:
             arrays["prompt_targets"] = prompt_targets
-        packed, layout = pack(arrays)
-        return jax.device_put(packed, self.batch_sharding), layout
+        return arrays
 
-    def _sampler_args(
-        self,
-        sampling_metadata: SamplingMetadata,
-        step_index: int,
-        in_flight_rows: np.ndarray | None = None,
-        prev_token_ids: jax.Array | None = None,
-    ) -> tuple:
-        """The sampler program's arguments after the logits; ``in_flight_rows`` (``StepBatch.in_flight_rows``) and
-        ``prev_token_ids`` default to nothing in flight."""
+    @staticmethod
+    def _sampler_arrays(sampling_metadata: SamplingMetadata, step_index: int, in_flight_rows=None) -> tuple:
+        """The sampler program's step inputs; ``in_flight_rows`` (``StepBatch.in_flight_rows``) defaults to nothing in
+        flight."""
         if in_flight_rows is None:
             in_flight_rows = np.full(sampling_metadata.num_rows, -1, np.int32)
-        prev_token_ids = self._no_pending_tokens if prev_token_ids is None else prev_token_ids
-        packed, layout = pack((sampling_metadata, np.int32(step_index), in_flight_rows))
-        return jax.device_put(packed, self.batch_sharding), prev_token_ids, layout
+        return sampling_metadata, np.int32(step_index), in_flight_rows
+
+    def _batch_arrays(self, batch: StepBatch) -> tuple:
+        """The forward program's inputs on the device: one packed buffer, and its layout."""
+        (placed,) = place([self._forward_arrays(batch)], self.batch_sharding)
+        return placed.buffer, placed.layout
+
+    def _sampler_args(self, sampling_metadata: SamplingMetadata, step_index: int) -> tuple:
+        """The sampler program's arguments after the logits, with nothing in flight."""
+        (placed,) = place([self._sampler_arrays(sampling_metadata, step_index)], self.batch_sharding)
+        return placed.buffer, self._no_pending_tokens, placed.layout
 
     def _run(
         self,
@@ -217,15 +227,26 @@ class ModelRunner:
         prompt_targets: np.ndarray | None = None,
         prompt_logprob_width: int | None = None,
     ):
-        """Launches the step: its sampler output, and its ``PromptLogprobArrays`` (None without ``prompt_targets``)."""
-        packed, layout = self._batch_arrays(batch, prompt_targets)
+        """Launches the step: its sampler output, and its ``PromptLogprobArrays`` (None without ``prompt_targets``).
+        Both programs' inputs cross in one ``jax.device_put`` (``packed_transfer.place``)."""
+        forward_input, sampler_input = place(
+            [
+                self._forward_arrays(batch, prompt_targets),
+                self._sampler_arrays(sampling_metadata, self.num_steps, batch.in_flight_rows),
+            ],
+            self.batch_sharding,
+        )
         forward = self._forward_programs.for_tokens(batch.token_bucket)
         logits, self.kv_caches, *prompt = forward(
-            self.params, self.kv_caches, packed, prev_token_ids, layout, prompt_logprob_width
+            self.flat_params.leaves,
+            self.kv_caches,
+            forward_input.buffer,
+            prev_token_ids,
+            forward_input.layout,
+            prompt_logprob_width,
         )
         prompt_logprobs = prompt[0] if prompt else None
-        sampler_args = self._sampler_args(sampling_metadata, self.num_steps, batch.in_flight_rows, prev_token_ids)
-        result = self._jitted_sample(logits, *sampler_args)
+        result = self._jitted_sample(logits, sampler_input.buffer, prev_token_ids, sampler_input.layout)
         self.num_steps += 1
         return result, prompt_logprobs
 
@@ -277,7 +298,7 @@ class ModelRunner:
         kv = [(jax.ShapeDtypeStruct(shape, self.kv_dtype),) * 2 for _ in range(self.model_config.num_layers)]
         forward = self._forward_programs.for_tokens(bucket)
         packed, layout = self._batch_arrays(batch)
-        return forward.lower(self.params, kv, packed, self._no_pending_tokens, layout, None)
+        return forward.lower(self.flat_params.leaves, kv, packed, self._no_pending_tokens, layout, None)
 
     def resize_kv_cache(self, config: ResolvedConfig) -> None:
         self.config = config
@@ -291,7 +312,7 @@ class ModelRunner:
         batch = empty_step_batch(bucket, rows, self.config.max_blocks_per_request)
         packed, layout = self._batch_arrays(batch)
         logits, self.kv_caches = self._forward_programs.for_tokens(bucket)(
-            self.params, self.kv_caches, packed, self._no_pending_tokens, layout, None
+            self.flat_params.leaves, self.kv_caches, packed, self._no_pending_tokens, layout, None
         )
         for metadata in sampler_variants(rows):
             jax.block_until_ready(self._jitted_sample(logits, *self._sampler_args(metadata, 0)))

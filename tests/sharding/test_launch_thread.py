@@ -1,8 +1,9 @@
 """The launch thread (mesh engines' default on GPUs; ``JAXLLM_MESH_LAUNCH_THREAD=1`` elsewhere): a tensor- or
 pipeline-parallel engine launching each step on a worker thread (and scheduling ahead) gives exactly the tokens,
 stops, logprobs and preemptions of the same mesh run one step at a time (``async_scheduling=False``: no dispatch, no
-launch thread), over mixed sampling parameters; the launches do run on the worker. A step's result buffers go back to
-the pool only after the next step's launch, which reads them as its pending tokens, has run. The switch: on for GPUs
+launch thread), over mixed sampling parameters; the launches do run on the worker, and each step's host work
+(packing its inputs and copying them to the devices) on the engine's thread. A step's result buffers go back to the
+pool only after the next step's launch, which reads them as its pending tokens, has run. The switch: on for GPUs
 unless set to 0, elsewhere only when set to 1."""
 
 import threading
@@ -55,22 +56,28 @@ def test_launch_thread_equals_launching_inline(tiny_llama_dir, monkeypatch, engi
     runner = threaded.llm_engine.runner
     assert runner._launcher is not None and threaded.llm_engine.core.async_scheduling
 
-    launch_threads, results = set(), []
-    run, dispatch = runner.pipeline.run, runner.dispatch
+    launch_threads, prepare_threads, results = set(), set(), []
+    launch, prepare, dispatch = runner.pipeline.launch, runner.pipeline.prepare, runner.dispatch
 
-    def recording_run(*args, **kwargs):
+    def recording_launch(*args, **kwargs):
         launch_threads.add(threading.current_thread().name)
-        return run(*args, **kwargs)
+        return launch(*args, **kwargs)
+
+    def recording_prepare(*args, **kwargs):
+        prepare_threads.add(threading.current_thread().name)
+        return prepare(*args, **kwargs)
 
     def recording_dispatch(*args, **kwargs):
         step = dispatch(*args, **kwargs)
         results.append(step.result)
         return step
 
-    runner.pipeline.run, runner.dispatch = recording_run, recording_dispatch
+    runner.pipeline.launch, runner.pipeline.prepare = recording_launch, recording_prepare
+    runner.dispatch = recording_dispatch
     expected = outputs_of(sync, prompts, params)
     assert_same_outputs(outputs_of(threaded, prompts, params), expected)
     assert launch_threads and all(name.startswith("jaxllm-launch") for name in launch_threads)
+    assert prepare_threads == {threading.current_thread().name}  # the host work stays on the engine's thread
     assert results and all(isinstance(result, LaunchedResult) for result in results)
     if "num_gpu_blocks_override" in engine_options:
         assert threaded.llm_engine.scheduler.num_preemptions > 0
@@ -88,11 +95,11 @@ def test_results_are_released_only_after_the_next_launch_read_them(tiny_llama_di
     runner = threaded.llm_engine.runner
     assert runner.pipeline.stages[-1].results.enabled  # stable step outputs: released buffers are donated later
     readers, early_releases, num_releases = [], [], [0]  # readers: (step's result, the next step's launch)
-    run, dispatch, release = runner.pipeline.run, runner.dispatch, runner.pipeline.release
+    launch, dispatch, release = runner.pipeline.launch, runner.dispatch, runner.pipeline.release
 
-    def slow_run(*args, **kwargs):
+    def slow_launch(*args, **kwargs):
         time.sleep(0.02)
-        return run(*args, **kwargs)
+        return launch(*args, **kwargs)
 
     def recording_dispatch(scheduler_output, prev=None):
         step = dispatch(scheduler_output, prev)
@@ -107,8 +114,9 @@ def test_results_are_released_only_after_the_next_launch_read_them(tiny_llama_di
                 early_releases.append(len(early_releases))
         return release(results)
 
-    runner.pipeline.run, runner.dispatch, runner.pipeline.release = slow_run, recording_dispatch, checked_release
+    runner.pipeline.launch, runner.dispatch, runner.pipeline.release = slow_launch, recording_dispatch, checked_release
     expected = outputs_of(sync, prompts, params)
     assert_same_outputs(outputs_of(threaded, prompts, params), expected)
+    runner._launcher.submit(lambda: None).result()  # the last collected step's release, queued on the worker, has run
     assert readers and num_releases[0] >= len(readers)
     assert not early_releases, f"{len(early_releases)} of {num_releases[0]} releases came before the reading launch"
