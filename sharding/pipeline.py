@@ -57,7 +57,7 @@ from jaxllm.models.activation_sharding import activation_sharding
 from jaxllm.models.attention_metadata import AttentionMetadata
 from jaxllm.runner.flat_state import FlatState
 from jaxllm.runner.model_runner import feed_pending_tokens
-from jaxllm.runner.packed_transfer import PackedLayout, PlacedInput, place, unpack
+from jaxllm.runner.packed_transfer import Packed, PackedLayout, place, unpack
 from jaxllm.runner.prompt_logprobs import RESULT_PREFIX, as_results
 from jaxllm.runner.stable_outputs import ResultBuffers, write_into
 from jaxllm.runner.step_batch import StepBatch
@@ -306,14 +306,14 @@ class PipelinedModel:
         prompt_targets: np.ndarray | None = None,
         prompt_logprob_width: int | None = None,
     ) -> PreparedCall:
-        """(host) ``batch``'s inputs for ``launch``: every stage's and the head's step arrays packed and copied to
-        their devices (``sharding.step_inputs``); calls no program, so the caller's thread may prepare a step while
+        """(host) ``batch``'s inputs for ``launch``: every stage's and the head's step arrays packed, the head's
+        result shapes (``sharding.step_inputs``); touches no device, so the caller's thread may prepare a step while
         another launches the one before. ``head_args``: the head function's arguments; ``prompt_targets`` (``[T]``)
         with ``prompt_logprob_width``: the last stage also returns the prompt logprobs of those targets
         (``jaxllm.runner.prompt_logprobs``), through its program's prompt-logprob variant."""
         num_stages = len(self.stages)
         trees = [stage_arrays(batch, index, num_stages, prompt_targets) for index in range(num_stages)]
-        *stages, head = place([*trees, head_arrays(batch, head_args)], [*self._stage_placements, self._head_placement])
+        *stages, head = [Packed.of(tree) for tree in [*trees, head_arrays(batch, head_args)]]
         rows = batch.logits_indices.shape[0]
         width = None if prompt_targets is None else prompt_logprob_width
         return PreparedCall(batch, stages, head, self._head_output_shapes(rows, head_args, head.layout), width)
@@ -332,6 +332,7 @@ class PipelinedModel:
         read = tuple(p for p in pending_tokens if p is not None)  # earlier results this run reads: not for donating
         results = []
         for call, pending in zip(calls, pending_tokens, strict=True):
+            *placed, head = place([*call.stages, call.head], [*self._stage_placements, self._head_placement])
             x = None  # the first stage's token ids ride in its packed inputs
             first_stage_pending = pending
             if pending is None and self.token_rows is not None:  # one program whether or not tokens are pending
@@ -339,31 +340,34 @@ class PipelinedModel:
             for index, stage in enumerate(self.stages):
                 width = call.prompt_logprob_width if stage is self.stages[-1] else None
                 pending_here = first_stage_pending if index == 0 else None
-                out = self._call_stage(index, x, call.batch, call.stages[index], pending_here, width)
+                out = self._call_stage(index, x, call.batch, placed[index], pending_here, width)
                 if index > 0:  # the previous stage's hidden states, read by this call (a no-op unless stable)
                     self.stages[index - 1].results.release({"hidden": x})
                 x = out
             logits = x.pop("logits")  # what is left: the prompt logprobs, when asked
-            results.append({**self._call_head(logits, call, pending, read), **x})
+            results.append({**self._call_head(logits, call, head, pending, read), **x})
             self.stages[-1].results.release({"logits": logits})  # read by the head's call
         return results
 
-    def _head_call_args(self, logits, call: PreparedCall, pending_tokens=None, read_by_run=()) -> tuple:
+    def _head_call_args(self, logits, call: PreparedCall, head: Packed, pending_tokens=None, read_by_run=()) -> tuple:
         """The head program's arguments; ``pending_tokens``: the vector the batch's pending tokens come from (None:
         nothing pending); its result buffers hold none of ``read_by_run`` (results of an earlier run that this run
         reads as pending tokens)."""
         pending_tokens = self._no_in_flight_tokens if pending_tokens is None else pending_tokens
         rows = call.batch.logits_indices.shape[0]
         result_buffers = self.head_results.take(call.head_shapes, read_by_call=read_by_run)
-        return logits, call.head.buffer, pending_tokens, result_buffers, call.head.layout, rows
+        return logits, head.buffer, pending_tokens, result_buffers, head.layout, rows
 
-    def _call_head(self, logits, call: PreparedCall, pending_tokens=None, read_by_run=()) -> dict:
-        return self._head_program(*self._head_call_args(logits, call, pending_tokens, read_by_run))
+    def _call_head(self, logits, call: PreparedCall, head: Packed, pending_tokens=None, read_by_run=()) -> dict:
+        """The head program for ``call`` on ``logits``; ``head``: its packed inputs, placed."""
+        return self._head_program(*self._head_call_args(logits, call, head, pending_tokens, read_by_run))
 
     def run_head(self, logits, batch: StepBatch, head_args, pending_tokens=None) -> dict:
         """The head (sampler) program on the last stage's ``logits`` for ``batch``, on its own (``launch`` runs it
         after the last stage; ``benchmarks/mesh_scaling.py`` times it alone)."""
-        return self._call_head(logits, self.prepare(batch, head_args), pending_tokens)
+        call = self.prepare(batch, head_args)
+        (head,) = place([call.head], self._head_placement)
+        return self._call_head(logits, call, head, pending_tokens)
 
     def warm_up_head(self, batch: StepBatch, head_args) -> None:
         """Compiles (and runs) the head program for ``batch``'s rows and ``head_args``' kind, on zero logits of its
@@ -396,7 +400,7 @@ class PipelinedModel:
         return _zero_pending_tokens(1 if self.token_rows is None else self.pending_rows, self._head_placement)
 
     def _stage_call_args(
-        self, index: int, inputs, batch: StepBatch, placed: PlacedInput, pending_tokens=None, width=None
+        self, index: int, inputs, batch: StepBatch, placed: Packed, pending_tokens=None, width=None
     ) -> tuple:
         """The stage program's arguments: ``placed``, its packed step arrays (``prepare``), and ``inputs``, the
         previous stage's hidden states (None on the first stage, whose token ids are in ``placed``), moved onto this
@@ -418,7 +422,7 @@ class PipelinedModel:
             width,
         )
 
-    def _call_stage(self, index: int, inputs, batch: StepBatch, placed: PlacedInput, pending_tokens=None, width=None):
+    def _call_stage(self, index: int, inputs, batch: StepBatch, placed: Packed, pending_tokens=None, width=None):
         stage = self.stages[index]
         program = stage.programs.for_tokens(batch.token_bucket)
         out, stage.kv_caches = program(*self._stage_call_args(index, inputs, batch, placed, pending_tokens, width))
@@ -432,10 +436,10 @@ class PipelinedModel:
         placed = self._place_stage_inputs(index, batch)
         return self._call_stage(index, None if index == 0 else inputs, batch, placed, pending_tokens)
 
-    def _place_stage_inputs(self, index: int, batch: StepBatch) -> PlacedInput:
-        """Stage ``index``'s step arrays for ``batch`` alone, on its devices (``prepare`` places every program's)."""
-        tree = stage_arrays(batch, index, len(self.stages))
-        return place([tree], [self._stage_placements[index]])[0]
+    def _place_stage_inputs(self, index: int, batch: StepBatch) -> Packed:
+        """Stage ``index``'s step arrays for ``batch`` alone, packed and on its devices."""
+        packed = Packed.of(stage_arrays(batch, index, len(self.stages)))
+        return place([packed], self._stage_placements[index])[0]
 
     def lower_stage(self, index: int, batch: StepBatch) -> jax.stages.Lowered:
         """Stage ``index``'s program lowered for ``batch``'s bucket (``.compile().as_text()`` shows its collectives)."""
@@ -454,7 +458,9 @@ class PipelinedModel:
 
     def lower_head(self, batch: StepBatch, head_args=None) -> jax.stages.Lowered:
         """The head program lowered for ``batch``'s rows and ``head_args``' kind."""
-        args = self._head_call_args(self._head_logits(batch), self.prepare(batch, head_args))
+        call = self.prepare(batch, head_args)
+        (head,) = place([call.head], self._head_placement)
+        args = self._head_call_args(self._head_logits(batch), call, head)
         lowered = self._head_program.lower(*args)
         if args[3] is not None:
             self.head_results.release(args[3])

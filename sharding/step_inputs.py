@@ -1,15 +1,16 @@
 """A (micro)batch's host-side inputs for one pipeline run, prepared before its launch.
 
-Owns which step arrays each stage's and the head's program takes (packed into one buffer per program, and all of a
-call's buffers placed in one ``jax.device_put``: ``jaxllm.runner.packed_transfer.place``). ``PipelinedModel.prepare``
-returns the ``PreparedCall`` that its ``launch`` runs.
+Owns which step arrays each stage's and the head's program takes, packed into one buffer per program
+(``jaxllm.runner.packed_transfer``). ``PipelinedModel.prepare`` returns the ``PreparedCall`` that its ``launch`` copies
+to the devices (all of a call's buffers in one ``jax.device_put``) and runs.
 
 Why apart from the launch: on GPUs the mesh runner launches each step from a worker thread, and a multi-GPU program's
 call returns only once every GPU's host thread has launched its share, so at small batches the worker sets the step's
-pace. In a traced two-layer TP 2 batch-1 step on two H200s (benchmarks/RESULTS.md, session 32) packing and copying
-the stage's and the head's inputs took ~1.2 ms of the worker's ~3.5 ms per step. ``PipelineRunner.dispatch`` now
-prepares a step on the engine's thread, while the worker still launches the step before it, and the worker only
-calls programs.
+pace. ``PipelineRunner.dispatch`` prepares a step on the engine's thread, while the worker still launches the step
+before it. The copy to the devices stays in the launch, right before the calls: a buffer copied earlier, while the
+previous step's inputs were still alive, took a different address every other step, and XLA then updated the CUDA
+graph of every layer that reads the step's metadata (its attention) before each launch (two-layer TP 2 traces on two
+H200s: 5.7 graph updates per step against 2.0; benchmarks/RESULTS.md, session 32).
 """
 
 from __future__ import annotations
@@ -18,19 +19,19 @@ import dataclasses
 
 import numpy as np
 
-from jaxllm.runner.packed_transfer import PlacedInput
+from jaxllm.runner.packed_transfer import Packed
 from jaxllm.runner.step_batch import StepBatch
 
 
 @dataclasses.dataclass(frozen=True)
 class PreparedCall:
-    """A (micro)batch ready to launch: its batch, each stage's placed inputs, the head's, and the head's result
+    """A (micro)batch ready to launch: its batch, each stage's packed inputs (host), the head's, and the head's result
     shapes (name -> ShapeDtypeStruct). ``prompt_logprob_width``: the last stage computes prompt logprobs of that
     top-k width (its targets are in the last stage's inputs); None: it does not."""
 
     batch: StepBatch
-    stages: list[PlacedInput]
-    head: PlacedInput
+    stages: list[Packed]
+    head: Packed
     head_shapes: dict
     prompt_logprob_width: int | None = None
 

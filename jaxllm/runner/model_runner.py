@@ -37,7 +37,7 @@ from jaxllm.core.step_io import ModelRunnerOutput, SampledLogprobs, SchedulerOut
 from jaxllm.models.attention_metadata import AttentionMetadata
 from jaxllm.runner.flat_state import FlatState
 from jaxllm.runner.kv_cache import allocate_kv_cache
-from jaxllm.runner.packed_transfer import PackedLayout, place, unpack
+from jaxllm.runner.packed_transfer import Packed, PackedLayout, place, unpack
 from jaxllm.runner.prompt_logprobs import (
     compute_prompt_logprobs,
     prompt_logprob_targets,
@@ -211,12 +211,12 @@ class ModelRunner:
 
     def _batch_arrays(self, batch: StepBatch) -> tuple:
         """The forward program's inputs on the device: one packed buffer, and its layout."""
-        (placed,) = place([self._forward_arrays(batch)], self.batch_sharding)
+        (placed,) = place([Packed.of(self._forward_arrays(batch))], self.batch_sharding)
         return placed.buffer, placed.layout
 
     def _sampler_args(self, sampling_metadata: SamplingMetadata, step_index: int) -> tuple:
         """The sampler program's arguments after the logits, with nothing in flight."""
-        (placed,) = place([self._sampler_arrays(sampling_metadata, step_index)], self.batch_sharding)
+        (placed,) = place([Packed.of(self._sampler_arrays(sampling_metadata, step_index))], self.batch_sharding)
         return placed.buffer, self._no_pending_tokens, placed.layout
 
     def _run(
@@ -231,8 +231,8 @@ class ModelRunner:
         Both programs' inputs cross in one ``jax.device_put`` (``packed_transfer.place``)."""
         forward_input, sampler_input = place(
             [
-                self._forward_arrays(batch, prompt_targets),
-                self._sampler_arrays(sampling_metadata, self.num_steps, batch.in_flight_rows),
+                Packed.of(self._forward_arrays(batch, prompt_targets)),
+                Packed.of(self._sampler_arrays(sampling_metadata, self.num_steps, batch.in_flight_rows)),
             ],
             self.batch_sharding,
         )

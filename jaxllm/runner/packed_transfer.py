@@ -6,8 +6,8 @@ their fixed costs add up to milliseconds of host time per step. ``pack`` lays ev
 ``uint8`` buffer (so one transfer per device) and returns a ``PackedLayout``: the tree structure and each leaf's
 dtype, shape and byte offset. The layout is hashable and is passed to the jitted program as a static argument;
 ``unpack`` slices and bitcasts the buffer back into the same pytree inside the program (a few fused slices).
-``place`` packs several programs' trees and copies all of them in one ``jax.device_put`` call (one call's host
-overhead per step, not one per program).
+``place`` copies several programs' packed buffers in one ``jax.device_put`` call (one call's host overhead per step,
+not one per program).
 """
 
 from __future__ import annotations
@@ -53,21 +53,25 @@ def pack(tree) -> tuple[np.ndarray, PackedLayout]:
 
 
 @dataclasses.dataclass(frozen=True)
-class PlacedInput:
-    """One program's packed step arrays, on its devices, and the layout its program unpacks them by."""
+class Packed:
+    """One program's step arrays packed: the buffer (host bytes from ``of``; a device array once ``place``d) and the
+    layout its program unpacks it by."""
 
-    buffer: jax.Array
+    buffer: np.ndarray | jax.Array
     layout: PackedLayout
 
+    @classmethod
+    def of(cls, tree) -> Packed:
+        return cls(*pack(tree))
 
-def place(trees: Sequence, placements) -> list[PlacedInput]:
-    """Each tree packed into one buffer, all of them copied to their devices in one ``jax.device_put``;
-    ``placements``: one sharding or device per tree, or one for all (None: the default device)."""
-    packed = [pack(tree) for tree in trees]
+
+def place(packed: Sequence[Packed], placements) -> list[Packed]:
+    """Host-packed buffers copied to their devices in one ``jax.device_put`` call; ``placements``: one sharding or
+    device per buffer, or one for all (None: the default device)."""
     if isinstance(placements, Sequence):
         placements = list(placements)
-    buffers = jax.device_put([buffer for buffer, _ in packed], placements)
-    return [PlacedInput(buffer, layout) for buffer, (_, layout) in zip(buffers, packed, strict=True)]
+    buffers = jax.device_put([p.buffer for p in packed], placements)
+    return [Packed(buffer, p.layout) for buffer, p in zip(buffers, packed, strict=True)]
 
 
 def unpack(buffer: jax.Array, layout: PackedLayout):

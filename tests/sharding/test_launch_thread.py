@@ -2,13 +2,14 @@
 pipeline-parallel engine launching each step on a worker thread (and scheduling ahead) gives exactly the tokens,
 stops, logprobs and preemptions of the same mesh run one step at a time (``async_scheduling=False``: no dispatch, no
 launch thread), over mixed sampling parameters; the launches do run on the worker, and each step's host work
-(packing its inputs and copying them to the devices) on the engine's thread. A step's result buffers go back to the
+(packing its inputs, no device array) on the engine's thread. A step's result buffers go back to the
 pool only after the next step's launch, which reads them as its pending tokens, has run. The switch: on for GPUs
 unless set to 0, elsewhere only when set to 1."""
 
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from sharding.engine_runners import LAUNCH_THREAD_ENV, launch_thread_enabled
@@ -56,7 +57,7 @@ def test_launch_thread_equals_launching_inline(tiny_llama_dir, monkeypatch, engi
     runner = threaded.llm_engine.runner
     assert runner._launcher is not None and threaded.llm_engine.core.async_scheduling
 
-    launch_threads, prepare_threads, results = set(), set(), []
+    launch_threads, prepare_threads, host_buffers, results = set(), set(), [], []
     launch, prepare, dispatch = runner.pipeline.launch, runner.pipeline.prepare, runner.dispatch
 
     def recording_launch(*args, **kwargs):
@@ -65,7 +66,9 @@ def test_launch_thread_equals_launching_inline(tiny_llama_dir, monkeypatch, engi
 
     def recording_prepare(*args, **kwargs):
         prepare_threads.add(threading.current_thread().name)
-        return prepare(*args, **kwargs)
+        call = prepare(*args, **kwargs)
+        host_buffers.extend(packed.buffer for packed in [*call.stages, call.head])
+        return call
 
     def recording_dispatch(*args, **kwargs):
         step = dispatch(*args, **kwargs)
@@ -78,6 +81,8 @@ def test_launch_thread_equals_launching_inline(tiny_llama_dir, monkeypatch, engi
     assert_same_outputs(outputs_of(threaded, prompts, params), expected)
     assert launch_threads and all(name.startswith("jaxllm-launch") for name in launch_threads)
     assert prepare_threads == {threading.current_thread().name}  # the host work stays on the engine's thread
+    # the copies to the devices are the launch's (see sharding.step_inputs: a buffer placed early changes address)
+    assert host_buffers and all(isinstance(buffer, np.ndarray) for buffer in host_buffers)
     assert results and all(isinstance(result, LaunchedResult) for result in results)
     if "num_gpu_blocks_override" in engine_options:
         assert threaded.llm_engine.scheduler.num_preemptions > 0
