@@ -12,12 +12,12 @@ previous step's last microbatch is still on the later stages.
 Inside a stage, tensor parallelism is GSPMD: the parameters arrive as NamedShardings from ``sharding.rules``, the
 program's in/out shardings are pinned, and the residual stream is constrained to be replicated between layers. The
 host side never blocks here; callers fetch what they need from the returned device arrays. A (micro)batch's host work
-comes first and apart (``prepare``: every stage's and the head's step arrays packed into one buffer each and copied
-in one ``device_put``, ``sharding.step_inputs``), then ``launch`` only calls programs, so a runner can prepare a step
-on one thread while another launches the step before (``run`` is the two in a row). The parameters go to each stage's
-program as a flat list (``jaxllm.runner.flat_state``). With async scheduling the first stage also gathers the
-previous step's sampled tokens (still on the device) into its input ids, and the last stage pads its sampled ids to a
-fixed row count so any bucket's output can feed the next.
+comes first and apart (``prepare``: every stage's and the head's step arrays packed into one buffer each,
+``sharding.step_inputs``), then ``launch`` copies those buffers to the devices in one ``device_put`` and calls the
+programs, so a runner can prepare a step on one thread while another launches the step before (``run`` is the two in
+a row). The parameters go to each stage's program as a flat list (``jaxllm.runner.flat_state``). With async
+scheduling the first stage also gathers the previous step's sampled tokens (still on the device) into its input ids,
+and the last stage pads its sampled ids to a fixed row count so any bucket's output can feed the next.
 
 The last stage's program ends at the logits of the sampled rows; the head (the sampler) runs after it in a program of
 its own on the last stage's devices, as the one-device runner's sampler does; it also reads the vector its

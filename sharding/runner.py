@@ -19,10 +19,12 @@ microbatch enters stage 0 while the step in flight still occupies the later stag
 overlaps the devices' instead of leaving every stage idle between steps.
 
 ``launch_thread=True`` (engines' default on GPUs; ``JAXLLM_MESH_LAUNCH_THREAD`` sets it) hands each dispatched step's
-launch to one worker thread. A multi-GPU program's execute returns only once every GPU's host thread has launched
-its share, ~7 ms per batch-1 step at TP 4 on H200s (benchmarks/RESULTS.md), during which the engine's own host work
-for the next step would otherwise wait; with the worker, the two overlap. Launches stay in dispatch order, and a
-collected step's buffers go back to the pool on the same worker, after the launch that reads them as pending tokens.
+launch to one worker thread. A multi-GPU program's execute returns only once every GPU's host thread has launched its
+share, ~7 ms per batch-1 step at TP 4 on H200s (benchmarks/RESULTS.md), during which the engine's own host work for
+the next step would otherwise wait; with the worker, the two overlap. ``dispatch`` packs the step on the caller's
+thread (``PipelinedModel.prepare``), so the worker only copies the packed inputs and calls the programs. Launches
+stay in dispatch order, and a collected step's buffers go back to the pool on the same worker, after the launch that
+reads them as pending tokens.
 ``stable_step_outputs=True`` (engines' default; ``JAXLLM_STABLE_STEP_OUTPUTS=0`` turns it off) and
 ``stable_stage_outputs=True`` (experimental; ``JAXLLM_STABLE_STAGE_OUTPUTS=1``): see ``sharding.pipeline``; the
 runner releases a step's result buffers once it has read them.
@@ -206,7 +208,7 @@ class PipelineRunner:
         ]
         targets, width = _prompt_targets(microbatches, scheduled)
         targets = targets or [None] * len(batches)
-        calls = [  # the host work: packed and copied to the devices here, before the launch (sharding.step_inputs)
+        calls = [  # the host work, here on the caller's thread; the launch copies and runs (sharding.step_inputs)
             self.pipeline.prepare(batch, self._head_args(index, mb, scheduled), targets[index], width)
             for index, (batch, mb) in enumerate(zip(batches, microbatches, strict=True))
         ]
