@@ -207,7 +207,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
     allowed_token_ids: list[int] | None = None  # sample only among these
     bad_words: list[str] | None = None  # words never generated (jaxllm.bad_words)
-    truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens (-1: max_model_len - 1)
     detokenize: bool = True  # False: token ids only, text ""
     skip_special_tokens: bool = True
     # vLLM's; it only changes tokenizers whose decode takes it (slow ones), and transformers 5 loads fast ones only
@@ -283,9 +283,10 @@ class SamplingParams:
         self._validate_token_lists()
         if self.truncate_prompt_tokens is not None:
             _check_int("truncate_prompt_tokens", self.truncate_prompt_tokens)
-            if self.truncate_prompt_tokens < 1:
+            if self.truncate_prompt_tokens < 1 and self.truncate_prompt_tokens != -1:
                 raise ValueError(
-                    f"SamplingParams.truncate_prompt_tokens must be at least 1, got {self.truncate_prompt_tokens}"
+                    "SamplingParams.truncate_prompt_tokens must be at least 1, or -1 (what max_model_len allows), "
+                    f"got {self.truncate_prompt_tokens}"
                 )
         for name in ("detokenize", "skip_special_tokens", "spaces_between_special_tokens"):
             if not isinstance(getattr(self, name), bool):

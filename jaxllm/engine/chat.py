@@ -23,7 +23,8 @@ def chat_prompts(
     tools: list[dict] | None,
     chat_template_kwargs: dict | None,
 ) -> list[dict]:
-    """One ``{"prompt_token_ids": [...]}`` per conversation in ``messages``."""
+    """One ``{"prompt": rendered text, "prompt_token_ids": [...]}`` per conversation in ``messages`` (the text is what
+    vLLM's ``chat`` outputs carry as ``RequestOutput.prompt``; the ids are the template's own tokenization of it)."""
     if content_format not in CONTENT_FORMATS:
         raise ValueError(f"chat_template_content_format must be one of {CONTENT_FORMATS}, got {content_format!r}")
     if add_generation_prompt and continue_final_message:
@@ -43,8 +44,9 @@ def chat_prompts(
     prompts = []
     for conversation in conversations:
         rendered = [_message(message, content_format) for message in conversation]
+        text = tokenizer.apply_chat_template(rendered, tokenize=False, **options)
         token_ids = tokenizer.apply_chat_template(rendered, tokenize=True, return_dict=False, **options)
-        prompts.append({"prompt_token_ids": list(token_ids)})
+        prompts.append({"prompt": text, "prompt_token_ids": list(token_ids)})
     return prompts
 
 

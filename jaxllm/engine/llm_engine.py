@@ -168,6 +168,8 @@ class LLMEngine:
         params = self._with_whole_vocabulary_logprobs(params)
         self._check_against_model(params)
         vocab_size, keep_last = self.model_config.vocab_size, params.truncate_prompt_tokens
+        if keep_last == -1:  # vLLM's "as many as the model takes", less one: a prompt of max_model_len has no room
+            keep_last = self.resolved.max_model_len - 1
         tokenized = tokenize_prompt(prompt, self.tokenizer, vocab_size, keep_last)
         bad_words = self._bad_words_token_ids(params)
         structured_output = self._structured_output_matchers(params)

@@ -67,6 +67,7 @@ def test_bad_prompt_in_a_batch_is_rejected_and_engine_recovers(llm, reference, b
         ("stop", [""], "stop"),
         ("stop_token_ids", [-2], "stop_token_ids"),
         ("truncate_prompt_tokens", 0, "truncate_prompt_tokens"),
+        ("truncate_prompt_tokens", -2, "truncate_prompt_tokens"),
     ],
 )
 def test_invalid_sampling_params_name_field_and_value(field, value, fragment):

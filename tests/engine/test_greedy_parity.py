@@ -94,6 +94,22 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens_as_in_vllm():
     assert llm.generate(padded[:1], whole, use_tqdm=False)[0].prompt_token_ids == padded[0]["prompt_token_ids"]
 
 
+def test_truncate_prompt_tokens_minus_one_keeps_what_max_model_len_allows():
+    """vLLM's -1 ("the model's length"): a prompt longer than the engine takes keeps its last max_model_len - 1
+    tokens (room for one output token) and generates; a shorter one stays whole."""
+    llm = engine_for(str(FIXTURES / "models" / "llama"), skip_tokenizer_init=True)
+    max_model_len = llm.llm_engine.resolved.max_model_len
+    rng = np.random.default_rng(3)
+    long_prompt = rng.integers(0, 500, max_model_len + 7).tolist()
+    params = SamplingParams(temperature=0.0, max_tokens=4, truncate_prompt_tokens=-1)
+    long_out, short_out = llm.generate(
+        [{"prompt_token_ids": long_prompt}, {"prompt_token_ids": long_prompt[:9]}], params, use_tqdm=False
+    )
+    assert long_out.prompt_token_ids == long_prompt[-(max_model_len - 1) :]
+    assert len(long_out.outputs[0].token_ids) == 1 and long_out.outputs[0].finish_reason == "length"
+    assert short_out.prompt_token_ids == long_prompt[:9] and len(short_out.outputs[0].token_ids) == 4
+
+
 def test_detokenize_false_returns_the_same_tokens_without_text():
     data = expected("llama")
     llm = engine_for(str(FIXTURES / "models" / "llama"))

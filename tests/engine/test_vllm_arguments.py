@@ -190,6 +190,7 @@ def test_chat_template_kwargs_and_tools_reach_the_template(llama):
     tokenizer = llama.get_tokenizer()
     rendered = "<|begin_of_text|>user: the capital\ntools: 1\nstyle: terse\n"
     assert output.prompt_token_ids == tokenizer.encode(rendered, add_special_tokens=False)
+    assert output.prompt == rendered  # vLLM's chat outputs carry the rendered prompt
 
 
 def test_continue_final_message_extends_the_last_message(llama):
@@ -201,6 +202,7 @@ def test_continue_final_message_extends_the_last_message(llama):
     opened = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
     assert opened.endswith("The city of<|im_end|>\n")  # the fixture's template closes every message
     assert output.prompt_token_ids == tokenizer.encode(opened[: -len("<|im_end|>\n")], add_special_tokens=False)
+    assert output.prompt == opened[: -len("<|im_end|>\n")]
     with pytest.raises(ValueError) as error:
         llama.chat(messages, use_tqdm=False, continue_final_message=True)  # add_generation_prompt defaults to True
     assert "continue_final_message" in str(error.value)
