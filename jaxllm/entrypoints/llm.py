@@ -149,9 +149,26 @@ class LLM:
         )
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
-    def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = False) -> list[BeamSearchOutput]:
-        """vLLM's beam search: the ``params.beam_width`` best continuations of each prompt (``jaxllm.beam_search``)."""
-        return beam_search(self, prompts, params, use_tqdm=use_tqdm)
+    def beam_search(
+        self,
+        prompts,
+        params: BeamSearchParams,
+        lora_request=None,
+        use_tqdm: bool = False,
+        concurrency_limit: int | None = None,
+    ) -> list[BeamSearchOutput]:
+        """vLLM's beam search: the ``params.beam_width`` best continuations of each prompt (``jaxllm.beam_search``);
+        ``concurrency_limit``: search at most that many prompts at once (vLLM's), in order."""
+        check_request_options(lora_request)
+        if concurrency_limit is None:
+            return beam_search(self, prompts, params, use_tqdm=use_tqdm)
+        if isinstance(concurrency_limit, bool) or not isinstance(concurrency_limit, int) or concurrency_limit < 1:
+            raise ValueError(f"concurrency_limit must be a positive int or None, got {concurrency_limit!r}")
+        prompt_list = as_prompt_list(prompts)
+        outputs: list[BeamSearchOutput] = []
+        for start in range(0, len(prompt_list), concurrency_limit):
+            outputs += beam_search(self, prompt_list[start : start + concurrency_limit], params, use_tqdm=use_tqdm)
+        return outputs
 
     def _add_requests(self, prompts: list, params: list[SamplingParams]) -> list[str]:
         """Queues every prompt, returned once finished (``output_kind`` FINAL_ONLY, as vLLM's ``generate`` sets it;

@@ -107,6 +107,23 @@ def test_beams_equal_a_full_distribution_reference(eos_llm, width, length_penalt
         assert len({tuple(b.tokens) for b in searched.sequences}) == width
 
 
+def test_concurrency_limit_searches_prompts_in_groups_with_the_same_beams(llm):
+    """vLLM's ``concurrency_limit``: the prompts go through the search a group at a time, in order; each prompt's
+    beams are those of one search over all of them."""
+    prompts = [*PROMPTS, "Paris is the capital of"]
+    params = BeamSearchParams(beam_width=2, max_tokens=4)
+    together = llm.beam_search(prompts, params)
+    one_at_a_time = llm.beam_search(prompts, params, concurrency_limit=1)
+    in_twos = llm.beam_search(prompts, params, use_tqdm=False, concurrency_limit=2)
+    for grouped in (one_at_a_time, in_twos):
+        assert [[b.tokens for b in o.sequences] for o in grouped] == [[b.tokens for b in o.sequences] for o in together]
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=f"concurrency_limit must be a positive int or None, got {bad!r}"):
+            llm.beam_search(prompts, params, concurrency_limit=bad)
+    with pytest.raises(ValueError, match="LoRA adapters are not supported"):
+        llm.beam_search(prompts, params, lora_request=object())
+
+
 def test_cumulative_logprobs_equal_the_rescored_sequences(llm):
     searched = llm.beam_search(PROMPTS, BeamSearchParams(beam_width=3, max_tokens=6))
     for prompt, output in zip(PROMPTS, searched, strict=True):
