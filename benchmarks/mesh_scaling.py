@@ -214,7 +214,8 @@ def in_use_bytes_per_device(num_devices: int) -> int | None:
 
 
 def measured_bubble(runner) -> float | None:
-    """1 - (sum of stage busy times) / (P x wall time of the pipelined run), on padding microbatches."""
+    """1 - (sum of stage busy times) / (P x wall time of the pipelined run), on padding microbatches. Each way of
+    running them goes once untimed first, so neither times a compile or a pool's first allocation."""
     if not isinstance(runner, PipelineRunner) or runner.pipeline.num_stages == 1:
         return None
     pipeline, config = runner.pipeline, runner.config
@@ -222,20 +223,34 @@ def measured_bubble(runner) -> float | None:
     rows = config.request_rows_for(bucket)
     batches = [padding_batch(bucket, rows, config.max_blocks_per_request)] * runner.num_microbatches
     head_args = [runner.build_head_args([], rows, index, 0) for index in range(len(batches))]
-    jax.block_until_ready(pipeline.run(batches, head_args))  # warm (compiled already; fills caches)
-    start = time.perf_counter()
-    jax.block_until_ready(pipeline.run(batches, head_args))
-    wall = time.perf_counter() - start
-    busy = 0.0
-    for batch, args in zip(batches, head_args, strict=True):
-        inputs = batch.input_ids
-        for stage in pipeline.stages:
-            start = time.perf_counter()
-            inputs = jax.block_until_ready(pipeline.run_stage(stage, inputs, batch))
-            if stage is pipeline.stages[-1]:  # the head (sampler) runs on the last stage's devices too
-                jax.block_until_ready(pipeline.run_head(inputs["logits"], batch, args))
-            busy += time.perf_counter() - start
-    return max(0.0, 1.0 - busy / (pipeline.num_stages * wall))
+
+    def pipelined() -> float:
+        start = time.perf_counter()
+        results = jax.block_until_ready(pipeline.run(batches, head_args))
+        wall = time.perf_counter() - start
+        pipeline.release(results)
+        return wall
+
+    def one_at_a_time() -> float:
+        """Seconds the stages (the last with the head, on its devices too) are busy, each call run alone."""
+        busy = 0.0
+        for batch, args in zip(batches, head_args, strict=True):
+            hidden = None
+            for index, stage in enumerate(pipeline.stages):
+                start = time.perf_counter()
+                out = jax.block_until_ready(pipeline.run_stage(stage, hidden, batch))
+                if stage is pipeline.stages[-1]:
+                    pipeline.release([jax.block_until_ready(pipeline.run_head(out["logits"], batch, args))])
+                busy += time.perf_counter() - start
+                if hidden is not None:
+                    pipeline.stages[index - 1].results.release({"hidden": hidden})
+                hidden = out
+            pipeline.stages[-1].results.release({"logits": out["logits"]})
+        return busy
+
+    pipelined(), one_at_a_time()
+    wall = pipelined()
+    return max(0.0, 1.0 - one_at_a_time() / (pipeline.num_stages * wall))
 
 
 def run_mesh(args, model_dir: str, shape: tuple[int, int, int], prompts: list[dict]) -> dict:

@@ -334,12 +334,9 @@ class PipelinedModel:
         for call, pending in zip(calls, pending_tokens, strict=True):
             *placed, head = place([*call.stages, call.head], [*self._stage_placements, self._head_placement])
             x = None  # the first stage's token ids ride in its packed inputs
-            first_stage_pending = pending
-            if pending is None and self.token_rows is not None:  # one program whether or not tokens are pending
-                first_stage_pending = self._no_pending_tokens
             for index, stage in enumerate(self.stages):
                 width = call.prompt_logprob_width if stage is self.stages[-1] else None
-                pending_here = first_stage_pending if index == 0 else None
+                pending_here = self._stage_pending_tokens(index, pending)
                 out = self._call_stage(index, x, call.batch, placed[index], pending_here, width)
                 if index > 0:  # the previous stage's hidden states, read by this call (a no-op unless stable)
                     self.stages[index - 1].results.release({"hidden": x})
@@ -389,6 +386,15 @@ class PipelinedModel:
         slack)."""
         return self.head_results.buffer_rows(self.token_rows)
 
+    def _stage_pending_tokens(self, index: int, pending_tokens=None):
+        """What stage ``index``'s program takes as pending tokens: the first stage ``pending_tokens``, or zeros shaped
+        as a fed vector when none are pending (one program whether or not tokens are pending); later stages None."""
+        if index > 0:
+            return None
+        if pending_tokens is None and self.token_rows is not None:
+            return self._no_pending_tokens
+        return pending_tokens
+
     @functools.cached_property
     def _no_pending_tokens(self) -> jax.Array:
         """The first stage's pending-token vector when nothing is pending: zeros shaped as a fed one."""
@@ -434,7 +440,8 @@ class PipelinedModel:
         ``benchmarks/mesh_scaling.py`` times each alone."""
         index = next(i for i, s in enumerate(self.stages) if s is stage)
         placed = self._place_stage_inputs(index, batch)
-        return self._call_stage(index, None if index == 0 else inputs, batch, placed, pending_tokens)
+        pending = self._stage_pending_tokens(index, pending_tokens)  # the program ``launch`` calls, not a variant
+        return self._call_stage(index, None if index == 0 else inputs, batch, placed, pending)
 
     def _place_stage_inputs(self, index: int, batch: StepBatch) -> Packed:
         """Stage ``index``'s step arrays for ``batch`` alone, packed and on its devices."""
@@ -444,7 +451,7 @@ class PipelinedModel:
     def lower_stage(self, index: int, batch: StepBatch) -> jax.stages.Lowered:
         """Stage ``index``'s program lowered for ``batch``'s bucket (``.compile().as_text()`` shows its collectives)."""
         stage = self.stages[index]
-        pending = self._no_pending_tokens if index == 0 and self.token_rows is not None else None
+        pending = self._stage_pending_tokens(index)
         inputs = None
         if index > 0:  # a later stage takes hidden states [T, D] (a stable one: ROW_SLACK rows more), not token ids
             rows = self.stages[index - 1].results.buffer_rows(batch.input_ids.shape[0])

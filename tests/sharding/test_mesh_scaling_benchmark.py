@@ -2,12 +2,13 @@
 (smoke runs: the scripts' correctness, not timing)."""
 
 import os
+import pathlib
 
 import jax
 import pytest
 
 from benchmarks import mesh_scaling
-from jaxllm import process_env
+from jaxllm import LLM, process_env
 from tests.sharding.helpers import NEEDS_8_DEVICES
 
 pytestmark = NEEDS_8_DEVICES
@@ -23,6 +24,27 @@ def test_mesh_scaling_smoke_sweeps_meshes_through_llm():
     # tensor x pipeline 2 x 2: each device holds about a quarter of the parameters and of the KV cache
     assert rows["2x2x1"]["param_bytes_per_device"] < rows["1x1x1"]["param_bytes_per_device"] / 3
     assert rows["2x2x1"]["kv_bytes_per_device"] < rows["1x1x1"]["kv_bytes_per_device"] / 3
+
+
+def test_measured_bubble_times_the_engines_own_programs():
+    """The stages run one at a time are the programs the engine compiled: the bubble once timed a new trace of the
+    first stage (called without its pending-token vector) and read 0.00 on every GPU pipeline."""
+    model = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "models" / "llama"
+    llm = LLM(
+        model=str(model),
+        dtype="float32",
+        max_model_len=64,
+        max_num_batched_tokens=16,
+        block_size=4,
+        num_gpu_blocks_override=64,
+        skip_tokenizer_init=True,
+        pipeline_parallel_size=2,
+    )
+    [runner] = mesh_scaling.replica_runners(llm)
+    traces = runner.num_traces, runner.num_head_traces
+    bubbles = [mesh_scaling.measured_bubble(runner) for _ in range(2)]
+    assert (runner.num_traces, runner.num_head_traces) == traces
+    assert all(0.0 <= bubble < 1.0 for bubble in bubbles)
 
 
 def test_a_run_with_a_jaxllm_switch_records_and_labels_it(monkeypatch, capsys):
