@@ -10,7 +10,10 @@ loader's placement callback and the pipeline's layer-to-stage map. What is valid
 - ``num_heads % T`` must be 0: ``q_heads`` is the fused ``N*H`` dim of q_proj, and a split that is not head-aligned
   would cut a head in two.
 - ``intermediate_size % T`` must be 0, and so must a mixture of experts' expert (and shared expert) width: the
-  experts are split like the dense MLP, each device holding its share of every expert, not whole experts.
+  experts are split like the dense MLP, each device holding its share of every expert, not whole experts. With
+  expert parallelism (``MoEConfig.expert_parallel``, from vLLM's ``enable_expert_parallel=True``) each device holds
+  ``E / T`` whole experts instead, so ``num_experts % T`` must be 0 and the expert width need not divide (a shared
+  expert is still split like the dense MLP).
 - ``vocab_size % T != 0``: the vocab dim is replicated (uneven shards are not placeable); vLLM pads the vocab instead.
 - KV heads: ``K % T == 0`` splits them. ``T % K == 0`` (fewer KV heads than T) replicates each KV head ``T/K`` times
   as vLLM does (see ``sharding.kv_heads``): every device then holds exactly one KV head of the cache, instead of all
@@ -38,7 +41,8 @@ LOGICAL_AXIS_RULES: dict[str, str | None] = {
     "q_heads": TENSOR_AXIS,
     "kv_heads": TENSOR_AXIS,
     "mlp": TENSOR_AXIS,
-    "experts": None,  # every device holds its share of every expert's intermediate dim ("mlp")
+    "experts": None,  # every device holds its share of every expert's intermediate dim ("expert_mlp") ...
+    "expert_mlp": TENSOR_AXIS,  # ... unless expert parallel: then "experts" splits and this does not (model_rules)
     "shared_gate": None,  # Qwen2-MoE's one-output shared-expert gate
     "norm": None,
     # activations and the KV cache
@@ -88,14 +92,23 @@ def model_rules(model_config, tensor_size: int) -> dict[str, str | None]:
             f"num_heads={c.num_heads} is not divisible by tensor_parallel_size={tensor_size}: the q_proj output "
             f"(num_heads * head_dim = {c.num_heads * c.head_dim}) would be split inside a head"
         )
+    expert_parallel = c.moe is not None and c.moe.expert_parallel
     widths = {"intermediate_size": c.intermediate_size}
     if c.moe is not None:
-        widths["moe_intermediate_size"] = c.moe.intermediate_size
+        if expert_parallel:
+            widths["num_experts"] = c.moe.num_experts  # whole experts per device
+        else:
+            widths["moe_intermediate_size"] = c.moe.intermediate_size
         widths["shared_expert_intermediate_size"] = c.moe.shared_expert_intermediate_size
     for name, width in widths.items():
         if width % tensor_size:
-            raise ValueError(f"{name}={width} is not divisible by tensor_parallel_size={tensor_size}")
+            raise ValueError(
+                f"{name}={width} is not divisible by tensor_parallel_size={tensor_size}"
+                + (" (expert parallelism splits whole experts)" if name == "num_experts" else "")
+            )
     rules = dict(LOGICAL_AXIS_RULES)
+    if expert_parallel:
+        rules["experts"], rules["expert_mlp"] = TENSOR_AXIS, None
     if kv_head_replicas(c.num_kv_heads, tensor_size) > 1:
         rules["kv_heads"] = None  # placed whole, then expanded to T heads by sharding.kv_heads.expand_kv_heads
     if c.vocab_size % tensor_size:

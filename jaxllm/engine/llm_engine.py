@@ -53,7 +53,13 @@ class LLMEngine:
         setup.enable_compilation_cache()
         source = resolve_model_source(config.model, config.load_format, config.tokenizer)
         get_model_class((source.hf_config.get("architectures") or ["<missing>"])[0])  # unsupported: fail first
-        self.model_config = ModelConfig.from_hf_config(source.hf_config)
+        self.model_config = ModelConfig.from_hf_config(source.hf_config).with_expert_parallel(
+            config.enable_expert_parallel
+        )
+        if config.enable_expert_parallel and self.model_config.moe is None:
+            logger.warning(
+                "enable_expert_parallel=True has no effect: %s has no experts", self.model_config.architecture
+            )
         self.tokenizer = None if config.skip_tokenizer_init else source.load_tokenizer()
         # checked token sequences once per word list (a batch usually shares one SamplingParams); errors are not kept
         self._bad_word_sequences = functools.lru_cache(maxsize=64)(weakly_bound(self._tokenize_bad_words))

@@ -69,6 +69,12 @@ def constrain(x: jax.Array, logical_axes: Sequence[str]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def mesh_axis(logical_axis: str) -> str | None:
+    """The mesh axis the installed rules map ``logical_axis`` to; None off a mesh or where the rules do not split it."""
+    installed = _installed.get()
+    return None if installed is None else installed[1].get(logical_axis)
+
+
 def per_shard(
     fn: Callable, in_axes: Sequence[LogicalAxes], out_axes: Sequence[LogicalAxes], sum_over: str | None = None
 ) -> Callable:

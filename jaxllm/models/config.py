@@ -35,7 +35,8 @@ class MoEConfig:
     ``intermediate_size`` and their outputs are summed with the router's weights (renormalized over the chosen
     experts when ``normalize_top_k``). ``sparse_layers``: the layers that have one (the others keep the dense MLP).
     ``shared_expert_intermediate_size`` > 0: Qwen2-MoE's shared expert, a dense SwiGLU every token runs, scaled by
-    a sigmoid gate."""
+    a sigmoid gate. ``expert_parallel``: on a device mesh, whole experts are split over the tensor axis instead of every
+    expert's intermediate dimension (set by the engine from ``enable_expert_parallel``; ``sharding.rules``)."""
 
     num_experts: int
     top_k: int
@@ -43,6 +44,7 @@ class MoEConfig:
     normalize_top_k: bool
     sparse_layers: tuple[int, ...]
     shared_expert_intermediate_size: int = 0
+    expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         for name in ("num_experts", "top_k", "intermediate_size"):
@@ -107,6 +109,13 @@ class ModelConfig:
     def is_sparse_layer(self, layer: int) -> bool:
         """Whether layer ``layer``'s MLP is a mixture of experts."""
         return self.moe is not None and layer in self.moe.sparse_layers
+
+    def with_expert_parallel(self, enabled: bool) -> ModelConfig:
+        """This config with its experts split whole over a mesh's tensor axis (``MoEConfig.expert_parallel``) when
+        ``enabled``; a dense model's, or ``enabled=False``, unchanged."""
+        if not enabled or self.moe is None:
+            return self
+        return dataclasses.replace(self, moe=dataclasses.replace(self.moe, expert_parallel=True))
 
     @property
     def derived_max_model_len(self) -> int:

@@ -21,9 +21,12 @@ under tensor parallelism its partial sums join the experts' in the block's one a
 
 The expert weights are stacked ``[E, in, out]`` parameters (``ExpertLinear``); the loader fills one expert's slice
 per checkpoint tensor (``...experts.{e}.gate_proj.weight``). Under tensor parallelism each device holds every
-expert's share of the intermediate dimension (the ``mlp`` axis, as the dense MLP splits it), so the router and the
-sort run replicated, the grouped matmuls need no communication, and the block ends in one all-reduce of ``[T, D]``
-(``per_shard`` with ``sum_over="mlp"``), as the dense MLP does.
+expert's share of the intermediate dimension (the ``expert_mlp`` axis, split as the dense MLP's ``mlp``), so the
+router and the sort run replicated, the grouped matmuls need no communication, and the block ends in one all-reduce
+of ``[T, D]`` (``per_shard`` summing over the split axis), as the dense MLP does. With expert parallelism
+(``MoEConfig.expert_parallel``; ``sharding.rules`` then splits ``experts`` instead) each device holds ``E / T`` whole
+experts: it runs the pairs routed to its own experts (``routed_swiglu``'s ``expert_offset``; the others take no slot,
+tile or weight read) and the same one all-reduce adds the devices' outputs up.
 """
 
 from __future__ import annotations
@@ -51,8 +54,8 @@ EXPERTS_IMPL_ENV = "JAXLLM_MOE_EXPERTS_IMPL"  # forces one of EXPERT_IMPLS (read
 PAIR_PATH_MAX_TOKENS = 16  # steps of at most this many tokens (bucket size) run the per-pair products
 PAIR_PATH_ENV = "JAXLLM_MOE_PAIR_PATH_MAX_TOKENS"  # overrides PAIR_PATH_MAX_TOKENS (0: always the tile plan)
 
-EXPERT_IN = ("experts", "embed", "mlp")  # [E, D, I] gate / up
-EXPERT_OUT = ("experts", "mlp", "embed")  # [E, I, D] down
+EXPERT_IN = ("experts", "embed", "expert_mlp")  # [E, D, I] gate / up
+EXPERT_OUT = ("experts", "expert_mlp", "embed")  # [E, I, D] down
 
 
 class ExpertLinear(nnx.Module):
@@ -109,20 +112,36 @@ class SparseMoeBlock(nnx.Module):
             args += [layer.kernel.get_value() for layer in (shared.gate_proj, shared.up_proj, shared.down_proj)]
             args.append(jax.nn.sigmoid(self.shared_expert_gate(x).astype(jnp.float32)))  # [T, 1]
             in_axes += [("embed", "mlp"), ("embed", "mlp"), ("mlp", "embed"), act.REPLICATED]
+        expert_axis = act.mesh_axis("experts")  # the mesh axis whole experts split over (expert parallelism), or None
         (y,) = act.per_shard(
-            functools.partial(_experts_and_shared, num_experts=self.num_experts, impl=self.experts_impl),
+            functools.partial(
+                _experts_and_shared, num_experts=self.num_experts, impl=self.experts_impl, expert_axis=expert_axis
+            ),
             in_axes=in_axes,
             out_axes=(act.HIDDEN,),
-            sum_over="mlp",
+            sum_over="experts" if expert_axis else "expert_mlp",  # a shared expert's "mlp" splits over the same axis
         )(*args)
         return act.constrain(y, act.HIDDEN)
 
 
-def _experts_and_shared(x, expert_ids, expert_weights, w_gate, w_up, w_down, num_tokens, *shared, num_experts, impl):
+def _experts_and_shared(
+    x, expert_ids, expert_weights, w_gate, w_up, w_down, num_tokens, *shared, num_experts, impl, expert_axis=None
+):
     """One shard's share of the block: the routed experts, plus ``shared = (gate, up, down, sigmoid gate [T, 1])``
-    (Qwen2-MoE's shared expert, a SwiGLU of its own width) when given. A 1-tuple, for ``per_shard``."""
+    (Qwen2-MoE's shared expert, a SwiGLU of its own width) when given. A 1-tuple, for ``per_shard``. ``expert_axis``:
+    the mesh axis the experts are split over (expert parallelism), whose index says which experts this shard holds."""
+    offset = None if expert_axis is None else jax.lax.axis_index(expert_axis) * w_gate.shape[0]
     y = routed_swiglu(
-        x, expert_ids, expert_weights, w_gate, w_up, w_down, num_tokens, num_experts=num_experts, impl=impl
+        x,
+        expert_ids,
+        expert_weights,
+        w_gate,
+        w_up,
+        w_down,
+        num_tokens,
+        num_experts=num_experts,
+        impl=impl,
+        expert_offset=offset,
     )
     if not shared:
         return (y,)
@@ -193,6 +212,7 @@ def routed_swiglu(
     num_experts: int,
     impl: str | None = None,
     pair_path: bool | None = None,
+    expert_offset: jax.Array | int | None = None,
 ) -> jax.Array:
     """The experts' SwiGLU for every token: ``sum_k weight[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t))`` with
     ``e = expert_ids[t, k]``, as ``[T, D]`` in ``x``'s dtype. On a shard of the intermediate dimension it is that
@@ -200,7 +220,9 @@ def routed_swiglu(
     per-pair path the down product stays float32 up to the weighted sum). ``num_tokens`` (traced): only the first
     tokens are real; off ``ragged_dot`` the others run no expert (at batch 1 a bucket's padding tokens would otherwise
     add their own experts' weights to the step's reads). ``pair_path`` (not for ``ragged_dot``): the per-pair
-    products (True) or the tile plan (False); None: ``use_pairs``."""
+    products (True) or the tile plan (False); None: ``use_pairs``. ``expert_offset`` (expert parallelism): the weights
+    are experts ``[offset, offset + E_local)`` of ``num_experts``, and the result is this shard's partial sum over them:
+    pairs routed elsewhere take no slot, tile or weight read and add nothing."""
     impl = impl or default_experts_impl(*w_gate.shape[1:])
     if impl not in EXPERT_IMPLS:
         raise ValueError(f"experts impl must be one of {EXPERT_IMPLS}, got {impl!r}")
@@ -208,21 +230,47 @@ def routed_swiglu(
     flat_ids = expert_ids.reshape(-1)  # [T*k], pair p = token p // k's (p % k)-th expert
     dtype = w_gate.dtype
     num_pairs = None if num_tokens is None else num_tokens * top_k
+    local_experts = w_gate.shape[0]  # num_experts, or this shard's under expert parallelism
+    here = None
+    if expert_offset is not None:  # another shard's pairs get the id past every local expert: no group, no tile
+        local_ids = flat_ids - expert_offset
+        here = (local_ids >= 0) & (local_ids < local_experts)
+        flat_ids = jnp.where(here, local_ids, local_experts)
     if impl == "ragged_dot":
-        out = _ragged_dot_swiglu(x.astype(dtype), flat_ids, top_k, w_gate, w_up, w_down, num_experts)
+        out = _ragged_dot_swiglu(x.astype(dtype), flat_ids, top_k, w_gate, w_up, w_down, local_experts)
     elif pair_path or (pair_path is None and use_pairs(bucket_tokens, top_k, num_experts)):  # padding pairs: zeros
-        hidden = gmm.pair_swiglu(x, flat_ids, w_gate, w_up, num_pairs, top_k=top_k, impl=impl)
-        out = gmm.pair_matmul(hidden, flat_ids, w_down, num_pairs, top_k=top_k, impl=impl)  # float32
+        if here is None:
+            hidden = gmm.pair_swiglu(x, flat_ids, w_gate, w_up, num_pairs, top_k=top_k, impl=impl)
+            out = gmm.pair_matmul(hidden, flat_ids, w_down, num_pairs, top_k=top_k, impl=impl)  # float32
+        else:
+            out = _local_pairs_swiglu(x, flat_ids, here, num_pairs, top_k, w_gate, w_up, w_down, impl)
     else:
-        plan = gmm.plan_tiles(flat_ids, num_experts, tile_rows(flat_ids.shape[0], num_experts), num_pairs)
+        plan = gmm.plan_tiles(flat_ids, local_experts, tile_rows(flat_ids.shape[0], num_experts), num_pairs)
         rows = jnp.take(x.astype(dtype), plan.row_of_slot // top_k, axis=0)  # [P, D], each tile one expert's
         product = functools.partial(gmm.grouped_matmul, tile_groups=plan.tile_groups, block_m=plan.block_m, impl=impl)
         hidden = jax.nn.silu(product(rows, w_gate)) * product(rows, w_up)
         out = jnp.take(product(hidden, w_down), plan.slot_of_row, axis=0)  # [T*k, D] in pair order
         if num_pairs is not None:  # padding pairs read a slot that may be an unwritten row: zeros, never garbage
             out = jnp.where((jnp.arange(flat_ids.shape[0]) < num_pairs)[:, None], out, 0)
+    if here is not None:  # another shard's pairs read slot 0's row back (the plan) or zeros: they add nothing here
+        out = jnp.where(here[:, None], out, 0)
     out = out.reshape(bucket_tokens, top_k, -1)
     return jnp.einsum("tkd,tk->td", out.astype(jnp.float32), expert_weights).astype(x.dtype)
+
+
+def _local_pairs_swiglu(x, local_ids, here, num_pairs, top_k: int, w_gate, w_up, w_down, impl: str) -> jax.Array:
+    """The per-pair products of an expert-parallel shard: its own pairs (``here``, and real: before ``num_pairs``)
+    moved to the front with their token rows, so the kernels' pair count stops after them and no other shard's pair
+    reads a weight; float32 ``[T*k, D]`` back in pair order, zeros for the others."""
+    if num_pairs is not None:
+        here = here & (jnp.arange(here.shape[0]) < num_pairs)
+    order = jnp.argsort(~here, stable=True)  # this shard's pairs first
+    count = jnp.sum(here, dtype=jnp.int32)
+    rows = jnp.take(x, order // top_k, axis=0)  # each pair's token row: one row per pair
+    ids = jnp.minimum(local_ids[order], w_gate.shape[0] - 1)  # (the others, past count, are never read)
+    hidden = gmm.pair_swiglu(rows, ids, w_gate, w_up, count, top_k=1, impl=impl)
+    out = gmm.pair_matmul(hidden, ids, w_down, count, top_k=1, impl=impl)
+    return jnp.take(out, jnp.argsort(order), axis=0)
 
 
 def _ragged_dot_swiglu(x, flat_ids, top_k: int, w_gate, w_up, w_down, num_experts: int) -> jax.Array:

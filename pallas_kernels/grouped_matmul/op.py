@@ -56,9 +56,10 @@ def num_slots(num_rows: int, num_groups: int, block_m: int) -> int:
 
 
 def plan_tiles(group_ids: jax.Array, num_groups: int, block_m: int, num_valid: jax.Array | None = None) -> TilePlan:
-    """The tile layout of routed rows whose groups are ``group_ids [R]`` (int32 in ``[0, num_groups)``). With
-    ``num_valid`` (a traced count) only the first ``num_valid`` rows are laid out: the rest (a step's padding) get no
-    slot of their own and no tile (their ``slot_of_row`` is 0, a valid row's slot, so reading it back is harmless)."""
+    """The tile layout of routed rows whose groups are ``group_ids [R]`` (int32 in ``[0, num_groups]``: a row of
+    group ``num_groups``, e.g. another device's expert, is laid out nowhere). With ``num_valid`` (a traced count) only
+    the first ``num_valid`` rows are laid out: the rest (a step's padding) get no slot of their own and no tile. A row
+    laid out nowhere has ``slot_of_row`` 0, a valid row's slot, so reading it back is harmless."""
     num_rows = group_ids.shape[0]
     if num_valid is not None:
         group_ids = jnp.where(jnp.arange(num_rows) < num_valid, group_ids, num_groups)  # past every group

@@ -4,6 +4,7 @@ those jaxllm cannot honour are ValueErrors naming them, ``enforce_eager`` turns 
 vLLM."""
 
 import itertools
+import logging
 
 import pytest
 
@@ -42,7 +43,6 @@ VLLM_SCRIPT_ARGUMENTS = dict(
     model_impl="vllm",
     enable_lora=False,
     speculative_config=None,
-    enable_expert_parallel=False,
     enable_sleep_mode=False,
     kv_transfer_config=None,
     limit_mm_per_prompt={},
@@ -150,6 +150,21 @@ def test_enforce_eager_turns_off_cuda_graphs_on_gpu_only():
     with pytest.raises(TypeError) as error:
         EngineConfig(enforce_eager="yes")
     assert "enforce_eager" in str(error.value)
+
+
+def test_expert_parallel_on_a_dense_model_or_one_device_changes_nothing(tiny_model_dir, caplog):
+    """vLLM's ``enable_expert_parallel``: a dense model has no experts to split (a warning says so) and its tokens
+    are the plain engine's; a non-bool is a ``TypeError`` naming it. (On a mesh: tests/sharding/test_moe_parallel.)"""
+    prompts = random_token_prompts(2, [5, 9], seed=6)
+    plain = make_llm(tiny_model_dir).generate(prompts, GREEDY, use_tqdm=False)
+    with caplog.at_level(logging.WARNING, logger="jaxllm.engine.llm_engine"):
+        expert_parallel = make_llm(tiny_model_dir, enable_expert_parallel=True)
+    assert "enable_expert_parallel=True has no effect" in caplog.text
+    assert expert_parallel.llm_engine.model_config.moe is None
+    outputs = expert_parallel.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in plain]
+    with pytest.raises(TypeError, match="enable_expert_parallel must be a bool, got 'yes'"):
+        EngineConfig(enable_expert_parallel="yes")
 
 
 def test_lora_and_priority_requests_are_refused_and_the_engine_keeps_serving(tiny_model_dir):

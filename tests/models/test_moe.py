@@ -94,6 +94,38 @@ def test_padding_tokens_leave_the_real_tokens_alone(impl, pair_path):
     np.testing.assert_allclose(np.asarray(got)[:real], expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(("impl", "pair_path"), PATHS)
+@pytest.mark.parametrize("num_shards", [2, 4])
+def test_expert_parallel_shards_sum_to_every_expert(impl, pair_path, num_shards):
+    """Expert parallelism: each shard runs only the pairs routed to its own experts ``[offset, offset + E/S)`` and
+    the shards' partial sums add up to the whole block; padding tokens stay out of every shard."""
+    rng = np.random.default_rng(num_shards)
+    num_experts, top_k, d, i, t, real = 8, 2, 16, 32, 12, 9
+    x = rng.normal(size=(t, d)).astype(np.float32)
+    ids = np.stack([rng.choice(num_experts, top_k, replace=False) for _ in range(t)]).astype(np.int32)
+    weights = rng.uniform(0.1, 1.0, size=(t, top_k)).astype(np.float32)
+    w_gate, w_up = (rng.normal(size=(num_experts, d, i)).astype(np.float32) * 0.3 for _ in range(2))
+    w_down = rng.normal(size=(num_experts, i, d)).astype(np.float32) * 0.3
+    local = num_experts // num_shards
+    partials = []
+    for shard in range(num_shards):
+        experts = slice(shard * local, (shard + 1) * local)
+        arrays = map(jnp.asarray, (x, ids, weights, w_gate[experts], w_up[experts], w_down[experts]))
+        partial = routed_swiglu(
+            *arrays,
+            jnp.int32(real),
+            num_experts=num_experts,
+            impl=impl,
+            pair_path=pair_path,
+            expert_offset=jnp.int32(shard * local),
+        )
+        partials.append(np.asarray(partial)[:real])
+    first_shard = reference_experts(x[:real], ids[:real], weights[:real] * (ids[:real] < local), w_gate, w_up, w_down)
+    np.testing.assert_allclose(partials[0], first_shard, rtol=1e-4, atol=1e-4)  # its own experts' pairs, no others
+    expected = reference_experts(x[:real], ids[:real], weights[:real], w_gate, w_up, w_down)
+    np.testing.assert_allclose(sum(partials), expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize(("impl", "pair_path"), PATHS[1:])
 def test_a_step_of_padding_only_gives_zeros_not_unwritten_rows(impl, pair_path):
     """Warm-up runs steps with no real token: every tile (every pair) is skipped, and the tile kernel leaves its rows
@@ -258,6 +290,20 @@ def test_tensor_parallel_needs_the_expert_width_to_split():
     model_rules(config, 4)  # 12 % 4 == 0
     with pytest.raises(ValueError, match="moe_intermediate_size=12 is not divisible by tensor_parallel_size=8"):
         model_rules(config, 8)
+
+
+def test_expert_parallel_needs_the_experts_to_split_not_their_width():
+    config = ModelConfig.from_hf_config({**QWEN3_MOE, "num_attention_heads": 8, "moe_intermediate_size": 12})
+    expert_parallel = config.with_expert_parallel(True)
+    assert config.moe.expert_parallel is False and expert_parallel.moe.expert_parallel is True
+    rules = model_rules(expert_parallel, 8)  # 12 % 8 != 0, but whole experts split: the width stays whole
+    assert (rules["experts"], rules["expert_mlp"], rules["mlp"]) == ("tensor", None, "tensor")
+    assert model_rules(config, 4)["experts"] is None and model_rules(config, 4)["expert_mlp"] == "tensor"
+    twelve = ModelConfig.from_hf_config({**QWEN3_MOE, "num_attention_heads": 8, "num_experts": 12})
+    with pytest.raises(ValueError, match="num_experts=12 is not divisible by tensor_parallel_size=8 .*whole experts"):
+        model_rules(twelve.with_expert_parallel(True), 8)
+    dense = ModelConfig.from_hf_config(json.loads((FIXTURES / "llama" / "config.json").read_text()))
+    assert dense.with_expert_parallel(True) is dense
 
 
 def test_split_expert_paths():

@@ -47,7 +47,9 @@ def test_logical_to_spec():
     assert logical_to_spec(("embed", "q_heads")) == P(None, "tensor")
     assert logical_to_spec(("mlp", "embed")) == P("tensor", None)
     assert logical_to_spec(("kv_blocks", "block_slots", "kv_heads", "head_dim")) == P(None, None, "tensor", None)
-    assert logical_to_spec(("experts", "embed", "mlp")) == P(None, None, "tensor")  # each expert split like the MLP
+    assert logical_to_spec(("experts", "embed", "expert_mlp")) == P(
+        None, None, "tensor"
+    )  # each expert split like the MLP
     with pytest.raises(ValueError) as e:
         logical_to_spec(("embed", "channels"))
     assert "channels" in str(e.value)
