@@ -36,8 +36,8 @@ JOBS = {
 
 def add_engine_variant_arguments(parser) -> None:
     """The options every engine benchmark takes to compare variants within one call: quantization, KV-cache dtype,
-    XLA compiler options over the platform's defaults (``--xla-compiler-options '{}'`` keeps the defaults), and
-    one step at a time instead of async scheduling."""
+    XLA compiler options over the platform's defaults (``--xla-compiler-options '{}'`` keeps the defaults), one
+    step at a time instead of async scheduling, and a mixture of experts' whole experts per device on a mesh."""
     parser.add_argument("--quantization", choices=("int8", "int4", "fp8"), help="weight quantization (default: none)")
     parser.add_argument("--quantize-lm-head", action="store_true", help="lm_head quantized too (needs --quantization)")
     parser.add_argument("--kv-cache-dtype", default="auto", help='"auto" (the model dtype) or "fp8" (e4m3)')
@@ -50,6 +50,9 @@ def add_engine_variant_arguments(parser) -> None:
     parser.add_argument(
         "--no-async-scheduling", dest="async_scheduling", action="store_false", help="one step at a time (a baseline)"
     )
+    parser.add_argument(
+        "--enable-expert-parallel", action="store_true", help="vLLM's: whole experts per device on a mesh (MoE only)"
+    )
 
 
 def variant_engine_options(args) -> dict:
@@ -60,6 +63,7 @@ def variant_engine_options(args) -> dict:
         "kv_cache_dtype": args.kv_cache_dtype,
         "xla_compiler_options": args.xla_compiler_options,
         "async_scheduling": args.async_scheduling,
+        "enable_expert_parallel": args.enable_expert_parallel,
     }
 
 
@@ -75,6 +79,8 @@ def variant_label(args) -> str:
         parts.append(f"XLA {json.dumps(args.xla_compiler_options)}")
     if not args.async_scheduling:
         parts.append("sync steps")
+    if args.enable_expert_parallel:
+        parts.append("expert parallel")
     parts += [f"{name}={value}" for name, value in jaxllm_switches().items()]
     return "".join(", " + part for part in parts)
 

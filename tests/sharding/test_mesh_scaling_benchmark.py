@@ -58,6 +58,16 @@ def test_a_run_with_a_jaxllm_switch_records_and_labels_it(monkeypatch, capsys):
     assert "variant: JAXLLM_MESH_LAUNCH_THREAD=1; XLA_FLAGS=" in capsys.readouterr().out
 
 
+def test_expert_parallel_reaches_the_engine_and_the_record(capsys):
+    """``--enable-expert-parallel`` (a variant option of every engine benchmark) builds the engine with whole experts
+    per device, and the record and its variant line say so."""
+    model = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "models" / "qwen3_moe"
+    argv = ["--model", str(model), "--meshes", "2x1x1", "--num-prompts", "2", "--input-len", "8", "--output-len", "2"]
+    record = mesh_scaling.main([*argv, "--latency-output-len", "0", "--max-num-seqs", "4", "--enable-expert-parallel"])
+    assert record["engine"]["enable_expert_parallel"] is True and record["rows"][0]["output_tokens_per_s"] > 0
+    assert "variant: expert parallel" in capsys.readouterr().out
+
+
 def test_process_per_mesh_runs_each_mesh_in_its_own_child():
     argv = ["--smoke", "--meshes", "1x1x1,2x1x1", "--num-prompts", "4", "--input-len", "8", "--output-len", "4"]
     record = mesh_scaling.main([*argv, "--process-per-mesh", "--latency-output-len", "0"])
