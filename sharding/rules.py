@@ -43,6 +43,7 @@ LOGICAL_AXIS_RULES: dict[str, str | None] = {
     "mlp": TENSOR_AXIS,
     "experts": None,  # every device holds its share of every expert's intermediate dim ("expert_mlp") ...
     "expert_mlp": TENSOR_AXIS,  # ... unless expert parallel: then "experts" splits and this does not (model_rules)
+    "router_experts": None,  # the router's [D, E]: every device routes every token
     "shared_gate": None,  # Qwen2-MoE's one-output shared-expert gate
     "norm": None,
     # activations and the KV cache

@@ -84,7 +84,8 @@ class SparseMoeBlock(nnx.Module):
     def __init__(self, hidden_size: int, moe: MoEConfig, *, dtype, rngs: nnx.Rngs, expert_names=QWEN_EXPERT_NAMES):
         self.num_experts, self.top_k, self.normalize_top_k = moe.num_experts, moe.top_k, moe.normalize_top_k
         self.experts_impl = None  # one of EXPERT_IMPLS; None: the platform's default
-        self.gate = Linear(hidden_size, moe.num_experts, axes=("embed", "experts"), dtype=dtype, rngs=rngs)
+        # the router stays whole on every device (its own axis name: "experts" splits under expert parallelism)
+        self.gate = Linear(hidden_size, moe.num_experts, axes=("embed", "router_experts"), dtype=dtype, rngs=rngs)
         self.expert_names = tuple(expert_names)
         self.experts = Experts(hidden_size, moe, self.expert_names, dtype=dtype, rngs=rngs)
         if moe.shared_expert_intermediate_size:

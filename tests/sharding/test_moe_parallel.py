@@ -47,13 +47,20 @@ def test_expert_parallel_matches_one_device(one_device, name, tensor, pipe):
     assert {s.data.shape for s in gate.addressable_shards} == {(num_experts // tensor, hidden, width)}
     assert {s.data.shape for s in down.addressable_shards} == {(num_experts // tensor, width, hidden)}
     assert len({s.device for s in gate.addressable_shards}) == tensor
+    router = first_moe_block(llm, name).gate.kernel.get_value()  # [D, E]: whole on every device
+    assert {s.data.shape for s in router.addressable_shards} == {(hidden, num_experts)}
+
+
+def first_moe_block(llm, name: str):
+    """The first layer's mixture-of-experts block, its parameters as placed on the mesh."""
+    first_stage = llm.llm_engine.runner.pipeline.stages[0]
+    layer = nnx.merge(first_stage.graphdef, first_stage.state).layers[0]
+    return layer.block_sparse_moe if name == "mixtral" else layer.mlp
 
 
 def first_expert_kernels(llm, name: str):
     """The first layer's stacked gate ``[E, D, I]`` and down ``[E, I, D]`` kernels, as placed on the mesh."""
-    first_stage = llm.llm_engine.runner.pipeline.stages[0]
-    layer = nnx.merge(first_stage.graphdef, first_stage.state).layers[0]
-    block = layer.block_sparse_moe if name == "mixtral" else layer.mlp
+    block = first_moe_block(llm, name)
     gate_name, _, down_name = block.expert_names
     return getattr(block.experts, gate_name).kernel.get_value(), getattr(block.experts, down_name).kernel.get_value()
 
