@@ -2,9 +2,12 @@
 ``LLM``'s (same mixed job as ``test_llm_parallel_options``); every device holds its share of every expert's
 intermediate dimension, or with ``enable_expert_parallel=True`` its ``E / T`` whole experts."""
 
+import re
+
 import pytest
 from flax import nnx
 
+from sharding.runner import padding_batch
 from tests.sharding.helpers import NEEDS_8_DEVICES
 from tests.sharding.test_llm_parallel_options import generate, make_llm
 
@@ -49,6 +52,24 @@ def test_expert_parallel_matches_one_device(one_device, name, tensor, pipe):
     assert len({s.device for s in gate.addressable_shards}) == tensor
     router = first_moe_block(llm, name).gate.kernel.get_value()  # [D, E]: whole on every device
     assert {s.data.shape for s in router.addressable_shards} == {(hidden, num_experts)}
+    if pipe == 1:  # the block's one all-reduce per layer, as with split experts: no all-to-all, no gathered logits
+        all_reduces, others = stage_collectives(llm.llm_engine.runner)
+        assert len(all_reduces) == 2 * llm.llm_engine.model_config.num_layers + 1  # o_proj, the block, the embedding
+        assert {kind for _, kind in others} == {"all-gather"}  # the vocab-split logits' rows only
+        assert all(shape.endswith(f",{llm.llm_engine.model_config.vocab_size}") for shape, _ in others)
+
+
+def stage_collectives(runner) -> tuple[list[str], list[tuple[str, str]]]:
+    """The first stage's compiled collectives at its smallest bucket: the all-reduces' shapes, and every other one's
+    (shape, kind)."""
+    bucket = runner.config.token_buckets[0]
+    batch = padding_batch(bucket, runner.config.request_rows_for(bucket), runner.config.max_blocks_per_request)
+    hlo = runner.pipeline.lower_stage(0, batch).compile().as_text()  # cached: the program already ran
+    kinds = "all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter"
+    collectives = re.findall(rf"= \w+\[([\d,]*)\]\S* ({kinds})\(", hlo)
+    return [shape for shape, kind in collectives if kind == "all-reduce"], [
+        c for c in collectives if c[1] != "all-reduce"
+    ]
 
 
 def first_moe_block(llm, name: str):
