@@ -54,6 +54,17 @@ def reference_experts(x, ids, weights, w_gate, w_up, w_down):
     return out
 
 
+def random_experts(rng, num_experts: int, top_k: int, d: int, i: int, t: int) -> tuple[np.ndarray, ...]:
+    """``t`` tokens' rows ``[t, d]``, each routed to ``top_k`` distinct experts with weights in [0.1, 1), and the
+    experts' gate / up ``[E, d, i]`` and down ``[E, i, d]`` kernels: float32 except the int32 ids."""
+    x = rng.normal(size=(t, d)).astype(np.float32)
+    ids = np.stack([rng.choice(num_experts, top_k, replace=False) for _ in range(t)]).astype(np.int32)
+    weights = rng.uniform(0.1, 1.0, size=(t, top_k)).astype(np.float32)
+    w_gate, w_up = (rng.normal(size=(num_experts, d, i)).astype(np.float32) * 0.3 for _ in range(2))
+    w_down = rng.normal(size=(num_experts, i, d)).astype(np.float32) * 0.3
+    return x, ids, weights, w_gate, w_up, w_down
+
+
 PATHS = [  # (impl, pair_path): XLA's ragged_dot, and each plan backend on the tile plan and on the per-pair products
     ("ragged_dot", None),
     ("reference", False),
@@ -68,11 +79,7 @@ PATHS = [  # (impl, pair_path): XLA's ragged_dot, and each plan backend on the t
 def test_routed_swiglu_equals_a_per_token_loop(num_tokens, impl, pair_path):
     rng = np.random.default_rng(num_tokens)
     num_experts, top_k, d, i = 6, 2, 16, 32
-    x = rng.normal(size=(num_tokens, d)).astype(np.float32)
-    ids = np.stack([rng.choice(num_experts, top_k, replace=False) for _ in range(num_tokens)]).astype(np.int32)
-    weights = rng.uniform(0.1, 1.0, size=(num_tokens, top_k)).astype(np.float32)
-    w_gate, w_up = (rng.normal(size=(num_experts, d, i)).astype(np.float32) * 0.3 for _ in range(2))
-    w_down = rng.normal(size=(num_experts, i, d)).astype(np.float32) * 0.3
+    x, ids, weights, w_gate, w_up, w_down = random_experts(rng, num_experts, top_k, d, i, num_tokens)
     arrays = map(jnp.asarray, (x, ids, weights, w_gate, w_up, w_down))
     got = routed_swiglu(*arrays, num_experts=num_experts, impl=impl, pair_path=pair_path)
     expected = reference_experts(x, ids, weights, w_gate, w_up, w_down)
@@ -83,11 +90,7 @@ def test_routed_swiglu_equals_a_per_token_loop(num_tokens, impl, pair_path):
 def test_padding_tokens_leave_the_real_tokens_alone(impl, pair_path):
     rng = np.random.default_rng(11)
     num_experts, top_k, d, i, t, real = 8, 2, 16, 32, 12, 5
-    x = rng.normal(size=(t, d)).astype(np.float32)
-    ids = np.stack([rng.choice(num_experts, top_k, replace=False) for _ in range(t)]).astype(np.int32)
-    weights = rng.uniform(0.1, 1.0, size=(t, top_k)).astype(np.float32)
-    w_gate, w_up = (rng.normal(size=(num_experts, d, i)).astype(np.float32) * 0.3 for _ in range(2))
-    w_down = rng.normal(size=(num_experts, i, d)).astype(np.float32) * 0.3
+    x, ids, weights, w_gate, w_up, w_down = random_experts(rng, num_experts, top_k, d, i, t)
     arrays = list(map(jnp.asarray, (x, ids, weights, w_gate, w_up, w_down)))
     got = routed_swiglu(*arrays, jnp.int32(real), num_experts=num_experts, impl=impl, pair_path=pair_path)
     expected = reference_experts(x[:real], ids[:real], weights[:real], w_gate, w_up, w_down)
@@ -101,11 +104,7 @@ def test_expert_parallel_shards_sum_to_every_expert(impl, pair_path, num_shards)
     the shards' partial sums add up to the whole block; padding tokens stay out of every shard."""
     rng = np.random.default_rng(num_shards)
     num_experts, top_k, d, i, t, real = 8, 2, 16, 32, 12, 9
-    x = rng.normal(size=(t, d)).astype(np.float32)
-    ids = np.stack([rng.choice(num_experts, top_k, replace=False) for _ in range(t)]).astype(np.int32)
-    weights = rng.uniform(0.1, 1.0, size=(t, top_k)).astype(np.float32)
-    w_gate, w_up = (rng.normal(size=(num_experts, d, i)).astype(np.float32) * 0.3 for _ in range(2))
-    w_down = rng.normal(size=(num_experts, i, d)).astype(np.float32) * 0.3
+    x, ids, weights, w_gate, w_up, w_down = random_experts(rng, num_experts, top_k, d, i, t)
     local = num_experts // num_shards
     partials = []
     for shard in range(num_shards):
