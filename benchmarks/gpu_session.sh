@@ -2,10 +2,11 @@
 # One GPU-machine session: the GPU tests and the benchmarks, logs and JSON under $OUT (default ./gpu-out).
 #   bash benchmarks/gpu_session.sh tests kernels j8 j8sync j8pen scoring j8ref j8cublas j8nomerge j8both j8xla j8fp8 j8fp8nocb j1 l8 l8q l8fused \
 #        l8qxla l8xla l8dump vmm j8vmm l8vmm profile profile1 profile_b1 profile_prefill profile_tp2 layers2 graphupd ppupd ppasync startup compare_hf qmm qmmsweep qmmengine qmmbitcvt qmmbundled attnsweep memj1 mesh8 mesh70 tpflags tpenv mp mp8 \
-#        moe moe30 mixtral
+#        moe moe30 moe30ep mixtral
 # (any subset, run in the order given; mesh8, profile_tp2, graphupd, ppupd and ppasync need 2+ GPUs, layers2 4 at its
 # default TP_SIZES; mesh8 runs the Llama-3.1-8B shape at TP 1 and 2 by default, MESHES=...; mesh70 the Llama-3.1-70B shape, 4x1x1 by default, MESHES70=...; both once per MESH_VARIANTS entry;
-# moe30 / mixtral: J8's lengths on the Qwen3-30B-A3B shape (MESHES_MOE, default 1x1x1) / Mixtral-8x7B (MESHES_MIXTRAL, 2x1x1),
+# moe30 / mixtral: J8's lengths on the Qwen3-30B-A3B shape (MESHES_MOE, default 1x1x1) / Mixtral-8x7B (MESHES_MIXTRAL, 2x1x1);
+# moe30ep: the Qwen3-30B-A3B shape at MESHES_EP (default 2x1x1) with split experts, then whole ones (--enable-expert-parallel),
 # e.g. MESH_VARIANTS="XLA_FLAGS=;XLA_FLAGS=--xla_gpu_enable_command_buffer=+COLLECTIVES" for an A/B on one lease;
 # a sweep split over calls: MESH_ARGS="--process-per-mesh --scaling-base-log FILE", FILE an earlier call's log carried in the tree)
 # Run from the repository root; JAXLLM_COMMIT names the commit when the tree is not a git checkout. Wheels of
@@ -146,6 +147,8 @@ for stage in "$@"; do
     mesh70) with_variants "${MESH_VARIANTS:-}" mesh_job mesh70.log --model benchmarks/configs/llama-3.1-70b --meshes ${MESHES70:-4x1x1} ;;
     moe) python3 benchmarks/moe_experts.py 2>&1 | tee "$OUT/moe.log" ;;  # one MoE layer's grouped expert matmuls
     moe30) mesh_job moe30.log --model benchmarks/configs/qwen3-30b-a3b --meshes ${MESHES_MOE:-1x1x1} ;;  # J8 lengths
+    moe30ep) for ep in "" --enable-expert-parallel; do  # each mesh in a process of its own: MESH_ARGS=--process-per-mesh
+               mesh_job moe30ep.log --model benchmarks/configs/qwen3-30b-a3b --meshes ${MESHES_EP:-2x1x1} $ep; done ;;
     mixtral) mesh_job mixtral.log --model benchmarks/configs/mixtral-8x7b --meshes ${MESHES_MIXTRAL:-2x1x1} ;;
     startup) python3 benchmarks/startup.py --job J8 --record 2>&1 | tee "$OUT/startup.log" | grep -Ev "^JSON" ;;
     compare_hf) python3 benchmarks/compare_hf.py --job J8 --record 2>&1 | tee "$OUT/compare_hf.log" | grep -Ev "^JSON" ;;
