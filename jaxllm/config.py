@@ -76,6 +76,7 @@ class EngineConfig:
     enforce_eager: bool = False  # vLLM's: no CUDA graphs (XLA's command buffers off on GPU; jaxllm.runner.xla_options)
     # vLLM's: on a mesh, a mixture of experts' whole experts split over the tensor axis (sharding.rules)
     enable_expert_parallel: bool = False
+    enable_sleep_mode: bool = False  # vLLM's: LLM.sleep / wake_up may free and retake device memory (engine.sleep_mode)
     # vLLM's: where generate / chat find sampling parameters when given none: "auto" (the model's
     # generation_config.json), "vllm" (SamplingParams' defaults) or a directory; jaxllm.engine.default_sampling
     generation_config: str = "auto"
@@ -119,7 +120,8 @@ class EngineConfig:
             or (isinstance(names, list) and names and all(isinstance(n, str) and n for n in names))
         ):
             raise TypeError(f"served_model_name must be a non-empty str, a list of them or None, got {names!r}")
-        for name in ("quantize_lm_head", "enforce_eager", "enable_expert_parallel", "disable_log_stats"):
+        switches = ("quantize_lm_head", "enforce_eager", "enable_expert_parallel", "enable_sleep_mode")
+        for name in (*switches, "disable_log_stats"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.quantize_lm_head and self.quantization is None:

@@ -101,6 +101,17 @@ class Stage:
         return self.params.unflatten()
 
 
+def _split_stage(model, meshes, ranges, index: int) -> tuple[nnx.GraphDef, FlatState]:
+    """Stage ``index`` of ``model`` (layers ``ranges[index]`` on ``meshes[index]``): its graph and parameters."""
+    is_first, is_last = index == 0, index == len(meshes) - 1
+    module = StageModule(model, ranges[index], is_first=is_first, is_last=is_last)
+    graphdef, state = nnx.split(module)
+    if module.tied_embedding is not None and not is_first:
+        state = _copy_tied_embedding(state, meshes[index])
+    _check_placed(state, meshes[index], index)
+    return graphdef, FlatState.of(state)
+
+
 def _copy_tied_embedding(state, mesh: Mesh):
     """The tied embedding table lives on stage 0; the last stage gets its own copy (new Variables, same layout)."""
     flat = []
@@ -163,17 +174,37 @@ class PipelinedModel:
 
     def _build_stage(self, model, meshes, ranges, index: int, stable_outputs: bool) -> Stage:
         """Stage ``index``; ``stable_outputs``: its outputs go into donated pooled buffers (``stage.results``)."""
-        is_first, is_last = index == 0, index == len(meshes) - 1
-        module = StageModule(model, ranges[index], is_first=is_first, is_last=is_last)
-        graphdef, state = nnx.split(module)
-        mesh = meshes[index]
-        if module.tied_embedding is not None and not is_first:
-            state = _copy_tied_embedding(state, mesh)
-        _check_placed(state, mesh, index)
-        params = FlatState.of(state)
+        graphdef, params = _split_stage(model, meshes, ranges, index)
+        mesh, is_last = meshes[index], index == len(meshes) - 1
         programs = self._compile(graphdef, params, mesh, is_last)
         results = ResultBuffers(stable_outputs, replicated(mesh))
         return Stage(mesh, ranges[index], graphdef, params, programs, results)
+
+    # Sleep mode (jaxllm.engine.sleep_mode): every stage's parameter arrays out and back, the KV cache freed.
+    def param_arrays(self) -> list[jax.Array]:
+        return [array for stage in self.stages for array in stage.params.leaves]
+
+    def set_param_arrays(self, arrays: list[jax.Array]) -> None:
+        start = 0
+        for stage in self.stages:
+            count = len(stage.params.leaves)
+            stage.params = dataclasses.replace(stage.params, leaves=list(arrays[start : start + count]))
+            start += count
+
+    def load_params(self, model) -> None:
+        """Every stage's parameters from ``model``, built and placed as this pipeline's was."""
+        meshes, ranges = [stage.mesh for stage in self.stages], [stage.layers for stage in self.stages]
+        for index, stage in enumerate(self.stages):
+            _, params = _split_stage(model, meshes, ranges, index)
+            if params.treedef != stage.params.treedef:
+                raise ValueError(f"the model's stage {index} parameters are not laid out as the pipeline's")
+            stage.params = params
+
+    def free_kv_cache(self) -> None:
+        for stage in self.stages:
+            for array in jax.tree.leaves(stage.kv_caches):
+                array.delete()
+            stage.kv_caches = None
 
     def _compile(self, graphdef, params: FlatState, mesh: Mesh, is_last: bool):
         rules = activation_rules(self.config, mesh)

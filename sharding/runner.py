@@ -271,6 +271,19 @@ class PipelineRunner:
         self.config = config
         self.pipeline.allocate_kv_cache(config.num_blocks, config.block_size, self.kv_dtype)
 
+    # Sleep mode (jaxllm.engine.sleep_mode), as ModelRunner's: the pipeline's stages hold the arrays.
+    def param_arrays(self) -> list[jax.Array]:
+        return self.pipeline.param_arrays()
+
+    def set_param_arrays(self, arrays: list[jax.Array]) -> None:
+        self.pipeline.set_param_arrays(arrays)
+
+    def load_params(self, model) -> None:
+        self.pipeline.load_params(model)
+
+    def free_kv_cache(self) -> None:
+        self.pipeline.free_kv_cache()
+
     def profile_largest_bucket(self) -> None:
         """Runs the largest bucket once so each device's peak memory includes a step's activations."""
         bucket = self.config.token_buckets[-1]

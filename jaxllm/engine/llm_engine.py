@@ -23,6 +23,7 @@ from jaxllm.engine import setup
 from jaxllm.engine.default_sampling import default_sampling_fields
 from jaxllm.engine.engine_core import EngineCore
 from jaxllm.engine.prompts import tokenize_prompt
+from jaxllm.engine.sleep_mode import SleepMode, check_sleep_level
 from jaxllm.engine.vllm_arguments import check_request_options, engine_arguments
 from jaxllm.loading.model_loader import resolve_dtype
 from jaxllm.loading.model_source import resolve_model_source
@@ -40,7 +41,8 @@ from jaxllm.sampling_params import SamplingParams
 from jaxllm.structured_output import StructuredOutputCompiler
 from jaxllm.weak_methods import weakly_bound
 from sharding.data_parallel import DataParallelEngine
-from sharding.engine_runners import build_mesh_runners, engine_mesh
+from sharding.engine_runners import build_mesh_runners, engine_mesh, load_replica_model
+from sharding.mesh import replica_meshes
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +80,10 @@ class LLMEngine:
             "loaded %s (%s) in %.1f s", source.name, self.model_config.architecture, time.perf_counter() - start
         )
         self.compile_seconds = setup.warm_up(runners)
+        self._sleep_mode = None  # vLLM's sleep / wake_up, with enable_sleep_mode=True (jaxllm.engine.sleep_mode)
+        if config.enable_sleep_mode:
+            reload_models = functools.partial(_load_models, config, source, self.model_config)
+            self._sleep_mode = SleepMode(runners, reload_models)
         cores = [
             EngineCore(
                 runner,
@@ -166,6 +172,7 @@ class LLMEngine:
         are vLLM's and must keep their defaults (no LoRA adapters; first come, first served).
         """
         check_request_options(lora_request, priority)
+        self._check_awake()
         params = SamplingParams(**self.default_sampling_fields) if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -287,6 +294,40 @@ class LLMEngine:
             return False
         return all([scheduler.block_manager.reset_prefix_cache() for scheduler in self._schedulers])
 
+    def sleep(self, level: int = 1) -> None:
+        """vLLM's: gives an idle engine's device memory back. Level 1 keeps the weights in host memory, level 2
+        discards them (``wake_up`` loads them again); both free the KV cache and forget cached prefixes. Needs
+        ``enable_sleep_mode=True`` and no unfinished request (else a ``ValueError``)."""
+        sleep_mode = self._require_sleep_mode("sleep")
+        level = check_sleep_level(level)
+        if self.has_unfinished_requests():
+            raise ValueError(
+                f"sleep(level={level}) with {self.get_num_unfinished_requests()} unfinished request(s): finish or "
+                "abort them first"
+            )
+        if not sleep_mode.is_sleeping:
+            self.reset_prefix_cache()  # their KV goes with the cache
+        sleep_mode.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """vLLM's: takes the device memory back for ``tags`` (``"weights"``, ``"kv_cache"``; None: both)."""
+        self._require_sleep_mode("wake_up").wake_up(tags)
+
+    def is_sleeping(self) -> bool:
+        return self._sleep_mode is not None and self._sleep_mode.is_sleeping
+
+    def _require_sleep_mode(self, method: str) -> SleepMode:
+        if self._sleep_mode is None:
+            raise ValueError(f"{method}() needs sleep mode: build the engine with enable_sleep_mode=True")
+        return self._sleep_mode
+
+    def _check_awake(self) -> None:
+        if self.is_sleeping():
+            raise ValueError(
+                f"the engine is asleep (level {self._sleep_mode.level}; asleep: {self._sleep_mode.asleep_tags()}): "
+                "call wake_up() before adding requests"
+            )
+
     def get_num_unfinished_requests(self) -> int:
         return self.core.get_num_unfinished_requests()
 
@@ -301,6 +342,14 @@ class LLMEngine:
         if stats is not None:
             self.metrics.record_step(stats, self._schedulers)
         return processed.request_outputs
+
+
+def _load_models(config: EngineConfig, source, model_config: ModelConfig) -> list:
+    """Each runner's model loaded again as at start, in the runners' order (a level-2 sleep's ``wake_up``)."""
+    mesh = engine_mesh(config)
+    if mesh is None:
+        return [setup.load_model(config, source, model_config)]
+    return [load_replica_model(config, source, model_config, replica) for replica in replica_meshes(mesh)]
 
 
 def _eos_token_ids(model_config: ModelConfig, generation_config: dict, tokenizer) -> frozenset[int]:

@@ -112,7 +112,6 @@ DEFAULT_ONLY: dict[str, tuple[object, str]] = {
     "model_impl": (OneOf(("auto", "vllm")), "jaxllm's own model code runs (transformers' modelling never does)"),
     "enable_lora": (False, "LoRA adapters are not supported"),
     "speculative_config": (None, "speculative decoding is not implemented"),
-    "enable_sleep_mode": (False, "LLM.sleep / wake_up are not implemented"),
     "kv_transfer_config": (None, "KV transfer between instances (disaggregated prefill) is not implemented"),
     "limit_mm_per_prompt": (None, "the supported models take text only"),
     "mm_processor_kwargs": (None, "the supported models take text only"),

@@ -76,6 +76,15 @@ class LLM:
             raise ValueError(f"device={device!r}: jaxllm has one prefix cache, on the accelerator; leave it None")
         return self.llm_engine.reset_prefix_cache()
 
+    def sleep(self, level: int = 1) -> None:
+        """vLLM's: frees the engine's device memory while it is idle (``LLMEngine.sleep``; needs
+        ``enable_sleep_mode=True``): level 1 keeps the weights in host memory, level 2 discards them."""
+        self.llm_engine.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """vLLM's: takes the memory back (``"weights"``, ``"kv_cache"``, or both when None); then ``generate`` runs."""
+        self.llm_engine.wake_up(tags)
+
     def start_profile(self, profile_prefix: str | None = None) -> None:
         """vLLM's: records a JAX profiler trace of what runs until ``stop_profile()``, under ``$JAXLLM_PROFILER_DIR``
         (or vLLM's ``$VLLM_TORCH_PROFILER_DIR``), in its subdirectory ``profile_prefix`` when given

@@ -300,6 +300,25 @@ class ModelRunner:
         packed, layout = self._batch_arrays(batch)
         return forward.lower(self.flat_params.leaves, kv, packed, self._no_pending_tokens, layout, None)
 
+    # Sleep mode (jaxllm.engine.sleep_mode): the parameters' arrays out and back, the KV cache freed and made again.
+    def param_arrays(self) -> list[jax.Array]:
+        return list(self.flat_params.leaves)
+
+    def set_param_arrays(self, arrays: list[jax.Array]) -> None:
+        self.flat_params = dataclasses.replace(self.flat_params, leaves=list(arrays))
+
+    def load_params(self, model) -> None:
+        """The parameters of ``model`` (built as this runner's was: same class, config and placement)."""
+        params = FlatState.of(nnx.split(model)[1])
+        if params.treedef != self.flat_params.treedef:
+            raise ValueError("the model's parameters are not laid out as the runner's")
+        self.flat_params = params
+
+    def free_kv_cache(self) -> None:
+        for array in jax.tree.leaves(self.kv_caches):
+            array.delete()
+        self.kv_caches = None
+
     def resize_kv_cache(self, config: ResolvedConfig) -> None:
         self.config = config
         self.kv_caches = None  # free the old cache before allocating the new one

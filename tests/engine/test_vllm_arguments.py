@@ -43,7 +43,6 @@ VLLM_SCRIPT_ARGUMENTS = dict(
     model_impl="vllm",
     enable_lora=False,
     speculative_config=None,
-    enable_sleep_mode=False,
     kv_transfer_config=None,
     limit_mm_per_prompt={},
     mm_processor_kwargs=None,
