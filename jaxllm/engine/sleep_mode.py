@@ -12,6 +12,10 @@ Owns what sleeping means for the engine's runners (one per data-parallel replica
   start (``reload_models``: the checkpoint, its quantization, or the same dummy weights). vLLM leaves level 2's
   weights for the caller to load; here they come back as they were.
 
+Deleted arrays go back to JAX's allocator in this process; with JAX's preallocated GPU pool (jaxllm's default) the
+memory stays in the pool, so it serves this process's other JAX work (a trainer), not another process, unless JAX
+runs with ``XLA_PYTHON_CLIENT_ALLOCATOR=platform``.
+
 ``wake_up(tags)`` wakes ``"weights"`` and ``"kv_cache"`` separately (None: both), as vLLM's tags do; the engine takes
 requests again only once both are awake. The compiled programs stay: the arrays come back with their shapes,
 dtypes and shardings. The engine forgets its cached prefixes when it goes to sleep (their KV is gone).
