@@ -74,22 +74,22 @@ class SleepMode:
         return bool(self._asleep)
 
     def sleep(self, level: int) -> None:
-        """Gives the devices' memory back (see the module docstring). Asleep already: a level-2 sleep over a level-1
-        one drops the host copies; anything else changes nothing."""
+        """Gives the devices' memory back (see the module docstring): whatever is awake goes to sleep. Weights asleep
+        already stay as they are, except that a level-2 sleep over a level-1 one drops their host copy."""
         level = check_sleep_level(level)
-        if "weights" in self._asleep:
-            if level == 2 and self._host_params is not None:
-                self._host_params, self.level = None, 2
-            return
-        if level == 1:
-            self._host_params = [[HostArray.of(a) for a in runner.param_arrays()] for runner in self._runners]
-        for runner in self._runners:
-            for array in runner.param_arrays():
-                array.delete()
+        if "weights" not in self._asleep:
+            if level == 1:
+                self._host_params = [[HostArray.of(a) for a in runner.param_arrays()] for runner in self._runners]
+            for runner in self._runners:
+                for array in runner.param_arrays():
+                    array.delete()
+            self.level = level
+        elif level == 2 and self._host_params is not None:
+            self._host_params, self.level = None, 2
         if "kv_cache" not in self._asleep:
             for runner in self._runners:
                 runner.free_kv_cache()
-        self.level, self._asleep = level, set(WAKE_TAGS)
+        self._asleep = set(WAKE_TAGS)
 
     def wake_up(self, tags: Iterable[str] | None = None) -> None:
         """Takes the memory back for ``tags`` (``"weights"``, ``"kv_cache"``; None: both); a tag awake already is

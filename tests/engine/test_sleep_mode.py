@@ -53,7 +53,13 @@ def test_wake_up_by_tags_takes_requests_once_both_are_awake(sleepy):
     assert llm.llm_engine.runner.kv_caches is None and llm.llm_engine.is_sleeping()
     with pytest.raises(ValueError, match=r"asleep: \['kv_cache'\]"):
         llm.generate(prompts, GREEDY, use_tqdm=False)
+    llm.sleep()  # the woken weights go back to sleep (from their host copy again)
+    assert all(array.is_deleted() for array in llm.llm_engine.runner.param_arrays())
     llm.wake_up(["kv_cache"])
+    llm.sleep()  # and so does a woken KV cache
+    assert llm.llm_engine.runner.kv_caches is None
+    llm.wake_up(["kv_cache"])
+    llm.wake_up(["weights"])
     llm.wake_up()  # awake already: nothing to do
     assert greedy_tokens(llm, prompts) == expected
 
