@@ -58,8 +58,9 @@ def _launch_threads() -> set:
         (dict(tensor_parallel_size=2, pipeline_parallel_size=2), "0"),
         (dict(tensor_parallel_size=2), "1"),  # the GPU default: steps launched from a thread of the runner's
         (dict(data_parallel_size=2), None),
+        (dict(enable_sleep_mode=True), None),  # its sleep state holds the runners, never the engine
     ],
-    ids=["one-device", "tp2-pp2", "tp2-launch-thread", "dp2"],
+    ids=["one-device", "tp2-pp2", "tp2-launch-thread", "dp2", "sleep-mode"],
 )
 def test_del_frees_the_engine_and_its_device_buffers(tiny_model_dir, monkeypatch, mesh, launch_thread):
     if launch_thread is not None:
