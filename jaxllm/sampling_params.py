@@ -268,6 +268,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.repetition_penalty must be positive, got {self.repetition_penalty}")
         if self.seed is not None:
             _check_int("seed", self.seed)
+            if not -(2**63) <= self.seed < 2**64:
+                raise ValueError(f"SamplingParams.seed must fit in 64 bits, in [-2**63, 2**64), got {self.seed}")
         if self.max_tokens is not None:
             _check_int("max_tokens", self.max_tokens)
             if self.max_tokens < 1:

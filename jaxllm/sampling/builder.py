@@ -45,9 +45,17 @@ class _ParamColumns:
 
 
 def _pad(values: np.ndarray, num_rows: int, fill, dtype) -> np.ndarray:
-    out = np.full(num_rows, fill, dtype)
+    out = np.full((num_rows, *np.shape(values)[1:]), fill, dtype)
     out[: len(values)] = values
     return out
+
+
+def seed_key_data(seeds: Sequence[int]) -> np.ndarray:
+    """[n, 2] u32: each seed (an int in [-2**63, 2**64), ``SamplingParams``' range) as the raw threefry key that
+    ``jax.random.PRNGKey`` makes of a 64-bit seed: the seed mod 2**64 split into its high and low 32 bits. Seeds below
+    2**32 give ``PRNGKey(seed)``'s key exactly; every seed of the range has a key of its own (-1 is 2**64 - 1)."""
+    wrapped = np.array([int(seed) % 2**64 for seed in seeds], np.uint64).reshape(-1)
+    return np.stack([wrapped >> np.uint64(32), wrapped & np.uint64(0xFFFFFFFF)], axis=-1).astype(np.uint32)
 
 
 def _suppressible_ids(request: Request) -> np.ndarray:
@@ -72,8 +80,7 @@ def _build_param_columns(requests: list[Request], num_rows: int) -> _ParamColumn
     top_k = np.clip(np.array([p.top_k for p in params], np.int64), 0, _INT32_MAX)  # -1 (off) -> 0
     arrays["top_k"] = _pad(top_k, num_rows, 0, np.int32)
     arrays["seeded"] = _pad(np.array([p.seed is not None for p in params], bool), num_rows, False, bool)
-    seeds = [0 if p.seed is None else p.seed & 0xFFFFFFFF for p in params]
-    arrays["seed"] = _pad(np.array(seeds, np.uint32), num_rows, 0, np.uint32)
+    arrays["seed"] = _pad(seed_key_data([0 if p.seed is None else p.seed for p in params]), num_rows, 0, np.uint32)
     arrays["sample_index"] = _pad(np.array([r.sample_index for r in requests], np.int32), num_rows, 0, np.int32)
 
     sampled = arrays["temperature"] >= GREEDY_TEMPERATURE_EPS

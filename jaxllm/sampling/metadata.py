@@ -52,7 +52,7 @@ class SamplingMetadata:
     frequency_penalty: Array  # [S] f32
     repetition_penalty: Array  # [S] f32
     seeded: Array  # [S] bool
-    seed: Array  # [S] u32 (the request's seed mod 2**32)
+    seed: Array  # [S, 2] u32: the request's seed as a raw PRNG key (seed_key_data: its 64 bits, high word first)
     sample_index: Array  # [S] i32; which of the parent's n samples
     output_position: Array  # [S] i32; output tokens generated so far
     suppressed_token_ids: Array  # [S, E] i32, -1 padded: EOS and stop ids while num_output_tokens < min_tokens;

@@ -18,8 +18,9 @@ and ``processed_logits`` take the values each row's token was chosen from: for a
 processor, temperature, top-k/top-p and min-p (filtered tokens -inf), for a greedy row after the processors (allowed
 ids, logit bias, penalties, bans). Prompt logprobs are not affected (vLLM's are not either).
 
-Keys: a seeded row uses ``seeded_request_key(seed, sample_index, output_position)``, which depends on nothing else, so
-it samples the same tokens whatever batch or row it lands in; an unseeded row's key comes from ``step_key`` and its row.
+Keys: a seeded row uses ``seeded_request_key(seed_key, sample_index, output_position)``, which depends on nothing
+else, so it samples the same tokens whatever batch or row it lands in (``seed_key``: the request's 64-bit seed as a
+raw key, ``builder.seed_key_data``); an unseeded row's key comes from ``step_key`` and its row.
 Pure and jittable; no host syncs.
 """
 
@@ -51,10 +52,10 @@ class SamplerOutput(NamedTuple):
     top_logprobs: jax.Array  # [S, k] f32
 
 
-def seeded_request_key(seed: jax.Array, sample_index: jax.Array, output_position: jax.Array) -> jax.Array:
-    """Raw uint32 PRNG key for one seeded request's next token: fold_in(fold_in(PRNGKey(seed), index), position)."""
-    key = jax.random.PRNGKey(seed)
-    return jax.random.fold_in(jax.random.fold_in(key, sample_index), output_position)
+def seeded_request_key(seed_key: jax.Array, sample_index: jax.Array, output_position: jax.Array) -> jax.Array:
+    """Raw uint32 PRNG key for one seeded request's next token: fold_in(fold_in(seed_key, index), position), where
+    ``seed_key`` is the request's seed as a raw [2] key (``builder.seed_key_data``; ``PRNGKey(seed)`` below 2**32)."""
+    return jax.random.fold_in(jax.random.fold_in(seed_key, sample_index), output_position)
 
 
 def row_keys(md: SamplingMetadata, step_key: jax.Array) -> jax.Array:
@@ -66,7 +67,7 @@ def row_keys(md: SamplingMetadata, step_key: jax.Array) -> jax.Array:
     if jnp.issubdtype(step_key.dtype, jax.dtypes.prng_key):
         step_key = jax.random.key_data(step_key)
     rows = jnp.arange(md.num_rows)
-    base = jnp.where(md.seeded[:, None], jax.vmap(jax.random.PRNGKey)(md.seed), step_key[None, :])  # [S, 2]
+    base = jnp.where(md.seeded[:, None], md.seed, step_key[None, :])  # [S, 2]
     folds = jnp.stack(
         [jnp.where(md.seeded, md.sample_index, rows), jnp.where(md.seeded, md.output_position, 0)]
     )  # [2, S]

@@ -68,6 +68,8 @@ def test_bad_prompt_in_a_batch_is_rejected_and_engine_recovers(llm, reference, b
         ("stop_token_ids", [-2], "stop_token_ids"),
         ("truncate_prompt_tokens", 0, "truncate_prompt_tokens"),
         ("truncate_prompt_tokens", -2, "truncate_prompt_tokens"),
+        ("seed", 2**64, "seed"),
+        ("seed", -(2**63) - 1, "seed"),
     ],
 )
 def test_invalid_sampling_params_name_field_and_value(field, value, fragment):

@@ -13,7 +13,7 @@ def _random_tree(rng):
     metadata = build_sampling_metadata([], 8).replace(
         temperature=rng.uniform(0.1, 2.0, 8).astype(np.float32),
         top_k=rng.integers(-5, 50, 8).astype(np.int32),
-        seed=rng.integers(0, 2**32, 8, dtype=np.uint64).astype(np.uint32),
+        seed=rng.integers(0, 2**32, (8, 2), dtype=np.uint64).astype(np.uint32),
         seeded=rng.integers(0, 2, 8).astype(bool),
     )
     return {

@@ -43,7 +43,8 @@ def test_rows_carry_each_requests_parameters_and_padding_is_greedy():
     np.testing.assert_array_equal(md.top_p, np.float32([0.9, 1, 1, 1, 1]))
     np.testing.assert_array_equal(md.min_p, np.float32([0.05, 0, 0, 0, 0]))
     np.testing.assert_array_equal(md.seeded, [True, True, False, False, False])
-    np.testing.assert_array_equal(md.seed, np.uint32([2**32 - 1, 9, 0, 0, 0]))  # seed mod 2**32
+    # each seed mod 2**64 as (high, low) words: -1 -> 2**64 - 1, 2**40 + 9 -> (2**8, 9); padding 0
+    np.testing.assert_array_equal(md.seed, np.uint32([[2**32 - 1, 2**32 - 1], [2**8, 9], [0, 0], [0, 0], [0, 0]]))
     np.testing.assert_array_equal(md.sample_index, [0, 3, 0, 0, 0])
     np.testing.assert_array_equal(md.output_position, [3, 0, 7, 0, 0])
     np.testing.assert_array_equal(md.repetition_penalty, np.ones(5, np.float32))

@@ -7,6 +7,7 @@ import pytest
 from scipy.special import chdtri  # chdtri(dof, q): the chi-square value exceeded with probability q
 
 from jaxllm.sampling import SamplingMetadata, sample, seeded_request_key
+from jaxllm.sampling.builder import seed_key_data
 from jaxllm.sampling.logits_processors import apply_min_p, apply_top_k_top_p
 from jaxllm.sampling.sampler import process_logits, row_keys
 
@@ -43,7 +44,7 @@ def make_metadata(num_rows, *, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, p
         frequency_penalty=column(frequency, np.float32),
         repetition_penalty=column(repetition, np.float32),
         seeded=column(seeded, bool),
-        seed=column(seed, np.uint32),
+        seed=seed_key_data([int(s) for s in np.broadcast_to(np.asarray(seed), (num_rows,))]),
         sample_index=column(sample_index, np.int32),
         output_position=column(output_position, np.int32),
         suppressed_token_ids=empty if suppressed is None else np.asarray(suppressed, np.int32),
@@ -474,9 +475,33 @@ def test_row_keys_follow_the_seeded_formula_and_accept_raw_step_keys():
     for row in range(4):
         formula = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seeds[row]), indices[row]), positions[row])
         np.testing.assert_array_equal(typed[row], formula)
-        np.testing.assert_array_equal(seeded_request_key(seeds[row], indices[row], positions[row]), formula)
+        seed_key = seed_key_data([seeds[row]])[0]
+        np.testing.assert_array_equal(seeded_request_key(seed_key, indices[row], positions[row]), formula)
     assert len({tuple(k) for k in typed}) == 6
     assert not (np.asarray(row_keys_jit(md, jax.random.key(6)))[4:] == typed[4:]).all()
+
+
+def test_seeds_past_32_bits_draw_streams_of_their_own():
+    """Seeds that agree in their low 32 bits (s and s + 2**32; 2**32 - 1, -1 and -2**63 + 2**32 - 1) draw different
+    tokens, each from the key of its 64 bits; -1 and 2**64 - 1 are one seed mod 2**64 and draw the same."""
+    rng = np.random.default_rng(13)
+    logits = random_logits(rng, (WIDE_ROWS, WIDE_VOCAB), scale=0.1)  # near flat
+    low = rng.integers(0, 2**31, WIDE_ROWS)
+
+    def draw(seeds):
+        md = make_metadata(WIDE_ROWS, temperature=1.0, seeded=True, seed=np.asarray(seeds, object))
+        return np.asarray(sample_jit(logits, md, jax.random.key(0)).token_ids)
+
+    base = draw([int(s) for s in low])
+    assert (draw([int(s) + 2**32 for s in low]) == base).sum() <= 2
+    assert (draw([int(s) + 2**63 for s in low]) == base).sum() <= 2
+    ones = draw([2**32 - 1] * WIDE_ROWS)
+    assert (draw([-1] * WIDE_ROWS) == ones).sum() <= 2
+    assert (draw([-(2**63) + 2**32 - 1] * WIDE_ROWS) == ones).sum() <= 2
+    np.testing.assert_array_equal(draw([-1] * WIDE_ROWS), draw([2**64 - 1] * WIDE_ROWS))
+    keys = seed_key_data([7, 2**40 + 9, -1])
+    np.testing.assert_array_equal(keys, np.uint32([[0, 7], [2**8, 9], [2**32 - 1, 2**32 - 1]]))
+    np.testing.assert_array_equal(keys[0], jax.random.PRNGKey(7))  # below 2**32: PRNGKey(seed)'s key
 
 
 # ---- tracing and errors ----
