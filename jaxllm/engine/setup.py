@@ -68,7 +68,11 @@ def resolve_limits(config: EngineConfig, model_config: ModelConfig, num_blocks: 
     if budget is None:
         budget = DEFAULT_MAX_NUM_BATCHED_TOKENS if config.enable_chunked_prefill else max_model_len
     if not config.enable_chunked_prefill and budget < max_model_len:
-        logger.warning("chunked prefill is off: prompts longer than max_num_batched_tokens=%d are rejected", budget)
+        raise ValueError(  # as vLLM: without chunks, a step must hold the longest prompt whole
+            f"max_num_batched_tokens={budget} is smaller than max_model_len={max_model_len} with "
+            f"enable_chunked_prefill=False: a prompt is prefilled in one step, so longer ones could never run; raise "
+            f"max_num_batched_tokens, lower max_model_len or turn chunked prefill on"
+        )
     return ResolvedConfig(
         max_model_len=max_model_len,
         max_num_seqs=config.max_num_seqs,

@@ -125,6 +125,22 @@ def test_an_argument_jaxllm_cannot_honour_is_a_value_error_before_anything_loads
     assert f"{name}={value!r}" in str(error.value)
 
 
+def test_chunked_prefill_off_needs_a_step_that_holds_the_longest_prompt(tiny_model_dir):
+    """As vLLM: ``enable_chunked_prefill=False`` with ``max_num_batched_tokens`` below ``max_model_len`` is a
+    ``ValueError`` naming both; left unset the budget is ``max_model_len``, and long prompts, prefilled whole, give
+    the chunking engine's tokens."""
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens=64 is smaller than max_model_len=256 with "):
+        make_llm(tiny_model_dir, enable_chunked_prefill=False)  # make_llm's budget: 64 tokens
+    prompts = random_token_prompts(3, [150, 9, 70], seed=4)
+    whole = make_llm(tiny_model_dir, enable_chunked_prefill=False, max_num_batched_tokens=None)
+    assert whole.llm_engine.resolved.max_num_batched_tokens == 256
+    chunking = make_llm(tiny_model_dir)
+    tokens = [
+        [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] for llm in (whole, chunking)
+    ]
+    assert tokens[0] == tokens[1]
+
+
 def test_served_model_name_names_the_metrics():
     assert EngineConfig(model="/m", served_model_name=["llama", "alias"]).model_name == "llama"
     assert EngineConfig(model="/m", served_model_name="llama").model_name == "llama"
