@@ -62,6 +62,7 @@ class LLMEngine:
             logger.warning(
                 "enable_expert_parallel=True has no effect: %s has no experts", self.model_config.architecture
             )
+        setup.resolve_limits(config, self.model_config, num_blocks=2)  # bad max_model_len / budget: fail before loading
         self.tokenizer = None if config.skip_tokenizer_init else source.load_tokenizer()
         # checked token sequences once per word list (a batch usually shares one SamplingParams); errors are not kept
         self._bad_word_sequences = functools.lru_cache(maxsize=64)(weakly_bound(self._tokenize_bad_words))
