@@ -195,3 +195,22 @@ def test_moe_experts_smoke_times_every_backend_and_path():
         (bucket, tokens, impl, path) for bucket, tokens in moe_experts.SMOKE_STEPS for impl, path in paths
     }
     assert all(r["us"] > 0 and r["experts_read"] >= 2 for r in record["rows"])
+
+
+def test_launch_split_smoke_times_each_part_of_every_step_launch():
+    from benchmarks import launch_split
+    from sharding.pipeline import PipelinedModel
+
+    original = PipelinedModel._call_stage
+    record = launch_split.main(["--smoke", "--repeats", "2"])
+    assert PipelinedModel._call_stage is original  # the timers are taken out again
+    assert len(record["runs"]) == 2
+    for run in record["runs"]:
+        parts = run["parts"]
+        assert set(parts) == {"place", "stage_call", "head_call", "launch", "dispatch", "collect"}
+        steps = parts["launch"]["calls"]
+        # one step per output token (the prefill's gives the first): each part once a step, nothing from the warm-up
+        assert record["output_len"] - 1 <= steps <= record["output_len"] + 1
+        assert all(stats["calls"] == steps for stats in parts.values())
+        assert parts["launch"]["median_ms"] > parts["stage_call"]["median_ms"] > 0  # the launch holds the call
+        assert run["itl_p50_ms"] > 0
