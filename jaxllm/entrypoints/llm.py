@@ -2,7 +2,8 @@
 
 Owns turning a batch of prompts into requests, driving the engine to completion with a tqdm progress bar, and
 returning outputs in input order. A bad prompt or parameter raises before anything runs, and any request of the
-batch already queued is aborted, so the engine stays clean for the next call.
+batch already queued is aborted, so the engine stays clean for the next call. vLLM's pooling methods (``encode``,
+``embed``, ``classify``, ``score``, ``reward``) raise ValueError: no pooling model runs here.
 """
 
 from __future__ import annotations
@@ -24,6 +25,13 @@ from jaxllm.engine.vllm_arguments import check_request_options, engine_arguments
 from jaxllm.metrics.reader import Metric
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams, expand_sampling_params
+
+
+def _no_pooling(method: str) -> ValueError:
+    return ValueError(
+        f"LLM.{method}() needs a pooling model (vLLM's runner='pooling'); jaxllm runs generative models only: "
+        "use generate(), chat() or beam_search(), or generate(..., SamplingParams(prompt_logprobs=k)) for token scores"
+    )
 
 
 class LLM:
@@ -104,6 +112,22 @@ class LLM:
         """vLLM's: what ``generate`` and ``chat`` sample with when given no ``SamplingParams``: the model's
         recommended fields from its generation config (``jaxllm.engine.default_sampling``) over the defaults."""
         return SamplingParams(**self.llm_engine.default_sampling_fields)
+
+    # vLLM's pooling API: a script written for a pooling model gets vLLM's kind of error, not an AttributeError
+    def encode(self, *args, **kwargs):
+        raise _no_pooling("encode")
+
+    def embed(self, *args, **kwargs):
+        raise _no_pooling("embed")
+
+    def classify(self, *args, **kwargs):
+        raise _no_pooling("classify")
+
+    def score(self, *args, **kwargs):
+        raise _no_pooling("score")
+
+    def reward(self, *args, **kwargs):
+        raise _no_pooling("reward")
 
     def generate(
         self,

@@ -272,3 +272,21 @@ def test_detokenize_must_be_a_bool_and_stop_strings_need_it():
         SamplingParams(detokenize="no")
     with pytest.raises(ValueError, match=r"SamplingParams.stop=\['END'\] needs detokenize=True"):
         SamplingParams(stop="END", detokenize=False)
+
+
+@pytest.mark.parametrize(
+    "method, args",
+    [
+        ("embed", (["a prompt"],)),
+        ("encode", ([{"prompt_token_ids": [1, 2, 3]}],)),
+        ("classify", (["a prompt"],)),
+        ("score", ("a query", ["a document"])),
+        ("reward", (["a prompt"],)),
+    ],
+)
+def test_pooling_methods_are_a_value_error_naming_the_method(llm, reference, method, args):
+    """vLLM raises ValueError when a generative model is asked to pool; a vLLM script gets that here too, not an
+    AttributeError, and the engine keeps serving."""
+    with pytest.raises(ValueError, match=rf"LLM\.{method}\(\) needs a pooling model"):
+        getattr(llm, method)(*args, use_tqdm=False)
+    still_serves(llm, reference)
