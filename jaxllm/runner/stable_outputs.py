@@ -65,7 +65,9 @@ def write_into(buffers: dict | None, results: dict) -> dict:
 
 
 def _key(shapes: dict) -> tuple:
-    return tuple(sorted((name, tuple(s.shape), np.dtype(s.dtype).name) for name, s in shapes.items()))
+    """A set's pool key: each non-empty entry's name, shape and dtype (``shapes``: ShapeDtypeStructs or arrays). Runs
+    on the launch path twice a call: the dtype object itself, not its ``.name`` (which numpy computes in Python)."""
+    return tuple(sorted((name, tuple(s.shape), np.dtype(s.dtype)) for name, s in shapes.items()))
 
 
 class ResultBuffers:
@@ -77,6 +79,7 @@ class ResultBuffers:
         self.enabled, self.sharding = enabled, sharding
         self.free: dict[tuple, list[dict]] = {}
         self.num_allocated = 0  # buffer sets made (not reused)
+        self._shapes_by_result: dict[tuple, tuple[tuple, dict]] = {}  # result shapes' key -> (pool key, shapes)
         self._lock = threading.Lock()
 
     def buffer_rows(self, rows: int) -> int:
@@ -89,18 +92,27 @@ class ResultBuffers:
         as its pending tokens: a call cannot both read and donate a buffer); empty results get none. None when off."""
         if not self.enabled:
             return None
-        shapes = {
-            name: jax.ShapeDtypeStruct((self.buffer_rows(s.shape[0]), *s.shape[1:]), s.dtype)
-            for name, s in result_shapes.items()
-            if math.prod(s.shape) > 0
-        }
+        key, shapes = self._buffer_shapes(result_shapes)
         with self._lock:
-            free = self.free.get(_key(shapes), [])
+            free = self.free.get(key, [])
             for index, buffers in enumerate(free):
                 if not any(b is a for b in buffers.values() for a in read_by_call):
                     return free.pop(index)
             self.num_allocated += 1
         return {name: jax.device_put(np.zeros(s.shape, s.dtype), self.sharding) for name, s in shapes.items()}
+
+    def _buffer_shapes(self, result_shapes: dict) -> tuple[tuple, dict]:
+        """The pool key and buffer shapes (``ROW_SLACK`` rows more; empty results none) for ``result_shapes``,
+        worked out once per distinct set of result shapes."""
+        result_key = _key(result_shapes)
+        if result_key not in self._shapes_by_result:
+            shapes = {
+                name: jax.ShapeDtypeStruct((self.buffer_rows(s.shape[0]), *s.shape[1:]), s.dtype)
+                for name, s in result_shapes.items()
+                if math.prod(s.shape) > 0
+            }
+            self._shapes_by_result[result_key] = _key(shapes), shapes
+        return self._shapes_by_result[result_key]
 
     def release(self, results: dict) -> None:
         """Returns the buffers behind a call's ``results`` (once their values have been read) for later calls."""
