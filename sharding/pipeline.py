@@ -56,6 +56,7 @@ from jax.sharding import Mesh, NamedSharding
 from jaxllm.models.activation_sharding import activation_sharding
 from jaxllm.models.attention_metadata import AttentionMetadata
 from jaxllm.runner.flat_state import FlatState
+from jaxllm.runner.kv_cache import allocate_kv_cache
 from jaxllm.runner.model_runner import feed_pending_tokens
 from jaxllm.runner.packed_transfer import Packed, PackedLayout, place, unpack
 from jaxllm.runner.prompt_logprobs import RESULT_PREFIX, as_results
@@ -79,10 +80,6 @@ def greedy_head(logits: jax.Array, head_args, in_flight_tokens: jax.Array) -> di
 
 def _zero_pending_tokens(rows: int, placement) -> jax.Array:
     return jax.device_put(np.zeros(rows, np.int32), placement)
-
-
-def _zero_caches(shape, dtype, num_layers: int) -> list:
-    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(num_layers)]
 
 
 @dataclasses.dataclass
@@ -305,12 +302,12 @@ class PipelinedModel:
         return len(self.stages)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype) -> None:
-        """Zeroed ``[P, L, K, H]`` K and V for every layer, each stage's layers on its own sub-mesh."""
-        shape = (num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim)
+        """Zeroed K and V blocks ``[P, L, K, H]`` for every layer, each stage's layers on its own sub-mesh, grouped
+        into few arrays per stage (``jaxllm.models.kv_cache_layout``)."""
         for stage in self.stages:
             stage.kv_caches = None  # free the old cache first
-            zeros = functools.partial(_zero_caches, shape, dtype, len(stage.layers))
-            stage.kv_caches = jax.jit(zeros, out_shardings=kv_cache_sharding(stage.mesh))()
+            sharding = kv_cache_sharding(stage.mesh)
+            stage.kv_caches = allocate_kv_cache(self.config, num_blocks, block_size, dtype, sharding, len(stage.layers))
 
     def run(
         self,

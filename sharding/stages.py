@@ -18,6 +18,7 @@ from flax import nnx
 
 from jaxllm.models.activation_sharding import HIDDEN, constrain
 from jaxllm.models.attention_metadata import AttentionMetadata
+from jaxllm.models.decoder import run_layers
 from jaxllm.models.layers import lm_head_logits
 from jaxllm.models.rope import rope_cos_sin
 from jaxllm.runner.prompt_logprobs import compute_prompt_logprobs
@@ -98,10 +99,7 @@ def stage_forward(
     cos, sin = rope_cos_sin(config.rope, config.head_dim, md.positions, md.context_lens)  # [T, H] each
     x = stage.embed_tokens(inputs) if stage.is_first else inputs  # [T, D]
     x = constrain(x, HIDDEN)  # replicated over tensor, as after every layer (the rules map both names to None)
-    new_caches = []
-    for layer, kv in zip(stage.layers, kv_caches, strict=True):
-        x, kv = layer(x, kv, md, cos, sin)  # the layers constrain their own activations by logical name
-        new_caches.append(kv)
+    x, new_caches = run_layers(stage.layers, x, kv_caches, md, cos, sin)
     if not stage.is_last:
         return x, new_caches
     hidden = stage.norm(x)  # [T, D]

@@ -5,7 +5,9 @@ Owns the NNX module tree, named as in Hugging Face checkpoints (``model.layers.{
 forward pass over a ragged step batch: embed -> N x (attention over the paged KV cache, SwiGLU MLP or a sparse
 mixture of experts) -> norm, and ``compute_logits`` for the rows that are sampled. Family differences are config flags
 (q/k/v bias, q/k norm, sliding window, tied embeddings, experts) and two class attributes naming the experts' modules
-as each family's checkpoints do. The KV cache is an explicit argument and result, never module state.
+as each family's checkpoints do. The KV cache is an explicit argument and result, never module state: a few arrays,
+each holding several layers' blocks (``jaxllm.models.kv_cache_layout``); each layer's attention is told where its
+blocks start (``first_block``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from flax import nnx
 from jaxllm.models import activation_sharding as act
 from jaxllm.models.attention_metadata import AttentionMetadata
 from jaxllm.models.config import ModelConfig
+from jaxllm.models.kv_cache_layout import KVCache, layer_ranges
 from jaxllm.models.layers import (
     Embed,
     Linear,
@@ -31,8 +34,6 @@ from jaxllm.models.layers import (
 from jaxllm.models.moe import QWEN_EXPERT_NAMES, SparseMoeBlock
 from jaxllm.models.rope import apply_rope, rope_cos_sin
 from pallas_kernels import ragged_paged_attention, update_kv_cache
-
-KVCache = list[tuple[jax.Array, jax.Array]]  # per layer (k, v), each [P, L, K, H]
 
 
 class Attention(nnx.Module):
@@ -54,7 +55,8 @@ class Attention(nnx.Module):
         self.attention_impl = attention_impl
         self.k_scale = self.v_scale = 1.0  # the KV cache holds K / k_scale, V / v_scale (vLLM's default without scales)
 
-    def __call__(self, x, kv: tuple[jax.Array, jax.Array], md: AttentionMetadata, cos, sin):
+    def __call__(self, x, kv: tuple[jax.Array, jax.Array], md: AttentionMetadata, cos, sin, first_block: int = 0):
+        """``kv``: the (k, v) arrays holding this layer's blocks from ``first_block`` on (static), returned updated."""
         num_tokens = x.shape[0]
         q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))
         q = act.constrain(q, act.Q_HEADS).reshape(num_tokens, self.num_heads, self.head_dim)  # [T, N, H]
@@ -75,8 +77,11 @@ class Attention(nnx.Module):
             in_axes=(act.HEADS_Q, act.HEADS_KV, act.HEADS_KV, act.KV_CACHE, act.KV_CACHE) + (act.REPLICATED,) * 4,
             out_axes=(act.HEADS_Q, act.KV_CACHE, act.KV_CACHE),
         )
+        slot_mapping, block_tables = md.slot_mapping, md.block_tables  # logical blocks, the same for every layer
+        if first_block:  # this layer's blocks start further into the array
+            slot_mapping, block_tables = slot_mapping + first_block * kv[0].shape[1], block_tables + first_block
         out, k_cache, v_cache = attend(
-            q, k, v, kv[0], kv[1], md.slot_mapping, md.block_tables, md.seq_lens, md.query_start_loc
+            q, k, v, kv[0], kv[1], slot_mapping, block_tables, md.seq_lens, md.query_start_loc
         )  # out [T, N, H]
         out = act.constrain(out.reshape(num_tokens, self.num_heads * self.head_dim), act.Q_HEADS)
         return act.constrain(self.o_proj(out), act.HIDDEN), (k_cache, v_cache)
@@ -121,12 +126,22 @@ class DecoderLayer(nnx.Module):
             mlp = SwiGLUMLP(c.hidden_size, c.intermediate_size, dtype=dtype, rngs=rngs, quantization=quantization)
         setattr(self, self.mlp_name, mlp)
 
-    def __call__(self, x, kv, md: AttentionMetadata, cos, sin):
-        attn_out, kv = self.self_attn(self.input_layernorm(x), kv, md, cos, sin)
+    def __call__(self, x, kv, md: AttentionMetadata, cos, sin, first_block: int = 0):
+        attn_out, kv = self.self_attn(self.input_layernorm(x), kv, md, cos, sin, first_block)
         x = x + attn_out
         mlp, h = getattr(self, self.mlp_name), self.post_attention_layernorm(x)
         # The experts skip a bucket's padding tokens (query_start_loc's padded tail holds the real token count).
         return x + (mlp(h, md.query_start_loc[-1]) if isinstance(mlp, SparseMoeBlock) else mlp(h)), kv
+
+
+def run_layers(layers, x, kv_caches: KVCache, md: AttentionMetadata, cos, sin) -> tuple[jax.Array, KVCache]:
+    """``layers`` in order on hidden states ``x [T, D]``, each on its blocks of ``kv_caches``; returns the hidden states
+    and the updated cache (the same arrays, updated in place once donated)."""
+    new_caches = list(kv_caches)
+    for layer, (index, first_block) in zip(layers, layer_ranges(kv_caches, len(layers)), strict=True):
+        x, new_caches[index] = layer(x, new_caches[index], md, cos, sin, first_block)
+        x = act.constrain(x, act.HIDDEN)
+    return x, new_caches
 
 
 class DecoderModel(nnx.Module):
@@ -182,12 +197,8 @@ class DecoderForCausalLM(nnx.Module):
         """``input_ids [T]`` -> final hidden states ``[T, D]`` and the updated KV cache."""
         cos, sin = rope_cos_sin(self.config.rope, self.config.head_dim, md.positions, md.context_lens)
         x = act.constrain(self.model.embed_tokens(input_ids), act.HIDDEN)  # [T, D]
-        new_caches = []
-        for layer, kv in zip(self.model.layers, kv_caches, strict=True):
-            x, kv = layer(x, kv, md, cos, sin)
-            x = act.constrain(x, act.HIDDEN)
-            new_caches.append(kv)
-        return self.model.norm(x), new_caches
+        x, kv_caches = run_layers(self.model.layers, x, kv_caches, md, cos, sin)
+        return self.model.norm(x), kv_caches
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """``hidden [S, D]`` -> float32 logits ``[S, V]``."""

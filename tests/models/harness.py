@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.models.attention_metadata import AttentionMetadata
+from jaxllm.models.kv_cache_layout import array_shapes
 
 
 def prompt_logits(
@@ -22,7 +23,9 @@ def prompt_logits(
     num_blocks = num_request_blocks + 4
     dtype = kv_dtype or model.model.embed_tokens.embedding.get_value().dtype
     shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
-    kv = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)]
+    kv = [
+        (jnp.zeros(s, dtype), jnp.zeros(s, dtype)) for s in array_shapes(config.num_layers, shape, dtype)
+    ]  # as engines do
     block_table = jnp.asarray(block_ids[None, :], jnp.int32)
     chunk_size = chunk_size or num_tokens
     logits = []

@@ -19,6 +19,7 @@ from jaxllm.core.step_io import ModelRunnerOutput, SchedulerOutput
 from jaxllm.loading.model_loader import abstract_model, load_weights
 from jaxllm.models import ModelConfig, get_model_class
 from jaxllm.models.attention_metadata import AttentionMetadata
+from jaxllm.models.kv_cache_layout import array_shapes
 from jaxllm.runner.step_batch import pack_step_batch
 from jaxllm.sampling_params import SamplingParams
 
@@ -107,7 +108,9 @@ class ReferenceRunner:
     def __init__(self, model, config: ResolvedConfig):
         self.model, self.config = model, config
         shape = (config.num_blocks, config.block_size, model.config.num_kv_heads, model.config.head_dim)
-        self.kv_caches = [(jnp.zeros(shape), jnp.zeros(shape)) for _ in range(model.config.num_layers)]
+        self.kv_caches = [
+            (jnp.zeros(s), jnp.zeros(s)) for s in array_shapes(model.config.num_layers, shape, jnp.float32)
+        ]
         self.step_logits: list[dict[str, np.ndarray]] = []
         self._forward = jax.jit(_reference_forward, donate_argnums=(1,), compiler_options=FAST_COMPILE)
 

@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxllm.models import activation_sharding as act
 from jaxllm.models.attention_metadata import AttentionMetadata
+from jaxllm.models.kv_cache_layout import array_shapes
 from sharding import make_mesh, shard_model
 from sharding.rules import activation_rules
 from tests.sharding.helpers import NEEDS_8_DEVICES, tiny_model
@@ -50,7 +51,7 @@ def test_a_tensor_parallel_forward_constrains_every_named_activation():
     sharded = shard_model(model, mesh)
     num_tokens, block_size, num_blocks = 8, 4, 8
     shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
-    kv = [(jnp.zeros(shape), jnp.zeros(shape)) for _ in range(config.num_layers)]
+    kv = [(jnp.zeros(s), jnp.zeros(s)) for s in array_shapes(config.num_layers, shape, jnp.float32)]
     md = AttentionMetadata(
         positions=jnp.arange(num_tokens, dtype=jnp.int32),
         slot_mapping=jnp.arange(block_size, block_size + num_tokens, dtype=jnp.int32),

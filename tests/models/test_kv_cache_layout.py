@@ -1,0 +1,57 @@
+"""The KV cache's grouping of layers into arrays (jaxllm.models.kv_cache_layout)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm.models import kv_cache_layout
+from jaxllm.models.kv_cache_layout import array_shapes, layer_ranges
+
+LAYER = (6, 4, 2, 8)  # [P, L, K, H]
+LAYER_ROWS = 6 * 4 * 2
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 5, 10, 31, 32, 80])
+@pytest.mark.parametrize("limit_layers", [1, 2, 3, 4, 7, 11, 100])
+def test_every_layer_gets_its_own_block_range_and_arrays_stay_under_the_limit(monkeypatch, num_layers, limit_layers):
+    monkeypatch.setattr(kv_cache_layout, "MAX_ARRAY_ROWS", limit_layers * LAYER_ROWS + 5)
+    shapes = array_shapes(num_layers, LAYER, jnp.float32)
+    assert len(shapes) == -(-num_layers // min(limit_layers, num_layers))  # as few arrays as the limit allows
+    assert all(int(np.prod(s[:-1])) <= kv_cache_layout.MAX_ARRAY_ROWS for s in shapes)
+    assert all(s[1:] == LAYER[1:] for s in shapes)
+    caches = [(jnp.zeros(s), jnp.zeros(s)) for s in shapes]
+    ranges = layer_ranges(caches, num_layers)
+    # every (array, block) of the cache belongs to exactly one layer, each layer to P consecutive blocks
+    owned = [(index, first + block) for index, first in ranges for block in range(LAYER[0])]
+    assert len(owned) == len(set(owned)) == sum(s[0] for s in shapes)
+    assert [index for index, _ in ranges] == sorted(index for index, _ in ranges)  # layers in order
+
+
+def test_a_layer_over_the_limit_still_gets_an_array_of_its_own(monkeypatch):
+    monkeypatch.setattr(kv_cache_layout, "MAX_ARRAY_ROWS", 10)
+    assert array_shapes(3, LAYER, jnp.float32) == [LAYER] * 3
+
+
+def test_a_large_cache_of_a_real_shape_is_one_array():
+    # the Llama-3.1-8B shape, a bf16 cache filling most of a 140 GB GPU: 32 layers of 16,000 blocks in one array
+    assert array_shapes(32, (16_000, 16, 8, 128), jnp.bfloat16) == [(32 * 16_000, 16, 8, 128)]
+
+
+@pytest.mark.parametrize("num_blocks", [1_000, 3_000, 6_000])
+def test_a_one_byte_cache_has_no_array_between_two_and_four_gib(num_blocks):
+    layer = (num_blocks, 16, 8, 128)  # 16 MiB per 1,000 blocks of fp8: 32 layers are 0.5, 1.5 and 3 GiB
+    for dtype in (jnp.float8_e4m3fn, jnp.bfloat16):
+        shapes = array_shapes(32, layer, dtype)
+        sizes = [int(np.prod(s)) * jnp.dtype(dtype).itemsize for s in shapes]
+        assert sum(sizes) == 32 * int(np.prod(layer)) * jnp.dtype(dtype).itemsize
+        if jnp.dtype(dtype).itemsize == 1:
+            assert not any(2**31 < size <= 2**32 for size in sizes), sizes
+        assert len(shapes) == (2 if dtype == jnp.float8_e4m3fn and sum(sizes) > 2**31 else 1)
+
+
+def test_arrays_that_do_not_match_the_layer_count_are_a_value_error():
+    caches = [(jnp.zeros((10, 4, 2, 8)), jnp.zeros((10, 4, 2, 8)))]
+    with pytest.raises(ValueError, match="does not hold 3 layers"):
+        layer_ranges(caches, 3)
+    with pytest.raises(ValueError, match="has no arrays"):
+        layer_ranges([], 3)
