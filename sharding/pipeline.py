@@ -302,8 +302,8 @@ class PipelinedModel:
         return len(self.stages)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype) -> None:
-        """Zeroed K and V blocks ``[P, L, K, H]`` for every layer, each stage's layers on its own sub-mesh, grouped
-        into few arrays per stage (``jaxllm.models.kv_cache_layout``)."""
+        """Zeroed K and V blocks ``[P, L, K, H]`` for every layer, each stage's layers on its own sub-mesh (grouped
+        into few arrays per stage under ``JAXLLM_KV_ARRAY_MAX_BYTES``: ``jaxllm.models.kv_cache_layout``)."""
         for stage in self.stages:
             stage.kv_caches = None  # free the old cache first
             sharding = kv_cache_sharding(stage.mesh)

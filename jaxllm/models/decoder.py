@@ -5,9 +5,9 @@ Owns the NNX module tree, named as in Hugging Face checkpoints (``model.layers.{
 forward pass over a ragged step batch: embed -> N x (attention over the paged KV cache, SwiGLU MLP or a sparse
 mixture of experts) -> norm, and ``compute_logits`` for the rows that are sampled. Family differences are config flags
 (q/k/v bias, q/k norm, sliding window, tied embeddings, experts) and two class attributes naming the experts' modules
-as each family's checkpoints do. The KV cache is an explicit argument and result, never module state: a few arrays,
-each holding several layers' blocks (``jaxllm.models.kv_cache_layout``); each layer's attention is told where its
-blocks start (``first_block``).
+as each family's checkpoints do. The KV cache is an explicit argument and result, never module state: a (k, v) pair
+per layer, or per group of layers (``jaxllm.models.kv_cache_layout``), each layer's attention told where its blocks
+start (``first_block``).
 """
 
 from __future__ import annotations

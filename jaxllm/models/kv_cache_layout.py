@@ -1,62 +1,79 @@
-"""How the paged KV cache's layers share arrays: a few pairs of K and V arrays, each holding several layers' blocks.
+"""How the paged KV cache's layers share arrays: one K and one V array per layer (the default), or, with
+``JAXLLM_KV_ARRAY_MAX_BYTES`` (experimental), few arrays each holding several layers' blocks.
 
-Every array of the cache is donated into every step's program, and a donated argument costs the host far more per
-call than a read-only one (on four H200s, ~6 us per donated array against ~0.7 us per read-only one, which also
-handles the outputs that replace it; benchmarks/RESULTS.md, session 36): with one K and one V array per layer, the
-Llama-3.1-8B shape's 64 cache arrays cost each tensor-parallel-4 step ~0.38 ms of launch time. So the layers are
-grouped: array pair ``c`` holds layers ``[c * G, (c + 1) * G)`` (``G = layers_per_array``), layer ``i``'s ``P`` blocks
-being blocks ``[j * P, (j + 1) * P)`` of it (``j = i - c * G``). A layer reads and writes only its own range: its
-attention adds ``j * P`` to the step's block tables and ``j * P * L`` to its slot mapping (``AttentionMetadata``'s
-logical block ids are the same for every layer), so the attention kernels see one paged cache as before. Padding
-tokens write each layer's own null block (block ``j * P``), never another layer's.
+Why grouping: every array of the cache is donated into every step's program, and a donated argument costs the host far
+more per call than a read-only one (on four H200s ~6-9 us per donated array against ~0.7 us per read-only one, the
+outputs that replace it included; benchmarks/RESULTS.md, session 36): the Llama-3.1-8B shape's 64 per-layer arrays
+take ~0.38 ms of each tensor-parallel-4 step's launch. Grouped, array pair ``c`` holds layers ``[c * G, (c + 1) * G)``
+(``G = layers_per_array``), layer ``i``'s ``P`` blocks being blocks ``[j * P, (j + 1) * P)`` of it (``j = i - c * G``).
+A layer reads and writes only its own range: its attention adds ``j * P`` to the step's block tables and ``j * P * L``
+to its slot mapping (``AttentionMetadata``'s logical block ids are the same for every layer), so the attention kernels
+see one paged cache as before; padding tokens write each layer's own null block (block ``j * P``). Measured once (two
+H200s, TP 2, 32 layers): the launch 0.8 ms shorter, the step not (batch-1 4.54-4.58 against 4.18-4.46 ms), so it is
+off until measured where the launch bounds the step (TP 4).
 
-An array holds whole layers (at least one) and at most ``MAX_ARRAY_ROWS`` rows of ``H`` values: the Triton attention
-kernel addresses a cache as ``[P * L * K, H]`` rows with int32 row indices. Pallas' Triton lowering then computes
-element offsets in 32 bits for arrays of at most 4 GiB and in 64 bits above, so a one-byte (fp8) array of 2 to 4 GiB
-would overflow them: such a cache is split into arrays of at most 2 GiB. At the shapes served the row limit is never
-the bound (the Llama-3.1-8B shape's whole bf16 cache on a 140 GB GPU is ~0.25 G rows), so a stage's cache is one K
-and one V array, or a few for an fp8 cache of 2 to 4 GiB.
+``JAXLLM_KV_ARRAY_MAX_BYTES=N`` groups layers into arrays of at most ``N`` bytes (a layer over ``N`` still gets one);
+unset or 0: one layer per array. Whatever ``N``, an array holds at most ``MAX_ARRAY_ROWS`` rows of ``H`` values: the
+Triton attention kernel addresses a cache as ``[P * L * K, H]`` rows with int32 row indices. Pallas' Triton lowering
+then computes element offsets in 32 bits for arrays of at most 4 GiB and in 64 bits above (``N = 4294967296`` keeps
+them 32-bit), so a one-byte (fp8) array of 2 to 4 GiB would overflow them: no such array is made.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import numpy as np
 
 MAX_ARRAY_ROWS = 2**31 - 1  # of H values: a [P * L * K, H] view's int32 row index
+ARRAY_MAX_BYTES_ENV = "JAXLLM_KV_ARRAY_MAX_BYTES"
 
 # one (k, v) pair per group of layers, each [G * P, L, K, H]
 KVCache = list[tuple[jax.Array, jax.Array]]
 
 
-def layers_per_array(num_layers: int, layer_shape: tuple[int, ...], itemsize: int) -> int:
-    """How many layers of ``layer_shape`` (one layer's ``[P, L, K, H]``, ``itemsize`` bytes a value) share an array: as
-    few arrays as the limits allow, the layers spread evenly over them (so ``layer_ranges`` can tell the grouping from
-    the arrays); one layer each at worst, as the cache was laid out before."""
+def array_max_bytes() -> int | None:
+    """``JAXLLM_KV_ARRAY_MAX_BYTES``: None (one layer per array) when unset or 0, else the bytes an array may hold;
+    ValueError naming the variable for anything but a non-negative integer."""
+    setting = os.environ.get(ARRAY_MAX_BYTES_ENV, "0")
+    if not setting.isdigit():
+        raise ValueError(f"{ARRAY_MAX_BYTES_ENV} must be a non-negative integer (bytes), got {setting!r}")
+    return int(setting) or None
+
+
+def layers_per_array(num_layers: int, layer_shape: tuple[int, ...], itemsize: int, max_bytes: int | None) -> int:
+    """How many layers of ``layer_shape`` (one layer's ``[P, L, K, H]``, ``itemsize`` bytes a value) share an array:
+    one when ``max_bytes`` is None, else as few arrays as the limits allow, the layers spread evenly over them (so
+    ``layer_ranges`` can tell the grouping from the arrays); one layer each at worst."""
     if num_layers < 1:
         raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+    if max_bytes is None:
+        return 1
     for num_arrays in range(1, num_layers + 1):
         group = -(-num_layers // num_arrays)
         sizes = {min(group, num_layers - first) for first in range(0, num_layers, group)}
-        if all(_fits(layers, layer_shape, itemsize) for layers in sizes):
+        if all(_fits(layers, layer_shape, itemsize, max_bytes) for layers in sizes):
             return group
     return 1
 
 
-def _fits(layers: int, layer_shape: tuple[int, ...], itemsize: int) -> bool:
-    """Whether ``layers`` layers fit one array: its rows within the kernel's int32 index, and no one-byte array of 2 to
-    4 GiB (the module docstring says why)."""
+def _fits(layers: int, layer_shape: tuple[int, ...], itemsize: int, max_bytes: int) -> bool:
+    """Whether ``layers`` layers fit one array: at most ``max_bytes``, its rows within the kernel's int32 index, and no
+    one-byte array of 2 to 4 GiB (the module docstring says why)."""
     rows = layers * math.prod(layer_shape[:-1])
     num_bytes = layers * math.prod(layer_shape) * itemsize
-    return rows <= MAX_ARRAY_ROWS and (itemsize > 1 or not 2**31 < num_bytes <= 2**32)
+    fp8_overflow = itemsize == 1 and 2**31 < num_bytes <= 2**32
+    return num_bytes <= max_bytes and rows <= MAX_ARRAY_ROWS and not fp8_overflow
 
 
-def array_shapes(num_layers: int, layer_shape: tuple[int, ...], dtype) -> list[tuple[int, ...]]:
-    """The shape of each array (of K, and likewise of V) holding ``num_layers`` layers of ``layer_shape`` in
-    ``dtype``."""
-    group = layers_per_array(num_layers, layer_shape, np.dtype(dtype).itemsize)
+def array_shapes(
+    num_layers: int, layer_shape: tuple[int, ...], dtype, max_bytes: int | None = None
+) -> list[tuple[int, ...]]:
+    """The shape of each array (of K, and likewise of V) holding ``num_layers`` layers of ``layer_shape`` in ``dtype``,
+    grouped by ``max_bytes`` (None: one layer per array; engines pass ``array_max_bytes()``)."""
+    group = layers_per_array(num_layers, layer_shape, np.dtype(dtype).itemsize, max_bytes)
     num_blocks, *rest = layer_shape
     return [(min(group, num_layers - first) * num_blocks, *rest) for first in range(0, num_layers, group)]
 

@@ -1,12 +1,12 @@
 """The paged KV cache: its size from the memory budget, and its allocation.
 
-Per layer, K and V blocks ``[P, L, K, H]``, several layers to an array (``jaxllm.models.kv_cache_layout``: a list of
-``(k, v)`` pairs, each ``[G * P, L, K, H]``), allocated once and donated into every step. On GPU/TPU the budget is
-``gpu_memory_utilization`` of the device memory minus what the weights use and the largest step's temporaries
-(measured by compiling it); on CPU, where nothing can be measured, ``kv_cache_memory_bytes`` (default 1 GiB). Under an
-allocator that keeps no statistics (XLA's VMM allocator) the CUDA driver's free and total memory stand in
-(``jaxllm.runner.device_memory``). ``kv_cache_dtype="fp8"`` stores the cache as float8_e4m3fn: one byte per value, so
-a budget holds twice the blocks of a bf16 cache (writing and reading it: ``pallas_kernels``).
+Per layer, K and V blocks ``[P, L, K, H]`` (a list of ``(k, v)`` pairs: one per layer, or one per group of layers
+``[G * P, L, K, H]``, ``jaxllm.models.kv_cache_layout``), allocated once and donated into every step. On GPU/TPU the
+budget is ``gpu_memory_utilization`` of the device memory minus what the weights use and the largest step's
+temporaries (measured by compiling it); on CPU, where nothing can be measured, ``kv_cache_memory_bytes`` (default 1
+GiB). Under an allocator that keeps no statistics (XLA's VMM allocator) the CUDA driver's free and total memory stand
+in (``jaxllm.runner.device_memory``). ``kv_cache_dtype="fp8"`` stores the cache as float8_e4m3fn: one byte per value,
+so a budget holds twice the blocks of a bf16 cache (writing and reading it: ``pallas_kernels``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from jaxllm.config import DEFAULT_CPU_KV_CACHE_BYTES
 from jaxllm.models.config import ModelConfig
-from jaxllm.models.kv_cache_layout import KVCache, array_shapes
+from jaxllm.models.kv_cache_layout import KVCache, array_max_bytes, array_shapes
 from jaxllm.runner.device_memory import DeviceMemory, device_memory
 
 logger = logging.getLogger(__name__)
@@ -73,14 +73,14 @@ def device_memory_budget(gpu_memory_utilization: float, kv_cache_memory_bytes: i
 def allocate_kv_cache(
     model_config: ModelConfig, num_blocks: int, block_size: int, dtype, sharding=None, num_layers: int | None = None
 ) -> KVCache:
-    """Zeroed K and V blocks for ``num_layers`` layers (default: the model's), ``num_blocks`` per layer, grouped into
-    few arrays (``jaxllm.models.kv_cache_layout``)."""
+    """Zeroed K and V blocks for ``num_layers`` layers (default: the model's), ``num_blocks`` per layer: an array per
+    layer, or grouped under ``JAXLLM_KV_ARRAY_MAX_BYTES`` (``jaxllm.models.kv_cache_layout``)."""
     layer_shape = (num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)  # [P, L, K, H]
     # One call per array, filled from a runtime scalar: a constant output (or one buffer shared by several outputs)
     # could not be donated, and each step would then allocate a fresh copy of the cache.
     fill = jnp.zeros((), dtype)
     caches = []
-    for shape in array_shapes(num_layers or model_config.num_layers, layer_shape, dtype):
+    for shape in array_shapes(num_layers or model_config.num_layers, layer_shape, dtype, array_max_bytes()):
         make_filled = jax.jit(lambda fill, shape=shape: jnp.full(shape, fill, dtype), out_shardings=sharding)
         caches.append((make_filled(fill), make_filled(fill)))
     return jax.block_until_ready(caches)  # an allocation failure surfaces here, not in a later step

@@ -35,7 +35,7 @@ from flax import nnx
 from jaxllm.config import ResolvedConfig
 from jaxllm.core.step_io import ModelRunnerOutput, SampledLogprobs, SchedulerOutput
 from jaxllm.models.attention_metadata import AttentionMetadata
-from jaxllm.models.kv_cache_layout import array_shapes
+from jaxllm.models.kv_cache_layout import array_max_bytes, array_shapes
 from jaxllm.runner.flat_state import FlatState
 from jaxllm.runner.kv_cache import allocate_kv_cache
 from jaxllm.runner.packed_transfer import Packed, PackedLayout, place, unpack
@@ -296,7 +296,7 @@ class ModelRunner:
         batch = empty_step_batch(bucket, self.config.request_rows_for(bucket), self.config.max_blocks_per_request)
         num_blocks = self.config.num_blocks if num_blocks is None else num_blocks
         layer_shape = (num_blocks, self.config.block_size, self.model_config.num_kv_heads, self.model_config.head_dim)
-        shapes = array_shapes(self.model_config.num_layers, layer_shape, self.kv_dtype)
+        shapes = array_shapes(self.model_config.num_layers, layer_shape, self.kv_dtype, array_max_bytes())
         kv = [(jax.ShapeDtypeStruct(shape, self.kv_dtype),) * 2 for shape in shapes]
         forward = self._forward_programs.for_tokens(bucket)
         packed, layout = self._batch_arrays(batch)

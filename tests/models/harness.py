@@ -11,10 +11,18 @@ from jaxllm.models.kv_cache_layout import array_shapes
 
 
 def prompt_logits(
-    model, token_ids, *, block_size: int = 4, chunk_size: int | None = None, seed: int = 0, kv_dtype=None
+    model,
+    token_ids,
+    *,
+    block_size: int = 4,
+    chunk_size: int | None = None,
+    seed: int = 0,
+    kv_dtype=None,
+    kv_array_max_bytes: int | None = None,
 ) -> np.ndarray:
     """Float32 logits ``[len, V]`` at every position, computed chunk by chunk into a shuffled paged cache (of
-    ``kv_dtype``; default the model's dtype)."""
+    ``kv_dtype``; default the model's dtype), one array per layer or grouped by ``kv_array_max_bytes``
+    (``jaxllm.models.kv_cache_layout``)."""
     config = model.config
     num_tokens = len(token_ids)
     num_request_blocks = -(-num_tokens // block_size)
@@ -23,9 +31,8 @@ def prompt_logits(
     num_blocks = num_request_blocks + 4
     dtype = kv_dtype or model.model.embed_tokens.embedding.get_value().dtype
     shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
-    kv = [
-        (jnp.zeros(s, dtype), jnp.zeros(s, dtype)) for s in array_shapes(config.num_layers, shape, dtype)
-    ]  # as engines do
+    shapes = array_shapes(config.num_layers, shape, dtype, kv_array_max_bytes)
+    kv = [(jnp.zeros(s, dtype), jnp.zeros(s, dtype)) for s in shapes]
     block_table = jnp.asarray(block_ids[None, :], jnp.int32)
     chunk_size = chunk_size or num_tokens
     logits = []

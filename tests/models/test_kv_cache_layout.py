@@ -5,17 +5,18 @@ import numpy as np
 import pytest
 
 from jaxllm.models import kv_cache_layout
-from jaxllm.models.kv_cache_layout import array_shapes, layer_ranges
+from jaxllm.models.kv_cache_layout import ARRAY_MAX_BYTES_ENV, array_max_bytes, array_shapes, layer_ranges
 
 LAYER = (6, 4, 2, 8)  # [P, L, K, H]
 LAYER_ROWS = 6 * 4 * 2
+NO_BYTE_LIMIT = 2**62
 
 
 @pytest.mark.parametrize("num_layers", [1, 2, 5, 10, 31, 32, 80])
 @pytest.mark.parametrize("limit_layers", [1, 2, 3, 4, 7, 11, 100])
 def test_every_layer_gets_its_own_block_range_and_arrays_stay_under_the_limit(monkeypatch, num_layers, limit_layers):
     monkeypatch.setattr(kv_cache_layout, "MAX_ARRAY_ROWS", limit_layers * LAYER_ROWS + 5)
-    shapes = array_shapes(num_layers, LAYER, jnp.float32)
+    shapes = array_shapes(num_layers, LAYER, jnp.float32, NO_BYTE_LIMIT)
     assert len(shapes) == -(-num_layers // min(limit_layers, num_layers))  # as few arrays as the limit allows
     assert all(int(np.prod(s[:-1])) <= kv_cache_layout.MAX_ARRAY_ROWS for s in shapes)
     assert all(s[1:] == LAYER[1:] for s in shapes)
@@ -29,19 +30,19 @@ def test_every_layer_gets_its_own_block_range_and_arrays_stay_under_the_limit(mo
 
 def test_a_layer_over_the_limit_still_gets_an_array_of_its_own(monkeypatch):
     monkeypatch.setattr(kv_cache_layout, "MAX_ARRAY_ROWS", 10)
-    assert array_shapes(3, LAYER, jnp.float32) == [LAYER] * 3
+    assert array_shapes(3, LAYER, jnp.float32, NO_BYTE_LIMIT) == [LAYER] * 3
 
 
 def test_a_large_cache_of_a_real_shape_is_one_array():
     # the Llama-3.1-8B shape, a bf16 cache filling most of a 140 GB GPU: 32 layers of 16,000 blocks in one array
-    assert array_shapes(32, (16_000, 16, 8, 128), jnp.bfloat16) == [(32 * 16_000, 16, 8, 128)]
+    assert array_shapes(32, (16_000, 16, 8, 128), jnp.bfloat16, NO_BYTE_LIMIT) == [(32 * 16_000, 16, 8, 128)]
 
 
 @pytest.mark.parametrize("num_blocks", [1_000, 3_000, 6_000])
 def test_a_one_byte_cache_has_no_array_between_two_and_four_gib(num_blocks):
     layer = (num_blocks, 16, 8, 128)  # 16 MiB per 1,000 blocks of fp8: 32 layers are 0.5, 1.5 and 3 GiB
     for dtype in (jnp.float8_e4m3fn, jnp.bfloat16):
-        shapes = array_shapes(32, layer, dtype)
+        shapes = array_shapes(32, layer, dtype, NO_BYTE_LIMIT)
         sizes = [int(np.prod(s)) * jnp.dtype(dtype).itemsize for s in shapes]
         assert sum(sizes) == 32 * int(np.prod(layer)) * jnp.dtype(dtype).itemsize
         if jnp.dtype(dtype).itemsize == 1:
@@ -55,3 +56,27 @@ def test_arrays_that_do_not_match_the_layer_count_are_a_value_error():
         layer_ranges(caches, 3)
     with pytest.raises(ValueError, match="has no arrays"):
         layer_ranges([], 3)
+
+
+def test_by_default_every_layer_has_arrays_of_its_own(monkeypatch):
+    monkeypatch.delenv(ARRAY_MAX_BYTES_ENV, raising=False)
+    assert array_max_bytes() is None
+    assert array_shapes(5, LAYER, jnp.float32, array_max_bytes()) == [LAYER] * 5
+    monkeypatch.setenv(ARRAY_MAX_BYTES_ENV, "0")
+    assert array_max_bytes() is None
+
+
+@pytest.mark.parametrize(("max_layers", "expected"), [(1, [1] * 5), (2, [2, 2, 1]), (3, [3, 2]), (4, [3, 2]), (5, [5])])
+def test_a_byte_limit_bounds_every_array(monkeypatch, max_layers, expected):
+    layer_bytes = int(np.prod(LAYER)) * 4
+    monkeypatch.setenv(ARRAY_MAX_BYTES_ENV, str(max_layers * layer_bytes))
+    shapes = array_shapes(5, LAYER, jnp.float32, array_max_bytes())
+    assert [s[0] // LAYER[0] for s in shapes] == expected  # layers per array: as few arrays as fit, evenly spread
+    assert len(layer_ranges([(jnp.zeros(s), jnp.zeros(s)) for s in shapes], 5)) == 5
+
+
+@pytest.mark.parametrize("value", ["-1", "4GiB", "1e9", " "])
+def test_a_bad_byte_limit_is_a_value_error_naming_the_variable(monkeypatch, value):
+    monkeypatch.setenv(ARRAY_MAX_BYTES_ENV, value)
+    with pytest.raises(ValueError, match=ARRAY_MAX_BYTES_ENV):
+        array_max_bytes()

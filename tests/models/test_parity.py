@@ -36,10 +36,20 @@ def fixture_prompts(data, key="prompts", lens_key="prompt_lens"):
 
 def test_every_family_has_a_fixture():
     assert {"llama", "mistral", "qwen2", "qwen3", "llama_tied", "llama_rope_llama3"} <= set(TINY_MODELS)
+    assert set(SHARED_CACHE_ARRAYS) <= set(TINY_MODELS)
 
 
-@pytest.mark.parametrize("name", TINY_MODELS)
-def test_logits_match_transformers(name):
+# families whose logits are also checked with their layers sharing KV cache arrays (JAXLLM_KV_ARRAY_MAX_BYTES):
+# plain, one KV head, sliding window, q/k norm, experts
+SHARED_CACHE_ARRAYS = ["llama", "llama_mqa", "mistral", "qwen3", "mixtral"]
+
+
+@pytest.mark.parametrize(
+    "name, kv_array_max_bytes",
+    [(name, None) for name in TINY_MODELS] + [(name, 2**40) for name in SHARED_CACHE_ARRAYS],
+    ids=[*TINY_MODELS, *(f"{name}-layers-share-cache-arrays" for name in SHARED_CACHE_ARRAYS)],
+)
+def test_logits_match_transformers(name, kv_array_max_bytes):
     model = load_model(str(FIXTURES / "models" / name))
     data = expected(name)
     offsets = data["logit_offsets"]
@@ -48,7 +58,10 @@ def test_logits_match_transformers(name):
     chunkable = model.config.rope.rope_type != "dynamic"
     for i, prompt in enumerate(fixture_prompts(data)):
         reference = data["logits"][offsets[i] : offsets[i + 1]]
-        got = prompt_logits(model, prompt, block_size=4, chunk_size=7 if i % 2 and chunkable else None, seed=i)
+        chunk_size = 7 if i % 2 and chunkable else None
+        got = prompt_logits(
+            model, prompt, block_size=4, chunk_size=chunk_size, seed=i, kv_array_max_bytes=kv_array_max_bytes
+        )
         error = np.abs(got - reference).max()
         assert error < MAX_ABS_ERROR_F32, f"{name} prompt {i}: max abs error {error:.2e}"
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxllm.models.kv_cache_layout import ARRAY_MAX_BYTES_ENV
 from sharding import DataParallelEngine, ShardedEngine, make_mesh, shard_model
 from sharding.engine import generate
 from sharding.runner import PipelineRunner, padding_batch
@@ -97,6 +98,18 @@ def test_pipeline_parallel(reference, tensor, pipe):
     outputs, recording = run_on_mesh(reference.model, reference.prompts, tensor, pipe)
     assert_matches(reference, outputs, recording)
     assert recording.runner.num_traces == pipe  # each stage compiled once; microbatches reuse the bucket
+
+
+@pytest.mark.parametrize(("tensor", "pipe"), [(2, 1), (2, 2)])
+def test_layers_sharing_kv_cache_arrays(reference, monkeypatch, tensor, pipe):
+    """With JAXLLM_KV_ARRAY_MAX_BYTES each stage's layers share one K and one V array (the reference keeps one per
+    layer); tokens and every step's logits stay one device's."""
+    monkeypatch.setenv(ARRAY_MAX_BYTES_ENV, str(2**40))
+    outputs, recording = run_on_mesh(reference.model, reference.prompts, tensor, pipe)
+    assert_matches(reference, outputs, recording)
+    stages = recording.runner.pipeline.stages
+    assert [len(stage.kv_caches) for stage in stages] == [1] * pipe
+    assert sum(stage.kv_caches[0][0].shape[0] for stage in stages) == reference.model.config.num_layers * 64
 
 
 def test_fewer_kv_heads_than_tensor_devices_with_tied_embeddings(reference_few_kv_heads):

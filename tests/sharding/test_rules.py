@@ -79,13 +79,13 @@ def test_kv_cache_split_over_kv_heads_on_each_stage():
     pipeline = PipelinedModel(shard_model(tiny_model(), mesh), mesh)
     pipeline.allocate_kv_cache(num_blocks=6, block_size=4, dtype=jnp.float32)
     for stage_index, stage in enumerate(pipeline.stages):
-        assert len(stage.kv_caches) == 1  # the stage's two layers share one K and one V array
+        assert len(stage.kv_caches) == 2
         for k, v in stage.kv_caches:
             for cache in (k, v):
-                assert cache.shape == (2 * 6, 4, 4, 8)
+                assert cache.shape == (6, 4, 4, 8)
                 assert cache.sharding.spec == P(None, None, "tensor", None)
                 assert {d.id for d in cache.sharding.device_set} == {2 * stage_index, 2 * stage_index + 1}
-                assert all(s.data.shape == (2 * 6, 4, 2, 8) for s in cache.addressable_shards)
+                assert all(s.data.shape == (6, 4, 2, 8) for s in cache.addressable_shards)
     per_device: dict[int, int] = {}
     for stage in pipeline.stages:
         for cache in jax.tree.leaves(stage.kv_caches):
