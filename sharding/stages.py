@@ -99,7 +99,8 @@ def stage_forward(
     cos, sin = rope_cos_sin(config.rope, config.head_dim, md.positions, md.context_lens)  # [T, H] each
     x = stage.embed_tokens(inputs) if stage.is_first else inputs  # [T, D]
     x = constrain(x, HIDDEN)  # replicated over tensor, as after every layer (the rules map both names to None)
-    x, new_caches = run_layers(stage.layers, x, kv_caches, md, cos, sin)
+    # the layers constrain their own activations by logical name
+    x, new_caches = run_layers(stage.layers, x, kv_caches, md, cos, sin, constrain_between=False)
     if not stage.is_last:
         return x, new_caches
     hidden = stage.norm(x)  # [T, D]

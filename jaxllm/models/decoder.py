@@ -134,13 +134,17 @@ class DecoderLayer(nnx.Module):
         return x + (mlp(h, md.query_start_loc[-1]) if isinstance(mlp, SparseMoeBlock) else mlp(h)), kv
 
 
-def run_layers(layers, x, kv_caches: KVCache, md: AttentionMetadata, cos, sin) -> tuple[jax.Array, KVCache]:
+def run_layers(
+    layers, x, kv_caches: KVCache, md: AttentionMetadata, cos, sin, *, constrain_between: bool = True
+) -> tuple[jax.Array, KVCache]:
     """``layers`` in order on hidden states ``x [T, D]``, each on its blocks of ``kv_caches``; returns the hidden states
-    and the updated cache (the same arrays, updated in place once donated)."""
+    and the updated cache (the same arrays, updated in place once donated). ``constrain_between``: name the hidden
+    states' axes after each layer (a pipeline stage leaves it to the layers' own constraints)."""
     new_caches = list(kv_caches)
     for layer, (index, first_block) in zip(layers, layer_ranges(kv_caches, len(layers)), strict=True):
         x, new_caches[index] = layer(x, new_caches[index], md, cos, sin, first_block)
-        x = act.constrain(x, act.HIDDEN)
+        if constrain_between:
+            x = act.constrain(x, act.HIDDEN)
     return x, new_caches
 
 
