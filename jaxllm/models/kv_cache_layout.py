@@ -12,11 +12,14 @@ see one paged cache as before; padding tokens write each layer's own null block 
 H200s, TP 2, 32 layers): the launch 0.8 ms shorter, the step not (batch-1 4.54-4.58 against 4.18-4.46 ms), so it is
 off until measured where the launch bounds the step (TP 4).
 
-``JAXLLM_KV_ARRAY_MAX_BYTES=N`` groups layers into arrays of at most ``N`` bytes (a layer over ``N`` still gets one);
-unset or 0: one layer per array. Whatever ``N``, an array holds at most ``MAX_ARRAY_ROWS`` rows of ``H`` values: the
-Triton attention kernel addresses a cache as ``[P * L * K, H]`` rows with int32 row indices. Pallas' Triton lowering
-then computes element offsets in 32 bits for arrays of at most 4 GiB and in 64 bits above (``N = 4294967296`` keeps
-them 32-bit), so a one-byte (fp8) array of 2 to 4 GiB would overflow them: no such array is made.
+``JAXLLM_KV_ARRAY_MAX_BYTES=N`` groups layers into arrays of at most ``N`` bytes per device (a layer over ``N``
+still gets one); unset or 0: one layer per array (except for fp8 layers of 2 to 4 GiB, below). Whatever ``N``, an
+array holds at most ``MAX_ARRAY_ROWS`` rows of ``H`` values per device: the Triton attention kernel addresses a
+device's cache as ``[P * L * K, H]`` rows with int32 row indices. Pallas' Triton lowering then computes element
+offsets in 32 bits for arrays of at most 4 GiB and in 64 bits above (``N = 4294967296`` keeps them 32-bit), so a
+one-byte (fp8) array of 2 to 4 GiB would overflow them: no such array is made, not even in the default layout, whose
+fp8 layers of that size share arrays (the overflow is read from Pallas' source, not yet reproduced on a GPU). A
+one-layer model's cannot.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import numpy as np
 
 MAX_ARRAY_ROWS = 2**31 - 1  # of H values: a [P * L * K, H] view's int32 row index
 ARRAY_MAX_BYTES_ENV = "JAXLLM_KV_ARRAY_MAX_BYTES"
+NO_BYTE_LIMIT = 2**62
 
 # one (k, v) pair per group of layers, each [G * P, L, K, H]
 KVCache = list[tuple[jax.Array, jax.Array]]
@@ -44,13 +48,18 @@ def array_max_bytes() -> int | None:
 
 
 def layers_per_array(num_layers: int, layer_shape: tuple[int, ...], itemsize: int, max_bytes: int | None) -> int:
-    """How many layers of ``layer_shape`` (one layer's ``[P, L, K, H]``, ``itemsize`` bytes a value) share an array:
-    one when ``max_bytes`` is None, else as few arrays as the limits allow, the layers spread evenly over them (so
-    ``layer_ranges`` can tell the grouping from the arrays); one layer each at worst."""
+    """How many layers of ``layer_shape`` (one layer's ``[P, L, K, H]`` on one device, ``itemsize`` bytes a value)
+    share an array:
+    as few arrays of at most ``max_bytes`` as the limits allow, the layers spread evenly over them (so ``layer_ranges``
+    can tell the grouping from the arrays); one layer each at worst. ``max_bytes`` None (the default layout): one
+    layer per array, unless one layer's array would be a one-byte array of 2 to 4 GiB: then as few as fit."""
     if num_layers < 1:
         raise ValueError(f"num_layers must be at least 1, got {num_layers}")
     if max_bytes is None:
-        return 1
+        layer_bytes = math.prod(layer_shape) * itemsize
+        if num_layers == 1 or _fits(1, layer_shape, itemsize, layer_bytes):
+            return 1
+        max_bytes = NO_BYTE_LIMIT  # an fp8 layer of 2 to 4 GiB: layers grouped, arrays over 4 GiB (64-bit offsets)
     for num_arrays in range(1, num_layers + 1):
         group = -(-num_layers // num_arrays)
         sizes = {min(group, num_layers - first) for first in range(0, num_layers, group)}
@@ -69,11 +78,16 @@ def _fits(layers: int, layer_shape: tuple[int, ...], itemsize: int, max_bytes: i
 
 
 def array_shapes(
-    num_layers: int, layer_shape: tuple[int, ...], dtype, max_bytes: int | None = None
+    num_layers: int, layer_shape: tuple[int, ...], dtype, max_bytes: int | None = None, head_shards: int = 1
 ) -> list[tuple[int, ...]]:
     """The shape of each array (of K, and likewise of V) holding ``num_layers`` layers of ``layer_shape`` in ``dtype``,
-    grouped by ``max_bytes`` (None: one layer per array; engines pass ``array_max_bytes()``)."""
-    group = layers_per_array(num_layers, layer_shape, np.dtype(dtype).itemsize, max_bytes)
+    grouped by ``max_bytes`` per device (None: one layer per array; engines pass ``array_max_bytes()``), each device
+    holding ``1 / head_shards`` of the KV heads (tensor parallelism): the limits are a device's."""
+    num_blocks, block_size, num_kv_heads, head_dim = layer_shape
+    if num_kv_heads % head_shards:
+        raise ValueError(f"{num_kv_heads} KV heads do not split over {head_shards} devices")
+    device_layer = (num_blocks, block_size, num_kv_heads // head_shards, head_dim)
+    group = layers_per_array(num_layers, device_layer, np.dtype(dtype).itemsize, max_bytes)
     num_blocks, *rest = layer_shape
     return [(min(group, num_layers - first) * num_blocks, *rest) for first in range(0, num_layers, group)]
 

@@ -5,11 +5,16 @@ import numpy as np
 import pytest
 
 from jaxllm.models import kv_cache_layout
-from jaxllm.models.kv_cache_layout import ARRAY_MAX_BYTES_ENV, array_max_bytes, array_shapes, layer_ranges
+from jaxllm.models.kv_cache_layout import (
+    ARRAY_MAX_BYTES_ENV,
+    NO_BYTE_LIMIT,
+    array_max_bytes,
+    array_shapes,
+    layer_ranges,
+)
 
 LAYER = (6, 4, 2, 8)  # [P, L, K, H]
 LAYER_ROWS = 6 * 4 * 2
-NO_BYTE_LIMIT = 2**62
 
 
 @pytest.mark.parametrize("num_layers", [1, 2, 5, 10, 31, 32, 80])
@@ -80,3 +85,22 @@ def test_a_bad_byte_limit_is_a_value_error_naming_the_variable(monkeypatch, valu
     monkeypatch.setenv(ARRAY_MAX_BYTES_ENV, value)
     with pytest.raises(ValueError, match=ARRAY_MAX_BYTES_ENV):
         array_max_bytes()
+
+
+def test_the_default_layout_groups_fp8_layers_that_would_be_two_to_four_gib():
+    layer = (10_000, 16, 8, 128)  # 160 MB of fp8 per layer: one array each
+    assert array_shapes(3, layer, jnp.float8_e4m3fn) == [layer] * 3
+    big = (160_000, 16, 8, 128)  # 2.6 GB of fp8 per layer (2^31 < bytes <= 2^32): one array of 7.9 GB
+    assert array_shapes(3, big, jnp.float8_e4m3fn) == [(3 * 160_000, 16, 8, 128)]
+    assert array_shapes(3, big, jnp.bfloat16) == [big] * 3  # 5.2 GB of bf16: offsets already 64-bit
+    assert array_shapes(1, big, jnp.float8_e4m3fn) == [big]  # one layer: nothing to pair it with
+
+
+def test_the_limits_are_a_devices_when_tensor_parallelism_splits_the_heads():
+    big = (160_000, 16, 8, 128)  # 2.6 GB of fp8 per layer in all, 1.3 GB on each of 2 devices, 0.65 GB on 4
+    assert array_shapes(3, big, jnp.float8_e4m3fn, None, head_shards=2) == [big] * 3
+    double = (320_000, 16, 8, 128)  # 5.2 GB in all: 2.6 GB on each of 2 devices, in the window there
+    assert array_shapes(3, double, jnp.float8_e4m3fn) == [double] * 3
+    assert array_shapes(3, double, jnp.float8_e4m3fn, None, head_shards=2) == [(3 * 320_000, 16, 8, 128)]
+    with pytest.raises(ValueError, match="8 KV heads do not split over 3"):
+        array_shapes(3, big, jnp.float8_e4m3fn, None, head_shards=3)
