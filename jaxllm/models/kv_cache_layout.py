@@ -49,10 +49,10 @@ def array_max_bytes() -> int | None:
 
 def layers_per_array(num_layers: int, layer_shape: tuple[int, ...], itemsize: int, max_bytes: int | None) -> int:
     """How many layers of ``layer_shape`` (one layer's ``[P, L, K, H]`` on one device, ``itemsize`` bytes a value)
-    share an array:
-    as few arrays of at most ``max_bytes`` as the limits allow, the layers spread evenly over them (so ``layer_ranges``
-    can tell the grouping from the arrays); one layer each at worst. ``max_bytes`` None (the default layout): one
-    layer per array, unless one layer's array would be a one-byte array of 2 to 4 GiB: then as few as fit."""
+    share an array: as few arrays of at most ``max_bytes`` as the limits allow, the layers spread evenly over them (so
+    ``layer_ranges`` can tell the grouping from the arrays); one layer each at worst. ``max_bytes`` None (the default
+    layout): one layer per array, unless one layer's array would be a one-byte array of 2 to 4 GiB: then as few as
+    fit."""
     if num_layers < 1:
         raise ValueError(f"num_layers must be at least 1, got {num_layers}")
     if max_bytes is None:

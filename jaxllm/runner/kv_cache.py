@@ -79,10 +79,11 @@ def allocate_kv_cache(
     # One call per array, filled from a runtime scalar: a constant output (or one buffer shared by several outputs)
     # could not be donated, and each step would then allocate a fresh copy of the cache.
     fill = jnp.zeros((), dtype)
-    caches = []
     head_shards = 1 if sharding is None else layer_shape[2] // sharding.shard_shape(layer_shape)[2]
     shapes = array_shapes(num_layers or model_config.num_layers, layer_shape, dtype, array_max_bytes(), head_shards)
-    for shape in shapes:
-        make_filled = jax.jit(lambda fill, shape=shape: jnp.full(shape, fill, dtype), out_shardings=sharding)
-        caches.append((make_filled(fill), make_filled(fill)))
+    make_filled = {  # one program per distinct shape (with an array per layer: one)
+        shape: jax.jit(lambda fill, shape=shape: jnp.full(shape, fill, dtype), out_shardings=sharding)
+        for shape in set(shapes)
+    }
+    caches = [(make_filled[shape](fill), make_filled[shape](fill)) for shape in shapes]
     return jax.block_until_ready(caches)  # an allocation failure surfaces here, not in a later step
