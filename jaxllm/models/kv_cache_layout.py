@@ -88,8 +88,10 @@ def array_shapes(
         raise ValueError(f"{num_kv_heads} KV heads do not split over {head_shards} devices")
     device_layer = (num_blocks, block_size, num_kv_heads // head_shards, head_dim)
     group = layers_per_array(num_layers, device_layer, np.dtype(dtype).itemsize, max_bytes)
-    num_blocks, *rest = layer_shape
-    return [(min(group, num_layers - first) * num_blocks, *rest) for first in range(0, num_layers, group)]
+    return [
+        (min(group, num_layers - first) * num_blocks, block_size, num_kv_heads, head_dim)
+        for first in range(0, num_layers, group)
+    ]
 
 
 def layer_ranges(kv_caches: KVCache, num_layers: int) -> list[tuple[int, int]]:

@@ -70,17 +70,25 @@ def device_memory_budget(gpu_memory_utilization: float, kv_cache_memory_bytes: i
     return budget
 
 
+def kv_cache_shapes(
+    model_config: ModelConfig, num_blocks: int, block_size: int, dtype, sharding=None, num_layers: int | None = None
+) -> list[tuple[int, ...]]:
+    """The shape of each K (and each V) array of a cache of ``num_layers`` layers (default: the model's),
+    ``num_blocks`` per layer, placed by ``sharding``: one per layer, or grouped under ``JAXLLM_KV_ARRAY_MAX_BYTES``
+    (``jaxllm.models.kv_cache_layout``)."""
+    layer_shape = (num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)  # [P, L, K, H]
+    head_shards = 1 if sharding is None else layer_shape[2] // sharding.shard_shape(layer_shape)[2]
+    return array_shapes(num_layers or model_config.num_layers, layer_shape, dtype, array_max_bytes(), head_shards)
+
+
 def allocate_kv_cache(
     model_config: ModelConfig, num_blocks: int, block_size: int, dtype, sharding=None, num_layers: int | None = None
 ) -> KVCache:
-    """Zeroed K and V blocks for ``num_layers`` layers (default: the model's), ``num_blocks`` per layer: an array per
-    layer, or grouped under ``JAXLLM_KV_ARRAY_MAX_BYTES`` (``jaxllm.models.kv_cache_layout``)."""
-    layer_shape = (num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)  # [P, L, K, H]
+    """Zeroed K and V blocks laid out as ``kv_cache_shapes`` says."""
+    shapes = kv_cache_shapes(model_config, num_blocks, block_size, dtype, sharding, num_layers)
     # One call per array, filled from a runtime scalar: a constant output (or one buffer shared by several outputs)
     # could not be donated, and each step would then allocate a fresh copy of the cache.
     fill = jnp.zeros((), dtype)
-    head_shards = 1 if sharding is None else layer_shape[2] // sharding.shard_shape(layer_shape)[2]
-    shapes = array_shapes(num_layers or model_config.num_layers, layer_shape, dtype, array_max_bytes(), head_shards)
     make_filled = {  # one program per distinct shape (with an array per layer: one)
         shape: jax.jit(lambda fill, shape=shape: jnp.full(shape, fill, dtype), out_shardings=sharding)
         for shape in set(shapes)

@@ -35,9 +35,8 @@ from flax import nnx
 from jaxllm.config import ResolvedConfig
 from jaxllm.core.step_io import ModelRunnerOutput, SampledLogprobs, SchedulerOutput
 from jaxllm.models.attention_metadata import AttentionMetadata
-from jaxllm.models.kv_cache_layout import array_max_bytes, array_shapes
 from jaxllm.runner.flat_state import FlatState
-from jaxllm.runner.kv_cache import allocate_kv_cache
+from jaxllm.runner.kv_cache import allocate_kv_cache, kv_cache_shapes
 from jaxllm.runner.packed_transfer import Packed, PackedLayout, place, unpack
 from jaxllm.runner.prompt_logprobs import (
     compute_prompt_logprobs,
@@ -295,8 +294,7 @@ class ModelRunner:
         bucket = self.config.token_buckets[-1] if bucket is None else bucket
         batch = empty_step_batch(bucket, self.config.request_rows_for(bucket), self.config.max_blocks_per_request)
         num_blocks = self.config.num_blocks if num_blocks is None else num_blocks
-        layer_shape = (num_blocks, self.config.block_size, self.model_config.num_kv_heads, self.model_config.head_dim)
-        shapes = array_shapes(self.model_config.num_layers, layer_shape, self.kv_dtype, array_max_bytes())
+        shapes = kv_cache_shapes(self.model_config, num_blocks, self.config.block_size, self.kv_dtype, self.kv_sharding)
         kv = [(jax.ShapeDtypeStruct(shape, self.kv_dtype),) * 2 for shape in shapes]
         forward = self._forward_programs.for_tokens(bucket)
         packed, layout = self._batch_arrays(batch)
