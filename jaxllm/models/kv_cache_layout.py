@@ -8,9 +8,12 @@ take ~0.38 ms of each tensor-parallel-4 step's launch. Grouped, array pair ``c``
 (``G = layers_per_array``), layer ``i``'s ``P`` blocks being blocks ``[j * P, (j + 1) * P)`` of it (``j = i - c * G``).
 A layer reads and writes only its own range: its attention adds ``j * P`` to the step's block tables and ``j * P * L``
 to its slot mapping (``AttentionMetadata``'s logical block ids are the same for every layer), so the attention kernels
-see one paged cache as before; padding tokens write each layer's own null block (block ``j * P``). Measured once (two
-H200s, TP 2, 32 layers): the launch 0.8 ms shorter, the step not (batch-1 4.54-4.58 against 4.18-4.46 ms), so it is
-off until measured where the launch bounds the step (TP 4).
+see one paged cache as before; padding tokens write each layer's own null block (block ``j * P``). Measured (the
+8B shape, 32 layers, batch 1; benchmarks/RESULTS.md, sessions 36-37): one array per stage made TP 2's launch 0.8 ms
+shorter but not its step (4.54-4.58 against 4.18-4.46 ms); on one H200 arrays of 2 layers (``N = 4294967296``) cost
+the GPU nothing (4.84 ms against 4.81-4.86) while arrays of 8, 16 or 32 layers added ~0.5 ms (5.37-5.44 ms: XLA
+rematerialized a matmul fusion of every layer, ``_remat`` in the trace). Off until measured where the launch bounds
+the step (TP 4, ``N = 4294967296``).
 
 ``JAXLLM_KV_ARRAY_MAX_BYTES=N`` groups layers into arrays of at most ``N`` bytes per device (a layer over ``N``
 still gets one); unset or 0: one layer per array (except for fp8 layers of 2 to 4 GiB, below). Whatever ``N``, an
@@ -18,8 +21,8 @@ array holds at most ``MAX_ARRAY_ROWS`` rows of ``H`` values per device: the Trit
 device's cache as ``[P * L * K, H]`` rows with int32 row indices. Pallas' Triton lowering then computes element
 offsets in 32 bits for arrays of at most 4 GiB and in 64 bits above (``N = 4294967296`` keeps them 32-bit), so a
 one-byte (fp8) array of 2 to 4 GiB would overflow them: no such array is made, not even in the default layout, whose
-fp8 layers of that size share arrays (the overflow is read from Pallas' source, not yet reproduced on a GPU). A
-one-layer model's cannot.
+fp8 layers of that size share arrays (on an H200 the Triton attention kernel faults reading such an array past
+2**31 values: ``tests/gpu/test_large_kv_cache_gpu.py``). A one-layer model's cannot.
 """
 
 from __future__ import annotations
