@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine session: the GPU tests and the benchmarks, logs and JSON under $OUT (default ./gpu-out).
 #   bash benchmarks/gpu_session.sh tests kernels j8 j8sync j8pen scoring j8ref j8cublas j8nomerge j8both j8xla j8fp8 j8fp8nocb j1 l8 l8q l8fused \
-#        l8qxla l8xla l8dump vmm j8vmm l8vmm profile profile1 profile_b1 profile_prefill profile_tp2 layers2 graphupd ppupd ppasync startup compare_hf qmm qmmsweep qmmengine qmmbitcvt qmmbundled attnsweep memj1 mesh8 mesh70 launchsplit tpflags tpenv mp mp8 \
+#        l8qxla l8xla l8dump vmm j8vmm l8vmm profile profile1 profile_b1 profile_prefill profile_tp2 layers2 graphupd ppupd ppasync startup compare_hf qmm qmmsweep qmmengine qmmbitcvt qmmbundled attnsweep memj1 mesh8 mesh70 launchsplit kvlayout tpflags tpenv mp mp8 \
 #        moe moe30 moe30ep mixtral
 # (any subset, run in the order given; mesh8, profile_tp2, graphupd, ppupd and ppasync need 2+ GPUs, layers2 4 at its
 # default TP_SIZES; mesh8 runs the Llama-3.1-8B shape at TP 1 and 2 by default, MESHES=...; mesh70 the Llama-3.1-70B shape, 4x1x1 by default, MESHES70=...; both once per MESH_VARIANTS entry;
@@ -140,6 +140,11 @@ for stage in "$@"; do
     launchsplit) for tp in ${TP_SIZES:-4 2}; do for layers in ${SPLIT_LAYERS:-32 8}; do  # batch-1 launch split, each a process
                    python3 benchmarks/launch_split.py --tensor-parallel-size $tp --num-layers $layers 2>&1 \
                      | tee -a "$OUT/launch_split.log" | grep -Ev "^JSON"; done; done ;;
+    kvlayout) for round in 1 2; do for limit in ${KV_LIMITS:-0 4294967296}; do  # JAXLLM_KV_ARRAY_MAX_BYTES A/B,
+                # batch 1 at TP KV_TP (default 4), 32 layers, each value a process, alternating (RESULTS.md, session 37)
+                JAXLLM_KV_ARRAY_MAX_BYTES=$limit python3 benchmarks/launch_split.py --tensor-parallel-size ${KV_TP:-4} \
+                  --num-layers 32 2>&1 | tee -a "$OUT/kvlayout.log" | grep -E "batch-1 ITL|^  (launch|stage_call) |rror" \
+                  | sed "s/^/[round $round, max bytes $limit] /"; done; done ;;
     tpflags) IFS=';' read -ra variants <<< "${TPFLAGS_VARIANTS:-};"  # batch-1 latency on a small job per XLA_FLAGS variant
              for v in "${variants[@]:-}"; do XLA_FLAGS="$v" small_tp_job | grep -E "^ +[0-9]+x|^variant|Error"; done ;;
     tpenv) with_variants "${TPENV_VARIANTS:-JAXLLM_MESH_LAUNCH_THREAD=0;JAXLLM_MESH_LAUNCH_THREAD=1}" small_tp_rows ;;

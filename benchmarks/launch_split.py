@@ -115,6 +115,15 @@ def model_dir(args) -> str:
     return str(path)
 
 
+def kv_cache_arrays(engine) -> dict:
+    """How the engine's KV cache is laid out: its K arrays (as many V) and the first one's per-device GiB."""
+    runner = engine.runner
+    stages = runner.pipeline.stages if hasattr(runner, "pipeline") else [runner]
+    keys = [k for stage in stages for k, _ in stage.kv_caches]
+    shard = keys[0].addressable_shards[0].data
+    return {"k_arrays": len(keys), "first_k_shape": list(keys[0].shape), "first_k_gib_per_device": shard.nbytes / 2**30}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(CONFIGS_DIR / "llama-3.1-8b"), help="a directory with config.json")
@@ -125,6 +134,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="batch-1 runs, each reported")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="the engine's (small: few buckets)")
+    p.add_argument("--gpu-memory-utilization", type=float, help="the engine's (default: its own); sizes the KV cache")
     p.add_argument("--smoke", action="store_true", help="the tiny fixture model at TP 2 on fake CPU devices")
     args = p.parse_args(argv)
     if args.smoke:
@@ -149,6 +159,7 @@ def main(argv=None) -> dict:
             max_model_len=args.input_len + args.output_len,
             max_num_seqs=8,
             max_num_batched_tokens=args.max_num_batched_tokens,
+            **({} if args.gpu_memory_utilization is None else {"gpu_memory_utilization": args.gpu_memory_utilization}),
         )
         engine = llm.llm_engine
         prompt = random_prompts(1, args.input_len, engine.model_config.vocab_size, seed=1)
@@ -167,8 +178,14 @@ def main(argv=None) -> dict:
         "input_len": args.input_len,
         "output_len": args.output_len,
         "runs": runs,
+        "kv_cache": kv_cache_arrays(engine),
     }
     layers = args.num_layers or "all"
+    cache = record["kv_cache"]
+    print(
+        f"KV cache: {cache['k_arrays']} K arrays (as many V), the first {cache['first_k_shape']}, "
+        f"{cache['first_k_gib_per_device']:.2f} GiB per device"
+    )
     for run in runs:
         print(f"TP {args.tensor_parallel_size}, {layers} layers: batch-1 ITL p50 {run['itl_p50_ms']:.3f} ms")
         for part, s in run["parts"].items():

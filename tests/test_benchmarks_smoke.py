@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on a tiny model (a smoke run: correctness of the scripts, not timing)."""
 
 import json
+import math
 import pathlib
 
 import pytest
@@ -214,3 +215,8 @@ def test_launch_split_smoke_times_each_part_of_every_step_launch():
         assert all(stats["calls"] == steps for stats in parts.values())
         assert parts["launch"]["median_ms"] > parts["stage_call"]["median_ms"] > 0  # the launch holds the call
         assert run["itl_p50_ms"] > 0
+    config = json.loads((pathlib.Path(launch_split.SMOKE_CONFIG) / "config.json").read_text())
+    cache = record["kv_cache"]  # the default layout: one K array per layer, each sharded over the 2 devices' KV heads
+    assert cache["k_arrays"] == config["num_hidden_layers"]
+    assert cache["first_k_shape"][2] == config["num_key_value_heads"]
+    assert 0 < cache["first_k_gib_per_device"] * 2**30 * 2 == math.prod(cache["first_k_shape"]) * 4  # float32
