@@ -141,9 +141,10 @@ for stage in "$@"; do
                    python3 benchmarks/launch_split.py --tensor-parallel-size $tp --num-layers $layers 2>&1 \
                      | tee -a "$OUT/launch_split.log" | grep -Ev "^JSON"; done; done ;;
     kvlayout) for round in 1 2; do for limit in ${KV_LIMITS:-0 4294967296}; do  # JAXLLM_KV_ARRAY_MAX_BYTES A/B,
-                # batch 1 at TP KV_TP (default 4), 32 layers, each value a process, alternating (RESULTS.md, session 37)
+                # batch 1 at TP KV_TP (default 4), 32 layers, each value a process, alternating (RESULTS.md, session 37);
+                # KV_ARGS: more launch_split options, e.g. --gpu-memory-utilization 0.3 (a small cache)
                 JAXLLM_KV_ARRAY_MAX_BYTES=$limit python3 benchmarks/launch_split.py --tensor-parallel-size ${KV_TP:-4} \
-                  --num-layers 32 2>&1 | tee -a "$OUT/kvlayout.log" | grep -E "batch-1 ITL|^  (launch|stage_call) |rror" \
+                  --num-layers 32 ${KV_ARGS:-} 2>&1 | tee -a "$OUT/kvlayout.log" | grep -E "batch-1 ITL|KV cache|^  (launch|stage_call) |rror" \
                   | sed "s/^/[round $round, max bytes $limit] /"; done; done ;;
     tpflags) IFS=';' read -ra variants <<< "${TPFLAGS_VARIANTS:-};"  # batch-1 latency on a small job per XLA_FLAGS variant
              for v in "${variants[@]:-}"; do XLA_FLAGS="$v" small_tp_job | grep -E "^ +[0-9]+x|^variant|Error"; done ;;
