@@ -44,7 +44,9 @@ import sharding.pipeline  # noqa: E402
 import sharding.runner  # noqa: E402
 from benchmarks.common import CONFIGS_DIR, SMOKE_CONFIG, environment, print_record, random_prompts  # noqa: E402
 from benchmarks.latency import percentiles, run_batch  # noqa: E402
+from benchmarks.mesh_scaling import runner_arrays  # noqa: E402
 from jaxllm import LLM  # noqa: E402
+from jaxllm.config import EngineConfig  # noqa: E402
 
 # (owner, attribute, part name): what is timed; ``place`` is the name sharding.pipeline calls
 TIMED = (
@@ -117,9 +119,8 @@ def model_dir(args) -> str:
 
 def kv_cache_arrays(engine) -> dict:
     """How the engine's KV cache is laid out: its K arrays (as many V) and the first one's per-device GiB."""
-    runner = engine.runner
-    stages = runner.pipeline.stages if hasattr(runner, "pipeline") else [runner]
-    keys = [k for stage in stages for k, _ in stage.kv_caches]
+    _, stage_caches = runner_arrays(engine.runner)
+    keys = [k for caches in stage_caches for k, _ in caches]
     shard = keys[0].addressable_shards[0].data
     return {"k_arrays": len(keys), "first_k_shape": list(keys[0].shape), "first_k_gib_per_device": shard.nbytes / 2**30}
 
@@ -134,7 +135,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="batch-1 runs, each reported")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="the engine's (small: few buckets)")
-    p.add_argument("--gpu-memory-utilization", type=float, help="the engine's (default: its own); sizes the KV cache")
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=EngineConfig.gpu_memory_utilization,
+        help="the engine's (sizes the KV cache)",
+    )
     p.add_argument("--smoke", action="store_true", help="the tiny fixture model at TP 2 on fake CPU devices")
     args = p.parse_args(argv)
     if args.smoke:
@@ -159,7 +165,7 @@ def main(argv=None) -> dict:
             max_model_len=args.input_len + args.output_len,
             max_num_seqs=8,
             max_num_batched_tokens=args.max_num_batched_tokens,
-            **({} if args.gpu_memory_utilization is None else {"gpu_memory_utilization": args.gpu_memory_utilization}),
+            gpu_memory_utilization=args.gpu_memory_utilization,
         )
         engine = llm.llm_engine
         prompt = random_prompts(1, args.input_len, engine.model_config.vocab_size, seed=1)

@@ -29,7 +29,7 @@ from pallas_kernels.kv_cache_update import update_kv_cache
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 from pallas_kernels.tolerances import assert_close
 from tests.kernels.attention_cases import Batch, Geometry, make_batch, naive_attention
-from tests.kernels.test_fp8_kv_cache import fp8_case
+from tests.kernels.test_fp8_kv_cache import SCENARIOS, fp8_case
 
 ON_GPU = jax.default_backend() == "gpu"
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (arrays of several GiB)")]
@@ -53,7 +53,7 @@ def small_batch(cache_dtype: str) -> tuple[Batch, tuple, dict]:
     if cache_dtype == "float8_e4m3fn":
         case = fp8_case(3, "mixed", GEO, jnp.bfloat16, calibrated=True)
         return case.dequantized, case.args, case.scales
-    batch = make_batch(3, [1, 31, 32, 33, 1, 5], [1, 31, 64, 33, 1040, 1000], GEO, jnp.bfloat16)
+    batch = make_batch(3, *SCENARIOS["mixed"], GEO, jnp.bfloat16)
     return batch, batch.args, dict(k_scale=1.0, v_scale=1.0)
 
 
