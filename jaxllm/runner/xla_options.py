@@ -11,6 +11,14 @@ among Triton GEMMs only, which read the int8 weight and convert it in registers.
 on one H100 lease: L8 int8 batch-1 ITL 4.91 against 5.46 ms (bf16 6.45); the defaults had given 4.60-6.58 ms on
 other leases. Why the defaults were slower is not established (the HLO of their compile shows no cuBLAS call in the
 int8 layers either). Other platforms keep XLA's defaults throughout.
+Every GPU step program also compiles without XLA's ``rematerialization`` pass (``STEP_GPU_DISABLED_PASSES``). The pass
+recomputes values to bring a program's estimated peak memory under a limit of about 80% of the GPU less the program's
+inputs and outputs. The engine sizes the KV cache itself from the measured peak of these programs, so the pass can
+only trade time for memory already budgeted, and its estimate misjudges the cache: when the layers share cache arrays
+(``jaxllm.models.kv_cache_layout``) it counted one 52 GiB K and V array pair as 261 GiB and rematerialized 231
+instructions of a batch-1 step to save 4 MiB, +0.55 ms a step on an H200 (benchmarks/RESULTS.md, session 38). With
+one cache array per layer (the default) it rematerialized nothing in any step program, so those programs are the ones
+measured before.
 ``EngineConfig.enforce_eager`` (vLLM's name: run without CUDA graphs) turns off XLA's command buffers on GPU, so every
 kernel is launched by itself, in the sampler's (and a mesh head's) program too (``sampler_options``).
 ``EngineConfig.xla_compiler_options`` adds to (or, with a key of the same name, replaces) these for every step.
@@ -26,12 +34,17 @@ from collections.abc import Callable, Mapping
 
 import jax
 
+STEP_GPU_DISABLED_PASSES = "rematerialization"  # every GPU step program (above)
 WIDE_STEP_GPU_OPTIONS: dict[str, object] = {
-    "xla_disable_hlo_passes": "dot-merger",
+    "xla_disable_hlo_passes": f"dot-merger,{STEP_GPU_DISABLED_PASSES}",
     "xla_gpu_enable_triton_gemm": False,
 }
-NARROW_STEP_MAX_TOKENS = 64  # token buckets up to this size compile with XLA's defaults on GPU
-NARROW_INT8_STEP_GPU_OPTIONS: dict[str, object] = {"xla_gpu_cublas_fallback": False}  # ... but these with int8 weights
+NARROW_STEP_MAX_TOKENS = 64  # token buckets up to this size keep XLA's defaults on GPU but for the passes above
+NARROW_STEP_GPU_OPTIONS: dict[str, object] = {"xla_disable_hlo_passes": STEP_GPU_DISABLED_PASSES}
+NARROW_INT8_STEP_GPU_OPTIONS: dict[str, object] = {  # ... and with int8 weights these
+    **NARROW_STEP_GPU_OPTIONS,
+    "xla_gpu_cublas_fallback": False,
+}
 EAGER_GPU_OPTIONS: dict[str, object] = {"xla_gpu_enable_command_buffer": ""}  # enforce_eager: no CUDA graphs
 
 CompilerOptions = Mapping[str, object] | Callable[[int], Mapping[str, object] | None] | None
@@ -61,7 +74,7 @@ class StepCompilerOptions:
         if num_tokens > NARROW_STEP_MAX_TOKENS:
             options = WIDE_STEP_GPU_OPTIONS
         else:
-            options = NARROW_INT8_STEP_GPU_OPTIONS if self.quantization == "int8" else {}
+            options = NARROW_INT8_STEP_GPU_OPTIONS if self.quantization == "int8" else NARROW_STEP_GPU_OPTIONS
         return {**options, **EAGER_GPU_OPTIONS} if self.eager else options
 
     def describe(self) -> str:

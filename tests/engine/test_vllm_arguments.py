@@ -11,7 +11,13 @@ import pytest
 from jaxllm import LLM, RequestOutputKind, SamplingParams, TextPrompt, TokensPrompt
 from jaxllm.config import EngineConfig
 from jaxllm.engine.vllm_arguments import DEFAULT_ONLY, NO_EFFECT, engine_arguments
-from jaxllm.runner.xla_options import EAGER_GPU_OPTIONS, NARROW_STEP_MAX_TOKENS, StepCompilerOptions, sampler_options
+from jaxllm.runner.xla_options import (
+    EAGER_GPU_OPTIONS,
+    NARROW_STEP_GPU_OPTIONS,
+    NARROW_STEP_MAX_TOKENS,
+    StepCompilerOptions,
+    sampler_options,
+)
 from tests.engine.conftest import LLAMA, make_llm, random_token_prompts
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
@@ -156,12 +162,15 @@ def test_enforce_eager_turns_off_cuda_graphs_on_gpu_only():
     for num_tokens in (16, NARROW_STEP_MAX_TOKENS + 1):
         assert eager(num_tokens) == {**(StepCompilerOptions("gpu")(num_tokens) or {}), **EAGER_GPU_OPTIONS}
     assert sampler_options(eager) == EAGER_GPU_OPTIONS  # the sampler's (and a mesh head's) program too
-    assert StepCompilerOptions.for_engine(EngineConfig(), "gpu")(16) is None
+    assert StepCompilerOptions.for_engine(EngineConfig(), "gpu")(16) == NARROW_STEP_GPU_OPTIONS
     assert sampler_options(StepCompilerOptions.for_engine(EngineConfig(), "gpu")) is None
     assert StepCompilerOptions.for_engine(EngineConfig(enforce_eager=True), "cpu")(16) is None
     assert sampler_options(StepCompilerOptions.for_engine(EngineConfig(enforce_eager=True), "cpu")) is None
     overridden = EngineConfig(enforce_eager=True, xla_compiler_options={"xla_gpu_enable_command_buffer": "FUSION"})
-    assert StepCompilerOptions.for_engine(overridden, "gpu")(16) == {"xla_gpu_enable_command_buffer": "FUSION"}
+    assert StepCompilerOptions.for_engine(overridden, "gpu")(16) == {
+        **NARROW_STEP_GPU_OPTIONS,
+        "xla_gpu_enable_command_buffer": "FUSION",
+    }
     with pytest.raises(TypeError) as error:
         EngineConfig(enforce_eager="yes")
     assert "enforce_eager" in str(error.value)

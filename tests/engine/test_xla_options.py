@@ -1,12 +1,13 @@
-"""XLA compiler options of the step programs: the platform defaults (GPU: dot merger and Triton GEMM off for steps
-wider than 64 tokens), a user's ``xla_compiler_options`` on top, and proof that they reach the compiled forward
-program, one jitted program per distinct set."""
+"""XLA compiler options of the step programs: the platform defaults (GPU: rematerialization off for every step, dot
+merger and Triton GEMM off for steps wider than 64 tokens), a user's ``xla_compiler_options`` on top, and proof that
+they reach the compiled forward program, one jitted program per distinct set."""
 
 import pytest
 
 from jaxllm import SamplingParams
 from jaxllm.config import EngineConfig
 from jaxllm.runner.xla_options import (
+    NARROW_STEP_GPU_OPTIONS,
     NARROW_STEP_MAX_TOKENS,
     WIDE_STEP_GPU_OPTIONS,
     ProgramsByOptions,
@@ -18,13 +19,14 @@ from tests.engine.conftest import make_llm, random_token_prompts
 NO_FUSION_PASS = {"xla_disable_hlo_passes": "fusion"}  # changes the CPU program's fusions (HLO shows it)
 
 
-def test_gpu_defaults_turn_off_dot_merger_and_triton_gemm_for_wide_steps():
+def test_gpu_defaults_turn_off_rematerialization_and_for_wide_steps_dot_merger_and_triton_gemm():
     gpu = StepCompilerOptions("gpu")
     assert gpu(NARROW_STEP_MAX_TOKENS + 1) == {
-        "xla_disable_hlo_passes": "dot-merger",
+        "xla_disable_hlo_passes": "dot-merger,rematerialization",
         "xla_gpu_enable_triton_gemm": False,
     }
-    assert gpu(8192) == WIDE_STEP_GPU_OPTIONS and gpu(NARROW_STEP_MAX_TOKENS) is None and gpu(16) is None
+    assert gpu(8192) == WIDE_STEP_GPU_OPTIONS
+    assert gpu(NARROW_STEP_MAX_TOKENS) == gpu(16) == {"xla_disable_hlo_passes": "rematerialization"}
     for platform in ("cpu", "tpu"):
         assert StepCompilerOptions(platform)(16) is None and StepCompilerOptions(platform)(8192) is None
 
@@ -32,13 +34,14 @@ def test_gpu_defaults_turn_off_dot_merger_and_triton_gemm_for_wide_steps():
 def test_gpu_int8_narrow_steps_keep_the_triton_gemm():
     """int8 weights: XLA's narrow products must not fall back to cuBLAS (a separate int8 -> bf16 pass)."""
     int8 = StepCompilerOptions("gpu", quantization="int8")
-    assert int8(16) == int8(NARROW_STEP_MAX_TOKENS) == {"xla_gpu_cublas_fallback": False}
+    assert int8(16) == int8(NARROW_STEP_MAX_TOKENS) == {**NARROW_STEP_GPU_OPTIONS, "xla_gpu_cublas_fallback": False}
     assert int8(NARROW_STEP_MAX_TOKENS + 1) == WIDE_STEP_GPU_OPTIONS
     for method in ("int4", "fp8", None):
-        assert StepCompilerOptions("gpu", quantization=method)(16) is None
+        assert StepCompilerOptions("gpu", quantization=method)(16) == NARROW_STEP_GPU_OPTIONS
     assert StepCompilerOptions("cpu", quantization="int8")(16) is None
     assert StepCompilerOptions("gpu", {"xla_gpu_cublas_fallback": True}, "int8")(16) == {
-        "xla_gpu_cublas_fallback": True
+        **NARROW_STEP_GPU_OPTIONS,
+        "xla_gpu_cublas_fallback": True,
     }
     check_compiler_options(int8(16))  # known to XLA on every platform
 
@@ -46,7 +49,9 @@ def test_gpu_int8_narrow_steps_keep_the_triton_gemm():
 def test_user_options_add_to_and_replace_the_defaults():
     overrides = {"xla_gpu_enable_triton_gemm": True, "xla_gpu_autotune_level": 0}
     gpu = StepCompilerOptions("gpu", overrides)
-    assert gpu(256) == {**WIDE_STEP_GPU_OPTIONS, **overrides} and gpu(16) == overrides
+    assert gpu(256) == {**WIDE_STEP_GPU_OPTIONS, **overrides} and gpu(16) == {**NARROW_STEP_GPU_OPTIONS, **overrides}
+    replaced = StepCompilerOptions("gpu", NO_FUSION_PASS)  # the key's whole value: the default passes run again
+    assert replaced(16) == NO_FUSION_PASS and replaced(256) == {**WIDE_STEP_GPU_OPTIONS, **NO_FUSION_PASS}
     assert StepCompilerOptions("cpu", NO_FUSION_PASS)(16) == NO_FUSION_PASS
     assert "up to 64 tokens" in gpu.describe() and StepCompilerOptions("cpu").describe() == "XLA's defaults"
 
