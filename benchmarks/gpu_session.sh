@@ -140,8 +140,9 @@ for stage in "$@"; do
     launchsplit) for tp in ${TP_SIZES:-4 2}; do for layers in ${SPLIT_LAYERS:-32 8}; do  # batch-1 launch split, each a process
                    python3 benchmarks/launch_split.py --tensor-parallel-size $tp --num-layers $layers 2>&1 \
                      | tee -a "$OUT/launch_split.log" | grep -Ev "^JSON"; done; done ;;
-    kvlayout) for round in 1 2; do for limit in ${KV_LIMITS:-0 4294967296}; do  # JAXLLM_KV_ARRAY_MAX_BYTES A/B,
-                # batch 1 at TP KV_TP (default 4), 32 layers, each value a process, alternating (RESULTS.md, session 37);
+    kvlayout) for round in 1 2; do for limit in ${KV_LIMITS:-0 1099511627776}; do  # JAXLLM_KV_ARRAY_MAX_BYTES A/B,
+                # batch 1 at TP KV_TP (default 4), 32 layers, each value a process, alternating; by default the
+                # per-layer layout against one array per stage (no cost on one GPU since session 38's remat fix);
                 # KV_ARGS: more launch_split options, e.g. --gpu-memory-utilization 0.3 (a small cache)
                 JAXLLM_KV_ARRAY_MAX_BYTES=$limit python3 benchmarks/launch_split.py --tensor-parallel-size ${KV_TP:-4} \
                   --num-layers 32 ${KV_ARGS:-} 2>&1 | tee -a "$OUT/kvlayout.log" | grep -E "batch-1 ITL|KV cache|^  (launch|stage_call) |rror" \

@@ -9,12 +9,12 @@ take ~0.38 ms of each tensor-parallel-4 step's launch. Grouped, array pair ``c``
 A layer reads and writes only its own range: its attention adds ``j * P`` to the step's block tables and ``j * P * L``
 to its slot mapping (``AttentionMetadata``'s logical block ids are the same for every layer), so the attention kernels
 see one paged cache as before; padding tokens write each layer's own null block (block ``j * P``). Measured (the
-8B shape, 32 layers, batch 1; benchmarks/RESULTS.md, sessions 36-37): one array per stage made TP 2's launch 0.8 ms
-shorter but not its step (4.54-4.58 against 4.18-4.46 ms). On one H200, with the cache filling the GPU, arrays of 2
-layers (``N = 4294967296``) cost nothing (4.84 ms against 4.81-4.86) while arrays of 8 to 32 layers (13.6 GiB and
-more) added ~0.5 ms (5.37-5.44 ms: XLA rematerialized a matmul fusion of every layer, ``_remat`` in the trace); with
-a small cache (``gpu_memory_utilization=0.3``) even one 12.4 GiB array of all 32 layers cost nothing measurable.
-Off until measured where the launch bounds the step (TP 4).
+8B shape, 32 layers, batch 1; benchmarks/RESULTS.md, sessions 36-38): one array per stage made TP 2's launch 0.8 ms
+shorter but not its step (4.54-4.58 against 4.18-4.46 ms). On one H200, with the cache filling the GPU, arrays of 8
+to 32 layers (13.6 GiB and more) added ~0.5 ms (5.37-5.44 ms): XLA's rematerialization pass, its memory estimate
+counting a shared array more than once, recomputed 231 instructions of every step. The step programs now compile
+without that pass (``jaxllm.runner.xla_options``), and one K and one V array of all 32 layers costs one GPU nothing
+(4.84-4.86 against 4.83-4.84 ms). Off until measured where the launch bounds the step (TP 2 and 4).
 
 ``JAXLLM_KV_ARRAY_MAX_BYTES=N`` groups layers into arrays of at most ``N`` bytes per device (a layer over ``N``
 still gets one); unset or 0: one layer per array (except for fp8 layers of 2 to 4 GiB, below). Whatever ``N``, an

@@ -13,15 +13,16 @@ other leases. Why the defaults were slower is not established (the HLO of their 
 int8 layers either). Other platforms keep XLA's defaults throughout.
 Every GPU step program also compiles without XLA's ``rematerialization`` pass (``STEP_GPU_DISABLED_PASSES``). The pass
 recomputes values to bring a program's estimated peak memory under a limit of about 80% of the GPU less the program's
-inputs and outputs. The engine sizes the KV cache itself from the measured peak of these programs, so the pass can
-only trade time for memory already budgeted, and its estimate misjudges the cache: when the layers share cache arrays
-(``jaxllm.models.kv_cache_layout``) it counted one 52 GiB K and V array pair as 261 GiB and rematerialized 231
-instructions of a batch-1 step to save 4 MiB, +0.55 ms a step on an H200 (benchmarks/RESULTS.md, session 38). With
-one cache array per layer (the default) it rematerialized nothing in any step program, so those programs are the ones
-measured before.
+inputs and outputs. The engine sizes the KV cache around these same programs' temporaries (compiled with these
+options: ``ModelRunner.step_temp_bytes``), so the pass can only trade time for memory already budgeted, and its
+estimate misjudges the cache: with the layers sharing cache arrays (``jaxllm.models.kv_cache_layout``) it took the
+8B shape's one-device step for 261 GiB (its K and V arrays hold 104.5 GiB) and recomputed 231 instructions of a
+batch-1 step to save 4 MiB, +0.55 ms a step on an H200 (benchmarks/RESULTS.md, session 38). With one cache array per
+layer (the default) XLA's log showed it rematerializing nothing in any program, so those programs are unchanged.
 ``EngineConfig.enforce_eager`` (vLLM's name: run without CUDA graphs) turns off XLA's command buffers on GPU, so every
 kernel is launched by itself, in the sampler's (and a mesh head's) program too (``sampler_options``).
-``EngineConfig.xla_compiler_options`` adds to (or, with a key of the same name, replaces) these for every step.
+``EngineConfig.xla_compiler_options`` adds to (or, with a key of the same name, replaces) these for every step: a
+user's ``xla_disable_hlo_passes`` is the whole list, so it names ``rematerialization`` to keep that pass off.
 
 A runner takes ``compiler_options`` as a dict (every program alike), None (XLA's defaults) or a callable from a
 step's token count to a dict; ``ProgramsByOptions`` keeps one ``jax.jit`` per distinct set.
