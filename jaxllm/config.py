@@ -8,8 +8,11 @@ engine after the model config and the device memory are known. Imports neither j
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from collections.abc import Mapping
+
+from jaxllm.argument_checks import check_positive_int
 
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30  # KV budget on CPU, where there is no device memory to measure
@@ -18,13 +21,6 @@ QUANTIZATIONS = (None, "int8", "int4", "fp8")  # as jaxllm.quantization.config.Q
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # "fp8" is e4m3 (float8_e4m3fn), as in vLLM
 # What SamplingParams.logprobs return (vLLM's logprobs_mode; jaxllm.sampling.sampler says what each holds)
 LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
-
-
-def _positive_int(name: str, value, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _compiler_options(options) -> None:
@@ -89,37 +85,41 @@ class EngineConfig:
         for name in ("model", "tokenizer", "quantized_weights_path", "generation_config"):  # a Path is a path too
             if isinstance(getattr(self, name), os.PathLike):
                 object.__setattr__(self, name, os.fspath(getattr(self, name)))
-        _positive_int("max_num_seqs", self.max_num_seqs)
-        _positive_int("max_model_len", self.max_model_len, allow_none=True)
-        _positive_int("max_num_batched_tokens", self.max_num_batched_tokens, allow_none=True)
-        _positive_int("block_size", self.block_size)
-        _positive_int("num_gpu_blocks_override", self.num_gpu_blocks_override, allow_none=True)
-        _positive_int("kv_cache_memory_bytes", self.kv_cache_memory_bytes, allow_none=True)
+        check_positive_int("max_num_seqs", self.max_num_seqs)
+        check_positive_int("max_model_len", self.max_model_len, allow_none=True)
+        check_positive_int("max_num_batched_tokens", self.max_num_batched_tokens, allow_none=True)
+        check_positive_int("block_size", self.block_size)
+        check_positive_int("num_gpu_blocks_override", self.num_gpu_blocks_override, allow_none=True)
+        check_positive_int("kv_cache_memory_bytes", self.kv_cache_memory_bytes, allow_none=True)
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "quantization_group_size"):
-            _positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        utilization = self.gpu_memory_utilization
+        if isinstance(utilization, bool) or not isinstance(utilization, numbers.Real):
+            raise TypeError(f"gpu_memory_utilization must be a number in (0, 1], got {utilization!r}")
+        if not 0.0 < utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
+            raise TypeError(f"seed must be an int, got {self.seed!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
-        if self.quantized_weights_path is not None and (
-            self.quantization is None or not isinstance(self.quantized_weights_path, str)
-        ):
+        if self.quantized_weights_path is not None and not isinstance(self.quantized_weights_path, str):
+            raise TypeError(f"quantized_weights_path must be a str path or None, got {self.quantized_weights_path!r}")
+        if self.quantized_weights_path is not None and self.quantization is None:
             raise ValueError(
                 f"quantized_weights_path={self.quantized_weights_path!r} needs a str path and quantization set "
                 f"(quantization={self.quantization!r})"
             )
         names = self.served_model_name
-        if names is not None and not (
-            (isinstance(names, str) and names)
-            or (isinstance(names, list) and names and all(isinstance(n, str) and n for n in names))
-        ):
-            raise TypeError(f"served_model_name must be a non-empty str, a list of them or None, got {names!r}")
+        if names is not None:
+            message = f"served_model_name must be a non-empty str, a list of them or None, got {names!r}"
+            if not (isinstance(names, str) or (isinstance(names, list) and all(isinstance(n, str) for n in names))):
+                raise TypeError(message)
+            if not names or not all(names if isinstance(names, list) else [names]):
+                raise ValueError(message)
         switches = ("quantize_lm_head", "enforce_eager", "enable_expert_parallel", "enable_sleep_mode")
         for name in (*switches, "disable_log_stats"):
             if not isinstance(getattr(self, name), bool):
@@ -129,7 +129,9 @@ class EngineConfig:
         _compiler_options(self.xla_compiler_options)
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
-        if isinstance(self.max_logprobs, bool) or not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
+        if isinstance(self.max_logprobs, bool) or not isinstance(self.max_logprobs, int):
+            raise TypeError(f"max_logprobs must be an int >= 0, or -1 for no cap, got {self.max_logprobs!r}")
+        if self.max_logprobs < -1:
             raise ValueError(f"max_logprobs must be an int >= 0, or -1 for no cap, got {self.max_logprobs!r}")
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}")

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import jax
 
+from jaxllm.argument_checks import check_positive_int
+
 
 def _parse_address(coordinator_address: str) -> tuple[str, int]:
     if not isinstance(coordinator_address, str) or ":" not in coordinator_address:
@@ -37,13 +39,15 @@ def initialize_distributed(
 ) -> None:
     """Joins this process to a ``num_processes``-process JAX job coordinated at ``coordinator_address``.
 
-    Process 0 hosts the coordinator on that address. Raises ValueError for impossible arguments and RuntimeError
-    (from JAX) when the other processes do not join within ``initialization_timeout`` seconds.
+    Process 0 hosts the coordinator on that address. Raises TypeError for an argument of a wrong type, ValueError
+    for an impossible value and RuntimeError (from JAX) when the other processes do not join within
+    ``initialization_timeout`` seconds.
     """
     _parse_address(coordinator_address)
-    if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
-        raise ValueError(f"num_processes must be a positive int, got {num_processes!r}")
-    if isinstance(process_id, bool) or not isinstance(process_id, int) or not 0 <= process_id < num_processes:
+    check_positive_int("num_processes", num_processes)
+    if isinstance(process_id, bool) or not isinstance(process_id, int):
+        raise TypeError(f"process_id must be an int in [0, {num_processes}), got {process_id!r}")
+    if not 0 <= process_id < num_processes:
         raise ValueError(f"process_id must be an int in [0, {num_processes}), got {process_id!r}")
     if num_processes == 1:
         return

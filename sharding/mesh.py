@@ -18,13 +18,10 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
+from jaxllm.argument_checks import check_positive_int
+
 MESH_AXES = ("data", "pipe", "tensor")
 DATA_AXIS, PIPE_AXIS, TENSOR_AXIS = MESH_AXES
-
-
-def _check_size(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def make_mesh(
@@ -40,7 +37,7 @@ def make_mesh(
         "data_parallel_size": data_parallel_size,
     }
     for name, value in sizes.items():
-        _check_size(name, value)
+        check_positive_int(name, value)
     num_needed = tensor_parallel_size * pipeline_parallel_size * data_parallel_size
     described = (
         f"tensor_parallel_size={tensor_parallel_size} x pipeline_parallel_size={pipeline_parallel_size} x "

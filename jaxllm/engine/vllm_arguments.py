@@ -21,24 +21,45 @@ from collections.abc import Callable, Mapping
 logger = logging.getLogger(__name__)
 
 
-def _is_bool(value) -> bool:
-    return isinstance(value, bool)
+# A check returns None for a valid value, else the error to raise: TypeError for a value of the wrong type,
+# ValueError for one of the right type that is out of range or not among the accepted choices.
+Check = Callable[[object], "type[Exception] | None"]
 
 
-def _is_optional_path(value) -> bool:
-    return value is None or isinstance(value, str | os.PathLike)
+def _of_type(*types: type) -> Check:
+    def check(value):
+        return None if isinstance(value, types) else TypeError
+
+    return check
 
 
-def _is_non_negative_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value >= 0
+def _number(minimum: int, *, integer: bool, optional: bool = False) -> Check:
+    """An int (or any real number unless ``integer``) of at least ``minimum``; None too when ``optional``."""
+
+    def check(value):
+        if optional and value is None:
+            return None
+        if not isinstance(value, int if integer else numbers.Real) or isinstance(value, bool):
+            return TypeError
+        return None if value >= minimum else ValueError
+
+    return check
 
 
-def _is_optional_positive_int(value) -> bool:
-    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
+def _choice(*values) -> Check:
+    """One of ``values`` (strings or None); another string is a bad value, anything else a bad type."""
+
+    def check(value):
+        if value in values:
+            return None
+        return ValueError if isinstance(value, str) else TypeError
+
+    return check
 
 
-def _is_non_negative_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+_is_bool = _of_type(bool)
+_is_optional_path = _of_type(type(None), str, os.PathLike)
+_is_optional_positive_int = _number(1, integer=True, optional=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,20 +70,20 @@ class OneOf:
 
 
 # name -> (check, what a valid value is, why it has no effect here)
-NO_EFFECT: dict[str, tuple[Callable[[object], bool], str, str]] = {
+NO_EFFECT: dict[str, tuple[Check, str, str]] = {
     "trust_remote_code": (
         _is_bool,
         "a bool",
         "jaxllm runs its own model code for the architectures it supports; a checkpoint's own code never runs",
     ),
     "swap_space": (
-        _is_non_negative_number,
+        _number(0, integer=False),
         "a number of GiB >= 0",
         "a preempted request is recomputed, never swapped to host memory",
     ),
     "download_dir": (_is_optional_path, "a path or None", "models load from local directories; nothing is downloaded"),
     "hf_token": (
-        lambda value: value is None or isinstance(value, bool | str),
+        _of_type(type(None), bool, str),
         "a str, bool or None",
         "models load from local directories; nothing is downloaded",
     ),
@@ -73,12 +94,12 @@ NO_EFFECT: dict[str, tuple[Callable[[object], bool], str, str]] = {
         "every token bucket is compiled, CUDA graph included, whatever its length",
     ),
     "compilation_config": (
-        lambda value: value is None or isinstance(value, int | Mapping),
+        _of_type(type(None), int, Mapping),
         "an int, a dict or None",
         "these are torch.compile settings; XLA compiles the step programs",
     ),
     "distributed_executor_backend": (
-        lambda value: value in (None, "mp", "uni", "ray"),
+        _choice(None, "mp", "uni", "ray"),
         'None, "mp", "uni" or "ray"',
         "one JAX process drives every local device (several hosts: sharding.initialize_distributed)",
     ),
@@ -88,7 +109,7 @@ NO_EFFECT: dict[str, tuple[Callable[[object], bool], str, str]] = {
         "outputs are processed on the host after each step (async scheduling overlaps them with the next)",
     ),
     "max_parallel_loading_workers": (_is_optional_positive_int, "a positive int or None", "one process loads"),
-    "tokenizer_pool_size": (_is_non_negative_int, "an int >= 0", "prompts are tokenized in the calling thread"),
+    "tokenizer_pool_size": (_number(0, integer=True), "an int >= 0", "prompts are tokenized in the calling thread"),
     "use_v2_block_manager": (_is_bool, "a bool", "there is one block manager (paged, with prefix sharing)"),
     "max_loras": (_is_optional_positive_int, "a positive int or None", "no LoRA adapters (enable_lora stays False)"),
     "max_lora_rank": (
@@ -122,13 +143,14 @@ DEFAULT_ONLY: dict[str, tuple[object, str]] = {
 
 
 def engine_arguments(kwargs: Mapping[str, object]) -> dict[str, object]:
-    """``kwargs`` without the vLLM arguments above, each checked first (``TypeError`` / ``ValueError`` naming it)."""
+    """``kwargs`` without the vLLM arguments above, each checked first: a bad type is a ``TypeError``, a bad value
+    a ``ValueError``, each naming the argument and the value."""
     remaining = dict(kwargs)
-    for name, (is_valid, expected, why) in NO_EFFECT.items():
+    for name, (check, expected, why) in NO_EFFECT.items():
         if name not in remaining:
             continue
-        if not is_valid(value := remaining.pop(name)):
-            raise TypeError(f"{name} must be {expected}, got {value!r}")
+        if (error := check(value := remaining.pop(name))) is not None:
+            raise error(f"{name} must be {expected}, got {value!r}")
         logger.debug("%s=%r has no effect: %s", name, value, why)
     for name, (default, reason) in DEFAULT_ONLY.items():
         if name in remaining and not _is_default(value := remaining.pop(name), default):

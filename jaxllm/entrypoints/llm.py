@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from tqdm.auto import tqdm
 
+from jaxllm.argument_checks import check_positive_int
 from jaxllm.beam_search import BeamSearchOutput, beam_search
 from jaxllm.config import EngineConfig
 from jaxllm.engine.chat import chat_prompts
@@ -195,8 +196,7 @@ class LLM:
         check_request_options(lora_request)
         if concurrency_limit is None:
             return beam_search(self, prompts, params, use_tqdm=use_tqdm)
-        if isinstance(concurrency_limit, bool) or not isinstance(concurrency_limit, int) or concurrency_limit < 1:
-            raise ValueError(f"concurrency_limit must be a positive int or None, got {concurrency_limit!r}")
+        check_positive_int("concurrency_limit", concurrency_limit, allow_none=True)
         prompt_list = as_prompt_list(prompts)
         outputs: list[BeamSearchOutput] = []
         for start in range(0, len(prompt_list), concurrency_limit):

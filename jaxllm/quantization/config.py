@@ -25,7 +25,9 @@ class QuantizationConfig:
         if self.method not in QUANTIZATION_NAMES[1:]:
             raise ValueError(f"unknown quantization {self.method!r}; choose one of {QUANTIZATION_NAMES}")
         group = self.group_size
-        if isinstance(group, bool) or not isinstance(group, int) or group < 2 or group % 2:
+        if isinstance(group, bool) or not isinstance(group, int):
+            raise TypeError(f"int4 group_size must be a positive even int, got {group!r}")
+        if group < 2 or group % 2:
             raise ValueError(f"int4 group_size must be a positive even int, got {group!r}")
         if not isinstance(self.lm_head, bool):
             raise TypeError(f"quantize_lm_head must be a bool, got {self.lm_head!r}")

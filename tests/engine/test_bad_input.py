@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxllm import LLM, SamplingParams
+from jaxllm.config import EngineConfig
 from tests.engine.conftest import TINY_CONFIG, make_llm, random_token_prompts
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
@@ -196,6 +197,29 @@ def test_invalid_engine_option_names_it(tiny_model_dir):
     with pytest.raises(ValueError) as info:
         make_llm(tiny_model_dir, gpu_memory_utilization=1.5)
     assert "gpu_memory_utilization" in str(info.value) and "1.5" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "field, value, error_type",
+    [
+        ("max_num_seqs", "8", TypeError),
+        ("max_num_seqs", 0, ValueError),
+        ("block_size", 16.0, TypeError),
+        ("tensor_parallel_size", -2, ValueError),
+        ("gpu_memory_utilization", "0.9", TypeError),
+        ("gpu_memory_utilization", 0.0, ValueError),
+        ("seed", "7", TypeError),
+        ("max_logprobs", 2.5, TypeError),
+        ("max_logprobs", -3, ValueError),
+        ("quantization_group_size", "64", TypeError),
+    ],
+)
+def test_engine_options_of_a_wrong_type_are_type_errors_and_out_of_range_ones_value_errors(field, value, error_type):
+    """Checked as ``EngineConfig`` is built, before anything loads; the message names the option and the value."""
+    with pytest.raises(error_type) as info:
+        EngineConfig(model="/m", **{field: value})
+    assert type(info.value) is error_type
+    assert field in str(info.value) and repr(value) in str(info.value)
 
 
 @pytest.mark.parametrize("field, value", [("logprobs", 21), ("prompt_logprobs", 64)])

@@ -117,8 +117,8 @@ def test_concurrency_limit_searches_prompts_in_groups_with_the_same_beams(llm):
     in_twos = llm.beam_search(prompts, params, use_tqdm=False, concurrency_limit=2)
     for grouped in (one_at_a_time, in_twos):
         assert [[b.tokens for b in o.sequences] for o in grouped] == [[b.tokens for b in o.sequences] for o in together]
-    for bad in (0, -1, 1.5, True):
-        with pytest.raises(ValueError, match=f"concurrency_limit must be a positive int or None, got {bad!r}"):
+    for bad, error_type in ((0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError)):
+        with pytest.raises(error_type, match=f"concurrency_limit must be a positive int or None, got {bad!r}"):
             llm.beam_search(prompts, params, concurrency_limit=bad)
     with pytest.raises(ValueError, match="LoRA adapters are not supported"):
         llm.beam_search(prompts, params, lora_request=object())

@@ -86,22 +86,32 @@ def test_every_vllm_argument_is_known_and_none_is_an_engine_option():
 
 
 @pytest.mark.parametrize(
-    "name, value",
+    "name, value, error_type",
     [
-        ("trust_remote_code", "yes"),
-        ("swap_space", -1),
-        ("hf_token", 3),
-        ("max_seq_len_to_capture", 0),
-        ("compilation_config", "O3"),
-        ("distributed_executor_backend", "external_launcher"),
-        ("disable_async_output_proc", 1),
-        ("tokenizer_pool_size", -1),
-        ("max_loras", 0),
+        ("trust_remote_code", "yes", TypeError),
+        ("swap_space", "4", TypeError),
+        ("swap_space", True, TypeError),
+        ("swap_space", -1, ValueError),
+        ("swap_space", -0.5, ValueError),
+        ("hf_token", 3, TypeError),
+        ("download_dir", 3, TypeError),
+        ("max_seq_len_to_capture", 0, ValueError),
+        ("max_seq_len_to_capture", 8192.0, TypeError),
+        ("compilation_config", "O3", TypeError),
+        ("distributed_executor_backend", "external_launcher", ValueError),
+        ("distributed_executor_backend", 2, TypeError),
+        ("disable_async_output_proc", 1, TypeError),
+        ("tokenizer_pool_size", -1, ValueError),
+        ("max_loras", 0, ValueError),
+        ("max_lora_rank", "16", TypeError),
     ],
 )
-def test_a_bad_value_of_an_accepted_argument_is_a_type_error_naming_it(name, value):
-    with pytest.raises(TypeError) as error:
+def test_a_bad_accepted_argument_is_a_type_error_or_a_value_error_naming_it(name, value, error_type):
+    """A value of the wrong type is a ``TypeError``; one of the right type out of range or not a choice, a
+    ``ValueError``."""
+    with pytest.raises(error_type) as error:
         engine_arguments({name: value})
+    assert type(error.value) is error_type
     assert name in str(error.value) and repr(value) in str(error.value)
 
 
@@ -151,8 +161,8 @@ def test_served_model_name_names_the_metrics():
     assert EngineConfig(model="/m", served_model_name=["llama", "alias"]).model_name == "llama"
     assert EngineConfig(model="/m", served_model_name="llama").model_name == "llama"
     assert EngineConfig(model="/m").model_name == "/m"
-    for bad in ("", [], ["ok", 3]):
-        with pytest.raises(TypeError) as error:
+    for bad, error_type in (("", ValueError), ([], ValueError), (["ok", ""], ValueError), (["ok", 3], TypeError)):
+        with pytest.raises(error_type) as error:
             EngineConfig(model="/m", served_model_name=bad)
         assert f"served_model_name must be a non-empty str, a list of them or None, got {bad!r}" in str(error.value)
 

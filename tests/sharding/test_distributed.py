@@ -95,6 +95,19 @@ def test_bad_arguments_name_the_value(args, message):
     assert message in str(e.value)
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("127.0.0.1:1234", "2", 0), "num_processes must be a positive int, got '2'"),
+        (("127.0.0.1:1234", 2, 1.0), "process_id must be an int in [0, 2), got 1.0"),
+    ],
+)
+def test_arguments_of_a_wrong_type_are_type_errors_naming_the_value(args, message):
+    with pytest.raises(TypeError) as e:
+        initialize_distributed(*args)
+    assert message in str(e.value)
+
+
 def test_one_process_needs_no_coordinator():
     initialize_distributed("127.0.0.1:1", 1, 0)  # returns without contacting anything
     assert jax.process_count() == 1

@@ -48,9 +48,11 @@ def test_explicit_devices_must_match_the_product():
     assert "= 2 devices" in str(e.value) and "3 device(s) were given" in str(e.value)
 
 
-@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
-def test_sizes_must_be_positive_ints(bad):
-    with pytest.raises(ValueError) as e:
+@pytest.mark.parametrize(
+    ("bad", "error_type"), [(0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError)]
+)
+def test_sizes_must_be_positive_ints(bad, error_type):
+    with pytest.raises(error_type) as e:
         make_mesh(pipeline_parallel_size=bad)
     assert "pipeline_parallel_size" in str(e.value) and repr(bad) in str(e.value)
 
