@@ -61,6 +61,22 @@ def _check_int(name: str, value) -> None:
         raise TypeError(f"SamplingParams.{name} must be an int, got {value!r} ({type(value).__name__})")
 
 
+def _check_token_id(what: str, value) -> None:
+    """A list element that must be a token id: TypeError unless an int, ValueError if negative (``what``: the rule)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what}, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{what}, got {value!r}")
+
+
+def _check_string(what: str, value, *, blank_ok: bool) -> None:
+    """A list element that must be a non-empty string (non-blank too unless ``blank_ok``)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{what}, got {value!r}")
+    if not (value if blank_ok else value.strip()):
+        raise ValueError(f"{what}, got {value!r}")
+
+
 def _as_list(name: str, value) -> list:
     """``value`` (None, a list or a tuple) as a new list; TypeError naming the field and the value otherwise."""
     if value is None:
@@ -172,11 +188,16 @@ class BeamSearchParams:
     def __post_init__(self) -> None:
         for name in ("beam_width", "max_tokens"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"BeamSearchParams.{name} must be an int of at least 1, got {value!r}")
+            message = f"BeamSearchParams.{name} must be an int of at least 1, got {value!r}"
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(message)
+            if value < 1:
+                raise ValueError(message)
         for name in ("temperature", "length_penalty"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"BeamSearchParams.{name} must be a finite number, got {value!r}")
+            if not math.isfinite(value):
                 raise ValueError(f"BeamSearchParams.{name} must be a finite number, got {value!r}")
         if self.temperature < 0:
             raise ValueError(f"BeamSearchParams.temperature must be non-negative, got {self.temperature}")
@@ -290,7 +311,8 @@ class SamplingParams:
                     "SamplingParams.truncate_prompt_tokens must be at least 1, or -1 (what max_model_len allows), "
                     f"got {self.truncate_prompt_tokens}"
                 )
-        for name in ("detokenize", "skip_special_tokens", "spaces_between_special_tokens"):
+        bools = ("ignore_eos", "include_stop_str_in_output", "detokenize", "skip_special_tokens")
+        for name in (*bools, "spaces_between_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"SamplingParams.{name} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.output_kind, RequestOutputKind):
@@ -311,24 +333,21 @@ class SamplingParams:
             if not self.allowed_token_ids:
                 raise ValueError("SamplingParams.allowed_token_ids must not be empty (None allows every token)")
             for t in self.allowed_token_ids:
-                if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-                    raise ValueError(f"SamplingParams.allowed_token_ids must hold non-negative ints, got {t!r}")
+                _check_token_id("SamplingParams.allowed_token_ids must hold non-negative ints", t)
         for word in self.bad_words or ():
-            if not isinstance(word, str) or not word.strip():
-                raise ValueError(f"SamplingParams.bad_words must hold non-blank strings, got {word!r}")
+            _check_string("SamplingParams.bad_words must hold non-blank strings", word, blank_ok=False)
         for t, bias in (self.logit_bias or {}).items():
-            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-                raise ValueError(f"SamplingParams.logit_bias keys must be non-negative token ids, got {t!r}")
-            if isinstance(bias, bool) or not isinstance(bias, int | float) or not math.isfinite(bias):
+            _check_token_id("SamplingParams.logit_bias keys must be non-negative token ids", t)
+            if isinstance(bias, bool) or not isinstance(bias, int | float):
+                raise TypeError(f"SamplingParams.logit_bias[{t}] must be a finite number, got {bias!r}")
+            if not math.isfinite(bias):
                 raise ValueError(f"SamplingParams.logit_bias[{t}] must be a finite number, got {bias!r}")
 
     def _validate_stops(self) -> None:
         for s in self.stop:
-            if not isinstance(s, str) or not s:
-                raise ValueError(f"SamplingParams.stop must hold non-empty strings, got {s!r}")
+            _check_string("SamplingParams.stop must hold non-empty strings", s, blank_ok=True)
         for t in self.stop_token_ids:
-            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-                raise ValueError(f"SamplingParams.stop_token_ids must hold non-negative ints, got {t!r}")
+            _check_token_id("SamplingParams.stop_token_ids must hold non-negative ints", t)
 
     @property
     def is_greedy(self) -> bool:

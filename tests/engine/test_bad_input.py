@@ -265,16 +265,30 @@ def test_minus_one_logprobs_are_the_whole_vocabulary_and_need_the_cap_lifted(tin
         (dict(allowed_token_ids=[3, -1]), ValueError, "-1"),
         (dict(allowed_token_ids=5), TypeError, "allowed_token_ids must be a list, got 5"),
         (dict(logit_bias={4: float("inf")}), ValueError, "logit_bias[4]"),
-        (dict(logit_bias={"4": 1.0}), ValueError, "'4'"),
+        (dict(logit_bias={"4": 1.0}), TypeError, "'4'"),
+        (dict(logit_bias={-4: 1.0}), ValueError, "-4"),
+        (dict(logit_bias={4: "1"}), TypeError, "logit_bias[4] must be a finite number, got '1'"),
         (dict(logit_bias=[(4, 1.0)]), TypeError, "logit_bias must be a dict"),
         (dict(bad_words="word"), TypeError, "bad_words must be a list, got 'word'"),
         (dict(bad_words=["ok", "  "]), ValueError, "bad_words must hold non-blank strings, got '  '"),
-        (dict(bad_words=[7]), ValueError, "got 7"),
+        (dict(bad_words=[7]), TypeError, "got 7"),
+        (dict(allowed_token_ids=[3, 1.5]), TypeError, "got 1.5"),
+        (dict(stop=["ok", 7]), TypeError, "stop must hold non-empty strings, got 7"),
+        (dict(stop=[" "]), None, None),
+        (dict(stop_token_ids=[2, "3"]), TypeError, "stop_token_ids must hold non-negative ints, got '3'"),
+        (dict(ignore_eos=None), TypeError, "ignore_eos must be a bool, got None"),
+        (dict(include_stop_str_in_output=1), TypeError, "include_stop_str_in_output must be a bool, got 1"),
     ],
 )
 def test_invalid_token_lists_and_words_name_the_value(params, error, fragment):
+    """A list element of the wrong type is a ``TypeError``, one of the right type out of range a ``ValueError``
+    (``None``: a valid value, here to show where the line runs)."""
+    if error is None:
+        SamplingParams(**params)
+        return
     with pytest.raises(error) as info:
         SamplingParams(**params)
+    assert type(info.value) is error
     assert fragment in str(info.value)
 
 

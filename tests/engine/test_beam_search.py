@@ -160,13 +160,16 @@ def test_score_is_the_cumulative_logprob_over_the_length_without_a_final_eos():
 def test_bad_beam_search_parameters_are_rejected():
     for kwargs, error, message in [
         ({"beam_width": 0, "max_tokens": 4}, ValueError, "beam_width must be an int of at least 1, got 0"),
-        ({"beam_width": 2, "max_tokens": 2.5}, ValueError, "max_tokens must be an int of at least 1, got 2.5"),
+        ({"beam_width": 2, "max_tokens": 2.5}, TypeError, "max_tokens must be an int of at least 1, got 2.5"),
+        ({"beam_width": "2", "max_tokens": 4}, TypeError, "beam_width must be an int of at least 1, got '2'"),
+        ({"beam_width": 2, "max_tokens": 4, "length_penalty": "1"}, TypeError, "length_penalty must be"),
         ({"beam_width": 2, "max_tokens": 4, "temperature": -1.0}, ValueError, "temperature must be non-negative"),
         ({"beam_width": 2, "max_tokens": 4, "length_penalty": float("nan")}, ValueError, "length_penalty must be"),
         ({"beam_width": 2, "max_tokens": 4, "ignore_eos": "no"}, TypeError, "ignore_eos must be a bool, got 'no'"),
     ]:
-        with pytest.raises(error, match=message):
+        with pytest.raises(error, match=message) as info:
             BeamSearchParams(**kwargs)
+        assert type(info.value) is error
 
 
 def test_a_width_past_max_logprobs_is_rejected_and_the_engine_serves_on():
