@@ -57,9 +57,9 @@ def _choice(*values) -> Check:
     return check
 
 
-_is_bool = _of_type(bool)
-_is_optional_path = _of_type(type(None), str, os.PathLike)
-_is_optional_positive_int = _number(1, integer=True, optional=True)
+_BOOL = _of_type(bool)
+_OPTIONAL_PATH = _of_type(type(None), str, os.PathLike)
+_OPTIONAL_POSITIVE_INT = _number(1, integer=True, optional=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +72,7 @@ class OneOf:
 # name -> (check, what a valid value is, why it has no effect here)
 NO_EFFECT: dict[str, tuple[Check, str, str]] = {
     "trust_remote_code": (
-        _is_bool,
+        _BOOL,
         "a bool",
         "jaxllm runs its own model code for the architectures it supports; a checkpoint's own code never runs",
     ),
@@ -81,15 +81,15 @@ NO_EFFECT: dict[str, tuple[Check, str, str]] = {
         "a number of GiB >= 0",
         "a preempted request is recomputed, never swapped to host memory",
     ),
-    "download_dir": (_is_optional_path, "a path or None", "models load from local directories; nothing is downloaded"),
+    "download_dir": (_OPTIONAL_PATH, "a path or None", "models load from local directories; nothing is downloaded"),
     "hf_token": (
         _of_type(type(None), bool, str),
         "a str, bool or None",
         "models load from local directories; nothing is downloaded",
     ),
-    "disable_custom_all_reduce": (_is_bool, "a bool", "XLA chooses the all-reduce kernels on a mesh"),
+    "disable_custom_all_reduce": (_BOOL, "a bool", "XLA chooses the all-reduce kernels on a mesh"),
     "max_seq_len_to_capture": (
-        _is_optional_positive_int,
+        _OPTIONAL_POSITIVE_INT,
         "a positive int or None",
         "every token bucket is compiled, CUDA graph included, whatever its length",
     ),
@@ -104,16 +104,16 @@ NO_EFFECT: dict[str, tuple[Check, str, str]] = {
         "one JAX process drives every local device (several hosts: sharding.initialize_distributed)",
     ),
     "disable_async_output_proc": (
-        _is_bool,
+        _BOOL,
         "a bool",
         "outputs are processed on the host after each step (async scheduling overlaps them with the next)",
     ),
-    "max_parallel_loading_workers": (_is_optional_positive_int, "a positive int or None", "one process loads"),
+    "max_parallel_loading_workers": (_OPTIONAL_POSITIVE_INT, "a positive int or None", "one process loads"),
     "tokenizer_pool_size": (_number(0, integer=True), "an int >= 0", "prompts are tokenized in the calling thread"),
-    "use_v2_block_manager": (_is_bool, "a bool", "there is one block manager (paged, with prefix sharing)"),
-    "max_loras": (_is_optional_positive_int, "a positive int or None", "no LoRA adapters (enable_lora stays False)"),
+    "use_v2_block_manager": (_BOOL, "a bool", "there is one block manager (paged, with prefix sharing)"),
+    "max_loras": (_OPTIONAL_POSITIVE_INT, "a positive int or None", "no LoRA adapters (enable_lora stays False)"),
     "max_lora_rank": (
-        _is_optional_positive_int,
+        _OPTIONAL_POSITIVE_INT,
         "a positive int or None",
         "no LoRA adapters (enable_lora stays False)",
     ),
