@@ -12,7 +12,7 @@ import numbers
 import os
 from collections.abc import Mapping
 
-from jaxllm.argument_checks import check_positive_int
+from jaxllm.argument_checks import check_positive_int, number_error
 
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30  # KV budget on CPU, where there is no device memory to measure
@@ -129,10 +129,8 @@ class EngineConfig:
         _compiler_options(self.xla_compiler_options)
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
-        if isinstance(self.max_logprobs, bool) or not isinstance(self.max_logprobs, int):
-            raise TypeError(f"max_logprobs must be an int >= 0, or -1 for no cap, got {self.max_logprobs!r}")
-        if self.max_logprobs < -1:
-            raise ValueError(f"max_logprobs must be an int >= 0, or -1 for no cap, got {self.max_logprobs!r}")
+        if (error := number_error(self.max_logprobs, minimum=-1)) is not None:
+            raise error(f"max_logprobs must be an int >= 0, or -1 for no cap, got {self.max_logprobs!r}")
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}")
         if not isinstance(self.generation_config, str):

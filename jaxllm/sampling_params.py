@@ -15,6 +15,8 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
+from jaxllm.argument_checks import number_error
+
 # Sampling treats a temperature below this as greedy (vLLM does the same).
 GREEDY_TEMPERATURE_EPS = 1e-5
 
@@ -63,10 +65,8 @@ def _check_int(name: str, value) -> None:
 
 def _check_token_id(what: str, value) -> None:
     """A list element that must be a token id: TypeError unless an int, ValueError if negative (``what``: the rule)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what}, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{what}, got {value!r}")
+    if (error := number_error(value, minimum=0)) is not None:
+        raise error(f"{what}, got {value!r}")
 
 
 def _check_string(what: str, value, *, blank_ok: bool) -> None:

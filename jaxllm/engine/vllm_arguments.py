@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import numbers
 import os
 from collections.abc import Callable, Mapping
+
+from jaxllm.argument_checks import number_error
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +40,7 @@ def _number(minimum: int, *, integer: bool, optional: bool = False) -> Check:
     def check(value):
         if optional and value is None:
             return None
-        if not isinstance(value, int if integer else numbers.Real) or isinstance(value, bool):
-            return TypeError
-        return None if value >= minimum else ValueError
+        return number_error(value, minimum=minimum, integer=integer)
 
     return check
 
