@@ -47,6 +47,7 @@ from jaxllm.config import ResolvedConfig
 from jaxllm.core.step_io import ModelRunnerOutput, PromptLogprobs, SampledLogprobs, SchedulerOutput
 from jaxllm.runner import prompt_logprobs
 from jaxllm.runner.model_runner import InFlightStep, sampler_variants
+from jaxllm.runner.parallel_compile import compile_concurrently, compile_threads
 from jaxllm.runner.step_batch import StepBatch, pack_step_batch
 from jaxllm.runner.xla_options import CompilerOptions
 from jaxllm.sampling import SamplerOutput, SamplingMetadataBuilder, sample
@@ -321,10 +322,25 @@ class PipelineRunner:
         self.pipeline.release(results)
         return batch, head_args
 
+    def _warm_up_programs(self):
+        """The stage and head programs ``warm_up`` runs, lowered as it calls them (each once)."""
+        head_rows = set()
+        for bucket in self.config.token_buckets:
+            batch, head_args = self._padding_step(bucket)
+            for index in range(self.pipeline.num_stages):
+                yield self.pipeline.lower_stage(index, batch)
+            rows = batch.logits_indices.shape[0]
+            if rows not in head_rows:
+                head_rows.add(rows)
+                for variant in self._head_variants(batch, head_args):
+                    yield self.pipeline.lower_head(batch, variant)
+
     def warm_up(self) -> float:
         """Compiles every stage for every token bucket with padding-only batches, and the common head programs of
-        each bucket's rows (greedy, random, top-k/top-p: ``warm_up_variants``); returns seconds spent."""
+        each bucket's rows (greedy, random, top-k/top-p: ``warm_up_variants``), all compiled first, side by side, when
+        ``JAXLLM_COMPILE_THREADS`` asks (``jaxllm.runner.parallel_compile``); returns seconds spent."""
         start = time.perf_counter()
+        compile_concurrently(self._warm_up_programs(), compile_threads())
         for bucket in self.config.token_buckets:
             batch, head_args = self._run_padding(bucket)
             for variant in self._head_variants(batch, head_args):

@@ -19,6 +19,7 @@ from jaxllm.loading.model_source import ModelSource
 from jaxllm.models import ModelConfig, get_model_class
 from jaxllm.quantization.checkpoint import restore_quantized, save_quantized
 from jaxllm.quantization.config import resolve_quantization
+from jaxllm.runner import parallel_compile
 from jaxllm.runner.kv_cache import device_memory_budget, kv_bytes_per_block
 
 logger = logging.getLogger(__name__)
@@ -144,13 +145,18 @@ def enable_compilation_cache() -> str | None:
 
     Uses ``$JAXLLM_CACHE_DIR`` (default ``~/.cache/jaxllm/xla``) unless the user already configured a cache directory;
     ``JAXLLM_CACHE_DIR=""`` turns it off. Every program is cached, however quick its compile: a start compiles
-    dozens of forward and sampler programs, and the many small ones add up.
+    dozens of forward and sampler programs, and the many small ones add up. Under ``JAXLLM_COMPILE_THREADS`` > 1 the
+    cache is its subdirectory ``parallel_compile.CONCURRENT_CACHE_SUBDIR``: programs compiled side by side (GEMMs
+    autotuned under load) stay out of the programs a one-at-a-time start loads. Set once per process, by its first
+    engine.
     """
     if jax.config.jax_compilation_cache_dir:
         return jax.config.jax_compilation_cache_dir
     path = os.environ.get("JAXLLM_CACHE_DIR", os.path.expanduser("~/.cache/jaxllm/xla"))
     if not path:
         return None
+    if parallel_compile.compile_threads() > 1:
+        path = os.path.join(path, parallel_compile.CONCURRENT_CACHE_SUBDIR)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

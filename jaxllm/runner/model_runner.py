@@ -38,6 +38,7 @@ from jaxllm.models.attention_metadata import AttentionMetadata
 from jaxllm.runner.flat_state import FlatState
 from jaxllm.runner.kv_cache import allocate_kv_cache, kv_cache_shapes
 from jaxllm.runner.packed_transfer import Packed, PackedLayout, place, unpack
+from jaxllm.runner.parallel_compile import compile_concurrently, compile_threads
 from jaxllm.runner.prompt_logprobs import (
     compute_prompt_logprobs,
     prompt_logprob_targets,
@@ -326,20 +327,36 @@ class ModelRunner:
             self.model_config, config.num_blocks, config.block_size, self.kv_dtype, self.kv_sharding
         )
 
-    def _run_padding_step(self, bucket: int) -> None:
-        rows = self.config.request_rows_for(bucket)
-        batch = empty_step_batch(bucket, rows, self.config.max_blocks_per_request)
+    def _padding_forward_args(self, bucket: int) -> tuple:
+        """The forward program's arguments for a padding-only step of ``bucket`` tokens."""
+        batch = empty_step_batch(bucket, self.config.request_rows_for(bucket), self.config.max_blocks_per_request)
         packed, layout = self._batch_arrays(batch)
-        logits, self.kv_caches = self._forward_programs.for_tokens(bucket)(
-            self.flat_params.leaves, self.kv_caches, packed, self._no_pending_tokens, layout, None
-        )
-        for metadata in sampler_variants(rows):
+        return self.flat_params.leaves, self.kv_caches, packed, self._no_pending_tokens, layout, None
+
+    def _run_padding_step(self, bucket: int) -> None:
+        logits, self.kv_caches = self._forward_programs.for_tokens(bucket)(*self._padding_forward_args(bucket))
+        for metadata in sampler_variants(self.config.request_rows_for(bucket)):
             jax.block_until_ready(self._jitted_sample(logits, *self._sampler_args(metadata, 0)))
 
+    def _warm_up_programs(self):
+        """The programs the padding steps of ``warm_up`` run, lowered as those steps call them (each once)."""
+        sampler_rows = set()
+        for bucket in self.config.token_buckets:
+            forward = self._forward_programs.for_tokens(bucket).lower(*self._padding_forward_args(bucket))
+            yield forward
+            rows = self.config.request_rows_for(bucket)
+            if rows not in sampler_rows:
+                sampler_rows.add(rows)
+                logits = forward.out_info[0]
+                for metadata in sampler_variants(rows):
+                    yield self._jitted_sample.lower(logits, *self._sampler_args(metadata, 0))
+
     def warm_up(self) -> float:
-        """Compiles the forward program of every token bucket and the common sampler programs of each row count, on
-        padding-only batches; returns seconds spent."""
+        """Compiles the forward program of every token bucket and the common sampler programs of each row count by
+        running each bucket's padding-only step (all compiled first, side by side, when ``JAXLLM_COMPILE_THREADS``
+        asks: ``jaxllm.runner.parallel_compile``); returns seconds spent."""
         start = time.perf_counter()
+        compile_concurrently(self._warm_up_programs(), compile_threads())
         for bucket in self.config.token_buckets:
             self._run_padding_step(bucket)
         elapsed = time.perf_counter() - start
