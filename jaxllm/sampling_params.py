@@ -188,11 +188,8 @@ class BeamSearchParams:
     def __post_init__(self) -> None:
         for name in ("beam_width", "max_tokens"):
             value = getattr(self, name)
-            message = f"BeamSearchParams.{name} must be an int of at least 1, got {value!r}"
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(message)
-            if value < 1:
-                raise ValueError(message)
+            if (error := number_error(value, minimum=1)) is not None:
+                raise error(f"BeamSearchParams.{name} must be an int of at least 1, got {value!r}")
         for name in ("temperature", "length_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):

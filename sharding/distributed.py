@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import jax
 
-from jaxllm.argument_checks import check_positive_int
+from jaxllm.argument_checks import check_positive_int, number_error
 
 
 def _parse_address(coordinator_address: str) -> tuple[str, int]:
@@ -45,10 +45,9 @@ def initialize_distributed(
     """
     _parse_address(coordinator_address)
     check_positive_int("num_processes", num_processes)
-    if isinstance(process_id, bool) or not isinstance(process_id, int):
-        raise TypeError(f"process_id must be an int in [0, {num_processes}), got {process_id!r}")
-    if not 0 <= process_id < num_processes:
-        raise ValueError(f"process_id must be an int in [0, {num_processes}), got {process_id!r}")
+    error = number_error(process_id, minimum=0) or (ValueError if process_id >= num_processes else None)
+    if error is not None:
+        raise error(f"process_id must be an int in [0, {num_processes}), got {process_id!r}")
     if num_processes == 1:
         return
     jax.distributed.initialize(

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxllm.argument_checks import number_error
+
 QUANTIZATION_NAMES = (None, "int8", "int4", "fp8")
 DEFAULT_INT4_GROUP_SIZE = 128
 
@@ -25,10 +27,9 @@ class QuantizationConfig:
         if self.method not in QUANTIZATION_NAMES[1:]:
             raise ValueError(f"unknown quantization {self.method!r}; choose one of {QUANTIZATION_NAMES}")
         group = self.group_size
-        if isinstance(group, bool) or not isinstance(group, int):
-            raise TypeError(f"int4 group_size must be a positive even int, got {group!r}")
-        if group < 2 or group % 2:
-            raise ValueError(f"int4 group_size must be a positive even int, got {group!r}")
+        error = number_error(group, minimum=2) or (ValueError if group % 2 else None)
+        if error is not None:
+            raise error(f"int4 group_size must be a positive even int, got {group!r}")
         if not isinstance(self.lm_head, bool):
             raise TypeError(f"quantize_lm_head must be a bool, got {self.lm_head!r}")
 

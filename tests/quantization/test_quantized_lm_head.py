@@ -122,3 +122,11 @@ def test_checkpoint_records_whether_the_head_is_quantized(tmp_path):
     abstract = abstract_model(model_cls, config, jnp.float32, quantization=without_head)
     with pytest.raises(ValueError, match="'lm_head': True"):
         restore_quantized(abstract, tmp_path / "ckpt", without_head)
+
+
+@pytest.mark.parametrize(
+    "group_size, error", [(0, ValueError), (3, ValueError), (-4, ValueError), (4.0, TypeError), (True, TypeError)]
+)
+def test_int4_group_size_must_be_a_positive_even_int(group_size, error):
+    with pytest.raises(error, match=f"int4 group_size must be a positive even int, got {group_size!r}"):
+        QuantizationConfig("int4", group_size=group_size)
