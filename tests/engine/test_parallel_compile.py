@@ -97,25 +97,20 @@ def build_and_generate(monkeypatch, threads: int, **options) -> list[list[int]]:
     return [out.outputs[0].token_ids for out in llm.generate(prompts, GREEDY, use_tqdm=False)]
 
 
-def check_compiled_before_running(monkeypatch, lowerings_while_running, **options):
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({}, id="one-device"),
+        pytest.param({"tensor_parallel_size": 2, "pipeline_parallel_size": 2}, marks=NEEDS_8_DEVICES, id="tp2-pp2"),
+    ],
+)
+def test_warm_up_compiles_every_program_before_running_them(monkeypatch, lowerings_while_running, options):
     serial = build_and_generate(monkeypatch, 1, **options)
     assert lowerings_while_running["in_runs"] > 0  # the control: one thread lowers as it runs
     lowerings_while_running.update(total=0, in_runs=0)
     concurrent = build_and_generate(monkeypatch, 2, **options)
     assert lowerings_while_running["total"] > 0 and lowerings_while_running["in_runs"] == 0
     assert concurrent == serial
-
-
-def test_one_device_warm_up_compiles_every_program_before_running(monkeypatch, lowerings_while_running):
-    check_compiled_before_running(monkeypatch, lowerings_while_running)
-
-
-@pytest.mark.multidevice
-@pytest.mark.skipif(jax.device_count() < 8, reason=NEEDS_8_DEVICES[1].kwargs["reason"])
-def test_mesh_warm_up_compiles_every_stage_and_head_before_running(monkeypatch, lowerings_while_running):
-    check_compiled_before_running(
-        monkeypatch, lowerings_while_running, tensor_parallel_size=2, pipeline_parallel_size=2
-    )
 
 
 @pytest.fixture
