@@ -51,10 +51,17 @@ def _plain_number(value):
     return value
 
 
-def _check_number(name: str, value, *, types=(int, float)) -> None:
+def _finite_number_error(value, types=(int, float)) -> type[Exception] | None:
+    """TypeError unless ``value`` is one of ``types`` (never a bool), ValueError if not finite, None when valid."""
     if isinstance(value, bool) or not isinstance(value, types):
+        return TypeError
+    return None if math.isfinite(value) else ValueError
+
+
+def _check_number(name: str, value, *, types=(int, float)) -> None:
+    if (error := _finite_number_error(value, types)) is TypeError:
         raise TypeError(f"SamplingParams.{name} must be a number, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value):
+    if error is ValueError:
         raise ValueError(f"SamplingParams.{name} must be finite, got {value!r}")
 
 
@@ -192,10 +199,8 @@ class BeamSearchParams:
                 raise error(f"BeamSearchParams.{name} must be an int of at least 1, got {value!r}")
         for name in ("temperature", "length_penalty"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise TypeError(f"BeamSearchParams.{name} must be a finite number, got {value!r}")
-            if not math.isfinite(value):
-                raise ValueError(f"BeamSearchParams.{name} must be a finite number, got {value!r}")
+            if (error := _finite_number_error(value)) is not None:
+                raise error(f"BeamSearchParams.{name} must be a finite number, got {value!r}")
         if self.temperature < 0:
             raise ValueError(f"BeamSearchParams.temperature must be non-negative, got {self.temperature}")
         for name in ("ignore_eos", "include_stop_str_in_output"):
@@ -335,10 +340,8 @@ class SamplingParams:
             _check_string("SamplingParams.bad_words must hold non-blank strings", word, blank_ok=False)
         for t, bias in (self.logit_bias or {}).items():
             _check_token_id("SamplingParams.logit_bias keys must be non-negative token ids", t)
-            if isinstance(bias, bool) or not isinstance(bias, int | float):
-                raise TypeError(f"SamplingParams.logit_bias[{t}] must be a finite number, got {bias!r}")
-            if not math.isfinite(bias):
-                raise ValueError(f"SamplingParams.logit_bias[{t}] must be a finite number, got {bias!r}")
+            if (error := _finite_number_error(bias)) is not None:
+                raise error(f"SamplingParams.logit_bias[{t}] must be a finite number, got {bias!r}")
 
     def _validate_stops(self) -> None:
         for s in self.stop:
