@@ -18,6 +18,8 @@ DEFAULT_BLOCK_SIZE = 16
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30  # KV budget on CPU, where there is no device memory to measure
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 QUANTIZATIONS = (None, "int8", "int4", "fp8")  # as jaxllm.quantization.config.QUANTIZATION_NAMES
+# vLLM's names for a checkpoint stored quantized, accepted for one (jaxllm.quantization.prequantized)
+CHECKPOINT_QUANTIZATIONS = ("gptq", "gptq_marlin", "compressed-tensors")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # "fp8" is e4m3 (float8_e4m3fn), as in vLLM
 # What SamplingParams.logprobs return (vLLM's logprobs_mode; jaxllm.sampling.sampler says what each holds)
 LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
@@ -104,8 +106,10 @@ class EngineConfig:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
-        if self.quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.quantization not in QUANTIZATIONS + CHECKPOINT_QUANTIZATIONS:
+            raise ValueError(
+                f"quantization must be one of {QUANTIZATIONS + CHECKPOINT_QUANTIZATIONS}, got {self.quantization!r}"
+            )
         if self.quantized_weights_path is not None and not isinstance(self.quantized_weights_path, str):
             raise TypeError(f"quantized_weights_path must be a str path or None, got {self.quantized_weights_path!r}")
         if self.quantized_weights_path is not None and self.quantization is None:

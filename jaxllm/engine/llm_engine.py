@@ -54,6 +54,7 @@ class LLMEngine:
         process_env.fit_pool_to_mesh(config.tensor_parallel_size * config.pipeline_parallel_size)  # before JAX starts
         setup.enable_compilation_cache()
         source = resolve_model_source(config.model, config.load_format, config.tokenizer)
+        self.config = config = setup.with_checkpoint_quantization(config, source.hf_config)
         get_model_class((source.hf_config.get("architectures") or ["<missing>"])[0])  # unsupported: fail first
         self.model_config = ModelConfig.from_hf_config(source.hf_config).with_expert_parallel(
             config.enable_expert_parallel

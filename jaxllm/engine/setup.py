@@ -13,12 +13,13 @@ import os
 
 import jax
 
-from jaxllm.config import EngineConfig, ResolvedConfig, power_of_two_buckets
+from jaxllm.config import CHECKPOINT_QUANTIZATIONS, EngineConfig, ResolvedConfig, power_of_two_buckets
 from jaxllm.loading.model_loader import abstract_model, init_dummy_weights, load_weights, resolve_dtype
 from jaxllm.loading.model_source import ModelSource
 from jaxllm.models import ModelConfig, get_model_class
 from jaxllm.quantization.checkpoint import restore_quantized, save_quantized
-from jaxllm.quantization.config import resolve_quantization
+from jaxllm.quantization.config import DEFAULT_INT4_GROUP_SIZE, resolve_quantization
+from jaxllm.quantization.prequantized import checkpoint_quantization
 from jaxllm.runner import parallel_compile
 from jaxllm.runner.kv_cache import device_memory_budget, kv_bytes_per_block
 
@@ -26,6 +27,47 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 SMALLEST_TOKEN_BUCKET = 16
+
+
+def with_checkpoint_quantization(config: EngineConfig, hf_config: dict) -> EngineConfig:
+    """``config`` with the quantization of a checkpoint stored quantized (its scheme, int4 group size, and lm_head
+    quantized if the checkpoint's is): a ValueError when ``quantization=`` asks for something else, or names a stored
+    format (``"gptq"``, ``"compressed-tensors"``) that the checkpoint's config.json does not have."""
+    checkpoint = checkpoint_quantization(hf_config)
+    wanted = config.quantization
+    if checkpoint is None:
+        if wanted in CHECKPOINT_QUANTIZATIONS:
+            raise ValueError(
+                f"quantization={wanted!r} loads a checkpoint stored quantized, but {config.model!r} has no "
+                "quantization_config in its config.json"
+            )
+        return config
+    names = {None, checkpoint.method, checkpoint.quant_method} | (
+        {"gptq_marlin"} if checkpoint.quant_method == "gptq" else set()
+    )
+    if wanted not in names:
+        raise ValueError(
+            f"quantization={wanted!r} does not match the checkpoint's quantization_config ({checkpoint.quant_method}, "
+            f"read as {checkpoint.method}); leave quantization=None to use it"
+        )
+    group_size = config.quantization_group_size
+    if checkpoint.group_size is not None and group_size not in (DEFAULT_INT4_GROUP_SIZE, checkpoint.group_size):
+        raise ValueError(
+            f"quantization_group_size={group_size} does not match the checkpoint's group size {checkpoint.group_size}"
+        )
+    logger.info(
+        "checkpoint stored quantized: %s, read as %s%s%s",
+        checkpoint.quant_method,
+        checkpoint.method,
+        f" (group size {checkpoint.group_size})" if checkpoint.group_size else "",
+        ", lm_head too" if checkpoint.lm_head else "",
+    )
+    return dataclasses.replace(
+        config,
+        quantization=checkpoint.method,
+        quantization_group_size=checkpoint.group_size or group_size,
+        quantize_lm_head=config.quantize_lm_head or checkpoint.lm_head,
+    )
 
 
 def load_model(config: EngineConfig, source: ModelSource, model_config: ModelConfig, placement=None):
@@ -49,7 +91,9 @@ def load_model(config: EngineConfig, source: ModelSource, model_config: ModelCon
     if quantization is not None and saved is not None and os.path.exists(saved):
         logger.info("restoring %s weights from %s (no re-quantizing)", quantization.method, saved)
         return restore_quantized(abstract, saved, quantization, placement)
-    model = load_weights(abstract, source.tensors(), **kwargs)
+    model = load_weights(
+        abstract, source.tensors(), checkpoint_quantization=checkpoint_quantization(source.hf_config), **kwargs
+    )
     if quantization is not None and saved is not None:
         save_quantized(model, saved, quantization)
         logger.info("saved the %s-quantized weights to %s", quantization.method, saved)

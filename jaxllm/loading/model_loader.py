@@ -6,7 +6,8 @@ parameter when a mesh is used), one tensor at a time. A quantized model (``Quant
 weight quantized as it arrives, so no full-precision copy of the whole model ever exists; its dummy weights are the
 quantized dummy weights of the same model unquantized. A mixture of experts' checkpoint holds one tensor per expert
 (``...experts.{e}.gate_proj.weight``); the model stacks them (``[E, in, out]``), so each stack is assembled on the
-host and placed once its last expert arrives (one layer's projection at a time, not the whole model).
+host and placed once its last expert arrives (one layer's projection at a time, not the whole model). A checkpoint
+stored quantized (GPTQ, compressed-tensors, fp8) has each layer's pieces gathered the same way and placed as they are.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from jaxllm.models.config import ModelConfig
 from jaxllm.models.decoder import DecoderForCausalLM
 from jaxllm.models.layers import QuantizedLinear
 from jaxllm.quantization.config import DEFAULT_INT4_GROUP_SIZE, QuantizationConfig
-from jaxllm.quantization.schemes import quantize_weight
+from jaxllm.quantization.prequantized import CheckpointQuantization, StoredLayers, dequantized
+from jaxllm.quantization.schemes import QuantizedWeight, quantize_weight
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _DTYPE_ALIASES = {"float": "float32", "fp32": "float32", "bf16": "bfloat16", "half": "float16", "fp16": "float16"}
@@ -130,8 +132,11 @@ def load_weights(
     tensors: Iterable[tuple[str, np.ndarray]],
     *,
     placement: Placement = _default_placement,
+    checkpoint_quantization: CheckpointQuantization | None = None,
 ) -> DecoderForCausalLM:
-    """Fills an abstract model from ``(hf_name, array)`` pairs; every parameter must arrive exactly once."""
+    """Fills an abstract model from ``(hf_name, array)`` pairs; every parameter must arrive exactly once. With
+    ``checkpoint_quantization`` (a checkpoint stored quantized) each quantized layer's stored tensors become its
+    ``values`` / ``scales`` as they are (``jaxllm.quantization.prequantized``)."""
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
     loaded: set[tuple] = set()
@@ -139,8 +144,12 @@ def load_weights(
     # A quantized lm_head of a tied model is the embedding table, quantized (the lookup keeps the table itself).
     tied_quantized_head = _quantized_linear_at(abstract, flat, LM_HEAD_KERNEL) if tied else None
     expert_stacks = _ExpertStacks()
+    stored_layers = None if checkpoint_quantization is None else StoredLayers(checkpoint_quantization)
     for name, array in tensors:
         if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue
+        if stored_layers is not None and stored_layers.owns(name, array):
+            loaded.update(_add_stored_piece(abstract, flat, stored_layers, name, array, placement))
             continue
         path, transpose = hf_name_to_path(name)
         expert = split_expert(path)
@@ -161,6 +170,8 @@ def load_weights(
             loaded.update(_set_quantized(flat, path[:-1], linear, value, placement))
             continue
         if path not in flat:
+            if stored_layers is not None and path[-1] == "bias" and not np.any(array):
+                continue  # GPTQ writes zero biases for layers that have none
             raise ValueError(f"unexpected tensor {name!r} (shape {tuple(array.shape)}) in checkpoint")
         variable = flat[path]
         expected = tuple(variable.get_value().shape)
@@ -177,7 +188,7 @@ def load_weights(
         if tied_quantized_head is not None and path == EMBEDDING:
             loaded.update(_set_quantized(flat, LM_HEAD_KERNEL[:-1], tied_quantized_head, value.T, placement))
     missing = [".".join(map(str, p)) for p in flat if p not in loaded and not expert_stacks.started(p)]
-    missing += expert_stacks.missing()
+    missing += expert_stacks.missing() + (stored_layers.missing() if stored_layers is not None else [])
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
@@ -246,9 +257,38 @@ def _quantized_linear_at(model, flat, kernel_path: tuple) -> QuantizedLinear | N
     return module if isinstance(module, QuantizedLinear) else None
 
 
+def _add_stored_piece(abstract, flat, stored_layers: StoredLayers, name: str, array, placement) -> list[tuple]:
+    """Hands one stored piece of a quantized layer to ``stored_layers``; once the layer is complete, places its
+    weight (dequantized into a layer the model keeps unquantized). Returns the paths it filled."""
+    kernel_path, _ = hf_name_to_path(name.rpartition(".")[0] + ".weight")
+    linear = _quantized_linear_at(abstract, flat, kernel_path)
+    if linear is None and (kernel_path not in flat or kernel_path[-1] != "kernel"):
+        raise ValueError(f"unexpected tensor {name!r} (shape {tuple(array.shape)}) in checkpoint")
+    shape = linear.shape if linear is not None else tuple(flat[kernel_path].get_value().shape)
+    completed = stored_layers.add(name, array, shape)
+    if completed is None:
+        return []
+    layer, qw = completed
+    if linear is None:
+        variable = flat[kernel_path]
+        kernel = dequantized(qw, variable.get_value().dtype)
+        variable.set_value(jax.device_put(kernel, placement(kernel_path, variable)))
+        return [kernel_path]
+    if (qw.method, qw.group_size) != (linear.method, linear.group_size):
+        raise ValueError(
+            f"{layer} is stored as {qw.method} (group size {qw.group_size}); the model's layer is {linear.method} "
+            f"(group size {linear.group_size})"
+        )
+    return _place_quantized(flat, kernel_path[:-1], qw, placement)
+
+
 def _set_quantized(flat, module_path: tuple, linear: QuantizedLinear, kernel, placement: Placement) -> list[tuple]:
     """Quantizes one ``kernel [K, N]`` into ``linear``'s ``values`` and ``scales``; returns the paths it filled."""
     qw = quantize_weight(jnp.asarray(kernel), linear.method, linear.group_size or DEFAULT_INT4_GROUP_SIZE)
+    return _place_quantized(flat, module_path, qw, placement)
+
+
+def _place_quantized(flat, module_path: tuple, qw: QuantizedWeight, placement: Placement) -> list[tuple]:
     paths = [module_path + ("values",), module_path + ("scales",)]
     for path, array in zip(paths, (qw.values, qw.scales), strict=True):
         flat[path].set_value(jax.device_put(array, placement(path, flat[path])))

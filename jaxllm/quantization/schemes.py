@@ -149,7 +149,6 @@ def _quantize_int4(w, group_size: int):
     scale clips the largest weights a little and rounds all the others more finely, which usually wins.
     """
     k, n = w.shape
-    half = group_size // 2
     w = w.astype(jnp.float32).reshape(k // group_size, group_size, n)  # [K/g, g, N]
     amax = jnp.max(jnp.abs(w), axis=1)  # [K/g, N]
 
@@ -167,8 +166,17 @@ def _quantize_int4(w, group_size: int):
             best_scales = jnp.where(better, scales, best_scales)
             best_error = jnp.where(better, error, best_error)
     codes = codes_for(best_scales).astype(jnp.int32) + INT4_OFFSET
-    packed = codes[:, :half, :] | (codes[:, half:, :] << 4)  # [K/g, g/2, N]
-    return packed.astype(jnp.uint8).reshape(k // 2, n), best_scales
+    return pack_int4(codes.reshape(k, n), group_size), best_scales
+
+
+def pack_int4(codes, group_size: int):
+    """Packed ``values [K/2, N]`` (uint8) from stored codes ``[K, N]`` in 0..15 (signed code + ``INT4_OFFSET``), each
+    group of ``group_size`` rows packed within itself as the module docstring lays out; ``unpack_int4`` inverts it."""
+    k, n = codes.shape
+    half = group_size // 2
+    grouped = jnp.asarray(codes, jnp.int32).reshape(k // group_size, group_size, n)  # [K/g, g, N]
+    packed = grouped[:, :half, :] | (grouped[:, half:, :] << 4)  # [K/g, g/2, N]
+    return packed.astype(jnp.uint8).reshape(k // 2, n)
 
 
 def _to_fp8(x, scales):

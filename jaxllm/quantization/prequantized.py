@@ -1,0 +1,297 @@
+"""Checkpoints that arrive quantized (GPTQ, compressed-tensors, fp8): which scheme of ``schemes`` a checkpoint's
+``quantization_config`` maps onto, and each linear layer's stored tensors turned into that scheme's ``values`` and
+``scales`` with no second rounding: the weights the matmul sees are the checkpoint's, bit for bit.
+
+=========================================== ========================================================== ========
+``quantization_config``                     stored per linear layer (``W [K, N]``, torch's ``[N, K]``)  scheme
+=========================================== ========================================================== ========
+``gptq``: bits 4, sym                       ``qweight`` int32 ``[K/8, N]``, ``scales`` f16 ``[K/g, N]``, int4
+                                            ``qzeros`` int32 ``[K/g, N/8]`` (all 8), ``g_idx``
+``compressed-tensors``: int 4, group,       ``weight_packed`` int32 ``[N, K/8]``, ``weight_scale``      int4
+symmetric, ``pack-quantized``               ``[N, K/g]``, ``weight_shape``
+``compressed-tensors``: int 8, channel or   ``weight`` int8 ``[N, K]`` (or ``weight_packed`` int32       int8
+tensor, symmetric                           ``[N, K/4]``), ``weight_scale`` ``[N, 1]`` / ``[1]``
+``compressed-tensors``: float 8, channel    ``weight`` float8_e4m3fn ``[N, K]``, ``weight_scale``        fp8
+or tensor                                   ``[N, 1]`` / ``[1]``, ``input_scale``
+``fp8`` without ``weight_block_size``       ``weight`` float8_e4m3fn ``[N, K]``, ``weight_scale`` ``[]``, fp8
+                                            ``input_scale``
+=========================================== ========================================================== ========
+
+Packed ints hold ``32 / bits`` values per int32, value ``i`` at bits ``[bits * i, bits * (i + 1))``, each stored as
+the signed value plus ``2 ** (bits - 1)`` (GPTQ's zero point 8 means the same offset; its v1 format stores zero points
+minus one). What jaxllm computes differently from the checkpoint's own runtime: activations are never quantized by a
+stored ``input_scale`` (the fp8 scheme scales each token's activations itself; int8 is weight-only here, so a W8A8
+checkpoint runs as W8A16).
+
+Refused, with a ``ValueError`` naming the setting: zero points (AWQ, GPTQ ``sym=False``, asymmetric compressed
+tensors), other bit widths, activation order (a ``g_idx`` other than ``k // g``), block-wise fp8
+(``weight_block_size``), per-module overrides and several compressed-tensors groups. Imports no kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from jaxllm.quantization.schemes import (
+    INT4_OFFSET,
+    QuantizedWeight,
+    dequantize_weight,
+    pack_int4,
+    validate_quantized_weight,
+)
+
+# vLLM's names for these checkpoints' methods, accepted as LLM(quantization=...) for such a checkpoint
+CHECKPOINT_METHODS = ("gptq", "gptq_marlin", "compressed-tensors", "fp8")
+SUPPORTED = "gptq (4-bit, sym), compressed-tensors (int4 group / int8 / fp8, symmetric) or fp8 (per tensor)"
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredFormat:
+    """How one linear layer's quantized weight is stored: the tensors that must arrive (``required``), those checked
+    alone as they arrive (``optional``), and the conversion to a scheme."""
+
+    layout: str  # "gptq" | "packed" (compressed-tensors pack-quantized) | "plain" (int8 / fp8 stored as is)
+    method: str  # jaxllm's scheme: int4 | int8 | fp8
+    group_size: int | None = None  # int4
+    gptq_zero_offset: int = 1  # GPTQ's v1 format stores zero points minus one; gptq_v2 as they are
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        if self.layout == "gptq":
+            return ("qweight", "scales")
+        return ("weight_packed" if self.layout == "packed" else "weight", "weight_scale")
+
+    @property
+    def optional(self) -> tuple[str, ...]:
+        if self.layout == "gptq":
+            return ("qzeros", "g_idx")
+        return ("weight_shape", "weight_g_idx", "weight_zero_point", "input_scale")
+
+    def owns(self, suffix: str, array: np.ndarray) -> bool:
+        """Whether a tensor ``<layer>.<suffix>`` is a stored piece of a quantized weight (a plain format's
+        ``weight`` only when it holds the stored dtype: an unquantized layer's float ``weight`` is not)."""
+        if suffix == "weight" and self.layout == "plain":
+            return array.dtype == _STORED_DTYPES[self.method]
+        return suffix in self.required or suffix in self.optional
+
+    def check_optional(self, name: str, suffix: str, array: np.ndarray, shape: tuple[int, int]) -> None:
+        """ValueError unless an optional piece agrees with a symmetric, in-order weight of ``shape`` ``(K, N)``."""
+        k, n = shape
+        if suffix == "qzeros":
+            zeros = _unpack_int32(array, 4, axis=1).astype(np.int32) + self.gptq_zero_offset
+            if np.any(zeros != INT4_OFFSET):
+                raise ValueError(f"{name} holds zero points other than {INT4_OFFSET} (an asymmetric GPTQ weight)")
+        elif suffix in ("g_idx", "weight_g_idx"):
+            if not np.array_equal(np.asarray(array), np.arange(k) // self.group_size):
+                raise ValueError(f"{name} orders the groups by activation (act-order); only k // group_size is read")
+        elif suffix == "weight_shape":
+            if tuple(int(d) for d in np.asarray(array).reshape(-1)) != (n, k):
+                raise ValueError(f"{name} is {np.asarray(array).tolist()}, the model's layer is [{n}, {k}]")
+        elif suffix == "weight_zero_point":
+            if np.any(np.asarray(array) != 0):
+                raise ValueError(f"{name} holds zero points (an asymmetric weight); only symmetric ones are read")
+
+    def to_scheme(self, name: str, parts: dict[str, np.ndarray], shape: tuple[int, int]) -> QuantizedWeight:
+        """The ``QuantizedWeight`` of the layer ``name`` whose required pieces are ``parts``."""
+        k, n = shape
+        if self.layout == "gptq":
+            codes = _unpack_int32(parts["qweight"], 4, axis=0)  # [K, N], signed + 8
+            values, scales = pack_int4(codes, self.group_size), parts["scales"]
+        elif self.layout == "packed" and self.method == "int4":
+            codes = _unpack_int32(parts["weight_packed"], 4, axis=1)  # [N, K], signed + 8
+            values, scales = pack_int4(codes[:, :k].T, self.group_size), parts["weight_scale"].T
+        else:
+            stored = parts.get("weight")
+            if stored is None:  # int8 packed four to an int32, stored as signed + 128
+                stored = _unpack_int32(parts["weight_packed"], 8, axis=1)[:, :k].astype(np.int16) - 128
+            values = stored.astype(_STORED_DTYPES[self.method])  # [N, K]
+            values = values if self.method == "fp8" else values.T  # fp8 is stored [N, K] by jaxllm too
+            scales = np.broadcast_to(np.asarray(parts["weight_scale"], np.float32).reshape(-1), (n,))
+        scales = np.ascontiguousarray(np.asarray(scales, np.float32))
+        qw = QuantizedWeight(jnp.asarray(values), jnp.asarray(scales), self.method, self.group_size, (k, n))
+        try:
+            validate_quantized_weight(qw)
+        except ValueError as error:
+            raise ValueError(f"{name}: its stored tensors do not make a {shape} weight ({error})") from None
+        return qw
+
+
+_STORED_DTYPES = {"int8": np.dtype(np.int8), "fp8": np.dtype(ml_dtypes.float8_e4m3fn)}
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointQuantization:
+    """A checkpoint's ``quantization_config``, resolved: its name, how its layers are stored, and whether its
+    lm_head is quantized too."""
+
+    quant_method: str
+    stored: StoredFormat
+    lm_head: bool
+
+    @property
+    def method(self) -> str:
+        return self.stored.method
+
+    @property
+    def group_size(self) -> int | None:
+        return self.stored.group_size
+
+
+def checkpoint_quantization(hf_config: dict) -> CheckpointQuantization | None:
+    """The resolved ``quantization_config`` of a checkpoint's config.json (None: not quantized); a ValueError naming
+    the setting for a checkpoint jaxllm cannot read as stored."""
+    config = hf_config.get("quantization_config")
+    if config is None:
+        return None
+    if not isinstance(config, dict):
+        raise ValueError(f"config.json's quantization_config must be an object, got {config!r}")
+    method = config.get("quant_method")
+    if method == "gptq":
+        return _gptq(config)
+    if method == "compressed-tensors":
+        return _compressed_tensors(config)
+    if method == "fp8":
+        return _fp8(config)
+    raise ValueError(
+        f"config.json's quantization_config.quant_method={method!r} is not supported; jaxllm reads {SUPPORTED}, "
+        "or quantizes an unquantized checkpoint itself (LLM(quantization='int8' | 'int4' | 'fp8'))"
+    )
+
+
+def _refuse(setting: str, value, why: str):
+    return ValueError(f"quantization_config.{setting}={value!r} is not supported: {why}; jaxllm reads {SUPPORTED}")
+
+
+def _gptq(config: dict) -> CheckpointQuantization:
+    if config.get("bits") != 4:
+        raise _refuse("bits", config.get("bits"), "GPTQ weights are read at 4 bits only")
+    if config.get("sym", True) is not True:
+        raise _refuse("sym", config.get("sym"), "jaxllm's int4 has no zero points")
+    if config.get("dynamic"):
+        raise _refuse("dynamic", config.get("dynamic"), "per-module GPTQ settings are not read")
+    group_size = _group_size(config.get("group_size"), "group_size")
+    checkpoint_format = config.get("checkpoint_format", "gptq")
+    if checkpoint_format not in ("gptq", "gptq_v2"):
+        raise _refuse("checkpoint_format", checkpoint_format, "GPTQ's gptq and gptq_v2 formats are read")
+    offset = 1 if checkpoint_format == "gptq" else 0
+    stored = StoredFormat("gptq", "int4", group_size, gptq_zero_offset=offset)
+    return CheckpointQuantization("gptq", stored, lm_head=bool(config.get("lm_head", False)))
+
+
+def _compressed_tensors(config: dict) -> CheckpointQuantization:
+    groups = config.get("config_groups") or {}
+    if len(groups) != 1:
+        raise _refuse("config_groups", sorted(groups), "one quantization scheme for all linear layers is read")
+    (group,) = groups.values()
+    if "Linear" not in (group.get("targets") or []):
+        raise _refuse("config_groups.targets", group.get("targets"), "the scheme must target every Linear layer")
+    if config.get("quantization_status", "compressed") != "compressed":
+        raise _refuse("quantization_status", config.get("quantization_status"), "compressed weights are read")
+    sparsity = config.get("sparsity_config") or {}
+    if sparsity.get("format", "dense") != "dense":
+        raise _refuse("sparsity_config.format", sparsity.get("format"), "sparse weights are not read")
+    weights = group.get("weights") or {}
+    layout_name = group.get("format") or config.get("format")
+    bits, kind, strategy = weights.get("num_bits"), weights.get("type"), weights.get("strategy")
+    if weights.get("symmetric", True) is not True:
+        raise _refuse("weights.symmetric", weights.get("symmetric"), "jaxllm's schemes have no zero points")
+    if kind == "int" and bits == 4 and strategy == "group" and layout_name == "pack-quantized":
+        if weights.get("actorder") not in (None, "static"):
+            raise _refuse("weights.actorder", weights.get("actorder"), "groups are read in order (k // group_size)")
+        stored = StoredFormat("packed", "int4", _group_size(weights.get("group_size"), "weights.group_size"))
+    elif kind == "int" and bits == 8 and strategy in ("channel", "tensor"):
+        layout = "packed" if layout_name == "pack-quantized" else "plain"
+        stored = StoredFormat(layout, "int8")
+    elif kind == "float" and bits == 8 and strategy in ("channel", "tensor"):
+        stored = StoredFormat("plain", "fp8")
+    else:
+        raise _refuse(
+            "config_groups weights",
+            {"num_bits": bits, "type": kind, "strategy": strategy, "format": layout_name},
+            "this combination has no jaxllm scheme",
+        )
+    lm_head = not any(_names_lm_head(entry) for entry in config.get("ignore") or [])
+    return CheckpointQuantization("compressed-tensors", stored, lm_head=lm_head)
+
+
+def _fp8(config: dict) -> CheckpointQuantization:
+    if config.get("weight_block_size"):
+        raise _refuse(
+            "weight_block_size", config.get("weight_block_size"), "fp8 weights are read with one scale per output"
+        )
+    ignored = list(config.get("ignored_layers") or []) + list(config.get("modules_to_not_convert") or [])
+    lm_head = bool(ignored) and not any(_names_lm_head(entry) for entry in ignored)
+    return CheckpointQuantization("fp8", StoredFormat("plain", "fp8"), lm_head=lm_head)
+
+
+def _names_lm_head(entry: str) -> bool:
+    if entry.startswith("re:"):
+        return re.fullmatch(entry[3:], "lm_head") is not None
+    return entry == "lm_head" or entry.endswith(".lm_head")
+
+
+def _group_size(value, setting: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2 or value % 2:
+        raise _refuse(setting, value, "int4 needs a positive even group size (per-channel -1 is not read)")
+    return value
+
+
+def _unpack_int32(packed: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    """Unsigned ``bits``-wide values (uint8) from int32 words along ``axis``: value ``i`` of each word at bits
+    ``[bits * i, bits * (i + 1))``, so the axis grows ``32 / bits`` times."""
+    words = np.moveaxis(np.asarray(packed).view(np.uint32), axis, -1)
+    shifts = np.arange(0, 32, bits, dtype=np.uint32)
+    values = (words[..., None] >> shifts) & np.uint32((1 << bits) - 1)  # [..., words, 32 / bits]
+    values = values.reshape(*words.shape[:-1], -1).astype(np.uint8)
+    return np.moveaxis(values, -1, axis)
+
+
+class StoredLayers:
+    """Collects each quantized layer's stored tensors as they arrive, one layer at a time, and hands over a layer's
+    ``QuantizedWeight`` once its required tensors are in."""
+
+    def __init__(self, checkpoint: CheckpointQuantization):
+        self.stored = checkpoint.stored
+        self._parts: dict[str, dict[str, np.ndarray]] = {}
+        self._done: set[str] = set()
+
+    def owns(self, name: str, array: np.ndarray) -> bool:
+        suffix = name.rpartition(".")[2]
+        return "." in name and self.stored.owns(suffix, array)
+
+    def add(self, name: str, array: np.ndarray, shape: tuple[int, int]) -> tuple[str, QuantizedWeight] | None:
+        """Stores one piece of layer ``<layer>.<suffix>`` (``shape`` its weight's ``(K, N)``); returns ``(layer,
+        weight)`` when it completes the layer's required pieces."""
+        layer, _, suffix = name.rpartition(".")
+        if suffix in self.stored.optional:
+            self.stored.check_optional(name, suffix, array, shape)
+            return None
+        parts = self._parts.setdefault(layer, {})
+        if suffix in parts or layer in self._done:
+            raise ValueError(f"tensor {name!r} appears twice in the checkpoint")
+        parts[suffix] = np.asarray(array)
+        if len(parts) < len(self.stored.required):
+            return None
+        del self._parts[layer]
+        self._done.add(layer)
+        return layer, self.stored.to_scheme(layer, parts, shape)
+
+    def missing(self) -> list[str]:
+        """Pieces of layers that got some but not all."""
+        return [
+            f"{layer}.{suffix}"
+            for layer, parts in self._parts.items()
+            for suffix in self.stored.required
+            if suffix not in parts
+        ]
+
+
+def dequantized(qw: QuantizedWeight, dtype) -> np.ndarray:
+    """``qw``'s weight ``[K, N]`` in ``dtype``: for a layer the model keeps unquantized that the checkpoint stores
+    quantized (e.g. a quantized lm_head with ``quantize_lm_head`` off)."""
+    return np.asarray(dequantize_weight(qw, jnp.dtype(dtype)))
