@@ -19,7 +19,7 @@ DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30  # KV budget on CPU, where there is no devi
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 QUANTIZATIONS = (None, "int8", "int4", "fp8")  # as jaxllm.quantization.config.QUANTIZATION_NAMES
 # vLLM's names for a checkpoint stored quantized, accepted for one (jaxllm.quantization.prequantized)
-CHECKPOINT_QUANTIZATIONS = ("gptq", "gptq_marlin", "compressed-tensors")
+CHECKPOINT_QUANTIZATIONS = ("gptq", "gptq_marlin", "awq", "awq_marlin", "compressed-tensors")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # "fp8" is e4m3 (float8_e4m3fn), as in vLLM
 # What SamplingParams.logprobs return (vLLM's logprobs_mode; jaxllm.sampling.sampler says what each holds)
 LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")

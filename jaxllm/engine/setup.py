@@ -42,9 +42,7 @@ def with_checkpoint_quantization(config: EngineConfig, hf_config: dict) -> Engin
                 "quantization_config in its config.json"
             )
         return config
-    names = {None, checkpoint.method, checkpoint.quant_method} | (
-        {"gptq_marlin"} if checkpoint.quant_method == "gptq" else set()
-    )
+    names = {None, checkpoint.method, checkpoint.quant_method, f"{checkpoint.quant_method}_marlin"}
     if wanted not in names:
         raise ValueError(
             f"quantization={wanted!r} does not match the checkpoint's quantization_config ({checkpoint.quant_method}, "
@@ -75,6 +73,9 @@ def load_model(config: EngineConfig, source: ModelSource, model_config: ModelCon
     model_cls = get_model_class(model_config.architecture)
     dtype = resolve_dtype(config.dtype, model_config.checkpoint_dtype)
     quantization = resolve_quantization(config.quantization, config.quantization_group_size, config.quantize_lm_head)
+    checkpoint = checkpoint_quantization(source.hf_config)
+    if checkpoint is not None and checkpoint.zero_points:
+        quantization = dataclasses.replace(quantization, zero_points=True)
     kwargs = {} if placement is None else {"placement": placement}
     if config.load_format == "dummy":
         return init_dummy_weights(
@@ -91,9 +92,7 @@ def load_model(config: EngineConfig, source: ModelSource, model_config: ModelCon
     if quantization is not None and saved is not None and os.path.exists(saved):
         logger.info("restoring %s weights from %s (no re-quantizing)", quantization.method, saved)
         return restore_quantized(abstract, saved, quantization, placement)
-    model = load_weights(
-        abstract, source.tensors(), checkpoint_quantization=checkpoint_quantization(source.hf_config), **kwargs
-    )
+    model = load_weights(abstract, source.tensors(), checkpoint_quantization=checkpoint, **kwargs)
     if quantization is not None and saved is not None:
         save_quantized(model, saved, quantization)
         logger.info("saved the %s-quantized weights to %s", quantization.method, saved)

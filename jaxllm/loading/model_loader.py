@@ -220,7 +220,7 @@ def init_dummy_weights(
     by_path = dict(flat)
     key = jax.random.key(seed)
     for index, (path, variable) in enumerate(flat):
-        if path[-1] == "scales":
+        if path[-1] in ("scales", "offsets"):
             continue  # filled with its values
         if path[-1] == "values":
             kernel_path = path[:-1] + ("kernel",)
@@ -268,10 +268,10 @@ def _add_stored_piece(abstract, flat, stored_layers: StoredLayers, name: str, ar
     completed = stored_layers.add(name, array, shape)
     if completed is None:
         return []
-    layer, qw = completed
+    layer, qw, offsets = completed
     if linear is None:
         variable = flat[kernel_path]
-        kernel = dequantized(qw, variable.get_value().dtype)
+        kernel = dequantized(qw, offsets, variable.get_value().dtype)
         variable.set_value(jax.device_put(kernel, placement(kernel_path, variable)))
         return [kernel_path]
     if (qw.method, qw.group_size) != (linear.method, linear.group_size):
@@ -279,7 +279,7 @@ def _add_stored_piece(abstract, flat, stored_layers: StoredLayers, name: str, ar
             f"{layer} is stored as {qw.method} (group size {qw.group_size}); the model's layer is {linear.method} "
             f"(group size {linear.group_size})"
         )
-    return _place_quantized(flat, kernel_path[:-1], qw, placement)
+    return _place_quantized(flat, kernel_path[:-1], qw, placement, offsets)
 
 
 def _set_quantized(flat, module_path: tuple, linear: QuantizedLinear, kernel, placement: Placement) -> list[tuple]:
@@ -288,10 +288,19 @@ def _set_quantized(flat, module_path: tuple, linear: QuantizedLinear, kernel, pl
     return _place_quantized(flat, module_path, qw, placement)
 
 
-def _place_quantized(flat, module_path: tuple, qw: QuantizedWeight, placement: Placement) -> list[tuple]:
-    paths = [module_path + ("values",), module_path + ("scales",)]
-    for path, array in zip(paths, (qw.values, qw.scales), strict=True):
+def _place_quantized(flat, module_path: tuple, qw: QuantizedWeight, placement: Placement, offsets=None) -> list[tuple]:
+    """Places ``qw``'s arrays into the layer at ``module_path``, and its zero-point ``offsets`` where the layer has
+    them (zeros when the weight has none: a symmetric one); returns the paths it filled."""
+    arrays = {"values": qw.values, "scales": qw.scales}
+    if module_path + ("offsets",) in flat:
+        arrays["offsets"] = jnp.zeros_like(qw.scales) if offsets is None else offsets
+    elif offsets is not None:
+        raise ValueError(f"{'.'.join(map(str, module_path))} is stored with zero points; the model's layer has none")
+    paths = []
+    for name, array in arrays.items():
+        path = module_path + (name,)
         flat[path].set_value(jax.device_put(array, placement(path, flat[path])))
+        paths.append(path)
     return paths
 
 

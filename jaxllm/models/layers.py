@@ -84,6 +84,12 @@ class QuantizedLinear(nnx.Module):
         self.axes, self.values_axes, self.scales_axes = tuple(axes), tuple(values_axes), tuple(scales_axes)
         self.values = nnx.Param(jnp.zeros(values_shape, values_dtype), logical_axes=values_axes)
         self.scales = nnx.Param(jnp.ones(scales_shape, jnp.float32), logical_axes=scales_axes)
+        # zero points of a checkpoint stored with them, as (8 - zero) * scale per group ([K/group, N]); see project
+        self.offsets = (
+            nnx.Param(jnp.zeros(scales_shape, jnp.float32), logical_axes=scales_axes)
+            if quantization.zero_points
+            else None
+        )
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype), logical_axes=axes[1:]) if use_bias else None
 
     def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
@@ -125,6 +131,10 @@ def _sharded_products(x: jax.Array, layers, out_dtype) -> tuple[jax.Array, ...]:
     for layer in layers:
         arrays += [layer.values.get_value(), layer.scales.get_value()]
         in_axes += [layer.values_axes, layer.scales_axes]
+    with_offsets = first.offsets is not None
+    for layer in layers if with_offsets else ():
+        arrays.append(layer.offsets.get_value())
+        in_axes.append(layer.scales_axes)
     local_products = act.per_shard(
         functools.partial(
             _local_products,
@@ -132,6 +142,7 @@ def _sharded_products(x: jax.Array, layers, out_dtype) -> tuple[jax.Array, ...]:
             group_size=first.group_size,
             impl=first.matmul_impl,
             out_dtype=out_dtype,
+            num_layers=len(layers) if with_offsets else None,
         ),
         in_axes=in_axes,
         out_axes=tuple(("tokens", layer.axes[1]) for layer in layers),
@@ -144,19 +155,33 @@ def _one_quantized_scheme(layers) -> bool:
     """Whether ``layers`` are quantized alike (method, group, input size and axis, backend) and have no biases."""
     if not all(isinstance(layer, QuantizedLinear) and layer.bias is None for layer in layers):
         return False
-    return len({(la.method, la.group_size, la.shape[0], la.axes[0], la.matmul_impl) for la in layers}) == 1
+    keys = {(la.method, la.group_size, la.shape[0], la.axes[0], la.matmul_impl, la.offsets is None) for la in layers}
+    return len(keys) == 1
 
 
-def _local_products(rows, *arrays, method, group_size, impl, out_dtype) -> tuple[jax.Array, ...]:
-    """``rows @ W_i`` for the (shards of the) weights in ``arrays`` (values and scales of each), in one launch if it
-    can; the backend re-checked for the local K."""
+def _local_products(rows, *arrays, method, group_size, impl, out_dtype, num_layers=None) -> tuple[jax.Array, ...]:
+    """``rows @ W_i`` for the (shards of the) weights in ``arrays`` (values and scales of each, then with
+    ``num_layers`` each layer's zero-point offsets), in one launch if it can; the backend re-checked for the local K.
+
+    Zero points: ``W = (code - zero) * scale = (code - 8) * scale + offset`` per group, so the product is the
+    symmetric one plus each group's sum of ``rows`` times the group's offsets, a ``[M, K/group] @ [K/group, N]``
+    matmul beside the kernel (under tensor parallelism both parts are partial sums over the local rows of K)."""
+    offsets = arrays[len(arrays) - num_layers :] if num_layers else ()
+    arrays = arrays[: len(arrays) - len(offsets)]
     k = rows.shape[1]
     weights = tuple(
         shard_weight(values, scales, method, group_size, k)
         for values, scales in zip(arrays[::2], arrays[1::2], strict=True)
     )
     impl = matmul_impl(method, k, group_size, rows.shape[0], impl)
-    return quantized_matmul_fused(rows, weights, impl=impl, out_dtype=out_dtype)
+    products = quantized_matmul_fused(rows, weights, impl=impl, out_dtype=out_dtype)
+    if not offsets:
+        return products
+    group_sums = rows.astype(jnp.float32).reshape(rows.shape[0], k // group_size, group_size).sum(-1)  # [M, K/g]
+    return tuple(
+        (y.astype(jnp.float32) + jnp.dot(group_sums, o, precision=jax.lax.Precision.HIGHEST)).astype(out_dtype)
+        for y, o in zip(products, offsets, strict=True)
+    )
 
 
 def matmul_impl(method: str, in_features: int, group_size: int | None, num_rows: int, impl: str | None = None) -> str:

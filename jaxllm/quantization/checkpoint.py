@@ -33,7 +33,12 @@ def save_quantized(model, directory, quantization: QuantizationConfig) -> None:
 
 def _metadata(quantization: QuantizationConfig) -> dict:
     group_size = quantization.group_size if quantization.method == "int4" else None
-    return {"method": quantization.method, "group_size": group_size, "lm_head": quantization.lm_head}
+    return {
+        "method": quantization.method,
+        "group_size": group_size,
+        "lm_head": quantization.lm_head,
+        "zero_points": quantization.zero_points,
+    }
 
 
 def restore_quantized(abstract, directory, quantization: QuantizationConfig, placement=None):
@@ -44,7 +49,8 @@ def restore_quantized(abstract, directory, quantization: QuantizationConfig, pla
     import orbax.checkpoint as ocp
 
     directory = pathlib.Path(directory).absolute()
-    saved = {"lm_head": False, **json.loads((directory / METADATA_FILE).read_text())}  # older files lack lm_head
+    # older files lack lm_head and zero_points
+    saved = {"lm_head": False, "zero_points": False, **json.loads((directory / METADATA_FILE).read_text())}
     wanted = _metadata(quantization)
     if saved != wanted:
         raise ValueError(f"{directory} holds weights quantized as {saved}, not {wanted}")

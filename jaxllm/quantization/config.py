@@ -22,6 +22,9 @@ class QuantizationConfig:
     method: str
     group_size: int = DEFAULT_INT4_GROUP_SIZE
     lm_head: bool = False
+    # int4 only, from a checkpoint stored with zero points (AWQ, asymmetric GPTQ): each layer also holds ``offsets``
+    # [K/group, N], ``(8 - zero) * scale``, added to its product as the group sums of x times them
+    zero_points: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in QUANTIZATION_NAMES[1:]:
@@ -32,6 +35,8 @@ class QuantizationConfig:
             raise error(f"int4 group_size must be a positive even int, got {group!r}")
         if not isinstance(self.lm_head, bool):
             raise TypeError(f"quantize_lm_head must be a bool, got {self.lm_head!r}")
+        if self.zero_points and self.method != "int4":
+            raise ValueError(f"zero points are an int4 option, not {self.method}'s")
 
     def check_in_features(self, in_features: int, out_features: int) -> None:
         """ValueError unless a ``[in_features, out_features]`` linear layer can use this scheme."""

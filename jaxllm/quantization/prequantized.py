@@ -45,9 +45,7 @@ from jaxllm.quantization.schemes import (
     validate_quantized_weight,
 )
 
-# vLLM's names for these checkpoints' methods, accepted as LLM(quantization=...) for such a checkpoint
-CHECKPOINT_METHODS = ("gptq", "gptq_marlin", "compressed-tensors", "fp8")
-SUPPORTED = "gptq (4-bit, sym), compressed-tensors (int4 group / int8 / fp8, symmetric) or fp8 (per tensor)"
+SUPPORTED = "gptq / awq (4-bit), compressed-tensors (int4 group, symmetric int8 / fp8) or fp8 (per tensor)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,22 +53,26 @@ class StoredFormat:
     """How one linear layer's quantized weight is stored: the tensors that must arrive (``required``), those checked
     alone as they arrive (``optional``), and the conversion to a scheme."""
 
-    layout: str  # "gptq" | "packed" (compressed-tensors pack-quantized) | "plain" (int8 / fp8 stored as is)
+    # "gptq" | "awq" | "packed" (compressed-tensors pack-quantized) | "plain" (int8 / fp8 stored as is)
+    layout: str
     method: str  # jaxllm's scheme: int4 | int8 | fp8
     group_size: int | None = None  # int4
+    zero_points: bool = False  # int4 stored with zero points (read as offsets; QuantizationConfig.zero_points)
     gptq_zero_offset: int = 1  # GPTQ's v1 format stores zero points minus one; gptq_v2 as they are
 
     @property
     def required(self) -> tuple[str, ...]:
-        if self.layout == "gptq":
-            return ("qweight", "scales")
-        return ("weight_packed" if self.layout == "packed" else "weight", "weight_scale")
+        if self.layout in ("gptq", "awq"):
+            return ("qweight", "scales", "qzeros") if self.zero_points else ("qweight", "scales")
+        first = "weight_packed" if self.layout == "packed" else "weight"
+        return (first, "weight_scale", "weight_zero_point") if self.zero_points else (first, "weight_scale")
 
     @property
     def optional(self) -> tuple[str, ...]:
-        if self.layout == "gptq":
-            return ("qzeros", "g_idx")
-        return ("weight_shape", "weight_g_idx", "weight_zero_point", "input_scale")
+        if self.layout in ("gptq", "awq"):
+            return ("g_idx",) if self.zero_points else ("qzeros", "g_idx")
+        pieces = ("weight_shape", "weight_g_idx", "weight_zero_point", "input_scale")
+        return tuple(p for p in pieces if p not in self.required)
 
     def owns(self, suffix: str, array: np.ndarray) -> bool:
         """Whether a tensor ``<layer>.<suffix>`` is a stored piece of a quantized weight (a plain format's
@@ -80,11 +82,11 @@ class StoredFormat:
         return suffix in self.required or suffix in self.optional
 
     def check_optional(self, name: str, suffix: str, array: np.ndarray, shape: tuple[int, int]) -> None:
-        """ValueError unless an optional piece agrees with a symmetric, in-order weight of ``shape`` ``(K, N)``."""
+        """ValueError unless an optional piece agrees with an in-order weight of ``shape`` ``(K, N)`` (and, for a
+        format without zero points, a symmetric one)."""
         k, n = shape
         if suffix == "qzeros":
-            zeros = _unpack_int32(array, 4, axis=1).astype(np.int32) + self.gptq_zero_offset
-            if np.any(zeros != INT4_OFFSET):
+            if np.any(self._gptq_zeros(array) != INT4_OFFSET):
                 raise ValueError(f"{name} holds zero points other than {INT4_OFFSET} (an asymmetric GPTQ weight)")
         elif suffix in ("g_idx", "weight_g_idx"):
             if not np.array_equal(np.asarray(array), np.arange(k) // self.group_size):
@@ -94,17 +96,30 @@ class StoredFormat:
                 raise ValueError(f"{name} is {np.asarray(array).tolist()}, the model's layer is [{n}, {k}]")
         elif suffix == "weight_zero_point":
             if np.any(np.asarray(array) != 0):
-                raise ValueError(f"{name} holds zero points (an asymmetric weight); only symmetric ones are read")
+                raise ValueError(f"{name} holds zero points, but the config says symmetric")
 
-    def to_scheme(self, name: str, parts: dict[str, np.ndarray], shape: tuple[int, int]) -> QuantizedWeight:
-        """The ``QuantizedWeight`` of the layer ``name`` whose required pieces are ``parts``."""
+    def _gptq_zeros(self, qzeros: np.ndarray) -> np.ndarray:
+        """GPTQ's zero points ``[K/g, N]`` (int32) from ``qzeros [K/g, N/8]``."""
+        return _unpack_int32(qzeros, 4, axis=1).astype(np.int32) + self.gptq_zero_offset
+
+    def to_scheme(self, name: str, parts: dict[str, np.ndarray], shape: tuple[int, int]):
+        """``(QuantizedWeight, offsets)`` of the layer ``name`` whose required pieces are ``parts``; ``offsets``
+        (``[K/g, N]`` float32, ``(8 - zero) * scale``) for a format with zero points, else None."""
         k, n = shape
-        if self.layout == "gptq":
-            codes = _unpack_int32(parts["qweight"], 4, axis=0)  # [K, N], signed + 8
+        zeros = None  # [K/g, N], in the codes' unsigned range (8 = none)
+        if self.layout in ("gptq", "awq"):
+            if self.layout == "gptq":
+                codes = _unpack_int32(parts["qweight"], 4, axis=0)  # [K, N], unsigned
+                zeros = self._gptq_zeros(parts["qzeros"]) if self.zero_points else None
+            else:
+                codes = _awq_order(_unpack_int32(parts["qweight"], 4, axis=1))
+                zeros = _awq_order(_unpack_int32(parts["qzeros"], 4, axis=1)).astype(np.int32)
             values, scales = pack_int4(codes, self.group_size), parts["scales"]
         elif self.layout == "packed" and self.method == "int4":
             codes = _unpack_int32(parts["weight_packed"], 4, axis=1)  # [N, K], signed + 8
             values, scales = pack_int4(codes[:, :k].T, self.group_size), parts["weight_scale"].T
+            if self.zero_points:  # signed zero points + 8, packed along N
+                zeros = _unpack_int32(parts["weight_zero_point"], 4, axis=0)[:n].T.astype(np.int32)
         else:
             stored = parts.get("weight")
             if stored is None:  # int8 packed four to an int32, stored as signed + 128
@@ -116,9 +131,12 @@ class StoredFormat:
         qw = QuantizedWeight(jnp.asarray(values), jnp.asarray(scales), self.method, self.group_size, (k, n))
         try:
             validate_quantized_weight(qw)
+            if zeros is not None and zeros.shape != scales.shape:
+                raise ValueError(f"zero points {list(zeros.shape)} against scales {list(scales.shape)}")
         except ValueError as error:
             raise ValueError(f"{name}: its stored tensors do not make a {shape} weight ({error})") from None
-        return qw
+        offsets = None if zeros is None else (INT4_OFFSET - zeros).astype(np.float32) * scales
+        return qw, offsets
 
 
 _STORED_DTYPES = {"int8": np.dtype(np.int8), "fp8": np.dtype(ml_dtypes.float8_e4m3fn)}
@@ -141,6 +159,10 @@ class CheckpointQuantization:
     def group_size(self) -> int | None:
         return self.stored.group_size
 
+    @property
+    def zero_points(self) -> bool:
+        return self.stored.zero_points
+
 
 def checkpoint_quantization(hf_config: dict) -> CheckpointQuantization | None:
     """The resolved ``quantization_config`` of a checkpoint's config.json (None: not quantized); a ValueError naming
@@ -153,6 +175,8 @@ def checkpoint_quantization(hf_config: dict) -> CheckpointQuantization | None:
     method = config.get("quant_method")
     if method == "gptq":
         return _gptq(config)
+    if method == "awq":
+        return _awq(config)
     if method == "compressed-tensors":
         return _compressed_tensors(config)
     if method == "fp8":
@@ -170,8 +194,8 @@ def _refuse(setting: str, value, why: str):
 def _gptq(config: dict) -> CheckpointQuantization:
     if config.get("bits") != 4:
         raise _refuse("bits", config.get("bits"), "GPTQ weights are read at 4 bits only")
-    if config.get("sym", True) is not True:
-        raise _refuse("sym", config.get("sym"), "jaxllm's int4 has no zero points")
+    if not isinstance(config.get("sym", True), bool):
+        raise _refuse("sym", config.get("sym"), "it must be true or false")
     if config.get("dynamic"):
         raise _refuse("dynamic", config.get("dynamic"), "per-module GPTQ settings are not read")
     group_size = _group_size(config.get("group_size"), "group_size")
@@ -179,8 +203,23 @@ def _gptq(config: dict) -> CheckpointQuantization:
     if checkpoint_format not in ("gptq", "gptq_v2"):
         raise _refuse("checkpoint_format", checkpoint_format, "GPTQ's gptq and gptq_v2 formats are read")
     offset = 1 if checkpoint_format == "gptq" else 0
-    stored = StoredFormat("gptq", "int4", group_size, gptq_zero_offset=offset)
+    zero_points = not config.get("sym", True)
+    stored = StoredFormat("gptq", "int4", group_size, zero_points=zero_points, gptq_zero_offset=offset)
     return CheckpointQuantization("gptq", stored, lm_head=bool(config.get("lm_head", False)))
+
+
+def _awq(config: dict) -> CheckpointQuantization:
+    bits = config.get("bits", config.get("w_bit"))
+    if bits != 4:
+        raise _refuse("bits", bits, "AWQ weights are read at 4 bits only")
+    version = str(config.get("version", "gemm")).lower()
+    if version != "gemm":
+        raise _refuse("version", config.get("version"), "AWQ's GEMM layout is read (qweight [K, N/8])")
+    if config.get("zero_point", True) is not True:
+        raise _refuse("zero_point", config.get("zero_point"), "AWQ's GEMM layout stores zero points")
+    group_size = _group_size(config.get("group_size", config.get("q_group_size")), "group_size")
+    stored = StoredFormat("awq", "int4", group_size, zero_points=True)
+    return CheckpointQuantization("awq", stored, lm_head=False)  # AutoAWQ leaves lm_head unquantized
 
 
 def _compressed_tensors(config: dict) -> CheckpointQuantization:
@@ -198,12 +237,15 @@ def _compressed_tensors(config: dict) -> CheckpointQuantization:
     weights = group.get("weights") or {}
     layout_name = group.get("format") or config.get("format")
     bits, kind, strategy = weights.get("num_bits"), weights.get("type"), weights.get("strategy")
-    if weights.get("symmetric", True) is not True:
-        raise _refuse("weights.symmetric", weights.get("symmetric"), "jaxllm's schemes have no zero points")
-    if kind == "int" and bits == 4 and strategy == "group" and layout_name == "pack-quantized":
+    symmetric = weights.get("symmetric", True)
+    int4_group = kind == "int" and bits == 4 and strategy == "group" and layout_name == "pack-quantized"
+    if symmetric is not True and not int4_group:
+        raise _refuse("weights.symmetric", symmetric, "zero points are read for int4 groups only")
+    if int4_group:
         if weights.get("actorder") not in (None, "static"):
             raise _refuse("weights.actorder", weights.get("actorder"), "groups are read in order (k // group_size)")
-        stored = StoredFormat("packed", "int4", _group_size(weights.get("group_size"), "weights.group_size"))
+        group_size = _group_size(weights.get("group_size"), "weights.group_size")
+        stored = StoredFormat("packed", "int4", group_size, zero_points=symmetric is not True)
     elif kind == "int" and bits == 8 and strategy in ("channel", "tensor"):
         layout = "packed" if layout_name == "pack-quantized" else "plain"
         stored = StoredFormat(layout, "int8")
@@ -241,6 +283,16 @@ def _group_size(value, setting: str) -> int:
     return value
 
 
+# AWQ packs eight columns to an int32 interleaved: column j of each word sits at nibble _AWQ_NIBBLE_OF_COLUMN[j]
+_AWQ_NIBBLE_OF_COLUMN = (0, 4, 1, 5, 2, 6, 3, 7)
+
+
+def _awq_order(nibbles: np.ndarray) -> np.ndarray:
+    """Columns in order from AWQ's unpacked nibbles ``[rows, N]`` (each word's eight in nibble order)."""
+    rows, n = nibbles.shape
+    return nibbles.reshape(rows, n // 8, 8)[:, :, list(_AWQ_NIBBLE_OF_COLUMN)].reshape(rows, n)
+
+
 def _unpack_int32(packed: np.ndarray, bits: int, axis: int) -> np.ndarray:
     """Unsigned ``bits``-wide values (uint8) from int32 words along ``axis``: value ``i`` of each word at bits
     ``[bits * i, bits * (i + 1))``, so the axis grows ``32 / bits`` times."""
@@ -264,9 +316,9 @@ class StoredLayers:
         suffix = name.rpartition(".")[2]
         return "." in name and self.stored.owns(suffix, array)
 
-    def add(self, name: str, array: np.ndarray, shape: tuple[int, int]) -> tuple[str, QuantizedWeight] | None:
+    def add(self, name: str, array: np.ndarray, shape: tuple[int, int]):
         """Stores one piece of layer ``<layer>.<suffix>`` (``shape`` its weight's ``(K, N)``); returns ``(layer,
-        weight)`` when it completes the layer's required pieces."""
+        weight, offsets)`` (``StoredFormat.to_scheme``'s) when it completes the layer's required pieces."""
         layer, _, suffix = name.rpartition(".")
         if suffix in self.stored.optional:
             self.stored.check_optional(name, suffix, array, shape)
@@ -279,7 +331,7 @@ class StoredLayers:
             return None
         del self._parts[layer]
         self._done.add(layer)
-        return layer, self.stored.to_scheme(layer, parts, shape)
+        return (layer, *self.stored.to_scheme(layer, parts, shape))
 
     def missing(self) -> list[str]:
         """Pieces of layers that got some but not all."""
@@ -291,7 +343,10 @@ class StoredLayers:
         ]
 
 
-def dequantized(qw: QuantizedWeight, dtype) -> np.ndarray:
-    """``qw``'s weight ``[K, N]`` in ``dtype``: for a layer the model keeps unquantized that the checkpoint stores
-    quantized (e.g. a quantized lm_head with ``quantize_lm_head`` off)."""
-    return np.asarray(dequantize_weight(qw, jnp.dtype(dtype)))
+def dequantized(qw: QuantizedWeight, offsets, dtype) -> np.ndarray:
+    """``qw``'s weight ``[K, N]`` (plus its zero-point ``offsets``, if any) in ``dtype``: for a layer the model keeps
+    unquantized that the checkpoint stores quantized (e.g. a quantized lm_head with ``quantize_lm_head`` off)."""
+    weight = np.asarray(dequantize_weight(qw, jnp.float32))
+    if offsets is not None:
+        weight = weight + np.repeat(offsets, qw.group_size, axis=0)
+    return weight.astype(dtype)

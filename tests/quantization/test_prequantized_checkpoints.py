@@ -36,6 +36,8 @@ MODELS, EXPECTED = FIXTURES / "models" / "quantized", FIXTURES / "expected" / "q
 CASES = {
     "qwen2_gptq": ("int4", 32),
     "qwen3_w4a16": ("int4", 32),
+    "qwen2_awq": ("int4", 32),  # zero points
+    "qwen3_w4a16_asym": ("int4", 32),  # zero points
     "llama_w8a8": ("int8", None),
     "llama_fp8": ("fp8", None),
     "mistral_fp8": ("fp8", None),
@@ -51,7 +53,9 @@ def load(model_dir: pathlib.Path):
     source = resolve_model_source(str(model_dir))
     checkpoint = checkpoint_quantization(source.hf_config)
     config = ModelConfig.from_hf_config(source.hf_config)
-    quantization = QuantizationConfig(checkpoint.method, checkpoint.group_size or 128, checkpoint.lm_head)
+    quantization = QuantizationConfig(
+        checkpoint.method, checkpoint.group_size or 128, checkpoint.lm_head, zero_points=checkpoint.zero_points
+    )
     abstract = abstract_model(get_model_class(config.architecture), config, jnp.float32, quantization=quantization)
     return load_weights(abstract, source.tensors(), checkpoint_quantization=checkpoint)
 
@@ -61,6 +65,18 @@ def module_at(model, hf_layer_name: str):
     for part in hf_layer_name.split("."):
         module = module[int(part)] if part.isdigit() else getattr(module, part)
     return module
+
+
+def layer_weight(linear: QuantizedLinear) -> np.ndarray:
+    """The weight ``[K, N]`` (float32) a quantized layer multiplies by: its codes times scales, plus the zero-point
+    offsets of each group where it has them."""
+    qw = QuantizedWeight(
+        linear.values.get_value(), linear.scales.get_value(), linear.method, linear.group_size, linear.shape
+    )
+    weight = np.asarray(dequantize_weight(qw))
+    if linear.offsets is not None:
+        weight = weight + np.repeat(np.asarray(linear.offsets.get_value()), linear.group_size, axis=0)
+    return weight
 
 
 def test_every_fixture_is_a_case():
@@ -76,9 +92,11 @@ def test_each_layer_holds_the_stored_weight_exactly(case):
     for name in names:
         linear = module_at(model, name.removesuffix(".weight"))
         assert isinstance(linear, QuantizedLinear) and (linear.method, linear.group_size) == (method, group_size)
-        qw = QuantizedWeight(linear.values.get_value(), linear.scales.get_value(), method, group_size, linear.shape)
-        np.testing.assert_array_equal(np.asarray(dequantize_weight(qw)), data[f"weight/{name}"].T, err_msg=name)
+        np.testing.assert_array_equal(layer_weight(linear), data[f"weight/{name}"].T, err_msg=name)
     assert isinstance(model.lm_head, Linear)  # every fixture leaves lm_head unquantized
+    assert all(module_at(model, n.removesuffix(".weight")).offsets is not None for n in names) == (
+        case in ("qwen2_awq", "qwen3_w4a16_asym")
+    )
 
 
 # fp8 also rounds each token's activations to e4m3, which is discontinuous: an activation within float32 rounding of
@@ -173,13 +191,16 @@ def with_config(case, **changes) -> dict:
 @pytest.mark.parametrize(
     "case, changes, words",
     [
-        ("qwen2_gptq", {"quant_method": "awq"}, ["quant_method='awq'"]),
+        ("qwen2_gptq", {"quant_method": "bitsandbytes"}, ["quant_method='bitsandbytes'"]),
         ("qwen2_gptq", {"bits": 8}, ["bits=8"]),
-        ("qwen2_gptq", {"sym": False}, ["sym=False", "zero points"]),
+        ("qwen2_gptq", {"sym": "no"}, ["sym='no'"]),
+        ("qwen2_awq", {"version": "gemv"}, ["version='gemv'"]),
+        ("qwen2_awq", {"zero_point": False}, ["zero_point=False"]),
+        ("qwen2_awq", {"bits": 3}, ["bits=3"]),
         ("qwen2_gptq", {"group_size": -1}, ["group_size=-1"]),
         ("qwen2_gptq", {"checkpoint_format": "marlin"}, ["checkpoint_format='marlin'"]),
         ("qwen2_gptq", {"dynamic": {"-:.*down_proj": {}}}, ["dynamic="]),
-        ("qwen3_w4a16", {"config_groups.group_0.weights.symmetric": False}, ["symmetric=False"]),
+        ("llama_w8a8", {"config_groups.group_0.weights.symmetric": False}, ["symmetric=False", "int4 groups"]),
         ("qwen3_w4a16", {"config_groups.group_0.weights.actorder": "group"}, ["actorder='group'"]),
         ("qwen3_w4a16", {"config_groups.group_0.weights.strategy": "channel"}, ["'strategy': 'channel'"]),
         ("qwen3_w4a16", {"config_groups.group_0.targets": ["re:.*q_proj"]}, ["targets"]),
@@ -257,13 +278,14 @@ MESH_CASES = [
     ("qwen2_gptq", dict(tensor_parallel_size=2, pipeline_parallel_size=2)),
     ("llama_w8a8", dict(tensor_parallel_size=2)),
     ("llama_fp8", dict(pipeline_parallel_size=2)),
+    ("qwen2_awq", dict(tensor_parallel_size=2)),
 ]
 
 
 @pytest.mark.parametrize(
     "case, mesh",
     [pytest.param(case, mesh, marks=NEEDS_8_DEVICES) for case, mesh in MESH_CASES],
-    ids=["gptq-tp2", "gptq-tp2-pp2", "w8a8-tp2", "fp8-pp2"],
+    ids=["gptq-tp2", "gptq-tp2-pp2", "w8a8-tp2", "fp8-pp2", "awq-tp2"],
 )
 def test_a_mesh_generates_the_transformers_tokens(case, mesh):
     tokens = greedy_tokens(engine(MODELS / case, **mesh), expected(case))
@@ -276,3 +298,23 @@ def test_dummy_weights_of_a_quantized_config_take_its_scheme():
     q_proj = model.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, QuantizedLinear) and (q_proj.method, q_proj.group_size) == ("int4", 32)
     assert len(greedy_tokens(llm, expected("qwen2_gptq"))[0]) == GREEDY.max_tokens
+
+
+def test_an_asymmetric_gptq_checkpoint_reads_its_zero_points(tmp_path):
+    """qwen2_gptq's zero points all 8 (symmetric) except one layer's, raised by one: with ``sym: false`` that layer
+    multiplies by its weight minus one scale per group."""
+    layer = "model.layers.1.mlp.up_proj"
+
+    def raise_zeros(tensors):
+        tensors[f"{layer}.qzeros"] = tensors[f"{layer}.qzeros"] + 0x11111111  # each 4-bit zero point + 1
+
+    model_dir = edited_copy(tmp_path, "qwen2_gptq", raise_zeros)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["quantization_config"]["sym"] = False
+    (model_dir / "config.json").write_text(json.dumps(config))
+    model, data = load(model_dir), expected("qwen2_gptq")
+    scales = np.asarray(module_at(model, layer).scales.get_value())  # [K/g, N]
+    expected_weight = data[f"weight/{layer}.weight"].T - np.repeat(scales, 32, axis=0)
+    np.testing.assert_array_equal(layer_weight(module_at(model, layer)), expected_weight)
+    other = "model.layers.0.self_attn.q_proj"
+    np.testing.assert_array_equal(layer_weight(module_at(model, other)), data[f"weight/{other}.weight"].T)
