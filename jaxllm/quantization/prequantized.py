@@ -1,14 +1,17 @@
-"""Checkpoints that arrive quantized (GPTQ, compressed-tensors, fp8): which scheme of ``schemes`` a checkpoint's
-``quantization_config`` maps onto, and each linear layer's stored tensors turned into that scheme's ``values`` and
-``scales`` with no second rounding: the weights the matmul sees are the checkpoint's, bit for bit.
+"""Checkpoints that arrive quantized (GPTQ, AWQ, compressed-tensors, fp8): which scheme of ``schemes`` a
+checkpoint's ``quantization_config`` maps onto, and each linear layer's stored tensors turned into that scheme's
+``values`` and ``scales`` (and zero-point ``offsets``) with no second rounding: the weights the matmul sees are the
+checkpoint's, bit for bit.
 
 =========================================== ========================================================== ========
 ``quantization_config``                     stored per linear layer (``W [K, N]``, torch's ``[N, K]``)  scheme
 =========================================== ========================================================== ========
-``gptq``: bits 4, sym                       ``qweight`` int32 ``[K/8, N]``, ``scales`` f16 ``[K/g, N]``, int4
-                                            ``qzeros`` int32 ``[K/g, N/8]`` (all 8), ``g_idx``
+``gptq``: bits 4 (``sym`` or not)           ``qweight`` int32 ``[K/8, N]``, ``scales`` f16 ``[K/g, N]``, int4
+                                            ``qzeros`` int32 ``[K/g, N/8]``, ``g_idx``
+``awq``: bits 4, ``version`` gemm           ``qweight`` int32 ``[K, N/8]`` (interleaved), ``qzeros``    int4
+                                            ``[K/g, N/8]``, ``scales`` f16 ``[K/g, N]``
 ``compressed-tensors``: int 4, group,       ``weight_packed`` int32 ``[N, K/8]``, ``weight_scale``      int4
-symmetric, ``pack-quantized``               ``[N, K/g]``, ``weight_shape``
+``pack-quantized``                          ``[N, K/g]``, ``weight_zero_point`` (asymmetric), ``weight_shape``
 ``compressed-tensors``: int 8, channel or   ``weight`` int8 ``[N, K]`` (or ``weight_packed`` int32       int8
 tensor, symmetric                           ``[N, K/4]``), ``weight_scale`` ``[N, 1]`` / ``[1]``
 ``compressed-tensors``: float 8, channel    ``weight`` float8_e4m3fn ``[N, K]``, ``weight_scale``        fp8
@@ -17,15 +20,17 @@ or tensor                                   ``[N, 1]`` / ``[1]``, ``input_scale`
                                             ``input_scale``
 =========================================== ========================================================== ========
 
-Packed ints hold ``32 / bits`` values per int32, value ``i`` at bits ``[bits * i, bits * (i + 1))``, each stored as
-the signed value plus ``2 ** (bits - 1)`` (GPTQ's zero point 8 means the same offset; its v1 format stores zero points
-minus one). What jaxllm computes differently from the checkpoint's own runtime: activations are never quantized by a
-stored ``input_scale`` (the fp8 scheme scales each token's activations itself; int8 is weight-only here, so a W8A8
+Packed ints hold ``32 / bits`` values per int32, value ``i`` at bits ``[bits * i, bits * (i + 1))`` (AWQ interleaves
+each word's eight columns), unsigned: the signed value plus ``2 ** (bits - 1)``, or a code whose zero point is stored
+beside it (GPTQ's v1 format stores zero points minus one). Zero points become ``QuantizationConfig.zero_points``'
+per-group offsets, ``(8 - zero) * scale``, so ``W = (code - 8) * scale + offset`` (``jaxllm.models.layers``). What
+jaxllm computes differently from the checkpoint's own runtime: activations are never quantized by a stored
+``input_scale`` (the fp8 scheme scales each token's activations itself; int8 is weight-only here, so a W8A8
 checkpoint runs as W8A16).
 
-Refused, with a ``ValueError`` naming the setting: zero points (AWQ, GPTQ ``sym=False``, asymmetric compressed
-tensors), other bit widths, activation order (a ``g_idx`` other than ``k // g``), block-wise fp8
-(``weight_block_size``), per-module overrides and several compressed-tensors groups. Imports no kernels.
+Refused, with a ``ValueError`` naming the setting: other bit widths, zero points outside int4, activation order (a
+``g_idx`` other than ``k // g``), per-channel int4, block-wise fp8 (``weight_block_size``), per-module overrides and
+several compressed-tensors groups. Imports no kernels.
 """
 
 from __future__ import annotations

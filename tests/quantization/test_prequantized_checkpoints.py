@@ -136,7 +136,7 @@ def greedy_tokens(llm, data):
     return np.array([o.outputs[0].token_ids for o in outputs])
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", ["qwen2_gptq", "qwen2_awq", "llama_fp8"])  # one per kind of scheme
 def test_llm_reads_the_checkpoint_quantization_and_generates_transformers_tokens(case):
     llm = engine(MODELS / case)
     config = llm.llm_engine.config
@@ -318,3 +318,14 @@ def test_an_asymmetric_gptq_checkpoint_reads_its_zero_points(tmp_path):
     np.testing.assert_array_equal(layer_weight(module_at(model, layer)), expected_weight)
     other = "model.layers.0.self_attn.q_proj"
     np.testing.assert_array_equal(layer_weight(module_at(model, other)), data[f"weight/{other}.weight"].T)
+
+
+def test_quantized_weights_path_keeps_the_zero_points(tmp_path):
+    saved = tmp_path / "awq-orbax"
+    first = engine(MODELS / "qwen2_awq", quantization="awq", quantized_weights_path=str(saved))
+    tokens = greedy_tokens(first, expected("qwen2_awq"))
+    del first
+    assert json.loads((saved / "quantization.json").read_text())["zero_points"] is True
+    restored = engine(MODELS / "qwen2_awq", quantization="awq", quantized_weights_path=str(saved))
+    np.testing.assert_array_equal(greedy_tokens(restored, expected("qwen2_awq")), tokens)
+    np.testing.assert_array_equal(tokens, expected("qwen2_awq")["greedy_token_ids"])
