@@ -1,7 +1,7 @@
 """Checkpoints that arrive quantized (GPTQ, AWQ, compressed-tensors, fp8): which scheme of ``schemes`` a
 checkpoint's ``quantization_config`` maps onto, and each linear layer's stored tensors turned into that scheme's
 ``values`` and ``scales`` (and zero-point ``offsets``) with no second rounding: the weights the matmul sees are the
-checkpoint's, bit for bit.
+checkpoint's, bit for bit (block-scaled fp8 excepted, below).
 
 =========================================== ========================================================== ========
 ``quantization_config``                     stored per linear layer (``W [K, N]``, torch's ``[N, K]``)  scheme
@@ -18,6 +18,8 @@ tensor, symmetric                           ``[N, K/4]``), ``weight_scale`` ``[N
 or tensor                                   ``[N, 1]`` / ``[1]``, ``input_scale``
 ``fp8`` without ``weight_block_size``       ``weight`` float8_e4m3fn ``[N, K]``, ``weight_scale`` ``[]``, fp8
                                             ``input_scale``
+``fp8`` with ``weight_block_size`` [r, c]   ``weight`` float8_e4m3fn ``[N, K]``, ``weight_scale_inv``      fp8, re-
+                                            ``[N/r, K/c]``                                             rounded
 =========================================== ========================================================== ========
 
 Packed ints hold ``32 / bits`` values per int32, value ``i`` at bits ``[bits * i, bits * (i + 1))`` (AWQ interleaves
@@ -26,11 +28,12 @@ beside it (GPTQ's v1 format stores zero points minus one). Zero points become ``
 per-group offsets, ``(8 - zero) * scale``, so ``W = (code - 8) * scale + offset`` (``jaxllm.models.layers``). What
 jaxllm computes differently from the checkpoint's own runtime: activations are never quantized by a stored
 ``input_scale`` (the fp8 scheme scales each token's activations itself; int8 is weight-only here, so a W8A8
-checkpoint runs as W8A16).
+checkpoint runs as W8A16); block-scaled fp8 (``weight_block_size``, e.g. Qwen3's and DeepSeek's FP8 checkpoints) is
+rounded to e4m3 a second time, at one scale per output row, since the fp8 scheme has no block scales.
 
 Refused, with a ``ValueError`` naming the setting: other bit widths, zero points outside int4, activation order (a
-``g_idx`` other than ``k // g``), per-channel int4, block-wise fp8 (``weight_block_size``), per-module overrides and
-several compressed-tensors groups. Imports no kernels.
+``g_idx`` other than ``k // g``), per-channel int4, per-module overrides and several compressed-tensors groups.
+Imports no kernels.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from jaxllm.quantization.schemes import (
     QuantizedWeight,
     dequantize_weight,
     pack_int4,
+    quantize_weight,
     validate_quantized_weight,
 )
 
@@ -64,11 +68,15 @@ class StoredFormat:
     group_size: int | None = None  # int4
     zero_points: bool = False  # int4 stored with zero points (read as offsets; QuantizationConfig.zero_points)
     gptq_zero_offset: int = 1  # GPTQ's v1 format stores zero points minus one; gptq_v2 as they are
+    # fp8 with one scale per block of [rows, columns] of torch's [N, K] (``weight_scale_inv``): re-quantized per row
+    fp8_block: tuple[int, int] | None = None
 
     @property
     def required(self) -> tuple[str, ...]:
         if self.layout in ("gptq", "awq"):
             return ("qweight", "scales", "qzeros") if self.zero_points else ("qweight", "scales")
+        if self.fp8_block is not None:
+            return ("weight", "weight_scale_inv")
         first = "weight_packed" if self.layout == "packed" else "weight"
         return (first, "weight_scale", "weight_zero_point") if self.zero_points else (first, "weight_scale")
 
@@ -125,6 +133,8 @@ class StoredFormat:
             values, scales = pack_int4(codes[:, :k].T, self.group_size), parts["weight_scale"].T
             if self.zero_points:  # signed zero points + 8, packed along N
                 zeros = _unpack_int32(parts["weight_zero_point"], 4, axis=0)[:n].T.astype(np.int32)
+        elif self.fp8_block is not None:
+            return _requantized_fp8_blocks(name, parts, shape, self.fp8_block), None
         else:
             stored = parts.get("weight")
             if stored is None:  # int8 packed four to an int32, stored as signed + 128
@@ -142,6 +152,23 @@ class StoredFormat:
             raise ValueError(f"{name}: its stored tensors do not make a {shape} weight ({error})") from None
         offsets = None if zeros is None else (INT4_OFFSET - zeros).astype(np.float32) * scales
         return qw, offsets
+
+
+def _requantized_fp8_blocks(name: str, parts, shape: tuple[int, int], block: tuple[int, int]) -> QuantizedWeight:
+    """A block-scaled fp8 weight (``W[n, k] = weight[n, k] * weight_scale_inv[n // rows, k // columns]``) as
+    jaxllm's fp8 scheme, one scale per output row: dequantized to float32 and rounded to e4m3 again, which moves each
+    value by at most half an e4m3 step at its row's scale."""
+    k, n = shape
+    rows, columns = block
+    scales = np.asarray(parts["weight_scale_inv"], np.float32)
+    if scales.shape != (-(-n // rows), -(-k // columns)):
+        raise ValueError(
+            f"{name}.weight_scale_inv has shape {list(scales.shape)}, blocks of {block} of [{n}, {k}] need "
+            f"[{-(-n // rows)}, {-(-k // columns)}]"
+        )
+    expanded = np.repeat(np.repeat(scales, rows, axis=0)[:n], columns, axis=1)[:, :k]  # [N, K]
+    weight = parts["weight"].astype(np.float32) * expanded  # [N, K]
+    return quantize_weight(jnp.asarray(weight.T), "fp8")
 
 
 _STORED_DTYPES = {"int8": np.dtype(np.int8), "fp8": np.dtype(ml_dtypes.float8_e4m3fn)}
@@ -267,13 +294,15 @@ def _compressed_tensors(config: dict) -> CheckpointQuantization:
 
 
 def _fp8(config: dict) -> CheckpointQuantization:
-    if config.get("weight_block_size"):
-        raise _refuse(
-            "weight_block_size", config.get("weight_block_size"), "fp8 weights are read with one scale per output"
-        )
+    block = config.get("weight_block_size")
+    if block is not None and not (
+        isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)
+    ):
+        raise _refuse("weight_block_size", block, "it must be [rows, columns] of positive ints")
     ignored = list(config.get("ignored_layers") or []) + list(config.get("modules_to_not_convert") or [])
     lm_head = bool(ignored) and not any(_names_lm_head(entry) for entry in ignored)
-    return CheckpointQuantization("fp8", StoredFormat("plain", "fp8"), lm_head=lm_head)
+    stored = StoredFormat("plain", "fp8", fp8_block=None if block is None else tuple(block))
+    return CheckpointQuantization("fp8", stored, lm_head=lm_head)
 
 
 def _names_lm_head(entry: str) -> bool:
