@@ -6,6 +6,7 @@ Every parameter carries ``logical_axes`` metadata; ``sharding/`` maps those name
 from __future__ import annotations
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -178,9 +179,12 @@ def _local_products(rows, *arrays, method, group_size, impl, out_dtype, num_laye
     if not offsets:
         return products
     group_sums = rows.astype(jnp.float32).reshape(rows.shape[0], k // group_size, group_size).sum(-1)  # [M, K/g]
+    # one dot for all the layers sharing rows (q/k/v, gate/up), split after
+    corrections = jnp.dot(group_sums, jnp.concatenate(offsets, axis=1), precision=jax.lax.Precision.HIGHEST)
+    ends = list(itertools.accumulate(o.shape[1] for o in offsets))
     return tuple(
-        (y.astype(jnp.float32) + jnp.dot(group_sums, o, precision=jax.lax.Precision.HIGHEST)).astype(out_dtype)
-        for y, o in zip(products, offsets, strict=True)
+        (y.astype(jnp.float32) + corrections[:, end - o.shape[1] : end]).astype(out_dtype)
+        for y, o, end in zip(products, offsets, ends, strict=True)
     )
 
 

@@ -11,6 +11,7 @@ import json
 import pathlib
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -111,6 +112,9 @@ def test_each_layer_holds_the_stored_weight_exactly(case):
 # logit); every other position within 1e-5, and llama_fp8 all within 1.4e-5. So fp8 is held to float32 parity at the
 # median position and to a bound on what a flipped rounding moves elsewhere.
 FP8_FLIP_BOUND = 0.05  # of the largest |logit|
+# On a GPU float32 products run at the GPU's default precision: the GPU parity tests' float32 bound there
+# (tests/gpu/test_gpu_parity.py); measured 3.9e-3 to 5.2e-3 on an H200 (every case, the median position too).
+LOGITS_BOUND = 2e-2 if jax.default_backend() == "gpu" else MAX_ABS_ERROR_F32
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -127,12 +131,10 @@ def test_logits_match_transformers_on_the_dequantized_weights(case):
             bound = FP8_FLIP_BOUND * np.abs(reference).max()
             assert position_errors.max() < bound, f"{case} prompt {i}: max abs error {position_errors.max():.2e}"
         else:
-            assert position_errors.max() < MAX_ABS_ERROR_F32, (
-                f"{case} prompt {i}: max abs error {position_errors.max():.2e}"
-            )
+            assert position_errors.max() < LOGITS_BOUND, f"{case} prompt {i}: max abs error {position_errors.max():.2e}"
         errors.append(position_errors)
     if case not in REROUNDED:
-        assert np.median(np.concatenate(errors)) < MAX_ABS_ERROR_F32
+        assert np.median(np.concatenate(errors)) < LOGITS_BOUND
 
 
 def test_block_scaled_fp8_is_rounded_once_more_per_row():
