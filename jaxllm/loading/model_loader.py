@@ -7,7 +7,8 @@ weight quantized as it arrives, so no full-precision copy of the whole model eve
 quantized dummy weights of the same model unquantized. A mixture of experts' checkpoint holds one tensor per expert
 (``...experts.{e}.gate_proj.weight``); the model stacks them (``[E, in, out]``), so each stack is assembled on the
 host and placed once its last expert arrives (one layer's projection at a time, not the whole model). A checkpoint
-stored quantized (GPTQ, AWQ, compressed-tensors, fp8) has each layer's pieces gathered the same way and placed as they are.
+stored quantized (GPTQ, AWQ, compressed-tensors, fp8) has each layer's pieces gathered the same way and placed as
+they are.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ from jaxllm.quantization.schemes import (
     validate_quantized_weight,
 )
 
-SUPPORTED = "gptq / awq (4-bit), compressed-tensors (int4 group, symmetric int8 / fp8) or fp8 (per tensor)"
+SUPPORTED = "gptq / awq (4-bit), compressed-tensors (int4 group, symmetric int8 / fp8) or fp8 (per tensor or block)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +161,8 @@ def _requantized_fp8_blocks(name: str, parts, shape: tuple[int, int], block: tup
     k, n = shape
     rows, columns = block
     scales = np.asarray(parts["weight_scale_inv"], np.float32)
+    if parts["weight"].shape != (n, k):
+        raise ValueError(f"{name}.weight has shape {list(parts['weight'].shape)}, the model's layer is [{n}, {k}]")
     if scales.shape != (-(-n // rows), -(-k // columns)):
         raise ValueError(
             f"{name}.weight_scale_inv has shape {list(scales.shape)}, blocks of {block} of [{n}, {k}] need "
