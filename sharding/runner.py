@@ -46,6 +46,7 @@ from jax.sharding import Mesh
 from jaxllm.config import ResolvedConfig
 from jaxllm.core.step_io import ModelRunnerOutput, PromptLogprobs, SampledLogprobs, SchedulerOutput
 from jaxllm.runner import prompt_logprobs
+from jaxllm.runner.host_block_table import HostBlockTable
 from jaxllm.runner.model_runner import InFlightStep, sampler_variants
 from jaxllm.runner.parallel_compile import compile_concurrently, compile_threads
 from jaxllm.runner.step_batch import StepBatch, pack_step_batch
@@ -177,6 +178,7 @@ class PipelineRunner:
             raise ValueError(f"num_microbatches must be at least 1, got {self.num_microbatches}")
         self.build_head_args = build_head_args or SamplerHeadArgs(seed)
         self.num_steps = 0
+        self._host_block_table = HostBlockTable(config.max_blocks_per_request, 2 * max_rows)
         self.kv_dtype = kv_dtype
         self.pipeline.allocate_kv_cache(config.num_blocks, config.block_size, kv_dtype)
         self.last_results: dict[str, np.ndarray] | None = None
@@ -199,7 +201,9 @@ class PipelineRunner:
         """Launches a step's microbatches through the stages without waiting; ``prev``, the step in flight, supplies
         its pending tokens (``sharding.pending``)."""
         scheduled = scheduler_output.scheduled
-        batch = pack_step_batch(scheduler_output, self.config, None if prev is None else prev.rows)
+        batch = pack_step_batch(
+            scheduler_output, self.config, None if prev is None else prev.rows, self._host_block_table
+        )
         microbatches = split_step_batch(batch, self.num_microbatches, self.config)
         rows_per_result = self.pipeline.pending_rows
         feeds = [plan_feed(mb.batch.prev_index, rows_per_result) for mb in microbatches]
@@ -270,6 +274,9 @@ class PipelineRunner:
 
     def resize_kv_cache(self, config: ResolvedConfig) -> None:
         self.config = config
+        self._host_block_table = HostBlockTable(
+            config.max_blocks_per_request, 2 * config.request_rows_for(config.token_buckets[-1])
+        )
         self.pipeline.allocate_kv_cache(config.num_blocks, config.block_size, self.kv_dtype)
 
     # Sleep mode (jaxllm.engine.sleep_mode), as ModelRunner's: the pipeline's stages hold the arrays.

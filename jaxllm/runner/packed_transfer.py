@@ -7,7 +7,8 @@ their fixed costs add up to milliseconds of host time per step. ``pack`` lays ev
 dtype, shape and byte offset. The layout is hashable and is passed to the jitted program as a static argument;
 ``unpack`` slices and bitcasts the buffer back into the same pytree inside the program (a few fused slices).
 ``place`` copies several programs' packed buffers in one ``jax.device_put`` call (one call's host overhead per step,
-not one per program).
+not one per program): a mesh's runner places them on its stages' devices that way. The one-device runner skips it and
+passes the numpy buffers to its jitted calls, whose C++ path copies them for a tenth of the host time.
 """
 
 from __future__ import annotations

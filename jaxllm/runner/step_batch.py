@@ -19,6 +19,7 @@ import numpy as np
 from jaxllm.config import ResolvedConfig
 from jaxllm.core.step_io import SchedulerOutput
 from jaxllm.models.attention_metadata import AttentionMetadata
+from jaxllm.runner.host_block_table import HostBlockTable
 
 
 @dataclasses.dataclass
@@ -67,9 +68,13 @@ def token_bucket_for(config: ResolvedConfig, num_tokens: int) -> int:
 
 
 def pack_step_batch(
-    scheduler_output: SchedulerOutput, config: ResolvedConfig, prev_rows: dict[str, int] | None = None
+    scheduler_output: SchedulerOutput,
+    config: ResolvedConfig,
+    prev_rows: dict[str, int] | None = None,
+    block_table: HostBlockTable | None = None,
 ) -> StepBatch:
-    """``prev_rows`` (request id -> row in the previous step) locates pending tokens; None when none can be."""
+    """``prev_rows`` (request id -> row in the previous step) locates pending tokens; None when none can be.
+    ``block_table``: the runner's rows of block ids kept between steps (None: built from the requests' lists)."""
     scheduled = scheduler_output.scheduled
     num_requests, block_size = len(scheduled), config.block_size
     num_tokens = sum(s.num_scheduled_tokens for s in scheduled)
@@ -85,9 +90,12 @@ def pack_step_batch(
     seq_lens[:num_requests] = starts + counts
 
     block_tables = np.zeros((rows, config.max_blocks_per_request), np.int32)
-    for row, s in enumerate(scheduled):
-        block_ids = s.request.block_ids
-        block_tables[row, : len(block_ids)] = block_ids
+    if block_table is not None:
+        block_table.gather([s.request for s in scheduled], block_tables)
+    else:
+        for row, s in enumerate(scheduled):
+            block_ids = s.request.block_ids
+            block_tables[row, : len(block_ids)] = block_ids
 
     input_ids = np.zeros(token_bucket, np.int32)
     prev_index = None
