@@ -78,6 +78,9 @@ class Request:
         self.needs_host_outputs = needs_output_history(self.bad_words_token_ids) or structured_output is not None
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
+        # Prompt plus the most output tokens it may get (max_tokens, capped at max_model_len); set by the scheduler
+        # that accepts it (``Scheduler.add_request``), read every step.
+        self.token_limit: int | None = None
         # Tokens sampled by dispatched steps whose ids have not reached the host yet (async scheduling): the
         # scheduler counts them as known when it schedules ahead; each is appended when its step's output arrives.
         self.num_pending_tokens = 0

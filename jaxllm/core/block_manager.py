@@ -133,6 +133,11 @@ class BlockManager:
         ``computed_blocks`` (from ``get_computed_blocks``) is only for a request that holds no blocks yet; they are
         shared by reference. Returns False, changing nothing, when too few blocks are free.
         """
+        if (
+            not computed_blocks
+            and request.num_computed_tokens + num_new_tokens <= len(request.block_ids) * self.block_size
+        ):
+            return True  # the common decode step: the last block has room
         if computed_blocks and (request.block_ids or request.num_computed_tokens):
             raise ValueError(
                 f"computed_blocks given for request {request.request_id!r} that already holds "
@@ -141,7 +146,7 @@ class BlockManager:
         num_tokens = request.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
         num_held = len(request.block_ids) + len(computed_blocks)
         num_needed = max(cdiv(num_tokens, self.block_size) - num_held, 0)
-        if not num_needed and not computed_blocks:  # the common decode step: the last block has room
+        if not num_needed and not computed_blocks:
             return True
         num_revived = sum(1 for block_id in computed_blocks if self.ref_counts[block_id] == 0)
         if num_needed + num_revived > self.num_free_blocks:

@@ -36,29 +36,28 @@ def max_total_tokens(request: Request, max_model_len: int) -> int:
     return min(request.num_prompt_tokens + request.max_tokens, max_model_len)
 
 
-def check_stop(request: Request, max_model_len: int) -> RequestStatus | None:
+def check_stop(request: Request) -> RequestStatus | None:
     """Finish status after the request's newest token, or None to continue. Sets ``request.stop_reason``.
 
-    Order: EOS (unless ignore_eos), stop token ids (both only once ``num_output_tokens >= min_tokens``), then
-    ``max_tokens``, then ``max_model_len``. A request whose grammar (structured outputs) saw a token outside it stops
-    at once (its grammar then allows only EOS, which ``min_tokens`` or ``ignore_eos`` may hold back).
+    Order: EOS (unless ignore_eos), stop token ids (both only once ``num_output_tokens >= min_tokens``), then the
+    request's token limit (``max_tokens``, or ``max_model_len``: ``Request.token_limit``). A request whose grammar
+    (structured outputs) saw a token outside it stops at once (its grammar then allows only EOS, which ``min_tokens``
+    or ``ignore_eos`` may hold back).
     """
     params = request.sampling_params
-    num_output_tokens = request.num_output_tokens
+    token_ids = request.all_token_ids
     if request.structured_output is not None and request.structured_output.failed:
         request.stop_reason = None
         return RequestStatus.FINISHED_STOPPED
-    if num_output_tokens >= params.min_tokens:
-        token_id = request.all_token_ids[-1]
+    if len(token_ids) - len(request.prompt_token_ids) >= params.min_tokens:
+        token_id = token_ids[-1]
         if token_id in request.eos_token_ids and not params.ignore_eos:
             request.stop_reason = None
             return RequestStatus.FINISHED_STOPPED
         if token_id in params.stop_token_ids:
             request.stop_reason = token_id
             return RequestStatus.FINISHED_STOPPED
-    if params.max_tokens is not None and num_output_tokens >= params.max_tokens:
-        return RequestStatus.FINISHED_LENGTH
-    if request.num_tokens >= max_model_len:
+    if len(token_ids) >= request.token_limit:
         return RequestStatus.FINISHED_LENGTH
     return None
 
@@ -111,6 +110,7 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         """Queue a new request at the back of the waiting queue. Raises ValueError if it can never run."""
         self.validate_request(request)
+        request.token_limit = max_total_tokens(request, self.config.max_model_len)
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         self.waiting.append(request)
@@ -180,11 +180,10 @@ class Scheduler:
             index += 1
         return budget
 
-    def _stops_by_length_when_pending_lands(self, request: Request) -> bool:
+    @staticmethod
+    def _stops_by_length_when_pending_lands(request: Request) -> bool:
         """True when tokens pending on the device already bring the request to its last allowed token."""
-        return bool(request.num_pending_tokens) and request.num_tokens_with_pending >= max_total_tokens(
-            request, self.config.max_model_len
-        )
+        return bool(request.num_pending_tokens) and request.num_tokens_with_pending >= request.token_limit
 
     @staticmethod
     def _scheduled(request: Request, start: int, num_new: int) -> ScheduledRequest:
@@ -286,7 +285,7 @@ class Scheduler:
         logprobs = runner_output.logprobs.get(rid)
         if logprobs is not None:
             self._record_logprobs(request, token_id, logprobs)
-        status = check_stop(request, self.config.max_model_len)
+        status = check_stop(request)
         if status is not None:
             self._finish(request, status)
         return EngineCoreOutput(

@@ -11,7 +11,9 @@ import dataclasses
 from jaxllm.request import Request
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(
+    slots=True
+)  # read-only by convention: a frozen dataclass is built 4x slower, one per request a step
 class ScheduledRequest:
     """One request's share of a step: tokens ``[num_computed_tokens, num_computed_tokens + num_scheduled_tokens)``.
 
