@@ -146,8 +146,6 @@ class BlockManager:
         num_tokens = request.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
         num_held = len(request.block_ids) + len(computed_blocks)
         num_needed = max(cdiv(num_tokens, self.block_size) - num_held, 0)
-        if not num_needed and not computed_blocks:
-            return True
         num_revived = sum(1 for block_id in computed_blocks if self.ref_counts[block_id] == 0)
         if num_needed + num_revived > self.num_free_blocks:
             return False
