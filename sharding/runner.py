@@ -35,9 +35,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-import weakref
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import jax
 import numpy as np
@@ -47,6 +45,7 @@ from jaxllm.config import ResolvedConfig
 from jaxllm.core.step_io import ModelRunnerOutput, PromptLogprobs, SampledLogprobs, SchedulerOutput
 from jaxllm.runner import prompt_logprobs
 from jaxllm.runner.host_block_table import HostBlockTable
+from jaxllm.runner.launch_thread import LaunchedResult, resolved, start_launch_thread
 from jaxllm.runner.model_runner import InFlightStep, sampler_variants
 from jaxllm.runner.parallel_compile import compile_concurrently, compile_threads
 from jaxllm.runner.step_batch import StepBatch, pack_step_batch
@@ -107,25 +106,6 @@ class MeshStep(InFlightStep):
     microbatches: list[Microbatch] = dataclasses.field(default_factory=list)
 
 
-class LaunchedResult:
-    """A step's head results while its launch runs on the worker thread: ``get()`` waits for the launch and returns
-    the results (one dict of device arrays per microbatch); ``block_until_ready()`` (what ``jax.block_until_ready``
-    calls on a leaf) also waits for the device."""
-
-    def __init__(self, future: Future):
-        self._future = future
-
-    def get(self) -> list[dict]:
-        return self._future.result()
-
-    def block_until_ready(self):
-        return jax.block_until_ready(self.get())
-
-
-def _resolved(result) -> list[dict]:
-    return result.get() if isinstance(result, LaunchedResult) else result
-
-
 def padding_batch(num_tokens: int, num_rows: int, max_blocks: int) -> StepBatch:
     """A batch of padding only (every token writes the null block, every row has seq_len 0), for compiling."""
     tokens, rows = np.zeros(num_tokens, np.int32), np.zeros(num_rows, np.int32)
@@ -182,12 +162,9 @@ class PipelineRunner:
         self.kv_dtype = kv_dtype
         self.pipeline.allocate_kv_cache(config.num_blocks, config.block_size, kv_dtype)
         self.last_results: dict[str, np.ndarray] | None = None
-        self._launcher = ThreadPoolExecutor(1, thread_name_prefix="jaxllm-launch") if launch_thread else None
-        if self._launcher is not None:
-            # When the runner is freed, its launches and releases finish and the thread ends before its buffers go:
-            # a dropped engine frees its device memory at `del` and leaves no thread behind. (Work queued on the
-            # thread holds the pipeline, never the runner, so the runner is never freed on that thread.)
-            weakref.finalize(self, self._launcher.shutdown, wait=True)
+        # Launches hold the pipeline, never the runner (jaxllm.runner.launch_thread): a dropped engine frees its
+        # device memory at `del`, after its queued launches, and leaves no thread behind.
+        self._launcher = start_launch_thread(self) if launch_thread else None
 
     @property
     def num_traces(self) -> int:
@@ -228,7 +205,7 @@ class PipelineRunner:
         pipeline = self.pipeline  # (not self: see __init__)
 
         def launch() -> list[dict]:
-            prev_results = None if prev_result is None else _resolved(prev_result)  # in flight: still on the device
+            prev_results = None if prev_result is None else resolved(prev_result)  # in flight: still on the device
             pending = [fed_tokens(feed, prev_results) for feed in feeds]
             results = pipeline.launch(calls, pending)
             for result in results:
@@ -243,7 +220,7 @@ class PipelineRunner:
 
     def collect(self, step: MeshStep) -> ModelRunnerOutput:
         """Waits for a dispatched step and returns its sampled tokens (and logprobs where asked)."""
-        results = _resolved(step.result)
+        results = resolved(step.result)
         wanted = results
         if not step.scheduler_output.wants_logprobs:  # no logprob transfers
             wanted = [{key: value for key, value in r.items() if key not in LOGPROB_FIELDS} for r in results]

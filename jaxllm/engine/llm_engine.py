@@ -35,6 +35,7 @@ from jaxllm.output_processor import OutputProcessor, make_child_requests
 from jaxllm.outputs import RequestOutput
 from jaxllm.request import RequestStatus
 from jaxllm.runner.kv_cache import resolve_kv_cache_dtype
+from jaxllm.runner.launch_thread import launch_thread_enabled
 from jaxllm.runner.model_runner import ModelRunner
 from jaxllm.runner.xla_options import StepCompilerOptions, check_compiler_options
 from jaxllm.sampling_params import SamplingParams
@@ -123,7 +124,12 @@ class LLMEngine:
     def _runner_options(self) -> dict:
         """The one-device runner's keyword arguments from the engine's config."""
         config = self.config
-        return {"seed": config.seed, "compiler_options": self.compiler_options, "logprobs_mode": config.logprobs_mode}
+        return {
+            "seed": config.seed,
+            "compiler_options": self.compiler_options,
+            "logprobs_mode": config.logprobs_mode,
+            "launch_thread": launch_thread_enabled(jax.default_backend()),
+        }
 
     def _build_runner(self, model) -> tuple[ModelRunner, object]:
         """Sizes the KV cache: on an accelerator from memory free after weights, less the largest step's temporaries."""

@@ -19,6 +19,7 @@ from jaxllm.argument_checks import check_positive_int
 from jaxllm.beam_search import BeamSearchOutput, beam_search
 from jaxllm.config import EngineConfig
 from jaxllm.engine.chat import chat_prompts
+from jaxllm.engine.gc_freeze import objects_before_frozen
 from jaxllm.engine.llm_engine import LLMEngine
 from jaxllm.engine.profiler import EngineProfiler
 from jaxllm.engine.prompts import as_prompt_list
@@ -223,11 +224,12 @@ class LLM:
     def _run_engine(self, request_ids: list[str], use_tqdm: bool | Callable) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
         progress = _Progress(len(request_ids), use_tqdm)
-        while self.llm_engine.has_unfinished_requests():
-            for output in self.llm_engine.step():
-                if output.finished:
-                    finished[output.request_id] = output
-                    progress.update(output)
+        with objects_before_frozen():  # full collections walk only the run's objects (jaxllm.engine.gc_freeze)
+            while self.llm_engine.has_unfinished_requests():
+                for output in self.llm_engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+                        progress.update(output)
         progress.close()
         return [finished[request_id] for request_id in request_ids]
 

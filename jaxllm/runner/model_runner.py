@@ -39,6 +39,7 @@ from jaxllm.models.attention_metadata import AttentionMetadata
 from jaxllm.runner.flat_state import FlatState
 from jaxllm.runner.host_block_table import HostBlockTable
 from jaxllm.runner.kv_cache import allocate_kv_cache, kv_cache_shapes
+from jaxllm.runner.launch_thread import LaunchedResult, resolved, start_launch_thread
 from jaxllm.runner.packed_transfer import Packed, PackedLayout, unpack
 from jaxllm.runner.parallel_compile import compile_concurrently, compile_threads
 from jaxllm.runner.prompt_logprobs import (
@@ -66,9 +67,34 @@ class InFlightStep:
     """A dispatched step: what was scheduled, its sampler output (device arrays), each request's row in it."""
 
     scheduler_output: SchedulerOutput
-    result: object  # SamplerOutput of device arrays; token_ids padded to the runner's max rows
+    # ModelRunner: (SamplerOutput, PromptLogprobArrays or None) of device arrays, token_ids padded to the runner's
+    # max rows; or the launch thread's LaunchedResult of that pair (jaxllm.runner.launch_thread)
+    result: object
     rows: dict[str, int]
-    prompt_logprobs: object = None  # PromptLogprobArrays of device arrays when the step computed them
+
+
+class KVCacheSlot:
+    """The KV cache's arrays, held apart from the runner: each step's launch replaces them (donated in, returned
+    updated), on the launch thread when there is one, and work on that thread must not hold the runner."""
+
+    __slots__ = ("arrays",)
+
+    def __init__(self, arrays):
+        self.arrays = arrays
+
+
+def launch_step(forward, sample, param_leaves, kv: KVCacheSlot, inputs: tuple, prev: InFlightStep | None, width):
+    """Calls a step's two programs: the forward program (which takes the in-flight step's samples as its pending
+    tokens, on the device) and the sampler; starts the sampled ids' copy to the host. ``inputs``: the packed forward
+    and sampler inputs, and the all-padding pending tokens for a step with none in flight. Holds no runner."""
+    forward_input, sampler_input, no_pending_tokens = inputs
+    prev_token_ids = no_pending_tokens if prev is None else resolved(prev.result)[0].token_ids
+    logits, kv.arrays, *prompt = forward(
+        param_leaves, kv.arrays, forward_input.buffer, prev_token_ids, forward_input.layout, width
+    )
+    result = sample(logits, sampler_input.buffer, prev_token_ids, sampler_input.layout)
+    result.token_ids.copy_to_host_async()
+    return result, (prompt[0] if prompt else None)
 
 
 def feed_pending_tokens(input_ids: jax.Array, prev_index: jax.Array, prev_token_ids: jax.Array) -> jax.Array:
@@ -110,6 +136,7 @@ class ModelRunner:
         kv_sharding=None,
         compiler_options: CompilerOptions = None,
         logprobs_mode: str = "raw_logprobs",
+        launch_thread: bool = False,
     ):
         self.config = config
         self.logprobs_mode = logprobs_mode  # what the sampled tokens' logprobs hold (jaxllm.sampling.sampler)
@@ -118,8 +145,9 @@ class ModelRunner:
         self.flat_params = FlatState.of(params)  # passed as a flat list: see jaxllm.runner.flat_state
         self.kv_dtype = kv_dtype
         self.kv_sharding = kv_sharding
-        self.kv_caches = allocate_kv_cache(
-            self.model_config, config.num_blocks, config.block_size, kv_dtype, kv_sharding
+        self._launcher = start_launch_thread(self) if launch_thread else None  # steps launched on a worker thread
+        self._kv = KVCacheSlot(
+            allocate_kv_cache(self.model_config, config.num_blocks, config.block_size, kv_dtype, kv_sharding)
         )
         self.base_key = jax.random.key(seed)
         self.num_steps = 0
@@ -138,6 +166,22 @@ class ModelRunner:
         self._jitted_sample = jax.jit(
             weakly_bound(self._traced_sample), static_argnums=(3,), compiler_options=sampler_options(compiler_options)
         )
+
+    @property
+    def kv_caches(self):
+        """Each layer's (K, V) cache arrays, once the launches queued so far have run."""
+        self.wait_for_launches()
+        return self._kv.arrays
+
+    @kv_caches.setter
+    def kv_caches(self, arrays) -> None:
+        self.wait_for_launches()
+        self._kv.arrays = arrays
+
+    def wait_for_launches(self) -> None:
+        """Returns once the launch thread (if any) has run every launch queued before this call."""
+        if self._launcher is not None:
+            self._launcher.submit(lambda: None).result()
 
     @property
     def params(self):
@@ -167,27 +211,26 @@ class ModelRunner:
         return self.collect(self.dispatch(scheduler_output))
 
     def dispatch(self, scheduler_output: SchedulerOutput, prev: InFlightStep | None = None) -> InFlightStep:
-        """Packs and launches a step without waiting for it. ``prev``: the in-flight step whose samples are this
-        step's pending tokens (None when no token is pending)."""
+        """Packs and launches a step without waiting for it (on the launch thread when the runner has one).
+        ``prev``: the in-flight step whose samples are this step's pending tokens (None when no token is pending)."""
+        scheduled = scheduler_output.scheduled
         batch = pack_step_batch(
             scheduler_output, self.config, None if prev is None else prev.rows, self._host_block_table
         )
-        requests = [s.request for s in scheduler_output.scheduled]
-        sampling_metadata = self._sampling_builder.build(requests, batch.seq_lens.shape[0])
-        prev_token_ids = self._no_pending_tokens if prev is None else prev.result.token_ids
-        scheduled = scheduler_output.scheduled
+        sampling_metadata = self._sampling_builder.build([s.request for s in scheduled], batch.seq_lens.shape[0])
         width = prompt_logprob_width(scheduled)
         targets = None if width is None else prompt_logprob_targets(scheduled, batch.token_bucket)
-        result, prompt_logprobs = self._run(batch, sampling_metadata, prev_token_ids, targets, width)
-        result.token_ids.copy_to_host_async()
-        rows = {s.request_id: row for row, s in enumerate(scheduler_output.scheduled)}
-        return InFlightStep(scheduler_output, result, rows, prompt_logprobs)
+        launch = self._prepare(batch, sampling_metadata, prev, targets, width)
+        result = launch() if self._launcher is None else LaunchedResult(self._launcher.submit(launch))
+        rows = {s.request_id: row for row, s in enumerate(scheduled)}
+        return InFlightStep(scheduler_output, result, rows)
 
     def collect(self, step: InFlightStep) -> ModelRunnerOutput:
         """Waits for a dispatched step and returns its sampled tokens."""
-        output = self._to_output(step.scheduler_output, step.result)
-        if step.prompt_logprobs is not None:
-            host = jax.device_get(step.prompt_logprobs)
+        result, prompt_logprob_arrays = resolved(step.result)
+        output = self._to_output(step.scheduler_output, result)
+        if prompt_logprob_arrays is not None:
+            host = jax.device_get(prompt_logprob_arrays)
             prompt_logprobs = split_prompt_logprobs(step.scheduler_output.scheduled, host)
             output = dataclasses.replace(output, prompt_logprobs=prompt_logprobs)
         return output
@@ -223,33 +266,32 @@ class ModelRunner:
         packed = Packed.of(self._sampler_arrays(sampling_metadata, step_index))
         return packed.buffer, self._no_pending_tokens, packed.layout
 
-    def _run(
+    def _prepare(
         self,
         batch: StepBatch,
         sampling_metadata: SamplingMetadata,
-        prev_token_ids: jax.Array,
+        prev: InFlightStep | None,
         prompt_targets: np.ndarray | None = None,
         prompt_logprob_width: int | None = None,
     ):
-        """Launches the step: its sampler output, and its ``PromptLogprobArrays`` (None without ``prompt_targets``).
-        Both programs' inputs go in as host bytes: a jitted call copies a numpy argument to its device in C++, ~10x
-        cheaper than ``jax.device_put``'s Python path (13 against 137 us for two buffers on a 2-core CPU host; one
-        device only: a mesh's runner places its buffers with ``packed_transfer.place``)."""
+        """The step's launch (``launch_step`` with its arguments bound): it returns the sampler output and the
+        ``PromptLogprobArrays`` (None without ``prompt_targets``). Both programs' inputs go in as host bytes: a jitted
+        call copies a numpy argument to its device in C++, ~10x cheaper than ``jax.device_put``'s Python path (13
+        against 137 us for two buffers on a 2-core CPU host; one device only: a mesh's runner places its buffers with
+        ``packed_transfer.place``)."""
         forward_input = Packed.of(self._forward_arrays(batch, prompt_targets))
         sampler_input = Packed.of(self._sampler_arrays(sampling_metadata, self.num_steps, batch.in_flight_rows))
-        forward = self._forward_programs.for_tokens(batch.token_bucket)
-        logits, self.kv_caches, *prompt = forward(
+        self.num_steps += 1
+        return functools.partial(
+            launch_step,
+            self._forward_programs.for_tokens(batch.token_bucket),
+            self._jitted_sample,
             self.flat_params.leaves,
-            self.kv_caches,
-            forward_input.buffer,
-            prev_token_ids,
-            forward_input.layout,
+            self._kv,
+            (forward_input, sampler_input, self._no_pending_tokens),
+            prev,
             prompt_logprob_width,
         )
-        prompt_logprobs = prompt[0] if prompt else None
-        result = self._jitted_sample(logits, sampler_input.buffer, prev_token_ids, sampler_input.layout)
-        self.num_steps += 1
-        return result, prompt_logprobs
 
     def _to_output(self, scheduler_output: SchedulerOutput, result) -> ModelRunnerOutput:
         wants_logprobs = scheduler_output.wants_logprobs
