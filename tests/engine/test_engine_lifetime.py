@@ -52,19 +52,20 @@ def _launch_threads() -> set:
 
 
 @pytest.mark.parametrize(
-    "mesh, launch_thread",
+    "mesh, env",
     [
-        ({}, None),
-        (dict(tensor_parallel_size=2, pipeline_parallel_size=2), "0"),
-        (dict(tensor_parallel_size=2), "1"),  # the GPU default: steps launched from a thread of the runner's
-        (dict(data_parallel_size=2), None),
-        (dict(enable_sleep_mode=True), None),  # its sleep state holds the runners, never the engine
+        ({}, {}),
+        ({}, {"JAXLLM_LAUNCH_THREAD": "1"}),  # the GPU default: steps launched from a thread of the runner's
+        (dict(tensor_parallel_size=2, pipeline_parallel_size=2), {"JAXLLM_MESH_LAUNCH_THREAD": "0"}),
+        (dict(tensor_parallel_size=2), {"JAXLLM_MESH_LAUNCH_THREAD": "1"}),  # likewise on a mesh
+        (dict(data_parallel_size=2), {}),
+        (dict(enable_sleep_mode=True), {}),  # its sleep state holds the runners, never the engine
     ],
-    ids=["one-device", "tp2-pp2", "tp2-launch-thread", "dp2", "sleep-mode"],
+    ids=["one-device", "one-device-launch-thread", "tp2-pp2", "tp2-launch-thread", "dp2", "sleep-mode"],
 )
-def test_del_frees_the_engine_and_its_device_buffers(tiny_model_dir, monkeypatch, mesh, launch_thread):
-    if launch_thread is not None:
-        monkeypatch.setenv("JAXLLM_MESH_LAUNCH_THREAD", launch_thread)
+def test_del_frees_the_engine_and_its_device_buffers(tiny_model_dir, monkeypatch, mesh, env):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     prompts = random_token_prompts(2, [7, 12], seed=3)
     threads_before = _launch_threads()
     llm = make_llm(tiny_model_dir, **mesh)
