@@ -220,3 +220,21 @@ def test_launch_split_smoke_times_each_part_of_every_step_launch():
     assert cache["k_arrays"] == config["num_hidden_layers"]
     assert cache["first_k_shape"][2] == config["num_key_value_heads"]
     assert 0 < cache["first_k_gib_per_device"] * 2**30 * 2 == math.prod(cache["first_k_shape"]) * 4  # float32
+
+
+@pytest.mark.parametrize("freeze_args", [[], ["--no-gc-freeze"]], ids=["gc-freeze", "no-gc-freeze"])
+def test_host_phases_smoke_times_each_phase_of_every_run(freeze_args):
+    from benchmarks import host_phases
+    from jaxllm.core.scheduler import Scheduler
+    from jaxllm.entrypoints import llm as llm_module
+
+    original_schedule, original_freeze = Scheduler.schedule, llm_module.objects_before_frozen
+    records = host_phases.main(["--smoke", "--reps", "2", *freeze_args])
+    assert Scheduler.schedule is original_schedule and llm_module.objects_before_frozen is original_freeze
+    assert [r["rep"] for r in records] == [0, 1] and all(r["gc_freeze"] is not bool(freeze_args) for r in records)
+    for record in records:
+        phases = record["phases_ms_per_step"]
+        timed = {"schedule", "update_from_output", "dispatch", "collect", "pack_step_batch", "forward call"}
+        assert timed <= set(phases)
+        assert phases["dispatch"] > phases["pack_step_batch"] > 0  # packing is part of the dispatch
+        assert record["step_times"]["num_steps"] > 0 and record["output_tokens_per_s"] > 0
