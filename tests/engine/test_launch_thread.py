@@ -2,8 +2,9 @@
 programs on a worker thread, while scheduling ahead, gives exactly the tokens, stops, logprobs, prompt logprobs and
 preemptions of the same engine run one step at a time (``async_scheduling=False``); the programs are called on the
 worker and the step's host work (packing, sampling metadata) stays on the engine's thread, as numpy; the KV cache
-read from outside waits for the launches queued; sleep mode frees and rebuilds it. The switch: on for GPUs unless
-set to 0, elsewhere only when set to 1; another value is a ValueError naming it."""
+read from outside waits for the launches queued; sleep mode frees and rebuilds it. The switches (this one and the mesh
+engines' ``JAXLLM_MESH_LAUNCH_THREAD``): on for GPUs unless set to 0, elsewhere only when set to 1; another value is
+a ValueError naming the variable."""
 
 import threading
 
@@ -13,26 +14,32 @@ import pytest
 from jaxllm import SamplingParams
 from jaxllm.runner import model_runner
 from jaxllm.runner.launch_thread import LAUNCH_THREAD_ENV, LaunchedResult, launch_thread_enabled
+from sharding.engine_runners import LAUNCH_THREAD_ENV as MESH_LAUNCH_THREAD_ENV
+from sharding.engine_runners import launch_thread_enabled as mesh_launch_thread_enabled
 from tests.engine.conftest import make_llm, random_token_prompts
 from tests.engine.test_async_scheduling import LENGTHS, assert_same_outputs, mixed_params, outputs_of
 
+SWITCHES = [(LAUNCH_THREAD_ENV, launch_thread_enabled), (MESH_LAUNCH_THREAD_ENV, mesh_launch_thread_enabled)]
 
+
+@pytest.mark.parametrize("env_name, enabled_on", SWITCHES, ids=["one-device", "mesh"])
 @pytest.mark.parametrize(
     "setting, backend, enabled",
     [(None, "gpu", True), (None, "cpu", False), (None, "tpu", False), ("0", "gpu", False), ("1", "cpu", True)],
 )
-def test_launch_thread_switch(monkeypatch, setting, backend, enabled):
+def test_launch_thread_switches(monkeypatch, env_name, enabled_on, setting, backend, enabled):
     if setting is None:
-        monkeypatch.delenv(LAUNCH_THREAD_ENV, raising=False)
+        monkeypatch.delenv(env_name, raising=False)
     else:
-        monkeypatch.setenv(LAUNCH_THREAD_ENV, setting)
-    assert launch_thread_enabled(backend) is enabled
+        monkeypatch.setenv(env_name, setting)
+    assert enabled_on(backend) is enabled
 
 
-def test_launch_thread_switch_names_a_bad_value(monkeypatch):
-    monkeypatch.setenv(LAUNCH_THREAD_ENV, "on")
-    with pytest.raises(ValueError, match="JAXLLM_LAUNCH_THREAD must be 0 or 1.*'on'"):
-        launch_thread_enabled("gpu")
+@pytest.mark.parametrize("env_name, enabled_on", SWITCHES, ids=["one-device", "mesh"])
+def test_launch_thread_switch_names_a_bad_value(monkeypatch, env_name, enabled_on):
+    monkeypatch.setenv(env_name, "on")
+    with pytest.raises(ValueError, match=f"{env_name} must be 0 or 1.*'on'"):
+        enabled_on("gpu")
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ stops, logprobs and preemptions of the same mesh run one step at a time (``async
 launch thread), over mixed sampling parameters; the launches do run on the worker, and each step's host work
 (packing its inputs, no device array) on the engine's thread. A step's result buffers go back to the
 pool only after the next step's launch, which reads them as its pending tokens, has run. The switch: on for GPUs
-unless set to 0, elsewhere only when set to 1."""
+unless set to 0, elsewhere only when set to 1 (tested in ``tests/engine/test_launch_thread.py``)."""
 
 import threading
 import time
@@ -12,31 +12,13 @@ import time
 import numpy as np
 import pytest
 
-from sharding.engine_runners import LAUNCH_THREAD_ENV, launch_thread_enabled
+from sharding.engine_runners import LAUNCH_THREAD_ENV
 from sharding.runner import LaunchedResult
 from tests.engine.conftest import make_llm, random_token_prompts
 from tests.engine.test_async_scheduling import LENGTHS, assert_same_outputs, mixed_params, outputs_of
 from tests.sharding.helpers import NEEDS_8_DEVICES
 
 pytestmark = NEEDS_8_DEVICES
-
-
-@pytest.mark.parametrize(
-    "setting, backend, enabled",
-    [(None, "gpu", True), (None, "cpu", False), (None, "tpu", False), ("0", "gpu", False), ("1", "cpu", True)],
-)
-def test_launch_thread_switch(monkeypatch, setting, backend, enabled):
-    if setting is None:
-        monkeypatch.delenv(LAUNCH_THREAD_ENV, raising=False)
-    else:
-        monkeypatch.setenv(LAUNCH_THREAD_ENV, setting)
-    assert launch_thread_enabled(backend) is enabled
-
-
-def test_launch_thread_switch_names_a_bad_value(monkeypatch):
-    monkeypatch.setenv(LAUNCH_THREAD_ENV, "yes")
-    with pytest.raises(ValueError, match="JAXLLM_MESH_LAUNCH_THREAD must be 0 or 1.*'yes'"):
-        launch_thread_enabled("gpu")
 
 
 @pytest.mark.parametrize(
