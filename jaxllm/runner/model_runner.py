@@ -17,6 +17,11 @@ forward program serves every previous bucket) and the forward program gathers th
 program reads the same vector: a pending token is its request's newest output, which penalties must count
 (``StepBatch.in_flight_rows``).
 
+With a launch thread (``jaxllm.runner.launch_thread``; on by default on GPUs) ``dispatch`` packs on the caller's
+thread and the worker makes the two calls (``launch_step``), whose queueing then overlaps the engine's next host
+work. The KV cache's arrays live in a ``KVCacheSlot`` that each launch replaces, so reading ``kv_caches`` waits for
+the launches queued.
+
 A step with requests that ask for prompt logprobs runs the forward program's prompt-logprob variant
 (``jaxllm.runner.prompt_logprobs``; compiled per token bucket and top-k width on first use, never at warm-up).
 """
