@@ -257,6 +257,8 @@ class Scheduler:
         """
         outputs = []
         now = time.monotonic()
+        prompt_logprobs = model_runner_output.prompt_logprobs  # by request id; usually empty
+        any_finished = False
         for item in scheduler_output.scheduled:
             request = item.request
             request.num_pending_tokens -= item.samples_token
@@ -264,12 +266,13 @@ class Scheduler:
                 continue
             if request.status == RequestStatus.RUNNING:
                 self.block_manager.cache_full_blocks(request)
-            prompt_logprobs = model_runner_output.prompt_logprobs.get(request.request_id)
-            if prompt_logprobs is not None:
-                request.record_prompt_logprobs(prompt_logprobs)
+            if prompt_logprobs and request.request_id in prompt_logprobs:
+                request.record_prompt_logprobs(prompt_logprobs[request.request_id])
             if item.samples_token:
-                outputs.append(self._append_sample(request, model_runner_output, now))
-        if any(output.finished for output in outputs):
+                output = self._append_sample(request, model_runner_output, now)
+                any_finished = any_finished or output.finish_status is not None
+                outputs.append(output)
+        if any_finished:
             self.running = [r for r in self.running if not r.is_finished]
             self.waiting = collections.deque(r for r in self.waiting if not r.is_finished)
         return outputs
@@ -282,19 +285,14 @@ class Scheduler:
         request.append_output_token(token_id)
         if request.first_token_time is None:
             request.first_token_time = now
-        logprobs = runner_output.logprobs.get(rid)
+        logprobs = runner_output.logprobs.get(rid) if runner_output.logprobs else None
         if logprobs is not None:
             self._record_logprobs(request, token_id, logprobs)
         status = check_stop(request)
-        if status is not None:
-            self._finish(request, status)
-        return EngineCoreOutput(
-            request_id=rid,
-            new_token_ids=[token_id],
-            new_logprobs=None if logprobs is None else [logprobs],
-            finish_status=status,
-            stop_reason=request.stop_reason if status is not None else None,
-        )
+        if status is None:
+            return EngineCoreOutput(rid, [token_id], None if logprobs is None else [logprobs])
+        self._finish(request, status)
+        return EngineCoreOutput(rid, [token_id], None if logprobs is None else [logprobs], status, request.stop_reason)
 
     @staticmethod
     def _record_logprobs(request: Request, token_id: int, logprobs: SampledLogprobs) -> None:
