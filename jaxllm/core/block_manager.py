@@ -2,7 +2,9 @@
 
 Owns per-block reference counts, the free queue (in eviction order) and the map from a full block's content hash to
 the block that holds it. It writes ``request.block_ids`` and nothing else of a request; ``num_computed_tokens`` and
-the status belong to the scheduler. Plain Python: imports neither jax nor flax.
+the status belong to the scheduler. ``block_ids`` only grows in place (append, extend) and is freed by binding a new
+list: the runners' ``HostBlockTable`` copies each list's new ids only, and tells a freed list by its identity. Plain
+Python: imports neither jax nor flax.
 
 Prefix caching: a block full of computed tokens is keyed by ``hash((parent_hash, tuple(block_tokens)))`` where
 ``parent_hash`` is the key of the block before it (``None`` for the first), so a key names the whole prefix up to

@@ -11,9 +11,9 @@ import dataclasses
 from jaxllm.request import Request
 
 
-@dataclasses.dataclass(
-    slots=True
-)  # read-only by convention: a frozen dataclass is built 4x slower, one per request a step
+# Read-only by convention, not frozen: a frozen dataclass is built 4x slower, and the scheduler builds one per request a
+# step (0.8 against 0.2 us).
+@dataclasses.dataclass(slots=True)
 class ScheduledRequest:
     """One request's share of a step: tokens ``[num_computed_tokens, num_computed_tokens + num_scheduled_tokens)``.
 
