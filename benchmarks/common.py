@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -9,6 +11,7 @@ import os
 import pathlib
 import subprocess
 import time
+from unittest import mock
 
 import jax
 import numpy as np
@@ -176,3 +179,53 @@ def median_seconds(fn, *args, target_seconds=0.05, repeats=7, max_calls=2000) ->
         jax.block_until_ready(out)
         samples.append((time.perf_counter() - start) / calls)
     return float(np.median(samples))
+
+
+class CallTimers:
+    """Wall-clock timers around callables, ``(owner, attribute, part)`` each, while ``recording()`` is open, on every
+    thread (a launch worker's calls count). ``install()`` wraps them and puts the originals back on exit; ``wrap``
+    times a callable made at run time (a bucket's jitted program)."""
+
+    def __init__(self, targets=()):
+        self.targets = tuple(targets)
+        self.times: dict[str, list[float]] = collections.defaultdict(list)
+        self._on = False
+
+    @contextlib.contextmanager
+    def install(self):
+        with contextlib.ExitStack() as stack:
+            for owner, name, part in self.targets:
+                stack.enter_context(mock.patch.object(owner, name, self.wrap(part, getattr(owner, name))))
+            yield self
+
+    @contextlib.contextmanager
+    def recording(self):
+        self.times.clear()
+        self._on = True
+        try:
+            yield self
+        finally:
+            self._on = False
+
+    def wrap(self, part: str, fn):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if self._on:
+                    self.times[part].append(time.perf_counter() - start)
+
+        return timed
+
+    def summary(self) -> dict:
+        """Per part: calls, and the median, mean and total in ms."""
+        return {
+            part: {
+                "calls": len(t),
+                "median_ms": float(np.median(t) * 1e3),
+                "mean_ms": float(np.mean(t) * 1e3),
+                "total_ms": float(np.sum(t) * 1e3),
+            }
+            for part, t in sorted(self.times.items())
+        }

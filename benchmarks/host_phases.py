@@ -22,11 +22,10 @@ import collections
 import contextlib
 import gc
 import json
-import threading
 import time
 from unittest import mock
 
-from benchmarks.common import JOBS, SMOKE_CONFIG, environment, random_prompts
+from benchmarks.common import JOBS, SMOKE_CONFIG, CallTimers, environment, random_prompts
 from jaxllm import LLM, SamplingParams
 from jaxllm.core.scheduler import Scheduler
 from jaxllm.entrypoints import llm as llm_module
@@ -34,26 +33,6 @@ from jaxllm.output_processor import OutputProcessor
 from jaxllm.runner import model_runner
 from jaxllm.runner.packed_transfer import Packed
 from jaxllm.runner.xla_options import ProgramsByOptions
-
-
-class PhaseTimers:
-    """Seconds spent in each wrapped callable, summed over threads."""
-
-    def __init__(self):
-        self.seconds: collections.Counter = collections.Counter()
-        self._lock = threading.Lock()
-
-    def wrap(self, function, label: str):
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                elapsed = time.perf_counter() - start
-                with self._lock:
-                    self.seconds[label] += elapsed
-
-        return timed
 
 
 class CollectorTimes:
@@ -78,28 +57,31 @@ class CollectorTimes:
             gc.callbacks.remove(self)
 
 
-def timed_phases(stack: contextlib.ExitStack, timers: PhaseTimers, runner) -> None:
-    """Wraps the step's phases for as long as ``stack`` is open (the engine is built: its warm-up stays untimed)."""
-
-    def patch_method(owner, name: str, label: str) -> None:
-        stack.enter_context(mock.patch.object(owner, name, timers.wrap(getattr(owner, name), label)))
-
-    patch_method(Scheduler, "schedule", "schedule")
-    patch_method(Scheduler, "update_from_output", "update_from_output")
-    patch_method(model_runner.ModelRunner, "dispatch", "dispatch")
-    patch_method(model_runner.ModelRunner, "collect", "collect")
-    patch_method(model_runner, "pack_step_batch", "pack_step_batch")
-    patch_method(OutputProcessor, "process_outputs", "process_outputs")
-    patch_method(runner, "_jitted_sample", "sample call")
-    patch_method(runner._sampling_builder, "build", "sampling build")
-    pack = Packed.of.__func__
-    stack.enter_context(mock.patch.object(Packed, "of", classmethod(timers.wrap(pack, "Packed.of"))))
-    for_tokens = ProgramsByOptions.for_tokens
-    stack.enter_context(
-        mock.patch.object(
-            ProgramsByOptions, "for_tokens", lambda self, n: timers.wrap(for_tokens(self, n), "forward call")
-        )
+def phase_timers(runner) -> CallTimers:
+    """Timers around the step's phases (install them once the engine is built: its warm-up stays untimed)."""
+    return CallTimers(
+        [
+            (Scheduler, "schedule", "schedule"),
+            (Scheduler, "update_from_output", "update_from_output"),
+            (model_runner.ModelRunner, "dispatch", "dispatch"),
+            (model_runner.ModelRunner, "collect", "collect"),
+            (model_runner, "pack_step_batch", "pack_step_batch"),
+            (OutputProcessor, "process_outputs", "process_outputs"),
+            (runner, "_jitted_sample", "sample call"),
+            (runner._sampling_builder, "build", "sampling build"),
+            (Packed, "of", "Packed.of"),
+        ]
     )
+
+
+@contextlib.contextmanager
+def forward_calls_timed(timers: CallTimers):
+    """Each bucket's forward program, as the runner fetches it per step, wrapped in ``timers``."""
+    for_tokens = ProgramsByOptions.for_tokens
+    with mock.patch.object(
+        ProgramsByOptions, "for_tokens", lambda self, n: timers.wrap("forward call", for_tokens(self, n))
+    ):
+        yield
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -129,15 +111,18 @@ def main(argv=None) -> list[dict]:
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     llm.generate(random_prompts(4, input_len, vocab_size), params, use_tqdm=False)
     records = []
+    timers = phase_timers(llm.llm_engine.runner)
     for rep in range(args.reps):
         prompts = random_prompts(num_prompts, input_len, vocab_size, seed=rep + 1)
-        timers, collector = PhaseTimers(), CollectorTimes()
+        collector = CollectorTimes()
         llm.llm_engine.step_times.reset()
         with contextlib.ExitStack() as stack:
-            timed_phases(stack, timers, llm.llm_engine.runner)
+            stack.enter_context(timers.install())
+            stack.enter_context(forward_calls_timed(timers))
             if args.no_gc_freeze:
                 stack.enter_context(mock.patch.object(llm_module, "objects_before_frozen", contextlib.nullcontext))
             stack.enter_context(collector.installed())
+            stack.enter_context(timers.recording())
             start = time.perf_counter()
             outputs = llm.generate(prompts, params, use_tqdm=False)
             elapsed = time.perf_counter() - start
@@ -151,7 +136,7 @@ def main(argv=None) -> list[dict]:
             "output_tokens_per_s": sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed,
             "step_times": times,
             "gc_ms": dict(sorted(collector.ms.items())),
-            "phases_ms_per_step": {name: 1e3 * s / steps for name, s in sorted(timers.seconds.items())},
+            "phases_ms_per_step": {part: t["total_ms"] / steps for part, t in timers.summary().items()},
         }
         print(json.dumps(record))
         records.append(record)

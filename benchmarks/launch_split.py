@@ -31,18 +31,20 @@ if "--smoke" in sys.argv:  # before jax starts: a mesh needs (fake) CPU devices
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections import defaultdict  # noqa: E402
-
-import numpy as np  # noqa: E402
 
 import sharding.pipeline  # noqa: E402
 import sharding.runner  # noqa: E402
-from benchmarks.common import CONFIGS_DIR, SMOKE_CONFIG, environment, print_record, random_prompts  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    CONFIGS_DIR,
+    SMOKE_CONFIG,
+    CallTimers,
+    environment,
+    print_record,
+    random_prompts,
+)
 from benchmarks.latency import percentiles, run_batch  # noqa: E402
 from benchmarks.mesh_scaling import runner_arrays  # noqa: E402
 from jaxllm import LLM  # noqa: E402
@@ -57,53 +59,6 @@ TIMED = (
     (sharding.runner.PipelineRunner, "dispatch", "dispatch"),
     (sharding.runner.PipelineRunner, "collect", "collect"),
 )
-
-
-class LaunchTimers:
-    """Wall-clock timers around ``TIMED`` while ``recording()`` is open (every thread: the launch worker's calls
-    count). ``install()`` wraps the functions and restores them on exit."""
-
-    def __init__(self):
-        self.times: dict[str, list[float]] = defaultdict(list)
-        self._on = False
-
-    @contextlib.contextmanager
-    def install(self):
-        originals = [(owner, name, getattr(owner, name)) for owner, name, _ in TIMED]
-        try:
-            for (owner, name, part), (_, _, original) in zip(TIMED, originals, strict=True):
-                setattr(owner, name, self._timed(part, original))
-            yield self
-        finally:
-            for owner, name, original in originals:
-                setattr(owner, name, original)
-
-    @contextlib.contextmanager
-    def recording(self):
-        self.times.clear()
-        self._on = True
-        try:
-            yield self
-        finally:
-            self._on = False
-
-    def _timed(self, part: str, fn):
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                if self._on:
-                    self.times[part].append(time.perf_counter() - start)
-
-        return timed
-
-    def summary(self) -> dict:
-        """Per part: calls and the median and mean in ms."""
-        return {
-            part: {"calls": len(t), "median_ms": float(np.median(t) * 1e3), "mean_ms": float(np.mean(t) * 1e3)}
-            for part, t in sorted(self.times.items())
-        }
 
 
 def model_dir(args) -> str:
@@ -154,7 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    timers = LaunchTimers()
+    timers = CallTimers(TIMED)
     with timers.install():
         llm = LLM(
             model=model_dir(args),
