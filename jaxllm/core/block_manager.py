@@ -18,7 +18,7 @@ cache hit. Taking a cached block off the head for a new owner evicts it: its has
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from jaxllm.request import Request
 
@@ -106,6 +106,17 @@ class BlockManager:
                 self.block_hashes[block_id] = block_hash
                 self.cached_block_ids[block_hash] = block_id
         self._num_registered_blocks[request.request_id] = num_full
+
+    def cache_full_blocks_of(self, requests: Iterable[Request]) -> None:
+        """``cache_full_blocks`` for each request, the usual case (no block filled since the last call: one step in
+        ``block_size`` fills one) decided inline, since the scheduler asks for every running request every step."""
+        if not self.enable_prefix_caching:
+            return
+        size, registered = self.block_size, self._num_registered_blocks
+        for request in requests:
+            num_known = min(request.num_computed_tokens, len(request.all_token_ids))
+            if num_known // size > registered.get(request.request_id, 0):
+                self.cache_full_blocks(request)
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix. Only possible when no request holds a block; returns whether it did."""

@@ -259,13 +259,14 @@ class Scheduler:
         now = time.monotonic()
         prompt_logprobs = model_runner_output.prompt_logprobs  # by request id; usually empty
         any_finished = False
-        for item in scheduler_output.scheduled:
+        scheduled = scheduler_output.scheduled
+        running = RequestStatus.RUNNING
+        self.block_manager.cache_full_blocks_of([s.request for s in scheduled if s.request.status is running])
+        for item in scheduled:
             request = item.request
             request.num_pending_tokens -= item.samples_token
             if request.is_finished:
                 continue
-            if request.status == RequestStatus.RUNNING:
-                self.block_manager.cache_full_blocks(request)
             if prompt_logprobs and request.request_id in prompt_logprobs:
                 request.record_prompt_logprobs(prompt_logprobs[request.request_id])
             if item.samples_token:

@@ -175,3 +175,28 @@ def test_bad_pool_size_is_rejected():
     with pytest.raises(ValueError) as error:
         BlockManager(num_blocks=1, block_size=BLOCK_SIZE)
     assert "num_blocks" in str(error.value) and "got 1" in str(error.value)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cache_full_blocks_of_registers_what_one_call_per_request_does(seed):
+    """The scheduler's per-step form (the common no-new-block case decided inline) against ``cache_full_blocks`` per
+    request, over decode-like growth with computed tokens sometimes ahead of known ids (async scheduling)."""
+    rng = random.Random(seed)
+    managers = [BlockManager(num_blocks=200, block_size=BLOCK_SIZE) for _ in range(2)]
+    prompts = [random_tokens(rng, rng.randrange(1, 14)) for _ in range(6)]
+    twins = [[make_request(f"r{i}", prompt) for i, prompt in enumerate(prompts)] for _ in managers]
+    for _ in range(30):
+        new_tokens = [rng.randrange(1, 30_000) for _ in prompts]
+        ahead = [rng.random() < 0.5 for _ in prompts]
+        for manager, requests in zip(managers, twins, strict=True):
+            for request, token, is_ahead in zip(requests, new_tokens, ahead, strict=True):
+                request.append_output_token(token)
+                computed = request.num_tokens + is_ahead  # a pending token scheduled ahead: computed, id unknown
+                assert manager.allocate_slots(request, computed - request.num_computed_tokens)
+                request.num_computed_tokens = computed
+        for request in twins[0]:
+            managers[0].cache_full_blocks(request)
+        managers[1].cache_full_blocks_of(twins[1])
+        assert managers[0].cached_block_ids == managers[1].cached_block_ids
+        assert managers[0].block_hashes == managers[1].block_hashes
+    assert len(managers[0].cached_block_ids) > 6  # blocks did fill and register
