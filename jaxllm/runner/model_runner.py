@@ -302,8 +302,12 @@ class ModelRunner:
         wants_logprobs = scheduler_output.wants_logprobs
         host = jax.device_get(result if wants_logprobs else result.token_ids)
         token_ids = (host.token_ids if wants_logprobs else host).tolist()
+        scheduled = scheduler_output.scheduled
+        if not wants_logprobs:  # the usual step: one comprehension (token_ids is padded past the scheduled rows)
+            rows = zip(scheduled, token_ids, strict=False)
+            return ModelRunnerOutput(sampled_token_ids={s.request.request_id: t for s, t in rows if s.samples_token})
         sampled, logprobs = {}, {}
-        for row, s in enumerate(scheduler_output.scheduled):
+        for row, s in enumerate(scheduled):
             if not s.samples_token:
                 continue
             sampled[s.request_id] = token_ids[row]

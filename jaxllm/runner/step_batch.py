@@ -134,17 +134,22 @@ def _ids_with_pending(scheduled, query_start_loc, token_bucket: int, prev_rows: 
     """Flat input ids (0 where pending) and the ``prev_index`` column: a pending token is always its request's last
     scheduled token (the step reaches the end of the request) and at most one per request."""
     flat: list[int] = []
-    prev_index = np.full(token_bucket, -1, np.int32)
+    pending_rows: list[int] = []  # request rows whose last token is pending
+    sources: list[int] = []  # each one's row in the previous step
     for row, s in enumerate(scheduled):
         ids = s.token_ids
         flat.extend(ids)
-        missing = s.num_scheduled_tokens - len(ids)
-        if missing:
-            if missing != 1 or s.request_id not in prev_rows:
-                raise RuntimeError(
-                    f"request {s.request_id!r}: {missing} scheduled token(s) have no id and the previous step "
-                    f"{'did' if s.request_id in prev_rows else 'did not'} sample for it"
-                )
-            flat.append(0)
-            prev_index[query_start_loc[row + 1] - 1] = prev_rows[s.request_id]
+        if len(ids) == s.num_scheduled_tokens:
+            continue
+        source = prev_rows.get(s.request_id)
+        if s.num_scheduled_tokens - len(ids) != 1 or source is None:
+            raise RuntimeError(
+                f"request {s.request_id!r}: {s.num_scheduled_tokens - len(ids)} scheduled token(s) have no id and "
+                f"the previous step {'did not' if source is None else 'did'} sample for it"
+            )
+        flat.append(0)
+        pending_rows.append(row)
+        sources.append(source)
+    prev_index = np.full(token_bucket, -1, np.int32)
+    prev_index[query_start_loc[np.asarray(pending_rows, np.int32) + 1] - 1] = sources
     return flat, prev_index
