@@ -58,9 +58,10 @@ from benchmarks.common import (  # noqa: E402
 from benchmarks.latency import percentiles, run_batch  # noqa: E402
 from jaxllm import LLM, SamplingParams  # noqa: E402
 from jaxllm.runner.device_memory import device_memory  # noqa: E402
+from jaxllm.runner.step_batch import padding_step_batch  # noqa: E402
 from sharding import DataParallelEngine  # noqa: E402
 from sharding.microbatch import bubble_fraction  # noqa: E402
-from sharding.runner import PipelineRunner, padding_batch  # noqa: E402
+from sharding.runner import PipelineRunner  # noqa: E402
 
 SMOKE_HF_CONFIG = {
     "architectures": ["LlamaForCausalLM"],
@@ -221,7 +222,7 @@ def measured_bubble(runner) -> float | None:
     pipeline, config = runner.pipeline, runner.config
     bucket = config.token_buckets[-1]
     rows = config.request_rows_for(bucket)
-    batches = [padding_batch(bucket, rows, config.max_blocks_per_request)] * runner.num_microbatches
+    batches = [padding_step_batch(bucket, rows, config.max_blocks_per_request)] * runner.num_microbatches
     head_args = [runner.build_head_args([], rows, index, 0) for index in range(len(batches))]
 
     def pipelined() -> float:

@@ -172,6 +172,9 @@ class ResolvedConfig:
     block_size: int
     num_blocks: int  # including the reserved null block 0
     token_buckets: tuple[int, ...]
+    # decode-only steps (one query token per request) run step programs of their own, whose attention skips its
+    # long-query launch (AttentionMetadata.max_query_len = 1)
+    decode_only_programs: bool = False
 
     @property
     def max_blocks_per_request(self) -> int:
@@ -180,6 +183,17 @@ class ResolvedConfig:
     def request_rows_for(self, num_tokens_bucket: int) -> int:
         """Requests per step bucket: each request has at least one token, so never more rows than tokens."""
         return min(self.max_num_seqs, num_tokens_bucket)
+
+    def step_variants(self) -> list[tuple[int, int | None]]:
+        """(token bucket, ``max_query_len``) of each step program that warm-up compiles: every bucket unbounded and,
+        with ``decode_only_programs``, each bucket a decode-only step can take (up to ``max_num_seqs`` tokens) bounded
+        to one query token."""
+        variants = [(bucket, None) for bucket in self.token_buckets]
+        if self.decode_only_programs:
+            most_tokens = min(self.max_num_seqs, self.token_buckets[-1])
+            largest = next(bucket for bucket in self.token_buckets if bucket >= most_tokens)
+            variants += [(bucket, 1) for bucket in self.token_buckets if bucket <= largest]
+        return variants
 
 
 def env_switch(name: str) -> bool | None:

@@ -75,6 +75,7 @@ def _slice(batch: StepBatch, requests: range, config: ResolvedConfig) -> StepBat
         num_requests=num_requests,
         num_tokens=num_tokens,
         prev_index=prev_index,
+        max_query_len=batch.max_query_len,  # a bound of the step's queries bounds each part's
     )
 
 

@@ -54,7 +54,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from jaxllm.models.activation_sharding import activation_sharding
-from jaxllm.models.attention_metadata import AttentionMetadata
 from jaxllm.runner.flat_state import FlatState
 from jaxllm.runner.kv_cache import allocate_kv_cache
 from jaxllm.runner.model_runner import feed_pending_tokens
@@ -212,16 +211,15 @@ class PipelinedModel:
         ):
             # width: the prompt-logprob top-k of a last-stage call with prompt targets, else None
             owner.num_traces += 1
-            metadata, logits_indices, prev_index, input_ids, targets = unpack(packed, layout)  # one copy
+            md, logits_indices, prev_index, input_ids, targets = unpack(packed, layout)  # one copy
             if inputs is None:  # first stage: the token ids came in the packed buffer
                 inputs = input_ids
-            num_tokens = metadata["positions"].shape[0]
+            num_tokens = md.positions.shape[0]
             if inputs.shape[0] > num_tokens:  # the previous stage's stable output: ROW_SLACK rows past its own
                 inputs = inputs[:num_tokens]
             if pending_tokens is not None:  # first stage: the previous step's samples, still on the device
                 inputs = feed_pending_tokens(inputs, prev_index, pending_tokens)
             stage = nnx.merge(graphdef, params.unflatten(param_leaves))
-            md = AttentionMetadata(**metadata)
             with activation_sharding(mesh, rules):  # the model's activation names -> sharding constraints
                 out, kv_caches = stage_forward(stage, inputs, kv_caches, md, logits_indices, targets, width)
             if not is_last:

@@ -48,7 +48,7 @@ from jaxllm.runner.host_block_table import HostBlockTable
 from jaxllm.runner.launch_thread import LaunchedResult, resolved, start_launch_thread
 from jaxllm.runner.model_runner import InFlightStep, sampler_variants
 from jaxllm.runner.parallel_compile import compile_concurrently, compile_threads
-from jaxllm.runner.step_batch import StepBatch, pack_step_batch
+from jaxllm.runner.step_batch import StepBatch, pack_step_batch, padding_step_batch
 from jaxllm.runner.xla_options import CompilerOptions
 from jaxllm.sampling import SamplerOutput, SamplingMetadataBuilder, sample
 from sharding.microbatch import Microbatch, split_step_batch
@@ -104,23 +104,6 @@ class MeshStep(InFlightStep):
     thread's ``LaunchedResult`` of that list), ``rows`` each request's flat row (``sharding.pending``)."""
 
     microbatches: list[Microbatch] = dataclasses.field(default_factory=list)
-
-
-def padding_batch(num_tokens: int, num_rows: int, max_blocks: int) -> StepBatch:
-    """A batch of padding only (every token writes the null block, every row has seq_len 0), for compiling."""
-    tokens, rows = np.zeros(num_tokens, np.int32), np.zeros(num_rows, np.int32)
-    return StepBatch(
-        input_ids=tokens,
-        positions=tokens,
-        slot_mapping=tokens,
-        context_lens=tokens,
-        block_tables=np.zeros((num_rows, max_blocks), np.int32),
-        seq_lens=rows,
-        query_start_loc=np.zeros(num_rows + 1, np.int32),
-        logits_indices=rows,
-        num_requests=0,
-        num_tokens=0,
-    )
 
 
 class PipelineRunner:
@@ -271,8 +254,7 @@ class PipelineRunner:
 
     def profile_largest_bucket(self) -> None:
         """Runs the largest bucket once so each device's peak memory includes a step's activations."""
-        bucket = self.config.token_buckets[-1]
-        self._run_padding(bucket)
+        self._run_padding(self.config.token_buckets[-1])
 
     def largest_step_temp_bytes(self) -> int:
         """XLA's temporary memory of the largest bucket's step (compiled, not run): the most of any stage's program
@@ -294,14 +276,16 @@ class PipelineRunner:
         variants = getattr(self.build_head_args, "warm_up_variants", None)
         return [head_args] if variants is None else variants(batch.logits_indices.shape[0])
 
-    def _padding_step(self, bucket: int):
-        """A padding-only batch of ``bucket`` tokens and its head arguments."""
+    def _padding_step(self, bucket: int, max_query_len: int | None = None):
+        """A padding-only batch of ``bucket`` tokens (and that query bound) and its head arguments."""
         rows = self.config.request_rows_for(bucket)
-        return padding_batch(bucket, rows, self.config.max_blocks_per_request), self.build_head_args([], rows, 0, 0)
+        batch = padding_step_batch(bucket, rows, self.config.max_blocks_per_request, max_query_len)
+        return batch, self.build_head_args([], rows, 0, 0)
 
-    def _run_padding(self, bucket: int) -> tuple[StepBatch, object]:
-        """Runs a padding-only step of ``bucket`` tokens; returns its batch and head arguments."""
-        batch, head_args = self._padding_step(bucket)
+    def _run_padding(self, bucket: int, max_query_len: int | None = None) -> tuple[StepBatch, object]:
+        """Runs a padding-only step of ``bucket`` tokens (and that query bound); returns its batch and head
+        arguments."""
+        batch, head_args = self._padding_step(bucket, max_query_len)
         results = jax.block_until_ready(self.pipeline.run([batch], [head_args]))
         self.pipeline.release(results)
         return batch, head_args
@@ -309,8 +293,8 @@ class PipelineRunner:
     def _warm_up_programs(self):
         """The stage and head programs ``warm_up`` runs, lowered as it calls them (each once)."""
         head_rows = set()
-        for bucket in self.config.token_buckets:
-            batch, head_args = self._padding_step(bucket)
+        for bucket, max_query_len in self.config.step_variants():
+            batch, head_args = self._padding_step(bucket, max_query_len)
             for index in range(self.pipeline.num_stages):
                 yield self.pipeline.lower_stage(index, batch)
             rows = batch.logits_indices.shape[0]
@@ -320,21 +304,22 @@ class PipelineRunner:
                     yield self.pipeline.lower_head(batch, variant)
 
     def warm_up(self) -> float:
-        """Compiles every stage for every token bucket with padding-only batches, and the common head programs of
-        each bucket's rows (greedy, random, top-k/top-p: ``warm_up_variants``), all compiled first, side by side, when
-        ``JAXLLM_COMPILE_THREADS`` asks (``jaxllm.runner.parallel_compile``); returns seconds spent."""
+        """Compiles every stage for every token bucket (and bound: ``ResolvedConfig.step_variants``) with padding-only
+        batches, and the common head programs of each bucket's rows (greedy, random, top-k/top-p:
+        ``warm_up_variants``), all compiled first, side by side, when ``JAXLLM_COMPILE_THREADS`` asks
+        (``jaxllm.runner.parallel_compile``); returns seconds spent."""
         start = time.perf_counter()
         compile_concurrently(self._warm_up_programs(), compile_threads())
-        for bucket in self.config.token_buckets:
-            batch, head_args = self._run_padding(bucket)
+        for bucket, max_query_len in self.config.step_variants():
+            batch, head_args = self._run_padding(bucket, max_query_len)
             for variant in self._head_variants(batch, head_args):
                 self.pipeline.warm_up_head(batch, variant)
         last_stage = replicated(self.pipeline.stages[-1].mesh)
         warm_up_merges(self.num_microbatches, self.pipeline.pending_rows, last_stage)
         elapsed = time.perf_counter() - start
         logger.info(
-            "compiled %d buckets x %d stages and %d head programs in %.1f s",
-            len(self.config.token_buckets),
+            "compiled %d step variants x %d stages and %d head programs in %.1f s",
+            len(self.config.step_variants()),
             self.pipeline.num_stages,
             self.pipeline.num_head_traces,
             elapsed,

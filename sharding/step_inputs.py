@@ -41,7 +41,7 @@ def stage_arrays(batch: StepBatch, index: int, num_stages: int, prompt_targets: 
     pending-token index, on the first stage the token ids and on the last the prompt-logprob targets (None else)."""
     host_ids = batch.input_ids if index == 0 else None
     targets = prompt_targets if index == num_stages - 1 else None
-    return batch.attention_arrays(), batch.logits_indices, batch.pending_index, host_ids, targets
+    return batch.attention_metadata(), batch.logits_indices, batch.pending_index, host_ids, targets
 
 
 def head_arrays(batch: StepBatch, head_args):

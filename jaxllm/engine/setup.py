@@ -13,7 +13,7 @@ import os
 
 import jax
 
-from jaxllm.config import CHECKPOINT_QUANTIZATIONS, EngineConfig, ResolvedConfig, power_of_two_buckets
+from jaxllm.config import CHECKPOINT_QUANTIZATIONS, EngineConfig, ResolvedConfig, env_switch, power_of_two_buckets
 from jaxllm.loading.model_loader import abstract_model, init_dummy_weights, load_weights, resolve_dtype
 from jaxllm.loading.model_source import ModelSource
 from jaxllm.models import ModelConfig, get_model_class
@@ -22,6 +22,7 @@ from jaxllm.quantization.config import DEFAULT_INT4_GROUP_SIZE, resolve_quantiza
 from jaxllm.quantization.prequantized import checkpoint_quantization
 from jaxllm.runner import parallel_compile
 from jaxllm.runner.kv_cache import device_memory_budget, kv_bytes_per_block
+from pallas_kernels.ragged_paged_attention import takes_query_len_bound
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,15 @@ def resolve_limits(config: EngineConfig, model_config: ModelConfig, num_blocks: 
         block_size=config.block_size,
         num_blocks=num_blocks,
         token_buckets=power_of_two_buckets(min(SMALLEST_TOKEN_BUCKET, budget), budget),
+        decode_only_programs=decode_only_programs(config),
     )
+
+
+def decode_only_programs(config: EngineConfig) -> bool:
+    """Whether decode-only steps get step programs of their own (``ResolvedConfig.decode_only_programs``): where the
+    attention backend skips work under the bound (the GPU kernels), unless ``JAXLLM_DECODE_PROGRAMS`` (0 / 1) says."""
+    forced = env_switch("JAXLLM_DECODE_PROGRAMS")
+    return takes_query_len_bound(config.attention_impl) if forced is None else forced
 
 
 def num_kv_blocks(

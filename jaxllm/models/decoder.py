@@ -70,6 +70,7 @@ class Attention(nnx.Module):
                 _write_and_attend,
                 sm_scale=self.head_dim**-0.5,
                 sliding_window=self.sliding_window,
+                max_query_len=md.max_query_len,
                 impl=self.attention_impl,
                 k_scale=self.k_scale,
                 v_scale=self.v_scale,

@@ -40,7 +40,6 @@ from flax import nnx
 
 from jaxllm.config import ResolvedConfig
 from jaxllm.core.step_io import ModelRunnerOutput, SampledLogprobs, SchedulerOutput
-from jaxllm.models.attention_metadata import AttentionMetadata
 from jaxllm.runner.flat_state import FlatState
 from jaxllm.runner.host_block_table import HostBlockTable
 from jaxllm.runner.kv_cache import allocate_kv_cache, kv_cache_shapes
@@ -53,7 +52,7 @@ from jaxllm.runner.prompt_logprobs import (
     prompt_logprob_width,
     split_prompt_logprobs,
 )
-from jaxllm.runner.step_batch import StepBatch, pack_step_batch
+from jaxllm.runner.step_batch import StepBatch, pack_step_batch, padding_step_batch
 from jaxllm.runner.xla_options import CompilerOptions, ProgramsByOptions, sampler_options
 from jaxllm.sampling import (
     SamplingMetadata,
@@ -111,8 +110,7 @@ def _model_forward(graphdef, params, kv_caches, batch: dict, prompt_logprob_widt
     """Logits ``[S, V]`` (float32) at each request row's sampled position, and the updated KV cache; with a
     ``prompt_logprob_width`` also the ``PromptLogprobArrays`` of ``batch["prompt_targets"]``."""
     model = nnx.merge(graphdef, params)
-    md = AttentionMetadata(**batch["attention"])
-    hidden, kv_caches = model(batch["input_ids"], kv_caches, md)  # [T, D]
+    hidden, kv_caches = model(batch["input_ids"], kv_caches, batch["attention"])  # [T, D]
     logits = model.compute_logits(hidden[batch["logits_indices"]])  # [S, V], only sampled rows
     if prompt_logprob_width is None:
         return logits, kv_caches
@@ -245,7 +243,7 @@ class ModelRunner:
         """The forward program's step inputs (``prompt_targets``: the prompt-logprob variant's targets)."""
         arrays = {
             "input_ids": batch.input_ids,
-            "attention": batch.attention_arrays(),
+            "attention": batch.attention_metadata(),
             "logits_indices": batch.logits_indices,
             "prev_index": batch.pending_index,
         }
@@ -344,7 +342,7 @@ class ModelRunner:
         """The forward program of token bucket ``bucket`` (default: the largest), lowered (``.compile()`` it to read
         its memory or its HLO) for a KV cache of ``num_blocks`` (default: the runner's)."""
         bucket = self.config.token_buckets[-1] if bucket is None else bucket
-        batch = empty_step_batch(bucket, self.config.request_rows_for(bucket), self.config.max_blocks_per_request)
+        batch = padding_step_batch(bucket, self.config.request_rows_for(bucket), self.config.max_blocks_per_request)
         num_blocks = self.config.num_blocks if num_blocks is None else num_blocks
         shapes = kv_cache_shapes(self.model_config, num_blocks, self.config.block_size, self.kv_dtype, self.kv_sharding)
         kv = [(jax.ShapeDtypeStruct(shape, self.kv_dtype),) * 2 for shape in shapes]
@@ -379,22 +377,25 @@ class ModelRunner:
             self.model_config, config.num_blocks, config.block_size, self.kv_dtype, self.kv_sharding
         )
 
-    def _padding_forward_args(self, bucket: int) -> tuple:
-        """The forward program's arguments for a padding-only step of ``bucket`` tokens."""
-        batch = empty_step_batch(bucket, self.config.request_rows_for(bucket), self.config.max_blocks_per_request)
+    def _padding_forward_args(self, bucket: int, max_query_len: int | None = None) -> tuple:
+        """The forward program's arguments for a padding-only step of ``bucket`` tokens (and that query bound)."""
+        rows = self.config.request_rows_for(bucket)
+        batch = padding_step_batch(bucket, rows, self.config.max_blocks_per_request, max_query_len)
         packed, layout = self._batch_arrays(batch)
         return self.flat_params.leaves, self.kv_caches, packed, self._no_pending_tokens, layout, None
 
-    def _run_padding_step(self, bucket: int) -> None:
-        logits, self.kv_caches = self._forward_programs.for_tokens(bucket)(*self._padding_forward_args(bucket))
+    def _run_padding_step(self, bucket: int, max_query_len: int | None = None) -> None:
+        forward = self._forward_programs.for_tokens(bucket)
+        logits, self.kv_caches = forward(*self._padding_forward_args(bucket, max_query_len))
         for metadata in sampler_variants(self.config.request_rows_for(bucket)):
             jax.block_until_ready(self._jitted_sample(logits, *self._sampler_args(metadata, 0)))
 
     def _warm_up_programs(self):
         """The programs the padding steps of ``warm_up`` run, lowered as those steps call them (each once)."""
         sampler_rows = set()
-        for bucket in self.config.token_buckets:
-            forward = self._forward_programs.for_tokens(bucket).lower(*self._padding_forward_args(bucket))
+        for bucket, max_query_len in self.config.step_variants():
+            args = self._padding_forward_args(bucket, max_query_len)
+            forward = self._forward_programs.for_tokens(bucket).lower(*args)
             yield forward
             rows = self.config.request_rows_for(bucket)
             if rows not in sampler_rows:
@@ -404,13 +405,13 @@ class ModelRunner:
                     yield self._jitted_sample.lower(logits, *self._sampler_args(metadata, 0))
 
     def warm_up(self) -> float:
-        """Compiles the forward program of every token bucket and the common sampler programs of each row count by
-        running each bucket's padding-only step (all compiled first, side by side, when ``JAXLLM_COMPILE_THREADS``
-        asks: ``jaxllm.runner.parallel_compile``); returns seconds spent."""
+        """Compiles the forward program of every token bucket (and bound: ``ResolvedConfig.step_variants``) and the
+        common sampler programs of each row count by running each one's padding-only step (all compiled first, side by
+        side, when ``JAXLLM_COMPILE_THREADS`` asks: ``jaxllm.runner.parallel_compile``); returns seconds spent."""
         start = time.perf_counter()
         compile_concurrently(self._warm_up_programs(), compile_threads())
-        for bucket in self.config.token_buckets:
-            self._run_padding_step(bucket)
+        for bucket, max_query_len in self.config.step_variants():
+            self._run_padding_step(bucket, max_query_len)
         elapsed = time.perf_counter() - start
         logger.info(
             "compiled %d forward and %d sampler programs in %.1f s",
@@ -419,25 +420,3 @@ class ModelRunner:
             elapsed,
         )
         return elapsed
-
-
-@functools.cache
-def _zeros(shape) -> np.ndarray:
-    return np.zeros(shape, np.int32)
-
-
-@functools.cache
-def empty_step_batch(num_tokens: int, num_rows: int, max_blocks: int) -> StepBatch:
-    """A batch of padding only: every token writes into the null block, every row has seq_len 0."""
-    return StepBatch(
-        input_ids=_zeros((num_tokens,)),
-        positions=_zeros((num_tokens,)),
-        slot_mapping=_zeros((num_tokens,)),
-        context_lens=_zeros((num_tokens,)),
-        block_tables=_zeros((num_rows, max_blocks)),
-        seq_lens=_zeros((num_rows,)),
-        query_start_loc=_zeros((num_rows + 1,)),
-        logits_indices=_zeros((num_rows,)),
-        num_requests=0,
-        num_tokens=0,
-    )

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 
 import numpy as np
 
 from jaxllm.config import ResolvedConfig
 from jaxllm.core.step_io import SchedulerOutput
-from jaxllm.models.attention_metadata import AttentionMetadata
+from jaxllm.models.attention_metadata import ARRAY_FIELDS, AttentionMetadata
 from jaxllm.runner.host_block_table import HostBlockTable
 
 
@@ -35,14 +36,18 @@ class StepBatch:
     num_requests: int  # real rows (the rest is padding)
     num_tokens: int  # real tokens
     prev_index: np.ndarray | None = None  # [T] int32: previous step's row feeding this token, -1 none (None: none)
+    max_query_len: int | None = None  # 1 when every request has one query token and the config asks, else None
 
     @property
     def token_bucket(self) -> int:
         return int(self.input_ids.shape[0])
 
-    def attention_arrays(self) -> dict[str, np.ndarray]:
-        """The fields of ``AttentionMetadata`` (positions, slot mapping, block tables, ...), by name."""
-        return {field.name: getattr(self, field.name) for field in dataclasses.fields(AttentionMetadata)}
+    def attention_metadata(self) -> AttentionMetadata:
+        """The step's ``AttentionMetadata`` of host arrays; packed, its static ``max_query_len`` is part of the
+        layout, so a decode-only step calls its own program."""
+        return AttentionMetadata(
+            **{name: getattr(self, name) for name in ARRAY_FIELDS}, max_query_len=self.max_query_len
+        )
 
     @property
     def pending_index(self) -> np.ndarray:
@@ -127,6 +132,31 @@ def pack_step_batch(
         num_requests=num_requests,
         num_tokens=num_tokens,
         prev_index=prev_index,
+        max_query_len=1 if config.decode_only_programs and num_tokens == num_requests else None,
+    )
+
+
+@functools.cache
+def _zeros(shape) -> np.ndarray:
+    return np.zeros(shape, np.int32)
+
+
+@functools.cache
+def padding_step_batch(num_tokens: int, num_rows: int, max_blocks: int, max_query_len: int | None = None) -> StepBatch:
+    """A batch of padding only (every token writes the null block, every row has seq_len 0), for compiling the step
+    program of a bucket and bound. Shared: never write into its arrays."""
+    return StepBatch(
+        input_ids=_zeros((num_tokens,)),
+        positions=_zeros((num_tokens,)),
+        slot_mapping=_zeros((num_tokens,)),
+        context_lens=_zeros((num_tokens,)),
+        block_tables=_zeros((num_rows, max_blocks)),
+        seq_lens=_zeros((num_rows,)),
+        query_start_loc=_zeros((num_rows + 1,)),
+        logits_indices=_zeros((num_rows,)),
+        num_requests=0,
+        num_tokens=0,
+        max_query_len=max_query_len,
     )
 
 

@@ -334,15 +334,16 @@ def _tile_metadata(query_start_loc, seq_lens, max_blocks, num_rows, num_slots, m
 
 
 def long_tiles_mosaic(
-    out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, *, min_query_len, opt: _Options, cfg
+    out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, *, min_query_len, max_query_len, opt, cfg
 ):
-    """Writes the rows of tokens of requests with at least ``min_query_len`` query tokens into ``out [T, N, H]``."""
+    """Writes the rows of tokens of requests with at least ``min_query_len`` query tokens into ``out [T, N, H]``;
+    ``max_query_len`` (no request has more) sizes the grid."""
     num_tokens, num_heads, head_dim = q.shape
     num_requests, max_blocks = block_tables.shape
     pad = max(cfg.window_rows, -(-num_tokens // _ROW_ALIGN) * _ROW_ALIGN) - num_tokens  # whole windows of 8 rows
     if pad:
         q, out = (jnp.pad(x, ((0, pad), (0, 0), (0, 0))) for x in (q, out))
-    num_slots = plan_lib.max_tile_slots(num_tokens, num_requests, cfg.tile_tokens, min_query_len, None)
+    num_slots = plan_lib.max_tile_slots(num_tokens, num_requests, cfg.tile_tokens, min_query_len, max_query_len)
     meta = _tile_metadata(
         query_start_loc, seq_lens, max_blocks, num_tokens + pad, num_slots, min_query_len, cfg
     )  # fmt: skip
@@ -378,29 +379,34 @@ def ragged_paged_attention_mosaic(
     soft_cap: float | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    max_query_len: int | None = None,
     short_config: triton_gpu.KernelConfig | None = None,
     mosaic_config: MosaicConfig | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """Ragged paged attention (layout in ``op``): the Triton short launch for short queries, this module's kernel
-    for the long-query tiles (or the Triton long launch where ``supports`` says no)."""
+    for the long-query tiles (or the Triton long launch where ``supports`` says no). Under a ``max_query_len`` bound
+    that the short launch covers, only the short launch runs: the long launch's grid is static, and its all-empty
+    programs cost 13-21 us a layer in decode steps of 256 requests on an H200 (benchmarks/RESULTS.md, session 43)."""
     cfg = mosaic_config or MosaicConfig()
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     options = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, k_scale=k_scale)
     args = (q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
     if not supports(q.dtype, k_cache.dtype, head_dim, block_size, cfg):
         return triton_gpu.ragged_paged_attention_triton(
-            *args, **options, v_scale=v_scale, short_config=short_config, interpret=interpret
-        )
+            *args, **options, v_scale=v_scale, max_query_len=max_query_len, short_config=short_config,
+            interpret=interpret,
+        )  # fmt: skip
     out, short_tokens = triton_gpu.short_query_launch(
         *args, **options, v_scale=v_scale, short_config=short_config, interpret=interpret
     )
-    if q.shape[0] <= short_tokens:
+    longest = q.shape[0] if max_query_len is None else min(max_query_len, q.shape[0])
+    if longest <= short_tokens:
         return out
     group = q.shape[1] // num_kv_heads
     opt = _Options(sm_scale * k_scale, sliding_window, soft_cap, v_scale, group, block_size, interpret)
     query_start_loc, seq_lens = query_start_loc.astype(jnp.int32), seq_lens.astype(jnp.int32)
     return long_tiles_mosaic(
         out, q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-        min_query_len=short_tokens + 1, opt=opt, cfg=cfg,
+        min_query_len=short_tokens + 1, max_query_len=longest, opt=opt, cfg=cfg,
     )  # fmt: skip

@@ -6,6 +6,9 @@ Layout (letters from STYLE.md): queries ``q [T, N, H]`` of a flat ragged batch; 
 ``query_start_loc [S+1]`` (request s owns tokens ``query_start_loc[s]:query_start_loc[s+1]``). Token i of request s
 sits at position ``seq_lens[s] - (query_start_loc[s+1] - i)`` and attends causally to positions ``<=`` its own.
 Tokens past ``query_start_loc[S]`` are padding: their output is unspecified (finite) and must be ignored.
+``max_query_len`` (static, optional) is a bound the caller knows on every request's query tokens this step, such as 1
+in a decode-only step: the GPU backends then skip the launches no query can need (``takes_query_len_bound``), the
+others ignore it. A query longer than the bound gets unspecified output.
 
 An fp8 cache (float8_e4m3fn) holds ``K / k_scale`` and ``V / v_scale`` (see ``pallas_kernels.kv_cache_update``): every
 backend loads fp8 tiles, converts them to q's dtype and computes as for a cache in that dtype; ``k_scale`` is folded
@@ -55,6 +58,16 @@ def _is_hopper() -> bool:
     return capability.split(".")[0] == "9"
 
 
+def _resolved_impl(impl: str | None) -> str:
+    return impl or _default_impl()
+
+
+def takes_query_len_bound(impl: str | None = None) -> bool:
+    """Whether ``impl`` (None: this platform's default) does less work given ``max_query_len``: the GPU backends,
+    whose decode-sized queries take a launch of their own, skip their long-query launch under a small bound."""
+    return _resolved_impl(impl).startswith(("pallas_gpu", "pallas_mosaic_gpu"))
+
+
 def _default_impl() -> str:
     platform = jax.default_backend()
     if platform == "gpu":
@@ -88,7 +101,7 @@ def _validate(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc) -> N
             raise TypeError(f"{name} must hold integers, got dtype {array.dtype}")
 
 
-def _validate_options(sm_scale, sliding_window, soft_cap, k_scale, v_scale) -> None:
+def _validate_options(sm_scale, sliding_window, soft_cap, k_scale, v_scale, max_query_len) -> None:
     for name, scale in (("sm_scale", sm_scale), ("k_scale", k_scale), ("v_scale", v_scale)):
         if not isinstance(scale, numbers.Real) or not 0 < scale < float("inf"):
             raise ValueError(f"{name} must be a positive finite Python number, got {scale!r}")
@@ -96,6 +109,8 @@ def _validate_options(sm_scale, sliding_window, soft_cap, k_scale, v_scale) -> N
         raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
     if soft_cap is not None and (not isinstance(soft_cap, numbers.Real) or soft_cap <= 0):
         raise ValueError(f"soft_cap must be a positive number or None, got {soft_cap!r}")
+    if max_query_len is not None and (not isinstance(max_query_len, numbers.Integral) or max_query_len < 1):
+        raise ValueError(f"max_query_len must be a positive int or None, got {max_query_len!r}")
 
 
 def _backend(impl: str):
@@ -115,7 +130,10 @@ def _backend(impl: str):
     return functools.partial(mosaic_tpu.ragged_paged_attention_tpu, interpret=impl.endswith("_interpret"))
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "k_scale", "v_scale", "impl"))
+@functools.partial(
+    jax.jit,
+    static_argnames=("sm_scale", "sliding_window", "soft_cap", "k_scale", "v_scale", "max_query_len", "impl"),
+)
 def ragged_paged_attention(
     q: jax.Array,
     k_cache: jax.Array,
@@ -129,14 +147,16 @@ def ragged_paged_attention(
     soft_cap: float | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    max_query_len: int | None = None,
     impl: str | None = None,
 ) -> jax.Array:
     """Causal attention of ragged queries to their own request's paged K/V. Returns ``[T, N, H]`` in q's dtype."""
     _validate(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
-    _validate_options(sm_scale, sliding_window, soft_cap, k_scale, v_scale)
-    impl = impl or _default_impl()
+    _validate_options(sm_scale, sliding_window, soft_cap, k_scale, v_scale, max_query_len)
+    impl = _resolved_impl(impl)
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; choose one of {IMPLS}")
+    bound = {"max_query_len": max_query_len} if takes_query_len_bound(impl) else {}
     return _backend(impl)(
         q,
         k_cache,
@@ -149,4 +169,5 @@ def ragged_paged_attention(
         soft_cap=soft_cap,
         k_scale=k_scale,
         v_scale=v_scale,
+        **bound,
     )

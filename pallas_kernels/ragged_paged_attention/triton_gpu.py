@@ -430,12 +430,14 @@ def ragged_paged_attention_triton(
     soft_cap: float | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    max_query_len: int | None = None,
     short_config: KernelConfig | None = None,
     long_config: KernelConfig | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """Ragged paged attention (layout in ``op``); queries of up to ``short_config.block_rows // G`` tokens take the
-    short launch, longer ones the long launch. Configs default to ``default_configs``."""
+    short launch, longer ones the long launch, which a ``max_query_len`` bound within the short launch's reach
+    leaves out (and otherwise sizes). Configs default to ``default_configs``."""
     num_tokens, num_heads, head_dim = q.shape
     options = dict(
         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, k_scale=k_scale, v_scale=v_scale
@@ -445,9 +447,10 @@ def ragged_paged_attention_triton(
     )
     out = _short_launch(launches, num_tokens, interpret)
     short_tokens, long_cfg, geo = launches.short_tokens, launches.long_cfg, launches.geo
-    if num_tokens > short_tokens:
+    longest = num_tokens if max_query_len is None else min(max_query_len, num_tokens)
+    if longest > short_tokens:
         long_tokens = long_cfg.block_rows // geo.group
         long_rule = _TileRule(long_tokens, short_tokens + 1, num_tokens)
-        long_slots = plan_lib.max_tile_slots(num_tokens, geo.num_requests, long_tokens, short_tokens + 1, None)
+        long_slots = plan_lib.max_tile_slots(num_tokens, geo.num_requests, long_tokens, short_tokens + 1, longest)
         out = _launch(long_rule, long_slots, launches.metadata, *launches.tensors, out, long_cfg, geo, interpret)
     return out.reshape(num_tokens, num_heads, head_dim)

@@ -65,7 +65,7 @@ def test_no_recompilation_after_warm_up(tiny_model_dir, prompts):
     runner = fresh.llm_engine.runner
     forward_traces = runner.num_traces
     sampler_traces = runner.num_sampler_traces
-    assert forward_traces == len(fresh.llm_engine.resolved.token_buckets)
+    assert forward_traces == len(fresh.llm_engine.resolved.step_variants())
     fresh.generate(prompts, GREEDY, use_tqdm=False)
     fresh.generate(prompts[:3], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True), use_tqdm=False)
     # A mix of greedy, random and top-k / top-p / min-p requests in the same batches: nothing new compiles.

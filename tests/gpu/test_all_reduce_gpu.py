@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxllm.models import activation_sharding as act
-from sharding.runner import padding_batch
+from jaxllm.runner.step_batch import padding_step_batch
 from tests.kernels.test_all_reduce import summed_over
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -65,6 +65,6 @@ def test_tensor_parallel_mesh_with_the_kernel_matches_one_device(monkeypatch):
     assert_matches(reference, outputs, recording)
     runner = recording.runner
     bucket = runner.config.token_buckets[0]
-    batch = padding_batch(bucket, runner.config.request_rows_for(bucket), runner.config.max_blocks_per_request)
+    batch = padding_step_batch(bucket, runner.config.request_rows_for(bucket), runner.config.max_blocks_per_request)
     hlo = runner.pipeline.lower_stage(0, batch).compile().as_text()
     assert len(re.findall(r" all-reduce\(", hlo)) == 1  # the embedding's; 2 per layer without the kernel

@@ -138,6 +138,50 @@ def test_unsplit_short_launch_and_small_tiles(impl):
     check_against_naive(out, batch, jnp.float32, **options)
 
 
+KERNEL_PRIMITIVES = ("pallas_call", "mpmd_map")  # Mosaic GPU's interpret mode traces a kernel as mpmd_map
+
+
+def count_pallas_calls(fn, *args) -> int:
+    """Kernel launches in ``fn``'s traced program (nested jaxprs included)."""
+
+    def walk(jaxpr) -> int:
+        count = 0
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in KERNEL_PRIMITIVES:
+                count += 1
+                continue
+            for value in eqn.params.values():
+                for item in value if isinstance(value, (list, tuple)) else (value,):
+                    inner = getattr(item, "jaxpr", item)
+                    if hasattr(inner, "eqns"):
+                        count += walk(inner)
+        return count
+
+    return walk(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def _check_bounded(impl, batch: Batch, dtype, max_query_len: int, launches: tuple[int, int], **options) -> None:
+    """Under ``max_query_len`` (the batch's longest query or more) the op matches the naive attention, with
+    ``launches`` = (kernel launches with the bound, without it)."""
+    out = ragged_paged_attention(*batch.args, impl=impl, max_query_len=max_query_len, **options)
+    check_against_naive(out, batch, dtype, **options)
+    bounded = functools.partial(ragged_paged_attention, impl=impl, max_query_len=max_query_len, **options)
+    unbounded = functools.partial(ragged_paged_attention, impl=impl, **options)
+    assert (count_pallas_calls(bounded, *batch.args), count_pallas_calls(unbounded, *batch.args)) == launches
+
+
+@pytest.mark.parametrize("impl", KERNEL_IMPLS)
+def test_query_len_bound_leaves_out_the_long_launch_only_when_it_covers_no_query(impl):
+    """A decode-only step under the bound 1 runs the short launch alone; a mixed step's bound (its longest query)
+    keeps both launches, the long one sized by it."""
+    geo = Geometry()
+    options = dict(sm_scale=geo.head_dim**-0.5)
+    decode = make_batch(11, *SCENARIOS["decode"], geo, jnp.float32, poison_unused=True)
+    _check_bounded(impl, decode, jnp.float32, 1, (1, 2), **options)
+    mixed = make_batch(12, *SCENARIOS["mixed"], geo, jnp.float32)
+    _check_bounded(impl, mixed, jnp.float32, max(SCENARIOS["mixed"][0]), (2, 2), **options)
+
+
 def test_tile_plan_covers_each_eligible_token_once():
     query_start_loc = jnp.asarray([0, 1, 6, 6, 30, 31], jnp.int32)  # lengths 1, 5, 0, 24, 1
     plan = jitted_tile_plan(query_start_loc, tile_tokens=4, num_slots=12, min_query_len=2)
@@ -161,6 +205,9 @@ def test_op_rejects_bad_arguments():
     with pytest.raises(ValueError) as error:
         ragged_paged_attention(*batch.args, sm_scale=0.1, sliding_window=0)
     assert "sliding_window" in str(error.value)
+    for bound in (0, 1.5):
+        with pytest.raises(ValueError, match=f"max_query_len must be a positive int or None, got {bound}"):
+            ragged_paged_attention(*batch.args, sm_scale=0.1, max_query_len=bound)
     with pytest.raises(ValueError) as error:
         triton_gpu.KernelConfig(block_rows=24, block_kv=64)
     assert "block_rows" in str(error.value)
@@ -191,3 +238,16 @@ def test_mosaic_sliding_window_soft_cap_and_unused_rows(impl):
     """Window and soft cap on a chunk over a cached prefix; every cache row holding no position is NaN."""
     geo = Geometry(num_heads=4, num_kv_heads=2, head_dim=64, **MOSAIC_GEOMETRY)
     _check_mosaic(impl, geo, "chunked_mixed", seed=8, poison_unused=True, sliding_window=40, soft_cap=2.0)
+
+
+@pytest.mark.parametrize("impl", MOSAIC_IMPLS)
+def test_mosaic_query_len_bound(impl):
+    """Decode-only under the bound 1: the Triton short launch alone, no Mosaic grid; a chunk's own length as the
+    bound: both launches, the Mosaic grid sized by it."""
+    geo = Geometry(num_heads=8, num_kv_heads=2, head_dim=64, **MOSAIC_GEOMETRY)
+    options = dict(sm_scale=geo.head_dim**-0.5)
+    decode = make_batch(13, [1] * 8, [1, 15, 16, 17, 33, 700, 300, 64], geo, jnp.bfloat16, poison_unused=True)
+    _check_bounded(impl, decode, jnp.bfloat16, 1, (1, 2), **options)
+    query_lens, seq_lens = MOSAIC_SCENARIOS["chunked_mixed"]
+    mixed = make_batch(14, query_lens, seq_lens, geo, jnp.bfloat16)
+    _check_bounded(impl, mixed, jnp.bfloat16, max(query_lens), (2, 2), **options)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from sharding.runner import padding_batch
+from jaxllm.runner.step_batch import padding_step_batch
 
 
 def compiled_last_stage(runner) -> str:
@@ -15,7 +15,7 @@ def compiled_last_stage(runner) -> str:
 def _smallest_batch(runner):
     bucket = runner.config.token_buckets[0]
     rows = runner.config.request_rows_for(bucket)
-    return padding_batch(bucket, rows, runner.config.max_blocks_per_request), rows
+    return padding_step_batch(bucket, rows, runner.config.max_blocks_per_request), rows
 
 
 def compiled_stage(runner, index: int) -> str:

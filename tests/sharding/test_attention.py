@@ -80,7 +80,7 @@ def test_model_attention_sees_only_its_shard_of_heads(reference, monkeypatch):
 
     calls = []
 
-    def recording_reference(q, k_cache, *args, impl=None, **kwargs):
+    def recording_reference(q, k_cache, *args, impl=None, max_query_len=None, **kwargs):
         calls.append((q.shape[1], k_cache.shape[2]))
         return ragged_paged_attention_reference(q, k_cache, *args, **kwargs)
 

@@ -15,6 +15,7 @@ from flax import nnx
 
 from jaxllm import LLM, RequestOutputKind, SamplingParams
 from sharding import DataParallelEngine
+from sharding import runner as runner_module
 from sharding.runner import PipelineRunner
 from tests.sharding.helpers import NEEDS_8_DEVICES
 
@@ -211,6 +212,33 @@ def test_fp8_kv_cache_on_a_mesh_matches_one_device(one_device, name, tensor, pip
     assert generate(llm) == one_device(name, **options)
 
 
+def test_decode_only_programs_on_a_mesh(monkeypatch):
+    """On a TP 2 x PP 2 mesh decode-only steps take stage programs of their own (the Triton kernel, interpreted,
+    leaves out its long launch there) compiled at warm-up, and the tokens are one device's without them."""
+    monkeypatch.setenv("JAXLLM_DECODE_PROGRAMS", "0")
+    expected = generate(make_llm("llama", attention_impl="pallas_gpu_interpret"))
+    parts = []  # (tokens, requests, max_query_len, microbatches of its step) of each microbatch
+    split = runner_module.split_step_batch
+
+    def recording_split(*args):
+        microbatches = split(*args)
+        parts.extend(
+            (mb.batch.num_tokens, mb.batch.num_requests, mb.batch.max_query_len, len(microbatches))
+            for mb in microbatches
+        )
+        return microbatches
+
+    monkeypatch.setattr(runner_module, "split_step_batch", recording_split)
+    monkeypatch.setenv("JAXLLM_DECODE_PROGRAMS", "1")
+    llm = make_llm("llama", tensor_parallel_size=2, pipeline_parallel_size=2, attention_impl="pallas_gpu_interpret")
+    pipeline, resolved = llm.llm_engine.runner.pipeline, llm.llm_engine.resolved
+    assert pipeline.num_traces == 2 * len(resolved.step_variants()) > 2 * len(resolved.token_buckets)
+    assert generate(llm) == expected
+    assert pipeline.num_traces == 2 * len(resolved.step_variants())
+    assert any(bound == 1 and split > 1 for *_, bound, split in parts)  # a decode-only step's parts keep its bound
+    assert all(tokens == requests for tokens, requests, bound, _ in parts if bound == 1)
+
+
 @pytest.mark.parametrize(
     "options", [{"tensor_parallel_size": 3}, {"pipeline_parallel_size": 2, "data_parallel_size": 8}]
 )
@@ -309,13 +337,13 @@ def test_one_kv_head_per_device_writes_the_cache_in_place():
     """TP 2 of a 2-KV-head model leaves each device one KV head; the compiled step must not copy the cache."""
     import re
 
-    from sharding.runner import padding_batch
+    from jaxllm.runner.step_batch import padding_step_batch
 
     llm = make_llm("llama", tensor_parallel_size=2, num_gpu_blocks_override=2048)
     runner = llm.llm_engine.runner
     bucket = runner.config.token_buckets[0]
     rows = runner.config.request_rows_for(bucket)
-    batch = padding_batch(bucket, rows, runner.config.max_blocks_per_request)
+    batch = padding_step_batch(bucket, rows, runner.config.max_blocks_per_request)
     compiled = runner.pipeline.lower_stage(0, batch).compile()
     k_cache = runner.pipeline.stages[0].kv_caches[0][0]
     local_shape = k_cache.addressable_shards[0].data.shape
@@ -332,13 +360,13 @@ def test_one_kv_head_per_device_writes_the_cache_in_place():
 
 def test_xla_compiler_options_reach_every_stage_program():
     """A mesh engine's stage programs get ``xla_compiler_options`` too (the fusion pass off changes their HLO)."""
-    from sharding.runner import padding_batch
+    from jaxllm.runner.step_batch import padding_step_batch
 
     def stage_fusions(llm: LLM) -> int:
         runner = llm.llm_engine.runner
         bucket = runner.config.token_buckets[0]
         rows = runner.config.request_rows_for(bucket)
-        batch = padding_batch(bucket, rows, runner.config.max_blocks_per_request)
+        batch = padding_step_batch(bucket, rows, runner.config.max_blocks_per_request)
         text = runner.pipeline.lower_stage(0, batch).compile().as_text()
         return sum(" fusion(" in line for line in text.splitlines())
 

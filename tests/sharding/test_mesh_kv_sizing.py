@@ -9,8 +9,8 @@ import pytest
 
 from jaxllm.runner import kv_cache
 from jaxllm.runner.device_memory import DeviceMemory
+from jaxllm.runner.step_batch import padding_step_batch
 from sharding import engine_runners, make_mesh
-from sharding.runner import padding_batch
 from tests.engine.conftest import make_llm
 from tests.sharding.helpers import NEEDS_8_DEVICES
 
@@ -26,7 +26,7 @@ def tp2_pp2_llm(tiny_llama_dir):
 
 def stage_temp_bytes(runner, bucket: int) -> list[int]:
     rows = runner.config.request_rows_for(bucket)
-    batch = padding_batch(bucket, rows, runner.config.max_blocks_per_request)
+    batch = padding_step_batch(bucket, rows, runner.config.max_blocks_per_request)
     pipeline = runner.pipeline
     return [
         pipeline.lower_stage(index, batch).compile().memory_analysis().temp_size_in_bytes
@@ -37,7 +37,7 @@ def stage_temp_bytes(runner, bucket: int) -> list[int]:
 def head_bytes(runner, bucket: int) -> int:
     """The top-k/top-p head's temporaries and its logits input, for ``bucket``'s rows."""
     rows = runner.config.request_rows_for(bucket)
-    batch = padding_batch(bucket, rows, runner.config.max_blocks_per_request)
+    batch = padding_step_batch(bucket, rows, runner.config.max_blocks_per_request)
     _, _, top_k_top_p = runner.build_head_args.warm_up_variants(rows)
     compiled = runner.pipeline.lower_head(batch, top_k_top_p).compile()
     return compiled.memory_analysis().temp_size_in_bytes + rows * runner.pipeline.config.vocab_size * 4

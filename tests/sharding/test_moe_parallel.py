@@ -7,7 +7,7 @@ import re
 import pytest
 from flax import nnx
 
-from sharding.runner import padding_batch
+from jaxllm.runner.step_batch import padding_step_batch
 from tests.sharding.helpers import NEEDS_8_DEVICES
 from tests.sharding.test_llm_parallel_options import generate, make_llm
 
@@ -63,7 +63,7 @@ def stage_collectives(runner) -> tuple[list[str], list[tuple[str, str]]]:
     """The first stage's compiled collectives at its smallest bucket: the all-reduces' shapes, and every other one's
     (shape, kind)."""
     bucket = runner.config.token_buckets[0]
-    batch = padding_batch(bucket, runner.config.request_rows_for(bucket), runner.config.max_blocks_per_request)
+    batch = padding_step_batch(bucket, runner.config.request_rows_for(bucket), runner.config.max_blocks_per_request)
     hlo = runner.pipeline.lower_stage(0, batch).compile().as_text()  # cached: the program already ran
     kinds = "all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter"
     collectives = re.findall(rf"= \w+\[([\d,]*)\]\S* ({kinds})\(", hlo)

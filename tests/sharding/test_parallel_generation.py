@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from jaxllm.models.kv_cache_layout import ARRAY_MAX_BYTES_ENV
+from jaxllm.runner.step_batch import padding_step_batch
 from sharding import DataParallelEngine, ShardedEngine, make_mesh, shard_model
 from sharding.engine import generate
-from sharding.runner import PipelineRunner, padding_batch
+from sharding.runner import PipelineRunner
 from tests.sharding.helpers import (
     FAST_COMPILE,
     GREEDY,
@@ -82,7 +83,7 @@ def assert_megatron_collectives(runner, model_config) -> None:
     never move."""
     bucket = runner.config.token_buckets[0]
     rows = runner.config.request_rows_for(bucket)
-    batch = padding_batch(bucket, rows, runner.config.max_blocks_per_request)
+    batch = padding_step_batch(bucket, rows, runner.config.max_blocks_per_request)
     hlo = runner.pipeline.lower_stage(0, batch).compile().as_text()  # cached: the program already ran
     collectives = re.findall(
         r"= (\w+)\[([\d,]*)\]\S* (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)\(", hlo
