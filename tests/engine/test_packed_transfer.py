@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.runner.packed_transfer import pack, unpack
+from jaxllm.runner.packed_transfer import LEAF_ALIGNMENT, pack, unpack
 from jaxllm.sampling import build_sampling_metadata
 
 
@@ -34,6 +34,7 @@ def test_round_trip_is_bit_exact_inside_a_program(seed):
     tree = _random_tree(np.random.default_rng(seed))
     buffer, layout = pack(tree)
     assert buffer.dtype == np.uint8 and buffer.ndim == 1 and buffer.size == layout.num_bytes
+    assert all(offset % LEAF_ALIGNMENT == 0 for *_, offset in layout.leaves)  # a kernel may read a leaf in place
     out = jax.jit(unpack, static_argnums=1)(jnp.asarray(buffer), layout)
     assert jax.tree.structure(out) == jax.tree.structure(tree)  # static fields (all_greedy ...) included
     for want, got in zip(jax.tree.leaves(tree), jax.tree.leaves(out), strict=True):
