@@ -55,7 +55,8 @@ def test_decode_steps_take_their_programs_and_generate_the_same_tokens(tiny_mode
     greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     options = dict(attention_impl="pallas_gpu_interpret", max_num_batched_tokens=32)
     monkeypatch.setenv(ENV, "0")
-    expected = [o.outputs[0].token_ids for o in make_llm(tiny_model_dir, **options).generate(prompts, greedy)]
+    plain = make_llm(tiny_model_dir, **options)
+    expected = [o.outputs[0].token_ids for o in plain.generate(prompts, greedy, use_tqdm=False)]
 
     steps = []  # (tokens, requests, max_query_len) of each packed step
     pack = model_runner.pack_step_batch
@@ -70,7 +71,7 @@ def test_decode_steps_take_their_programs_and_generate_the_same_tokens(tiny_mode
     llm = make_llm(tiny_model_dir, **options)
     runner, resolved = llm.llm_engine.runner, llm.llm_engine.resolved
     assert runner.num_traces == len(resolved.step_variants()) > len(resolved.token_buckets)
-    assert [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)] == expected
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)] == expected
     assert runner.num_traces == len(resolved.step_variants())  # every step took a program compiled at warm-up
     assert {bound for *_, bound in steps} == {1, None}
     assert all((bound == 1) == (tokens == requests) for tokens, requests, bound in steps)
