@@ -312,6 +312,8 @@ class PipelineRunner:
         compile_concurrently(self._warm_up_programs(), compile_threads())
         for bucket, max_query_len in self.config.step_variants():
             batch, head_args = self._run_padding(bucket, max_query_len)
+            if max_query_len is not None:  # the unbounded step of the bucket ran the head programs of its rows
+                continue
             for variant in self._head_variants(batch, head_args):
                 self.pipeline.warm_up_head(batch, variant)
         last_stage = replicated(self.pipeline.stages[-1].mesh)

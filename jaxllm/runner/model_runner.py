@@ -385,8 +385,12 @@ class ModelRunner:
         return self.flat_params.leaves, self.kv_caches, packed, self._no_pending_tokens, layout, None
 
     def _run_padding_step(self, bucket: int, max_query_len: int | None = None) -> None:
+        """Runs the bucket's forward program (of that bound) on padding; the unbounded one's step also runs the
+        sampler programs of its rows (a bounded program's logits have the same shape: the same samplers)."""
         forward = self._forward_programs.for_tokens(bucket)
         logits, self.kv_caches = forward(*self._padding_forward_args(bucket, max_query_len))
+        if max_query_len is not None:
+            return
         for metadata in sampler_variants(self.config.request_rows_for(bucket)):
             jax.block_until_ready(self._jitted_sample(logits, *self._sampler_args(metadata, 0)))
 
